@@ -141,9 +141,12 @@ pub(crate) struct Survey {
     pub temp_files: Vec<PathBuf>,
 }
 
+/// Segment files as (first sequence from the file name, path).
+pub(crate) type SegmentFiles = Vec<(u64, PathBuf)>;
+
 /// Lists the segment files of `dir`, ordered by first sequence number, and
 /// the temporary files left over.
-pub(crate) fn list_dir(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<PathBuf>)> {
+pub(crate) fn list_dir(dir: &Path) -> Result<(SegmentFiles, Vec<PathBuf>)> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

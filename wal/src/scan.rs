@@ -268,10 +268,12 @@ impl SegmentScanner {
             let len = u64::from(rh.len);
             let plausible_seq = rh.seq >= self.expected
                 && rh.seq - self.expected <= (end - SEGMENT_HEADER_LEN) / RECORD_HEADER_LEN;
-            if len <= max && p + RECORD_HEADER_LEN + len <= end && plausible_seq {
-                if let Ok(rh) = self.check(p, Some(self.expected))? {
-                    return Ok(Some((p, rh)));
-                }
+            if len <= max
+                && p + RECORD_HEADER_LEN + len <= end
+                && plausible_seq
+                && let Ok(rh) = self.check(p, Some(self.expected))?
+            {
+                return Ok(Some((p, rh)));
             }
             p += 1;
         }

@@ -113,7 +113,8 @@ fn victim(dir: &Path) -> ExitCode {
 
 fn harness() -> Result<String, String> {
     let seed = std::env::var(SEED_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+            | 1
     });
     println!("crash test: seed {seed} (set {SEED_ENV}={seed} to replay)");
     let mut rng = Rng(seed);
@@ -155,7 +156,9 @@ fn harness() -> Result<String, String> {
         while (lines.len() as u64) < kill_after {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(l) => lines.push(l),
-                Err(RecvTimeoutError::Timeout) => return Err(format!("iteration {iteration}: victim made no progress")),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("iteration {iteration}: victim made no progress"));
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(format!("iteration {iteration}: victim exited early: {:?}", child.wait()));
                 }
@@ -164,7 +167,9 @@ fn harness() -> Result<String, String> {
         child.kill().map_err(|e| format!("kill: {e}"))?;
         let status = child.wait().map_err(|e| format!("wait: {e}"))?;
         if status.code().is_some() {
-            return Err(format!("iteration {iteration}: victim exited by itself ({status}) instead of being killed"));
+            return Err(format!(
+                "iteration {iteration}: victim exited by itself ({status}) instead of being killed"
+            ));
         }
         reader.join().map_err(|_| "reader thread panicked")?;
         lines.extend(rx.try_iter());
@@ -185,19 +190,25 @@ fn harness() -> Result<String, String> {
         }
 
         // Recovery: the lock died with the victim, so this open succeeds.
-        let (wal, report) =
-            Wal::open(&dir, options()).map_err(|e| format!("iteration {iteration}: reopen after kill: {e}"))?;
+        let (wal, report) = Wal::open(&dir, options())
+            .map_err(|e| format!("iteration {iteration}: reopen after kill: {e}"))?;
         if !report.is_healthy() {
             return Err(format!("iteration {iteration}: corruption after a kill: {report}"));
         }
         if report.watermark < max_wm {
-            return Err(format!("iteration {iteration}: watermark {} < acknowledged {max_wm}", report.watermark));
+            return Err(format!(
+                "iteration {iteration}: watermark {} < acknowledged {max_wm}",
+                report.watermark
+            ));
         }
         let mut expect = report.watermark + 1;
         for item in wal.replay_from(0).map_err(|e| e.to_string())? {
             let rec = item.map_err(|e| format!("iteration {iteration}: replay: {e}"))?;
             if rec.seq != expect {
-                return Err(format!("iteration {iteration}: replay gave seq {} where {expect} was due", rec.seq));
+                return Err(format!(
+                    "iteration {iteration}: replay gave seq {} where {expect} was due",
+                    rec.seq
+                ));
             }
             if !payload_ok(&rec.payload) {
                 return Err(format!("iteration {iteration}: payload of seq {} is damaged", rec.seq));
