@@ -29,7 +29,9 @@ fn run(dir: &std::path::Path) -> daemoneye_wal::Result<()> {
     let mut last = 0;
     for batch in 0..20 {
         let events: Vec<String> = (0..50)
-            .map(|i| format!(r#"{{"kind":"started","pid":{},"name":"sample-{batch}-{i}"}}"#, 1000 + batch * 50 + i))
+            .map(|i| {
+                format!(r#"{{"kind":"started","pid":{},"name":"sample-{batch}-{i}"}}"#, 1000 + batch * 50 + i)
+            })
             .collect();
         last = wal.append_batch(&events)?.end - 1;
     }

@@ -150,9 +150,14 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Reads a frame header from exactly [`RECORD_HEADER_LEN`] bytes.
+    /// Reads a frame header from the first [`RECORD_HEADER_LEN`] bytes.
+    /// Callers check the length first; a short slice is zero-padded rather
+    /// than panicking.
     pub fn decode(b: &[u8]) -> Self {
-        RecordHeader { len: le_u32(&b[0..4]), crc: le_u32(&b[4..8]), seq: le_u64(&b[8..16]) }
+        let mut h = [0u8; RECORD_HEADER_LEN as usize];
+        let n = b.len().min(h.len());
+        h[..n].copy_from_slice(&b[..n]);
+        RecordHeader { len: le_u32(&h[0..4]), crc: le_u32(&h[4..8]), seq: le_u64(&h[8..16]) }
     }
 }
 

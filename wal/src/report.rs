@@ -117,7 +117,6 @@ impl fmt::Display for RecoveryReport {
 #[derive(Debug)]
 pub(crate) struct SegmentSurvey {
     pub path: PathBuf,
-    pub file_len: u64,
     /// `None` when the header is unreadable.
     pub header: Option<SegmentHeader>,
     /// Offset just past the last valid record.
@@ -186,33 +185,41 @@ fn read_watermark(dir: &Path) -> Result<Option<std::result::Result<u64, ()>>> {
 pub(crate) fn survey(dir: &Path) -> Result<Survey> {
     let (files, temp_files) = list_dir(dir)?;
     let mut report = RecoveryReport { segments: files.len(), ..Default::default() };
-    let watermark = match read_watermark(dir)? {
-        None => 0,
-        Some(Ok(w)) => w,
-        Some(Err(())) => {
-            report.corruptions.push(Corruption {
-                segment: dir.join(WATERMARK_FILE),
-                offset: 0,
-                bytes: format::WATERMARK_LEN as u64,
-                kind: CorruptionKind::Checksum,
-            });
-            // Without a trustworthy watermark, replay everything still on
-            // disk: duplicates are harmless downstream, loss is not.
-            files.first().map_or(0, |(s, _)| s.saturating_sub(1))
-        }
-    };
+    // A watermark in the upper half of the sequence space cannot have been
+    // written by this crate (it would take centuries of appends): treat it
+    // as damage rather than let `+ 1` arithmetic saturate.
+    let watermark =
+        match read_watermark(dir)?.map(|w| w.and_then(|w| if w < u64::MAX / 2 { Ok(w) } else { Err(()) })) {
+            None => 0,
+            Some(Ok(w)) => w,
+            Some(Err(())) => {
+                report.corruptions.push(Corruption {
+                    segment: dir.join(WATERMARK_FILE),
+                    offset: 0,
+                    bytes: format::WATERMARK_LEN as u64,
+                    kind: CorruptionKind::Checksum,
+                });
+                // Without a trustworthy watermark, replay everything still on
+                // disk: duplicates are harmless downstream, loss is not.
+                files.first().map_or(0, |(s, _)| s.saturating_sub(1))
+            }
+        };
     report.watermark = watermark;
 
     let mut segments = Vec::with_capacity(files.len());
     // The sequence number the next segment should start at.
-    let mut expected = watermark + 1;
+    let mut expected = watermark.saturating_add(1);
     let next_names: Vec<Option<u64>> = files.iter().skip(1).map(|f| Some(f.0)).chain([None]).collect();
     for ((name_seq, path), next_name) in files.into_iter().zip(next_names) {
-        let seg = survey_segment(&path, name_seq, next_name, expected, watermark, &mut report)?;
+        // `None`: deleted since it was listed (a concurrent truncation).
+        let Some(seg) = survey_segment(&path, name_seq, next_name, expected, watermark, &mut report)? else {
+            report.segments -= 1;
+            continue;
+        };
         expected = expected.max(seg.next_seq);
         segments.push(seg);
     }
-    report.next_seq = expected.max(watermark + 1);
+    report.next_seq = expected.max(watermark.saturating_add(1));
     Ok(Survey { segments, report, temp_files })
 }
 
@@ -225,10 +232,20 @@ fn survey_segment(
     expected: u64,
     watermark: u64,
     report: &mut RecoveryReport,
-) -> Result<SegmentSurvey> {
-    let file_len = fs::metadata(path).map_err(io_err("stat", path))?.len();
+) -> Result<Option<SegmentSurvey>> {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    let file_len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => return Err(io_err("stat", path)(e)),
+    };
     let corruption = |offset, bytes, kind| Corruption { segment: path.to_path_buf(), offset, bytes, kind };
-    let mut scanner = match SegmentScanner::open(path, None).map_err(io_err("open", path))? {
+    let opened = match SegmentScanner::open(path, None) {
+        Ok(o) => o,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let mut scanner = match opened {
         Ok(s) => s,
         Err(e) => {
             report.corruptions.push(corruption(0, file_len, CorruptionKind::Header(e)));
@@ -236,16 +253,16 @@ fn survey_segment(
             // next one begins. For the active one, no sequence number it may
             // have used must ever be handed out again: every record takes at
             // least a frame header, which bounds how many it held.
-            let bound = next_name.unwrap_or(name_seq + file_len / format::RECORD_HEADER_LEN + 1);
-            return Ok(SegmentSurvey {
+            let bound =
+                next_name.unwrap_or(name_seq.saturating_add(file_len / format::RECORD_HEADER_LEN + 1));
+            return Ok(Some(SegmentSurvey {
                 path: path.to_path_buf(),
-                file_len,
                 header: None,
                 valid_end: 0,
                 next_seq: bound.max(expected),
                 corrupt: true,
                 bad_tail: None,
-            });
+            }));
         }
     };
     let header = *scanner.header();
@@ -257,7 +274,7 @@ fn survey_segment(
             0,
             CorruptionKind::Sequence { expected: name_seq, found: header.first_seq },
         ));
-    } else if header.first_seq > expected && header.first_seq - 1 > watermark {
+    } else if header.first_seq > expected && header.first_seq.saturating_sub(1) > watermark {
         // Unacknowledged records between the previous segment and this one
         // are missing (a segment was deleted or lost).
         corrupt = true;
@@ -290,10 +307,13 @@ fn survey_segment(
                 corrupt = true;
                 report.corruptions.push(corruption(offset, bytes, kind));
             }
-            Item::Gap { offset, first_missing, found } => {
+            // A gap wholly at or below the watermark is acknowledged
+            // records, not loss (a power cut under `Never` after the ack).
+            Item::Gap { offset, first_missing, found } if found.saturating_sub(1) > watermark => {
                 corrupt = true;
                 report.corruptions.push(corruption(offset, 0, CorruptionKind::Gap { first_missing, found }));
             }
+            Item::Gap { .. } => {}
             Item::BadTail { offset, bytes, kind } => {
                 if is_last {
                     report.torn_tail = Some(TornTail { segment: path.to_path_buf(), offset, bytes });
@@ -307,15 +327,14 @@ fn survey_segment(
             }
         }
     }
-    Ok(SegmentSurvey {
+    Ok(Some(SegmentSurvey {
         path: path.to_path_buf(),
-        file_len,
         header: Some(header),
         valid_end: scanner.valid_end(),
         next_seq: scanner.expected_seq(),
         corrupt,
         bad_tail,
-    })
+    }))
 }
 
 /// Inspects a WAL directory without modifying it or taking its lock, as

@@ -36,7 +36,7 @@ impl Window {
         let want = (n as u64).min(self.end.saturating_sub(off)) as usize;
         let have = off >= self.start && off + want as u64 <= self.start + self.buf.len() as u64;
         if !have {
-            let len = (want.max(CHUNK) as u64).min(self.end - off) as usize;
+            let len = (want.max(CHUNK) as u64).min(self.end.saturating_sub(off)) as usize;
             self.buf.clear();
             self.buf.resize(len, 0);
             self.file.seek(SeekFrom::Start(off))?;
@@ -49,9 +49,11 @@ impl Window {
                     Err(e) => return Err(e),
                 }
             }
-            // The file shrank under us: only what was read counts.
             self.buf.truncate(filled);
-            self.end = self.end.min(off + filled as u64);
+            if filled < len {
+                // The file shrank under us: only what was read counts.
+                self.end = off + filled as u64;
+            }
             self.start = off;
         }
         let from = (off - self.start) as usize;
@@ -195,7 +197,7 @@ impl SegmentScanner {
                 }
                 None => {
                     self.done = true;
-                    Ok(Some(Item::BadTail { offset, bytes: self.win.end - offset, kind }))
+                    Ok(Some(Item::BadTail { offset, bytes: self.win.end.saturating_sub(offset), kind }))
                 }
             },
         }
@@ -216,7 +218,7 @@ impl SegmentScanner {
             self.payload.extend_from_slice(p);
         }
         self.pos = offset + RECORD_HEADER_LEN + u64::from(rh.len);
-        self.expected = rh.seq + 1;
+        self.expected = rh.seq.saturating_add(1);
         Ok(Item::Record { offset, seq: rh.seq, len: rh.len })
     }
 
@@ -247,8 +249,9 @@ impl SegmentScanner {
         if record_crc(salt, rh.len, rh.seq, &frame[RECORD_HEADER_LEN as usize..]) != rh.crc {
             return Ok(Err(CorruptionKind::Checksum));
         }
+        // The writer never assigns u64::MAX (see `Wal::append_batch`).
         if let Some(exp) = expected
-            && rh.seq < exp
+            && (rh.seq < exp || rh.seq == u64::MAX)
         {
             return Ok(Err(CorruptionKind::Sequence { expected: exp, found: rh.seq }));
         }
@@ -258,16 +261,20 @@ impl SegmentScanner {
     /// Finds the first valid frame at or after `from` whose sequence number
     /// is not below the expected one.
     fn resync(&mut self, from: u64) -> io::Result<Option<(u64, RecordHeader)>> {
-        let end = self.win.end;
         let max = u64::from(self.header.max_record_size);
         let mut p = from;
-        while p + RECORD_HEADER_LEN <= end {
+        // `end` is re-read each step: a read may find the file shorter.
+        while p + RECORD_HEADER_LEN <= self.win.end {
+            let end = self.win.end;
             // Cheap filters first, so the checksum runs on few candidates.
             let h = self.win.get(p, RECORD_HEADER_LEN as usize)?;
+            if h.len() < RECORD_HEADER_LEN as usize {
+                break;
+            }
             let rh = RecordHeader::decode(h);
             let len = u64::from(rh.len);
             let plausible_seq = rh.seq >= self.expected
-                && rh.seq - self.expected <= (end - SEGMENT_HEADER_LEN) / RECORD_HEADER_LEN;
+                && rh.seq - self.expected <= end.saturating_sub(SEGMENT_HEADER_LEN) / RECORD_HEADER_LEN;
             if len <= max
                 && p + RECORD_HEADER_LEN + len <= end
                 && plausible_seq

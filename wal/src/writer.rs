@@ -11,6 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -106,7 +107,6 @@ struct Writer {
     next_seq: u64,
     /// Sealed segments, oldest first: (first sequence, path).
     sealed: VecDeque<(u64, PathBuf)>,
-    watermark: u64,
     /// Scratch buffer for encoding a batch, reused.
     buf: Vec<u8>,
 }
@@ -126,6 +126,9 @@ pub(crate) struct Inner {
     sync: Mutex<SyncState>,
     synced: Condvar,
     poison: OnceLock<String>,
+    /// Every record up to and including this sequence is acknowledged.
+    /// Shared with live replays, which need it after the log is closed.
+    watermark: Arc<AtomicU64>,
     /// Held for the life of the log; dropping it releases the lock.
     _lock: File,
 }
@@ -164,7 +167,13 @@ impl Wal {
     pub fn open(dir: impl AsRef<Path>, opts: WalOptions) -> Result<(Wal, RecoveryReport)> {
         opts.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+            // The new directory's own entry must survive a power loss too.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let lock = take_lock(&dir)?;
         let survey = report::survey(&dir)?;
         let mut report = survey.report;
@@ -191,25 +200,31 @@ impl Wal {
             };
             // A sealed segment is wholly acknowledged when the next one
             // starts at or below watermark + 1.
-            if !is_last && seg.next_seq <= watermark + 1 && !seg.corrupt {
+            if !is_last && seg.next_seq <= watermark.saturating_add(1) && !seg.corrupt {
                 fs::remove_file(&seg.path).map_err(io_err("remove", &seg.path))?;
                 report.notes.push(format!("removed acknowledged segment {}", seg.path.display()));
                 dir_changed = true;
                 continue;
             }
             if is_last {
-                if let Some((offset, _, _)) = seg.bad_tail {
-                    let f =
-                        OpenOptions::new().write(true).open(&seg.path).map_err(io_err("open", &seg.path))?;
+                let f = OpenOptions::new().write(true).open(&seg.path).map_err(io_err("open", &seg.path))?;
+                if let Some((offset, bytes, _)) = seg.bad_tail {
                     f.set_len(offset).map_err(io_err("truncate", &seg.path))?;
-                    f.sync_all().map_err(io_err("fsync", &seg.path))?;
                     log::warn!(
-                        "WAL {}: truncated {} bytes of torn tail at offset {offset}",
-                        seg.path.display(),
-                        seg.file_len - offset
+                        "WAL {}: truncated {bytes} bytes of torn tail at offset {offset}",
+                        seg.path.display()
                     );
                 }
-                if !seg.corrupt {
+                // What the previous writer left in the page cache becomes
+                // durable now, so `durable_through` tells the truth.
+                f.sync_all().map_err(io_err("fsync", &seg.path))?;
+                // Keep appending to it only if it is sound, was written with
+                // today's maximum record size (its header bounds what a
+                // reader accepts), and ends where the sequence goes on (a
+                // watermark past its end means records were lost under
+                // `Never` after they were acknowledged).
+                let continues = seg.next_seq == report.next_seq;
+                if !seg.corrupt && header.max_record_size == opts.max_record_size && continues {
                     active = Some((header, seg.path, seg.valid_end));
                     continue;
                 }
@@ -256,7 +271,6 @@ impl Wal {
                 len,
                 next_seq,
                 sealed,
-                watermark,
                 buf: Vec::new(),
             }),
             // Everything recovered from disk is treated as durable: it was
@@ -264,6 +278,7 @@ impl Wal {
             sync: Mutex::new(SyncState { durable_next: next_seq, leader: false }),
             synced: Condvar::new(),
             poison: OnceLock::new(),
+            watermark: Arc::new(AtomicU64::new(watermark)),
             opts,
             _lock: lock,
         });
@@ -308,12 +323,12 @@ impl Wal {
     /// none). A publisher running with `Interval` or `Never` can publish up
     /// to here without ever exposing a record a power loss could take back.
     pub fn durable_through(&self) -> u64 {
-        self.inner.sync.lock().durable_next - 1
+        self.inner.sync.lock().durable_next.saturating_sub(1)
     }
 
     /// Every record up to and including this sequence is acknowledged.
     pub fn watermark(&self) -> u64 {
-        self.inner.writer.lock().watermark
+        self.inner.watermark.load(Ordering::Acquire)
     }
 
     /// The log's directory.
@@ -332,24 +347,21 @@ impl Wal {
     pub fn truncate_through(&self, seq: u64) -> Result<()> {
         let inner = &*self.inner;
         let _serial = inner.truncate.lock();
-        let last = {
-            let w = inner.writer.lock();
-            if seq <= w.watermark {
-                return Ok(());
-            }
-            w.next_seq - 1
-        };
+        if seq <= inner.watermark.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let last = inner.writer.lock().next_seq.saturating_sub(1);
         if seq > last {
             return Err(Error::WatermarkAhead { requested: seq, last });
         }
         write_watermark(&inner.dir, seq)?;
         let doomed: Vec<PathBuf> = {
             let mut w = inner.writer.lock();
-            w.watermark = seq;
+            inner.watermark.store(seq, Ordering::Release);
             let mut doomed = Vec::new();
             while let Some((_, _)) = w.sealed.front() {
                 let next_first = w.sealed.get(1).map_or(w.active_first, |s| s.0);
-                if next_first - 1 > seq {
+                if next_first.saturating_sub(1) > seq {
                     break;
                 }
                 if let Some((_, p)) = w.sealed.pop_front() {
@@ -359,7 +371,11 @@ impl Wal {
             doomed
         };
         for p in &doomed {
-            fs::remove_file(p).map_err(io_err("remove", p))?;
+            // A segment that cannot be removed now is acknowledged anyway;
+            // the next open removes it.
+            if let Err(e) = fs::remove_file(p) {
+                log::warn!("WAL: cannot remove acknowledged segment {}: {e}", p.display());
+            }
         }
         if !doomed.is_empty() {
             sync_dir(&inner.dir)?;
@@ -373,15 +389,20 @@ impl Wal {
     /// item, after which iteration goes on with the next valid record.
     pub fn replay_from(&self, from: u64) -> Result<Replay> {
         let w = self.inner.writer.lock();
-        let start = from.max(w.watermark + 1);
-        let mut segs: Vec<SegmentRef> = w
-            .sealed
-            .iter()
-            .map(|(first, path)| SegmentRef { first: *first, path: path.clone(), limit: None })
-            .collect();
-        segs.push(SegmentRef { first: w.active_first, path: w.active.path.clone(), limit: Some(w.len) });
+        let start = from.max(self.watermark().saturating_add(1));
+        let mut segs: Vec<SegmentRef> = Vec::with_capacity(w.sealed.len() + 1);
+        for (i, (first, path)) in w.sealed.iter().enumerate() {
+            let end = w.sealed.get(i + 1).map_or(w.active_first, |s| s.0);
+            segs.push(SegmentRef { first: *first, end_seq: Some(end), path: path.clone(), limit: None });
+        }
+        segs.push(SegmentRef {
+            first: w.active_first,
+            end_seq: Some(w.next_seq),
+            path: w.active.path.clone(),
+            limit: Some(w.len),
+        });
         drop(w);
-        Ok(Replay::new(segs, start, Some(self.inner.clone())))
+        Ok(Replay::new(segs, start, Some(self.inner.watermark.clone())))
     }
 
     /// Makes everything durable, stops the syncer thread and releases the
@@ -394,9 +415,7 @@ impl Wal {
         if let Some(mut s) = self.syncer.take() {
             s.stop();
         }
-        if self.inner.poison.get().is_some() {
-            return Ok(());
-        }
+        self.inner.check_poison()?;
         let next = self.inner.writer.lock().next_seq;
         self.inner.sync_through(next)
     }
@@ -425,8 +444,9 @@ impl Inner {
 
     /// Encodes and writes a batch; returns the sequence range assigned.
     fn write<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>> {
-        self.check_poison()?;
         let mut guard = self.writer.lock();
+        // Checked under the lock, so no write slips in after a failure.
+        self.check_poison()?;
         let w = &mut *guard;
         let max = w.max_record_size;
         let mut bytes = 0u64;
@@ -441,6 +461,9 @@ impl Inner {
         if payloads.is_empty() {
             return Ok(first..first);
         }
+        let Some(end) = first.checked_add(payloads.len() as u64).filter(|&e| e < u64::MAX) else {
+            return Err(Error::Poisoned { reason: "sequence numbers exhausted".into() });
+        };
         if w.len > SEGMENT_HEADER_LEN && w.len + bytes > self.opts.segment_size {
             self.rotate(w)?;
         }
@@ -461,7 +484,7 @@ impl Inner {
             return Err(io_err("write", &w.active.path)(e));
         }
         w.len += bytes;
-        w.next_seq = first + payloads.len() as u64;
+        w.next_seq = end;
         // Keep the scratch buffer from pinning the memory of a huge batch.
         if w.buf.capacity() > 4 << 20 {
             w.buf = Vec::new();
@@ -480,7 +503,11 @@ impl Inner {
             s.durable_next = s.durable_next.max(w.next_seq);
         }
         self.synced.notify_all();
-        let (active, header) = create_segment(&self.dir, w.next_seq, w.max_record_size)?;
+        let (active, header) = create_segment(&self.dir, w.next_seq, w.max_record_size).inspect_err(|e| {
+            // A half-made segment may be on disk: appending on would put
+            // records where the next open does not expect them.
+            self.poison(format!("cannot start a new segment: {e}"));
+        })?;
         let old = std::mem::replace(&mut w.active, Arc::new(active));
         w.sealed.push_back((w.active_first, old.path.clone()));
         w.active_first = header.first_seq;
@@ -563,6 +590,8 @@ fn syncer_loop(inner: &Inner, every: Duration, stopped: &Receiver<()>) {
 /// A segment as replay sees it.
 struct SegmentRef {
     first: u64,
+    /// The sequence after its last record, when known (a live log).
+    end_seq: Option<u64>,
     path: PathBuf,
     /// Bytes to read (the active segment's length when replay started).
     limit: Option<u64>,
@@ -576,15 +605,16 @@ pub struct Replay {
     start: u64,
     /// The next sequence expected across segment boundaries.
     expected: Option<u64>,
-    /// Present for a live log: a segment deleted by a concurrent
+    /// The live log's watermark: a segment deleted by a concurrent
     /// `truncate_through` is skipped only if the watermark covers it.
-    live: Option<Arc<Inner>>,
+    /// `None` for read-only reading, where a vanished segment is skipped.
+    live: Option<Arc<AtomicU64>>,
     /// Read-only mode: the torn end of the last segment, met at the end.
     torn_tail: Option<crate::TornTail>,
 }
 
 impl Replay {
-    fn new(segs: Vec<SegmentRef>, start: u64, live: Option<Arc<Inner>>) -> Replay {
+    fn new(segs: Vec<SegmentRef>, start: u64, live: Option<Arc<AtomicU64>>) -> Replay {
         let mut segs: VecDeque<SegmentRef> = segs.into();
         // Skip segments that end before `start`.
         while segs.len() > 1 && segs[1].first <= start {
@@ -613,15 +643,19 @@ impl Replay {
     fn advance(&mut self) -> Result<bool> {
         loop {
             let Some(seg) = self.segs.pop_front() else { return Ok(false) };
-            let next_first = self.segs.front().map(|s| s.first);
+            let end = seg.end_seq.or_else(|| self.segs.front().map(|s| s.first));
             let opened = match SegmentScanner::open(&seg.path, seg.limit) {
                 Ok(o) => o,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let acked = match (&self.live, next_first) {
-                        (Some(inner), Some(nf)) => inner.writer.lock().watermark >= nf - 1,
-                        _ => false,
+                    // Deleted by a truncation since the snapshot: fine if
+                    // acknowledged (always so when reading read-only).
+                    let acked = match (&self.live, end) {
+                        (Some(wm), Some(end)) => wm.load(Ordering::Acquire) >= end.saturating_sub(1),
+                        (Some(_), None) => false,
+                        (None, _) => true,
                     };
                     if acked {
+                        self.expected = None;
                         continue;
                     }
                     return Err(io_err("open", &seg.path)(e));
@@ -704,10 +738,15 @@ impl Iterator for Replay {
 
 /// Reads the records of a WAL directory from sequence `from` without taking
 /// its lock or changing anything, acknowledged records included (as
-/// `daemoneye-wal dump` does). A torn tail comes as an `Err` item.
+/// `daemoneye-wal dump` does). A torn tail ends the iteration and is then
+/// available from [`Replay::torn_tail`]; a segment deleted meanwhile by the
+/// writer's truncation is skipped.
 pub fn read_dir(dir: &Path, from: u64) -> Result<Replay> {
     let (segs, _) = report::list_dir(dir)?;
-    let segs = segs.into_iter().map(|(first, path)| SegmentRef { first, path, limit: None }).collect();
+    let segs = segs
+        .into_iter()
+        .map(|(first, path)| SegmentRef { first, end_seq: None, path, limit: None })
+        .collect();
     Ok(Replay::new(segs, from, None))
 }
 
@@ -753,6 +792,10 @@ fn create_segment(dir: &Path, first_seq: u64, max_record_size: u32) -> Result<(A
     let header = SegmentHeader { salt: random_salt(), first_seq, max_record_size };
     let path = dir.join(format::segment_file_name(first_seq));
     let tmp = path.with_extension("seg.tmp");
+    if path.exists() {
+        // Never replace a segment: it may hold unacknowledged records.
+        return Err(io_err("create", &path)(io::Error::from(io::ErrorKind::AlreadyExists)));
+    }
     let file = OpenOptions::new()
         .append(true)
         .create(true)

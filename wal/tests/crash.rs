@@ -23,11 +23,15 @@ use daemoneye_wal::{Durability, Wal, WalOptions};
 
 const VICTIM_ENV: &str = "DAEMONEYE_WAL_CRASH_VICTIM";
 const SEED_ENV: &str = "DAEMONEYE_WAL_CRASH_SEED";
+const SEGMENT_ENV: &str = "DAEMONEYE_WAL_CRASH_SEGMENT";
 const ITERATIONS: u32 = 120;
 
-fn options() -> WalOptions {
-    // Small segments, so kills also land during rotation.
-    WalOptions { segment_size: 16 << 10, max_record_size: 4096, durability: Durability::Always }
+/// Segment sizes the harness alternates between: small ones so kills land
+/// during rotation, large ones so segments outgrow the reader's chunk.
+const SEGMENT_SIZES: [u64; 2] = [16 << 10, 1 << 20];
+
+fn options(segment_size: u64) -> WalOptions {
+    WalOptions { segment_size, max_record_size: 4096, durability: Durability::Always }
 }
 
 /// A small deterministic generator (xorshift64*), so a failing run can be
@@ -67,7 +71,8 @@ fn checksum(body: &[u8]) -> u64 {
 }
 
 fn victim(dir: &Path) -> ExitCode {
-    let (wal, _) = match Wal::open(dir, options()) {
+    let segment = std::env::var(SEGMENT_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(SEGMENT_SIZES[0]);
+    let (wal, _) = match Wal::open(dir, options(segment)) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("victim: open failed: {e}");
@@ -128,8 +133,11 @@ fn harness() -> Result<String, String> {
     let mut max_wm = 0u64;
     let mut verified = 0u64;
     for iteration in 0..ITERATIONS {
+        // Ten iterations at a time with each segment size.
+        let segment = SEGMENT_SIZES[(iteration / 10) as usize % SEGMENT_SIZES.len()];
         let mut child = Command::new(&exe)
             .env(VICTIM_ENV, &dir)
+            .env(SEGMENT_ENV, segment.to_string())
             .env("RUST_LOG", "off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -190,7 +198,7 @@ fn harness() -> Result<String, String> {
         }
 
         // Recovery: the lock died with the victim, so this open succeeds.
-        let (wal, report) = Wal::open(&dir, options())
+        let (wal, report) = Wal::open(&dir, options(segment))
             .map_err(|e| format!("iteration {iteration}: reopen after kill: {e}"))?;
         if !report.is_healthy() {
             return Err(format!("iteration {iteration}: corruption after a kill: {report}"));

@@ -501,3 +501,142 @@ proptest! {
         }
     }
 }
+
+/// Regressions found in review: each of these lost data, reused sequence
+/// numbers, reported false corruption or panicked.
+mod review_regressions {
+    use super::*;
+    use daemoneye_wal::format::{SegmentHeader, encode_record, segment_file_name};
+
+    #[test]
+    fn segments_larger_than_the_read_chunk_are_read_whole() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Default options: one 16 MiB segment holding ~580 KB.
+        let (wal, _) =
+            Wal::open(tmp.path(), WalOptions { durability: Durability::Never, ..Default::default() })
+                .expect("open");
+        for i in 1..=5000 {
+            wal.append(&payload(i, 100)).expect("append");
+        }
+        assert_eq!(replay_all(&wal, 0).len(), 5000, "live replay");
+        drop(wal);
+        let (wal, report) = Wal::open(tmp.path(), WalOptions::default()).expect("reopen");
+        assert!(report.torn_tail.is_none() && report.is_healthy(), "{report}");
+        assert_eq!((report.records, report.next_seq), (5000, 5001));
+        assert_eq!(replay_all(&wal, 0).len(), 5000);
+        drop(wal);
+        // Sealed segments over the chunk size, too.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let o = WalOptions { segment_size: 600 << 10, ..opts(600 << 10) };
+        let (wal, _) = Wal::open(tmp.path(), o).expect("open");
+        for i in 1..=12_000 {
+            wal.append(&payload(i, 100)).expect("append");
+        }
+        drop(wal);
+        assert!(segments(tmp.path()).len() >= 2);
+        let report = inspect(tmp.path()).expect("inspect");
+        assert!(report.is_healthy() && report.torn_tail.is_none(), "{report}");
+        assert_eq!(report.records, 12_000);
+    }
+
+    #[test]
+    fn raising_the_max_record_size_keeps_big_records() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let small = WalOptions { max_record_size: 4096, ..WalOptions::default() };
+        let (wal, _) = Wal::open(tmp.path(), small).expect("open");
+        wal.append(b"small").expect("append");
+        drop(wal);
+        let big = WalOptions { max_record_size: 1 << 20, ..WalOptions::default() };
+        let (wal, _) = Wal::open(tmp.path(), big).expect("reopen");
+        assert_eq!(wal.append(&vec![7u8; 10_000]).expect("append big"), 2);
+        drop(wal);
+        let (wal, report) = Wal::open(tmp.path(), big).expect("reopen");
+        assert!(report.torn_tail.is_none() && report.is_healthy(), "{report}");
+        assert_eq!(replay_all(&wal, 0).iter().map(|r| r.1.len()).collect::<Vec<_>>(), vec![5, 10_000]);
+    }
+
+    #[test]
+    fn watermark_past_the_records_on_disk_is_healthy_and_moves_on() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(tmp.path(), opts(1 << 20)).expect("open");
+        for i in 1..=100 {
+            wal.append(&payload(i, 20)).expect("append");
+        }
+        wal.truncate_through(100).expect("ack");
+        drop(wal);
+        // A power cut under `Never` loses the last 50 records after they
+        // were acknowledged.
+        let seg = segments(tmp.path()).pop().expect("segment");
+        OpenOptions::new().write(true).open(&seg).expect("open").set_len(32 + 50 * 36).expect("cut");
+        let (wal, report) = Wal::open(tmp.path(), opts(1 << 20)).expect("reopen");
+        assert!(report.is_healthy(), "{report}");
+        assert_eq!(wal.append(b"next").expect("append"), 101, "sequence numbers move on past the watermark");
+        drop(wal);
+        let (wal, report) = Wal::open(tmp.path(), opts(1 << 20)).expect("reopen");
+        assert!(report.is_healthy(), "an acknowledged gap is not corruption: {report}");
+        assert_eq!(replay_all(&wal, 0), vec![(101, b"next".to_vec())]);
+    }
+
+    #[test]
+    fn replay_racing_a_truncation_reports_no_false_damage() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(tmp.path(), opts(4096)).expect("open");
+        for i in 1..=200 {
+            wal.append(&payload(i, 100)).expect("append");
+        }
+        let replay = wal.replay_from(0).expect("replay");
+        // Everything but the tail is acknowledged and deleted under it,
+        // including the segment that was active when replay began.
+        for i in 201..=300 {
+            wal.append(&payload(i, 100)).expect("append");
+        }
+        wal.truncate_through(290).expect("ack");
+        let items: Vec<_> = replay.collect();
+        assert!(
+            items.iter().all(|i| i.is_ok()),
+            "{:?}",
+            items.iter().filter(|i| i.is_err()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_live_replay_does_not_keep_the_lock_after_close() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(tmp.path(), opts(4096)).expect("open");
+        wal.append(b"x").expect("append");
+        let replay = wal.replay_from(0).expect("replay");
+        wal.close().expect("close");
+        let (_again, _) = Wal::open(tmp.path(), opts(4096)).expect("reopen while a replay is alive");
+        assert_eq!(replay.count(), 1);
+    }
+
+    #[test]
+    fn extreme_values_on_disk_are_corruption_not_panics() {
+        // A watermark at the end of the sequence space.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (wal, _) = Wal::open(tmp.path(), opts(4096)).expect("open");
+        wal.append(b"x").expect("append");
+        drop(wal);
+        fs::write(tmp.path().join("WATERMARK"), daemoneye_wal::format::encode_watermark(u64::MAX))
+            .expect("write");
+        let report = inspect(tmp.path()).expect("inspect");
+        assert!(!report.is_healthy(), "{report}");
+
+        // A segment named for the last sequence, with a damaged header.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::write(tmp.path().join(segment_file_name(u64::MAX)), [0u8; 64]).expect("write");
+        let report = inspect(tmp.path()).expect("inspect");
+        assert!(!report.is_healthy());
+
+        // A valid record carrying the largest sequence number.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let h = SegmentHeader { salt: 9, first_seq: u64::MAX, max_record_size: 64 };
+        let mut bytes = h.encode().to_vec();
+        encode_record(&mut bytes, 9, u64::MAX, b"last");
+        encode_record(&mut bytes, 9, u64::MAX, b"again");
+        fs::write(tmp.path().join(segment_file_name(u64::MAX)), &bytes).expect("write");
+        let report = inspect(tmp.path()).expect("inspect");
+        assert_eq!(report.records, 0, "the writer never assigns u64::MAX: {report}");
+        assert!(!report.is_healthy());
+    }
+}
