@@ -1,8 +1,172 @@
 //! Everything OS-specific in DaemonEye lives here, and only here: the
-//! `ProcessRecord` model and process enumeration (a direct `/proc` walk on
-//! Linux, sysinfo on macOS, Windows and FreeBSD), privilege detection
-//! (Linux CapEff, root or admin elsewhere), peer credentials of a connected
-//! Unix socket, and per-OS default paths. It is the only crate that may use
-//! `cfg(target_os)`. The enumeration code arrives with the platform issue;
-//! this crate is an empty placeholder until then.
+//! [`ProcessRecord`] model and process enumeration, privilege detection and
+//! the privilege drop, peer credentials of a Unix socket, and the
+//! platform report. This is the only crate that uses `cfg(target_os)`.
+//!
+//! Two [`ProcessSource`] backends:
+//!
+//! - [`ProcFs`] (Linux): a direct `/proc` walk that reads only `stat` (and
+//!   stats the pid directory) for known processes, and `status`, `cmdline`,
+//!   `exe` and `cwd` once per new or exec'd identity.
+//! - [`SysinfoSource`]: the portable backend (macOS, Windows, FreeBSD, and
+//!   a fallback on Linux).
+//!
+//! [`default_source`] picks the best one for the OS. Every optional field
+//! of a record is a [`Field`]: the value, or why it is missing
+//! ([`Unavailable`]), never an empty string.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(unix)]
+mod peer;
+mod portable;
+pub mod privilege;
+#[cfg(target_os = "linux")]
+mod procfs;
+mod record;
+
+#[cfg(unix)]
+pub use crate::peer::{PeerCredentials, peer_credentials};
+pub use crate::portable::SysinfoSource;
+pub use crate::privilege::{PrivilegeReport, drop_privileges};
+#[cfg(target_os = "linux")]
+pub use crate::procfs::{DEFAULT_MAX_ARGV_BYTES, ProcFs};
+pub use crate::record::{
+    Argv, Credentials, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState,
+    Unavailable,
+};
+
+/// Errors of the platform layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An OS call on a file or directory failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The OS or environment lacks what was asked for.
+    #[error("not supported here: {what}")]
+    NotSupported {
+        /// What is missing.
+        what: String,
+    },
+    /// Changing or checking privileges failed.
+    #[error("privilege change failed at {op}: {source}")]
+    Privilege {
+        /// The step that failed.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of the last enumeration cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleStats {
+    /// Entries listed by the OS.
+    pub listed: u32,
+    /// Processes that exited while being read (skipped, not errors).
+    pub vanished: u32,
+    /// Processes whose basic state could not be read (e.g. `hidepid`).
+    pub unreadable: u32,
+    /// Processes whose exec-time details were read this cycle (new or
+    /// exec'd identities). Zero in a steady state.
+    pub detail_reads: u32,
+}
+
+/// A way to enumerate every process of the host.
+pub trait ProcessSource: Send {
+    /// Name of the backend, for reports ("linux-procfs", "sysinfo").
+    fn backend(&self) -> &'static str;
+    /// Enumerates every process (never threads) as of now. A process that
+    /// exits during the walk is left out; that is not an error.
+    fn refresh(&mut self) -> Result<Vec<ProcessRecord>, Error>;
+    /// Counters of the last [`ProcessSource::refresh`].
+    fn last_cycle(&self) -> CycleStats;
+}
+
+/// The best backend for this OS: `/proc` on Linux, sysinfo elsewhere.
+pub fn default_source() -> Result<Box<dyn ProcessSource>, Error> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(Box::new(ProcFs::new()?))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Ok(Box::new(SysinfoSource::new()?))
+    }
+}
+
+/// What this host and process can do, for registration and health data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformReport {
+    /// Operating system ("linux", "macos", "freebsd", "windows").
+    pub os: String,
+    /// OS or kernel version, when known.
+    pub os_version: Option<String>,
+    /// CPU architecture.
+    pub arch: String,
+    /// The backend [`default_source`] uses.
+    pub backend: String,
+    /// Record fields this backend fills on this OS (others are always
+    /// `NotSupported`).
+    pub supported_fields: Vec<String>,
+    /// Whether this build was ever run on this OS by the project's CI.
+    pub verified: bool,
+    /// Privileges and what they hide.
+    pub privileges: PrivilegeReport,
+}
+
+/// Describes this host and process.
+pub fn platform_report() -> PlatformReport {
+    let common = ["pid", "ppid", "start_time", "started_unix", "name", "state", "rss_bytes", "virtual_bytes"];
+    let mut fields: Vec<&'static str> = common.to_vec();
+    #[cfg(target_os = "linux")]
+    let (backend, extra, verified): (&str, &[&'static str], bool) = (
+        "linux-procfs",
+        &[
+            "session",
+            "threads",
+            "cpu_time_ms",
+            "kernel_thread",
+            "exe",
+            "exe_file",
+            "exe_deleted",
+            "argv",
+            "argv.truncated",
+            "cwd",
+            "credentials",
+            "user",
+        ],
+        true,
+    );
+    #[cfg(all(unix, not(target_os = "linux")))]
+    let (backend, extra, verified): (&str, &[&'static str], bool) = (
+        "sysinfo",
+        &["session", "cpu_time_ms", "exe", "exe_file", "exe_deleted", "argv", "cwd", "credentials", "user"],
+        false,
+    );
+    #[cfg(not(unix))]
+    let (backend, extra, verified): (&str, &[&'static str], bool) =
+        ("sysinfo", &["cpu_time_ms", "exe", "exe_deleted", "argv", "cwd", "user"], false);
+    fields.extend_from_slice(extra);
+    PlatformReport {
+        os: std::env::consts::OS.to_owned(),
+        os_version: sysinfo::System::kernel_version().ok(),
+        arch: std::env::consts::ARCH.to_owned(),
+        backend: backend.to_owned(),
+        supported_fields: fields.into_iter().map(str::to_owned).collect(),
+        verified,
+        privileges: privilege::detect(),
+    }
+}

@@ -1,0 +1,223 @@
+//! The portable backend over sysinfo: the path on macOS, Windows and
+//! FreeBSD, and a fallback on Linux.
+//!
+//! One `System` lives across cycles and is refreshed with the cheapest
+//! `ProcessRefreshKind` that fills the record: memory, CPU and the
+//! executable path every cycle (the path is how an exec in place shows:
+//! sysinfo never renames a process); command line, working directory and
+//! user only when not set yet (`OnlyIfNotSet`), and again after an exec;
+//! tasks not listed (`without_tasks`). Userland threads that sysinfo still
+//! reports are filtered out; kernel threads are processes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use sysinfo::{ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, ThreadKind, UpdateKind, Users};
+
+use crate::record::{
+    Argv, Credentials, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState,
+    Unavailable,
+};
+use crate::{CycleStats, Error, ProcessSource};
+
+/// What the backend remembers of an identity between cycles.
+struct Known {
+    /// The executable path when the details were read.
+    exe: Option<std::path::PathBuf>,
+    name: String,
+    details: Arc<ProcessDetails>,
+}
+
+/// The sysinfo process source.
+pub struct SysinfoSource {
+    sys: System,
+    users: Users,
+    known: HashMap<ProcessKey, Known>,
+    stats: CycleStats,
+    privileged: bool,
+}
+
+impl SysinfoSource {
+    /// A new source; the first refresh reads everything.
+    pub fn new() -> Result<SysinfoSource, Error> {
+        let unsupported = |e: sysinfo::Error| Error::NotSupported { what: format!("sysinfo: {e}") };
+        Ok(SysinfoSource {
+            sys: System::new().map_err(unsupported)?,
+            users: Users::new_with_refreshed_list().map_err(unsupported)?,
+            known: HashMap::new(),
+            stats: CycleStats::default(),
+            privileged: crate::privilege::is_privileged(),
+        })
+    }
+}
+
+fn user_name(users: &mut Users, uid: &sysinfo::Uid) -> Field<String> {
+    if users.get_user_by_id(uid).is_none() {
+        users.refresh();
+    }
+    users.get_user_by_id(uid).map(|u| u.name().to_owned()).ok_or(Unavailable::NotApplicable)
+}
+
+/// Reads the exec-time details of one process.
+fn details(users: &mut Users, privileged: bool, p: &sysinfo::Process) -> ProcessDetails {
+    // An empty answer from sysinfo means it could not read the field;
+    // unprivileged that is a refusal, privileged it is genuinely absent.
+    let absent = if privileged { Unavailable::NotApplicable } else { Unavailable::NotPermitted };
+    let exe = p.exe().map(Path::to_path_buf).ok_or(absent);
+    let exe_file = match &exe {
+        Ok(path) => {
+            std::fs::metadata(path).map_err(|e| Unavailable::from_io(&e)).and_then(|m| file_identity(&m))
+        }
+        Err(e) => Err(*e),
+    };
+    let exe_deleted = match &exe {
+        Ok(path) => Ok(!path.exists()),
+        Err(e) => Err(*e),
+    };
+    let argv = if p.cmd().is_empty() {
+        Err(absent)
+    } else {
+        Ok(Argv {
+            args: p.cmd().iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            truncated: false,
+        })
+    };
+    let cwd = p.cwd().map(Path::to_path_buf).ok_or(absent);
+    let credentials = credentials(p);
+    let user = match p.user_id() {
+        Some(uid) => user_name(users, uid),
+        None => Err(absent),
+    };
+    ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
+}
+
+#[cfg(unix)]
+fn file_identity(m: &std::fs::Metadata) -> Field<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(FileIdentity { dev: m.dev(), inode: m.ino(), size: m.size(), mtime: m.mtime(), ctime: m.ctime() })
+}
+
+#[cfg(not(unix))]
+fn file_identity(_: &std::fs::Metadata) -> Field<FileIdentity> {
+    Err(Unavailable::NotSupported)
+}
+
+#[cfg(unix)]
+fn credentials(p: &sysinfo::Process) -> Field<Credentials> {
+    let (Some(uid), Some(gid)) = (p.user_id(), p.group_id()) else { return Err(Unavailable::NotPermitted) };
+    let euid = p.effective_user_id().map_or(**uid, |u| **u);
+    let egid = p.effective_group_id().map_or(*gid, |g| *g);
+    Ok(Credentials { uid: **uid, euid, gid: *gid, egid })
+}
+
+#[cfg(not(unix))]
+fn credentials(_: &sysinfo::Process) -> Field<Credentials> {
+    // Windows identities are SIDs, not numeric ids.
+    Err(Unavailable::NotSupported)
+}
+
+fn state(s: ProcessStatus) -> ProcessState {
+    match s {
+        ProcessStatus::Run => ProcessState::Running,
+        ProcessStatus::Sleep => ProcessState::Sleeping,
+        ProcessStatus::Idle => ProcessState::Idle,
+        ProcessStatus::Stop => ProcessState::Stopped,
+        ProcessStatus::Tracing => ProcessState::Traced,
+        ProcessStatus::Zombie => ProcessState::Zombie,
+        ProcessStatus::Dead => ProcessState::Dead,
+        ProcessStatus::UninterruptibleDiskSleep => ProcessState::DiskSleep,
+        _ => ProcessState::Other('?'),
+    }
+}
+
+impl ProcessSource for SysinfoSource {
+    fn backend(&self) -> &'static str {
+        "sysinfo"
+    }
+
+    fn refresh(&mut self) -> Result<Vec<ProcessRecord>, Error> {
+        // The executable path is refreshed every cycle: sysinfo sets a
+        // process's name once, so a changed path is the only sign of an
+        // exec in place.
+        let kind = ProcessRefreshKind::nothing()
+            .with_memory()
+            .with_cpu()
+            .with_exe(UpdateKind::Always)
+            .with_cmd(UpdateKind::OnlyIfNotSet)
+            .with_cwd(UpdateKind::OnlyIfNotSet)
+            .with_user(UpdateKind::OnlyIfNotSet)
+            .without_tasks();
+        self.sys.refresh_processes_specifics(ProcessesToUpdate::All, true, kind);
+        let execd: Vec<sysinfo::Pid> = self
+            .sys
+            .processes()
+            .iter()
+            .filter(|(pid, p)| {
+                let key = ProcessKey { pid: pid.as_u32(), start_time: p.start_time() };
+                self.known.get(&key).is_some_and(|k| k.exe.as_deref() != p.exe())
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        if !execd.is_empty() {
+            let always = ProcessRefreshKind::nothing()
+                .with_cmd(UpdateKind::Always)
+                .with_cwd(UpdateKind::Always)
+                .with_user(UpdateKind::Always)
+                .without_tasks();
+            self.sys.refresh_processes_specifics(ProcessesToUpdate::Some(&execd), false, always);
+        }
+        self.stats = CycleStats::default();
+        let mut out = Vec::with_capacity(self.sys.processes().len());
+        let mut seen = HashMap::with_capacity(self.known.len());
+        for (pid, p) in self.sys.processes() {
+            self.stats.listed += 1;
+            let kernel_thread = match p.thread_kind() {
+                Some(ThreadKind::Userland) => continue,
+                Some(ThreadKind::Kernel) => true,
+                None => false,
+            };
+            let pid = pid.as_u32();
+            let key = ProcessKey { pid, start_time: p.start_time() };
+            let known = match self.known.remove(&key) {
+                Some(k) if k.exe.as_deref() == p.exe() => k,
+                previous => {
+                    self.stats.detail_reads += 1;
+                    // After an exec, sysinfo's name is the old program's:
+                    // name the process after its new executable.
+                    let name = match (&previous, p.exe().and_then(Path::file_name)) {
+                        (Some(_), Some(file)) => file.to_string_lossy().into_owned(),
+                        _ => p.name().to_string_lossy().into_owned(),
+                    };
+                    Known {
+                        exe: p.exe().map(Path::to_path_buf),
+                        name,
+                        details: Arc::new(details(&mut self.users, self.privileged, p)),
+                    }
+                }
+            };
+            out.push(ProcessRecord {
+                pid,
+                ppid: p.parent().map_or(0, |pp| pp.as_u32()),
+                start_time: p.start_time(),
+                started_unix: Ok(p.start_time()),
+                name: known.name.clone(),
+                state: state(p.status()),
+                session: p.session_id().map(|s| s.as_u32()).ok_or(Unavailable::NotSupported),
+                threads: Err(Unavailable::NotSupported),
+                rss_bytes: p.memory(),
+                virtual_bytes: p.virtual_memory(),
+                cpu_time_ms: Ok(p.accumulated_cpu_time()),
+                kernel_thread,
+                details: known.details.clone(),
+            });
+            seen.insert(key, known);
+        }
+        self.known = seen;
+        Ok(out)
+    }
+
+    fn last_cycle(&self) -> CycleStats {
+        self.stats
+    }
+}

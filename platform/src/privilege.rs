@@ -1,0 +1,193 @@
+//! What this process may see of other users' processes, and a helper to
+//! drop privileges for good.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Bit of `CAP_DAC_READ_SEARCH` in a Linux capability set.
+const CAP_DAC_READ_SEARCH: u32 = 2;
+/// Bit of `CAP_SYS_PTRACE` in a Linux capability set.
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// The privileges that decide which fields of other users' processes can
+/// be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivilegeReport {
+    /// Effective user id (`None` where ids are not numeric).
+    pub euid: Option<u32>,
+    /// Running as root (or an administrator on Windows).
+    pub root: bool,
+    /// Linux: `CAP_SYS_PTRACE` in the effective set (needed for other
+    /// users' `exe`, `cwd` and `environ`). `None` off Linux.
+    pub cap_sys_ptrace: Option<bool>,
+    /// Linux: `CAP_DAC_READ_SEARCH` in the effective set (reading other
+    /// users' files, e.g. to hash their executables). `None` off Linux.
+    pub cap_dac_read_search: Option<bool>,
+    /// Linux: the `hidepid` option of `/proc` (`None` when not set).
+    pub proc_hidepid: Option<String>,
+    /// Fields that will be missing (as not permitted) for processes of
+    /// other users.
+    pub missing_for_other_users: Vec<String>,
+    /// One sentence for logs and health data.
+    pub summary: String,
+}
+
+/// True when this process can read other users' process details.
+pub fn is_privileged() -> bool {
+    let r = detect();
+    r.missing_for_other_users.is_empty()
+}
+
+/// Detects the privileges of this process.
+pub fn detect() -> PrivilegeReport {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let cap_eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+        let hidepid = crate::procfs::proc_hidepid(std::path::Path::new("/proc/mounts"));
+        from_linux(nix::unistd::geteuid().as_raw(), cap_eff, hidepid)
+    }
+    #[cfg(all(unix, not(target_os = "linux")))]
+    {
+        let euid = nix::unistd::geteuid().as_raw();
+        let root = euid == 0;
+        let missing = if root { Vec::new() } else { vec!["exe", "exe_file", "cwd", "argv", "user"] };
+        let summary = if root {
+            "running as root: all fields of all processes are readable".to_owned()
+        } else {
+            format!("running as uid {euid}: other users' exe, cwd and command lines may be missing")
+        };
+        PrivilegeReport {
+            euid: Some(euid),
+            root,
+            cap_sys_ptrace: None,
+            cap_dac_read_search: None,
+            proc_hidepid: None,
+            missing_for_other_users: missing.into_iter().map(str::to_owned).collect(),
+            summary,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        PrivilegeReport {
+            euid: None,
+            root: false,
+            cap_sys_ptrace: None,
+            cap_dac_read_search: None,
+            proc_hidepid: None,
+            missing_for_other_users: ["exe", "exe_file", "cwd", "argv", "user"].map(str::to_owned).to_vec(),
+            summary: "administrator detection is not implemented on this OS; assuming unprivileged"
+                .to_owned(),
+        }
+    }
+}
+
+/// The Linux report from its inputs (separate so it can be tested with any
+/// capability set).
+#[cfg(target_os = "linux")]
+pub(crate) fn from_linux(euid: u32, cap_eff: Option<u64>, hidepid: Option<String>) -> PrivilegeReport {
+    let has = |bit: u32| cap_eff.map(|c| c & (1 << bit) != 0);
+    let ptrace = has(CAP_SYS_PTRACE).unwrap_or(false);
+    let dac = has(CAP_DAC_READ_SEARCH).unwrap_or(false);
+    let mut missing = Vec::new();
+    if hidepid.is_some() && !ptrace {
+        // hidepid=1 hides the contents, hidepid=2/invisible the processes.
+        missing.extend(["stat", "argv", "credentials", "exe", "exe_file", "cwd", "user"]);
+    } else if !ptrace {
+        missing.extend(["exe", "exe_file", "exe_deleted", "cwd"]);
+    }
+    if !dac {
+        missing.push("sha256 of executables not readable by this user");
+    }
+    let summary = if missing.is_empty() {
+        format!(
+            "uid {euid} with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: all fields of all processes are readable"
+        )
+    } else {
+        let mut s = format!(
+            "uid {euid}, CAP_SYS_PTRACE {}, CAP_DAC_READ_SEARCH {}",
+            if ptrace { "yes" } else { "no" },
+            if dac { "yes" } else { "no" }
+        );
+        if let Some(h) = &hidepid {
+            s.push_str(&format!(", /proc mounted with hidepid={h}"));
+        }
+        s.push_str(&format!("; for other users' processes these will be missing: {}", missing.join(", ")));
+        s
+    };
+    PrivilegeReport {
+        euid: Some(euid),
+        root: euid == 0,
+        cap_sys_ptrace: Some(ptrace),
+        cap_dac_read_search: Some(dac),
+        proc_hidepid: hidepid,
+        missing_for_other_users: missing.into_iter().map(str::to_owned).collect(),
+        summary,
+    }
+}
+
+/// Drops this whole process to `uid`/`gid` for good: supplementary groups
+/// are replaced by `gid`, then real, effective and saved group ids, then
+/// user ids are set, in that order (the group change needs the privilege
+/// the user change gives up). Afterwards it checks that root cannot be
+/// regained. Call it before spawning threads that must not keep privileges.
+#[cfg(unix)]
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
+    use nix::unistd::{Gid, Uid, getresgid, getresuid, setgroups, setresgid, setresuid, setuid};
+    let fail = |op: &'static str| move |e: nix::Error| Error::Privilege { op, source: e.into() };
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    #[cfg(not(target_os = "macos"))]
+    setgroups(&[g]).map_err(fail("setgroups"))?;
+    setresgid(g, g, g).map_err(fail("setresgid"))?;
+    setresuid(u, u, u).map_err(fail("setresuid"))?;
+    let ru = getresuid().map_err(fail("getresuid"))?;
+    let rg = getresgid().map_err(fail("getresgid"))?;
+    if (ru.real, ru.effective, ru.saved) != (u, u, u) || (rg.real, rg.effective, rg.saved) != (g, g, g) {
+        return Err(Error::Privilege { op: "verify", source: std::io::Error::other("ids did not change") });
+    }
+    if uid != 0 && setuid(Uid::from_raw(0)).is_ok() {
+        return Err(Error::Privilege {
+            op: "verify",
+            source: std::io::Error::other("root could be regained"),
+        });
+    }
+    Ok(())
+}
+
+/// Privilege drop is not available on this OS.
+#[cfg(not(unix))]
+pub fn drop_privileges(_uid: u32, _gid: u32) -> Result<(), Error> {
+    Err(Error::NotSupported { what: "dropping privileges".into() })
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_capabilities_miss_nothing() {
+        let r = from_linux(0, Some(0x1ff_ffff_ffff), None);
+        assert!(r.root && r.cap_sys_ptrace == Some(true) && r.cap_dac_read_search == Some(true));
+        assert!(r.missing_for_other_users.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn no_capabilities_name_the_missing_fields() {
+        let r = from_linux(65534, Some(0), None);
+        assert!(!r.root);
+        assert!(
+            r.missing_for_other_users.iter().any(|f| f == "exe")
+                && r.missing_for_other_users.iter().any(|f| f == "cwd")
+        );
+        assert!(r.summary.contains("CAP_SYS_PTRACE no"), "{}", r.summary);
+        let only_ptrace = from_linux(1000, Some(1 << CAP_SYS_PTRACE), None);
+        assert!(!only_ptrace.missing_for_other_users.iter().any(|f| f == "exe"));
+        let hidden = from_linux(1000, Some(0), Some("2".into()));
+        assert!(hidden.missing_for_other_users.iter().any(|f| f == "stat"), "{hidden:?}");
+        assert!(hidden.summary.contains("hidepid=2"));
+    }
+}

@@ -1,0 +1,429 @@
+//! The Linux backend: a direct walk over `/proc`.
+//!
+//! Each cycle reads `/proc/<pid>/stat` for every process and stats the
+//! `/proc/<pid>` directory (its owner is the process's effective uid and
+//! gid, a cheap credential-change signal). `status`, `cmdline`, `exe` and
+//! `cwd` are read only for an identity not seen before, or when the name
+//! (an exec) or the owner (a credential change) moved. `/proc` lists thread
+//! group leaders only, so threads are never processes. A process that exits
+//! mid-walk is skipped, not an error.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::record::{
+    Argv, Credentials, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState,
+    Unavailable,
+};
+use crate::{CycleStats, Error, ProcessSource};
+
+/// `PF_KTHREAD` in the `flags` field of `/proc/<pid>/stat`.
+const PF_KTHREAD: u64 = 0x0020_0000;
+/// Default cap on command-line bytes read per process.
+pub const DEFAULT_MAX_ARGV_BYTES: usize = 32 * 1024;
+
+/// What the backend remembers of an identity between cycles.
+struct Known {
+    comm: Box<str>,
+    owner: (u32, u32),
+    details: Arc<ProcessDetails>,
+    generation: u64,
+}
+
+/// The fields of `/proc/<pid>/stat` this backend uses.
+#[derive(Debug, PartialEq, Eq)]
+struct Stat<'a> {
+    comm: &'a [u8],
+    state: char,
+    ppid: u32,
+    session: u32,
+    flags: u64,
+    utime: u64,
+    stime: u64,
+    threads: u32,
+    start_time: u64,
+    vsize: u64,
+    rss_pages: u64,
+}
+
+/// Parses a `stat` line. The name sits in parentheses and may itself hold
+/// spaces and parentheses, so fields are counted from the last `)`.
+fn parse_stat(buf: &[u8]) -> Option<Stat<'_>> {
+    let open = buf.iter().position(|&b| b == b'(')?;
+    let close = buf.iter().rposition(|&b| b == b')')?;
+    let comm = buf.get(open + 1..close)?;
+    // Fields from 3 (state) on; index i here is field i + 3 of proc(5).
+    let mut fields: [&[u8]; 22] = [&[]; 22];
+    for (slot, f) in fields.iter_mut().zip(buf.get(close + 2..)?.split(|&b| b == b' ')) {
+        *slot = f;
+    }
+    // Only the fields used are parsed: some others are signed (tpgid is -1
+    // without a terminal, nice may be negative).
+    let num = |i: usize| -> Option<u64> { std::str::from_utf8(fields.get(i)?).ok()?.trim_end().parse().ok() };
+    Some(Stat {
+        comm,
+        state: *fields.first()?.first()? as char,
+        ppid: num(1)? as u32,
+        session: num(3)? as u32,
+        flags: num(6)?,
+        utime: num(11)?,
+        stime: num(12)?,
+        threads: num(17)? as u32,
+        start_time: num(19)?,
+        vsize: num(20)?,
+        rss_pages: num(21)?,
+    })
+}
+
+/// Parses the `Uid:` and `Gid:` lines of `/proc/<pid>/status`.
+fn parse_status_credentials(status: &str) -> Option<Credentials> {
+    let ids = |key: &str| -> Option<(u32, u32)> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let mut it = line[key.len()..].split_whitespace().map(|v| v.parse::<u32>());
+        Some((it.next()?.ok()?, it.next()?.ok()?))
+    };
+    let (uid, euid) = ids("Uid:")?;
+    let (gid, egid) = ids("Gid:")?;
+    Some(Credentials { uid, euid, gid, egid })
+}
+
+/// Splits a NUL-separated command line, capping it at `max` bytes.
+fn parse_cmdline(raw: &[u8], max: usize) -> Argv {
+    let truncated = raw.len() > max;
+    let raw = &raw[..raw.len().min(max)];
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    let args = if raw.is_empty() {
+        Vec::new()
+    } else {
+        raw.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+    };
+    Argv { args, truncated }
+}
+
+/// The Linux `/proc` process source.
+pub struct ProcFs {
+    root: PathBuf,
+    clk_tck: u64,
+    page_size: u64,
+    boot_time: Option<u64>,
+    max_argv_bytes: usize,
+    known: HashMap<ProcessKey, Known>,
+    generation: u64,
+    users: HashMap<u32, Field<String>>,
+    stats: CycleStats,
+    /// Reused read buffer and path buffer: a steady cycle allocates only the
+    /// output records.
+    buf: Vec<u8>,
+    path: String,
+}
+
+impl ProcFs {
+    /// A source over `/proc`.
+    pub fn new() -> Result<ProcFs, Error> {
+        ProcFs::with_root("/proc")
+    }
+
+    /// A source over another procfs mount (for tests and containers).
+    pub fn with_root(root: impl Into<PathBuf>) -> Result<ProcFs, Error> {
+        let root = root.into();
+        if !root.join("self").exists() {
+            return Err(Error::NotSupported { what: format!("{} is not a mounted procfs", root.display()) });
+        }
+        let sysconf = |v| nix::unistd::sysconf(v).ok().flatten().filter(|&n| n > 0).map(|n| n as u64);
+        let boot_time = fs::read_to_string(root.join("stat"))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok()));
+        Ok(ProcFs {
+            root,
+            clk_tck: sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100),
+            page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
+            boot_time,
+            max_argv_bytes: DEFAULT_MAX_ARGV_BYTES,
+            known: HashMap::new(),
+            generation: 0,
+            users: HashMap::new(),
+            stats: CycleStats::default(),
+            buf: Vec::with_capacity(1024),
+            path: String::with_capacity(64),
+        })
+    }
+
+    /// Caps the command-line bytes read per process (longer ones are marked
+    /// truncated).
+    pub fn set_max_argv_bytes(&mut self, max: usize) {
+        self.max_argv_bytes = max;
+    }
+
+    fn set_path(&mut self, pid: u32, file: &str) {
+        self.path.clear();
+        let _ = write!(self.path, "{}/{pid}/{file}", self.root.display());
+    }
+
+    /// Reads a small proc file into `self.buf`, up to `cap` bytes.
+    fn read_file(&mut self, pid: u32, file: &str, cap: usize) -> std::io::Result<()> {
+        self.set_path(pid, file);
+        self.buf.clear();
+        File::open(&self.path)?.take(cap as u64).read_to_end(&mut self.buf)?;
+        Ok(())
+    }
+
+    fn readlink(&mut self, pid: u32, file: &str) -> std::io::Result<PathBuf> {
+        self.set_path(pid, file);
+        fs::read_link(&self.path)
+    }
+
+    fn user_name(&mut self, uid: u32) -> Field<String> {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+                Ok(Some(u)) => Ok(u.name),
+                Ok(None) => Err(Unavailable::NotApplicable),
+                Err(_) => Err(Unavailable::Failed),
+            })
+            .clone()
+    }
+
+    fn read_credentials(&mut self, pid: u32) -> Field<Credentials> {
+        match self.read_file(pid, "status", 16 * 1024) {
+            Ok(()) => {
+                parse_status_credentials(&String::from_utf8_lossy(&self.buf)).ok_or(Unavailable::Failed)
+            }
+            Err(e) => Err(Unavailable::from_io(&e)),
+        }
+    }
+
+    /// Reads everything that changes only on exec or a credential change.
+    fn read_details(&mut self, pid: u32, kthread: bool, zombie: bool) -> ProcessDetails {
+        let credentials = self.read_credentials(pid);
+        let user = match credentials {
+            Ok(c) => self.user_name(c.uid),
+            Err(e) => Err(e),
+        };
+        let none_for_kernel = |e: std::io::Error| {
+            if kthread || zombie { Unavailable::NotApplicable } else { Unavailable::from_io(&e) }
+        };
+        let (exe, exe_deleted) = match self.readlink(pid, "exe") {
+            Ok(p) => {
+                let s = p.as_os_str().as_encoded_bytes();
+                match s.strip_suffix(b" (deleted)") {
+                    Some(stripped) => {
+                        (Ok(PathBuf::from(String::from_utf8_lossy(stripped).into_owned())), Ok(true))
+                    }
+                    None => (Ok(p), Ok(false)),
+                }
+            }
+            Err(e) => {
+                let why = none_for_kernel(e);
+                (Err(why), Err(why))
+            }
+        };
+        let exe_file = match &exe {
+            Ok(_) => {
+                self.set_path(pid, "exe");
+                fs::metadata(&self.path)
+                    .map(|m| FileIdentity {
+                        dev: m.dev(),
+                        inode: m.ino(),
+                        size: m.size(),
+                        mtime: m.mtime(),
+                        ctime: m.ctime(),
+                    })
+                    .map_err(|e| Unavailable::from_io(&e))
+            }
+            Err(why) => Err(*why),
+        };
+        let argv = if kthread {
+            Err(Unavailable::NotApplicable)
+        } else {
+            let cap = self.max_argv_bytes;
+            match self.read_file(pid, "cmdline", cap + 1) {
+                Ok(()) if self.buf.is_empty() => Err(Unavailable::NotApplicable),
+                Ok(()) => Ok(parse_cmdline(&self.buf, cap)),
+                Err(e) => Err(Unavailable::from_io(&e)),
+            }
+        };
+        let cwd = self.readlink(pid, "cwd").map_err(none_for_kernel);
+        ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
+    }
+
+    /// Reads one process; `None` when it vanished or cannot be seen.
+    fn read_one(&mut self, pid: u32) -> Option<ProcessRecord> {
+        if let Err(e) = self.read_file(pid, "stat", 1024) {
+            match Unavailable::from_io(&e) {
+                Unavailable::Vanished => self.stats.vanished += 1,
+                _ => self.stats.unreadable += 1,
+            }
+            return None;
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let rec = self.record_from_stat(pid, &buf);
+        self.buf = buf;
+        rec
+    }
+
+    fn record_from_stat(&mut self, pid: u32, buf: &[u8]) -> Option<ProcessRecord> {
+        let Some(st) = parse_stat(buf) else {
+            log::warn!("unparsable {}/{pid}/stat", self.root.display());
+            self.stats.unreadable += 1;
+            return None;
+        };
+        let key = ProcessKey { pid, start_time: st.start_time };
+        self.set_path(pid, "");
+        let owner = match fs::metadata(&self.path) {
+            Ok(m) => (m.uid(), m.gid()),
+            Err(_) => {
+                self.stats.vanished += 1;
+                return None;
+            }
+        };
+        let kthread = st.flags & PF_KTHREAD != 0;
+        let zombie = st.state == 'Z';
+        let generation = self.generation;
+        let details = match self.known.get_mut(&key) {
+            Some(k) if *k.comm.as_bytes() == *st.comm && k.owner == owner => {
+                k.generation = generation;
+                k.details.clone()
+            }
+            known => {
+                let exec = known.as_ref().is_none_or(|k| *k.comm.as_bytes() != *st.comm);
+                let previous = known.map(|k| k.details.clone());
+                let details = match previous {
+                    // Same program, new owner: only the credentials moved.
+                    Some(prev) if !exec => {
+                        let credentials = self.read_credentials(pid);
+                        let user = match credentials {
+                            Ok(c) => self.user_name(c.uid),
+                            Err(e) => Err(e),
+                        };
+                        ProcessDetails { credentials, user, ..(*prev).clone() }
+                    }
+                    _ => {
+                        self.stats.detail_reads += 1;
+                        self.read_details(pid, kthread, zombie)
+                    }
+                };
+                // The pid may have been reused while its files were read:
+                // keep the details only if the identity is still the same.
+                if let Err(e) = self.read_file(pid, "stat", 1024) {
+                    let _ = e;
+                    self.stats.vanished += 1;
+                    return None;
+                }
+                if parse_stat(&self.buf).map(|s| s.start_time) != Some(st.start_time) {
+                    self.stats.vanished += 1;
+                    return None;
+                }
+                let details = Arc::new(details);
+                let comm: Box<str> = String::from_utf8_lossy(st.comm).into();
+                self.known.insert(key, Known { comm, owner, details: details.clone(), generation });
+                details
+            }
+        };
+        let ticks_ms = |t: u64| t.saturating_mul(1000) / self.clk_tck;
+        Some(ProcessRecord {
+            pid,
+            ppid: st.ppid,
+            start_time: st.start_time,
+            started_unix: self.boot_time.map(|b| b + st.start_time / self.clk_tck).ok_or(Unavailable::Failed),
+            name: String::from_utf8_lossy(st.comm).into_owned(),
+            state: ProcessState::from_letter(st.state),
+            session: Ok(st.session),
+            threads: Ok(st.threads),
+            rss_bytes: st.rss_pages.saturating_mul(self.page_size),
+            virtual_bytes: st.vsize,
+            cpu_time_ms: Ok(ticks_ms(st.utime + st.stime)),
+            kernel_thread: kthread,
+            details,
+        })
+    }
+}
+
+impl ProcessSource for ProcFs {
+    fn backend(&self) -> &'static str {
+        "linux-procfs"
+    }
+
+    fn refresh(&mut self) -> Result<Vec<ProcessRecord>, Error> {
+        self.generation += 1;
+        self.stats = CycleStats::default();
+        let rd = fs::read_dir(&self.root).map_err(|source| Error::Io {
+            op: "read directory",
+            path: self.root.clone(),
+            source,
+        })?;
+        let mut out = Vec::with_capacity(self.known.len() + 64);
+        for entry in rd {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            self.stats.listed += 1;
+            if let Some(rec) = self.read_one(pid) {
+                out.push(rec);
+            }
+        }
+        let generation = self.generation;
+        self.known.retain(|_, k| k.generation == generation);
+        Ok(out)
+    }
+
+    fn last_cycle(&self) -> CycleStats {
+        self.stats
+    }
+}
+
+/// Reads the `hidepid` option of the procfs mounted at `/proc`, if any.
+pub(crate) fn proc_hidepid(mounts: &Path) -> Option<String> {
+    let text = fs::read_to_string(mounts).ok()?;
+    let line = text.lines().find(|l| l.split_whitespace().nth(1) == Some("/proc"))?;
+    let opts = line.split_whitespace().nth(3)?;
+    opts.split(',')
+        .find_map(|o| o.strip_prefix("hidepid="))
+        .filter(|v| *v != "0" && *v != "off")
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_spaces_and_parens_in_the_name() {
+        let line = b"4242 (a (b) c) S 1 4242 4242 0 -1 4194560 10 0 0 0 7 3 0 0 20 0 2 0 123456 1000000 250 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n";
+        let s = parse_stat(line).expect("parse");
+        assert_eq!(s.comm, b"a (b) c");
+        assert_eq!((s.state, s.ppid, s.session, s.utime, s.stime), ('S', 1, 4242, 7, 3));
+        assert_eq!((s.threads, s.start_time, s.vsize, s.rss_pages), (2, 123456, 1_000_000, 250));
+        assert!(parse_stat(b"12 (x) S 1").is_none(), "a short line is refused, not a panic");
+        assert!(parse_stat(b"").is_none());
+        assert!(parse_stat(b")(").is_none());
+    }
+
+    #[test]
+    fn status_credentials_and_cmdline() {
+        let st = "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t100\t101\t101\t101\n";
+        assert_eq!(
+            parse_status_credentials(st),
+            Some(Credentials { uid: 1000, euid: 0, gid: 100, egid: 101 })
+        );
+        assert_eq!(parse_status_credentials("Uid:\tx\n"), None);
+        let a = parse_cmdline(b"ls\0-l\0/tmp\0", 100);
+        assert_eq!((a.args, a.truncated), (vec!["ls".into(), "-l".into(), "/tmp".into()], false));
+        let a = parse_cmdline(b"ls\0-l\0/tmp\0", 5);
+        assert_eq!((a.args, a.truncated), (vec!["ls".into(), "-l".into()], true));
+    }
+
+    #[test]
+    fn hidepid_from_mounts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = dir.path().join("mounts");
+        fs::write(&m, "proc /proc proc rw,nosuid,relatime,hidepid=invisible 0 0\n").expect("write");
+        assert_eq!(proc_hidepid(&m).as_deref(), Some("invisible"));
+        fs::write(&m, "proc /proc proc rw,relatime 0 0\n").expect("write");
+        assert_eq!(proc_hidepid(&m), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! The process record every backend fills, and the reasons a field can be
+//! missing. Missing is never an empty string: each optional field is a
+//! [`Field`], either the value or why it is absent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a field has no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// The OS refused (another user's process without the capability).
+    NotPermitted,
+    /// This OS or backend does not provide the field.
+    NotSupported,
+    /// The process exited while it was being read.
+    Vanished,
+    /// The field does not exist for this process (a kernel thread has no
+    /// executable; a zombie has no command line).
+    NotApplicable,
+    /// An unexpected read error (logged where it happened).
+    Failed,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unavailable::NotPermitted => "not permitted",
+            Unavailable::NotSupported => "not supported on this OS",
+            Unavailable::Vanished => "process vanished",
+            Unavailable::NotApplicable => "not applicable",
+            Unavailable::Failed => "read failed",
+        })
+    }
+}
+
+impl Unavailable {
+    /// Classifies an I/O error met while reading a process's files.
+    pub fn from_io(e: &std::io::Error) -> Unavailable {
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Unavailable::NotPermitted,
+            // ESRCH (3): the process is gone.
+            std::io::ErrorKind::NotFound => Unavailable::Vanished,
+            _ if e.raw_os_error() == Some(3) => Unavailable::Vanished,
+            _ => Unavailable::Failed,
+        }
+    }
+}
+
+/// A value, or the reason it is missing.
+pub type Field<T> = Result<T, Unavailable>;
+
+/// The identity of a process: a pid alone is reused by the OS, a pid with
+/// its start time is not. Two records with the same pid and different start
+/// times are different processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ProcessKey {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in the backend's native unit (see
+    /// [`ProcessRecord::start_time`]).
+    pub start_time: u64,
+}
+
+/// Identity of an executable file: enough to know whether it is the same
+/// file, unchanged, without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Device id.
+    pub dev: u64,
+    /// Inode number.
+    pub inode: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Status change time, seconds since the epoch.
+    pub ctime: i64,
+}
+
+/// A command line as the process set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Argv {
+    /// The arguments, program first; non-UTF-8 bytes replaced.
+    pub args: Vec<String>,
+    /// True when the command line was longer than the reader's cap and was
+    /// cut.
+    pub truncated: bool,
+}
+
+/// The scheduler state of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ProcessState {
+    /// Running or runnable.
+    Running,
+    /// Interruptible sleep.
+    Sleeping,
+    /// Uninterruptible (disk) sleep.
+    DiskSleep,
+    /// Stopped by a signal.
+    Stopped,
+    /// Stopped by a tracer.
+    Traced,
+    /// Exited, not yet reaped.
+    Zombie,
+    /// Being torn down.
+    Dead,
+    /// An idle kernel thread.
+    Idle,
+    /// A state this crate does not name (the OS letter).
+    Other(char),
+}
+
+impl ProcessState {
+    /// Maps a Linux `/proc/<pid>/stat` state letter.
+    pub fn from_letter(c: char) -> ProcessState {
+        match c {
+            'R' => ProcessState::Running,
+            'S' => ProcessState::Sleeping,
+            'D' => ProcessState::DiskSleep,
+            'T' => ProcessState::Stopped,
+            't' => ProcessState::Traced,
+            'Z' => ProcessState::Zombie,
+            'X' | 'x' => ProcessState::Dead,
+            'I' => ProcessState::Idle,
+            other => ProcessState::Other(other),
+        }
+    }
+}
+
+/// The credentials of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Real user id.
+    pub uid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Effective group id.
+    pub egid: u32,
+}
+
+/// The parts of a process that change only on exec or a credential change.
+/// Backends read them once per identity and share them between cycles, so
+/// a steady cycle neither re-reads nor re-allocates them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessDetails {
+    /// Path of the executable (without the " (deleted)" marker).
+    pub exe: Field<PathBuf>,
+    /// Identity of the executable file.
+    pub exe_file: Field<FileIdentity>,
+    /// The executable was deleted or replaced on disk while running.
+    pub exe_deleted: Field<bool>,
+    /// The command line.
+    pub argv: Field<Argv>,
+    /// Working directory.
+    pub cwd: Field<PathBuf>,
+    /// Real and effective user and group ids.
+    pub credentials: Field<Credentials>,
+    /// Name of the real user.
+    pub user: Field<String>,
+}
+
+/// One process, as one enumeration cycle saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id (0 for the roots).
+    pub ppid: u32,
+    /// Start time, the identity half that survives pid reuse. Linux `/proc`
+    /// backend: clock ticks since boot. sysinfo backend: seconds since the
+    /// epoch. Compare start times only within one backend.
+    pub start_time: u64,
+    /// Start time in seconds since the epoch, for people.
+    pub started_unix: Field<u64>,
+    /// Short process name (Linux: `comm`, at most 15 bytes).
+    pub name: String,
+    /// Scheduler state.
+    pub state: ProcessState,
+    /// Session id.
+    pub session: Field<u32>,
+    /// Number of threads.
+    pub threads: Field<u32>,
+    /// Resident set size in bytes.
+    pub rss_bytes: u64,
+    /// Virtual size in bytes.
+    pub virtual_bytes: u64,
+    /// User plus system CPU time in milliseconds.
+    pub cpu_time_ms: Field<u64>,
+    /// A kernel thread (no executable, no command line).
+    pub kernel_thread: bool,
+    /// Exec-time details, shared between cycles.
+    pub details: Arc<ProcessDetails>,
+}
+
+impl ProcessRecord {
+    /// The identity of this process.
+    pub fn key(&self) -> ProcessKey {
+        ProcessKey { pid: self.pid, start_time: self.start_time }
+    }
+}

@@ -1,0 +1,310 @@
+//! Process enumeration against real processes this test spawns (and kills
+//! by their own pid), and against a fake procfs tree for the cases a live
+//! system cannot stage on demand (pid reuse, a process vanishing between
+//! listing and reading).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use daemoneye_platform::{ProcessKey, ProcessRecord, ProcessSource, SysinfoSource, Unavailable};
+
+/// Kills and reaps the child on drop, by its own pid.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_sleep() -> Guard {
+    Guard(Command::new("sleep").arg("300").stdin(Stdio::null()).spawn().expect("spawn sleep"))
+}
+
+fn which(prog: &str) -> PathBuf {
+    let out = Command::new("sh").args(["-c", &format!("command -v {prog}")]).output().expect("sh");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    std::fs::canonicalize(&p).expect("canonicalize")
+}
+
+fn find(src: &mut dyn ProcessSource, pid: u32) -> Option<ProcessRecord> {
+    src.refresh().expect("refresh").into_iter().find(|r| r.pid == pid)
+}
+
+/// Refreshes until `pred` holds for `pid`'s record, or panics at the
+/// deadline (the state change is asynchronous: an exec in another process).
+fn wait_for(
+    src: &mut dyn ProcessSource,
+    pid: u32,
+    what: &str,
+    pred: impl Fn(&ProcessRecord) -> bool,
+) -> ProcessRecord {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = find(src, pid)
+            && pred(&r)
+        {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what} of pid {pid}");
+        std::thread::yield_now();
+    }
+}
+
+fn sources() -> Vec<Box<dyn ProcessSource>> {
+    let mut v: Vec<Box<dyn ProcessSource>> = vec![Box::new(SysinfoSource::new().expect("sysinfo"))];
+    #[cfg(target_os = "linux")]
+    v.push(Box::new(daemoneye_platform::ProcFs::new().expect("procfs")));
+    v
+}
+
+#[test]
+fn spawned_child_is_found_with_its_fields_and_gone_after_reaping() {
+    let sleep_exe = which("sleep");
+    for mut src in sources() {
+        let backend = src.backend();
+        let mut child = spawn_sleep();
+        let pid = child.0.id();
+        let r = wait_for(&mut *src, pid, "the child", |r| r.details.argv.is_ok());
+        assert_eq!(r.ppid, std::process::id(), "{backend}");
+        assert_eq!(r.name, "sleep", "{backend}");
+        let creds = r.details.credentials.as_ref().expect("credentials");
+        assert_eq!(creds.uid, nix::unistd::getuid().as_raw(), "{backend}");
+        assert_eq!(creds.euid, nix::unistd::geteuid().as_raw(), "{backend}");
+        assert_eq!(r.details.argv.as_ref().expect("argv").args, vec!["sleep", "300"], "{backend}");
+        assert_eq!(r.details.exe.as_ref().expect("exe"), &sleep_exe, "{backend}");
+        assert_eq!(r.details.exe_deleted, Ok(false), "{backend}");
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        let started = r.started_unix.expect("started_unix");
+        assert!(started <= now + 1 && started + 60 >= now, "{backend}: started {started}, now {now}");
+        let file = r.details.exe_file.as_ref().expect("exe identity");
+        let meta = std::fs::metadata(&sleep_exe).expect("stat sleep");
+        assert_eq!(file.size, meta.len(), "{backend}");
+        assert!(!r.kernel_thread);
+        // The identity is stable across cycles.
+        let again = find(&mut *src, pid).expect("still there");
+        assert_eq!(again.key(), r.key(), "{backend}");
+
+        child.0.kill().expect("kill");
+        child.0.wait().expect("reap");
+        let gone = src.refresh().expect("refresh");
+        assert!(gone.iter().all(|p| p.key() != r.key()), "{backend}: reaped child still listed");
+    }
+}
+
+#[test]
+fn steady_cycles_reuse_details_and_read_nothing_new() {
+    for mut src in sources() {
+        let _child = spawn_sleep();
+        src.refresh().expect("first");
+        // Warm: a second and third cycle read details only for processes
+        // born in between (this test's own helpers), never for all.
+        let first_total = src.last_cycle().detail_reads;
+        src.refresh().expect("second");
+        let second = src.refresh().expect("third");
+        let reads = src.last_cycle().detail_reads;
+        assert!(first_total as usize >= second.len() / 2, "{}: cold cycle read details", src.backend());
+        assert!(reads <= 5, "{}: a steady cycle re-read {reads} processes' details", src.backend());
+    }
+}
+
+#[test]
+fn exec_in_place_changes_name_and_exe_under_the_same_identity() {
+    let sleep_exe = which("sleep");
+    for mut src in sources() {
+        let backend = src.backend();
+        let mut child = Guard(
+            Command::new("sh")
+                .args(["-c", "read line; exec sleep 300"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("spawn sh"),
+        );
+        let pid = child.0.id();
+        let before = wait_for(&mut *src, pid, "sh", |r| r.name == "sh");
+        assert_ne!(before.details.exe.as_ref().ok(), Some(&sleep_exe));
+        child.0.stdin.as_mut().expect("stdin").write_all(b"go\n").expect("write");
+        let after = wait_for(&mut *src, pid, "the exec", |r| r.name == "sleep");
+        assert_eq!(after.key(), before.key(), "{backend}: exec must not change the identity");
+        assert_eq!(after.details.exe.as_ref().expect("exe"), &sleep_exe, "{backend}");
+        assert_eq!(after.details.argv.as_ref().expect("argv").args, vec!["sleep", "300"], "{backend}");
+    }
+}
+
+#[test]
+fn pid_reuse_makes_a_new_identity() {
+    let a = ProcessKey { pid: 4242, start_time: 100 };
+    let b = ProcessKey { pid: 4242, start_time: 200 };
+    assert_ne!(a, b);
+    let mut m = HashMap::new();
+    m.insert(a, "first");
+    m.insert(b, "second");
+    assert_eq!(m.len(), 2);
+}
+
+#[test]
+fn enumeration_survives_processes_vanishing_mid_walk() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Short-lived processes, born and reaped during the walks.
+            while !stop.load(Ordering::Relaxed) {
+                let mut kids: Vec<Child> =
+                    (0..8).filter_map(|_| Command::new("true").stdin(Stdio::null()).spawn().ok()).collect();
+                for k in &mut kids {
+                    let _ = k.wait();
+                }
+            }
+        });
+        for mut src in sources() {
+            for _ in 0..30 {
+                let recs = src.refresh().unwrap_or_else(|e| panic!("{}: refresh failed: {e}", src.backend()));
+                assert!(
+                    recs.iter().any(|r| r.pid == std::process::id()),
+                    "{}: lost ourselves",
+                    src.backend()
+                );
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+#[test]
+fn threads_are_never_processes() {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let parked = std::thread::spawn(move || {
+        let _ = rx.recv();
+    });
+    for mut src in sources() {
+        let recs = src.refresh().expect("refresh");
+        let me = recs.iter().filter(|r| r.pid == std::process::id()).count();
+        assert_eq!(me, 1, "{}", src.backend());
+        // No record is one of our threads: their ids are listed under
+        // /proc/self/task and are not the process id.
+        #[cfg(target_os = "linux")]
+        for t in std::fs::read_dir("/proc/self/task").expect("tasks") {
+            let tid: u32 = t.expect("task").file_name().to_string_lossy().parse().expect("tid");
+            if tid != std::process::id() {
+                assert!(recs.iter().all(|r| r.pid != tid), "{}: thread {tid} listed", src.backend());
+            }
+        }
+    }
+    drop(tx);
+    parked.join().expect("join");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn both_backends_agree_on_a_quiet_moment() {
+    let _a = spawn_sleep();
+    let _b = spawn_sleep();
+    let mut procfs = daemoneye_platform::ProcFs::new().expect("procfs");
+    let mut sys = SysinfoSource::new().expect("sysinfo");
+    let p = procfs.refresh().expect("procfs");
+    let s = sys.refresh().expect("sysinfo");
+    let by_pid: HashMap<u32, &ProcessRecord> = s.iter().map(|r| (r.pid, r)).collect();
+    let mut compared = 0;
+    for r in &p {
+        let Some(o) = by_pid.get(&r.pid) else { continue };
+        // A process that exec'd or was reused between the two reads is
+        // not the same one; compare only stable pairs.
+        if r.name != o.name && !o.name.starts_with(&r.name) {
+            continue;
+        }
+        compared += 1;
+        assert_eq!(r.ppid, o.ppid, "ppid of {}", r.pid);
+        let uid = |x: &ProcessRecord| x.details.credentials.as_ref().map(|c| c.uid).ok();
+        assert_eq!(uid(r), uid(o), "uid of {}", r.pid);
+        if !r.kernel_thread {
+            assert_eq!(
+                r.details.exe.as_ref().ok(),
+                o.details.exe.as_ref().ok(),
+                "exe of {} ({})",
+                r.pid,
+                r.name
+            );
+        }
+    }
+    assert!(compared * 10 >= p.len() * 9, "compared only {compared} of {}", p.len());
+}
+
+#[cfg(target_os = "linux")]
+mod fake_procfs {
+    //! A fake `/proc` tree: the only way to stage pid reuse and a process
+    //! that vanishes between listing and reading, deterministically.
+    use super::*;
+    use daemoneye_platform::ProcFs;
+
+    fn stat_line(pid: u32, comm: &str, start: u64) -> String {
+        format!("{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0 5 5 0 0 20 0 1 0 {start} 1000 10 0 0\n")
+    }
+
+    fn write_proc(root: &Path, pid: u32, comm: &str, start: u64, argv: &[&str]) {
+        let d = root.join(pid.to_string());
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("stat"), stat_line(pid, comm, start)).expect("stat");
+        std::fs::write(d.join("status"), "Name:\tx\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n").expect("status");
+        let cmd: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+        std::fs::write(d.join("cmdline"), cmd).expect("cmdline");
+        let _ = std::fs::remove_file(d.join("exe"));
+        std::os::unix::fs::symlink(format!("/usr/bin/{comm}"), d.join("exe")).expect("exe link");
+    }
+
+    fn fake_root() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(t.path().join("self")).expect("self");
+        std::fs::write(t.path().join("stat"), "cpu 0\nbtime 1700000000\n").expect("stat");
+        t
+    }
+
+    #[test]
+    fn pid_reuse_is_a_new_identity_with_fresh_details() {
+        let root = fake_root();
+        write_proc(root.path(), 100, "alpha", 5000, &["alpha", "--one"]);
+        let mut src = ProcFs::with_root(root.path()).expect("fake procfs");
+        let first = src.refresh().expect("refresh");
+        assert_eq!(first.len(), 1);
+        assert_eq!(src.last_cycle().detail_reads, 1);
+        src.refresh().expect("steady");
+        assert_eq!(src.last_cycle().detail_reads, 0, "a known identity is not re-read");
+
+        // Same pid, new start time, new program: the pid was reused.
+        write_proc(root.path(), 100, "beta", 9000, &["beta", "--two"]);
+        let second = src.refresh().expect("refresh");
+        assert_eq!(src.last_cycle().detail_reads, 1);
+        assert_ne!(second[0].key(), first[0].key());
+        assert_eq!(second[0].details.argv.as_ref().expect("argv").args, vec!["beta", "--two"]);
+        assert_eq!(second[0].started_unix, Ok(1_700_000_000 + 90));
+    }
+
+    #[test]
+    fn listed_but_vanished_process_is_skipped_and_counted() {
+        let root = fake_root();
+        write_proc(root.path(), 100, "alpha", 5000, &["alpha"]);
+        std::fs::create_dir(root.path().join("200")).expect("empty pid dir: the process is gone");
+        let mut src = ProcFs::with_root(root.path()).expect("fake procfs");
+        let recs = src.refresh().expect("a vanished process is not an error");
+        assert_eq!(recs.len(), 1);
+        assert_eq!(src.last_cycle().vanished, 1);
+        assert_eq!(src.last_cycle().listed, 2);
+    }
+
+    #[test]
+    fn missing_fields_say_why() {
+        let root = fake_root();
+        write_proc(root.path(), 100, "alpha", 5000, &["alpha"]);
+        std::fs::remove_file(root.path().join("100/cmdline")).expect("rm");
+        let mut src = ProcFs::with_root(root.path()).expect("fake procfs");
+        let r = src.refresh().expect("refresh").remove(0);
+        assert_eq!(r.details.argv, Err(Unavailable::Vanished), "a missing file means the process went away");
+        assert_eq!(r.details.cwd, Err(Unavailable::Vanished));
+        assert_eq!(r.details.exe.as_ref().ok(), Some(&PathBuf::from("/usr/bin/alpha")));
+    }
+}
