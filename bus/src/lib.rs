@@ -1,7 +1,47 @@
-//! The local event bus that connects the agent and every collector: wire
-//! frames (`u32` little-endian length plus a postcard body), dotted topics
-//! with `+` and `#` wildcards, a broker on a mio reactor thread, a blocking
-//! client, request/reply helpers, bounded per-subscriber queues and per-peer
-//! access control. It knows nothing about processes. The implementation
-//! arrives with the bus issue; this crate is an empty placeholder until then.
+//! The local event bus that connects the agent and every collector. It
+//! knows nothing about processes: topics and bytes.
+//!
+//! # Protocol (version 1)
+//!
+//! A Unix domain stream socket carries frames: a `u32` little-endian body
+//! length, then the body, a postcard-encoded [`Frame`]. The broker's
+//! maximum frame size (default 1 MiB) bounds the length prefix; a larger
+//! prefix closes that one connection with a logged protocol error before
+//! anything is allocated for it.
+//!
+//! 1. The client's first frame is `Hello { protocol_version, client_id,
+//!    pid }`. The broker answers `Welcome { protocol_version, max_frame }`
+//!    or `Error` and closes. Who the peer is comes from the socket's peer
+//!    credentials, never from the frame. Any other frame first is a
+//!    protocol error.
+//! 2. Then, in any order: `Subscribe { sid, pattern, mode, overflow }`
+//!    (broadcast or a queue group), `Unsubscribe { sid }`, `Publish { topic,
+//!    payload, reply_to, ack_id }` (a `PubAck { ack_id }` follows once it is
+//!    routed), `Ping`/`Pong`. The broker sends `Deliver { sid, topic,
+//!    payload, reply_to }` for matching subscriptions and `Error { code,
+//!    message }` for refusals.
+//! 3. Requests publish with `reply_to` set to the requester's inbox; the
+//!    responder publishes its answer there. Every client may subscribe to
+//!    its own inbox `direct.<client_id>` and nobody else's.
+//!
+//! Topics: see [`topic`]. Evolution: frame kinds are postcard enum
+//! variants numbered in declaration order, which is not self-describing.
+//! A later version therefore appends kinds and never changes the fields of
+//! an existing kind: a kind that needs new fields is replaced by a new
+//! kind. `Hello` and `Welcome` carry each side's version; each side sends
+//! only kinds the other's version knows, and a broker refuses versions it
+//! does not speak with `Error { code: Version }`.
+//!
+//! Built so far: topics and the frame codec. The broker (a mio reactor
+//! thread) and the blocking client arrive next.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod frame;
+pub mod topic;
+
+pub use crate::frame::{
+    DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, Overflow, PROTOCOL_VERSION, Strategy, decode,
+    encode,
+};
+pub use crate::topic::{TopicError, TopicTrie, validate_pattern, validate_topic};
