@@ -37,8 +37,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+#[cfg(unix)]
+pub mod broker;
 pub mod frame;
 pub mod topic;
+
+#[cfg(unix)]
+pub use crate::broker::{Broker, BrokerConfig, BrokerError, BrokerStats};
 
 pub use crate::frame::{
     DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, Overflow, PROTOCOL_VERSION, Strategy, decode,

@@ -28,7 +28,7 @@ mod procfs;
 mod record;
 
 #[cfg(unix)]
-pub use crate::peer::{PeerCredentials, peer_credentials};
+pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};
 pub use crate::portable::SysinfoSource;
 pub use crate::privilege::{PrivilegeReport, drop_privileges};
 #[cfg(target_os = "linux")]

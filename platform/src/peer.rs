@@ -31,6 +31,11 @@ pub fn peer_credentials<F: std::os::fd::AsFd>(socket: &F) -> std::io::Result<Pee
     Ok(PeerCredentials { uid: uid.as_raw(), gid: gid.as_raw(), pid: None })
 }
 
+/// The effective user id of this process.
+pub fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;

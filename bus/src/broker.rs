@@ -1,0 +1,930 @@
+//! The broker: one named thread (`bus-broker`) running a mio reactor over
+//! a Unix listening socket. Routing happens inline on that thread.
+//!
+//! Connections live in a slab keyed by token (`LISTENER` and `WAKER` are
+//! fixed). Each connection owns a read buffer and a write buffer with the
+//! end offset of every queued frame, so the queue is counted in messages
+//! and bytes and `DropOldest` can drop whole frames that have not started
+//! to go out. Frames for a connection are appended to its write buffer
+//! during an iteration and flushed once at its end (one `write` for many
+//! messages). Readiness is drained until `WouldBlock`; write interest is
+//! registered only while a write buffer is non-empty.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::frame::{self, ErrorCode, Frame, FrameError, Mode, Overflow, PROTOCOL_VERSION, Strategy};
+use crate::topic::{self, TopicTrie};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Broker settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Path of the listening socket. Its directory is created with mode
+    /// 0700 if missing; the socket gets mode 0600.
+    pub socket: PathBuf,
+    /// Largest frame body accepted (default 1 MiB).
+    pub max_frame: u32,
+    /// Connections accepted at once; accepting resumes below 90%.
+    pub max_connections: usize,
+    /// Peer uids allowed besides the broker's own and root.
+    pub allowed_uids: Vec<u32>,
+    /// A subscriber's outbound queue limit, in bytes.
+    pub queue_limit_bytes: usize,
+    /// A subscriber's outbound queue limit, in messages.
+    pub queue_limit_msgs: usize,
+    /// A subscriber over its queue limit for longer than this is
+    /// disconnected.
+    pub slow_consumer_deadline: Duration,
+}
+
+impl BrokerConfig {
+    /// Defaults for a socket path.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        BrokerConfig {
+            socket: socket.into(),
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            max_connections: 256,
+            allowed_uids: Vec::new(),
+            queue_limit_bytes: 8 << 20,
+            queue_limit_msgs: 65_536,
+            slow_consumer_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters, readable while the broker runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Connections open now.
+    pub connections: usize,
+    /// Subscriptions now.
+    pub subscriptions: usize,
+    /// Messages delivered to subscribers.
+    pub delivered: u64,
+    /// Messages published.
+    pub published: u64,
+    /// Messages dropped by an overflow strategy.
+    pub dropped: u64,
+    /// Connections closed for a protocol error (bad frame, oversize
+    /// prefix, wrong version, frames before `Hello`).
+    pub protocol_errors: u64,
+    /// Connections refused (peer uid not allowed, connection limit).
+    pub refused: u64,
+    /// Publish or subscribe attempts refused by topic rules.
+    pub forbidden: u64,
+    /// Subscribers disconnected for staying over their queue limit.
+    pub slow_disconnects: u64,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// Another broker answers on the socket path.
+    #[error("a live broker is already listening on {}", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// An OS call failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A running broker. Dropping it shuts the broker down and joins its
+/// thread.
+pub struct Broker {
+    socket: PathBuf,
+    stats: Arc<Mutex<BrokerStats>>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Binds the socket and starts the reactor thread. A stale socket file
+    /// left by a dead broker is replaced; a live broker is never displaced.
+    pub fn start(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        let path = cfg.socket.clone();
+        let io_err = |op: &'static str, p: &Path| {
+            let p = p.to_path_buf();
+            move |source| BrokerError::Io { op, path: p, source }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                .create(dir)
+                .map_err(io_err("create directory", dir))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(BrokerError::InUse { path });
+            }
+            log::warn!("bus: replacing stale socket {}", path.display());
+            std::fs::remove_file(&path).map_err(io_err("remove stale socket", &path))?;
+        }
+        let mut listener = UnixListener::bind(&path).map_err(io_err("bind", &path))?;
+        set_mode(&path, 0o600).map_err(io_err("chmod", &path))?;
+        let poll = Poll::new().map_err(io_err("create poll", &path))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(io_err("register", &path))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("create waker", &path))?);
+        let stats = Arc::new(Mutex::new(BrokerStats::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut reactor = Reactor {
+            poll,
+            listener,
+            accepting: true,
+            conns: Slab::new(),
+            trie: TopicTrie::new(),
+            groups: Slab::new(),
+            group_index: HashMap::new(),
+            own_uid: daemoneye_platform::effective_uid(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            dirty: Vec::new(),
+            targets: Vec::new(),
+            rng: 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()),
+            cfg,
+        };
+        let thread = std::thread::Builder::new()
+            .name("bus-broker".into())
+            .spawn(move || reactor.run())
+            .map_err(io_err("spawn broker thread", &path))?;
+        Ok(Broker { socket: path, stats, stop, waker, thread: Some(thread) })
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> BrokerStats {
+        self.stats.lock().clone()
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Flushes what it can, closes every connection, removes the socket
+    /// file and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = self.waker.wake() {
+            log::error!("bus: cannot wake the broker to stop it: {e}");
+        }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("bus: broker thread panicked");
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// How a read pass ended.
+enum ReadOutcome {
+    /// The read buffer reached its cap; more may be waiting.
+    Capped,
+    /// `WouldBlock`: everything available was read.
+    Drained,
+    /// The peer closed or the socket failed.
+    Closed,
+    /// Not read: gone, paused or closing.
+    Skipped,
+}
+
+/// What the trie points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// A broadcast subscription.
+    Sub { conn: usize, sid: u64 },
+    /// A queue group (one trie entry per group).
+    Group(usize),
+}
+
+struct Group {
+    pattern: String,
+    name: String,
+    strategy: Strategy,
+    members: Vec<(usize, u64)>,
+    next: usize,
+}
+
+struct SubInfo {
+    pattern: String,
+    group: Option<usize>,
+    overflow: Overflow,
+}
+
+enum ConnState {
+    AwaitingHello,
+    Ready { client_id: String },
+}
+
+struct Conn {
+    stream: UnixStream,
+    state: ConnState,
+    uid: u32,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// Bytes of `wbuf` already written.
+    wpos: usize,
+    /// End offset in `wbuf` of every queued frame, oldest first.
+    frame_ends: VecDeque<usize>,
+    /// Offset in `wbuf` where the oldest queued frame starts. Invariant:
+    /// `head <= wpos`; a frame has started to go out iff its start < wpos.
+    head: usize,
+    subs: HashMap<u64, SubInfo>,
+    writable: bool,
+    /// Close once the write buffer is flushed (after a fatal error frame).
+    closing: bool,
+    /// Reading paused: a subscriber this connection published to is full
+    /// and uses `Block`.
+    paused: bool,
+    /// Publishers paused on this (full) subscriber.
+    blocked: Vec<usize>,
+    /// Since when this subscriber is over its queue limit.
+    over_since: Option<Instant>,
+}
+
+impl Conn {
+    fn pending_bytes(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    fn queue_frame(&mut self, f: &Frame<'_>, max: u32) -> bool {
+        match frame::encode(f, &mut self.wbuf, max) {
+            Ok(()) => {
+                self.frame_ends.push_back(self.wbuf.len());
+                true
+            }
+            Err(e) => {
+                log::warn!("bus: cannot encode a frame: {e}");
+                false
+            }
+        }
+    }
+
+    /// Drops the oldest queued frame that has not started to go out.
+    fn drop_oldest(&mut self) -> bool {
+        let mut start = self.head;
+        for (i, &end) in self.frame_ends.iter().enumerate() {
+            if start >= self.wpos {
+                let len = end - start;
+                self.wbuf.drain(start..end);
+                self.frame_ends.remove(i);
+                for e in self.frame_ends.iter_mut().skip(i) {
+                    *e -= len;
+                }
+                return true;
+            }
+            start = end;
+        }
+        false
+    }
+}
+
+struct Reactor {
+    poll: Poll,
+    listener: UnixListener,
+    accepting: bool,
+    conns: Slab<Conn>,
+    trie: TopicTrie<Target>,
+    groups: Slab<Group>,
+    group_index: HashMap<(String, String), usize>,
+    own_uid: u32,
+    stats: Arc<Mutex<BrokerStats>>,
+    stop: Arc<AtomicBool>,
+    /// Connections with something to flush this iteration.
+    dirty: Vec<usize>,
+    /// Scratch list of routing targets, reused.
+    targets: Vec<Target>,
+    rng: u64,
+    cfg: BrokerConfig,
+}
+
+impl Reactor {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        log::info!("bus: broker listening on {}", self.cfg.socket.display());
+        while !self.stop.load(Ordering::Acquire) {
+            let timeout = self.cfg.slow_consumer_deadline.min(Duration::from_secs(1));
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("bus: poll failed, broker stops: {e}");
+                break;
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(t) => {
+                        let idx = t - FIRST_CONN;
+                        if ev.is_writable() {
+                            self.dirty.push(idx);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() {
+                            self.read(idx);
+                        }
+                    }
+                }
+            }
+            self.flush_dirty();
+            self.check_slow_consumers();
+            self.publish_stats();
+        }
+        self.shutdown();
+    }
+
+    fn accept(&mut self) {
+        while self.accepting {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let uid = match daemoneye_platform::peer_credentials(&stream) {
+                        Ok(c) => c.uid,
+                        Err(e) => {
+                            log::warn!("bus: cannot read peer credentials, refusing: {e}");
+                            self.stats.lock().refused += 1;
+                            continue;
+                        }
+                    };
+                    if uid != self.own_uid && uid != 0 && !self.cfg.allowed_uids.contains(&uid) {
+                        log::warn!("bus: refused a connection from uid {uid}");
+                        self.stats.lock().refused += 1;
+                        let mut buf = Vec::new();
+                        let msg = format!("uid {uid} may not connect");
+                        let _ = frame::encode(
+                            &Frame::Error { code: ErrorCode::Forbidden, message: &msg },
+                            &mut buf,
+                            4096,
+                        );
+                        let _ = stream.write(&buf);
+                        continue;
+                    }
+                    let entry = self.conns.vacant_entry();
+                    let idx = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(idx + FIRST_CONN),
+                        Interest::READABLE,
+                    ) {
+                        log::error!("bus: cannot register a connection: {e}");
+                        continue;
+                    }
+                    entry.insert(Conn {
+                        stream,
+                        state: ConnState::AwaitingHello,
+                        uid,
+                        rbuf: Vec::new(),
+                        wbuf: Vec::new(),
+                        wpos: 0,
+                        frame_ends: VecDeque::new(),
+                        head: 0,
+                        subs: HashMap::new(),
+                        writable: false,
+                        closing: false,
+                        paused: false,
+                        blocked: Vec::new(),
+                        over_since: None,
+                    });
+                    // A peer may have written before we registered.
+                    self.read(idx);
+                    if self.conns.len() >= self.cfg.max_connections {
+                        log::warn!("bus: {} connections, not accepting more for now", self.conns.len());
+                        self.accepting = false;
+                        let _ = self.poll.registry().deregister(&mut self.listener);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!("bus: accept failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads until `WouldBlock` and handles every whole frame. Readiness
+    /// is edge-triggered: stopping early (buffer cap) must not strand bytes
+    /// in the kernel, so this loops until the socket is drained, the peer
+    /// closed, or reading is paused.
+    fn read(&mut self, idx: usize) {
+        loop {
+            match self.read_some(idx) {
+                ReadOutcome::Capped => self.process_frames(idx),
+                ReadOutcome::Drained => {
+                    self.process_frames(idx);
+                    return;
+                }
+                ReadOutcome::Closed => {
+                    self.process_frames(idx);
+                    self.close(idx);
+                    return;
+                }
+                ReadOutcome::Skipped => return,
+            }
+        }
+    }
+
+    fn read_some(&mut self, idx: usize) -> ReadOutcome {
+        let max = self.cfg.max_frame;
+        let Some(c) = self.conns.get_mut(idx) else { return ReadOutcome::Skipped };
+        if c.paused || c.closing {
+            return ReadOutcome::Skipped;
+        }
+        {
+            loop {
+                // Never hold more than one maximal frame plus a chunk.
+                if c.rbuf.len() > max as usize + frame::LEN_PREFIX + READ_CHUNK {
+                    return ReadOutcome::Capped;
+                }
+                let len = c.rbuf.len();
+                c.rbuf.resize(len + READ_CHUNK, 0);
+                match c.stream.read(&mut c.rbuf[len..]) {
+                    Ok(0) => {
+                        c.rbuf.truncate(len);
+                        return ReadOutcome::Closed;
+                    }
+                    Ok(n) => c.rbuf.truncate(len + n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        c.rbuf.truncate(len);
+                        return ReadOutcome::Drained;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => c.rbuf.truncate(len),
+                    Err(_) => {
+                        c.rbuf.truncate(len);
+                        return ReadOutcome::Closed;
+                    }
+                }
+            }
+        }
+    }
+
+    fn process_frames(&mut self, idx: usize) {
+        let max = self.cfg.max_frame;
+        let mut used = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(idx) else { return };
+            if c.paused || c.closing {
+                break;
+            }
+            let rbuf = std::mem::take(&mut c.rbuf);
+            let step = match frame::decode(&rbuf[used..], max) {
+                Ok(Some((f, n))) => {
+                    self.handle(idx, f);
+                    Some(n)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    self.protocol_error(idx, &e);
+                    None
+                }
+            };
+            let Some(c) = self.conns.get_mut(idx) else { return };
+            c.rbuf = rbuf;
+            match step {
+                Some(n) => used += n,
+                None => break,
+            }
+        }
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.rbuf.drain(..used.min(c.rbuf.len()));
+        }
+    }
+
+    fn protocol_error(&mut self, idx: usize, e: &FrameError) {
+        log::warn!("bus: protocol error from connection {idx}, closing it: {e}");
+        self.stats.lock().protocol_errors += 1;
+        self.fatal(idx, ErrorCode::Protocol, &e.to_string());
+    }
+
+    /// Sends an error frame and closes the connection after flushing.
+    fn fatal(&mut self, idx: usize, code: ErrorCode, message: &str) {
+        let max = self.cfg.max_frame;
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.queue_frame(&Frame::Error { code, message }, max);
+            c.closing = true;
+            self.dirty.push(idx);
+        }
+    }
+
+    fn reply(&mut self, idx: usize, f: &Frame<'_>) {
+        let max = self.cfg.max_frame;
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.queue_frame(f, max);
+            self.dirty.push(idx);
+        }
+    }
+
+    fn handle(&mut self, idx: usize, f: Frame<'_>) {
+        let ready = matches!(self.conns.get(idx).map(|c| &c.state), Some(ConnState::Ready { .. }));
+        match (ready, f) {
+            (false, Frame::Hello { protocol_version, client_id, pid }) => {
+                if protocol_version != PROTOCOL_VERSION {
+                    self.stats.lock().protocol_errors += 1;
+                    let msg = format!(
+                        "protocol version {protocol_version} not supported (broker speaks {PROTOCOL_VERSION})"
+                    );
+                    log::warn!("bus: {client_id} (pid {pid}): {msg}");
+                    return self.fatal(idx, ErrorCode::Version, &msg);
+                }
+                if topic::validate_topic(client_id).is_err() || client_id.contains('.') {
+                    return self.fatal(idx, ErrorCode::BadTopic, "client id must be one topic segment");
+                }
+                if let Some(c) = self.conns.get_mut(idx) {
+                    log::info!("bus: {client_id} connected (pid {pid}, uid {})", c.uid);
+                    c.state = ConnState::Ready { client_id: client_id.to_owned() };
+                }
+                let max_frame = self.cfg.max_frame;
+                self.reply(idx, &Frame::Welcome { protocol_version: PROTOCOL_VERSION, max_frame });
+            }
+            (false, _) => {
+                self.stats.lock().protocol_errors += 1;
+                self.fatal(idx, ErrorCode::Protocol, "the first frame must be Hello");
+            }
+            (true, Frame::Subscribe { sid, pattern, mode, overflow }) => {
+                self.subscribe(idx, sid, pattern, mode, overflow)
+            }
+            (true, Frame::Unsubscribe { sid }) => self.unsubscribe(idx, sid),
+            (true, Frame::Publish { topic, payload, reply_to, ack_id }) => {
+                self.publish(idx, topic, payload, reply_to);
+                if let Some(ack_id) = ack_id {
+                    self.reply(idx, &Frame::PubAck { ack_id });
+                }
+            }
+            (true, Frame::Ping(n)) => self.reply(idx, &Frame::Pong(n)),
+            (true, Frame::Pong(_)) => {}
+            (true, other) => {
+                self.stats.lock().protocol_errors += 1;
+                let msg = format!("unexpected frame from a client: {}", kind(&other));
+                self.fatal(idx, ErrorCode::Protocol, &msg);
+            }
+        }
+    }
+
+    fn subscribe(&mut self, idx: usize, sid: u64, pattern: &str, mode: Mode<'_>, overflow: Overflow) {
+        if let Err(e) = topic::validate_pattern(pattern) {
+            self.stats.lock().forbidden += 1;
+            return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
+        }
+        if !self.may_subscribe(idx, pattern) {
+            self.stats.lock().forbidden += 1;
+            let msg = format!("may not subscribe to {pattern}");
+            return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg });
+        }
+        // Re-using a sid replaces the old subscription.
+        self.unsubscribe(idx, sid);
+        let group = match mode {
+            Mode::Broadcast => {
+                // Validated above, so insertion cannot fail.
+                let _ = self.trie.insert(pattern, Target::Sub { conn: idx, sid });
+                None
+            }
+            Mode::Queue { group, strategy } => {
+                let key = (pattern.to_owned(), group.to_owned());
+                let gid = match self.group_index.get(&key) {
+                    Some(&g) => g,
+                    None => {
+                        let g = self.groups.insert(Group {
+                            pattern: key.0.clone(),
+                            name: key.1.clone(),
+                            strategy,
+                            members: Vec::new(),
+                            next: 0,
+                        });
+                        let _ = self.trie.insert(pattern, Target::Group(g));
+                        self.group_index.insert(key, g);
+                        g
+                    }
+                };
+                self.groups[gid].members.push((idx, sid));
+                Some(gid)
+            }
+        };
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.subs.insert(sid, SubInfo { pattern: pattern.to_owned(), group, overflow });
+        }
+    }
+
+    fn unsubscribe(&mut self, idx: usize, sid: u64) {
+        let Some(info) = self.conns.get_mut(idx).and_then(|c| c.subs.remove(&sid)) else { return };
+        match info.group {
+            None => {
+                self.trie.remove(&info.pattern, |t| *t == Target::Sub { conn: idx, sid });
+            }
+            Some(gid) => {
+                let g = &mut self.groups[gid];
+                g.members.retain(|m| *m != (idx, sid));
+                if g.members.is_empty() {
+                    let g = self.groups.remove(gid);
+                    self.group_index.remove(&(g.pattern.clone(), g.name));
+                    self.trie.remove(&g.pattern, |t| *t == Target::Group(gid));
+                }
+            }
+        }
+    }
+
+    /// Topic rules: everyone may use their own inbox `direct.<client_id>`
+    /// and nobody else's. (Per-client allow-lists come with the agent.)
+    fn may_subscribe(&self, idx: usize, pattern: &str) -> bool {
+        let Some(ConnState::Ready { client_id }) = self.conns.get(idx).map(|c| &c.state) else {
+            return false;
+        };
+        match pattern.strip_prefix("direct.") {
+            Some(rest) => rest == client_id,
+            None => !matches!(pattern, "#" | "+.#" | "direct"),
+        }
+    }
+
+    fn publish(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) {
+        if let Err(e) = topic::validate_topic(topic_name) {
+            self.stats.lock().forbidden += 1;
+            return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
+        }
+        self.stats.lock().published += 1;
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.clear();
+        self.trie.for_each_match(topic_name, |t| targets.push(*t));
+        for t in &targets {
+            let (conn, sid) = match *t {
+                Target::Sub { conn, sid } => (conn, sid),
+                Target::Group(gid) => match self.pick(gid) {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            self.deliver(idx, conn, sid, topic_name, payload, reply_to);
+        }
+        self.targets = targets;
+    }
+
+    fn pick(&mut self, gid: usize) -> Option<(usize, u64)> {
+        let g = self.groups.get_mut(gid)?;
+        if g.members.is_empty() {
+            return None;
+        }
+        let i = match g.strategy {
+            Strategy::RoundRobin => {
+                g.next = (g.next + 1) % g.members.len();
+                g.next
+            }
+            Strategy::Random => {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                (self.rng % g.members.len() as u64) as usize
+            }
+            Strategy::LeastLoaded => {
+                let conns = &self.conns;
+                let load = |m: &(usize, u64)| conns.get(m.0).map_or(usize::MAX, Conn::pending_bytes);
+                (0..g.members.len()).min_by_key(|&i| load(&g.members[i])).unwrap_or(0)
+            }
+        };
+        Some(g.members[i])
+    }
+
+    fn deliver(
+        &mut self,
+        from: usize,
+        to: usize,
+        sid: u64,
+        topic_name: &str,
+        payload: &[u8],
+        reply_to: Option<&str>,
+    ) {
+        let (max, lim_b, lim_m) = (self.cfg.max_frame, self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
+        let Some(c) = self.conns.get_mut(to) else { return };
+        let overflow = c.subs.get(&sid).map_or(Overflow::DropNewest, |s| s.overflow);
+        let full = c.pending_bytes() >= lim_b || c.frame_ends.len() >= lim_m;
+        if full {
+            match overflow {
+                Overflow::DropNewest => {
+                    self.stats.lock().dropped += 1;
+                    return;
+                }
+                Overflow::Error => {
+                    self.stats.lock().dropped += 1;
+                    let msg = format!("subscriber queue full, message on {topic_name} dropped");
+                    return self.reply(from, &Frame::Error { code: ErrorCode::Overflow, message: &msg });
+                }
+                Overflow::DropOldest => {
+                    if c.drop_oldest() {
+                        self.stats.lock().dropped += 1;
+                    }
+                }
+                Overflow::Block => {
+                    // Deliver (the queue may exceed its limit by what one
+                    // read of the publisher holds) and stop reading from
+                    // the publisher until this subscriber drains.
+                    if from != to && !c.blocked.contains(&from) {
+                        c.blocked.push(from);
+                    }
+                    if from != to
+                        && let Some(p) = self.conns.get_mut(from)
+                    {
+                        p.paused = true;
+                    }
+                }
+            }
+        }
+        let Some(c) = self.conns.get_mut(to) else { return };
+        if full && c.over_since.is_none() {
+            c.over_since = Some(Instant::now());
+        }
+        if c.queue_frame(&Frame::Deliver { sid, topic: topic_name, payload, reply_to }, max) {
+            self.stats.lock().delivered += 1;
+            self.dirty.push(to);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        while let Some(idx) = self.dirty.pop() {
+            self.flush(idx);
+        }
+    }
+
+    fn flush(&mut self, idx: usize) {
+        let (lim_b, lim_m) = (self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
+        let Some(c) = self.conns.get_mut(idx) else { return };
+        let mut failed = false;
+        while c.wpos < c.wbuf.len() {
+            match c.stream.write(&c.wbuf[c.wpos..]) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => c.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        while let Some(&end) = c.frame_ends.front().filter(|&&e| e <= c.wpos) {
+            c.frame_ends.pop_front();
+            c.head = end;
+        }
+        if c.wpos == c.wbuf.len() {
+            c.wbuf.clear();
+            c.wpos = 0;
+            c.head = 0;
+            c.frame_ends.clear();
+        } else if c.head > c.wbuf.len() / 2 {
+            // Compact up to the start of the oldest frame still queued, so
+            // a half-sent frame stays recognisable as started.
+            let h = c.head;
+            c.wbuf.drain(..h);
+            c.frame_ends.iter_mut().for_each(|e| *e -= h);
+            c.wpos -= h;
+            c.head = 0;
+        }
+        let pending = c.pending_bytes();
+        let below = pending < lim_b / 2 && c.frame_ends.len() < lim_m / 2;
+        if pending < lim_b && c.frame_ends.len() < lim_m {
+            c.over_since = None;
+        }
+        let want_write = pending > 0;
+        if want_write != c.writable {
+            c.writable = want_write;
+            let interest =
+                if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            let _ = self.poll.registry().reregister(&mut c.stream, Token(idx + FIRST_CONN), interest);
+        }
+        let unblock = if below { std::mem::take(&mut c.blocked) } else { Vec::new() };
+        let close = failed || (c.closing && pending == 0);
+        for p in unblock {
+            if let Some(pc) = self.conns.get_mut(p) {
+                pc.paused = false;
+            }
+            // Frames already buffered, and bytes the kernel holds, wait.
+            self.read(p);
+        }
+        if close {
+            self.close(idx);
+        }
+    }
+
+    fn check_slow_consumers(&mut self) {
+        let deadline = self.cfg.slow_consumer_deadline;
+        let slow: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.over_since.is_some_and(|t| t.elapsed() > deadline))
+            .map(|(i, _)| i)
+            .collect();
+        for idx in slow {
+            log::warn!(
+                "bus: connection {idx} stayed over its queue limit for {deadline:?}, disconnecting it"
+            );
+            self.stats.lock().slow_disconnects += 1;
+            self.close(idx);
+        }
+    }
+
+    fn close(&mut self, idx: usize) {
+        let Some(c) = self.conns.get(idx) else { return };
+        let sids: Vec<u64> = c.subs.keys().copied().collect();
+        for sid in sids {
+            self.unsubscribe(idx, sid);
+        }
+        let mut c = self.conns.remove(idx);
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        if let ConnState::Ready { client_id } = &c.state {
+            log::info!("bus: {client_id} disconnected");
+        }
+        for p in c.blocked {
+            if let Some(pc) = self.conns.get_mut(p) {
+                pc.paused = false;
+            }
+            self.read(p);
+        }
+        if !self.accepting && self.conns.len() * 10 < self.cfg.max_connections * 9 {
+            self.accepting = true;
+            if self.poll.registry().register(&mut self.listener, LISTENER, Interest::READABLE).is_ok() {
+                self.accept();
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let mut s = self.stats.lock();
+        s.connections = self.conns.len();
+        s.subscriptions = self.conns.iter().map(|(_, c)| c.subs.len()).sum();
+    }
+
+    fn shutdown(&mut self) {
+        let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for &i in &idxs {
+            self.fatal(i, ErrorCode::ShuttingDown, "broker shutting down");
+        }
+        // One best-effort flush: the peers may be gone or not reading.
+        for &i in &idxs {
+            if let Some(c) = self.conns.get_mut(i) {
+                let _ = c.stream.write(&c.wbuf[c.wpos..]);
+            }
+        }
+        self.conns.clear();
+        self.publish_stats();
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        log::info!("bus: broker stopped");
+    }
+}
+
+fn kind(f: &Frame<'_>) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Subscribe { .. } => "Subscribe",
+        Frame::Unsubscribe { .. } => "Unsubscribe",
+        Frame::Publish { .. } => "Publish",
+        Frame::Deliver { .. } => "Deliver",
+        Frame::PubAck { .. } => "PubAck",
+        Frame::Error { .. } => "Error",
+        Frame::Ping(_) => "Ping",
+        Frame::Pong(_) => "Pong",
+    }
+}

@@ -1,0 +1,386 @@
+//! The broker over real Unix sockets in a temp dir, driven by raw clients
+//! that speak the frame codec directly: routing modes, overflow accounting,
+//! hostile input, socket safety and shutdown.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use daemoneye_bus::{
+    Broker, BrokerConfig, BrokerError, ErrorCode, Frame, Mode, Overflow, Strategy, decode, encode,
+};
+
+/// An owned copy of the frames a test client receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Got {
+    Welcome,
+    Deliver { sid: u64, topic: String, payload: Vec<u8>, reply_to: Option<String> },
+    PubAck(u64),
+    Error(ErrorCode, String),
+    Pong(u64),
+    Other(String),
+}
+
+struct Raw {
+    s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let s = UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        Raw { s, buf: Vec::new() }
+    }
+
+    /// Connects and completes the handshake.
+    fn hello(path: &Path, id: &str) -> Raw {
+        let mut r = Raw::connect(path);
+        r.send(&Frame::Hello { protocol_version: 1, client_id: id, pid: std::process::id() });
+        assert_eq!(r.recv(Duration::from_secs(5)), Some(Got::Welcome), "{id} handshake");
+        r
+    }
+
+    fn send(&mut self, f: &Frame<'_>) {
+        let mut out = Vec::new();
+        encode(f, &mut out, 1 << 20).expect("encode");
+        self.s.write_all(&out).expect("write");
+    }
+
+    fn sub(&mut self, sid: u64, pattern: &str, mode: Mode<'_>, overflow: Overflow) {
+        self.send(&Frame::Subscribe { sid, pattern, mode, overflow });
+    }
+
+    fn publish(&mut self, topic: &str, payload: &[u8]) {
+        self.send(&Frame::Publish { topic, payload, reply_to: None, ack_id: None });
+    }
+
+    /// Publishes with an ack id and waits for the PubAck: every message
+    /// published before it has been routed. Returns what came before it.
+    fn sync(&mut self, ack: u64) -> Vec<Got> {
+        self.send(&Frame::Publish { topic: "sync.point", payload: b"", reply_to: None, ack_id: Some(ack) });
+        let mut before = Vec::new();
+        loop {
+            match self.recv(Duration::from_secs(5)) {
+                Some(Got::PubAck(a)) if a == ack => return before,
+                Some(g) => before.push(g),
+                None => panic!("no PubAck {ack}"),
+            }
+        }
+    }
+
+    /// The next frame, or `None` at timeout or end of stream.
+    fn recv(&mut self, timeout: Duration) -> Option<Got> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match decode(&self.buf, 1 << 24) {
+                Ok(Some((f, n))) => {
+                    let got = match f {
+                        Frame::Welcome { .. } => Got::Welcome,
+                        Frame::Deliver { sid, topic, payload, reply_to } => Got::Deliver {
+                            sid,
+                            topic: topic.to_owned(),
+                            payload: payload.to_vec(),
+                            reply_to: reply_to.map(str::to_owned),
+                        },
+                        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
+                        Frame::Error { code, message } => Got::Error(code, message.to_owned()),
+                        Frame::Pong(n) => Got::Pong(n),
+                        other => Got::Other(format!("{other:?}")),
+                    };
+                    self.buf.drain(..n);
+                    return Some(got);
+                }
+                Ok(None) => {}
+                Err(e) => panic!("broker sent a bad frame: {e}"),
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Every delivery until `quiet` passes with nothing new.
+    fn drain(&mut self, quiet: Duration) -> Vec<Got> {
+        std::iter::from_fn(|| self.recv(quiet)).collect()
+    }
+
+    fn closed_by_broker(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            // Error frames may come first; then the stream must end.
+            if self.recv(Duration::from_millis(200)).is_none() {
+                let mut b = [0u8; 1];
+                match self.s.read(&mut b) {
+                    Ok(0) => return true,
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => return true,
+                    _ => {}
+                }
+            }
+        }
+        false
+    }
+}
+
+fn broker(dir: &Path, tweak: impl FnOnce(&mut BrokerConfig)) -> (Broker, PathBuf) {
+    let path = dir.join("run").join("bus.sock");
+    let mut cfg = BrokerConfig::new(&path);
+    tweak(&mut cfg);
+    (Broker::start(cfg).expect("start broker"), path)
+}
+
+fn delivered(got: &[Got]) -> Vec<(u64, Vec<u8>)> {
+    got.iter()
+        .filter_map(|g| match g {
+            Got::Deliver { sid, payload, .. } => Some((*sid, payload.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn socket_is_private_stale_is_replaced_and_live_is_never_stolen() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (b, path) = broker(tmp.path(), |_| {});
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().expect("dir")), 0o700);
+    match Broker::start(BrokerConfig::new(&path)) {
+        Err(BrokerError::InUse { path: p }) => assert_eq!(p, path),
+        Err(e) => panic!("expected InUse, got {e}"),
+        Ok(_) => panic!("a live broker was displaced"),
+    }
+    b.shutdown();
+    assert!(!path.exists(), "shutdown removes the socket");
+    // A socket file left by a dead process is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+    assert!(path.exists());
+    let b = Broker::start(BrokerConfig::new(&path)).expect("replaces a stale socket");
+    let _ok = Raw::hello(&path, "after-stale");
+    drop(b);
+}
+
+#[test]
+fn broadcast_queue_groups_direct_inbox_and_request_reply() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (b, path) = broker(tmp.path(), |_| {});
+    let mut subs: Vec<Raw> = (0..3).map(|i| Raw::hello(&path, &format!("sub-{i}"))).collect();
+    for s in &mut subs {
+        s.sub(1, "events.process.+", Mode::Broadcast, Overflow::Block);
+        s.sub(
+            2,
+            "tasks.proc",
+            Mode::Queue { group: "workers", strategy: Strategy::RoundRobin },
+            Overflow::Block,
+        );
+        let _ = s.sync(0);
+    }
+    let mut publisher = Raw::hello(&path, "agent");
+    publisher.sub(9, "direct.agent", Mode::Broadcast, Overflow::Block);
+    publisher.publish("events.process.started", b"e1");
+    publisher.publish("events.process.stopped", b"e2");
+    publisher.publish("events.other", b"not matched");
+    for i in 0..30u8 {
+        publisher.publish("tasks.proc", &[i]);
+    }
+    let _ = publisher.sync(1);
+    let mut all_tasks = Vec::new();
+    for s in &mut subs {
+        let got = delivered(&s.drain(Duration::from_millis(300)));
+        let events: Vec<_> = got.iter().filter(|(sid, _)| *sid == 1).map(|(_, p)| p.clone()).collect();
+        assert_eq!(
+            events,
+            vec![b"e1".to_vec(), b"e2".to_vec()],
+            "broadcast reaches every subscriber, in order"
+        );
+        let tasks: Vec<u8> = got.iter().filter(|(sid, _)| *sid == 2).map(|(_, p)| p[0]).collect();
+        assert_eq!(tasks.len(), 10, "round robin splits 30 tasks 10/10/10");
+        all_tasks.extend(tasks);
+    }
+    all_tasks.sort_unstable();
+    assert_eq!(all_tasks, (0..30).collect::<Vec<u8>>(), "each task goes to exactly one member");
+
+    // Request/reply through the requester's direct inbox.
+    subs[0].sub(3, "rpc.echo", Mode::Broadcast, Overflow::Block);
+    let _ = subs[0].sync(2);
+    publisher.send(&Frame::Publish {
+        topic: "rpc.echo",
+        payload: b"ping",
+        reply_to: Some("direct.agent"),
+        ack_id: None,
+    });
+    let req = subs[0].recv(Duration::from_secs(5)).expect("request");
+    let Got::Deliver { reply_to: Some(inbox), payload, .. } = req else { panic!("{req:?}") };
+    assert_eq!((inbox.as_str(), payload.as_slice()), ("direct.agent", &b"ping"[..]));
+    subs[0].publish(&inbox, b"pong");
+    let reply = publisher.recv(Duration::from_secs(5)).expect("reply");
+    assert_eq!(
+        reply,
+        Got::Deliver { sid: 9, topic: "direct.agent".into(), payload: b"pong".to_vec(), reply_to: None }
+    );
+
+    // Nobody may read another client's inbox.
+    subs[1].sub(4, "direct.agent", Mode::Broadcast, Overflow::Block);
+    assert!(matches!(subs[1].recv(Duration::from_secs(5)), Some(Got::Error(ErrorCode::Forbidden, _))));
+    let stats = b.stats();
+    assert_eq!(stats.connections, 4);
+    assert!(stats.forbidden >= 1);
+}
+
+#[test]
+fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (b, path) = broker(tmp.path(), |c| c.max_frame = 64 * 1024);
+    let mut good_sub = Raw::hello(&path, "good-sub");
+    good_sub.sub(1, "events.#", Mode::Broadcast, Overflow::Block);
+    let _ = good_sub.sync(0);
+    let mut good_pub = Raw::hello(&path, "good-pub");
+
+    let mut hello = Vec::new();
+    encode(&Frame::Hello { protocol_version: 1, client_id: "evil", pid: 1 }, &mut hello, 1 << 20)
+        .expect("enc");
+    let mut publish = Vec::new();
+    encode(
+        &Frame::Publish { topic: "events.x", payload: b"p", reply_to: None, ack_id: None },
+        &mut publish,
+        1 << 20,
+    )
+    .expect("enc");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\x05\x00\x00\x00\xff\xfe\xfd\xfc\xfb".to_vec()),
+        ("oversize prefix", u32::MAX.to_le_bytes().to_vec()),
+        ("unknown kind", [hello.clone(), vec![1, 0, 0, 0, 200]].concat()),
+        ("frame before hello", publish.clone()),
+        ("wrong version", {
+            let mut v = Vec::new();
+            encode(&Frame::Hello { protocol_version: 99, client_id: "old", pid: 1 }, &mut v, 1 << 20)
+                .expect("enc");
+            v
+        }),
+        ("server frame from a client", {
+            let mut v = hello.clone();
+            encode(&Frame::Welcome { protocol_version: 1, max_frame: 1 }, &mut v, 1 << 20).expect("enc");
+            v
+        }),
+    ];
+    let mut sent = 0u8;
+    for (name, bytes) in &cases {
+        let mut evil = Raw::connect(&path);
+        evil.s.write_all(bytes).expect("write hostile bytes");
+        assert!(evil.closed_by_broker(), "{name}: the broker must close the connection");
+        // The good pair keeps working between attacks.
+        good_pub.publish("events.ok", &[sent]);
+        sent += 1;
+    }
+    // A truncated frame followed by a hang-up.
+    let mut evil = Raw::connect(&path);
+    evil.s.write_all(&hello[..hello.len() - 1]).expect("write");
+    drop(evil);
+    // Forbidden and malformed topics get an error, not a close.
+    let mut rude = Raw::hello(&path, "rude");
+    rude.publish("Bad Topic", b"x");
+    assert!(matches!(rude.recv(Duration::from_secs(5)), Some(Got::Error(ErrorCode::BadTopic, _))));
+    rude.sub(5, "#", Mode::Broadcast, Overflow::Block);
+    assert!(matches!(rude.recv(Duration::from_secs(5)), Some(Got::Error(ErrorCode::Forbidden, _))));
+    rude.send(&Frame::Ping(7));
+    assert_eq!(rude.recv(Duration::from_secs(5)), Some(Got::Pong(7)), "still served after refusals");
+
+    let _ = good_pub.sync(1);
+    let got: Vec<u8> =
+        delivered(&good_sub.drain(Duration::from_millis(300))).iter().map(|(_, p)| p[0]).collect();
+    assert_eq!(got, (0..sent).collect::<Vec<u8>>(), "the good client saw every message, in order");
+    let stats = b.stats();
+    assert!(stats.protocol_errors >= cases.len() as u64, "{stats:?}");
+}
+
+const FLOOD: u64 = 200;
+
+/// A stalled subscriber with an 8-message queue, a publisher sending
+/// `FLOOD` 32 KiB messages (big enough that the kernel's socket buffer
+/// takes only a few). Returns the broker's drop count, what the subscriber
+/// read afterwards, and what the publisher got back.
+fn flood(overflow: Overflow, reader: bool) -> (u64, Vec<Got>, Vec<Got>) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (b, path) = broker(tmp.path(), |c| {
+        c.queue_limit_msgs = 8;
+        c.queue_limit_bytes = 1 << 30;
+    });
+    let mut slow = Raw::hello(&path, "slow");
+    slow.sub(1, "flood", Mode::Broadcast, overflow);
+    let _ = slow.sync(0);
+    // Under Block the publisher stalls until the subscriber reads, so a
+    // reader thread drains it meanwhile.
+    let reading = reader.then(|| std::thread::spawn(move || slow.drain(Duration::from_millis(1500))));
+    let mut publisher = Raw::hello(&path, "flood-pub");
+    for i in 0..FLOOD {
+        let mut p = vec![7u8; 32 * 1024];
+        p[..8].copy_from_slice(&i.to_le_bytes());
+        publisher.publish("flood", &p);
+    }
+    let _ = publisher.sync(1);
+    let pub_frames = publisher.drain(Duration::from_millis(200));
+    let got = match reading {
+        Some(h) => h.join().expect("reader"),
+        None => Vec::new(),
+    };
+    (b.stats().dropped, got, pub_frames)
+}
+
+fn seqs(got: &[Got]) -> Vec<u64> {
+    delivered(got).iter().map(|(_, p)| u64::from_le_bytes(p[..8].try_into().expect("8 bytes"))).collect()
+}
+
+#[test]
+fn overflow_strategies_account_for_every_message() {
+    for overflow in [Overflow::DropNewest, Overflow::DropOldest, Overflow::Error] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (b, path) = broker(tmp.path(), |c| {
+            c.queue_limit_msgs = 8;
+            c.queue_limit_bytes = 1 << 30;
+        });
+        let mut slow = Raw::hello(&path, "slow");
+        slow.sub(1, "flood", Mode::Broadcast, overflow);
+        let _ = slow.sync(0);
+        let mut publisher = Raw::hello(&path, "flood-pub");
+        for i in 0..FLOOD {
+            let mut p = vec![7u8; 32 * 1024];
+            p[..8].copy_from_slice(&i.to_le_bytes());
+            publisher.publish("flood", &p);
+        }
+        let mut pub_frames = publisher.sync(1);
+        pub_frames.extend(publisher.drain(Duration::from_millis(200)));
+        // Only now does the subscriber read.
+        let got = slow.drain(Duration::from_millis(500));
+        let dropped = b.stats().dropped;
+        let seqs = seqs(&got);
+        assert!(dropped > 0, "{overflow:?}: a stalled subscriber must overflow");
+        assert_eq!(seqs.len() as u64 + dropped, FLOOD, "{overflow:?}: received + dropped = published");
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{overflow:?}: order kept");
+        match overflow {
+            Overflow::DropNewest => assert_eq!(seqs[0], 0, "the oldest survive"),
+            Overflow::DropOldest => assert_eq!(seqs.last().copied(), Some(FLOOD - 1), "the newest survive"),
+            _ => {
+                let errors =
+                    pub_frames.iter().filter(|g| matches!(g, Got::Error(ErrorCode::Overflow, _))).count();
+                assert_eq!(errors as u64, dropped, "one Error frame per dropped message");
+            }
+        }
+    }
+}
+
+#[test]
+fn block_strategy_applies_backpressure_and_drops_nothing() {
+    let (dropped, got, _) = flood(Overflow::Block, true);
+    assert_eq!(dropped, 0);
+    assert_eq!(seqs(&got), (0..FLOOD).collect::<Vec<_>>(), "every message, in order");
+}
