@@ -667,14 +667,20 @@ impl Reactor {
     }
 
     /// Topic rules: everyone may use their own inbox `direct.<client_id>`
-    /// and nobody else's. (Per-client allow-lists come with the agent.)
+    /// (and the topics under it) and nobody else's; nobody may subscribe to
+    /// everything. (Per-client allow-lists come with the agent.)
     fn may_subscribe(&self, idx: usize, pattern: &str) -> bool {
         let Some(ConnState::Ready { client_id }) = self.conns.get(idx).map(|c| &c.state) else {
             return false;
         };
-        match pattern.strip_prefix("direct.") {
-            Some(rest) => rest == client_id,
-            None => !matches!(pattern, "#" | "+.#" | "direct"),
+        let mut segs = pattern.split('.');
+        match segs.next() {
+            Some("#") | Some("+") => false,
+            Some("direct") => match segs.next() {
+                Some(id) => id == client_id,
+                None => false,
+            },
+            _ => true,
         }
     }
 

@@ -20,9 +20,10 @@
 //!    routed), `Ping`/`Pong`. The broker sends `Deliver { sid, topic,
 //!    payload, reply_to }` for matching subscriptions and `Error { code,
 //!    message }` for refusals.
-//! 3. Requests publish with `reply_to` set to the requester's inbox; the
-//!    responder publishes its answer there. Every client may subscribe to
-//!    its own inbox `direct.<client_id>` and nobody else's.
+//! 3. Requests publish with `reply_to` set to a topic in the requester's
+//!    inbox; the responder publishes its answer there. Every client may
+//!    subscribe to its own inbox, `direct.<client_id>` and the topics under
+//!    it, and nobody else's.
 //!
 //! Topics: see [`topic`]. Evolution: frame kinds are postcard enum
 //! variants numbered in declaration order, which is not self-describing.
@@ -32,8 +33,8 @@
 //! only kinds the other's version knows, and a broker refuses versions it
 //! does not speak with `Error { code: Version }`.
 //!
-//! Built so far: topics and the frame codec. The broker (a mio reactor
-//! thread) and the blocking client arrive next.
+//! Built so far: topics, the frame codec and the [`Broker`] (a mio reactor
+//! on one thread, see [`broker`]). The blocking client arrives next.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
