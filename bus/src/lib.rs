@@ -33,18 +33,23 @@
 //! only kinds the other's version knows, and a broker refuses versions it
 //! does not speak with `Error { code: Version }`.
 //!
-//! Built so far: topics, the frame codec and the [`Broker`] (a mio reactor
-//! on one thread, see [`broker`]). The blocking client arrives next.
+//! Built so far: topics, the frame codec, the [`Broker`] (a mio reactor on
+//! one thread, see [`broker`]) and the blocking [`Client`] (see
+//! [`client`]).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 #[cfg(unix)]
 pub mod broker;
+#[cfg(unix)]
+pub mod client;
 pub mod frame;
 pub mod topic;
 
 #[cfg(unix)]
 pub use crate::broker::{Broker, BrokerConfig, BrokerError, BrokerStats};
+#[cfg(unix)]
+pub use crate::client::{Client, ClientConfig, ClientError, ConnectionState, Message, Subscription};
 
 pub use crate::frame::{
     DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, Overflow, PROTOCOL_VERSION, Strategy, decode,

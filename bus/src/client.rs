@@ -1,0 +1,834 @@
+//! The blocking client: a handle whose methods block at most until their
+//! timeout, over a reactor thread (`bus-client`) that owns the socket.
+//!
+//! The handle sends commands on a bounded channel and wakes the reactor.
+//! The reactor connects, says `Hello`, and after `Welcome` subscribes
+//! everything the handle asked for (again after every reconnect). When the
+//! connection drops it reconnects with exponential backoff and full jitter
+//! (a fleet of collectors must not stampede a restarted broker). Publishes
+//! made while away wait in a bounded outbox (`BufferFull` past its limit,
+//! never unbounded memory); publishes made while connected go straight to
+//! the write buffer, and when the broker applies backpressure the reactor
+//! stops taking commands, so `publish` blocks up to its timeout.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use mio::net::UnixStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::{Condvar, Mutex};
+
+use crate::frame::{self, ErrorCode, Frame, Mode, Overflow, PROTOCOL_VERSION, Strategy};
+use crate::topic::{self, TopicError};
+
+const STREAM: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Subscription id of the client's own inbox, `direct.<client_id>.#`.
+const INBOX_SID: u64 = 0;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The broker's socket.
+    pub socket: PathBuf,
+    /// This client's id: one topic segment, unique on the bus.
+    pub client_id: String,
+    /// First reconnect delay; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Bytes of publishes kept while disconnected.
+    pub outbox_limit_bytes: usize,
+    /// Bytes queued for the socket before `publish` waits (backpressure).
+    pub write_limit_bytes: usize,
+    /// Messages buffered per subscription before new ones are dropped
+    /// (and counted).
+    pub subscription_capacity: usize,
+    /// How long `publish` and the other calls wait at most.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for a socket and a client id.
+    pub fn new(socket: impl Into<PathBuf>, client_id: impl Into<String>) -> Self {
+        ClientConfig {
+            socket: socket.into(),
+            client_id: client_id.into(),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            outbox_limit_bytes: 1 << 20,
+            write_limit_bytes: 4 << 20,
+            subscription_capacity: 1024,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where the client stands with the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Not connected; retrying with backoff.
+    Disconnected,
+    /// Connected and welcomed; subscriptions are in place.
+    Connected,
+    /// The broker refused this client (version, uid, id); not retrying.
+    Refused,
+    /// `close` was called.
+    Closed,
+}
+
+/// A message delivered to a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Where a reply goes, for requests.
+    pub reply_to: Option<String>,
+}
+
+/// Errors of client calls.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The client was closed (or its thread is gone).
+    #[error("bus client is closed")]
+    Closed,
+    /// Disconnected, and the outbox for publishes made while away is full.
+    #[error("bus client is disconnected and its outbox of {limit} bytes is full")]
+    BufferFull {
+        /// The outbox limit.
+        limit: usize,
+    },
+    /// No answer (or no room) within the timeout.
+    #[error("bus call timed out after {0:?}")]
+    Timeout(Duration),
+    /// A malformed topic or pattern.
+    #[error(transparent)]
+    BadTopic(#[from] TopicError),
+    /// The broker refused the call or the client.
+    #[error("broker refused: {code:?}: {message}")]
+    Refused {
+        /// The broker's code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// The connection dropped before the call was confirmed.
+    #[error("connection to the broker dropped before the call was confirmed")]
+    Disconnected,
+    /// The reactor thread could not start.
+    #[error("bus client could not start: {0}")]
+    Start(String),
+}
+
+enum Cmd {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        reply_to: Option<String>,
+        confirm: Option<Sender<Result<(), ClientError>>>,
+    },
+    Subscribe {
+        sid: u64,
+        pattern: String,
+        group: Option<(String, Strategy)>,
+        overflow: Overflow,
+        tx: Sender<Message>,
+    },
+    Unsubscribe {
+        sid: u64,
+    },
+    Request {
+        topic: String,
+        payload: Vec<u8>,
+        timeout: Duration,
+        reply: Sender<Result<Message, ClientError>>,
+    },
+    Close,
+}
+
+struct Shared {
+    state: Mutex<ConnectionState>,
+    changed: Condvar,
+    next_sid: AtomicU64,
+    outbox_bytes: AtomicUsize,
+    /// Deliveries dropped because a subscription's channel was full.
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    fn set(&self, s: ConnectionState) {
+        let mut st = self.state.lock();
+        if *st != s && *st != ConnectionState::Closed {
+            *st = s;
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// A subscription: messages arrive on `messages`. Dropping it
+/// unsubscribes.
+pub struct Subscription {
+    sid: u64,
+    rx: Receiver<Message>,
+    cmds: Sender<Cmd>,
+    waker: Arc<Waker>,
+}
+
+impl Subscription {
+    /// The bounded channel of delivered messages.
+    pub fn messages(&self) -> &Receiver<Message> {
+        &self.rx
+    }
+
+    /// Waits for the next message up to `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Message> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.cmds.try_send(Cmd::Unsubscribe { sid: self.sid }).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A connection to the bus. Every method takes `&self`; share it by
+/// reference or `Arc`. Dropping it closes the connection and joins the
+/// reactor thread.
+pub struct Client {
+    shared: Arc<Shared>,
+    // Field order: the command sender goes before the thread is joined.
+    cmds: Sender<Cmd>,
+    waker: Arc<Waker>,
+    cfg: ClientConfig,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Client {
+    /// Starts the client; it connects in the background and keeps
+    /// reconnecting. Use [`Client::wait_connected`] to wait for the broker.
+    pub fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        if cfg.client_id.contains('.') {
+            return Err(TopicError::BadChar { topic: cfg.client_id.clone(), ch: '.' }.into());
+        }
+        topic::validate_topic(&cfg.client_id)?;
+        let poll = Poll::new().map_err(|e| ClientError::Start(e.to_string()))?;
+        let waker =
+            Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| ClientError::Start(e.to_string()))?);
+        let (cmds, rx) = bounded(1024);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ConnectionState::Disconnected),
+            changed: Condvar::new(),
+            next_sid: AtomicU64::new(1),
+            outbox_bytes: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let mut reactor = ClientReactor {
+            poll,
+            cmds: rx,
+            shared: shared.clone(),
+            stream: None,
+            welcomed: false,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            subs: HashMap::new(),
+            outbox: VecDeque::new(),
+            acks: VecDeque::new(),
+            next_ack: 1,
+            requests: HashMap::new(),
+            next_req: 1,
+            backoff: cfg.backoff_min,
+            next_attempt: Instant::now(),
+            rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()) ^ (cfg.client_id.len() as u64) << 32,
+            cfg: cfg.clone(),
+            closing: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("bus-client-{}", cfg.client_id))
+            .spawn(move || reactor.run())
+            .map_err(|e| ClientError::Start(e.to_string()))?;
+        Ok(Client { shared, cmds, waker, cfg, thread: Some(thread) })
+    }
+
+    /// The connection state now.
+    pub fn state(&self) -> ConnectionState {
+        *self.shared.state.lock()
+    }
+
+    /// Waits until connected (true) or `timeout` passes (false).
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        self.wait_state(timeout, |s| s == ConnectionState::Connected)
+    }
+
+    /// Waits until the state satisfies `pred`, up to `timeout`.
+    pub fn wait_state(&self, timeout: Duration, pred: impl Fn(ConnectionState) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.state.lock();
+        while !pred(*st) {
+            if self.shared.changed.wait_until(&mut st, deadline).timed_out() {
+                return pred(*st);
+            }
+        }
+        true
+    }
+
+    /// Messages dropped so far because a subscription's channel was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), ClientError> {
+        match self.cmds.send_timeout(cmd, self.cfg.timeout) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
+                log::warn!(
+                    "bus client {}: command queue full for {:?}",
+                    self.cfg.client_id,
+                    self.cfg.timeout
+                );
+                Err(ClientError::Timeout(self.cfg.timeout))
+            }
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => Err(ClientError::Closed),
+        }
+    }
+
+    fn check_open(&self, bytes: usize) -> Result<(), ClientError> {
+        match self.state() {
+            ConnectionState::Closed | ConnectionState::Refused => Err(ClientError::Closed),
+            ConnectionState::Disconnected
+                if self.shared.outbox_bytes.load(Ordering::Acquire) + bytes > self.cfg.outbox_limit_bytes =>
+            {
+                Err(ClientError::BufferFull { limit: self.cfg.outbox_limit_bytes })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Publishes a message. While disconnected it waits in the outbox.
+    pub fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), ClientError> {
+        topic::validate_topic(topic)?;
+        self.check_open(payload.len() + topic.len())?;
+        self.send(Cmd::Publish {
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            reply_to: None,
+            confirm: None,
+        })
+    }
+
+    /// Publishes and waits for the broker's `PubAck` (routed, not stored).
+    pub fn publish_confirmed(&self, topic: &str, payload: &[u8]) -> Result<(), ClientError> {
+        topic::validate_topic(topic)?;
+        self.check_open(payload.len() + topic.len())?;
+        let (tx, rx) = bounded(1);
+        self.send(Cmd::Publish {
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            reply_to: None,
+            confirm: Some(tx),
+        })?;
+        rx.recv_timeout(self.cfg.timeout).map_err(|_| ClientError::Timeout(self.cfg.timeout))?
+    }
+
+    /// Answers a request message on its `reply_to` topic.
+    pub fn reply(&self, request: &Message, payload: &[u8]) -> Result<(), ClientError> {
+        match &request.reply_to {
+            Some(to) => self.publish(to, payload),
+            None => Err(ClientError::Refused {
+                code: ErrorCode::BadTopic,
+                message: "message has no reply_to".into(),
+            }),
+        }
+    }
+
+    /// Sends a request and waits for its reply up to `timeout`.
+    pub fn request(&self, topic: &str, payload: &[u8], timeout: Duration) -> Result<Message, ClientError> {
+        topic::validate_topic(topic)?;
+        if self.state() != ConnectionState::Connected {
+            return Err(ClientError::Disconnected);
+        }
+        let (tx, rx) = bounded(1);
+        self.send(Cmd::Request { topic: topic.to_owned(), payload: payload.to_vec(), timeout, reply: tx })?;
+        rx.recv_timeout(timeout + Duration::from_millis(100)).map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    /// Subscribes to a pattern (broadcast): every matching message.
+    pub fn subscribe(&self, pattern: &str) -> Result<Subscription, ClientError> {
+        self.subscribe_with(pattern, None, Overflow::Block)
+    }
+
+    /// Joins a queue group: one member of the group gets each message.
+    pub fn queue_subscribe(
+        &self,
+        pattern: &str,
+        group: &str,
+        strategy: Strategy,
+    ) -> Result<Subscription, ClientError> {
+        topic::validate_topic(group)?;
+        self.subscribe_with(pattern, Some((group.to_owned(), strategy)), Overflow::Block)
+    }
+
+    /// Subscribes with a chosen group and broker-side overflow strategy.
+    pub fn subscribe_with(
+        &self,
+        pattern: &str,
+        group: Option<(String, Strategy)>,
+        overflow: Overflow,
+    ) -> Result<Subscription, ClientError> {
+        topic::validate_pattern(pattern)?;
+        let sid = self.shared.next_sid.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = bounded(self.cfg.subscription_capacity);
+        self.send(Cmd::Subscribe { sid, pattern: pattern.to_owned(), group, overflow, tx })?;
+        Ok(Subscription { sid, rx, cmds: self.cmds.clone(), waker: self.waker.clone() })
+    }
+
+    /// Closes the connection (after flushing what it can) and joins the
+    /// reactor thread.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.cmds.send_timeout(Cmd::Close, self.cfg.timeout).is_ok() {
+            let _ = self.waker.wake();
+        }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("bus client {}: reactor thread panicked", self.cfg.client_id);
+        }
+        self.shared.set(ConnectionState::Closed);
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct SubEntry {
+    pattern: String,
+    group: Option<(String, Strategy)>,
+    overflow: Overflow,
+    tx: Sender<Message>,
+}
+
+struct ClientReactor {
+    poll: Poll,
+    cmds: Receiver<Cmd>,
+    shared: Arc<Shared>,
+    stream: Option<UnixStream>,
+    welcomed: bool,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    subs: HashMap<u64, SubEntry>,
+    /// Encoded publishes made while away.
+    outbox: VecDeque<Vec<u8>>,
+    /// Confirmations awaited, in the order their publishes were sent.
+    acks: VecDeque<(u64, Sender<Result<(), ClientError>>)>,
+    next_ack: u64,
+    requests: HashMap<u64, (Sender<Result<Message, ClientError>>, Instant)>,
+    next_req: u64,
+    backoff: Duration,
+    next_attempt: Instant,
+    rng: u64,
+    cfg: ClientConfig,
+    closing: bool,
+}
+
+impl ClientReactor {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let now = Instant::now();
+            let mut timeout = Duration::from_secs(1);
+            if self.stream.is_none() {
+                timeout = timeout.min(self.next_attempt.saturating_duration_since(now));
+            }
+            if let Some(d) = self.requests.values().map(|r| r.1).min() {
+                timeout = timeout.min(d.saturating_duration_since(now));
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("bus client {}: poll failed: {e}", self.cfg.client_id);
+                break;
+            }
+            let mut readable = false;
+            for ev in events.iter() {
+                if ev.token() == STREAM {
+                    readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                }
+            }
+            if readable {
+                self.read();
+            }
+            self.take_commands();
+            if self.closing {
+                self.flush();
+                break;
+            }
+            if self.stream.is_none() && Instant::now() >= self.next_attempt {
+                self.try_connect();
+            }
+            self.expire_requests();
+            self.flush();
+        }
+        self.fail_pending(ClientError::Closed);
+        self.shared.set(ConnectionState::Closed);
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn try_connect(&mut self) {
+        match std::os::unix::net::UnixStream::connect(&self.cfg.socket).and_then(|s| {
+            s.set_nonblocking(true)?;
+            Ok(s)
+        }) {
+            Ok(std_stream) => {
+                let mut s = UnixStream::from_std(std_stream);
+                if let Err(e) =
+                    self.poll.registry().register(&mut s, STREAM, Interest::READABLE | Interest::WRITABLE)
+                {
+                    log::error!("bus client {}: register: {e}", self.cfg.client_id);
+                    return self.schedule_retry();
+                }
+                self.stream = Some(s);
+                self.welcomed = false;
+                self.rbuf.clear();
+                self.wbuf.clear();
+                self.wpos = 0;
+                let hello = Frame::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    client_id: &self.cfg.client_id,
+                    pid: std::process::id(),
+                };
+                let _ = frame::encode(&hello, &mut self.wbuf, u32::MAX);
+            }
+            Err(e) => {
+                log::debug!("bus client {}: connect {}: {e}", self.cfg.client_id, self.cfg.socket.display());
+                self.schedule_retry();
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter: wait a random time in
+    /// [0, backoff), then double the backoff up to its maximum.
+    fn schedule_retry(&mut self) {
+        let ceiling = self.backoff.as_micros().max(1) as u64;
+        let wait = Duration::from_micros(self.random() % ceiling);
+        self.next_attempt = Instant::now() + wait;
+        self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+    }
+
+    fn disconnected(&mut self, why: &str) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+            log::warn!("bus client {}: disconnected ({why}); reconnecting", self.cfg.client_id);
+        }
+        self.welcomed = false;
+        self.wbuf.clear();
+        self.wpos = 0;
+        // What was written but not acknowledged cannot be confirmed now.
+        for (_, tx) in self.acks.drain(..) {
+            let _ = tx.send(Err(ClientError::Disconnected));
+        }
+        for (_, (tx, _)) in self.requests.drain() {
+            let _ = tx.send(Err(ClientError::Disconnected));
+        }
+        self.shared.set(ConnectionState::Disconnected);
+        self.schedule_retry();
+    }
+
+    fn take_commands(&mut self) {
+        // Stop taking publishes while the socket is backed up: the handle's
+        // bounded channel then fills and `publish` waits (backpressure).
+        while self.wbuf.len() - self.wpos < self.cfg.write_limit_bytes {
+            let Ok(cmd) = self.cmds.try_recv() else { break };
+            self.command(cmd);
+            if self.closing {
+                break;
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Publish { topic, payload, reply_to, confirm } => {
+                let ack_id = confirm.as_ref().map(|_| {
+                    self.next_ack += 1;
+                    self.next_ack
+                });
+                let f = Frame::Publish {
+                    topic: &topic,
+                    payload: &payload,
+                    reply_to: reply_to.as_deref(),
+                    ack_id,
+                };
+                if self.welcomed {
+                    if let (Some(id), Some(tx)) = (ack_id, confirm) {
+                        self.acks.push_back((id, tx));
+                    }
+                    let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
+                } else {
+                    let mut buf = Vec::new();
+                    let away = Frame::Publish {
+                        topic: &topic,
+                        payload: &payload,
+                        reply_to: reply_to.as_deref(),
+                        ack_id: None,
+                    };
+                    let _ = frame::encode(&away, &mut buf, u32::MAX);
+                    self.shared.outbox_bytes.fetch_add(buf.len(), Ordering::AcqRel);
+                    self.outbox.push_back(buf);
+                    if let Some(tx) = confirm {
+                        let _ = tx.send(Err(ClientError::Disconnected));
+                    }
+                }
+            }
+            Cmd::Subscribe { sid, pattern, group, overflow, tx } => {
+                let entry = SubEntry { pattern, group, overflow, tx };
+                if self.welcomed {
+                    self.send_subscribe(sid, &entry);
+                }
+                self.subs.insert(sid, entry);
+            }
+            Cmd::Unsubscribe { sid } => {
+                if self.subs.remove(&sid).is_some() && self.welcomed {
+                    let _ = frame::encode(&Frame::Unsubscribe { sid }, &mut self.wbuf, u32::MAX);
+                }
+            }
+            Cmd::Request { topic, payload, timeout, reply } => {
+                if !self.welcomed {
+                    let _ = reply.send(Err(ClientError::Disconnected));
+                    return;
+                }
+                let n = self.next_req;
+                self.next_req += 1;
+                let inbox = format!("direct.{}.r{n}", self.cfg.client_id);
+                let f =
+                    Frame::Publish { topic: &topic, payload: &payload, reply_to: Some(&inbox), ack_id: None };
+                let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
+                self.requests.insert(n, (reply, Instant::now() + timeout));
+            }
+            Cmd::Close => self.closing = true,
+        }
+    }
+
+    fn send_subscribe(&mut self, sid: u64, e: &SubEntry) {
+        let mode = match &e.group {
+            None => Mode::Broadcast,
+            Some((g, strategy)) => Mode::Queue { group: g, strategy: *strategy },
+        };
+        let _ = frame::encode(
+            &Frame::Subscribe { sid, pattern: &e.pattern, mode, overflow: e.overflow },
+            &mut self.wbuf,
+            u32::MAX,
+        );
+    }
+
+    fn read(&mut self) {
+        let Some(s) = self.stream.as_mut() else { return };
+        let mut closed = None;
+        loop {
+            let len = self.rbuf.len();
+            self.rbuf.resize(len + 64 * 1024, 0);
+            match s.read(&mut self.rbuf[len..]) {
+                Ok(0) => {
+                    self.rbuf.truncate(len);
+                    closed = Some("broker closed the connection".to_owned());
+                    break;
+                }
+                Ok(n) => self.rbuf.truncate(len + n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.rbuf.truncate(len);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.rbuf.truncate(len),
+                Err(e) => {
+                    self.rbuf.truncate(len);
+                    closed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let rbuf = std::mem::take(&mut self.rbuf);
+        let mut used = 0;
+        loop {
+            match frame::decode(&rbuf[used..], u32::MAX) {
+                Ok(Some((f, n))) => {
+                    used += n;
+                    self.handle(f);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    closed = Some(format!("bad frame from broker: {e}"));
+                    used = rbuf.len();
+                    break;
+                }
+            }
+        }
+        self.rbuf = rbuf;
+        self.rbuf.drain(..used);
+        if let Some(why) = closed {
+            self.disconnected(&why);
+        }
+    }
+
+    fn handle(&mut self, f: Frame<'_>) {
+        match f {
+            Frame::Welcome { .. } => {
+                self.welcomed = true;
+                self.backoff = self.cfg.backoff_min;
+                let inbox = format!("direct.{}.#", self.cfg.client_id);
+                let _ = frame::encode(
+                    &Frame::Subscribe {
+                        sid: INBOX_SID,
+                        pattern: &inbox,
+                        mode: Mode::Broadcast,
+                        overflow: Overflow::Block,
+                    },
+                    &mut self.wbuf,
+                    u32::MAX,
+                );
+                let sids: Vec<u64> = self.subs.keys().copied().collect();
+                for sid in sids {
+                    if let Some(e) = self.subs.remove(&sid) {
+                        self.send_subscribe(sid, &e);
+                        self.subs.insert(sid, e);
+                    }
+                }
+                for buf in self.outbox.drain(..) {
+                    self.shared.outbox_bytes.fetch_sub(buf.len(), Ordering::AcqRel);
+                    self.wbuf.extend_from_slice(&buf);
+                }
+                log::info!("bus client {}: connected to {}", self.cfg.client_id, self.cfg.socket.display());
+                self.shared.set(ConnectionState::Connected);
+            }
+            Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to } => {
+                let n = topic
+                    .rsplit('.')
+                    .next()
+                    .and_then(|t| t.strip_prefix('r'))
+                    .and_then(|t| t.parse::<u64>().ok());
+                if let Some((tx, _)) = n.and_then(|n| self.requests.remove(&n)) {
+                    let msg = Message {
+                        topic: topic.to_owned(),
+                        payload: payload.to_vec(),
+                        reply_to: reply_to.map(str::to_owned),
+                    };
+                    let _ = tx.send(Ok(msg));
+                }
+            }
+            Frame::Deliver { sid, topic, payload, reply_to } => {
+                let Some(e) = self.subs.get(&sid) else { return };
+                let msg = Message {
+                    topic: topic.to_owned(),
+                    payload: payload.to_vec(),
+                    reply_to: reply_to.map(str::to_owned),
+                };
+                match e.tx.try_send(msg) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                        log::warn!(
+                            "bus client {}: subscription {sid} is full, message dropped",
+                            self.cfg.client_id
+                        );
+                    }
+                    // The subscription was dropped; its Unsubscribe is on the way.
+                    Err(TrySendError::Disconnected(_)) => {}
+                }
+            }
+            Frame::PubAck { ack_id } => {
+                while let Some((id, tx)) = self.acks.pop_front() {
+                    if id == ack_id {
+                        let _ = tx.send(Ok(()));
+                        break;
+                    }
+                    let _ = tx.send(Err(ClientError::Disconnected));
+                }
+            }
+            Frame::Error { code, message } => {
+                log::warn!("bus client {}: broker error {code:?}: {message}", self.cfg.client_id);
+                if !self.welcomed {
+                    log::error!("bus client {}: refused by the broker: {message}", self.cfg.client_id);
+                    self.shared.set(ConnectionState::Refused);
+                    self.closing = true;
+                }
+            }
+            Frame::Ping(n) => {
+                let _ = frame::encode(&Frame::Pong(n), &mut self.wbuf, u32::MAX);
+            }
+            _ => {}
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(s) = self.stream.as_mut() else { return };
+        let mut failed = None;
+        while self.wpos < self.wbuf.len() {
+            match s.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => {
+                    failed = Some("write returned 0".to_owned());
+                    break;
+                }
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        }
+        if let Some(why) = failed {
+            self.disconnected(&why);
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self.requests.iter().filter(|(_, r)| r.1 <= now).map(|(n, _)| *n).collect();
+        for n in expired {
+            if let Some((tx, _)) = self.requests.remove(&n) {
+                let _ = tx.send(Err(ClientError::Timeout(Duration::ZERO)));
+            }
+        }
+    }
+
+    fn fail_pending(&mut self, e: ClientError) {
+        for (_, tx) in self.acks.drain(..) {
+            let _ = tx.send(Err(e.clone()));
+        }
+        for (_, (tx, _)) in self.requests.drain() {
+            let _ = tx.send(Err(e.clone()));
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The blocking client against a real broker over a Unix socket in a temp
+//! dir: publish/subscribe, queue groups, request/reply, confirmations,
+//! bad input, and reconnecting with re-subscription after the broker is
+//! stopped and started again.
+
+use std::time::Duration;
+
+use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientError, ConnectionState, Strategy};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn client(path: &std::path::Path, id: &str) -> Client {
+    let mut cfg = ClientConfig::new(path, id);
+    cfg.backoff_max = Duration::from_millis(200);
+    cfg.outbox_limit_bytes = 4096;
+    let c = Client::connect(cfg).expect("client");
+    assert!(c.wait_connected(WAIT), "{id} never connected");
+    c
+}
+
+#[test]
+fn publish_subscribe_queue_and_request_reply() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let a = client(&path, "a");
+    let b = client(&path, "b");
+    let agent = client(&path, "agent");
+
+    let sa = a.subscribe("events.process.+").expect("sub");
+    let qa = a.queue_subscribe("tasks.proc", "workers", Strategy::RoundRobin).expect("qsub");
+    let qb = b.queue_subscribe("tasks.proc", "workers", Strategy::RoundRobin).expect("qsub");
+    let rpc = b.subscribe("control.collector.b").expect("sub");
+    // A confirmed publish proves the subscriptions before it are in place.
+    a.publish_confirmed("sync.a", b"").expect("confirm a");
+    b.publish_confirmed("sync.b", b"").expect("confirm b");
+
+    agent.publish("events.process.started", b"one").expect("publish");
+    let m = sa.recv_timeout(WAIT).expect("delivered");
+    assert_eq!((m.topic.as_str(), m.payload.as_slice()), ("events.process.started", &b"one"[..]));
+
+    for i in 0..20u8 {
+        agent.publish("tasks.proc", &[i]).expect("publish task");
+    }
+    agent.publish_confirmed("sync.agent", b"").expect("confirm");
+    let mut got: Vec<u8> = Vec::new();
+    for q in [&qa, &qb] {
+        let mine: Vec<u8> =
+            std::iter::from_fn(|| q.recv_timeout(Duration::from_millis(300))).map(|m| m.payload[0]).collect();
+        assert_eq!(mine.len(), 10, "round robin splits 20 tasks 10/10");
+        got.extend(mine);
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..20).collect::<Vec<u8>>());
+
+    // Request/reply: b answers on the request's reply_to.
+    let responder = std::thread::spawn(move || {
+        let req = rpc.recv_timeout(WAIT).expect("request");
+        b.reply(&req, b"healthy").expect("reply");
+        b
+    });
+    let reply = agent.request("control.collector.b", b"health?", WAIT).expect("reply");
+    assert_eq!(reply.payload, b"healthy");
+    let _b = responder.join().expect("responder");
+    match agent.request("control.collector.nobody", b"?", Duration::from_millis(200)) {
+        Err(ClientError::Timeout(_)) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(matches!(agent.publish("Not A Topic", b""), Err(ClientError::BadTopic(_))));
+    assert!(matches!(agent.subscribe("a.#.b"), Err(ClientError::BadTopic(_))));
+}
+
+#[test]
+fn reconnects_and_resubscribes_after_the_broker_restarts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let sub = client(&path, "collector");
+    let publisher = client(&path, "agent");
+    let events = sub.subscribe("events.#").expect("sub");
+    sub.publish_confirmed("sync.s", b"").expect("confirm");
+    publisher.publish("events.before", b"1").expect("publish");
+    assert_eq!(events.recv_timeout(WAIT).expect("before").payload, b"1");
+
+    broker.shutdown();
+    assert!(sub.wait_state(WAIT, |s| s == ConnectionState::Disconnected), "subscriber saw the broker go");
+    assert!(publisher.wait_state(WAIT, |s| s == ConnectionState::Disconnected));
+    // While away, publishes wait in a bounded outbox.
+    publisher.publish("events.away", b"queued").expect("outbox has room");
+    let big = vec![0u8; 8192];
+    assert!(matches!(publisher.publish("events.away", &big), Err(ClientError::BufferFull { limit: 4096 })));
+
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("restart broker");
+    assert!(sub.wait_connected(WAIT), "subscriber reconnected");
+    assert!(publisher.wait_connected(WAIT), "publisher reconnected");
+    sub.publish_confirmed("sync.s", b"").expect("confirm after reconnect");
+    publisher.publish("events.after", b"2").expect("publish");
+    // The subscription was re-established without the caller doing anything.
+    let after: Vec<Vec<u8>> =
+        std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500))).map(|m| m.payload).collect();
+    assert!(after.contains(&b"2".to_vec()), "got {after:?}");
+}
