@@ -25,10 +25,38 @@ pub fn peer_credentials<F: std::os::fd::AsFd>(socket: &F) -> std::io::Result<Pee
 
 /// Reads the peer's credentials of a connected Unix stream socket: Linux
 /// `SO_PEERCRED`; `getpeereid` on the BSDs and macOS.
-#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
+#[cfg(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "dragonfly",
+    target_os = "openbsd",
+    target_os = "netbsd"
+))]
 pub fn peer_credentials<F: std::os::fd::AsFd>(socket: &F) -> std::io::Result<PeerCredentials> {
     let (uid, gid) = nix::unistd::getpeereid(socket)?;
     Ok(PeerCredentials { uid: uid.as_raw(), gid: gid.as_raw(), pid: None })
+}
+
+/// Peer credentials are not implemented on this OS: every peer is refused.
+#[cfg(all(
+    unix,
+    not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "dragonfly",
+        target_os = "openbsd",
+        target_os = "netbsd"
+    ))
+))]
+pub fn peer_credentials<F: std::os::fd::AsFd>(_socket: &F) -> std::io::Result<PeerCredentials> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "peer credentials are not implemented on this OS",
+    ))
 }
 
 /// The effective user id of this process.

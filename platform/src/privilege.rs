@@ -133,27 +133,83 @@ pub(crate) fn from_linux(euid: u32, cap_eff: Option<u64>, hidepid: Option<String
 /// Drops this whole process to `uid`/`gid` for good: supplementary groups
 /// are replaced by `gid`, then real, effective and saved group ids, then
 /// user ids are set, in that order (the group change needs the privilege
-/// the user change gives up). Afterwards it checks that root cannot be
-/// regained. Call it before spawning threads that must not keep privileges.
+/// the user change gives up). Afterwards it verifies, without changing
+/// anything, that the ids are as asked, the groups are just `gid` and (on
+/// Linux) no capability is left in the permitted, effective or ambient
+/// sets. Call it before spawning threads that must not keep privileges.
+///
+/// If the final probe finds that root can be regained, the process aborts
+/// rather than return as root.
 #[cfg(unix)]
 pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
-    use nix::unistd::{Gid, Uid, getresgid, getresuid, setgroups, setresgid, setresuid, setuid};
+    use nix::unistd::{Gid, Uid};
     let fail = |op: &'static str| move |e: nix::Error| Error::Privilege { op, source: e.into() };
     let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
-    #[cfg(not(target_os = "macos"))]
-    setgroups(&[g]).map_err(fail("setgroups"))?;
-    setresgid(g, g, g).map_err(fail("setresgid"))?;
-    setresuid(u, u, u).map_err(fail("setresuid"))?;
-    let ru = getresuid().map_err(fail("getresuid"))?;
-    let rg = getresgid().map_err(fail("getresgid"))?;
-    if (ru.real, ru.effective, ru.saved) != (u, u, u) || (rg.real, rg.effective, rg.saved) != (g, g, g) {
-        return Err(Error::Privilege { op: "verify", source: std::io::Error::other("ids did not change") });
+    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+    nix::unistd::setgroups(&[g]).map_err(fail("setgroups"))?;
+    set_ids(u, g).map_err(|(op, e)| fail(op)(e))?;
+    verify_dropped(u, g)?;
+    if uid != 0 && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        // The probe itself just made this process root again: never return
+        // like that.
+        log::error!("privilege drop to uid {uid} failed: root could be regained; aborting");
+        std::process::abort();
     }
-    if uid != 0 && setuid(Uid::from_raw(0)).is_ok() {
-        return Err(Error::Privilege {
-            op: "verify",
-            source: std::io::Error::other("root could be regained"),
-        });
+    Ok(())
+}
+
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "dragonfly",
+    target_os = "openbsd"
+))]
+fn set_ids(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), (&'static str, nix::Error)> {
+    nix::unistd::setresgid(g, g, g).map_err(|e| ("setresgid", e))?;
+    nix::unistd::setresuid(u, u, u).map_err(|e| ("setresuid", e))
+}
+
+/// Without `setres*id` (macOS, NetBSD): as root, `setgid`/`setuid` set
+/// the real, effective and saved ids together.
+#[cfg(all(
+    unix,
+    not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "dragonfly",
+        target_os = "openbsd"
+    ))
+))]
+fn set_ids(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), (&'static str, nix::Error)> {
+    nix::unistd::setgid(g).map_err(|e| ("setgid", e))?;
+    nix::unistd::setuid(u).map_err(|e| ("setuid", e))
+}
+
+#[cfg(unix)]
+fn verify_dropped(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), Error> {
+    let bad = |what: String| Err(Error::Privilege { op: "verify", source: std::io::Error::other(what) });
+    if (nix::unistd::getuid(), nix::unistd::geteuid()) != (u, u)
+        || (nix::unistd::getgid(), nix::unistd::getegid()) != (g, g)
+    {
+        return bad("user or group ids did not change".into());
+    }
+    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+    if let Ok(groups) = nix::unistd::getgroups()
+        && groups.iter().any(|&x| x != g)
+    {
+        return bad(format!("supplementary groups remain: {groups:?}"));
+    }
+    #[cfg(target_os = "linux")]
+    if !u.is_root() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        for set in ["CapPrm:", "CapEff:", "CapAmb:"] {
+            let v = status.lines().find_map(|l| l.strip_prefix(set)).map(str::trim).unwrap_or("?");
+            if u64::from_str_radix(v, 16) != Ok(0) {
+                return bad(format!("capabilities remain: {set} {v}"));
+            }
+        }
     }
     Ok(())
 }

@@ -29,7 +29,11 @@ pub const DEFAULT_MAX_ARGV_BYTES: usize = 32 * 1024;
 
 /// What the backend remembers of an identity between cycles.
 struct Known {
-    comm: Box<str>,
+    /// The raw name bytes (a name cut mid-character must still compare
+    /// equal to itself).
+    comm: Box<[u8]>,
+    /// `(startcode, startstack)` when the details were read.
+    image: (u64, u64),
     owner: (u32, u32),
     details: Arc<ProcessDetails>,
     generation: u64,
@@ -49,6 +53,11 @@ struct Stat<'a> {
     start_time: u64,
     vsize: u64,
     rss_pages: u64,
+    /// Start of the code segment and of the stack: both move on every
+    /// exec under ASLR, so they reveal an exec that keeps the name. Zero
+    /// when the kernel hides them (another user's process, unprivileged).
+    startcode: u64,
+    startstack: u64,
 }
 
 /// Parses a `stat` line. The name sits in parentheses and may itself hold
@@ -58,7 +67,7 @@ fn parse_stat(buf: &[u8]) -> Option<Stat<'_>> {
     let close = buf.iter().rposition(|&b| b == b')')?;
     let comm = buf.get(open + 1..close)?;
     // Fields from 3 (state) on; index i here is field i + 3 of proc(5).
-    let mut fields: [&[u8]; 22] = [&[]; 22];
+    let mut fields: [&[u8]; 26] = [&[]; 26];
     for (slot, f) in fields.iter_mut().zip(buf.get(close + 2..)?.split(|&b| b == b' ')) {
         *slot = f;
     }
@@ -77,6 +86,9 @@ fn parse_stat(buf: &[u8]) -> Option<Stat<'_>> {
         start_time: num(19)?,
         vsize: num(20)?,
         rss_pages: num(21)?,
+        // Absent on very old kernels: treat as hidden.
+        startcode: num(23).unwrap_or(0),
+        startstack: num(25).unwrap_or(0),
     })
 }
 
@@ -114,7 +126,7 @@ pub struct ProcFs {
     max_argv_bytes: usize,
     known: HashMap<ProcessKey, Known>,
     generation: u64,
-    users: HashMap<u32, Field<String>>,
+    users: HashMap<u32, String>,
     stats: CycleStats,
     /// Reused read buffer and path buffer: a steady cycle allocates only the
     /// output records.
@@ -178,14 +190,19 @@ impl ProcFs {
     }
 
     fn user_name(&mut self, uid: u32) -> Field<String> {
-        self.users
-            .entry(uid)
-            .or_insert_with(|| match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                Ok(Some(u)) => Ok(u.name),
-                Ok(None) => Err(Unavailable::NotApplicable),
-                Err(_) => Err(Unavailable::Failed),
-            })
-            .clone()
+        if let Some(name) = self.users.get(&uid) {
+            return Ok(name.clone());
+        }
+        // Only names are cached: a uid without an entry (a container's) or
+        // a passing lookup failure is asked again next time.
+        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(Some(u)) => {
+                self.users.insert(uid, u.name.clone());
+                Ok(u.name)
+            }
+            Ok(None) => Err(Unavailable::NotApplicable),
+            Err(_) => Err(Unavailable::Failed),
+        }
     }
 
     fn read_credentials(&mut self, pid: u32) -> Field<Credentials> {
@@ -207,41 +224,42 @@ impl ProcFs {
         let none_for_kernel = |e: std::io::Error| {
             if kthread || zombie { Unavailable::NotApplicable } else { Unavailable::from_io(&e) }
         };
-        let (exe, exe_deleted) = match self.readlink(pid, "exe") {
-            Ok(p) => {
-                let s = p.as_os_str().as_encoded_bytes();
-                match s.strip_suffix(b" (deleted)") {
-                    Some(stripped) => {
-                        (Ok(PathBuf::from(String::from_utf8_lossy(stripped).into_owned())), Ok(true))
-                    }
-                    None => (Ok(p), Ok(false)),
-                }
-            }
-            Err(e) => {
-                let why = none_for_kernel(e);
-                (Err(why), Err(why))
-            }
-        };
-        let exe_file = match &exe {
+        let link = self.readlink(pid, "exe").map_err(none_for_kernel);
+        // The file itself, through the link: its link count says whether it
+        // was deleted or replaced (a name ending in " (deleted)" proves
+        // nothing: a file may be called that).
+        let meta = match &link {
             Ok(_) => {
                 self.set_path(pid, "exe");
-                fs::metadata(&self.path)
-                    .map(|m| FileIdentity {
-                        dev: m.dev(),
-                        inode: m.ino(),
-                        size: m.size(),
-                        mtime: m.mtime(),
-                        ctime: m.ctime(),
-                    })
-                    .map_err(|e| Unavailable::from_io(&e))
+                fs::metadata(&self.path).map_err(|e| Unavailable::from_io(&e))
             }
             Err(why) => Err(*why),
         };
+        let exe_deleted = match (&meta, &link) {
+            (Ok(m), _) => Ok(m.nlink() == 0),
+            (Err(_), Ok(p)) => Ok(p.as_os_str().as_encoded_bytes().ends_with(b" (deleted)")),
+            (Err(why), Err(_)) => Err(*why),
+        };
+        let exe = link.map(|p| match exe_deleted {
+            Ok(true) => {
+                use std::os::unix::ffi::OsStrExt;
+                let raw = p.as_os_str().as_bytes();
+                PathBuf::from(std::ffi::OsStr::from_bytes(raw.strip_suffix(b" (deleted)").unwrap_or(raw)))
+            }
+            _ => p,
+        });
+        let exe_file = meta.map(|m| FileIdentity {
+            dev: m.dev(),
+            inode: m.ino(),
+            size: m.size(),
+            mtime: m.mtime(),
+            ctime: m.ctime(),
+        });
         let argv = if kthread {
             Err(Unavailable::NotApplicable)
         } else {
             let cap = self.max_argv_bytes;
-            match self.read_file(pid, "cmdline", cap + 1) {
+            match self.read_file(pid, "cmdline", cap.saturating_add(1)) {
                 Ok(()) if self.buf.is_empty() => Err(Unavailable::NotApplicable),
                 Ok(()) => Ok(parse_cmdline(&self.buf, cap)),
                 Err(e) => Err(Unavailable::from_io(&e)),
@@ -284,13 +302,17 @@ impl ProcFs {
         let kthread = st.flags & PF_KTHREAD != 0;
         let zombie = st.state == 'Z';
         let generation = self.generation;
+        let image = (st.startcode, st.startstack);
+        // An exec shows as a new name or a new memory image. Kernel threads
+        // never exec, but their names follow their current work queue.
+        let same_program = |k: &Known| kthread || (*k.comm == *st.comm && k.image == image);
         let details = match self.known.get_mut(&key) {
-            Some(k) if *k.comm.as_bytes() == *st.comm && k.owner == owner => {
+            Some(k) if same_program(k) && k.owner == owner => {
                 k.generation = generation;
                 k.details.clone()
             }
             known => {
-                let exec = known.as_ref().is_none_or(|k| *k.comm.as_bytes() != *st.comm);
+                let exec = known.as_ref().is_none_or(|k| !same_program(k));
                 let previous = known.map(|k| k.details.clone());
                 let details = match previous {
                     // Same program, new owner: only the credentials moved.
@@ -319,8 +341,8 @@ impl ProcFs {
                     return None;
                 }
                 let details = Arc::new(details);
-                let comm: Box<str> = String::from_utf8_lossy(st.comm).into();
-                self.known.insert(key, Known { comm, owner, details: details.clone(), generation });
+                let comm: Box<[u8]> = st.comm.into();
+                self.known.insert(key, Known { comm, image, owner, details: details.clone(), generation });
                 details
             }
         };
@@ -329,14 +351,17 @@ impl ProcFs {
             pid,
             ppid: st.ppid,
             start_time: st.start_time,
-            started_unix: self.boot_time.map(|b| b + st.start_time / self.clk_tck).ok_or(Unavailable::Failed),
+            started_unix: self
+                .boot_time
+                .map(|b| b.saturating_add(st.start_time / self.clk_tck))
+                .ok_or(Unavailable::Failed),
             name: String::from_utf8_lossy(st.comm).into_owned(),
             state: ProcessState::from_letter(st.state),
             session: Ok(st.session),
             threads: Ok(st.threads),
             rss_bytes: st.rss_pages.saturating_mul(self.page_size),
             virtual_bytes: st.vsize,
-            cpu_time_ms: Ok(ticks_ms(st.utime + st.stime)),
+            cpu_time_ms: Ok(ticks_ms(st.utime.saturating_add(st.stime))),
             kernel_thread: kthread,
             details,
         })
@@ -379,7 +404,8 @@ impl ProcessSource for ProcFs {
 /// Reads the `hidepid` option of the procfs mounted at `/proc`, if any.
 pub(crate) fn proc_hidepid(mounts: &Path) -> Option<String> {
     let text = fs::read_to_string(mounts).ok()?;
-    let line = text.lines().find(|l| l.split_whitespace().nth(1) == Some("/proc"))?;
+    // The last mount on /proc is the one in effect.
+    let line = text.lines().rev().find(|l| l.split_whitespace().nth(1) == Some("/proc"))?;
     let opts = line.split_whitespace().nth(3)?;
     opts.split(',')
         .find_map(|o| o.strip_prefix("hidepid="))

@@ -157,9 +157,12 @@ pub struct ProcessDetails {
     pub exe_deleted: Field<bool>,
     /// The command line.
     pub argv: Field<Argv>,
-    /// Working directory.
+    /// Working directory when the details were read (it is not followed
+    /// through later `chdir` calls).
     pub cwd: Field<PathBuf>,
-    /// Real and effective user and group ids.
+    /// Real and effective user and group ids, as of exec or the last
+    /// change of the effective ids (Linux backend: a change of only the
+    /// real ids is seen at the next exec or effective-id change).
     pub credentials: Field<Credentials>,
     /// Name of the real user.
     pub user: Field<String>,
@@ -178,7 +181,9 @@ pub struct ProcessRecord {
     pub start_time: u64,
     /// Start time in seconds since the epoch, for people.
     pub started_unix: Field<u64>,
-    /// Short process name (Linux: `comm`, at most 15 bytes).
+    /// Short process name (Linux: `comm`, cut to 15 bytes for programs,
+    /// possibly mid-character; kernel threads' names can be longer and
+    /// follow their current work queue).
     pub name: String,
     /// Scheduler state.
     pub state: ProcessState,
