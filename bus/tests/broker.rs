@@ -305,10 +305,12 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
 
 const FLOOD: u64 = 200;
 
-/// A stalled subscriber with an 8-message queue, a publisher sending
-/// `FLOOD` 32 KiB messages (big enough that the kernel's socket buffer
-/// takes only a few). Returns the broker's drop count, what the subscriber
-/// read afterwards, and what the publisher got back.
+/// A subscriber with an 8-message queue, a publisher sending `FLOOD`
+/// 32 KiB messages (big enough that the kernel's socket buffer takes only
+/// a few). With `reader` the subscriber reads all along (Block needs it:
+/// the publisher stalls until it does); without, it reads only after the
+/// flood. Returns the broker's drop count, what the subscriber read, and
+/// what the publisher got back.
 fn flood(overflow: Overflow, reader: bool) -> (u64, Vec<Got>, Vec<Got>) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (b, path) = broker(tmp.path(), |c| {
@@ -318,20 +320,24 @@ fn flood(overflow: Overflow, reader: bool) -> (u64, Vec<Got>, Vec<Got>) {
     let mut slow = Raw::hello(&path, "slow");
     slow.sub(1, "flood", Mode::Broadcast, overflow);
     let _ = slow.sync(0);
-    // Under Block the publisher stalls until the subscriber reads, so a
-    // reader thread drains it meanwhile.
-    let reading = reader.then(|| std::thread::spawn(move || slow.drain(Duration::from_millis(1500))));
+    let (mut stalled, reading) = if reader {
+        (None, Some(std::thread::spawn(move || slow.drain(Duration::from_millis(1500)))))
+    } else {
+        (Some(slow), None)
+    };
     let mut publisher = Raw::hello(&path, "flood-pub");
     for i in 0..FLOOD {
         let mut p = vec![7u8; 32 * 1024];
         p[..8].copy_from_slice(&i.to_le_bytes());
         publisher.publish("flood", &p);
     }
-    let _ = publisher.sync(1);
-    let pub_frames = publisher.drain(Duration::from_millis(200));
-    let got = match reading {
-        Some(h) => h.join().expect("reader"),
-        None => Vec::new(),
+    let mut pub_frames = publisher.sync(1);
+    pub_frames.extend(publisher.drain(Duration::from_millis(200)));
+    let got = match (reading, stalled.as_mut()) {
+        (Some(h), _) => h.join().expect("reader"),
+        // Only now does the stalled subscriber read.
+        (None, Some(s)) => s.drain(Duration::from_millis(500)),
+        (None, None) => Vec::new(),
     };
     (b.stats().dropped, got, pub_frames)
 }
@@ -343,25 +349,7 @@ fn seqs(got: &[Got]) -> Vec<u64> {
 #[test]
 fn overflow_strategies_account_for_every_message() {
     for overflow in [Overflow::DropNewest, Overflow::DropOldest, Overflow::Error] {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let (b, path) = broker(tmp.path(), |c| {
-            c.queue_limit_msgs = 8;
-            c.queue_limit_bytes = 1 << 30;
-        });
-        let mut slow = Raw::hello(&path, "slow");
-        slow.sub(1, "flood", Mode::Broadcast, overflow);
-        let _ = slow.sync(0);
-        let mut publisher = Raw::hello(&path, "flood-pub");
-        for i in 0..FLOOD {
-            let mut p = vec![7u8; 32 * 1024];
-            p[..8].copy_from_slice(&i.to_le_bytes());
-            publisher.publish("flood", &p);
-        }
-        let mut pub_frames = publisher.sync(1);
-        pub_frames.extend(publisher.drain(Duration::from_millis(200)));
-        // Only now does the subscriber read.
-        let got = slow.drain(Duration::from_millis(500));
-        let dropped = b.stats().dropped;
+        let (dropped, got, pub_frames) = flood(overflow, false);
         let seqs = seqs(&got);
         assert!(dropped > 0, "{overflow:?}: a stalled subscriber must overflow");
         assert_eq!(seqs.len() as u64 + dropped, FLOOD, "{overflow:?}: received + dropped = published");
