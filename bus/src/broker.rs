@@ -51,6 +51,60 @@ pub struct BrokerConfig {
     /// A subscriber over its queue limit for longer than this is
     /// disconnected.
     pub slow_consumer_deadline: Duration,
+    /// Topic permissions by client: the first entry whose `client` matches
+    /// applies. Clients no entry matches get `default_permissions`, and
+    /// with `None` there they are unrestricted (apart from the inbox
+    /// rules, which always hold).
+    pub permissions: Vec<ClientPermissions>,
+    /// Permissions of clients no entry of `permissions` matches.
+    pub default_permissions: Option<Permissions>,
+}
+
+/// What a client may publish and subscribe to: topic patterns, in which
+/// `{client_id}` stands for the client's own id (so one entry can give
+/// every collector its own heartbeat topic and nobody else's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// A publish is allowed when one of these patterns matches its topic.
+    /// Replies to inboxes (`direct.…`) are always allowed.
+    pub publish: Vec<String>,
+    /// A subscription is allowed when one of these patterns covers it
+    /// (matches every topic it could match).
+    pub subscribe: Vec<String>,
+}
+
+/// Permissions for the clients whose id is `client`, or starts with it when
+/// it ends in `*` (`procmond-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientPermissions {
+    /// An exact client id, or a prefix followed by `*`.
+    pub client: String,
+    /// What those clients may do.
+    pub permissions: Permissions,
+}
+
+impl ClientPermissions {
+    fn applies_to(&self, client_id: &str) -> bool {
+        match self.client.strip_suffix('*') {
+            Some(prefix) => client_id.starts_with(prefix),
+            None => self.client == client_id,
+        }
+    }
+}
+
+impl Permissions {
+    /// The patterns with `{client_id}` replaced.
+    fn resolve(&self, client_id: &str) -> Permissions {
+        let sub = |v: &Vec<String>| v.iter().map(|p| p.replace("{client_id}", client_id)).collect();
+        Permissions { publish: sub(&self.publish), subscribe: sub(&self.subscribe) }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for p in self.resolve("x").publish.iter().chain(self.resolve("x").subscribe.iter()) {
+            topic::validate_pattern(p).map_err(|e| format!("permission pattern {p:?}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 impl BrokerConfig {
@@ -64,6 +118,8 @@ impl BrokerConfig {
             queue_limit_bytes: 8 << 20,
             queue_limit_msgs: 65_536,
             slow_consumer_deadline: Duration::from_secs(10),
+            permissions: Vec::new(),
+            default_permissions: None,
         }
     }
 }
@@ -102,6 +158,9 @@ pub enum BrokerError {
         /// The socket path.
         path: PathBuf,
     },
+    /// A setting is unusable (a malformed permission pattern).
+    #[error("invalid broker configuration: {0}")]
+    Config(String),
     /// An OS call failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -129,6 +188,9 @@ impl Broker {
     /// Binds the socket and starts the reactor thread. A stale socket file
     /// left by a dead broker is replaced; a live broker is never displaced.
     pub fn start(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        for p in cfg.permissions.iter().map(|c| &c.permissions).chain(cfg.default_permissions.as_ref()) {
+            p.check().map_err(BrokerError::Config)?;
+        }
         let path = cfg.socket.clone();
         let io_err = |op: &'static str, p: &Path| {
             let p = p.to_path_buf();
@@ -257,7 +319,11 @@ struct SubInfo {
 
 enum ConnState {
     AwaitingHello,
-    Ready { client_id: String },
+    /// `acl`: the client's resolved permissions; `None` is unrestricted.
+    Ready {
+        client_id: String,
+        acl: Option<Permissions>,
+    },
 }
 
 struct Conn {
@@ -575,7 +641,15 @@ impl Reactor {
                 }
                 if let Some(c) = self.conns.get_mut(idx) {
                     log::info!("bus: {client_id} connected (pid {pid}, uid {})", c.uid);
-                    c.state = ConnState::Ready { client_id: client_id.to_owned() };
+                    let acl = self
+                        .cfg
+                        .permissions
+                        .iter()
+                        .find(|p| p.applies_to(client_id))
+                        .map(|p| &p.permissions)
+                        .or(self.cfg.default_permissions.as_ref())
+                        .map(|p| p.resolve(client_id));
+                    c.state = ConnState::Ready { client_id: client_id.to_owned(), acl };
                 }
                 let max_frame = self.cfg.max_frame;
                 self.reply(idx, &Frame::Welcome { protocol_version: PROTOCOL_VERSION, max_frame });
@@ -589,8 +663,10 @@ impl Reactor {
             }
             (true, Frame::Unsubscribe { sid }) => self.unsubscribe(idx, sid),
             (true, Frame::Publish { topic, payload, reply_to, ack_id }) => {
-                self.publish(idx, topic, payload, reply_to);
-                if let Some(ack_id) = ack_id {
+                // A PubAck means routed: a refused publish gets its Error instead.
+                if self.publish(idx, topic, payload, reply_to)
+                    && let Some(ack_id) = ack_id
+                {
                     self.reply(idx, &Frame::PubAck { ack_id });
                 }
             }
@@ -666,28 +742,47 @@ impl Reactor {
         }
     }
 
-    /// Topic rules: everyone may use their own inbox `direct.<client_id>`
+    /// Subscribe rules: everyone may use their own inbox `direct.<client_id>`
     /// (and the topics under it) and nobody else's; nobody may subscribe to
-    /// everything. (Per-client allow-lists come with the agent.)
+    /// everything; beyond that, the client's permissions decide.
     fn may_subscribe(&self, idx: usize, pattern: &str) -> bool {
-        let Some(ConnState::Ready { client_id }) = self.conns.get(idx).map(|c| &c.state) else {
+        let Some(ConnState::Ready { client_id, acl }) = self.conns.get(idx).map(|c| &c.state) else {
             return false;
         };
         let mut segs = pattern.split('.');
         match segs.next() {
             Some("#") | Some("+") => false,
-            Some("direct") => match segs.next() {
-                Some(id) => id == client_id,
-                None => false,
-            },
-            _ => true,
+            Some("direct") => segs.next() == Some(client_id.as_str()),
+            _ => {
+                acl.as_ref().is_none_or(|a| a.subscribe.iter().any(|allowed| topic::covers(allowed, pattern)))
+            }
         }
     }
 
-    fn publish(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) {
+    /// Publish rules: replies to inboxes are always allowed; beyond that,
+    /// the client's permissions decide.
+    fn may_publish(&self, idx: usize, topic_name: &str) -> bool {
+        let Some(ConnState::Ready { acl, .. }) = self.conns.get(idx).map(|c| &c.state) else {
+            return false;
+        };
+        topic_name.starts_with("direct.")
+            || acl
+                .as_ref()
+                .is_none_or(|a| a.publish.iter().any(|allowed| topic::matches(allowed, topic_name)))
+    }
+
+    /// Routes a publish; false when it was refused.
+    fn publish(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) -> bool {
         if let Err(e) = topic::validate_topic(topic_name) {
             self.stats.lock().forbidden += 1;
-            return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
+            self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
+            return false;
+        }
+        if !self.may_publish(idx, topic_name) {
+            self.stats.lock().forbidden += 1;
+            let msg = format!("may not publish to {topic_name}");
+            self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg });
+            return false;
         }
         self.stats.lock().published += 1;
         let mut targets = std::mem::take(&mut self.targets);
@@ -704,6 +799,7 @@ impl Reactor {
             self.deliver(idx, conn, sid, topic_name, payload, reply_to);
         }
         self.targets = targets;
+        true
     }
 
     fn pick(&mut self, gid: usize) -> Option<(usize, u64)> {
@@ -879,7 +975,7 @@ impl Reactor {
         }
         let mut c = self.conns.remove(idx);
         let _ = self.poll.registry().deregister(&mut c.stream);
-        if let ConnState::Ready { client_id } = &c.state {
+        if let ConnState::Ready { client_id, .. } = &c.state {
             log::info!("bus: {client_id} disconnected");
         }
         for p in c.blocked {

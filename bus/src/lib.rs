@@ -47,7 +47,7 @@ pub mod frame;
 pub mod topic;
 
 #[cfg(unix)]
-pub use crate::broker::{Broker, BrokerConfig, BrokerError, BrokerStats};
+pub use crate::broker::{Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Permissions};
 #[cfg(unix)]
 pub use crate::client::{Client, ClientConfig, ClientError, ConnectionState, Message, Subscription};
 

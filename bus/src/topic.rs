@@ -96,6 +96,22 @@ pub fn matches(pattern: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether every topic `pattern` matches is also matched by `allowed`
+/// (both assumed valid): the test for "may subscribe to this".
+pub fn covers(allowed: &str, pattern: &str) -> bool {
+    let mut a = allowed.split('.');
+    let mut p = pattern.split('.');
+    loop {
+        match (a.next(), p.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(x)) if x != "#" => {}
+            (Some(x), Some(y)) if x == y && x != "+" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Node<T> {
     children: HashMap<Box<str>, Node<T>>,
@@ -293,6 +309,27 @@ mod tests {
             let mut n = 0;
             trie.for_each_match(topic, |_| n += 1);
             assert_eq!(n == 1, want, "trie: {pattern} ~ {topic}");
+        }
+    }
+
+    #[test]
+    fn covering_patterns() {
+        let table = [
+            ("events.process.#", "events.process.+", true),
+            ("events.process.#", "events.process.started", true),
+            ("events.process.#", "events.#", false),
+            ("events.+", "events.x", true),
+            ("events.+", "events.+", true),
+            ("events.+", "events.#", false),
+            ("events.x", "events.+", false),
+            ("#", "anything.#", true),
+            ("a.b", "a.b", true),
+            ("a.b", "a.b.c", false),
+            ("a.+.c", "a.+.c", true),
+            ("a.+.c", "a.+.#", false),
+        ];
+        for (allowed, pattern, want) in table {
+            assert_eq!(covers(allowed, pattern), want, "{allowed} covers {pattern}");
         }
     }
 

@@ -56,16 +56,17 @@ impl Raw {
         self.send(&Frame::Publish { topic, payload, reply_to: None, ack_id: None });
     }
 
-    /// Publishes with an ack id and waits for the PubAck: every message
-    /// published before it has been routed. Returns what came before it.
-    fn sync(&mut self, ack: u64) -> Vec<Got> {
-        self.send(&Frame::Publish { topic: "sync.point", payload: b"", reply_to: None, ack_id: Some(ack) });
+    /// Sends a Ping and waits for its Pong: the broker handles a
+    /// connection's frames in order, so everything sent before has been
+    /// handled (routed or refused). Returns what came before the Pong.
+    fn sync(&mut self, n: u64) -> Vec<Got> {
+        self.send(&Frame::Ping(n));
         let mut before = Vec::new();
         loop {
             match self.recv(Duration::from_secs(5)) {
-                Some(Got::PubAck(a)) if a == ack => return before,
+                Some(Got::Pong(a)) if a == n => return before,
                 Some(g) => before.push(g),
-                None => panic!("no PubAck {ack}"),
+                None => panic!("no Pong {n}"),
             }
         }
     }
@@ -371,4 +372,55 @@ fn block_strategy_applies_backpressure_and_drops_nothing() {
     let (dropped, got, _) = flood(Overflow::Block, true);
     assert_eq!(dropped, 0);
     assert_eq!(seqs(&got), (0..FLOOD).collect::<Vec<_>>(), "every message, in order");
+}
+
+#[test]
+fn per_client_permissions_limit_publish_and_subscribe() {
+    use daemoneye_bus::{ClientPermissions, Permissions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let collectors = ClientPermissions {
+        client: "collector-*".into(),
+        permissions: Permissions {
+            publish: vec!["events.process.#".into(), "control.health.heartbeat.{client_id}".into()],
+            subscribe: vec!["control.collector.{client_id}".into(), "control.collector.lifecycle".into()],
+        },
+    };
+    let (b, path) = broker(tmp.path(), |c| c.permissions = vec![collectors]);
+    let mut agent = Raw::hello(&path, "agent");
+    agent.sub(1, "+.process.started", Mode::Broadcast, Overflow::Block);
+    assert!(matches!(agent.recv(Duration::from_secs(5)), Some(Got::Error(ErrorCode::Forbidden, _))));
+    agent.sub(2, "control.health.heartbeat.+", Mode::Broadcast, Overflow::Block);
+    agent.sub(3, "events.process.+", Mode::Broadcast, Overflow::Block);
+    let _ = agent.sync(0);
+
+    let mut c1 = Raw::hello(&path, "collector-1");
+    c1.publish("events.process.started", b"ok");
+    c1.publish("control.health.heartbeat.collector-1", b"own heartbeat");
+    c1.publish("control.health.heartbeat.collector-2", b"forged");
+    c1.publish("control.collector.lifecycle", b"not the agent");
+    c1.sub(4, "control.collector.collector-1", Mode::Broadcast, Overflow::Block);
+    c1.sub(5, "control.collector.+", Mode::Broadcast, Overflow::Block);
+    c1.sub(6, "events.#", Mode::Broadcast, Overflow::Block);
+    let before = c1.sync(1);
+    let forbidden: Vec<&Got> =
+        before.iter().filter(|g| matches!(g, Got::Error(ErrorCode::Forbidden, _))).collect();
+    assert_eq!(forbidden.len(), 4, "two forged publishes and two wide subscriptions are refused: {before:?}");
+    // The agent, with no entry, is unrestricted and may command collector-1.
+    agent.publish("control.collector.collector-1", b"health?");
+    let got = c1.recv(Duration::from_secs(5)).expect("command");
+    assert!(matches!(&got, Got::Deliver { sid: 4, payload, .. } if payload == b"health?"), "{got:?}");
+    let seen: Vec<Vec<u8>> =
+        delivered(&agent.drain(Duration::from_millis(300))).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        seen,
+        vec![b"ok".to_vec(), b"own heartbeat".to_vec()],
+        "only the allowed publishes were routed"
+    );
+    assert!(b.stats().forbidden >= 5);
+
+    let bad = BrokerConfig {
+        default_permissions: Some(Permissions { publish: vec!["a.#.b".into()], subscribe: vec![] }),
+        ..BrokerConfig::new(tmp.path().join("other.sock"))
+    };
+    assert!(matches!(Broker::start(bad), Err(BrokerError::Config(m)) if m.contains("a.#.b")));
 }
