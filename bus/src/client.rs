@@ -162,6 +162,8 @@ struct Shared {
     outbox_bytes: AtomicUsize,
     /// Deliveries dropped because a subscription's channel was full.
     dropped: AtomicU64,
+    /// Times the broker welcomed this client (1 after the first connect).
+    connects: AtomicU64,
 }
 
 impl Shared {
@@ -233,6 +235,7 @@ impl Client {
             next_sid: AtomicU64::new(1),
             outbox_bytes: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
         });
         let mut reactor = ClientReactor {
             poll,
@@ -282,6 +285,13 @@ impl Client {
             }
         }
         true
+    }
+
+    /// How many times the broker has welcomed this client: 1 after the
+    /// first connection, one more per reconnect. Unlike `state`, a quick
+    /// disconnect and reconnect cannot be missed.
+    pub fn connections(&self) -> u64 {
+        self.shared.connects.load(Ordering::Acquire)
     }
 
     /// Messages dropped so far because a subscription's channel was full.
@@ -725,6 +735,7 @@ impl ClientReactor {
                     self.wbuf.extend_from_slice(&buf);
                 }
                 log::info!("bus client {}: connected to {}", self.cfg.client_id, self.cfg.socket.display());
+                self.shared.connects.fetch_add(1, Ordering::AcqRel);
                 self.shared.set(ConnectionState::Connected);
             }
             Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to } => {
