@@ -124,8 +124,25 @@ impl BrokerConfig {
     }
 }
 
-/// Counters, readable while the broker runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The topic on which the broker answers stats requests itself: publish
+/// to it with a `reply_to` and the reply's payload is a postcard-encoded
+/// [`BrokerStats`].
+pub const STATS_TOPIC: &str = "bus.stats";
+
+/// The outbound queue of one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueDepth {
+    /// The client's id (empty before its `Hello`).
+    pub client_id: String,
+    /// Messages queued.
+    pub messages: usize,
+    /// Bytes queued.
+    pub bytes: usize,
+}
+
+/// Counters, readable in-process while the broker runs, and over the bus
+/// on [`STATS_TOPIC`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BrokerStats {
     /// Connections open now.
     pub connections: usize,
@@ -146,6 +163,8 @@ pub struct BrokerStats {
     pub forbidden: u64,
     /// Subscribers disconnected for staying over their queue limit.
     pub slow_disconnects: u64,
+    /// Every connection's outbound queue, as of the last poll iteration.
+    pub queues: Vec<QueueDepth>,
 }
 
 /// Why the broker could not start.
@@ -663,6 +682,9 @@ impl Reactor {
             }
             (true, Frame::Unsubscribe { sid }) => self.unsubscribe(idx, sid),
             (true, Frame::Publish { topic, payload, reply_to, ack_id }) => {
+                if topic == STATS_TOPIC {
+                    return self.answer_stats(idx, reply_to, ack_id);
+                }
                 // A PubAck means routed: a refused publish gets its Error instead.
                 if self.publish(idx, topic, payload, reply_to)
                     && let Some(ack_id) = ack_id
@@ -785,6 +807,13 @@ impl Reactor {
             return false;
         }
         self.stats.lock().published += 1;
+        self.route(idx, topic_name, payload, reply_to);
+        true
+    }
+
+    /// Delivers a message to every matching subscription and one member of
+    /// every matching queue group.
+    fn route(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) {
         let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
         self.trie.for_each_match(topic_name, |t| targets.push(*t));
@@ -799,7 +828,6 @@ impl Reactor {
             self.deliver(idx, conn, sid, topic_name, payload, reply_to);
         }
         self.targets = targets;
-        true
     }
 
     fn pick(&mut self, gid: usize) -> Option<(usize, u64)> {
@@ -996,6 +1024,40 @@ impl Reactor {
         let mut s = self.stats.lock();
         s.connections = self.conns.len();
         s.subscriptions = self.conns.iter().map(|(_, c)| c.subs.len()).sum();
+        s.queues = self
+            .conns
+            .iter()
+            .map(|(_, c)| QueueDepth {
+                client_id: match &c.state {
+                    ConnState::Ready { client_id, .. } => client_id.clone(),
+                    ConnState::AwaitingHello => String::new(),
+                },
+                messages: c.frame_ends.len(),
+                bytes: c.pending_bytes(),
+            })
+            .collect();
+    }
+
+    /// Answers a stats request: the encoded counters go to `reply_to` like
+    /// any other message (anyone may ask; the numbers hold no secrets).
+    fn answer_stats(&mut self, idx: usize, reply_to: Option<&str>, ack_id: Option<u64>) {
+        self.publish_stats();
+        let stats = self.stats.lock().clone();
+        match (reply_to, postcard::to_stdvec(&stats)) {
+            (Some(to), Ok(bytes)) if topic::validate_topic(to).is_ok() => self.route(idx, to, &bytes, None),
+            (None, _) => {
+                return self.reply(
+                    idx,
+                    &Frame::Error { code: ErrorCode::BadTopic, message: "bus.stats needs a reply_to" },
+                );
+            }
+            _ => {
+                return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: "bad reply_to" });
+            }
+        }
+        if let Some(ack_id) = ack_id {
+            self.reply(idx, &Frame::PubAck { ack_id });
+        }
     }
 
     fn shutdown(&mut self) {

@@ -377,6 +377,15 @@ impl Client {
         rx.recv_timeout(timeout + Duration::from_millis(100)).map_err(|_| ClientError::Timeout(timeout))?
     }
 
+    /// Asks the broker for its counters (see [`crate::broker::STATS_TOPIC`]).
+    pub fn broker_stats(&self, timeout: Duration) -> Result<crate::broker::BrokerStats, ClientError> {
+        let reply = self.request(crate::broker::STATS_TOPIC, b"", timeout)?;
+        postcard::from_bytes(&reply.payload).map_err(|e| ClientError::Refused {
+            code: ErrorCode::Protocol,
+            message: format!("bad stats reply: {e}"),
+        })
+    }
+
     /// Subscribes to a pattern (broadcast): every matching message.
     pub fn subscribe(&self, pattern: &str) -> Result<Subscription, ClientError> {
         self.subscribe_with(pattern, None, Overflow::Block)

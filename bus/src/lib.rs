@@ -47,7 +47,9 @@ pub mod frame;
 pub mod topic;
 
 #[cfg(unix)]
-pub use crate::broker::{Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Permissions};
+pub use crate::broker::{
+    Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Permissions, QueueDepth, STATS_TOPIC,
+};
 #[cfg(unix)]
 pub use crate::client::{Client, ClientConfig, ClientError, ConnectionState, Message, Subscription};
 

@@ -66,6 +66,11 @@ fn publish_subscribe_queue_and_request_reply() {
         Err(ClientError::Timeout(_)) => {}
         other => panic!("expected a timeout, got {other:?}"),
     }
+    // The broker answers stats requests itself.
+    let stats = agent.broker_stats(WAIT).expect("stats over the bus");
+    assert_eq!(stats.connections, 3);
+    assert!(stats.subscriptions >= 4 && stats.published >= 21, "{stats:?}");
+    assert!(stats.queues.iter().any(|q| q.client_id == "agent"), "{stats:?}");
     assert!(matches!(agent.publish("Not A Topic", b""), Err(ClientError::BadTopic(_))));
     assert!(matches!(agent.subscribe("a.#.b"), Err(ClientError::BadTopic(_))));
 }
