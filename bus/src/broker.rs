@@ -869,6 +869,10 @@ impl Reactor {
         let overflow = c.subs.get(&sid).map_or(Overflow::DropNewest, |s| s.overflow);
         let full = c.pending_bytes() >= lim_b || c.frame_ends.len() >= lim_m;
         if full {
+            // Whatever the strategy, the slow-consumer clock starts now.
+            if c.over_since.is_none() {
+                c.over_since = Some(Instant::now());
+            }
             match overflow {
                 Overflow::DropNewest => {
                     self.stats.lock().dropped += 1;
@@ -900,9 +904,6 @@ impl Reactor {
             }
         }
         let Some(c) = self.conns.get_mut(to) else { return };
-        if full && c.over_since.is_none() {
-            c.over_since = Some(Instant::now());
-        }
         if c.queue_frame(&Frame::Deliver { sid, topic: topic_name, payload, reply_to }, max) {
             self.stats.lock().delivered += 1;
             self.dirty.push(to);

@@ -424,3 +424,48 @@ fn per_client_permissions_limit_publish_and_subscribe() {
     };
     assert!(matches!(Broker::start(bad), Err(BrokerError::Config(m)) if m.contains("a.#.b")));
 }
+
+#[test]
+fn a_subscriber_over_its_limit_past_the_deadline_is_disconnected() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (b, path) = broker(tmp.path(), |c| {
+        c.queue_limit_msgs = 4;
+        c.slow_consumer_deadline = Duration::from_millis(300);
+    });
+    let mut stalled = Raw::hello(&path, "stalled");
+    stalled.sub(1, "flood", Mode::Broadcast, Overflow::DropNewest);
+    let _ = stalled.sync(0);
+    let mut publisher = Raw::hello(&path, "pub");
+    for _ in 0..64 {
+        publisher.publish("flood", &vec![1u8; 32 * 1024]);
+    }
+    let _ = publisher.sync(1);
+    // The subscriber reads nothing; the broker must give up on it rather
+    // than hold its queue forever.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.stats().slow_disconnects == 0 {
+        assert!(Instant::now() < deadline, "never disconnected: {:?}", b.stats());
+        publisher.send(&Frame::Ping(9));
+        let _ = publisher.recv(Duration::from_millis(100));
+    }
+    assert_eq!(b.stats().slow_disconnects, 1);
+    assert!(stalled.closed_by_broker(), "the slow subscriber's connection is closed");
+    // The publisher is unaffected.
+    assert_eq!(publisher.sync(2), Vec::new());
+}
+
+#[test]
+fn the_connection_cap_pauses_accepting_and_resumes_below_ninety_percent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (b, path) = broker(tmp.path(), |c| c.max_connections = 2);
+    let first = Raw::hello(&path, "one");
+    let _second = Raw::hello(&path, "two");
+    // The third connects at the socket level (the kernel's backlog) but is
+    // not served while the broker is at its cap.
+    let mut third = Raw::connect(&path);
+    third.send(&Frame::Hello { protocol_version: 1, client_id: "three", pid: 3 });
+    assert_eq!(third.recv(Duration::from_millis(500)), None, "served over the cap");
+    assert_eq!(b.stats().connections, 2);
+    drop(first);
+    assert_eq!(third.recv(Duration::from_secs(5)), Some(Got::Welcome), "served once below 90% of the cap");
+}

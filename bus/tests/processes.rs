@@ -70,6 +70,23 @@ fn subscriber(socket: &Path, id: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Hosts a broker until killed (the harness SIGKILLs it).
+fn broker_process(socket: &Path) -> ExitCode {
+    match Broker::start(BrokerConfig::new(socket)) {
+        Ok(_broker) => {
+            say("listening");
+            // Parked until the harness kills this process.
+            let (_tx, rx) = crossbeam_channel::bounded::<()>(0);
+            let _ = rx.recv();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(&format!("broker failed: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Says Hello on a raw socket and prints how the broker answered.
 fn raw_hello(socket: &Path) -> ExitCode {
     let mut s = match std::os::unix::net::UnixStream::connect(socket) {
@@ -146,7 +163,9 @@ fn child_cmd(exe: &Path, role: &str, socket: &Path, id: &str) -> Command {
 fn cross_process(dir: &Path) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let socket = dir.join("bus.sock");
-    let broker = Broker::start(BrokerConfig::new(&socket)).map_err(|e| e.to_string())?;
+    // The broker runs in its own process, so it can be killed outright.
+    let broker = Proc::spawn(child_cmd(&exe, "broker", &socket, "broker"))?;
+    broker.expect("listening")?;
     let kids: Vec<Proc> = (0..3)
         .map(|i| Proc::spawn(child_cmd(&exe, "subscriber", &socket, &format!("sub-{i}"))))
         .collect::<Result<_, _>>()?;
@@ -172,10 +191,12 @@ fn cross_process(dir: &Path) -> Result<String, String> {
         }
     }
 
-    // Stop the broker and start it again: every client reconnects and
-    // re-subscribes by itself.
-    broker.shutdown();
-    let broker = Broker::start(BrokerConfig::new(&socket)).map_err(|e| e.to_string())?;
+    // Kill the broker with SIGKILL (its socket file stays behind, stale)
+    // and start another: every client reconnects and re-subscribes by
+    // itself.
+    drop(broker);
+    let broker = Proc::spawn(child_cmd(&exe, "broker", &socket, "broker"))?;
+    broker.expect("listening")?;
     for k in &kids {
         k.expect("connected 2")?;
     }
@@ -207,7 +228,9 @@ fn cross_process(dir: &Path) -> Result<String, String> {
         return Err(format!("round robin split 30 tasks as {task_split:?}"));
     }
     drop(broker);
-    Ok("3 processes: 15/15/15 events across a broker restart, tasks 10/10/10, 3 requests answered".into())
+    Ok("3 client processes: 15/15/15 events across a SIGKILL and restart of the broker process, tasks 10/10/10, \
+        3 requests answered"
+        .into())
 }
 
 fn refused_uid(dir: &Path) -> Result<Option<String>, String> {
@@ -256,6 +279,7 @@ fn main() -> ExitCode {
         return match role.as_str() {
             "subscriber" => subscriber(&socket, &std::env::var(ID).unwrap_or_default()),
             "raw-hello" => raw_hello(&socket),
+            "broker" => broker_process(&socket),
             _ => ExitCode::FAILURE,
         };
     }
