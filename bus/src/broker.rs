@@ -29,6 +29,11 @@ use crate::topic::{self, TopicTrie};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
+/// Subscriptions one connection may hold.
+const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Read rounds (of up to a maximal frame plus a chunk each) one connection
+/// gets per poll iteration.
+const READ_ROUNDS: usize = 4;
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -248,8 +253,11 @@ impl Broker {
             group_index: HashMap::new(),
             own_uid: daemoneye_platform::effective_uid(),
             stats: stats.clone(),
+            counters: BrokerStats::default(),
+            queues_at: Instant::now(),
             stop: stop.clone(),
             dirty: Vec::new(),
+            resume: Vec::new(),
             targets: Vec::new(),
             rng: 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()),
             cfg,
@@ -261,7 +269,7 @@ impl Broker {
         Ok(Broker { socket: path, stats, stop, waker, thread: Some(thread) })
     }
 
-    /// A copy of the counters.
+    /// A copy of the counters (queue depths as of the last 100 ms).
     pub fn stats(&self) -> BrokerStats {
         self.stats.lock().clone()
     }
@@ -349,7 +357,9 @@ struct Conn {
     stream: UnixStream,
     state: ConnState,
     uid: u32,
+    /// Read buffer; bytes `..rlen` are data, the rest is room.
     rbuf: Vec<u8>,
+    rlen: usize,
     wbuf: Vec<u8>,
     /// Bytes of `wbuf` already written.
     wpos: usize,
@@ -367,6 +377,8 @@ struct Conn {
     paused: bool,
     /// Publishers paused on this (full) subscriber.
     blocked: Vec<usize>,
+    /// Reading paused because this connection's own queue is full.
+    self_paused: bool,
     /// Since when this subscriber is over its queue limit.
     over_since: Option<Instant>,
 }
@@ -418,7 +430,15 @@ struct Reactor {
     group_index: HashMap<(String, String), usize>,
     own_uid: u32,
     stats: Arc<Mutex<BrokerStats>>,
+    /// Counters kept on the reactor thread and copied into `stats` once
+    /// per poll iteration (before flushing, so a peer that sees an effect
+    /// can already read its count).
+    counters: BrokerStats,
+    /// When the queue depths were last snapshotted.
+    queues_at: Instant,
     stop: Arc<AtomicBool>,
+    /// Connections with unread data left by the fairness bound.
+    resume: Vec<usize>,
     /// Connections with something to flush this iteration.
     dirty: Vec<usize>,
     /// Scratch list of routing targets, reused.
@@ -432,7 +452,11 @@ impl Reactor {
         let mut events = Events::with_capacity(1024);
         log::info!("bus: broker listening on {}", self.cfg.socket.display());
         while !self.stop.load(Ordering::Acquire) {
-            let timeout = self.cfg.slow_consumer_deadline.min(Duration::from_secs(1));
+            let timeout = if self.resume.is_empty() {
+                self.cfg.slow_consumer_deadline.min(Duration::from_secs(1))
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -455,9 +479,12 @@ impl Reactor {
                     }
                 }
             }
+            for idx in std::mem::take(&mut self.resume) {
+                self.read(idx);
+            }
+            self.publish_stats(false);
             self.flush_dirty();
             self.check_slow_consumers();
-            self.publish_stats();
         }
         self.shutdown();
     }
@@ -470,13 +497,13 @@ impl Reactor {
                         Ok(c) => c.uid,
                         Err(e) => {
                             log::warn!("bus: cannot read peer credentials, refusing: {e}");
-                            self.stats.lock().refused += 1;
+                            self.counters.refused += 1;
                             continue;
                         }
                     };
                     if uid != self.own_uid && uid != 0 && !self.cfg.allowed_uids.contains(&uid) {
                         log::warn!("bus: refused a connection from uid {uid}");
-                        self.stats.lock().refused += 1;
+                        self.counters.refused += 1;
                         let mut buf = Vec::new();
                         let msg = format!("uid {uid} may not connect");
                         let _ = frame::encode(
@@ -502,6 +529,7 @@ impl Reactor {
                         state: ConnState::AwaitingHello,
                         uid,
                         rbuf: Vec::new(),
+                        rlen: 0,
                         wbuf: Vec::new(),
                         wpos: 0,
                         frame_ends: VecDeque::new(),
@@ -511,6 +539,7 @@ impl Reactor {
                         closing: false,
                         paused: false,
                         blocked: Vec::new(),
+                        self_paused: false,
                         over_since: None,
                     });
                     // A peer may have written before we registered.
@@ -536,7 +565,11 @@ impl Reactor {
     /// in the kernel, so this loops until the socket is drained, the peer
     /// closed, or reading is paused.
     fn read(&mut self, idx: usize) {
-        loop {
+        // Fairness: a connection gets a bounded number of read rounds per
+        // poll iteration; if it still has data, it is resumed next
+        // iteration (the poll then does not wait), so one flooding
+        // publisher cannot starve the others.
+        for _ in 0..READ_ROUNDS {
             match self.read_some(idx) {
                 ReadOutcome::Capped => self.process_frames(idx),
                 ReadOutcome::Drained => {
@@ -551,52 +584,62 @@ impl Reactor {
                 ReadOutcome::Skipped => return,
             }
         }
+        if !self.resume.contains(&idx) {
+            self.resume.push(idx);
+        }
     }
 
     fn read_some(&mut self, idx: usize) -> ReadOutcome {
         let max = self.cfg.max_frame;
+        let (lim_b, lim_m) = (self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
         let Some(c) = self.conns.get_mut(idx) else { return ReadOutcome::Skipped };
         if c.paused || c.closing {
             return ReadOutcome::Skipped;
         }
-        {
-            loop {
-                // Never hold more than one maximal frame plus a chunk.
-                if c.rbuf.len() > max as usize + frame::LEN_PREFIX + READ_CHUNK {
-                    return ReadOutcome::Capped;
-                }
-                let len = c.rbuf.len();
-                c.rbuf.resize(len + READ_CHUNK, 0);
-                match c.stream.read(&mut c.rbuf[len..]) {
-                    Ok(0) => {
-                        c.rbuf.truncate(len);
-                        return ReadOutcome::Closed;
-                    }
-                    Ok(n) => c.rbuf.truncate(len + n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        c.rbuf.truncate(len);
-                        return ReadOutcome::Drained;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => c.rbuf.truncate(len),
-                    Err(_) => {
-                        c.rbuf.truncate(len);
-                        return ReadOutcome::Closed;
-                    }
-                }
+        // A client that does not read what it is sent (replies, PubAcks,
+        // deliveries) is not read either until it catches up, and its
+        // slow-consumer clock runs: its queue never grows without bound.
+        if c.pending_bytes() >= lim_b || c.frame_ends.len() >= lim_m {
+            c.self_paused = true;
+            c.over_since.get_or_insert_with(Instant::now);
+            return ReadOutcome::Skipped;
+        }
+        loop {
+            // Never hold more than one maximal frame plus a chunk.
+            if c.rlen > max as usize + frame::LEN_PREFIX + READ_CHUNK {
+                return ReadOutcome::Capped;
+            }
+            // The buffer only grows (zeroed once); reads fill it from
+            // `rlen`, so no read pays for clearing memory.
+            if c.rbuf.len() < c.rlen + READ_CHUNK {
+                c.rbuf.resize(c.rlen + READ_CHUNK, 0);
+            }
+            match c.stream.read(&mut c.rbuf[c.rlen..]) {
+                Ok(0) => return ReadOutcome::Closed,
+                Ok(n) => c.rlen += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return ReadOutcome::Closed,
             }
         }
     }
 
     fn process_frames(&mut self, idx: usize) {
-        let max = self.cfg.max_frame;
+        let (max, lim_b, lim_m) = (self.cfg.max_frame, self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
         let mut used = 0;
         loop {
             let Some(c) = self.conns.get_mut(idx) else { return };
             if c.paused || c.closing {
                 break;
             }
+            if c.pending_bytes() >= lim_b || c.frame_ends.len() >= lim_m {
+                c.self_paused = true;
+                c.over_since.get_or_insert_with(Instant::now);
+                break;
+            }
             let rbuf = std::mem::take(&mut c.rbuf);
-            let step = match frame::decode(&rbuf[used..], max) {
+            let rlen = c.rlen;
+            let step = match frame::decode(&rbuf[used..rlen], max) {
                 Ok(Some((f, n))) => {
                     self.handle(idx, f);
                     Some(n)
@@ -615,13 +658,20 @@ impl Reactor {
             }
         }
         if let Some(c) = self.conns.get_mut(idx) {
-            c.rbuf.drain(..used.min(c.rbuf.len()));
+            let used = used.min(c.rlen);
+            c.rbuf.copy_within(used..c.rlen, 0);
+            c.rlen -= used;
+            // Do not pin the memory of one big frame.
+            if c.rbuf.len() > 4 * READ_CHUNK && c.rlen < READ_CHUNK {
+                c.rbuf.truncate(2 * READ_CHUNK);
+                c.rbuf.shrink_to_fit();
+            }
         }
     }
 
     fn protocol_error(&mut self, idx: usize, e: &FrameError) {
         log::warn!("bus: protocol error from connection {idx}, closing it: {e}");
-        self.stats.lock().protocol_errors += 1;
+        self.counters.protocol_errors += 1;
         self.fatal(idx, ErrorCode::Protocol, &e.to_string());
     }
 
@@ -648,7 +698,7 @@ impl Reactor {
         match (ready, f) {
             (false, Frame::Hello { protocol_version, client_id, pid }) => {
                 if protocol_version != PROTOCOL_VERSION {
-                    self.stats.lock().protocol_errors += 1;
+                    self.counters.protocol_errors += 1;
                     let msg = format!(
                         "protocol version {protocol_version} not supported (broker speaks {PROTOCOL_VERSION})"
                     );
@@ -674,7 +724,7 @@ impl Reactor {
                 self.reply(idx, &Frame::Welcome { protocol_version: PROTOCOL_VERSION, max_frame });
             }
             (false, _) => {
-                self.stats.lock().protocol_errors += 1;
+                self.counters.protocol_errors += 1;
                 self.fatal(idx, ErrorCode::Protocol, "the first frame must be Hello");
             }
             (true, Frame::Subscribe { sid, pattern, mode, overflow }) => {
@@ -695,7 +745,7 @@ impl Reactor {
             (true, Frame::Ping(n)) => self.reply(idx, &Frame::Pong(n)),
             (true, Frame::Pong(_)) => {}
             (true, other) => {
-                self.stats.lock().protocol_errors += 1;
+                self.counters.protocol_errors += 1;
                 let msg = format!("unexpected frame from a client: {}", kind(&other));
                 self.fatal(idx, ErrorCode::Protocol, &msg);
             }
@@ -704,13 +754,26 @@ impl Reactor {
 
     fn subscribe(&mut self, idx: usize, sid: u64, pattern: &str, mode: Mode<'_>, overflow: Overflow) {
         if let Err(e) = topic::validate_pattern(pattern) {
-            self.stats.lock().forbidden += 1;
+            self.counters.forbidden += 1;
             return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
         }
         if !self.may_subscribe(idx, pattern) {
-            self.stats.lock().forbidden += 1;
+            self.counters.forbidden += 1;
             let msg = format!("may not subscribe to {pattern}");
             return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg });
+        }
+        if let Mode::Queue { group, .. } = mode
+            && (topic::validate_topic(group).is_err() || group.contains('.'))
+        {
+            self.counters.forbidden += 1;
+            return self
+                .reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: "bad queue group name" });
+        }
+        let held = self.conns.get(idx).map_or(0, |c| c.subs.len() + usize::from(!c.subs.contains_key(&sid)));
+        if held > MAX_SUBSCRIPTIONS {
+            self.counters.forbidden += 1;
+            let msg = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
+            return self.reply(idx, &Frame::Error { code: ErrorCode::Limit, message: &msg });
         }
         // Re-using a sid replaces the old subscription.
         self.unsubscribe(idx, sid);
@@ -796,17 +859,17 @@ impl Reactor {
     /// Routes a publish; false when it was refused.
     fn publish(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) -> bool {
         if let Err(e) = topic::validate_topic(topic_name) {
-            self.stats.lock().forbidden += 1;
+            self.counters.forbidden += 1;
             self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
             return false;
         }
         if !self.may_publish(idx, topic_name) {
-            self.stats.lock().forbidden += 1;
+            self.counters.forbidden += 1;
             let msg = format!("may not publish to {topic_name}");
             self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg });
             return false;
         }
-        self.stats.lock().published += 1;
+        self.counters.published += 1;
         self.route(idx, topic_name, payload, reply_to);
         true
     }
@@ -875,17 +938,20 @@ impl Reactor {
             }
             match overflow {
                 Overflow::DropNewest => {
-                    self.stats.lock().dropped += 1;
+                    self.counters.dropped += 1;
                     return;
                 }
                 Overflow::Error => {
-                    self.stats.lock().dropped += 1;
+                    self.counters.dropped += 1;
                     let msg = format!("subscriber queue full, message on {topic_name} dropped");
                     return self.reply(from, &Frame::Error { code: ErrorCode::Overflow, message: &msg });
                 }
                 Overflow::DropOldest => {
-                    if c.drop_oldest() {
-                        self.stats.lock().dropped += 1;
+                    // Make room in messages and in bytes, oldest first.
+                    while (c.pending_bytes() + payload.len() > lim_b || c.frame_ends.len() >= lim_m)
+                        && c.drop_oldest()
+                    {
+                        self.counters.dropped += 1;
                     }
                 }
                 Overflow::Block => {
@@ -905,8 +971,11 @@ impl Reactor {
         }
         let Some(c) = self.conns.get_mut(to) else { return };
         if c.queue_frame(&Frame::Deliver { sid, topic: topic_name, payload, reply_to }, max) {
-            self.stats.lock().delivered += 1;
+            self.counters.delivered += 1;
             self.dirty.push(to);
+        } else {
+            // Topic, payload and framing together exceed the maximum frame.
+            self.counters.dropped += 1;
         }
     }
 
@@ -955,9 +1024,15 @@ impl Reactor {
         }
         let pending = c.pending_bytes();
         let below = pending < lim_b / 2 && c.frame_ends.len() < lim_m / 2;
-        if pending < lim_b && c.frame_ends.len() < lim_m {
+        let under = pending < lim_b && c.frame_ends.len() < lim_m;
+        // The slow-consumer clock stops only where the waiters would be
+        // released: a subscriber hovering between half and full with
+        // publishers blocked on it must still reach its deadline.
+        let waiters = !c.blocked.is_empty() || c.self_paused;
+        if below || (under && !waiters) {
             c.over_since = None;
         }
+        let resume_self = below && std::mem::take(&mut c.self_paused);
         let want_write = pending > 0;
         if want_write != c.writable {
             c.writable = want_write;
@@ -973,6 +1048,9 @@ impl Reactor {
             }
             // Frames already buffered, and bytes the kernel holds, wait.
             self.read(p);
+        }
+        if resume_self && !close {
+            self.read(idx);
         }
         if close {
             self.close(idx);
@@ -991,7 +1069,7 @@ impl Reactor {
             log::warn!(
                 "bus: connection {idx} stayed over its queue limit for {deadline:?}, disconnecting it"
             );
-            self.stats.lock().slow_disconnects += 1;
+            self.counters.slow_disconnects += 1;
             self.close(idx);
         }
     }
@@ -1021,10 +1099,20 @@ impl Reactor {
         }
     }
 
-    fn publish_stats(&self) {
+    /// Copies the counters to the shared stats; the queue depths too when
+    /// `queues` is set or 100 ms have passed (building them walks every
+    /// connection).
+    fn publish_stats(&mut self, queues: bool) {
+        self.counters.connections = self.conns.len();
+        self.counters.subscriptions = self.conns.iter().map(|(_, c)| c.subs.len()).sum();
         let mut s = self.stats.lock();
-        s.connections = self.conns.len();
-        s.subscriptions = self.conns.iter().map(|(_, c)| c.subs.len()).sum();
+        let snapshot = std::mem::take(&mut s.queues);
+        *s = self.counters.clone();
+        s.queues = snapshot;
+        if !queues && self.queues_at.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.queues_at = Instant::now();
         s.queues = self
             .conns
             .iter()
@@ -1039,13 +1127,25 @@ impl Reactor {
             .collect();
     }
 
-    /// Answers a stats request: the encoded counters go to `reply_to` like
-    /// any other message (anyone may ask; the numbers hold no secrets).
+    /// Whether `topic_name` lies in the connection's own inbox.
+    fn own_inbox(&self, idx: usize, topic_name: &str) -> bool {
+        let Some(ConnState::Ready { client_id, .. }) = self.conns.get(idx).map(|c| &c.state) else {
+            return false;
+        };
+        let mut segs = topic_name.split('.');
+        segs.next() == Some("direct") && segs.next() == Some(client_id.as_str())
+    }
+
+    /// Answers a stats request: the encoded counters go to `reply_to`,
+    /// which must be the requester's own inbox (otherwise the broker would
+    /// publish on the requester's behalf where it may not).
     fn answer_stats(&mut self, idx: usize, reply_to: Option<&str>, ack_id: Option<u64>) {
-        self.publish_stats();
+        self.publish_stats(true);
         let stats = self.stats.lock().clone();
         match (reply_to, postcard::to_stdvec(&stats)) {
-            (Some(to), Ok(bytes)) if topic::validate_topic(to).is_ok() => self.route(idx, to, &bytes, None),
+            (Some(to), Ok(bytes)) if topic::validate_topic(to).is_ok() && self.own_inbox(idx, to) => {
+                self.route(idx, to, &bytes, None)
+            }
             (None, _) => {
                 return self.reply(
                     idx,
@@ -1053,7 +1153,9 @@ impl Reactor {
                 );
             }
             _ => {
-                return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: "bad reply_to" });
+                self.counters.forbidden += 1;
+                let message = "bus.stats answers only to the requester's own inbox";
+                return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message });
             }
         }
         if let Some(ack_id) = ack_id {
@@ -1073,7 +1175,7 @@ impl Reactor {
             }
         }
         self.conns.clear();
-        self.publish_stats();
+        self.publish_stats(true);
         let _ = std::fs::remove_file(&self.cfg.socket);
         log::info!("bus: broker stopped");
     }

@@ -119,6 +119,7 @@ pub enum Frame<'a> {
         /// The topic (no wildcards).
         topic: &'a str,
         /// The message.
+        #[serde(borrow, with = "serde_bytes")]
         payload: &'a [u8],
         /// Where replies go (a request).
         reply_to: Option<&'a str>,
@@ -132,6 +133,7 @@ pub enum Frame<'a> {
         /// The topic it was published on.
         topic: &'a str,
         /// The message.
+        #[serde(borrow, with = "serde_bytes")]
         payload: &'a [u8],
         /// Where replies go.
         reply_to: Option<&'a str>,
