@@ -507,7 +507,7 @@ impl Reactor {
                         let mut buf = Vec::new();
                         let msg = format!("uid {uid} may not connect");
                         let _ = frame::encode(
-                            &Frame::Error { code: ErrorCode::Forbidden, message: &msg },
+                            &Frame::Error { code: ErrorCode::Forbidden, message: &msg, ack_id: None },
                             &mut buf,
                             4096,
                         );
@@ -679,7 +679,7 @@ impl Reactor {
     fn fatal(&mut self, idx: usize, code: ErrorCode, message: &str) {
         let max = self.cfg.max_frame;
         if let Some(c) = self.conns.get_mut(idx) {
-            c.queue_frame(&Frame::Error { code, message }, max);
+            c.queue_frame(&Frame::Error { code, message, ack_id: None }, max);
             c.closing = true;
             self.dirty.push(idx);
         }
@@ -736,7 +736,7 @@ impl Reactor {
                     return self.answer_stats(idx, reply_to, ack_id);
                 }
                 // A PubAck means routed: a refused publish gets its Error instead.
-                if self.publish(idx, topic, payload, reply_to)
+                if self.publish(idx, topic, payload, reply_to, ack_id)
                     && let Some(ack_id) = ack_id
                 {
                     self.reply(idx, &Frame::PubAck { ack_id });
@@ -755,25 +755,31 @@ impl Reactor {
     fn subscribe(&mut self, idx: usize, sid: u64, pattern: &str, mode: Mode<'_>, overflow: Overflow) {
         if let Err(e) = topic::validate_pattern(pattern) {
             self.counters.forbidden += 1;
-            return self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
+            return self.reply(
+                idx,
+                &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string(), ack_id: None },
+            );
         }
         if !self.may_subscribe(idx, pattern) {
             self.counters.forbidden += 1;
             let msg = format!("may not subscribe to {pattern}");
-            return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg });
+            return self
+                .reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg, ack_id: None });
         }
         if let Mode::Queue { group, .. } = mode
             && (topic::validate_topic(group).is_err() || group.contains('.'))
         {
             self.counters.forbidden += 1;
-            return self
-                .reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: "bad queue group name" });
+            return self.reply(
+                idx,
+                &Frame::Error { code: ErrorCode::BadTopic, message: "bad queue group name", ack_id: None },
+            );
         }
         let held = self.conns.get(idx).map_or(0, |c| c.subs.len() + usize::from(!c.subs.contains_key(&sid)));
         if held > MAX_SUBSCRIPTIONS {
             self.counters.forbidden += 1;
             let msg = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
-            return self.reply(idx, &Frame::Error { code: ErrorCode::Limit, message: &msg });
+            return self.reply(idx, &Frame::Error { code: ErrorCode::Limit, message: &msg, ack_id: None });
         }
         // Re-using a sid replaces the old subscription.
         self.unsubscribe(idx, sid);
@@ -857,16 +863,23 @@ impl Reactor {
     }
 
     /// Routes a publish; false when it was refused.
-    fn publish(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) -> bool {
+    fn publish(
+        &mut self,
+        idx: usize,
+        topic_name: &str,
+        payload: &[u8],
+        reply_to: Option<&str>,
+        ack_id: Option<u64>,
+    ) -> bool {
         if let Err(e) = topic::validate_topic(topic_name) {
             self.counters.forbidden += 1;
-            self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string() });
+            self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string(), ack_id });
             return false;
         }
         if !self.may_publish(idx, topic_name) {
             self.counters.forbidden += 1;
             let msg = format!("may not publish to {topic_name}");
-            self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg });
+            self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg, ack_id });
             return false;
         }
         self.counters.published += 1;
@@ -944,7 +957,10 @@ impl Reactor {
                 Overflow::Error => {
                     self.counters.dropped += 1;
                     let msg = format!("subscriber queue full, message on {topic_name} dropped");
-                    return self.reply(from, &Frame::Error { code: ErrorCode::Overflow, message: &msg });
+                    return self.reply(
+                        from,
+                        &Frame::Error { code: ErrorCode::Overflow, message: &msg, ack_id: None },
+                    );
                 }
                 Overflow::DropOldest => {
                     // Make room in messages and in bytes, oldest first.
@@ -1149,13 +1165,17 @@ impl Reactor {
             (None, _) => {
                 return self.reply(
                     idx,
-                    &Frame::Error { code: ErrorCode::BadTopic, message: "bus.stats needs a reply_to" },
+                    &Frame::Error {
+                        code: ErrorCode::BadTopic,
+                        message: "bus.stats needs a reply_to",
+                        ack_id,
+                    },
                 );
             }
             _ => {
                 self.counters.forbidden += 1;
                 let message = "bus.stats answers only to the requester's own inbox";
-                return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message });
+                return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id });
             }
         }
         if let Some(ack_id) = ack_id {

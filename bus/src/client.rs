@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,10 @@ const STREAM: Token = Token(0);
 const WAKER: Token = Token(1);
 /// Subscription id of the client's own inbox, `direct.<client_id>.#`.
 const INBOX_SID: u64 = 0;
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 64 * 1024;
+/// Read-buffer size at which reading pauses until frames are handled.
+const READ_CAP: usize = 4 << 20;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -121,6 +125,14 @@ pub enum ClientError {
         /// Its message.
         message: String,
     },
+    /// The message is larger than the broker accepts (its `Welcome` said).
+    #[error("message of {len} bytes exceeds the broker's maximum frame of {max} bytes")]
+    TooLarge {
+        /// Topic and payload bytes.
+        len: usize,
+        /// The broker's maximum frame body.
+        max: u32,
+    },
     /// The connection dropped before the call was confirmed.
     #[error("connection to the broker dropped before the call was confirmed")]
     Disconnected,
@@ -164,12 +176,18 @@ struct Shared {
     dropped: AtomicU64,
     /// Times the broker welcomed this client (1 after the first connect).
     connects: AtomicU64,
+    /// The broker's maximum frame body, from its last `Welcome`.
+    max_frame: AtomicU32,
+    /// Set by `close`/drop: the reactor stops even if its command queue is
+    /// not being drained.
+    closing: AtomicBool,
 }
 
 impl Shared {
     fn set(&self, s: ConnectionState) {
         let mut st = self.state.lock();
-        if *st != s && *st != ConnectionState::Closed {
+        // Refused and Closed are final.
+        if *st != s && *st != ConnectionState::Closed && *st != ConnectionState::Refused {
             *st = s;
             self.changed.notify_all();
         }
@@ -236,6 +254,8 @@ impl Client {
             outbox_bytes: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
+            max_frame: AtomicU32::new(frame::DEFAULT_MAX_FRAME),
+            closing: AtomicBool::new(false),
         });
         let mut reactor = ClientReactor {
             poll,
@@ -244,6 +264,8 @@ impl Client {
             stream: None,
             welcomed: false,
             rbuf: Vec::new(),
+            rlen: 0,
+            pending_read: false,
             wbuf: Vec::new(),
             wpos: 0,
             subs: HashMap::new(),
@@ -318,6 +340,11 @@ impl Client {
     }
 
     fn check_open(&self, bytes: usize) -> Result<(), ClientError> {
+        // Room for the frame's own fields (kind, lengths, options).
+        let max = self.shared.max_frame.load(Ordering::Acquire);
+        if bytes + 64 > max as usize {
+            return Err(ClientError::TooLarge { len: bytes, max });
+        }
         match self.state() {
             ConnectionState::Closed | ConnectionState::Refused => Err(ClientError::Closed),
             ConnectionState::Disconnected
@@ -342,9 +369,17 @@ impl Client {
     }
 
     /// Publishes and waits for the broker's `PubAck` (routed, not stored).
+    /// A refusal (`Forbidden`, `BadTopic`) comes back as `Refused` at once;
+    /// `Disconnected` means it was not sent, or not confirmed before the
+    /// connection dropped.
     pub fn publish_confirmed(&self, topic: &str, payload: &[u8]) -> Result<(), ClientError> {
         topic::validate_topic(topic)?;
         self.check_open(payload.len() + topic.len())?;
+        // Never queued while away: a confirmation is only worth waiting
+        // for on a live connection, and an error must mean "not sent".
+        if self.state() != ConnectionState::Connected {
+            return Err(ClientError::Disconnected);
+        }
         let (tx, rx) = bounded(1);
         self.send(Cmd::Publish {
             topic: topic.to_owned(),
@@ -423,9 +458,9 @@ impl Client {
     }
 
     fn shutdown(&mut self) {
-        if self.cmds.send_timeout(Cmd::Close, self.cfg.timeout).is_ok() {
-            let _ = self.waker.wake();
-        }
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.cmds.try_send(Cmd::Close);
+        let _ = self.waker.wake();
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -454,7 +489,11 @@ struct ClientReactor {
     shared: Arc<Shared>,
     stream: Option<UnixStream>,
     welcomed: bool,
+    /// Read buffer; bytes `..rlen` are data.
     rbuf: Vec<u8>,
+    rlen: usize,
+    /// Unread data may remain (a full Block subscription, or the cap).
+    pending_read: bool,
     wbuf: Vec<u8>,
     wpos: usize,
     subs: HashMap<u64, SubEntry>,
@@ -484,6 +523,10 @@ impl ClientReactor {
             if let Some(d) = self.requests.values().map(|r| r.1).min() {
                 timeout = timeout.min(d.saturating_duration_since(now));
             }
+            if self.pending_read {
+                // Waiting for the application to make room: look again soon.
+                timeout = timeout.min(Duration::from_millis(1));
+            }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -496,8 +539,11 @@ impl ClientReactor {
                     readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
                 }
             }
-            if readable {
+            if readable || self.pending_read {
                 self.read();
+            }
+            if self.shared.closing.load(Ordering::Acquire) {
+                self.closing = true;
             }
             self.take_commands();
             if self.closing {
@@ -536,7 +582,7 @@ impl ClientReactor {
                 }
                 self.stream = Some(s);
                 self.welcomed = false;
-                self.rbuf.clear();
+                self.rlen = 0;
                 self.wbuf.clear();
                 self.wpos = 0;
                 let hello = Frame::Hello {
@@ -612,6 +658,11 @@ impl ClientReactor {
                     }
                     let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
                 } else {
+                    if let Some(tx) = confirm {
+                        // Not sent: the caller hears so and may retry.
+                        let _ = tx.send(Err(ClientError::Disconnected));
+                        return;
+                    }
                     let mut buf = Vec::new();
                     let away = Frame::Publish {
                         topic: &topic,
@@ -622,9 +673,6 @@ impl ClientReactor {
                     let _ = frame::encode(&away, &mut buf, u32::MAX);
                     self.shared.outbox_bytes.fetch_add(buf.len(), Ordering::AcqRel);
                     self.outbox.push_back(buf);
-                    if let Some(tx) = confirm {
-                        let _ = tx.send(Err(ClientError::Disconnected));
-                    }
                 }
             }
             Cmd::Subscribe { sid, pattern, group, overflow, tx } => {
@@ -668,58 +716,87 @@ impl ClientReactor {
         );
     }
 
+    /// Reads and handles what the broker sent. Stops early, leaving the
+    /// rest in the kernel (and so pushing back on the broker), when a
+    /// `Block` subscription's channel is full or the read buffer is at its
+    /// cap; `pending_read` then makes the loop come back soon.
     fn read(&mut self) {
-        let Some(s) = self.stream.as_mut() else { return };
+        self.pending_read = false;
         let mut closed = None;
-        loop {
-            let len = self.rbuf.len();
-            self.rbuf.resize(len + 64 * 1024, 0);
-            match s.read(&mut self.rbuf[len..]) {
-                Ok(0) => {
-                    self.rbuf.truncate(len);
-                    closed = Some("broker closed the connection".to_owned());
+        if !self.process_rbuf(&mut closed) {
+            self.pending_read = true;
+        } else if let Some(s) = self.stream.as_mut() {
+            loop {
+                if self.rlen >= READ_CAP {
+                    self.pending_read = true;
                     break;
                 }
-                Ok(n) => self.rbuf.truncate(len + n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.rbuf.truncate(len);
-                    break;
+                if self.rbuf.len() < self.rlen + READ_CHUNK {
+                    self.rbuf.resize(self.rlen + READ_CHUNK, 0);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.rbuf.truncate(len),
-                Err(e) => {
-                    self.rbuf.truncate(len);
-                    closed = Some(e.to_string());
-                    break;
+                match s.read(&mut self.rbuf[self.rlen..]) {
+                    Ok(0) => {
+                        closed = Some("broker closed the connection".to_owned());
+                        break;
+                    }
+                    Ok(n) => self.rlen += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        closed = Some(e.to_string());
+                        break;
+                    }
                 }
             }
-        }
-        let rbuf = std::mem::take(&mut self.rbuf);
-        let mut used = 0;
-        loop {
-            match frame::decode(&rbuf[used..], u32::MAX) {
-                Ok(Some((f, n))) => {
-                    used += n;
-                    self.handle(f);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    closed = Some(format!("bad frame from broker: {e}"));
-                    used = rbuf.len();
-                    break;
-                }
+            if !self.process_rbuf(&mut closed) {
+                self.pending_read = true;
             }
         }
-        self.rbuf = rbuf;
-        self.rbuf.drain(..used);
         if let Some(why) = closed {
             self.disconnected(&why);
         }
     }
 
+    /// Handles the whole frames in the read buffer; false when it stopped
+    /// at a delivery for a full `Block` subscription.
+    fn process_rbuf(&mut self, closed: &mut Option<String>) -> bool {
+        let rbuf = std::mem::take(&mut self.rbuf);
+        let mut used = 0;
+        let mut all = true;
+        loop {
+            match frame::decode(&rbuf[used..self.rlen], u32::MAX) {
+                Ok(Some((f, n))) => {
+                    if let Frame::Deliver { sid, .. } = f
+                        && self
+                            .subs
+                            .get(&sid)
+                            .is_some_and(|e| e.overflow == Overflow::Block && e.tx.is_full())
+                    {
+                        all = false;
+                        break;
+                    }
+                    used += n;
+                    self.handle(f);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    *closed = Some(format!("bad frame from broker: {e}"));
+                    used = self.rlen;
+                    break;
+                }
+            }
+        }
+        self.rbuf = rbuf;
+        self.rbuf.copy_within(used..self.rlen, 0);
+        self.rlen -= used;
+        all
+    }
+
     fn handle(&mut self, f: Frame<'_>) {
         match f {
-            Frame::Welcome { .. } => {
+            Frame::Welcome { max_frame, .. } => {
                 self.welcomed = true;
+                self.shared.max_frame.store(max_frame, Ordering::Release);
                 self.backoff = self.cfg.backoff_min;
                 let inbox = format!("direct.{}.#", self.cfg.client_id);
                 let _ = frame::encode(
@@ -791,8 +868,14 @@ impl ClientReactor {
                     let _ = tx.send(Err(ClientError::Disconnected));
                 }
             }
-            Frame::Error { code, message } => {
+            Frame::Error { code, message, ack_id } => {
                 log::warn!("bus client {}: broker error {code:?}: {message}", self.cfg.client_id);
+                if let Some(id) = ack_id
+                    && let Some(pos) = self.acks.iter().position(|(a, _)| *a == id)
+                    && let Some((_, tx)) = self.acks.remove(pos)
+                {
+                    let _ = tx.send(Err(ClientError::Refused { code, message: message.to_owned() }));
+                }
                 if !self.welcomed {
                     log::error!("bus client {}: refused by the broker: {message}", self.cfg.client_id);
                     self.shared.set(ConnectionState::Refused);

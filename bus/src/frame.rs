@@ -149,6 +149,9 @@ pub enum Frame<'a> {
         code: ErrorCode,
         /// A sentence for logs.
         message: &'a str,
+        /// The `ack_id` of the publish this refuses, when it asked for a
+        /// `PubAck` (so a confirmed publish learns of its refusal at once).
+        ack_id: Option<u64>,
     },
     /// Liveness probe.
     Ping(u64),

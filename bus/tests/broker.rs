@@ -86,7 +86,7 @@ impl Raw {
                             reply_to: reply_to.map(str::to_owned),
                         },
                         Frame::PubAck { ack_id } => Got::PubAck(ack_id),
-                        Frame::Error { code, message } => Got::Error(code, message.to_owned()),
+                        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
                         Frame::Pong(n) => Got::Pong(n),
                         other => Got::Other(format!("{other:?}")),
                     };

@@ -105,3 +105,82 @@ fn reconnects_and_resubscribes_after_the_broker_restarts() {
         std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500))).map(|m| m.payload).collect();
     assert!(after.contains(&b"2".to_vec()), "got {after:?}");
 }
+
+#[test]
+fn block_backpressure_reaches_the_publisher_and_nothing_is_dropped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let broker =
+        Broker::start(BrokerConfig { queue_limit_msgs: 16, ..BrokerConfig::new(&path) }).expect("broker");
+    let mut cfg = ClientConfig::new(&path, "slow");
+    cfg.subscription_capacity = 4;
+    let slow = Client::connect(cfg).expect("client");
+    assert!(slow.wait_connected(WAIT));
+    let sub = slow.subscribe("flood").expect("subscribe");
+    slow.publish_confirmed("sync.slow", b"").expect("confirm");
+    let publisher = client(&path, "fast");
+    const N: u32 = 3000;
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            publisher.publish("flood", &[i.to_le_bytes().as_slice(), &[0u8; 252]].concat()).expect("publish");
+        }
+        publisher
+    });
+    // The subscriber reads nothing until the broker holds a full queue for
+    // it: the push-back went through its channel, its socket and the
+    // broker's queue.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !broker.stats().queues.iter().any(|q| q.client_id == "slow" && q.messages >= 16) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no backpressure reached the broker: {:?}",
+            broker.stats()
+        );
+        std::thread::yield_now();
+    }
+    let got: Vec<u32> = (0..N)
+        .map(|_| sub.recv_timeout(WAIT).expect("every message arrives"))
+        .map(|m| u32::from_le_bytes(m.payload[..4].try_into().expect("4 bytes")))
+        .collect();
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "all, in order");
+    let _publisher = sender.join().expect("publisher");
+    assert_eq!((slow.dropped(), broker.stats().dropped), (0, 0), "Block drops nothing anywhere");
+}
+
+#[test]
+fn refusals_are_reported_at_once_and_oversize_is_refused_locally() {
+    use daemoneye_bus::{ClientPermissions, Permissions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let cfg = BrokerConfig {
+        permissions: vec![ClientPermissions {
+            client: "collector-1".into(),
+            permissions: Permissions { publish: vec!["events.#".into()], subscribe: vec![] },
+        }],
+        max_frame: 4096,
+        ..BrokerConfig::new(&path)
+    };
+    let _broker = Broker::start(cfg).expect("broker");
+    let c = client(&path, "collector-1");
+    let started = std::time::Instant::now();
+    match c.publish_confirmed("control.collector.lifecycle", b"forged") {
+        Err(ClientError::Refused { code: daemoneye_bus::ErrorCode::Forbidden, .. }) => {}
+        other => panic!("expected Refused(Forbidden), got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "the refusal came back at once, not by timeout");
+    c.publish_confirmed("events.ok", b"fine").expect("allowed");
+    // Larger than the broker's maximum frame: refused here, connection kept.
+    assert!(matches!(
+        c.publish("events.big", &vec![0u8; 8192]),
+        Err(ClientError::TooLarge { max: 4096, .. })
+    ));
+    c.publish_confirmed("events.ok", b"still connected").expect("connection kept");
+    assert_eq!(c.connections(), 1);
+
+    let mut old = ClientConfig::new(&path, "x");
+    old.client_id = "has.dot".into();
+    assert!(
+        matches!(Client::connect(old), Err(ClientError::BadTopic(_))),
+        "ids with dots are refused locally"
+    );
+}

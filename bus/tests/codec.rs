@@ -26,7 +26,7 @@ fn samples() -> Vec<Frame<'static>> {
         Frame::Publish { topic: "events.process.started", payload: b"abc", reply_to: None, ack_id: Some(9) },
         Frame::Deliver { sid: 7, topic: "a.b", payload: &[0, 255], reply_to: Some("direct.agent") },
         Frame::PubAck { ack_id: 9 },
-        Frame::Error { code: daemoneye_bus::ErrorCode::Forbidden, message: "no" },
+        Frame::Error { code: daemoneye_bus::ErrorCode::Forbidden, message: "no", ack_id: Some(3) },
         Frame::Ping(1),
         Frame::Pong(1),
     ]
