@@ -29,6 +29,8 @@ use crate::topic::{self, TopicTrie};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
+/// Time a new connection has to send its `Hello`.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 /// Subscriptions one connection may hold.
 const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Read rounds (of up to a maximal frame plus a chunk each) one connection
@@ -215,6 +217,16 @@ impl Broker {
         for p in cfg.permissions.iter().map(|c| &c.permissions).chain(cfg.default_permissions.as_ref()) {
             p.check().map_err(BrokerError::Config)?;
         }
+        // Resuming happens below half a limit, so a limit must leave room.
+        if cfg.queue_limit_msgs < 2 || cfg.queue_limit_bytes < 2 {
+            return Err(BrokerError::Config(format!(
+                "queue limits of {} messages and {} bytes are too small (at least 2 messages and 2 bytes)",
+                cfg.queue_limit_msgs, cfg.queue_limit_bytes
+            )));
+        }
+        if cfg.max_connections == 0 {
+            return Err(BrokerError::Config("max_connections must be at least 1".into()));
+        }
         let path = cfg.socket.clone();
         let io_err = |op: &'static str, p: &Path| {
             let p = p.to_path_buf();
@@ -381,6 +393,8 @@ struct Conn {
     self_paused: bool,
     /// Since when this subscriber is over its queue limit.
     over_since: Option<Instant>,
+    /// When the connection was accepted (a `Hello` is due promptly).
+    accepted_at: Instant,
 }
 
 impl Conn {
@@ -402,21 +416,36 @@ impl Conn {
     }
 
     /// Drops the oldest queued frame that has not started to go out.
-    fn drop_oldest(&mut self) -> bool {
+    /// Drops the oldest frames that have not started to go out until at
+    /// most `max_bytes` and `max_msgs` are queued (or nothing unsent is
+    /// left), in one pass: one move of the buffer, however many frames go.
+    /// Returns how many were dropped.
+    fn drop_oldest_to(&mut self, max_bytes: usize, max_msgs: usize) -> u64 {
+        // The first frame that has not started: skip a half-sent head.
+        let mut first = 0;
         let mut start = self.head;
-        for (i, &end) in self.frame_ends.iter().enumerate() {
-            if start >= self.wpos {
-                let len = end - start;
-                self.wbuf.drain(start..end);
-                self.frame_ends.remove(i);
-                for e in self.frame_ends.iter_mut().skip(i) {
-                    *e -= len;
-                }
-                return true;
-            }
-            start = end;
+        while first < self.frame_ends.len() && start < self.wpos {
+            start = self.frame_ends[first];
+            first += 1;
         }
-        false
+        let (mut last, mut end) = (first, start);
+        while last < self.frame_ends.len()
+            && (self.wbuf.len() - self.wpos - (end - start) > max_bytes
+                || self.frame_ends.len() - (last - first) > max_msgs)
+        {
+            end = self.frame_ends[last];
+            last += 1;
+        }
+        if last == first {
+            return 0;
+        }
+        let len = end - start;
+        self.wbuf.drain(start..end);
+        self.frame_ends.drain(first..last);
+        for e in self.frame_ends.iter_mut().skip(first) {
+            *e -= len;
+        }
+        (last - first) as u64
     }
 }
 
@@ -541,6 +570,7 @@ impl Reactor {
                         blocked: Vec::new(),
                         self_paused: false,
                         over_since: None,
+                        accepted_at: Instant::now(),
                     });
                     // A peer may have written before we registered.
                     self.read(idx);
@@ -707,6 +737,18 @@ impl Reactor {
                 }
                 if topic::validate_topic(client_id).is_err() || client_id.contains('.') {
                     return self.fatal(idx, ErrorCode::BadTopic, "client id must be one topic segment");
+                }
+                let taken = self.conns.iter().any(|(i, c)| {
+                    i != idx && matches!(&c.state, ConnState::Ready { client_id: id, .. } if id == client_id)
+                });
+                if taken {
+                    // Another live connection has this id: its inbox and
+                    // permissions are not to be shared.
+                    self.counters.refused += 1;
+                    log::warn!("bus: refused a second connection as {client_id} (pid {pid})");
+                    // Limit, not Forbidden: a client reconnecting faster than the
+                    // broker notices its old connection's close retries.
+                    return self.fatal(idx, ErrorCode::Limit, "client id in use by a live connection");
                 }
                 if let Some(c) = self.conns.get_mut(idx) {
                     log::info!("bus: {client_id} connected (pid {pid}, uid {})", c.uid);
@@ -963,12 +1005,11 @@ impl Reactor {
                     );
                 }
                 Overflow::DropOldest => {
-                    // Make room in messages and in bytes, oldest first.
-                    while (c.pending_bytes() + payload.len() > lim_b || c.frame_ends.len() >= lim_m)
-                        && c.drop_oldest()
-                    {
-                        self.counters.dropped += 1;
-                    }
+                    // Make room down to half the limits, oldest first, in
+                    // one pass: a full queue then takes many messages
+                    // before the next (costly) move of its buffer.
+                    let target_b = (lim_b / 2).saturating_sub(payload.len());
+                    self.counters.dropped += c.drop_oldest_to(target_b, lim_m / 2);
                 }
                 Overflow::Block => {
                     // Deliver (the queue may exceed its limit by what one
@@ -996,6 +1037,9 @@ impl Reactor {
     }
 
     fn flush_dirty(&mut self) {
+        // One entry per delivery: flush each connection once.
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
         while let Some(idx) = self.dirty.pop() {
             self.flush(idx);
         }
@@ -1074,6 +1118,21 @@ impl Reactor {
     }
 
     fn check_slow_consumers(&mut self) {
+        // A connection that does not say Hello in time holds a slot for
+        // nothing: with the cap, silent sockets could lock clients out.
+        let mute: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.state, ConnState::AwaitingHello) && c.accepted_at.elapsed() > HELLO_DEADLINE
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for idx in mute {
+            log::warn!("bus: connection {idx} sent no Hello within {HELLO_DEADLINE:?}, closing it");
+            self.counters.protocol_errors += 1;
+            self.close(idx);
+        }
         let deadline = self.cfg.slow_consumer_deadline;
         let slow: Vec<usize> = self
             .conns

@@ -33,8 +33,14 @@ const WAKER: Token = Token(1);
 const INBOX_SID: u64 = 0;
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
-/// Read-buffer size at which reading pauses until frames are handled.
+/// Read-buffer size at which reading pauses until frames are handled (at
+/// least one maximal frame of the broker's plus a chunk).
 const READ_CAP: usize = 4 << 20;
+/// Deliveries held per Block subscription whose channel is full, before
+/// the client stops reading the socket (pushing back on the broker).
+/// Frames for other subscriptions, replies and acks keep flowing until
+/// then.
+const PARK_LIMIT: usize = 1024;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -339,12 +345,18 @@ impl Client {
         }
     }
 
-    fn check_open(&self, bytes: usize) -> Result<(), ClientError> {
+    /// Refuses a message the broker's maximum frame cannot hold.
+    fn check_size(&self, bytes: usize) -> Result<(), ClientError> {
         // Room for the frame's own fields (kind, lengths, options).
         let max = self.shared.max_frame.load(Ordering::Acquire);
         if bytes + 64 > max as usize {
             return Err(ClientError::TooLarge { len: bytes, max });
         }
+        Ok(())
+    }
+
+    fn check_open(&self, bytes: usize) -> Result<(), ClientError> {
+        self.check_size(bytes)?;
         match self.state() {
             ConnectionState::Closed | ConnectionState::Refused => Err(ClientError::Closed),
             ConnectionState::Disconnected
@@ -404,6 +416,8 @@ impl Client {
     /// Sends a request and waits for its reply up to `timeout`.
     pub fn request(&self, topic: &str, payload: &[u8], timeout: Duration) -> Result<Message, ClientError> {
         topic::validate_topic(topic)?;
+        // The reply inbox travels too.
+        self.check_size(payload.len() + topic.len() + self.cfg.client_id.len() + 32)?;
         if self.state() != ConnectionState::Connected {
             return Err(ClientError::Disconnected);
         }
@@ -481,6 +495,8 @@ struct SubEntry {
     group: Option<(String, Strategy)>,
     overflow: Overflow,
     tx: Sender<Message>,
+    /// Block only: deliveries waiting for room in `tx`, oldest first.
+    parked: VecDeque<Message>,
 }
 
 struct ClientReactor {
@@ -676,7 +692,7 @@ impl ClientReactor {
                 }
             }
             Cmd::Subscribe { sid, pattern, group, overflow, tx } => {
-                let entry = SubEntry { pattern, group, overflow, tx };
+                let entry = SubEntry { pattern, group, overflow, tx, parked: VecDeque::new() };
                 if self.welcomed {
                     self.send_subscribe(sid, &entry);
                 }
@@ -722,12 +738,14 @@ impl ClientReactor {
     /// cap; `pending_read` then makes the loop come back soon.
     fn read(&mut self) {
         self.pending_read = false;
+        let parked_full = self.unpark();
         let mut closed = None;
-        if !self.process_rbuf(&mut closed) {
+        let cap = READ_CAP.max(self.shared.max_frame.load(Ordering::Acquire) as usize + 4 + READ_CHUNK);
+        if parked_full || !self.process_rbuf(&mut closed) {
             self.pending_read = true;
         } else if let Some(s) = self.stream.as_mut() {
             loop {
-                if self.rlen >= READ_CAP {
+                if self.rlen >= cap {
                     self.pending_read = true;
                     break;
                 }
@@ -752,31 +770,53 @@ impl ClientReactor {
                 self.pending_read = true;
             }
         }
+        if self.subs.values().any(|e| !e.parked.is_empty()) {
+            // Come back soon to hand parked deliveries over.
+            self.pending_read = true;
+        }
         if let Some(why) = closed {
             self.disconnected(&why);
         }
     }
 
+    /// Hands parked deliveries to their channels as room appears; true when
+    /// some Block subscription is still at its parking limit.
+    fn unpark(&mut self) -> bool {
+        let mut full = false;
+        for e in self.subs.values_mut() {
+            while let Some(m) = e.parked.pop_front() {
+                match e.tx.try_send(m) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(m)) => {
+                        e.parked.push_front(m);
+                        break;
+                    }
+                    // The Subscription was dropped: nobody wants these.
+                    Err(TrySendError::Disconnected(_)) => e.parked.clear(),
+                }
+            }
+            full |= e.parked.len() >= PARK_LIMIT;
+        }
+        full
+    }
+
     /// Handles the whole frames in the read buffer; false when it stopped
-    /// at a delivery for a full `Block` subscription.
+    /// because a `Block` subscription reached its parking limit.
     fn process_rbuf(&mut self, closed: &mut Option<String>) -> bool {
         let rbuf = std::mem::take(&mut self.rbuf);
+        let max = self.shared.max_frame.load(Ordering::Acquire);
         let mut used = 0;
         let mut all = true;
         loop {
-            match frame::decode(&rbuf[used..self.rlen], u32::MAX) {
+            match frame::decode(&rbuf[used..self.rlen], max) {
                 Ok(Some((f, n))) => {
-                    if let Frame::Deliver { sid, .. } = f
-                        && self
-                            .subs
-                            .get(&sid)
-                            .is_some_and(|e| e.overflow == Overflow::Block && e.tx.is_full())
-                    {
+                    let sid = if let Frame::Deliver { sid, .. } = f { Some(sid) } else { None };
+                    used += n;
+                    self.handle(f);
+                    if sid.and_then(|s| self.subs.get(&s)).is_some_and(|e| e.parked.len() >= PARK_LIMIT) {
                         all = false;
                         break;
                     }
-                    used += n;
-                    self.handle(f);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -840,12 +880,22 @@ impl ClientReactor {
                 }
             }
             Frame::Deliver { sid, topic, payload, reply_to } => {
-                let Some(e) = self.subs.get(&sid) else { return };
+                let Some(e) = self.subs.get_mut(&sid) else { return };
                 let msg = Message {
                     topic: topic.to_owned(),
                     payload: payload.to_vec(),
                     reply_to: reply_to.map(str::to_owned),
                 };
+                if e.overflow == Overflow::Block {
+                    // Never dropped: parked behind earlier ones if the
+                    // channel is full (and reading stops at the limit).
+                    if !e.parked.is_empty() {
+                        e.parked.push_back(msg);
+                    } else if let Err(TrySendError::Full(m)) = e.tx.try_send(msg) {
+                        e.parked.push_back(m);
+                    }
+                    return;
+                }
                 match e.tx.try_send(msg) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => {
@@ -876,7 +926,9 @@ impl ClientReactor {
                 {
                     let _ = tx.send(Err(ClientError::Refused { code, message: message.to_owned() }));
                 }
-                if !self.welcomed {
+                if !self.welcomed
+                    && matches!(code, ErrorCode::Forbidden | ErrorCode::Version | ErrorCode::BadTopic)
+                {
                     log::error!("bus client {}: refused by the broker: {message}", self.cfg.client_id);
                     self.shared.set(ConnectionState::Refused);
                     self.closing = true;

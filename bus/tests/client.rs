@@ -184,3 +184,62 @@ fn refusals_are_reported_at_once_and_oversize_is_refused_locally() {
         "ids with dots are refused locally"
     );
 }
+
+#[test]
+fn an_undrained_block_subscription_does_not_hold_up_replies_or_acks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let mut cfg = ClientConfig::new(&path, "agent");
+    cfg.subscription_capacity = 16;
+    let agent = Client::connect(cfg).expect("client");
+    assert!(agent.wait_connected(WAIT));
+    let events = agent.subscribe("events.#").expect("subscribe");
+    let responder = client(&path, "collector");
+    let rpc = responder.subscribe("rpc.collector").expect("rpc");
+    responder.publish_confirmed("sync.r", b"").expect("confirm");
+    agent.publish_confirmed("sync.a", b"").expect("confirm");
+    for i in 0..64u8 {
+        responder.publish("events.process.started", &[i]).expect("publish");
+    }
+    responder.publish_confirmed("sync.r", b"").expect("events routed");
+    // The events subscription is full and not drained; a request and a
+    // confirmed publish must still go through at once.
+    let answer = std::thread::spawn(move || {
+        let req = rpc.recv_timeout(WAIT).expect("request");
+        responder.reply(&req, b"fine").expect("reply");
+        responder
+    });
+    let started = std::time::Instant::now();
+    assert_eq!(agent.request("rpc.collector", b"?", WAIT).expect("reply").payload, b"fine");
+    agent.publish_confirmed("sync.a", b"").expect("ack not held up");
+    assert!(started.elapsed() < Duration::from_secs(2), "held up behind the full subscription");
+    let _responder = answer.join().expect("responder");
+    // And nothing was dropped: all 64 events are there, in order.
+    let got: Vec<u8> = (0..64).map(|_| events.recv_timeout(WAIT).expect("event").payload[0]).collect();
+    assert_eq!(got, (0..64).collect::<Vec<u8>>());
+    assert_eq!(agent.dropped(), 0);
+    // Requests, too, are checked against the broker's maximum frame.
+    assert!(matches!(
+        agent.request("rpc.collector", &vec![0u8; 2 << 20], WAIT),
+        Err(ClientError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_second_live_connection_cannot_take_a_client_id() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let first = client(&path, "agent");
+    let mut cfg = ClientConfig::new(&path, "agent");
+    cfg.backoff_max = Duration::from_millis(100);
+    let second = Client::connect(cfg).expect("client");
+    assert!(!second.wait_connected(Duration::from_millis(500)), "the id is taken while the first is alive");
+    assert!(broker.stats().refused >= 1);
+    // Once the first leaves, the second gets in on a retry.
+    drop(first);
+    assert!(second.wait_connected(WAIT), "retried and connected after the first left");
+    let tiny = BrokerConfig { queue_limit_msgs: 1, ..BrokerConfig::new(tmp.path().join("x.sock")) };
+    assert!(matches!(Broker::start(tiny), Err(daemoneye_bus::BrokerError::Config(_))));
+}
