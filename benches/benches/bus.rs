@@ -979,6 +979,8 @@ fn wait_for(mut ok: impl FnMut() -> bool, what: &str) -> Result<(), String> {
         if ok() {
             return Ok(());
         }
+        // Mosquitto and nats-server are third-party processes with no
+        // readiness signal of their own: poll their socket, with a deadline.
         std::thread::sleep(Duration::from_millis(10));
     }
     Err(format!("{what} not up after 5 s"))
