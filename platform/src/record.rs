@@ -22,6 +22,9 @@ pub enum Unavailable {
     NotApplicable,
     /// An unexpected read error (logged where it happened).
     Failed,
+    /// Readable, but left out by configuration (procmond without
+    /// `--enhanced-metadata`).
+    NotCollected,
 }
 
 impl std::fmt::Display for Unavailable {
@@ -32,6 +35,7 @@ impl std::fmt::Display for Unavailable {
             Unavailable::Vanished => "process vanished",
             Unavailable::NotApplicable => "not applicable",
             Unavailable::Failed => "read failed",
+            Unavailable::NotCollected => "not collected",
         })
     }
 }

@@ -3,6 +3,15 @@
 //! executable hasher, the collector actor, the EventBusConnector that puts
 //! every event in the write-ahead log before publishing it, the RPC service,
 //! registration and heartbeats, standalone mode and the SQLite event store.
-//! The implementation arrives with the procmond issue; this crate is an empty
-//! placeholder until then.
+//!
+//! The agent uses two parts of this library: [`control`] (the control-plane
+//! messages both sides speak) and [`store`] (the SQLite event store).
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod event;
+pub mod hash;
+pub mod sanitize;
+pub mod store;

@@ -1,0 +1,502 @@
+//! procmond's configuration: defaults, the YAML file (`--config`), command
+//! line overrides, validation, and hot-reload updates.
+//!
+//! Hot-reloadable (an `UpdateConfig` applies them at the next cycle
+//! boundary): `interval_secs`, `max_events_in_flight`, `lifecycle`,
+//! `compute_hashes`. Restart-only (an update touching them is rejected with
+//! that reason): `collector_id`, `database`, `data_dir`, `excluded_pids`,
+//! and everything else not listed as hot-reloadable.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The allowed collection interval, in seconds.
+pub const INTERVAL_RANGE_SECS: std::ops::RangeInclusive<u64> = 5..=3600;
+/// The default collection interval, in seconds.
+pub const DEFAULT_INTERVAL_SECS: u64 = 30;
+/// The default in-memory send buffer: 10 MiB.
+pub const DEFAULT_BUFFER_BYTES: usize = 10 << 20;
+
+/// A configuration value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value is out of range or malformed.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An update touched a field that only a restart can change.
+    #[error("{field} cannot change at runtime; restart procmond with the new value")]
+    RestartRequired {
+        /// The field.
+        field: &'static str,
+    },
+    /// The configuration file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, reason: reason.into() }
+}
+
+/// What the lifecycle tracker reports as a modification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Publish the processes already running on the first cycle, marked as
+    /// a snapshot.
+    pub snapshot_on_start: bool,
+    /// Report uid/euid/gid/egid changes.
+    pub credentials: bool,
+    /// Report a changed parent.
+    pub reparent: bool,
+    /// Report an executable replaced or deleted under a running process.
+    pub exe_changes: bool,
+    /// Report command-line rewrites (setproctitle). Noisy: off by default.
+    pub command_line: bool,
+    /// Ignore processes younger than this many milliseconds when they
+    /// appear (0: report all). Their stop is then not reported either.
+    pub min_age_ms: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            snapshot_on_start: true,
+            credentials: true,
+            reparent: true,
+            exe_changes: true,
+            command_line: false,
+            min_age_ms: 0,
+        }
+    }
+}
+
+/// Executable hashing limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HashConfig {
+    /// Files larger than this are not read; the event says so.
+    pub max_file_bytes: u64,
+    /// Hashing time per cycle; what does not fit is deferred to the next.
+    pub cycle_budget_ms: u64,
+    /// Hashes kept in the LRU cache.
+    pub cache_entries: usize,
+}
+
+impl Default for HashConfig {
+    fn default() -> Self {
+        HashConfig { max_file_bytes: 256 << 20, cycle_budget_ms: 500, cache_entries: 4096 }
+    }
+}
+
+/// Command-line sanitization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SanitizeConfig {
+    /// Replace every argument after the program name with nothing.
+    pub strip_all_arguments: bool,
+    /// Words added to the default list of sensitive names (`-` and `_`
+    /// are equivalent; case is ignored).
+    pub extra_words: Vec<String>,
+    /// Replace the default list instead of extending it.
+    pub replace_default_words: bool,
+}
+
+impl Default for SanitizeConfig {
+    fn default() -> Self {
+        SanitizeConfig { strip_all_arguments: false, extra_words: Vec::new(), replace_default_words: false }
+    }
+}
+
+/// The whole configuration of one procmond.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorConfig {
+    /// Unique id on the bus. Restart-only.
+    pub collector_id: String,
+    /// SQLite event store for standalone mode. Restart-only.
+    pub database: PathBuf,
+    /// Where the WAL and the lock file live. Restart-only.
+    pub data_dir: PathBuf,
+    /// Pids never reported. Restart-only.
+    pub excluded_pids: Vec<u32>,
+    /// Collection interval. Hot.
+    pub interval: Duration,
+    /// Events published but not yet acknowledged by the store before
+    /// publishing pauses. Hot.
+    pub max_events_in_flight: usize,
+    /// Stop enumerating after this many processes per cycle (0: no limit).
+    pub max_processes: usize,
+    /// Include cwd, session, threads and CPU time. Restart-only.
+    pub enhanced_metadata: bool,
+    /// SHA-256 of new executables. Hot.
+    pub compute_hashes: bool,
+    /// What counts as a modification. Hot.
+    pub lifecycle: LifecycleConfig,
+    /// Hashing limits. Restart-only.
+    pub hash: HashConfig,
+    /// Sanitization. Restart-only.
+    pub sanitize: SanitizeConfig,
+    /// Heartbeat period. Restart-only.
+    pub heartbeat_interval: Duration,
+    /// In-memory send buffer. Restart-only.
+    pub buffer_bytes: usize,
+}
+
+impl CollectorConfig {
+    /// Defaults with a data directory (the database goes inside it).
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> CollectorConfig {
+        let data_dir = data_dir.into();
+        CollectorConfig {
+            collector_id: "procmond".to_owned(),
+            database: data_dir.join("procmond.db"),
+            data_dir,
+            excluded_pids: Vec::new(),
+            interval: Duration::from_secs(DEFAULT_INTERVAL_SECS),
+            max_events_in_flight: 10_000,
+            max_processes: 0,
+            enhanced_metadata: false,
+            compute_hashes: false,
+            lifecycle: LifecycleConfig::default(),
+            hash: HashConfig::default(),
+            sanitize: SanitizeConfig::default(),
+            heartbeat_interval: Duration::from_secs(30),
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
+        }
+    }
+
+    /// The WAL directory of this collector.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data_dir.join("wal").join(&self.collector_id)
+    }
+
+    /// Checks every value. `interval_floor` is the shortest interval
+    /// accepted: 5 s for the daemon (`INTERVAL_RANGE_SECS`); tests of the
+    /// library may pass less.
+    pub fn validate(&self, interval_floor: Duration) -> Result<(), ConfigError> {
+        validate_collector_id(&self.collector_id)?;
+        validate_interval(self.interval, interval_floor)?;
+        if self.max_events_in_flight == 0 {
+            return Err(invalid("max_events_in_flight", "must be at least 1"));
+        }
+        if self.heartbeat_interval < Duration::from_millis(100) || self.heartbeat_interval > Duration::from_secs(3600)
+        {
+            return Err(invalid("heartbeat_interval_ms", "must be between 100 and 3600000"));
+        }
+        if self.buffer_bytes < 64 << 10 {
+            return Err(invalid("buffer_bytes", "must be at least 65536"));
+        }
+        if self.hash.max_file_bytes == 0 {
+            return Err(invalid("hash.max_file_bytes", "must be at least 1"));
+        }
+        if self.hash.cycle_budget_ms == 0 {
+            return Err(invalid("hash.cycle_budget_ms", "must be at least 1"));
+        }
+        if self.hash.cache_entries == 0 {
+            return Err(invalid("hash.cache_entries", "must be at least 1"));
+        }
+        if self.database.as_os_str().is_empty() {
+            return Err(invalid("database", "must not be empty"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        for word in &self.sanitize.extra_words {
+            if word.trim().is_empty() {
+                return Err(invalid("sanitize.extra_words", "words must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an update to a copy, after checking it touches only
+    /// hot-reloadable fields; the caller validates the result.
+    pub fn updated(&self, update: &ConfigUpdate) -> Result<CollectorConfig, ConfigError> {
+        if let Some(id) = &update.collector_id
+            && *id != self.collector_id
+        {
+            return Err(ConfigError::RestartRequired { field: "collector_id" });
+        }
+        if let Some(db) = &update.database
+            && *db != self.database
+        {
+            return Err(ConfigError::RestartRequired { field: "database" });
+        }
+        if let Some(dir) = &update.data_dir
+            && *dir != self.data_dir
+        {
+            return Err(ConfigError::RestartRequired { field: "data_dir" });
+        }
+        if let Some(pids) = &update.excluded_pids
+            && *pids != self.excluded_pids
+        {
+            return Err(ConfigError::RestartRequired { field: "excluded_pids" });
+        }
+        let mut next = self.clone();
+        if let Some(secs) = update.interval_secs {
+            next.interval = Duration::from_secs(secs);
+        }
+        if let Some(ms) = update.interval_ms {
+            next.interval = Duration::from_millis(ms);
+        }
+        if let Some(n) = update.max_events_in_flight {
+            next.max_events_in_flight = n;
+        }
+        if let Some(lifecycle) = &update.lifecycle {
+            next.lifecycle = lifecycle.clone();
+        }
+        if let Some(on) = update.compute_hashes {
+            next.compute_hashes = on;
+        }
+        Ok(next)
+    }
+}
+
+/// A collector id is one bus topic segment.
+pub fn validate_collector_id(id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("collector_id", format!("{id:?}: use 1-64 of a-z, 0-9, '-', '_'")))
+    }
+}
+
+fn validate_interval(interval: Duration, floor: Duration) -> Result<(), ConfigError> {
+    let max = Duration::from_secs(*INTERVAL_RANGE_SECS.end());
+    if interval < floor || interval > max {
+        return Err(invalid(
+            "interval",
+            format!(
+                "{} s is out of range {}..={} s",
+                interval.as_secs_f64(),
+                floor.as_secs_f64(),
+                INTERVAL_RANGE_SECS.end()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A runtime change (RPC `UpdateConfig`, actor `UpdateConfig`). Fields left
+/// `None` keep their value. Restart-only fields may be present only with
+/// their current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigUpdate {
+    /// New interval in seconds.
+    pub interval_secs: Option<u64>,
+    /// New interval in milliseconds (library users and tests; the daemon
+    /// still enforces its 5 s floor).
+    pub interval_ms: Option<u64>,
+    /// New in-flight limit.
+    pub max_events_in_flight: Option<usize>,
+    /// New lifecycle settings.
+    pub lifecycle: Option<LifecycleConfig>,
+    /// Hashing on or off.
+    pub compute_hashes: Option<bool>,
+    /// Restart-only.
+    pub collector_id: Option<String>,
+    /// Restart-only.
+    pub database: Option<PathBuf>,
+    /// Restart-only.
+    pub data_dir: Option<PathBuf>,
+    /// Restart-only.
+    pub excluded_pids: Option<Vec<u32>>,
+}
+
+/// The YAML file given with `--config`. Every key is optional; unknown
+/// keys are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigFile {
+    /// See [`CollectorConfig::collector_id`].
+    pub collector_id: Option<String>,
+    /// See [`CollectorConfig::database`].
+    pub database: Option<PathBuf>,
+    /// See [`CollectorConfig::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`CollectorConfig::excluded_pids`].
+    pub excluded_pids: Option<Vec<u32>>,
+    /// See [`CollectorConfig::interval`].
+    pub interval_secs: Option<u64>,
+    /// See [`CollectorConfig::max_events_in_flight`].
+    pub max_events_in_flight: Option<usize>,
+    /// See [`CollectorConfig::max_processes`].
+    pub max_processes: Option<usize>,
+    /// See [`CollectorConfig::enhanced_metadata`].
+    pub enhanced_metadata: Option<bool>,
+    /// See [`CollectorConfig::compute_hashes`].
+    pub compute_hashes: Option<bool>,
+    /// See [`CollectorConfig::lifecycle`].
+    pub lifecycle: Option<LifecycleConfig>,
+    /// See [`CollectorConfig::hash`].
+    pub hash: Option<HashConfig>,
+    /// See [`CollectorConfig::sanitize`].
+    pub sanitize: Option<SanitizeConfig>,
+    /// See [`CollectorConfig::heartbeat_interval`].
+    pub heartbeat_interval_ms: Option<u64>,
+    /// See [`CollectorConfig::buffer_bytes`].
+    pub buffer_bytes: Option<usize>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a YAML file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { path: path.to_owned(), reason: e.to_string() })?;
+        ConfigFile::parse(&text).map_err(|reason| ConfigError::File { path: path.to_owned(), reason })
+    }
+
+    /// Parses YAML text (an empty document is all defaults).
+    pub fn parse(text: &str) -> Result<ConfigFile, String> {
+        if text.trim().is_empty() {
+            return Ok(ConfigFile::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Lays the file's values over `cfg`.
+    pub fn apply(&self, cfg: &mut CollectorConfig) {
+        if let Some(dir) = &self.data_dir {
+            let default_db = cfg.data_dir.join("procmond.db");
+            if cfg.database == default_db {
+                cfg.database = dir.join("procmond.db");
+            }
+            cfg.data_dir = dir.clone();
+        }
+        if let Some(v) = &self.collector_id {
+            cfg.collector_id = v.clone();
+        }
+        if let Some(v) = &self.database {
+            cfg.database = v.clone();
+        }
+        if let Some(v) = &self.excluded_pids {
+            cfg.excluded_pids = v.clone();
+        }
+        if let Some(v) = self.interval_secs {
+            cfg.interval = Duration::from_secs(v);
+        }
+        if let Some(v) = self.max_events_in_flight {
+            cfg.max_events_in_flight = v;
+        }
+        if let Some(v) = self.max_processes {
+            cfg.max_processes = v;
+        }
+        if let Some(v) = self.enhanced_metadata {
+            cfg.enhanced_metadata = v;
+        }
+        if let Some(v) = self.compute_hashes {
+            cfg.compute_hashes = v;
+        }
+        if let Some(v) = &self.lifecycle {
+            cfg.lifecycle = v.clone();
+        }
+        if let Some(v) = &self.hash {
+            cfg.hash = v.clone();
+        }
+        if let Some(v) = &self.sanitize {
+            cfg.sanitize = v.clone();
+        }
+        if let Some(v) = self.heartbeat_interval_ms {
+            cfg.heartbeat_interval = Duration::from_millis(v);
+        }
+        if let Some(v) = self.buffer_bytes {
+            cfg.buffer_bytes = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> CollectorConfig {
+        CollectorConfig::with_data_dir("/data")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(base().validate(Duration::from_secs(5)), Ok(()));
+    }
+
+    #[test]
+    fn interval_out_of_range_names_the_range() {
+        let mut cfg = base();
+        cfg.interval = Duration::from_secs(4);
+        let err = cfg.validate(Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(err.contains("interval") && err.contains("5..=3600"), "{err}");
+        cfg.interval = Duration::from_secs(3601);
+        assert!(cfg.validate(Duration::from_secs(5)).is_err());
+        cfg.interval = Duration::from_millis(50);
+        assert_eq!(cfg.validate(Duration::from_millis(10)), Ok(()));
+    }
+
+    #[test]
+    fn bad_collector_ids_are_refused() {
+        for id in ["", "Upper", "a.b", "has space", &"x".repeat(65)] {
+            assert!(validate_collector_id(id).is_err(), "{id:?}");
+        }
+        assert!(validate_collector_id("procmond-2_a").is_ok());
+    }
+
+    #[test]
+    fn updates_to_restart_only_fields_are_rejected_by_name() {
+        let cfg = base();
+        let cases: [(ConfigUpdate, &str); 4] = [
+            (ConfigUpdate { collector_id: Some("other".into()), ..Default::default() }, "collector_id"),
+            (ConfigUpdate { database: Some("/elsewhere.db".into()), ..Default::default() }, "database"),
+            (ConfigUpdate { data_dir: Some("/elsewhere".into()), ..Default::default() }, "data_dir"),
+            (ConfigUpdate { excluded_pids: Some(vec![1]), ..Default::default() }, "excluded_pids"),
+        ];
+        for (update, field) in cases {
+            assert_eq!(cfg.updated(&update), Err(ConfigError::RestartRequired { field }));
+        }
+        // The current value of a restart-only field is not a change.
+        let same = ConfigUpdate { collector_id: Some("procmond".into()), ..Default::default() };
+        assert_eq!(cfg.updated(&same), Ok(cfg.clone()));
+    }
+
+    #[test]
+    fn hot_fields_apply() {
+        let cfg = base();
+        let update = ConfigUpdate {
+            interval_secs: Some(60),
+            max_events_in_flight: Some(7),
+            compute_hashes: Some(true),
+            lifecycle: Some(LifecycleConfig { command_line: true, ..Default::default() }),
+            ..Default::default()
+        };
+        let next = cfg.updated(&update).unwrap();
+        assert_eq!(next.interval, Duration::from_secs(60));
+        assert_eq!(next.max_events_in_flight, 7);
+        assert!(next.compute_hashes && next.lifecycle.command_line);
+    }
+
+    #[test]
+    fn config_file_refuses_unknown_keys_and_applies_known_ones() {
+        let err = ConfigFile::parse("interval_secs: 10\nintervall: 3\n").unwrap_err();
+        assert!(err.contains("intervall"), "{err}");
+        let file = ConfigFile::parse("interval_secs: 10\ndata_dir: /d\nlifecycle:\n  command_line: true\n").unwrap();
+        let mut cfg = base();
+        file.apply(&mut cfg);
+        assert_eq!(cfg.interval, Duration::from_secs(10));
+        assert_eq!(cfg.database, PathBuf::from("/d/procmond.db"));
+        assert!(cfg.lifecycle.command_line && cfg.lifecycle.reparent);
+        assert_eq!(ConfigFile::parse("").unwrap(), ConfigFile::default());
+    }
+}
