@@ -303,6 +303,8 @@ pub struct HealthData {
     pub backpressure_activations: u64,
     /// Hashes computed (files read) since start.
     pub hashes_computed: u64,
+    /// A configuration update waits for the next cycle boundary.
+    pub pending_config: bool,
 }
 
 impl HealthData {

@@ -9,9 +9,16 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod actor;
 pub mod config;
+pub mod connector;
 pub mod control;
 pub mod event;
 pub mod hash;
+pub mod registration;
+pub mod rpc;
 pub mod sanitize;
+pub mod standalone;
 pub mod store;
+pub mod testing;
+pub mod tracker;

@@ -1,0 +1,563 @@
+//! The collector actor: one thread (`procmond-actor`) that owns every piece
+//! of collection state — the process source, the lifecycle tracker, the
+//! hasher, the configuration — and handles one message at a time.
+//!
+//! States: `WaitingForAgent → Running → ShuttingDown → Stopped`. In
+//! `WaitingForAgent` nothing is enumerated; `BeginMonitoring` starts the
+//! first cycle at once, then one every interval (fixed rate from each
+//! cycle's start). Messages arrive between cycles, so every message is
+//! handled at a cycle boundary; a valid `UpdateConfig` is answered at once
+//! and takes effect when the next cycle starts (staged, applied as a
+//! whole). `AdjustInterval` (from the EventBusConnector) slows the interval
+//! to 1.5x the configured one under backpressure and restores it.
+//!
+//! The inbox is `bounded(100)`. Senders never block: a full inbox is a
+//! logged warning and an error (`ActorError::Busy`) to the caller. Requests
+//! carry a `bounded(1)` reply channel, waited on with a timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use daemoneye_platform::ProcessSource;
+
+use crate::config::{CollectorConfig, ConfigError, ConfigUpdate};
+use crate::control::{CollectorState, ConnectionStatus, HealthData, RegistrationState};
+use crate::event::{Change, EventEnvelope, EventKind, ProcessEvent};
+use crate::hash::Hasher;
+use crate::sanitize::Sanitizer;
+use crate::tracker::Tracker;
+
+/// Capacity of the actor's inbox.
+pub const INBOX_CAPACITY: usize = 100;
+/// The backpressure slow-down factor.
+pub const SLOW_DOWN_FACTOR: f64 = 1.5;
+
+/// Why a message to the actor did not get an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ActorError {
+    /// The inbox is full (100 messages): try again later.
+    #[error("collector actor is busy: its inbox of {INBOX_CAPACITY} messages is full")]
+    Busy,
+    /// The actor is shutting down or stopped.
+    #[error("collector actor is shutting down")]
+    ShuttingDown,
+    /// No reply in time.
+    #[error("collector actor did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The request was refused (a configuration error, a failed flush).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A backpressure adjustment from the EventBusConnector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntervalAdjustment {
+    /// The send buffer passed 70%: run every 1.5x the configured interval.
+    SlowDown,
+    /// The send buffer fell below 50%: back to the configured interval.
+    Restore,
+}
+
+/// The actor's messages.
+pub enum ActorMessage {
+    /// Report health.
+    HealthCheck {
+        /// Where the report goes.
+        reply: Sender<HealthData>,
+    },
+    /// Validate now, apply at the next cycle boundary.
+    UpdateConfig {
+        /// The change.
+        update: ConfigUpdate,
+        /// The validation result.
+        reply: Sender<Result<(), ConfigError>>,
+    },
+    /// Finish, flush the sink (buffer and WAL), stop.
+    GracefulShutdown {
+        /// Answered once flushed; the thread then ends.
+        reply: Sender<Result<(), String>>,
+    },
+    /// Start collecting (from the agent, via the lifecycle broadcast or RPC).
+    BeginMonitoring,
+    /// Slow down or restore (from the EventBusConnector).
+    AdjustInterval(IntervalAdjustment),
+}
+
+/// Where events go: the EventBusConnector (WAL, then bus) or, standalone,
+/// the SQLite store.
+pub trait EventSink: Send {
+    /// Makes a cycle's events durable (WAL or store) and queues them for
+    /// delivery; returns them with their sequence numbers.
+    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String>;
+    /// Delivery status for health reports.
+    fn status(&self) -> SinkStatus;
+    /// Changes the limit of events published but not acknowledged.
+    fn set_max_in_flight(&mut self, max: usize);
+    /// Delivers what it can within `timeout` and makes everything durable.
+    fn flush(&mut self, timeout: Duration) -> Result<(), String>;
+}
+
+/// A sink's delivery status.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SinkStatus {
+    /// The bus link (or standalone).
+    pub connection: ConnectionStatus,
+    /// Fill of the in-memory send buffer, 0–100.
+    pub buffer_level_percent: f64,
+    /// Events durable but not yet acknowledged by the store.
+    pub unacknowledged: u64,
+    /// Events handed to the bus (or store) since start.
+    pub published: u64,
+}
+
+/// The registration state, written by the registration thread and read
+/// by health reports.
+#[derive(Debug, Default)]
+pub struct RegistrationCell(AtomicU8);
+
+impl RegistrationCell {
+    /// Records a state.
+    pub fn set(&self, state: RegistrationState) {
+        self.0.store(state as u8, Ordering::Release);
+    }
+
+    /// The current state.
+    pub fn get(&self) -> RegistrationState {
+        match self.0.load(Ordering::Acquire) {
+            1 => RegistrationState::Registering,
+            2 => RegistrationState::Registered,
+            3 => RegistrationState::Deregistering,
+            4 => RegistrationState::Failed,
+            _ => RegistrationState::Unregistered,
+        }
+    }
+}
+
+/// A cloneable way to message the actor; never blocks.
+#[derive(Clone)]
+pub struct ActorSender {
+    tx: Sender<ActorMessage>,
+}
+
+impl ActorSender {
+    /// Sends without blocking: a full inbox is a warning and `Busy`.
+    pub fn try_send(&self, msg: ActorMessage) -> Result<(), ActorError> {
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                log::warn!("collector actor inbox full ({INBOX_CAPACITY}); message refused");
+                Err(ActorError::Busy)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(ActorError::ShuttingDown),
+        }
+    }
+
+    fn ask<T>(&self, timeout: Duration, make: impl FnOnce(Sender<T>) -> ActorMessage) -> Result<T, ActorError> {
+        let (tx, rx) = bounded(1);
+        self.try_send(make(tx))?;
+        match rx.recv_timeout(timeout) {
+            Ok(v) => Ok(v),
+            Err(RecvTimeoutError::Timeout) => Err(ActorError::Timeout(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(ActorError::ShuttingDown),
+        }
+    }
+
+    /// Asks for a health report.
+    pub fn health(&self, timeout: Duration) -> Result<HealthData, ActorError> {
+        self.ask(timeout, |reply| ActorMessage::HealthCheck { reply })
+    }
+
+    /// Asks for a configuration change; `Refused` carries the validation
+    /// error.
+    pub fn update_config(&self, update: ConfigUpdate, timeout: Duration) -> Result<(), ActorError> {
+        self.ask(timeout, |reply| ActorMessage::UpdateConfig { update, reply })?
+            .map_err(|e| ActorError::Refused(e.to_string()))
+    }
+
+    /// Asks for a graceful shutdown and waits until the sink is flushed.
+    pub fn graceful_shutdown(&self, timeout: Duration) -> Result<(), ActorError> {
+        self.ask(timeout, |reply| ActorMessage::GracefulShutdown { reply })?.map_err(ActorError::Refused)
+    }
+
+    /// Starts collection.
+    pub fn begin_monitoring(&self) -> Result<(), ActorError> {
+        self.try_send(ActorMessage::BeginMonitoring)
+    }
+
+    /// Slows down or restores the interval.
+    pub fn adjust_interval(&self, adjustment: IntervalAdjustment) -> Result<(), ActorError> {
+        self.try_send(ActorMessage::AdjustInterval(adjustment))
+    }
+}
+
+/// Called with every event once it is durable (for `--foreground`).
+pub type EventObserver = Box<dyn FnMut(&EventEnvelope) + Send>;
+
+/// Settings of the actor that are not collector configuration.
+pub struct ActorOptions {
+    /// Shortest interval accepted by `UpdateConfig` (5 s in the daemon).
+    pub interval_floor: Duration,
+    /// Registration state for health reports (none: standalone).
+    pub registration: Option<Arc<RegistrationCell>>,
+    /// Sees every event after it is durable.
+    pub observer: Option<EventObserver>,
+    /// Start in `Running` (standalone mode) instead of `WaitingForAgent`.
+    pub start_running: bool,
+}
+
+impl Default for ActorOptions {
+    fn default() -> Self {
+        ActorOptions {
+            interval_floor: Duration::from_secs(*crate::config::INTERVAL_RANGE_SECS.start()),
+            registration: None,
+            observer: None,
+            start_running: false,
+        }
+    }
+}
+
+/// The actor thread's handle. Dropping it does not stop the actor: send
+/// `GracefulShutdown` (or drop every sender) and call [`ActorHandle::join`].
+pub struct ActorHandle {
+    // Field order: the sender goes before the thread is joined.
+    sender: ActorSender,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ActorHandle {
+    /// Creates the inbox: the sender for other threads, the receiver for
+    /// [`ActorHandle::spawn`].
+    pub fn channel() -> (ActorSender, Receiver<ActorMessage>) {
+        let (tx, rx) = bounded(INBOX_CAPACITY);
+        (ActorSender { tx }, rx)
+    }
+
+    /// Starts the actor thread. The configuration must be valid.
+    pub fn spawn(
+        cfg: CollectorConfig,
+        source: Box<dyn ProcessSource>,
+        sink: Box<dyn EventSink>,
+        inbox: (ActorSender, Receiver<ActorMessage>),
+        opts: ActorOptions,
+    ) -> std::io::Result<ActorHandle> {
+        let (sender, rx) = inbox;
+        let actor = Actor::new(cfg, source, sink, opts);
+        let thread = std::thread::Builder::new().name("procmond-actor".into()).spawn(move || actor.run(rx))?;
+        Ok(ActorHandle { sender, thread: Some(thread) })
+    }
+
+    /// A sender for other threads.
+    pub fn sender(&self) -> ActorSender {
+        self.sender.clone()
+    }
+
+    /// Waits for the thread to end (after `GracefulShutdown`).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("collector actor thread panicked");
+        }
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+struct Counters {
+    cycles: u64,
+    events: u64,
+    errors: u64,
+    backpressure_activations: u64,
+    processes: u64,
+    last_cycle_us: u64,
+    last_collection_unix_ms: Option<u64>,
+}
+
+struct Actor {
+    cfg: CollectorConfig,
+    staged: Option<CollectorConfig>,
+    state: CollectorState,
+    source: Box<dyn ProcessSource>,
+    sink: Box<dyn EventSink>,
+    tracker: Tracker,
+    hasher: Hasher,
+    slowed: bool,
+    next_cycle: Option<Instant>,
+    /// Events a failed submit left behind: retried first next cycle.
+    unsent: Vec<ProcessEvent>,
+    opts: ActorOptions,
+    n: Counters,
+    own_pid: u32,
+}
+
+/// Events kept for a retry when the sink fails, at most.
+const MAX_UNSENT: usize = 100_000;
+
+impl Actor {
+    fn new(cfg: CollectorConfig, source: Box<dyn ProcessSource>, sink: Box<dyn EventSink>, opts: ActorOptions) -> Actor {
+        let tracker = Tracker::new(cfg.lifecycle.clone(), Sanitizer::new(&cfg.sanitize), cfg.enhanced_metadata);
+        let hasher = Hasher::new(&cfg.hash);
+        let state = if opts.start_running { CollectorState::Running } else { CollectorState::WaitingForAgent };
+        let next_cycle = opts.start_running.then(Instant::now);
+        Actor {
+            cfg,
+            staged: None,
+            state,
+            source,
+            sink,
+            tracker,
+            hasher,
+            slowed: false,
+            next_cycle,
+            unsent: Vec::new(),
+            opts,
+            n: Counters {
+                cycles: 0,
+                events: 0,
+                errors: 0,
+                backpressure_activations: 0,
+                processes: 0,
+                last_cycle_us: 0,
+                last_collection_unix_ms: None,
+            },
+            own_pid: std::process::id(),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        if self.slowed { self.cfg.interval.mul_f64(SLOW_DOWN_FACTOR) } else { self.cfg.interval }
+    }
+
+    fn run(mut self, inbox: Receiver<ActorMessage>) {
+        log::info!("collector actor started in state {:?}", self.state);
+        while self.state != CollectorState::Stopped {
+            let msg = match self.next_cycle {
+                Some(at) => match inbox.recv_deadline(at) {
+                    Ok(msg) => Some(msg),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        log::error!("collector actor inbox closed without a shutdown; stopping");
+                        break;
+                    }
+                },
+                None => match inbox.recv() {
+                    Ok(msg) => Some(msg),
+                    Err(_) => {
+                        log::error!("collector actor inbox closed without a shutdown; stopping");
+                        break;
+                    }
+                },
+            };
+            match msg {
+                Some(msg) => self.handle(msg),
+                None => self.cycle(),
+            }
+        }
+        // Requests that raced with the shutdown get an answer, not silence:
+        // their reply senders drop here, which callers see as ShuttingDown.
+        drop(inbox);
+        log::info!("collector actor stopped");
+    }
+
+    fn handle(&mut self, msg: ActorMessage) {
+        match msg {
+            ActorMessage::HealthCheck { reply } => {
+                let _ = reply.try_send(self.health());
+            }
+            ActorMessage::UpdateConfig { update, reply } => {
+                let result = self.stage(&update);
+                let _ = reply.try_send(result);
+            }
+            ActorMessage::GracefulShutdown { reply } => {
+                self.state = CollectorState::ShuttingDown;
+                log::info!("graceful shutdown: flushing events");
+                let result = self.flush_unsent().and_then(|()| self.sink.flush(Duration::from_secs(10)));
+                if let Err(e) = &result {
+                    log::error!("graceful shutdown: flush failed: {e}");
+                }
+                self.state = CollectorState::Stopped;
+                let _ = reply.try_send(result);
+            }
+            ActorMessage::BeginMonitoring => {
+                if self.state == CollectorState::WaitingForAgent {
+                    log::info!("BeginMonitoring received: collection starts");
+                    self.state = CollectorState::Running;
+                    self.next_cycle = Some(Instant::now());
+                } else {
+                    log::debug!("BeginMonitoring in state {:?}: ignored", self.state);
+                }
+            }
+            ActorMessage::AdjustInterval(adj) => {
+                let slow = adj == IntervalAdjustment::SlowDown;
+                if slow != self.slowed {
+                    self.slowed = slow;
+                    if slow {
+                        self.n.backpressure_activations += 1;
+                    }
+                    log::info!(
+                        "backpressure: collection interval {} to {:?} (configured {:?})",
+                        if slow { "slowed" } else { "restored" },
+                        self.interval(),
+                        self.cfg.interval
+                    );
+                    // Invariant: the next cycle is at most one (new) interval away.
+                    if let Some(at) = self.next_cycle {
+                        let latest = Instant::now() + self.interval();
+                        self.next_cycle = Some(at.min(latest));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Validates an update against the configuration it will apply to.
+    fn stage(&mut self, update: &ConfigUpdate) -> Result<(), ConfigError> {
+        let base = self.staged.as_ref().unwrap_or(&self.cfg);
+        let next = base.updated(update)?;
+        next.validate(self.opts.interval_floor)?;
+        log::info!("configuration update accepted; applies at the next cycle boundary");
+        if self.state == CollectorState::Running {
+            self.staged = Some(next);
+        } else {
+            // No cycle runs: this is a boundary already.
+            self.apply(next);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, next: CollectorConfig) {
+        if next.interval != self.cfg.interval {
+            log::info!("collection interval {:?} -> {:?}", self.cfg.interval, next.interval);
+        }
+        self.tracker.set_config(next.lifecycle.clone());
+        self.hasher.set_config(&next.hash);
+        if next.max_events_in_flight != self.cfg.max_events_in_flight {
+            self.sink.set_max_in_flight(next.max_events_in_flight);
+        }
+        self.cfg = next;
+    }
+
+    fn health(&self) -> HealthData {
+        let sink = self.sink.status();
+        HealthData {
+            collector_id: self.cfg.collector_id.clone(),
+            state: self.state,
+            interval_ms: self.interval().as_millis() as u64,
+            original_interval_ms: self.cfg.interval.as_millis() as u64,
+            connection: sink.connection,
+            registration: self.opts.registration.as_ref().map_or(RegistrationState::Unregistered, |r| r.get()),
+            buffer_level_percent: sink.buffer_level_percent,
+            unacknowledged_events: sink.unacknowledged,
+            last_collection_unix_ms: self.n.last_collection_unix_ms,
+            last_cycle_us: self.n.last_cycle_us,
+            processes: self.n.processes,
+            cycles: self.n.cycles,
+            events: self.n.events,
+            events_published: sink.published,
+            errors: self.n.errors,
+            backpressure_activations: self.n.backpressure_activations,
+            hashes_computed: self.hasher.files_read(),
+            pending_config: self.staged.is_some(),
+        }
+    }
+
+    /// One collection cycle: apply a staged configuration, enumerate,
+    /// track, hash, submit.
+    fn cycle(&mut self) {
+        let start = Instant::now();
+        if let Some(next) = self.staged.take() {
+            self.apply(next);
+        }
+        self.next_cycle = Some(start + self.interval());
+        let mut records = match self.source.refresh() {
+            Ok(r) => r,
+            Err(e) => {
+                self.n.errors += 1;
+                log::error!("process enumeration failed: {e}");
+                return;
+            }
+        };
+        if !self.cfg.excluded_pids.is_empty() {
+            records.retain(|r| !self.cfg.excluded_pids.contains(&r.pid));
+        }
+        if self.cfg.max_processes > 0 && records.len() > self.cfg.max_processes {
+            log::warn!("{} processes, over max_processes {}: the rest is ignored", records.len(), self.cfg.max_processes);
+            // Keep our own process and the lowest pids: stable across cycles.
+            records.sort_by_key(|r| (r.pid != self.own_pid, r.pid));
+            records.truncate(self.cfg.max_processes);
+        }
+        self.n.processes = records.len() as u64;
+        let mut events = self.tracker.update(records, unix_ms());
+        if self.cfg.compute_hashes {
+            self.hasher.start_cycle();
+            for e in &mut events {
+                let wants = e.kind == EventKind::Started
+                    || (e.kind == EventKind::Modified && e.changes.contains(&Change::Exec));
+                if wants {
+                    let d = &e.process.details;
+                    e.sha256 = Some(self.hasher.hash(e.process.pid, &d.exe, &d.exe_file));
+                }
+            }
+        }
+        self.n.events += events.len() as u64;
+        if !self.unsent.is_empty() {
+            let mut all = std::mem::take(&mut self.unsent);
+            all.extend(events);
+            events = all;
+        }
+        if !events.is_empty() {
+            self.submit(events);
+        }
+        self.n.cycles += 1;
+        self.n.last_cycle_us = start.elapsed().as_micros() as u64;
+        self.n.last_collection_unix_ms = Some(unix_ms());
+        log::debug!(
+            "cycle {}: {} processes in {} us, {} tracked",
+            self.n.cycles,
+            self.n.processes,
+            self.n.last_cycle_us,
+            self.tracker.len()
+        );
+    }
+
+    fn submit(&mut self, events: Vec<ProcessEvent>) {
+        let kept = events.clone();
+        match self.sink.submit(events) {
+            Ok(envelopes) => {
+                if let Some(observe) = &mut self.opts.observer {
+                    envelopes.iter().for_each(|e| observe(e));
+                }
+            }
+            Err(e) => {
+                self.n.errors += 1;
+                log::error!("{} events could not be made durable ({e}); retrying next cycle", kept.len());
+                self.unsent = kept;
+                if self.unsent.len() > MAX_UNSENT {
+                    let lost = self.unsent.len() - MAX_UNSENT;
+                    log::error!("dropping the {lost} oldest undeliverable events (over {MAX_UNSENT})");
+                    self.unsent.drain(..lost);
+                }
+            }
+        }
+    }
+
+    fn flush_unsent(&mut self) -> Result<(), String> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let events = std::mem::take(&mut self.unsent);
+        self.sink.submit(events).map(|_| ())
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

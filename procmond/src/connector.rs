@@ -1,0 +1,584 @@
+//! The EventBusConnector: every event goes into the write-ahead log before
+//! it is published, and leaves the log only when the agent's store says it
+//! committed it (design.md §5).
+//!
+//! - `submit` (on the actor's thread) gives each event the next sequence
+//!   number of this collector's stream, appends the batch to the WAL
+//!   (`Durability::Always`: on stable storage when it returns), and queues
+//!   the encoded bytes in an in-memory buffer of `buffer_bytes` (10 MiB by
+//!   default). When the buffer is full the records are not queued: they
+//!   stay in the WAL ("spilled") and the flush thread re-reads them later.
+//!   Memory is bounded; nothing is lost.
+//! - The flush thread (`procmond-flush`) publishes in sequence order while
+//!   the bus is connected and fewer than `max_in_flight` events await an
+//!   acknowledgement; it takes records from the buffer, or from the WAL
+//!   when they were spilled or must be sent again.
+//! - Acknowledgements arrive on `control.ack.<collector_id>`
+//!   ([`StoreAck`]): the WAL is truncated through that watermark. A
+//!   broker's PubAck never truncates anything.
+//! - After every (re)connection, and when acknowledgements stop while
+//!   events are in flight, publishing restarts at the first unacknowledged
+//!   record: only those are re-sent, in order. The store drops duplicates
+//!   by `(collector, stream, seq)`.
+//! - Backpressure: at 70% buffer fill the thread asks the actor to slow
+//!   down 1.5x (`AdjustInterval`); below 50% it asks it to restore. A
+//!   spilled buffer counts as full until the backlog is published.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher as _};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use daemoneye_bus::{Client, ClientError, ConnectionState, Subscription};
+use daemoneye_wal::{Durability, Wal, WalOptions};
+use parking_lot::Mutex;
+
+use crate::actor::{ActorSender, EventSink, IntervalAdjustment, SinkStatus};
+use crate::control::{self, ConnectionStatus, StoreAck};
+use crate::event::{EventEnvelope, EventKind, ProcessEvent};
+
+/// File in the WAL directory holding the stream id. It lives and dies
+/// with the WAL's records, so a fresh WAL (sequence numbers from 1 again)
+/// always gets a fresh stream.
+const STREAM_FILE: &str = "STREAM";
+/// Records re-read from the WAL at a time.
+const REREAD_BATCH: usize = 1024;
+/// Buffer fill that slows collection down.
+const SLOW_AT: f64 = 0.70;
+/// Buffer fill below which the interval is restored.
+const RESTORE_BELOW: f64 = 0.50;
+
+/// Connector settings.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// This collector's id (envelopes and the ack topic).
+    pub collector_id: String,
+    /// Bytes of unpublished events kept in memory.
+    pub buffer_bytes: usize,
+    /// Events published and not yet acknowledged before publishing pauses.
+    pub max_in_flight: usize,
+    /// With events in flight and no acknowledgement for this long, they
+    /// are sent again.
+    pub ack_timeout: Duration,
+}
+
+/// Why the connector could not start or accept events.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectorError {
+    /// The WAL failed.
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] daemoneye_wal::Error),
+    /// The stream id file or the thread.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bus refused a subscription.
+    #[error("bus: {0}")]
+    Bus(#[from] ClientError),
+}
+
+struct Item {
+    seq: u64,
+    kind: EventKind,
+    bytes: Vec<u8>,
+}
+
+/// Events appended but not yet handed to the flush thread.
+struct Buffer {
+    items: VecDeque<Item>,
+    bytes: usize,
+    /// Records after the buffered ones are only in the WAL.
+    spilled: bool,
+}
+
+struct Shared {
+    wal: Wal,
+    stream_id: u64,
+    collector_id: String,
+    limit: usize,
+    buffer: Mutex<Buffer>,
+    published: AtomicU64,
+    acked: AtomicU64,
+    max_in_flight: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn level(&self) -> f64 {
+        let b = self.buffer.lock();
+        if b.spilled { 1.0 } else { b.bytes as f64 / self.limit as f64 }
+    }
+}
+
+enum Cmd {
+    Flush { deadline: Instant, reply: Sender<Result<(), String>> },
+    Ack(StoreAck),
+}
+
+/// The connector's handle: the actor's [`EventSink`] in actor mode.
+pub struct Connector {
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+    // Field order: the command sender goes before the thread is joined.
+    cmds: Sender<Cmd>,
+    notify: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Connector {
+    /// Opens (and recovers) the WAL in `wal_dir`, subscribes to the ack
+    /// topic and starts the flush thread.
+    pub fn start(
+        cfg: ConnectorConfig,
+        wal_dir: &Path,
+        client: Arc<Client>,
+        actor: ActorSender,
+    ) -> Result<Connector, ConnectorError> {
+        let (wal, report) = Wal::open(wal_dir, WalOptions { durability: Durability::Always, ..Default::default() })?;
+        log::info!("WAL {}: {report}", wal_dir.display());
+        let stream_id = stream_id(wal_dir)?;
+        let acked = wal.watermark();
+        let pending = wal.next_seq().saturating_sub(acked + 1);
+        if pending > 0 {
+            log::info!("WAL holds {pending} unacknowledged events (from seq {}); they are sent first", acked + 1);
+        }
+        let shared = Arc::new(Shared {
+            wal,
+            stream_id,
+            collector_id: cfg.collector_id.clone(),
+            limit: cfg.buffer_bytes.max(1),
+            // Whatever the WAL holds beyond the watermark is re-read from it.
+            buffer: Mutex::new(Buffer { items: VecDeque::new(), bytes: 0, spilled: pending > 0 }),
+            published: AtomicU64::new(0),
+            acked: AtomicU64::new(acked),
+            max_in_flight: AtomicU64::new(cfg.max_in_flight.max(1) as u64),
+            stop: AtomicBool::new(false),
+        });
+        let acks = client.subscribe(&control::ack_topic(&cfg.collector_id))?;
+        let (cmds, cmd_rx) = bounded(16);
+        let (notify, notify_rx) = bounded(1);
+        let flusher = Flusher {
+            shared: shared.clone(),
+            client: client.clone(),
+            actor,
+            next: acked + 1,
+            reread: VecDeque::new(),
+            replay: None,
+            seen_connections: client.connections(),
+            slowed: false,
+            last_progress: Instant::now(),
+            ack_timeout: cfg.ack_timeout,
+        };
+        let thread = std::thread::Builder::new()
+            .name("procmond-flush".into())
+            .spawn(move || flusher.run(cmd_rx, notify_rx, acks))
+            .map_err(|source| ConnectorError::Io { what: "spawn procmond-flush".into(), source })?;
+        Ok(Connector { shared, client, cmds, notify, thread: Some(thread) })
+    }
+
+    /// The stream id of this collector's WAL.
+    pub fn stream_id(&self) -> u64 {
+        self.shared.stream_id
+    }
+
+    /// A hook for acknowledgements learnt elsewhere (a registration reply).
+    pub fn ack_hook(&self) -> crate::registration::AckHook {
+        let (cmds, notify, stream_id) = (self.cmds.clone(), self.notify.clone(), self.shared.stream_id);
+        Box::new(move |through| {
+            let _ = cmds.try_send(Cmd::Ack(StoreAck { stream_id, through }));
+            let _ = notify.try_send(());
+        })
+    }
+
+    /// Stops the flush thread and closes the WAL (everything appended is
+    /// already durable).
+    pub fn shutdown(mut self) -> Result<(), String> {
+        self.stop_thread();
+        let shared = self.shared.clone();
+        // The flush thread is joined: dropping the handle leaves `shared`
+        // as the only reference.
+        drop(self);
+        match Arc::try_unwrap(shared) {
+            Ok(shared) => shared.wal.close().map_err(|e| e.to_string()),
+            Err(_) => Err("WAL still shared at shutdown".into()),
+        }
+    }
+
+    fn stop_thread(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.notify.try_send(());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("procmond-flush thread panicked");
+        }
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+impl EventSink for Connector {
+    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String> {
+        let s = &*self.shared;
+        // The buffer lock is held across the append so the flush thread
+        // never sees a record in the WAL that is neither buffered nor
+        // marked spilled.
+        let mut buf = s.buffer.lock();
+        let first = s.wal.next_seq();
+        let envelopes: Vec<EventEnvelope> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| EventEnvelope {
+                collector_id: s.collector_id.clone(),
+                stream_id: s.stream_id,
+                seq: first + i as u64,
+                event,
+            })
+            .collect();
+        let payloads: Vec<Vec<u8>> = envelopes.iter().map(EventEnvelope::encode).collect();
+        let range = s.wal.append_batch(&payloads).map_err(|e| e.to_string())?;
+        if range.start != first {
+            // Only this thread appends; anything else is a bug worth stopping for.
+            return Err(format!("WAL assigned {range:?}, expected to start at {first}"));
+        }
+        for (env, bytes) in envelopes.iter().zip(payloads) {
+            if !buf.spilled && buf.bytes + bytes.len() <= s.limit {
+                buf.bytes += bytes.len();
+                buf.items.push_back(Item { seq: env.seq, kind: env.event.kind, bytes });
+            } else {
+                if !buf.spilled {
+                    log::warn!("send buffer full ({} bytes): events wait in the WAL from seq {}", s.limit, env.seq);
+                }
+                buf.spilled = true;
+            }
+        }
+        drop(buf);
+        let _ = self.notify.try_send(());
+        Ok(envelopes)
+    }
+
+    fn status(&self) -> SinkStatus {
+        let s = &*self.shared;
+        let appended = s.wal.next_seq().saturating_sub(1);
+        SinkStatus {
+            connection: if self.client.state() == ConnectionState::Connected {
+                ConnectionStatus::Connected
+            } else {
+                ConnectionStatus::Disconnected
+            },
+            buffer_level_percent: s.level() * 100.0,
+            unacknowledged: appended.saturating_sub(s.acked.load(Ordering::Acquire)),
+            published: s.published.load(Ordering::Acquire),
+        }
+    }
+
+    fn set_max_in_flight(&mut self, max: usize) {
+        self.shared.max_in_flight.store(max.max(1) as u64, Ordering::Release);
+        let _ = self.notify.try_send(());
+    }
+
+    fn flush(&mut self, timeout: Duration) -> Result<(), String> {
+        let (tx, rx) = bounded(1);
+        let deadline = Instant::now() + timeout;
+        self.cmds.try_send(Cmd::Flush { deadline, reply: tx }).map_err(|_| "flush thread busy or gone".to_owned())?;
+        let _ = self.notify.try_send(());
+        let published = rx.recv_deadline(deadline + Duration::from_millis(500)).unwrap_or(Ok(()));
+        // Under `Always` every append is durable already; this reports a
+        // poisoned log.
+        self.shared.wal.sync().map_err(|e| e.to_string())?;
+        published
+    }
+}
+
+/// Reads the stream id of a WAL directory, creating it for a fresh WAL.
+fn stream_id(dir: &Path) -> Result<u64, ConnectorError> {
+    let path = dir.join(STREAM_FILE);
+    let io = |what: &str, source| ConnectorError::Io { what: format!("{what} {}", path.display()), source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            io("parse", std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a number: {text:?}")))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // std's RandomState is seeded from the OS's random source.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+            let id = h.finish() >> 1; // fits SQLite's signed INTEGER
+            let tmp = dir.join("STREAM.tmp");
+            std::fs::write(&tmp, format!("{id}\n")).map_err(|e| io("write", e))?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io("fsync", e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
+            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io("fsync dir of", e))?;
+            log::info!("new event stream {id}");
+            Ok(id)
+        }
+        Err(e) => Err(io("read", e)),
+    }
+}
+
+/// The flush thread's state.
+struct Flusher {
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+    actor: ActorSender,
+    /// The next sequence number to publish.
+    next: u64,
+    /// Records re-read from the WAL, from `next` on.
+    reread: VecDeque<Item>,
+    /// An open WAL replay and the sequence number it yields next, kept
+    /// between batches so a long backlog is read once, not rescanned.
+    replay: Option<(daemoneye_wal::Replay, u64)>,
+    seen_connections: u64,
+    slowed: bool,
+    /// Last time an acknowledgement advanced (or nothing was in flight).
+    last_progress: Instant,
+    ack_timeout: Duration,
+}
+
+impl Flusher {
+    fn run(mut self, cmds: Receiver<Cmd>, notify: Receiver<()>, acks: Subscription) {
+        let ticker = tick(Duration::from_millis(100));
+        let mut flush: Option<(Instant, Sender<Result<(), String>>)> = None;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            select! {
+                recv(cmds) -> cmd => match cmd {
+                    Ok(Cmd::Flush { deadline, reply }) => flush = Some((deadline, reply)),
+                    Ok(Cmd::Ack(ack)) => self.on_ack(ack),
+                    Err(_) => break,
+                },
+                recv(notify) -> _ => {}
+                recv(acks.messages()) -> msg => match msg {
+                    Ok(msg) => match control::decode::<StoreAck>(&msg.payload) {
+                        Ok(ack) => self.on_ack(ack),
+                        Err(e) => log::warn!("malformed store acknowledgement on {}: {e}", msg.topic),
+                    },
+                    Err(_) => {}
+                },
+                recv(ticker) -> _ => {}
+            }
+            self.check_connection();
+            self.pump();
+            self.backpressure();
+            if let Some((deadline, _)) = &flush {
+                let done = self.next >= self.shared.wal.next_seq();
+                if done || Instant::now() >= *deadline {
+                    let left = self.shared.wal.next_seq().saturating_sub(self.next);
+                    let result = if done {
+                        Ok(())
+                    } else {
+                        log::warn!("flush: {left} events not published before the deadline; they stay in the WAL");
+                        Ok(())
+                    };
+                    if let Some((_, reply)) = flush.take() {
+                        let _ = reply.try_send(result);
+                    }
+                }
+            }
+        }
+        log::debug!("procmond-flush stopped at seq {}", self.next);
+    }
+
+    fn on_ack(&mut self, ack: StoreAck) {
+        let s = &*self.shared;
+        if ack.stream_id != s.stream_id {
+            log::debug!("acknowledgement for stream {} ignored (ours is {})", ack.stream_id, s.stream_id);
+            return;
+        }
+        let last = s.wal.next_seq().saturating_sub(1);
+        let through = ack.through.min(last);
+        if through <= s.acked.load(Ordering::Acquire) {
+            return;
+        }
+        match s.wal.truncate_through(through) {
+            Ok(()) => {
+                s.acked.store(through, Ordering::Release);
+                self.last_progress = Instant::now();
+                if self.next <= through {
+                    // The store has them already (sent before a restart).
+                    self.next = through + 1;
+                    self.reread.clear();
+                }
+                log::debug!("store acknowledged through {through}; WAL truncated");
+            }
+            Err(e) => log::error!("WAL truncation through {through} failed: {e}"),
+        }
+    }
+
+    /// After a (re)connection, or when acknowledgements stall, publishing
+    /// restarts at the first unacknowledged record.
+    fn check_connection(&mut self) {
+        let n = self.client.connections();
+        let acked = self.shared.acked.load(Ordering::Acquire);
+        if n != self.seen_connections {
+            self.seen_connections = n;
+            if self.next > acked + 1 {
+                log::info!("bus reconnected: re-sending unacknowledged events from seq {}", acked + 1);
+            }
+            self.rewind(acked + 1);
+        } else if self.next > acked + 1 && self.last_progress.elapsed() > self.ack_timeout {
+            log::warn!(
+                "no acknowledgement for {:?} with {} events in flight: re-sending from seq {}",
+                self.ack_timeout,
+                self.next - acked - 1,
+                acked + 1
+            );
+            self.rewind(acked + 1);
+        } else if self.next == acked + 1 {
+            self.last_progress = Instant::now();
+        }
+    }
+
+    fn rewind(&mut self, to: u64) {
+        self.next = to;
+        self.reread.clear();
+        self.replay = None;
+        self.last_progress = Instant::now();
+    }
+
+    /// The record at `self.next`, from the buffer or the WAL.
+    fn take_next(&mut self) -> Option<Item> {
+        if let Some(item) = self.reread.pop_front() {
+            return Some(item);
+        }
+        let s = &*self.shared;
+        let mut buf = s.buffer.lock();
+        // Buffered records the WAL already served are dropped.
+        while buf.items.front().is_some_and(|i| i.seq < self.next) {
+            if let Some(i) = buf.items.pop_front() {
+                buf.bytes -= i.bytes.len();
+            }
+        }
+        if let Some(front) = buf.items.front()
+            && front.seq == self.next
+        {
+            let item = buf.items.pop_front()?;
+            buf.bytes -= item.bytes.len();
+            return Some(item);
+        }
+        let end = s.wal.next_seq();
+        if self.next >= end {
+            if buf.items.is_empty() && buf.spilled {
+                buf.spilled = false;
+                log::info!("send buffer caught up with the WAL");
+            }
+            return None;
+        }
+        // Re-read a batch up to the first buffered record (or the end),
+        // continuing the open replay when it stands where we are.
+        let upto = buf.items.front().map_or(end, |i| i.seq);
+        drop(buf);
+        if self.replay.as_ref().is_none_or(|(_, pos)| *pos != self.next) {
+            self.replay = match s.wal.replay_from(self.next) {
+                Ok(replay) => Some((replay, self.next)),
+                Err(e) => {
+                    log::error!("WAL re-read from {} failed: {e}", self.next);
+                    None
+                }
+            };
+        }
+        if let Some((replay, pos)) = &mut self.replay {
+            let mut exhausted = true;
+            for rec in replay.by_ref() {
+                match rec {
+                    Ok(rec) => {
+                        *pos = rec.seq + 1;
+                        if rec.seq >= upto {
+                            exhausted = false;
+                            break;
+                        }
+                        match EventEnvelope::decode(&rec.payload) {
+                            Ok(env) => {
+                                self.reread.push_back(Item { seq: rec.seq, kind: env.event.kind, bytes: rec.payload })
+                            }
+                            Err(e) => log::error!("WAL record {} does not decode ({e}); skipped", rec.seq),
+                        }
+                        if self.reread.len() >= REREAD_BATCH {
+                            exhausted = false;
+                            break;
+                        }
+                    }
+                    Err(e) => log::error!("WAL damage while re-reading: {e}"),
+                }
+            }
+            if exhausted {
+                // It saw only what was appended before it was opened.
+                self.replay = None;
+            }
+        }
+        match self.reread.front() {
+            Some(first) if first.seq > self.next => {
+                // Records between were lost to damage (reported above) or
+                // acknowledged meanwhile: move on.
+                log::warn!("WAL has no records {}..{}; continuing at {}", self.next, first.seq, first.seq);
+                self.next = first.seq;
+            }
+            None if self.next < upto => {
+                log::warn!("WAL has no records {}..{upto}; continuing at {upto}", self.next);
+                self.next = upto;
+                return None;
+            }
+            _ => {}
+        }
+        self.reread.pop_front()
+    }
+
+    fn pump(&mut self) {
+        let s = self.shared.clone();
+        while self.client.state() == ConnectionState::Connected && !s.stop.load(Ordering::Acquire) {
+            let in_flight = self.next.saturating_sub(s.acked.load(Ordering::Acquire) + 1);
+            if in_flight >= s.max_in_flight.load(Ordering::Acquire) {
+                break;
+            }
+            let Some(item) = self.take_next() else { break };
+            match self.client.publish(item.kind.topic(), &item.bytes) {
+                Ok(()) => {
+                    self.next = item.seq + 1;
+                    s.published.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    // Kept for the next try, in order.
+                    self.reread.push_front(item);
+                    log::debug!("publish paused: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn backpressure(&mut self) {
+        let level = self.shared.level();
+        let want = if level >= SLOW_AT {
+            Some(true)
+        } else if level < RESTORE_BELOW {
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(slow) = want
+            && slow != self.slowed
+        {
+            let adj = if slow { IntervalAdjustment::SlowDown } else { IntervalAdjustment::Restore };
+            if self.actor.adjust_interval(adj).is_ok() {
+                self.slowed = slow;
+                log::info!(
+                    "send buffer at {:.0}%: asked the collector to {}",
+                    level * 100.0,
+                    if slow { "slow down 1.5x" } else { "restore its interval" }
+                );
+            }
+        }
+    }
+}

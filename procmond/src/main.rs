@@ -1,0 +1,411 @@
+//! The procmond daemon: parses the command line and configuration, takes
+//! the per-collector lock, and runs the collector in actor mode (with a
+//! broker: `DAEMONEYE_BROKER_SOCKET` set) or standalone (events straight
+//! into SQLite). SIGTERM and SIGINT start a graceful shutdown; a second
+//! signal exits at once.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use crossbeam_channel::{Sender, bounded, select, tick};
+use daemoneye_bus::{Client, ClientConfig};
+use nix::sys::signal::{SigSet, Signal};
+use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
+use procmond::config::{CollectorConfig, ConfigFile, INTERVAL_RANGE_SECS};
+use procmond::connector::{Connector, ConnectorConfig};
+use procmond::control::{self, RpcResponse};
+use procmond::registration::{Registration, RegistrationConfig};
+use procmond::rpc::{RpcService, ShutdownRequest};
+use procmond::standalone::StoreSink;
+
+/// The environment variable that selects actor mode.
+const BROKER_ENV: &str = "DAEMONEYE_BROKER_SOCKET";
+
+/// DaemonEye's process collector.
+///
+/// Enumerates every process on each interval and reports what started,
+/// stopped or changed (exec, credentials, parent, executable replaced or
+/// deleted), with secrets removed from command lines.
+///
+/// With DAEMONEYE_BROKER_SOCKET set (the agent sets it), procmond runs in
+/// actor mode: it registers with the agent on that bus socket, waits for
+/// BeginMonitoring, writes every event to its write-ahead log and publishes
+/// it. Without it, procmond runs standalone and writes events into the
+/// SQLite database given by --database.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, after_help = AFTER_HELP)]
+struct Cli {
+    /// SQLite event store for standalone mode [default: <data dir>/procmond.db].
+    #[arg(long, value_name = "PATH")]
+    database: Option<PathBuf>,
+    /// Where the WAL, the lock file and the database live [default:
+    /// /var/lib/daemoneye if writable, else ~/.local/share/daemoneye].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+    /// Seconds between collection cycles (5-3600) [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    interval: Option<u64>,
+    /// Process at most this many processes per cycle (0 = unlimited).
+    #[arg(long, value_name = "N")]
+    max_processes: Option<usize>,
+    /// Also collect cwd, session, threads and CPU time.
+    #[arg(long)]
+    enhanced_metadata: bool,
+    /// SHA-256 the executables of new and exec'd processes.
+    #[arg(long)]
+    compute_hashes: bool,
+    /// A YAML configuration file (see procmond/README or ARCHITECTURE.md);
+    /// command-line flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This collector's id on the bus (a-z, 0-9, '-', '_').
+    #[arg(long, value_name = "ID")]
+    collector_id: Option<String>,
+    /// Stay in the terminal: log to stderr and print each event on stdout.
+    #[arg(long)]
+    foreground: bool,
+    /// How --foreground prints events.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  procmond --foreground                 watch processes in this terminal (standalone)
+  procmond --foreground --format json   the same, as JSON lines
+  procmond --interval 10 --compute-hashes --database /var/lib/daemoneye/events.db
+
+Exit status: 0 after a graceful shutdown (SIGTERM, SIGINT or the GracefulShutdown
+RPC), 1 on errors, 2 on bad usage, 128+N when a second signal N forces the exit.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("{s:?} is not one of error, warn, info, debug, trace, off"))
+}
+
+fn parse_interval(s: &str) -> Result<u64, String> {
+    let v: u64 = s.parse().map_err(|_| format!("{s:?} is not a whole number of seconds"))?;
+    if INTERVAL_RANGE_SECS.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range {}..={} seconds", INTERVAL_RANGE_SECS.start(), INTERVAL_RANGE_SECS.end()))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("procmond: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the configuration: defaults, then the file, then the flags.
+fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
+    let file = match &cli.config {
+        Some(path) => Some(ConfigFile::load(path)?),
+        None => None,
+    };
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.data_dir.clone()))
+        .unwrap_or_else(daemoneye_platform::paths::default_data_dir);
+    let mut cfg = CollectorConfig::with_data_dir(&data_dir);
+    if let Some(file) = &file {
+        file.apply(&mut cfg);
+    }
+    if let Some(db) = &cli.database {
+        cfg.database = db.clone();
+    }
+    if let Some(secs) = cli.interval {
+        cfg.interval = Duration::from_secs(secs);
+    }
+    if let Some(n) = cli.max_processes {
+        cfg.max_processes = n;
+    }
+    if let Some(id) = &cli.collector_id {
+        cfg.collector_id = id.clone();
+    }
+    cfg.enhanced_metadata |= cli.enhanced_metadata;
+    cfg.compute_hashes |= cli.compute_hashes;
+    let floor = Duration::from_secs(*INTERVAL_RANGE_SECS.start());
+    cfg.validate(floor).with_context(|| match &cli.config {
+        Some(path) => format!("invalid configuration (from {} and flags)", path.display()),
+        None => "invalid configuration".to_owned(),
+    })?;
+    Ok(cfg)
+}
+
+/// The per-collector lock: a pid file held with an exclusive lock for the
+/// life of the process.
+fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<std::fs::File> {
+    create_private_dir(&cfg.data_dir)?;
+    let path = cfg.data_dir.join(format!("procmond-{}.pid", cfg.collector_id));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    if let Err(e) = file.try_lock() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another procmond with collector id {:?} is running (pid {}; lock file {}): {e}",
+            cfg.collector_id,
+            holder.trim(),
+            path.display()
+        );
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))
+    }
+}
+
+/// Prints every durable event on stdout (`--foreground`).
+fn printer(format: Format) -> EventObserver {
+    Box::new(move |env| {
+        let line = match format {
+            Format::Human => format!("#{:<6} {}", env.seq, env.event.human_line()),
+            Format::Json => serde_json::to_string(env).unwrap_or_default(),
+        };
+        // A closed stdout (`procmond --foreground | head`) must not stop
+        // collection.
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
+    })
+}
+
+/// SIGTERM/SIGINT/SIGHUP handling without `unsafe`: the signals are blocked
+/// in every thread (the mask is inherited, so this runs before any thread
+/// starts) and one thread takes them with `sigwait`. The first asks for a
+/// graceful shutdown; the second exits at once. `SIGUSR1` from this
+/// process itself ends the thread at the end of a clean shutdown.
+struct Signals {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Signals {
+    fn block() -> anyhow::Result<SigSet> {
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1] {
+            set.add(s);
+        }
+        set.thread_block().context("cannot block signals")?;
+        Ok(set)
+    }
+
+    fn start(set: SigSet, shutdown: Sender<ShutdownRequest>) -> anyhow::Result<Signals> {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::Builder::new().name("procmond-signals".into()).spawn(move || {
+            let mut requested = false;
+            loop {
+                let sig = match set.wait() {
+                    Ok(sig) => sig,
+                    Err(e) => {
+                        log::error!("sigwait failed: {e}");
+                        return;
+                    }
+                };
+                if sig == Signal::SIGUSR1 {
+                    if flag.load(Ordering::Acquire) {
+                        return;
+                    }
+                    continue;
+                }
+                if requested {
+                    log::warn!("second {sig}: exiting now");
+                    std::process::exit(128 + sig as i32);
+                }
+                requested = true;
+                log::info!("{sig} received: shutting down gracefully (send it again to exit at once)");
+                let _ = shutdown.try_send(ShutdownRequest { reason: format!("{sig}"), rpc: None });
+            }
+        })?;
+        Ok(Signals { done, thread: Some(thread) })
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGUSR1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let signal_set = Signals::block()?;
+    let cfg = configure(&cli)?;
+    let _lock = take_lock(&cfg)?;
+    let report = daemoneye_platform::platform_report();
+    log::info!(
+        "procmond {} as {:?}: {} backend, {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.collector_id,
+        report.backend,
+        report.privileges.summary
+    );
+    let source = daemoneye_platform::default_source().context("cannot open the process table")?;
+    let (shutdown_tx, shutdown_rx) = bounded::<ShutdownRequest>(4);
+    let _signals = Signals::start(signal_set, shutdown_tx.clone())?;
+    let mut opts = ActorOptions::default();
+    if cli.foreground {
+        opts.observer = Some(printer(cli.format));
+    }
+    let inbox = ActorHandle::channel();
+    let actor_tx = inbox.0.clone();
+
+    let broker = std::env::var_os(BROKER_ENV).filter(|s| !s.is_empty());
+    let Some(socket) = broker else {
+        log::info!("standalone mode ({BROKER_ENV} unset): events go to {}", cfg.database.display());
+        let sink = StoreSink::open(&cfg.database, &cfg.collector_id)
+            .with_context(|| format!("cannot open the event store {}", cfg.database.display()))?;
+        opts.start_running = true;
+        let actor = ActorHandle::spawn(cfg, source, Box::new(sink), inbox, opts)?;
+        let request = wait_for_shutdown(&shutdown_rx, &actor)?;
+        log::info!("shutting down: {}", request.reason);
+        actor_tx.graceful_shutdown(Duration::from_secs(30)).context("graceful shutdown")?;
+        actor.join();
+        log::info!("stopped");
+        return Ok(());
+    };
+
+    let socket = PathBuf::from(socket);
+    log::info!("actor mode: broker at {}", socket.display());
+    let mut client_cfg = ClientConfig::new(&socket, &cfg.collector_id);
+    // Publishing waits at most this long on a backed-up socket, so the
+    // flush thread stays responsive; what is not sent stays in the WAL.
+    client_cfg.timeout = Duration::from_millis(250);
+    client_cfg.backoff_max = Duration::from_secs(10);
+    let client = Arc::new(Client::connect(client_cfg).context("cannot start the bus client")?);
+    let connector = Connector::start(
+        ConnectorConfig {
+            collector_id: cfg.collector_id.clone(),
+            buffer_bytes: cfg.buffer_bytes,
+            max_in_flight: cfg.max_events_in_flight,
+            ack_timeout: Duration::from_secs(30),
+        },
+        &cfg.wal_dir(),
+        client.clone(),
+        actor_tx.clone(),
+    )
+    .with_context(|| format!("cannot open the WAL in {}", cfg.wal_dir().display()))?;
+    let on_ack = connector.ack_hook();
+    let cell = Arc::new(RegistrationCell::default());
+    opts.registration = Some(cell.clone());
+    let mut capabilities = vec![format!("backend:{}", report.backend)];
+    capabilities.extend(report.supported_fields.iter().map(|f| format!("field:{f}")));
+    if report.privileges.missing_for_other_users.is_empty() {
+        capabilities.push("privileged".into());
+    }
+    if cfg.compute_hashes {
+        capabilities.push("hashing".into());
+    }
+    let reg_cfg = RegistrationConfig {
+        collector_id: cfg.collector_id.clone(),
+        heartbeat_interval: cfg.heartbeat_interval,
+        request_timeout: Duration::from_secs(5),
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(30),
+        capabilities,
+        stream_id: connector.stream_id(),
+    };
+    let collector_id = cfg.collector_id.clone();
+    let actor = ActorHandle::spawn(cfg, source, Box::new(connector), inbox, opts)?;
+    let rpc = RpcService::start(client.clone(), &collector_id, actor_tx.clone(), shutdown_tx.clone())?;
+    let registration = Registration::start(reg_cfg, client.clone(), actor_tx.clone(), cell, on_ack)?;
+
+    let request = wait_for_shutdown(&shutdown_rx, &actor)?;
+    log::info!("shutting down: {}", request.reason);
+    rpc.refuse_new_requests();
+    // Finish the cycle, flush the buffer and the WAL...
+    let flushed = actor_tx.graceful_shutdown(Duration::from_secs(30));
+    actor.join();
+    // ...deregister...
+    registration.deregister(&request.reason, Duration::from_secs(3));
+    // ...reply...
+    if let Some(msg) = &request.rpc {
+        let response = match &flushed {
+            Ok(()) => RpcResponse::ok(),
+            Err(e) => procmond::rpc::error_response(e.clone()),
+        };
+        if let Err(e) = client.reply(msg, &control::encode(&response)) {
+            log::warn!("could not answer the GracefulShutdown request: {e}");
+        }
+    }
+    drop(registration);
+    drop(rpc);
+    // ...and exit once the client has written what it holds.
+    match Arc::try_unwrap(client) {
+        Ok(client) => client.close(),
+        Err(_) => log::warn!("bus client still shared at exit"),
+    }
+    flushed.context("graceful shutdown")?;
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Waits for a signal or an RPC asking for shutdown; an actor that died on
+/// its own is an error.
+fn wait_for_shutdown(
+    requests: &crossbeam_channel::Receiver<ShutdownRequest>,
+    actor: &ActorHandle,
+) -> anyhow::Result<ShutdownRequest> {
+    let check = tick(Duration::from_millis(500));
+    loop {
+        select! {
+            recv(requests) -> req => return req.context("shutdown channel closed"),
+            recv(check) -> _ => if actor.is_finished() {
+                bail!("the collector actor stopped unexpectedly");
+            },
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The registration manager (`procmond-registration` thread): registers
+//! with the agent, listens for the lifecycle broadcast, sends heartbeats,
+//! and deregisters on a graceful shutdown.
+//!
+//! Startup sequence in actor mode (procmond's side; the agent's loading
+//! state machine is the other half):
+//!
+//! 1. main connects the bus client (it retries with backoff by itself, so
+//!    a missing broker only delays what follows) and starts the actor in
+//!    `WaitingForAgent`: nothing is enumerated yet.
+//! 2. This thread subscribes to `control.collector.lifecycle` *before*
+//!    registering, so the broadcast cannot slip between the two.
+//! 3. Once connected, it sends a `Register` request on
+//!    `control.collector.registration` (id, type, version, capabilities from
+//!    the platform report, pid, heartbeat interval, stream id) and retries
+//!    with exponential backoff and full jitter until the agent answers.
+//!    Accepted: state `Registered`, "ready" is logged, heartbeats begin. A
+//!    reply with `begin_monitoring` (the agent is past loading: a late or
+//!    restarted collector) starts collection at once; `acknowledged_through`
+//!    lets the connector truncate its WAL at once.
+//! 4. `BeginMonitoring` on the lifecycle topic (or the RPC of that name)
+//!    moves the actor to `Running`.
+//! 5. After a reconnection it registers again (the agent may have
+//!    restarted).
+//!
+//! States: Unregistered → Registering → Registered → Deregistering →
+//! Unregistered; Failed when the agent rejects the collector (no retry
+//! until the next reconnection).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, bounded, select, tick};
+use daemoneye_bus::{Client, ClientError, ConnectionState};
+
+use crate::actor::{ActorSender, RegistrationCell, unix_ms};
+use crate::control::{
+    self, ConnectionStatus, HealthData, HealthStatus, Heartbeat, HeartbeatMetrics, LifecycleCommand,
+    RegistrationMessage, RegistrationRequest, RegistrationResponse, RegistrationState, RegistrationStatus,
+};
+
+/// The collector type procmond registers as.
+pub const COLLECTOR_TYPE: &str = "process-monitor";
+
+/// Registration settings.
+#[derive(Debug, Clone)]
+pub struct RegistrationConfig {
+    /// This collector's id.
+    pub collector_id: String,
+    /// How often heartbeats go out.
+    pub heartbeat_interval: Duration,
+    /// How long one registration request waits for the agent.
+    pub request_timeout: Duration,
+    /// First retry delay (doubles up to `backoff_max`, with full jitter).
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Capabilities to announce.
+    pub capabilities: Vec<String>,
+    /// The connector's stream id.
+    pub stream_id: u64,
+}
+
+/// Something to call with an acknowledgement learnt from the agent's reply.
+pub type AckHook = Box<dyn Fn(u64) + Send>;
+
+enum Cmd {
+    Deregister { reason: String, reply: Sender<()> },
+}
+
+/// The registration thread's handle; dropping it stops and joins it.
+pub struct Registration {
+    // Field order: the command sender goes before the thread is joined.
+    cmds: Sender<Cmd>,
+    stop: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Registration {
+    /// Subscribes to the lifecycle topic and starts the thread.
+    pub fn start(
+        cfg: RegistrationConfig,
+        client: Arc<Client>,
+        actor: ActorSender,
+        cell: Arc<RegistrationCell>,
+        on_ack: AckHook,
+    ) -> Result<Registration, ClientError> {
+        let lifecycle = client.subscribe(control::LIFECYCLE_TOPIC)?;
+        let (cmds, cmd_rx) = bounded(4);
+        let (stop, stop_rx) = bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("procmond-registration".into())
+            .spawn(move || {
+                let mut m = Manager {
+                    backoff: cfg.backoff_min,
+                    cfg,
+                    client,
+                    actor,
+                    cell,
+                    on_ack,
+                    registered_on: None,
+                    retry_at: Instant::now(),
+                    sequence: 0,
+                    last_health: None,
+                    rng: seed(),
+                    disconnected_since: Some(Instant::now()),
+                    warned_at: None,
+                };
+                let heartbeat = tick(m.cfg.heartbeat_interval);
+                let poll = tick(Duration::from_millis(50));
+                loop {
+                    select! {
+                        recv(cmd_rx) -> cmd => match cmd {
+                            Ok(Cmd::Deregister { reason, reply }) => {
+                                m.deregister(&reason);
+                                let _ = reply.try_send(());
+                            }
+                            Err(_) => break,
+                        },
+                        recv(stop_rx) -> _ => break,
+                        recv(lifecycle.messages()) -> msg => if let Ok(msg) = msg {
+                            match control::decode::<LifecycleCommand>(&msg.payload) {
+                                Ok(LifecycleCommand::BeginMonitoring) => {
+                                    log::info!("BeginMonitoring broadcast received");
+                                    if let Err(e) = m.actor.begin_monitoring() {
+                                        log::warn!("could not pass BeginMonitoring to the actor: {e}");
+                                    }
+                                }
+                                Err(e) => log::warn!("malformed lifecycle command: {e}"),
+                            }
+                        },
+                        recv(heartbeat) -> _ => m.heartbeat(),
+                        recv(poll) -> _ => m.check(),
+                    }
+                }
+                drop(lifecycle);
+                log::debug!("procmond-registration stopped");
+            })
+            .map_err(|e| ClientError::Start(e.to_string()))?;
+        Ok(Registration { cmds, stop, thread: Some(thread) })
+    }
+
+    /// Deregisters (waiting at most `timeout`); heartbeats stop.
+    pub fn deregister(&self, reason: &str, timeout: Duration) {
+        let (tx, rx) = bounded(1);
+        if self.cmds.try_send(Cmd::Deregister { reason: reason.to_owned(), reply: tx }).is_ok() {
+            let _ = rx.recv_timeout(timeout);
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("procmond-registration thread panicked");
+        }
+    }
+}
+
+struct Manager {
+    cfg: RegistrationConfig,
+    client: Arc<Client>,
+    actor: ActorSender,
+    cell: Arc<RegistrationCell>,
+    on_ack: AckHook,
+    /// The connection (by the client's counter) registration succeeded on.
+    registered_on: Option<u64>,
+    retry_at: Instant,
+    backoff: Duration,
+    sequence: u64,
+    last_health: Option<HealthData>,
+    rng: u64,
+    disconnected_since: Option<Instant>,
+    warned_at: Option<Instant>,
+}
+
+impl Manager {
+    fn check(&mut self) {
+        let state = self.client.state();
+        if state != ConnectionState::Connected {
+            let since = *self.disconnected_since.get_or_insert_with(Instant::now);
+            // Say so, then once every 30 s while it lasts.
+            if since.elapsed() > Duration::from_secs(2)
+                && self.warned_at.is_none_or(|w| w.elapsed() > Duration::from_secs(30))
+            {
+                log::warn!(
+                    "broker unreachable for {:.0} s ({state:?}); retrying with backoff",
+                    since.elapsed().as_secs_f64()
+                );
+                self.warned_at = Some(Instant::now());
+            }
+            return;
+        }
+        if self.disconnected_since.take().is_some() && self.warned_at.take().is_some() {
+            log::info!("broker reachable again");
+        }
+        let conn = self.client.connections();
+        let current = self.cell.get();
+        let due = match current {
+            RegistrationState::Registered => self.registered_on != Some(conn),
+            RegistrationState::Failed => self.registered_on != Some(conn),
+            RegistrationState::Deregistering => false,
+            RegistrationState::Unregistered | RegistrationState::Registering => true,
+        };
+        if due && Instant::now() >= self.retry_at {
+            self.register(conn);
+        }
+    }
+
+    fn register(&mut self, conn: u64) {
+        self.cell.set(RegistrationState::Registering);
+        let request = RegistrationMessage::Register(RegistrationRequest {
+            collector_id: self.cfg.collector_id.clone(),
+            collector_type: COLLECTOR_TYPE.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: self.cfg.capabilities.clone(),
+            pid: std::process::id(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            stream_id: self.cfg.stream_id,
+        });
+        let outcome = self
+            .client
+            .request(control::REGISTRATION_TOPIC, &control::encode(&request), self.cfg.request_timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|msg| control::decode::<RegistrationResponse>(&msg.payload).map_err(|e| e.to_string()));
+        match outcome {
+            Ok(resp) if resp.status == RegistrationStatus::Accepted => {
+                self.cell.set(RegistrationState::Registered);
+                self.registered_on = Some(conn);
+                self.backoff = self.cfg.backoff_min;
+                log::info!("registered with the agent as {:?}; ready", self.cfg.collector_id);
+                if let Some(through) = resp.acknowledged_through {
+                    (self.on_ack)(through);
+                }
+                if resp.begin_monitoring
+                    && let Err(e) = self.actor.begin_monitoring()
+                {
+                    log::warn!("could not pass BeginMonitoring to the actor: {e}");
+                }
+            }
+            Ok(resp) => {
+                self.cell.set(RegistrationState::Failed);
+                self.registered_on = Some(conn);
+                log::error!(
+                    "the agent rejected registration: {}",
+                    resp.message.as_deref().unwrap_or("no reason given")
+                );
+            }
+            Err(e) => {
+                // Full jitter: a random wait in [0, backoff).
+                let wait = self.backoff.mul_f64(self.random_unit());
+                self.retry_at = Instant::now() + wait;
+                self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+                log::warn!("registration failed: {e}; retrying in {:.2} s", wait.as_secs_f64());
+            }
+        }
+    }
+
+    fn deregister(&mut self, reason: &str) {
+        if self.cell.get() != RegistrationState::Registered {
+            self.cell.set(RegistrationState::Unregistered);
+            return;
+        }
+        self.cell.set(RegistrationState::Deregistering);
+        let msg = RegistrationMessage::Deregister { collector_id: self.cfg.collector_id.clone(), reason: reason.into() };
+        match self.client.request(control::REGISTRATION_TOPIC, &control::encode(&msg), self.cfg.request_timeout) {
+            Ok(_) => log::info!("deregistered from the agent"),
+            Err(e) => log::warn!("deregistration not confirmed: {e}"),
+        }
+        self.cell.set(RegistrationState::Unregistered);
+    }
+
+    fn heartbeat(&mut self) {
+        if self.cell.get() != RegistrationState::Registered || self.client.state() != ConnectionState::Connected {
+            return;
+        }
+        let (status, health) = match self.actor.health(Duration::from_secs(1)) {
+            Ok(h) => {
+                let status = h.status();
+                self.last_health = Some(h.clone());
+                (status, Some(h))
+            }
+            Err(e) => {
+                log::warn!("heartbeat: no health report from the actor ({e})");
+                (HealthStatus::Degraded, self.last_health.clone())
+            }
+        };
+        self.sequence += 1;
+        let metrics = health.map_or(
+            HeartbeatMetrics {
+                processes_collected: 0,
+                events_published: 0,
+                buffer_level_percent: 0.0,
+                connection_status: ConnectionStatus::Connected,
+                cycles: 0,
+                errors: 0,
+            },
+            |h| HeartbeatMetrics {
+                processes_collected: h.processes,
+                events_published: h.events_published,
+                buffer_level_percent: h.buffer_level_percent,
+                connection_status: h.connection,
+                cycles: h.cycles,
+                errors: h.errors,
+            },
+        );
+        let hb = Heartbeat {
+            collector_id: self.cfg.collector_id.clone(),
+            sequence: self.sequence,
+            timestamp_unix_ms: unix_ms(),
+            status,
+            metrics,
+        };
+        if let Err(e) = self.client.publish(&control::heartbeat_topic(&self.cfg.collector_id), &control::encode(&hb)) {
+            log::warn!("heartbeat {} not sent: {e}", self.sequence);
+        }
+    }
+
+    /// A uniform number in [0, 1) (xorshift; jitter needs no strength).
+    fn random_unit(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}

@@ -1,0 +1,69 @@
+//! Standalone mode's sink: with no broker (`DAEMONEYE_BROKER_SOCKET`
+//! unset), the actor's events go straight into the SQLite event store, one
+//! transaction per cycle. The stream is 0 and sequence numbers continue
+//! from the highest one the store holds for this collector, so a restart
+//! neither reuses nor skips numbers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::actor::{EventSink, SinkStatus};
+use crate::control::ConnectionStatus;
+use crate::event::{EventEnvelope, ProcessEvent};
+use crate::store::{EventStore, StoreError};
+
+/// The stream id of standalone events.
+pub const STANDALONE_STREAM: u64 = 0;
+
+/// Writes events into the event store.
+pub struct StoreSink {
+    store: EventStore,
+    collector_id: String,
+    next_seq: u64,
+    published: u64,
+}
+
+impl StoreSink {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path, collector_id: &str) -> Result<StoreSink, StoreError> {
+        let store = EventStore::open(path)?;
+        let next_seq = store.max_seq(collector_id, STANDALONE_STREAM)?.unwrap_or(0) + 1;
+        Ok(StoreSink { store, collector_id: collector_id.to_owned(), next_seq, published: 0 })
+    }
+}
+
+impl EventSink for StoreSink {
+    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String> {
+        let first = self.next_seq;
+        let envelopes: Vec<EventEnvelope> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| EventEnvelope {
+                collector_id: self.collector_id.clone(),
+                stream_id: STANDALONE_STREAM,
+                seq: first + i as u64,
+                event,
+            })
+            .collect();
+        let outcome = self.store.insert_batch(&envelopes).map_err(|e| e.to_string())?;
+        self.next_seq += envelopes.len() as u64;
+        self.published += outcome.inserted as u64;
+        Ok(envelopes)
+    }
+
+    fn status(&self) -> SinkStatus {
+        SinkStatus {
+            connection: ConnectionStatus::Standalone,
+            buffer_level_percent: 0.0,
+            unacknowledged: 0,
+            published: self.published,
+        }
+    }
+
+    fn set_max_in_flight(&mut self, _max: usize) {}
+
+    fn flush(&mut self, _timeout: Duration) -> Result<(), String> {
+        // Every batch was committed in its own transaction.
+        Ok(())
+    }
+}

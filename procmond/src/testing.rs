@@ -1,0 +1,85 @@
+//! Test support, public so the daemon's integration tests, the agent's
+//! tests and the benchmarks can drive the collector without a real process
+//! table: a [`FakeSource`] whose process list the test edits, and
+//! [`record`] to build a plausible process record.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use daemoneye_platform::{
+    Argv, CycleStats, Credentials, FileIdentity, ProcessDetails, ProcessRecord, ProcessSource, ProcessState,
+};
+use parking_lot::Mutex;
+
+/// A process record for pid `pid` started at `start_time`, running
+/// `/usr/bin/<name>` as uid 1000.
+pub fn record(pid: u32, start_time: u64, name: &str) -> ProcessRecord {
+    ProcessRecord {
+        pid,
+        ppid: 1,
+        start_time,
+        started_unix: Ok(1_700_000_000 + start_time),
+        name: name.to_owned(),
+        state: ProcessState::Sleeping,
+        session: Ok(pid),
+        threads: Ok(1),
+        rss_bytes: 4 << 20,
+        virtual_bytes: 16 << 20,
+        cpu_time_ms: Ok(10),
+        kernel_thread: false,
+        details: Arc::new(ProcessDetails {
+            exe: Ok(PathBuf::from(format!("/usr/bin/{name}"))),
+            exe_file: Ok(FileIdentity { dev: 1, inode: 1000 + u64::from(pid), size: 1 << 16, mtime: 1, ctime: 1 }),
+            exe_deleted: Ok(false),
+            argv: Ok(Argv { args: vec![name.to_owned()], truncated: false }),
+            cwd: Ok(PathBuf::from("/")),
+            credentials: Ok(Credentials { uid: 1000, euid: 1000, gid: 1000, egid: 1000 }),
+            user: Ok("user".to_owned()),
+        }),
+    }
+}
+
+/// A process source that returns whatever list the test put in it, and
+/// counts its refreshes.
+#[derive(Clone, Default)]
+pub struct FakeSource {
+    inner: Arc<Mutex<(Vec<ProcessRecord>, u64)>>,
+}
+
+impl FakeSource {
+    /// An empty source.
+    pub fn new() -> FakeSource {
+        FakeSource::default()
+    }
+
+    /// Replaces the process list.
+    pub fn set(&self, records: Vec<ProcessRecord>) {
+        self.inner.lock().0 = records;
+    }
+
+    /// Edits the process list.
+    pub fn edit(&self, f: impl FnOnce(&mut Vec<ProcessRecord>)) {
+        f(&mut self.inner.lock().0);
+    }
+
+    /// How many times `refresh` ran.
+    pub fn refreshes(&self) -> u64 {
+        self.inner.lock().1
+    }
+}
+
+impl ProcessSource for FakeSource {
+    fn backend(&self) -> &'static str {
+        "fake"
+    }
+
+    fn refresh(&mut self) -> Result<Vec<ProcessRecord>, daemoneye_platform::Error> {
+        let mut g = self.inner.lock();
+        g.1 += 1;
+        Ok(g.0.clone())
+    }
+
+    fn last_cycle(&self) -> CycleStats {
+        CycleStats::default()
+    }
+}
