@@ -20,6 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 #[cfg(unix)]
+pub mod paths;
 mod peer;
 mod portable;
 pub mod privilege;
@@ -104,6 +105,53 @@ pub fn default_source() -> Result<Box<dyn ProcessSource>, Error> {
     #[cfg(not(target_os = "linux"))]
     {
         Ok(Box::new(SysinfoSource::new()?))
+    }
+}
+
+/// The identity of a file from its metadata, as every backend fills
+/// [`ProcessDetails::exe_file`]: device, inode, size, and modification and
+/// status-change times in whole seconds since the epoch. Compare an open
+/// file's identity (from `File::metadata`) with a record's to know whether
+/// it is the same file, unchanged.
+///
+/// `NotSupported` where std exposes no device and inode (Windows).
+pub fn file_identity(meta: &std::fs::Metadata) -> Field<FileIdentity> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(FileIdentity {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            ctime: meta.ctime(),
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Err(Unavailable::NotSupported)
+    }
+}
+
+/// The path to open to read the executable of process `pid`, whose record
+/// names it `exe`.
+///
+/// Linux: `/proc/<pid>/exe`, which opens the very file the process runs,
+/// even after it was deleted or replaced on disk (the kernel checks that
+/// the caller may inspect the process, as for `ptrace`). Elsewhere: `exe`
+/// itself, which may by now name another file; compare identities after
+/// opening.
+pub fn exe_read_path(pid: u32, exe: &std::path::Path) -> std::path::PathBuf {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = exe;
+        std::path::PathBuf::from(format!("/proc/{pid}/exe"))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        exe.to_path_buf()
     }
 }
 

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 pub fn system_data_dir() -> PathBuf {
     #[cfg(target_os = "windows")]
     {
-        PathBuf::from(std::env::var_os("ProgramData").unwrap_or_else(|| "C:\\ProgramData".into())).join("DaemonEye")
+        PathBuf::from(std::env::var_os("ProgramData").unwrap_or_else(|| "C:\\ProgramData".into()))
+            .join("DaemonEye")
     }
     #[cfg(any(target_os = "freebsd", target_os = "openbsd", target_os = "netbsd", target_os = "dragonfly"))]
     {
@@ -43,7 +44,9 @@ pub fn user_data_dir() -> Option<PathBuf> {
         if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|x| Path::new(x).is_absolute()) {
             return Some(PathBuf::from(xdg).join("daemoneye"));
         }
-        std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".local/share/daemoneye"))
+        std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|h| PathBuf::from(h).join(".local/share/daemoneye"))
     }
 }
 

@@ -16,8 +16,7 @@ use std::sync::Arc;
 use sysinfo::{ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, ThreadKind, UpdateKind, Users};
 
 use crate::record::{
-    Argv, Credentials, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState,
-    Unavailable,
+    Argv, Credentials, Field, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
 };
 use crate::{CycleStats, Error, ProcessSource};
 
@@ -66,9 +65,9 @@ fn details(users: &mut Users, privileged: bool, p: &sysinfo::Process) -> Process
     let absent = if privileged { Unavailable::NotApplicable } else { Unavailable::NotPermitted };
     let exe = p.exe().map(Path::to_path_buf).ok_or(absent);
     let exe_file = match &exe {
-        Ok(path) => {
-            std::fs::metadata(path).map_err(|e| Unavailable::from_io(&e)).and_then(|m| file_identity(&m))
-        }
+        Ok(path) => std::fs::metadata(path)
+            .map_err(|e| Unavailable::from_io(&e))
+            .and_then(|m| crate::file_identity(&m)),
         Err(e) => Err(*e),
     };
     let exe_deleted = match &exe {
@@ -90,17 +89,6 @@ fn details(users: &mut Users, privileged: bool, p: &sysinfo::Process) -> Process
         None => Err(absent),
     };
     ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
-}
-
-#[cfg(unix)]
-fn file_identity(m: &std::fs::Metadata) -> Field<FileIdentity> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(FileIdentity { dev: m.dev(), inode: m.ino(), size: m.size(), mtime: m.mtime(), ctime: m.ctime() })
-}
-
-#[cfg(not(unix))]
-fn file_identity(_: &std::fs::Metadata) -> Field<FileIdentity> {
-    Err(Unavailable::NotSupported)
 }
 
 #[cfg(unix)]

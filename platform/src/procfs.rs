@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::record::{
-    Argv, Credentials, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState,
-    Unavailable,
+    Argv, Credentials, Field, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
 };
 use crate::{CycleStats, Error, ProcessSource};
 
@@ -248,13 +247,7 @@ impl ProcFs {
             }
             _ => p,
         });
-        let exe_file = meta.map(|m| FileIdentity {
-            dev: m.dev(),
-            inode: m.ino(),
-            size: m.size(),
-            mtime: m.mtime(),
-            ctime: m.ctime(),
-        });
+        let exe_file = meta.and_then(|m| crate::file_identity(&m));
         let argv = if kthread {
             Err(Unavailable::NotApplicable)
         } else {

@@ -156,7 +156,11 @@ impl ActorSender {
         }
     }
 
-    fn ask<T>(&self, timeout: Duration, make: impl FnOnce(Sender<T>) -> ActorMessage) -> Result<T, ActorError> {
+    fn ask<T>(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(Sender<T>) -> ActorMessage,
+    ) -> Result<T, ActorError> {
         let (tx, rx) = bounded(1);
         self.try_send(make(tx))?;
         match rx.recv_timeout(timeout) {
@@ -246,7 +250,8 @@ impl ActorHandle {
     ) -> std::io::Result<ActorHandle> {
         let (sender, rx) = inbox;
         let actor = Actor::new(cfg, source, sink, opts);
-        let thread = std::thread::Builder::new().name("procmond-actor".into()).spawn(move || actor.run(rx))?;
+        let thread =
+            std::thread::Builder::new().name("procmond-actor".into()).spawn(move || actor.run(rx))?;
         Ok(ActorHandle { sender, thread: Some(thread) })
     }
 
@@ -301,10 +306,17 @@ struct Actor {
 const MAX_UNSENT: usize = 100_000;
 
 impl Actor {
-    fn new(cfg: CollectorConfig, source: Box<dyn ProcessSource>, sink: Box<dyn EventSink>, opts: ActorOptions) -> Actor {
-        let tracker = Tracker::new(cfg.lifecycle.clone(), Sanitizer::new(&cfg.sanitize), cfg.enhanced_metadata);
+    fn new(
+        cfg: CollectorConfig,
+        source: Box<dyn ProcessSource>,
+        sink: Box<dyn EventSink>,
+        opts: ActorOptions,
+    ) -> Actor {
+        let tracker =
+            Tracker::new(cfg.lifecycle.clone(), Sanitizer::new(&cfg.sanitize), cfg.enhanced_metadata);
         let hasher = Hasher::new(&cfg.hash);
-        let state = if opts.start_running { CollectorState::Running } else { CollectorState::WaitingForAgent };
+        let state =
+            if opts.start_running { CollectorState::Running } else { CollectorState::WaitingForAgent };
         let next_cycle = opts.start_running.then(Instant::now);
         Actor {
             cfg,
@@ -452,7 +464,11 @@ impl Actor {
             interval_ms: self.interval().as_millis() as u64,
             original_interval_ms: self.cfg.interval.as_millis() as u64,
             connection: sink.connection,
-            registration: self.opts.registration.as_ref().map_or(RegistrationState::Unregistered, |r| r.get()),
+            registration: self
+                .opts
+                .registration
+                .as_ref()
+                .map_or(RegistrationState::Unregistered, |r| r.get()),
             buffer_level_percent: sink.buffer_level_percent,
             unacknowledged_events: sink.unacknowledged,
             last_collection_unix_ms: self.n.last_collection_unix_ms,
@@ -488,7 +504,11 @@ impl Actor {
             records.retain(|r| !self.cfg.excluded_pids.contains(&r.pid));
         }
         if self.cfg.max_processes > 0 && records.len() > self.cfg.max_processes {
-            log::warn!("{} processes, over max_processes {}: the rest is ignored", records.len(), self.cfg.max_processes);
+            log::warn!(
+                "{} processes, over max_processes {}: the rest is ignored",
+                records.len(),
+                self.cfg.max_processes
+            );
             // Keep our own process and the lowest pids: stable across cycles.
             records.sort_by_key(|r| (r.pid != self.own_pid, r.pid));
             records.truncate(self.cfg.max_processes);
@@ -532,7 +552,7 @@ impl Actor {
         match self.sink.submit(events) {
             Ok(envelopes) => {
                 if let Some(observe) = &mut self.opts.observer {
-                    envelopes.iter().for_each(|e| observe(e));
+                    envelopes.iter().for_each(observe);
                 }
             }
             Err(e) => {

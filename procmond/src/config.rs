@@ -103,7 +103,7 @@ impl Default for HashConfig {
 }
 
 /// Command-line sanitization.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SanitizeConfig {
     /// Replace every argument after the program name with nothing.
@@ -113,12 +113,6 @@ pub struct SanitizeConfig {
     pub extra_words: Vec<String>,
     /// Replace the default list instead of extending it.
     pub replace_default_words: bool,
-}
-
-impl Default for SanitizeConfig {
-    fn default() -> Self {
-        SanitizeConfig { strip_all_arguments: false, extra_words: Vec::new(), replace_default_words: false }
-    }
 }
 
 /// The whole configuration of one procmond.
@@ -191,7 +185,8 @@ impl CollectorConfig {
         if self.max_events_in_flight == 0 {
             return Err(invalid("max_events_in_flight", "must be at least 1"));
         }
-        if self.heartbeat_interval < Duration::from_millis(100) || self.heartbeat_interval > Duration::from_secs(3600)
+        if self.heartbeat_interval < Duration::from_millis(100)
+            || self.heartbeat_interval > Duration::from_secs(3600)
         {
             return Err(invalid("heartbeat_interval_ms", "must be between 100 and 3600000"));
         }
@@ -269,11 +264,7 @@ pub fn validate_collector_id(id: &str) -> Result<(), ConfigError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid("collector_id", format!("{id:?}: use 1-64 of a-z, 0-9, '-', '_'")))
-    }
+    if ok { Ok(()) } else { Err(invalid("collector_id", format!("{id:?}: use 1-64 of a-z, 0-9, '-', '_'"))) }
 }
 
 fn validate_interval(interval: Duration, floor: Duration) -> Result<(), ConfigError> {
@@ -491,7 +482,8 @@ mod tests {
     fn config_file_refuses_unknown_keys_and_applies_known_ones() {
         let err = ConfigFile::parse("interval_secs: 10\nintervall: 3\n").unwrap_err();
         assert!(err.contains("intervall"), "{err}");
-        let file = ConfigFile::parse("interval_secs: 10\ndata_dir: /d\nlifecycle:\n  command_line: true\n").unwrap();
+        let file =
+            ConfigFile::parse("interval_secs: 10\ndata_dir: /d\nlifecycle:\n  command_line: true\n").unwrap();
         let mut cfg = base();
         file.apply(&mut cfg);
         assert_eq!(cfg.interval, Duration::from_secs(10));

@@ -144,13 +144,17 @@ impl Connector {
         client: Arc<Client>,
         actor: ActorSender,
     ) -> Result<Connector, ConnectorError> {
-        let (wal, report) = Wal::open(wal_dir, WalOptions { durability: Durability::Always, ..Default::default() })?;
+        let (wal, report) =
+            Wal::open(wal_dir, WalOptions { durability: Durability::Always, ..Default::default() })?;
         log::info!("WAL {}: {report}", wal_dir.display());
         let stream_id = stream_id(wal_dir)?;
         let acked = wal.watermark();
         let pending = wal.next_seq().saturating_sub(acked + 1);
         if pending > 0 {
-            log::info!("WAL holds {pending} unacknowledged events (from seq {}); they are sent first", acked + 1);
+            log::info!(
+                "WAL holds {pending} unacknowledged events (from seq {}); they are sent first",
+                acked + 1
+            );
         }
         let shared = Arc::new(Shared {
             wal,
@@ -261,7 +265,11 @@ impl EventSink for Connector {
                 buf.items.push_back(Item { seq: env.seq, kind: env.event.kind, bytes });
             } else {
                 if !buf.spilled {
-                    log::warn!("send buffer full ({} bytes): events wait in the WAL from seq {}", s.limit, env.seq);
+                    log::warn!(
+                        "send buffer full ({} bytes): events wait in the WAL from seq {}",
+                        s.limit,
+                        env.seq
+                    );
                 }
                 buf.spilled = true;
             }
@@ -294,7 +302,9 @@ impl EventSink for Connector {
     fn flush(&mut self, timeout: Duration) -> Result<(), String> {
         let (tx, rx) = bounded(1);
         let deadline = Instant::now() + timeout;
-        self.cmds.try_send(Cmd::Flush { deadline, reply: tx }).map_err(|_| "flush thread busy or gone".to_owned())?;
+        self.cmds
+            .try_send(Cmd::Flush { deadline, reply: tx })
+            .map_err(|_| "flush thread busy or gone".to_owned())?;
         let _ = self.notify.try_send(());
         let published = rx.recv_deadline(deadline + Duration::from_millis(500)).unwrap_or(Ok(()));
         // Under `Always` every append is durable already; this reports a
@@ -310,12 +320,20 @@ fn stream_id(dir: &Path) -> Result<u64, ConnectorError> {
     let io = |what: &str, source| ConnectorError::Io { what: format!("{what} {}", path.display()), source };
     match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map_err(|_| {
-            io("parse", std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a number: {text:?}")))
+            io(
+                "parse",
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a number: {text:?}")),
+            )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // std's RandomState is seeded from the OS's random source.
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
             let id = h.finish() >> 1; // fits SQLite's signed INTEGER
             let tmp = dir.join("STREAM.tmp");
             std::fs::write(&tmp, format!("{id}\n")).map_err(|e| io("write", e))?;
@@ -360,12 +378,11 @@ impl Flusher {
                     Err(_) => break,
                 },
                 recv(notify) -> _ => {}
-                recv(acks.messages()) -> msg => match msg {
-                    Ok(msg) => match control::decode::<StoreAck>(&msg.payload) {
+                recv(acks.messages()) -> msg => if let Ok(msg) = msg {
+                    match control::decode::<StoreAck>(&msg.payload) {
                         Ok(ack) => self.on_ack(ack),
                         Err(e) => log::warn!("malformed store acknowledgement on {}: {e}", msg.topic),
-                    },
-                    Err(_) => {}
+                    }
                 },
                 recv(ticker) -> _ => {}
             }
@@ -379,7 +396,9 @@ impl Flusher {
                     let result = if done {
                         Ok(())
                     } else {
-                        log::warn!("flush: {left} events not published before the deadline; they stay in the WAL");
+                        log::warn!(
+                            "flush: {left} events not published before the deadline; they stay in the WAL"
+                        );
                         Ok(())
                     };
                     if let Some((_, reply)) = flush.take() {
@@ -500,9 +519,11 @@ impl Flusher {
                             break;
                         }
                         match EventEnvelope::decode(&rec.payload) {
-                            Ok(env) => {
-                                self.reread.push_back(Item { seq: rec.seq, kind: env.event.kind, bytes: rec.payload })
-                            }
+                            Ok(env) => self.reread.push_back(Item {
+                                seq: rec.seq,
+                                kind: env.event.kind,
+                                bytes: rec.payload,
+                            }),
                             Err(e) => log::error!("WAL record {} does not decode ({e}); skipped", rec.seq),
                         }
                         if self.reread.len() >= REREAD_BATCH {

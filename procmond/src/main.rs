@@ -105,7 +105,11 @@ fn parse_interval(s: &str) -> Result<u64, String> {
     if INTERVAL_RANGE_SECS.contains(&v) {
         Ok(v)
     } else {
-        Err(format!("{v} is out of range {}..={} seconds", INTERVAL_RANGE_SECS.start(), INTERVAL_RANGE_SECS.end()))
+        Err(format!(
+            "{v} is out of range {}..={} seconds",
+            INTERVAL_RANGE_SECS.start(),
+            INTERVAL_RANGE_SECS.end()
+        ))
     }
 }
 
@@ -202,7 +206,8 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     }
     #[cfg(not(unix))]
     {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))
     }
 }
 

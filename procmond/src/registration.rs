@@ -266,8 +266,15 @@ impl Manager {
             return;
         }
         self.cell.set(RegistrationState::Deregistering);
-        let msg = RegistrationMessage::Deregister { collector_id: self.cfg.collector_id.clone(), reason: reason.into() };
-        match self.client.request(control::REGISTRATION_TOPIC, &control::encode(&msg), self.cfg.request_timeout) {
+        let msg = RegistrationMessage::Deregister {
+            collector_id: self.cfg.collector_id.clone(),
+            reason: reason.into(),
+        };
+        match self.client.request(
+            control::REGISTRATION_TOPIC,
+            &control::encode(&msg),
+            self.cfg.request_timeout,
+        ) {
             Ok(_) => log::info!("deregistered from the agent"),
             Err(e) => log::warn!("deregistration not confirmed: {e}"),
         }
@@ -275,7 +282,9 @@ impl Manager {
     }
 
     fn heartbeat(&mut self) {
-        if self.cell.get() != RegistrationState::Registered || self.client.state() != ConnectionState::Connected {
+        if self.cell.get() != RegistrationState::Registered
+            || self.client.state() != ConnectionState::Connected
+        {
             return;
         }
         let (status, health) = match self.actor.health(Duration::from_secs(1)) {
@@ -315,7 +324,9 @@ impl Manager {
             status,
             metrics,
         };
-        if let Err(e) = self.client.publish(&control::heartbeat_topic(&self.cfg.collector_id), &control::encode(&hb)) {
+        if let Err(e) =
+            self.client.publish(&control::heartbeat_topic(&self.cfg.collector_id), &control::encode(&hb))
+        {
             log::warn!("heartbeat {} not sent: {e}", self.sequence);
         }
     }

@@ -138,7 +138,8 @@ impl Service {
                     Err(e) => {
                         log::warn!("shutdown already under way");
                         let msg = e.into_inner().rpc;
-                        let response = RpcResponse::status(RpcStatus::ShuttingDown, "shutdown already under way");
+                        let response =
+                            RpcResponse::status(RpcStatus::ShuttingDown, "shutdown already under way");
                         if let Some(msg) = msg {
                             self.send(&msg, &response);
                         }

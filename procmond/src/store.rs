@@ -1,1 +1,1359 @@
-//! The SQLite event store (in progress).
+//! The SQLite event store: where process events are kept, deduplicated by
+//! `(collector_id, stream_id, seq)`, and where the per-stream committed
+//! watermark lives. procmond's standalone mode writes its events straight
+//! into it; the agent's store writer commits batches received from the bus
+//! and then publishes each stream's watermark (which lets the collector
+//! truncate its WAL), and the agent's detection rules run SQL over these
+//! tables through [`EventStore::connection`].
+//!
+//! # Guarantees
+//!
+//! - A batch is one transaction: after a crash it is wholly present or
+//!   wholly absent. The database runs in WAL journal mode with
+//!   `synchronous=FULL`, so a committed batch survives power loss. This
+//!   matters because a committed watermark is acknowledged to the
+//!   collector, which then deletes those records from its own WAL: the
+//!   store is the only copy left.
+//! - Each `(collector_id, stream_id, seq)` is kept once: a replayed event
+//!   is counted as a duplicate and not stored again, even after its row was
+//!   pruned (see [Watermarks](#watermarks)).
+//! - The `record` column (postcard of the whole [`ProcessEvent`]) is the
+//!   source of truth and what [`EventStore::query`] decodes; the other
+//!   columns are a flat, indexed view of it for SQL. A record that fails
+//!   to decode is reported as [`StoreError::Corrupt`] naming its row id,
+//!   never a panic.
+//!
+//! # Schema (version 1, in `PRAGMA user_version`)
+//!
+//! Detection rules are written against this schema; changing a column is a
+//! schema version bump. A database with a newer version than
+//! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaVersion`]).
+//!
+//! ```sql
+//! CREATE TABLE process_events (
+//!     id             INTEGER PRIMARY KEY AUTOINCREMENT,
+//!     collector_id   TEXT    NOT NULL,
+//!     stream_id      INTEGER NOT NULL,
+//!     seq            INTEGER NOT NULL,
+//!     kind           TEXT    NOT NULL CHECK (kind IN ('started', 'stopped', 'modified')),
+//!     snapshot       INTEGER NOT NULL,  -- 0 or 1
+//!     changes        TEXT    NOT NULL,  -- e.g. 'exec,credentials'; '' if none
+//!     observed_ms    INTEGER NOT NULL,  -- Unix milliseconds
+//!     pid            INTEGER NOT NULL,
+//!     ppid           INTEGER NOT NULL,
+//!     start_time     INTEGER NOT NULL,  -- the backend's unit (identity with pid)
+//!     started_unix   INTEGER,           -- Unix seconds
+//!     name           TEXT    NOT NULL,
+//!     exe            TEXT,
+//!     exe_deleted    INTEGER,           -- 0 or 1
+//!     argv           TEXT,              -- JSON array of strings, sanitized
+//!     argv_truncated INTEGER NOT NULL,  -- 0 or 1 (0 when argv is NULL)
+//!     cwd            TEXT,
+//!     uid            INTEGER,
+//!     euid           INTEGER,
+//!     gid            INTEGER,
+//!     egid           INTEGER,
+//!     user           TEXT,
+//!     state          TEXT    NOT NULL,
+//!     rss_bytes      INTEGER NOT NULL,
+//!     sha256         TEXT,              -- lowercase hex, only when hashed
+//!     record         BLOB    NOT NULL,  -- postcard of the ProcessEvent
+//!     UNIQUE (collector_id, stream_id, seq)
+//! );
+//! CREATE INDEX process_events_observed_ms ON process_events (observed_ms);
+//! CREATE INDEX process_events_pid ON process_events (pid);
+//! CREATE INDEX process_events_name ON process_events (name);
+//! CREATE INDEX process_events_kind ON process_events (kind);
+//!
+//! CREATE TABLE stream_watermarks (
+//!     collector_id TEXT    NOT NULL,
+//!     stream_id    INTEGER NOT NULL,
+//!     through      INTEGER NOT NULL,
+//!     PRIMARY KEY (collector_id, stream_id)
+//! ) WITHOUT ROWID;
+//! ```
+//!
+//! Column notes:
+//!
+//! - NULL means the field was unavailable (the reason is in `record`);
+//!   missing is never an empty string. `uid`, `euid`, `gid` and `egid` are
+//!   all NULL or all set.
+//! - `kind` and `changes` use [`EventKind::as_str`] and [`Change::as_str`].
+//!   `state` is one of `running`, `sleeping`, `disk_sleep`, `stopped`,
+//!   `traced`, `zombie`, `dead`, `idle`, `other:<letter>` or `unknown`.
+//! - `exe` and `cwd` replace non-UTF-8 bytes (the exact path is in
+//!   `record`). `sha256` is set only for a successful hash; too large,
+//!   deferred and unreadable executables leave it NULL.
+//! - `stream_id` is the `u64` stored bit for bit in SQLite's signed 64-bit
+//!   integer, so ids above `i64::MAX` read as negative in SQL (the API
+//!   converts back). Counters and times (`observed_ms`, `start_time`,
+//!   `started_unix`, `rss_bytes`) beyond `i64::MAX` are clamped to it in
+//!   their columns; `seq` must fit (a WAL counts from 1).
+//! - `id` is `AUTOINCREMENT` so it is never reused, not even after pruning
+//!   empties the table: a `--follow` reader that polls with `id > last`
+//!   would otherwise miss new rows.
+//!
+//! # Watermarks
+//!
+//! `stream_watermarks.through` is the highest `seq` such that every `seq`
+//! from the stream's base up to it has been committed. The base of a stream
+//! the store has never seen is the lowest `seq` of the first batch that
+//! carries it, minus 1: collectors replay in order from their last
+//! acknowledged `seq`, so a wiped store still makes progress instead of
+//! waiting forever for records the collector already deleted. A gap (an
+//! event lost on the bus) holds the watermark back until the collector's
+//! replay fills it.
+//!
+//! Pruning deletes rows but never watermarks, and [`EventStore::insert_batch`]
+//! treats any `seq <= through` as a duplicate without looking for its row.
+//! So an acknowledged event whose row was pruned is still recognised when a
+//! collector replays it (a collector may replay acknowledged records if it
+//! crashed before recording the acknowledgement), and is not stored twice.
+//! The consequence: a stream's sequence numbers are never reused, which the
+//! WAL guarantees.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use daemoneye_platform::ProcessState;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent};
+
+/// The schema version this build creates and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How long a statement waits for another connection's lock before it
+/// fails with "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Version 1 of the schema; documented in the module docs, keep both in
+/// step.
+const SCHEMA_V1: &str = "
+CREATE TABLE process_events (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    collector_id   TEXT    NOT NULL,
+    stream_id      INTEGER NOT NULL,
+    seq            INTEGER NOT NULL,
+    kind           TEXT    NOT NULL CHECK (kind IN ('started', 'stopped', 'modified')),
+    snapshot       INTEGER NOT NULL,
+    changes        TEXT    NOT NULL,
+    observed_ms    INTEGER NOT NULL,
+    pid            INTEGER NOT NULL,
+    ppid           INTEGER NOT NULL,
+    start_time     INTEGER NOT NULL,
+    started_unix   INTEGER,
+    name           TEXT    NOT NULL,
+    exe            TEXT,
+    exe_deleted    INTEGER,
+    argv           TEXT,
+    argv_truncated INTEGER NOT NULL,
+    cwd            TEXT,
+    uid            INTEGER,
+    euid           INTEGER,
+    gid            INTEGER,
+    egid           INTEGER,
+    user           TEXT,
+    state          TEXT    NOT NULL,
+    rss_bytes      INTEGER NOT NULL,
+    sha256         TEXT,
+    record         BLOB    NOT NULL,
+    UNIQUE (collector_id, stream_id, seq)
+);
+CREATE INDEX process_events_observed_ms ON process_events (observed_ms);
+CREATE INDEX process_events_pid ON process_events (pid);
+CREATE INDEX process_events_name ON process_events (name);
+CREATE INDEX process_events_kind ON process_events (kind);
+CREATE TABLE stream_watermarks (
+    collector_id TEXT    NOT NULL,
+    stream_id    INTEGER NOT NULL,
+    through      INTEGER NOT NULL,
+    PRIMARY KEY (collector_id, stream_id)
+) WITHOUT ROWID;
+";
+
+/// The insert of one event. A conflict on the dedup key is ignored (and
+/// counted by the caller); any other constraint failure is an error, not a
+/// silent skip.
+const INSERT_EVENT: &str = "
+INSERT INTO process_events (
+    collector_id, stream_id, seq, kind, snapshot, changes, observed_ms,
+    pid, ppid, start_time, started_unix, name, exe, exe_deleted, argv,
+    argv_truncated, cwd, uid, euid, gid, egid, user, state, rss_bytes,
+    sha256, record
+) VALUES (
+    ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26
+) ON CONFLICT (collector_id, stream_id, seq) DO NOTHING";
+
+const SELECT_WATERMARK: &str =
+    "SELECT through FROM stream_watermarks WHERE collector_id = ?1 AND stream_id = ?2";
+
+const UPSERT_WATERMARK: &str = "
+INSERT INTO stream_watermarks (collector_id, stream_id, through) VALUES (?1, ?2, ?3)
+ON CONFLICT (collector_id, stream_id) DO UPDATE SET through = excluded.through";
+
+/// Sequence numbers above a watermark, in order; walked only while they
+/// are contiguous (the dedup key's index serves it as a range scan).
+const SELECT_SEQS_ABOVE: &str = "
+SELECT seq FROM process_events
+WHERE collector_id = ?1 AND stream_id = ?2 AND seq > ?3
+ORDER BY seq";
+
+/// Errors of the event store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An SQLite call failed after the store was open (including "database
+    /// is locked" once the busy timeout ran out).
+    #[error("event store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// SQLite failed while opening or initializing the database (not a
+    /// database, permission denied, read-only file system, ...).
+    #[error("cannot open event store {}: {source}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite reported.
+        source: rusqlite::Error,
+    },
+    /// [`EventStore::open_read_only`] was given a file that does not exist.
+    #[error("event store {} does not exist", path.display())]
+    NotFound {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The database's schema version is not the one this build knows: a
+    /// newer DaemonEye wrote it, or (version 0, read-only open) the file is
+    /// not an initialized event store.
+    #[error("event store schema version {found} is not supported (this build uses version {supported})")]
+    SchemaVersion {
+        /// The version in the file (`PRAGMA user_version`).
+        found: u32,
+        /// [`SCHEMA_VERSION`].
+        supported: u32,
+    },
+    /// A row's `record` blob does not decode (or one of its key columns is
+    /// out of range).
+    #[error("event store row {id} is corrupt: {reason}")]
+    Corrupt {
+        /// The row's `id`.
+        id: i64,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// An event that cannot be stored: its `seq` is beyond SQLite's integer
+    /// range, or it failed to encode. Nothing of its batch was committed.
+    #[error("cannot store event {collector_id}/{stream_id}/{seq}: {reason}")]
+    Unstorable {
+        /// The event's collector.
+        collector_id: String,
+        /// The event's stream.
+        stream_id: u64,
+        /// The event's sequence number.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A file system operation around the database failed (creating its
+    /// directory or file, checking that it exists).
+    #[error("event store {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The committed watermark of one stream: every `seq` from the stream's
+/// base through `through` is in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamWatermark {
+    /// The collector.
+    pub collector_id: String,
+    /// Its stream.
+    pub stream_id: u64,
+    /// The highest contiguously committed sequence number.
+    pub through: u64,
+}
+
+/// What [`EventStore::insert_batch`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events stored.
+    pub inserted: usize,
+    /// Events ignored because the store already had (or had acknowledged
+    /// and since pruned) their `(collector_id, stream_id, seq)`.
+    pub duplicates: usize,
+    /// The watermark of every stream the batch touched, changed or not, in
+    /// order of first appearance in the batch: what to acknowledge.
+    pub watermarks: Vec<StreamWatermark>,
+}
+
+/// A filter for [`EventStore::query`]; every set field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventQuery {
+    /// Observed at or after this time (Unix milliseconds).
+    pub since_ms: Option<u64>,
+    /// Observed strictly before this time (Unix milliseconds).
+    pub until_ms: Option<u64>,
+    /// This process id.
+    pub pid: Option<u32>,
+    /// This exact process name.
+    pub name: Option<String>,
+    /// This kind of event.
+    pub kind: Option<EventKind>,
+    /// From this collector.
+    pub collector_id: Option<String>,
+    /// Rows with an `id` greater than this (a `--follow` cursor).
+    pub after_id: Option<i64>,
+    /// At most this many rows, the lowest ids first; 0 means no limit.
+    pub limit: usize,
+}
+
+/// One stored event, decoded from its row's `record`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// The row id (increasing in commit order, never reused).
+    pub id: i64,
+    /// The collector that saw it.
+    pub collector_id: String,
+    /// Its stream.
+    pub stream_id: u64,
+    /// Its position in the stream.
+    pub seq: u64,
+    /// The event.
+    pub event: ProcessEvent,
+}
+
+/// How much history [`EventStore::prune`] keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete events observed longer ago than this.
+    pub max_age: Option<Duration>,
+    /// Keep at most this many events, deleting the oldest (lowest ids).
+    pub max_events: Option<u64>,
+}
+
+/// The SQLite event store. One connection; not shared between threads
+/// (the agent gives it to its store writer thread; readers open their
+/// own, which WAL mode lets run beside the writer).
+#[derive(Debug)]
+pub struct EventStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// A stream touched by a batch, while the batch is applied.
+struct Touched<'a> {
+    collector_id: &'a str,
+    stream_id: u64,
+    /// The watermark before the batch, if the store knew the stream.
+    stored: Option<u64>,
+    /// The lowest `seq` of this stream in the batch.
+    min_seq: u64,
+}
+
+impl EventStore {
+    /// Opens the store at `path` for reading and writing, creating the
+    /// database (and its parent directory, mode 0700 on Unix) if missing.
+    /// A new database file is created with mode 0600 on Unix; SQLite gives
+    /// its `-wal` and `-shm` files the same mode.
+    ///
+    /// Sets WAL journal mode, `synchronous=FULL`, a 5 s busy timeout and
+    /// foreign keys on, and creates the schema in an empty database.
+    pub fn open(path: &Path) -> Result<EventStore, StoreError> {
+        create_parent(path)?;
+        create_private_file(path)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+        configure(&conn).map_err(|e| open_error(path, e))?;
+        init_schema(&mut conn, path)?;
+        Ok(EventStore { conn, path: path.to_owned() })
+    }
+
+    /// Opens an existing store read-only (the CLI). Fails with
+    /// [`StoreError::NotFound`] if the file does not exist, and with
+    /// [`StoreError::SchemaVersion`] if it is not an event store of this
+    /// schema version. Writes through this store fail.
+    pub fn open_read_only(path: &Path) -> Result<EventStore, StoreError> {
+        match std::fs::metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { path: path.to_owned() });
+            }
+            Err(source) => return Err(StoreError::Io { path: path.to_owned(), source }),
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
+        let found = user_version(&conn).map_err(|e| open_error(path, e))?;
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::SchemaVersion { found, supported: SCHEMA_VERSION });
+        }
+        Ok(EventStore { conn, path: path.to_owned() })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection, for SQL over the tables (detection rules). Its
+    /// schema is in the module docs.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Stores a batch in one transaction and advances the watermark of
+    /// every stream it touches.
+    ///
+    /// An event whose `(collector_id, stream_id, seq)` is already stored,
+    /// or whose `seq` is at or below its stream's watermark (even if its
+    /// row was pruned), is ignored and counted in
+    /// [`BatchOutcome::duplicates`]. On error nothing of the batch is
+    /// committed.
+    pub fn insert_batch(&mut self, batch: &[EventEnvelope]) -> Result<BatchOutcome, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut outcome = BatchOutcome::default();
+        let mut touched: Vec<Touched<'_>> = Vec::new();
+        let mut index: HashMap<(&str, u64), usize> = HashMap::new();
+        {
+            let mut select_watermark = tx.prepare_cached(SELECT_WATERMARK)?;
+            for env in batch {
+                let key = (env.collector_id.as_str(), env.stream_id);
+                match index.get(&key) {
+                    Some(&i) => touched[i].min_seq = touched[i].min_seq.min(env.seq),
+                    None => {
+                        let stored: Option<i64> = select_watermark
+                            .query_row(params![env.collector_id, stream_to_sql(env.stream_id)], |row| {
+                                row.get(0)
+                            })
+                            .optional()?;
+                        let stored = stored.map(|w| to_u64(w, 0)).transpose()?;
+                        index.insert(key, touched.len());
+                        touched.push(Touched {
+                            collector_id: &env.collector_id,
+                            stream_id: env.stream_id,
+                            stored,
+                            min_seq: env.seq,
+                        });
+                    }
+                }
+            }
+
+            let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+            for env in batch {
+                let stream = &touched[index[&(env.collector_id.as_str(), env.stream_id)]];
+                // Invariant: seq <= watermark was committed once, even if
+                // pruning has since deleted its row.
+                if stream.stored.is_some_and(|w| env.seq <= w) {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                let row = EventRow::new(env)?;
+                if row.insert(&mut insert)? == 0 {
+                    outcome.duplicates += 1;
+                } else {
+                    outcome.inserted += 1;
+                }
+            }
+
+            let mut seqs_above = tx.prepare_cached(SELECT_SEQS_ABOVE)?;
+            let mut upsert = tx.prepare_cached(UPSERT_WATERMARK)?;
+            for stream in &touched {
+                let stream_sql = stream_to_sql(stream.stream_id);
+                let mut through = stream.stored.unwrap_or(stream.min_seq.saturating_sub(1));
+                let mut rows =
+                    seqs_above.query(params![stream.collector_id, stream_sql, seq_floor(through)])?;
+                while let Some(row) = rows.next()? {
+                    let seq = to_u64(row.get(0)?, 0)?;
+                    if Some(seq) != through.checked_add(1) {
+                        break;
+                    }
+                    through = seq;
+                }
+                drop(rows);
+                if stream.stored != Some(through) {
+                    upsert.execute(params![stream.collector_id, stream_sql, seq_floor(through)])?;
+                }
+                outcome.watermarks.push(StreamWatermark {
+                    collector_id: stream.collector_id.to_owned(),
+                    stream_id: stream.stream_id,
+                    through,
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// The committed watermark of a stream, or `None` if the store has
+    /// never stored an event of it.
+    pub fn watermark(&self, collector_id: &str, stream_id: u64) -> Result<Option<u64>, StoreError> {
+        let through: Option<i64> = self
+            .conn
+            .prepare_cached(SELECT_WATERMARK)?
+            .query_row(params![collector_id, stream_to_sql(stream_id)], |row| row.get(0))
+            .optional()?;
+        Ok(through.map(|w| to_u64(w, 0)).transpose()?)
+    }
+
+    /// The highest `seq` of a stream among the stored rows (pruned rows do
+    /// not count; see [`EventStore::watermark`]), or `None` if it has none.
+    pub fn max_seq(&self, collector_id: &str, stream_id: u64) -> Result<Option<u64>, StoreError> {
+        let max: Option<i64> = self.conn.query_row(
+            "SELECT MAX(seq) FROM process_events WHERE collector_id = ?1 AND stream_id = ?2",
+            params![collector_id, stream_to_sql(stream_id)],
+            |row| row.get(0),
+        )?;
+        Ok(max.map(|m| to_u64(m, 0)).transpose()?)
+    }
+
+    /// The events matching `q`, by increasing `id`, decoded from their
+    /// `record`. A record that does not decode fails the query with
+    /// [`StoreError::Corrupt`].
+    pub fn query(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut sql = String::from("SELECT id, collector_id, stream_id, seq, record FROM process_events");
+        let mut conditions: Vec<&str> = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
+        if let Some(since) = q.since_ms {
+            conditions.push("observed_ms >= ?");
+            values.push(Value::Integer(clamp_i64(since)));
+        }
+        if let Some(until) = q.until_ms {
+            conditions.push("observed_ms < ?");
+            values.push(Value::Integer(clamp_i64(until)));
+        }
+        if let Some(pid) = q.pid {
+            conditions.push("pid = ?");
+            values.push(Value::Integer(i64::from(pid)));
+        }
+        if let Some(name) = &q.name {
+            conditions.push("name = ?");
+            values.push(Value::Text(name.clone()));
+        }
+        if let Some(kind) = q.kind {
+            conditions.push("kind = ?");
+            values.push(Value::Text(kind.as_str().to_owned()));
+        }
+        if let Some(collector_id) = &q.collector_id {
+            conditions.push("collector_id = ?");
+            values.push(Value::Text(collector_id.clone()));
+        }
+        if let Some(after) = q.after_id {
+            conditions.push("id > ?");
+            values.push(Value::Integer(after));
+        }
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        sql.push_str(" ORDER BY id");
+        if q.limit > 0 {
+            sql.push_str(" LIMIT ?");
+            values.push(Value::Integer(i64::try_from(q.limit).unwrap_or(i64::MAX)));
+        }
+
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(values))?;
+        let mut events = Vec::new();
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let collector_id: String = row.get(1)?;
+            let stream_id = stream_from_sql(row.get(2)?);
+            let seq: i64 = row.get(3)?;
+            let seq = u64::try_from(seq)
+                .map_err(|_| StoreError::Corrupt { id, reason: format!("negative seq {seq}") })?;
+            let record = row.get_ref(4)?;
+            let bytes = record.as_blob().map_err(|_| StoreError::Corrupt {
+                id,
+                reason: format!("record is {}, not a blob", record.data_type()),
+            })?;
+            let event: ProcessEvent = postcard::from_bytes(bytes)
+                .map_err(|e| StoreError::Corrupt { id, reason: format!("record does not decode: {e}") })?;
+            events.push(StoredEvent { id, collector_id, stream_id, seq, event });
+        }
+        Ok(events)
+    }
+
+    /// The number of stored events.
+    pub fn count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row("SELECT COUNT(*) FROM process_events", [], |row| row.get(0))?;
+        Ok(to_u64(n, 0)?)
+    }
+
+    /// Deletes events beyond `retention`: those observed longer than
+    /// `max_age` ago, then the oldest (lowest ids) beyond `max_events`.
+    /// Returns the number of rows deleted. Watermarks are kept, so a
+    /// pruned event replayed by its collector is still a duplicate.
+    pub fn prune(&mut self, retention: &Retention) -> Result<u64, StoreError> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.prune_at(retention, now_ms)
+    }
+
+    /// [`EventStore::prune`] with the current time given.
+    fn prune_at(&mut self, retention: &Retention, now_ms: u64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut deleted = 0usize;
+        if let Some(max_age) = retention.max_age {
+            let age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+            let cutoff = clamp_i64(now_ms.saturating_sub(age_ms));
+            deleted += tx.execute("DELETE FROM process_events WHERE observed_ms < ?1", params![cutoff])?;
+        }
+        if let Some(max_events) = retention.max_events {
+            // The id of the newest row that must go, if there are more than
+            // max_events rows; NULL (nothing deleted) otherwise.
+            deleted += tx.execute(
+                "DELETE FROM process_events WHERE id <= \
+                 (SELECT id FROM process_events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                params![clamp_i64(max_events)],
+            )?;
+        }
+        tx.commit()?;
+        if deleted > 0 {
+            log::debug!("pruned {deleted} events from {}", self.path.display());
+        }
+        Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+    }
+}
+
+/// The column values of one event, borrowed from its envelope where they
+/// can be.
+struct EventRow<'a> {
+    env: &'a EventEnvelope,
+    seq: i64,
+    changes: String,
+    exe: Option<String>,
+    argv: Option<String>,
+    argv_truncated: bool,
+    cwd: Option<String>,
+    credentials: [Option<u32>; 4],
+    state: String,
+    sha256: Option<&'a str>,
+    record: Vec<u8>,
+}
+
+impl<'a> EventRow<'a> {
+    fn new(env: &'a EventEnvelope) -> Result<EventRow<'a>, StoreError> {
+        let unstorable = |reason: String| StoreError::Unstorable {
+            collector_id: env.collector_id.clone(),
+            stream_id: env.stream_id,
+            seq: env.seq,
+            reason,
+        };
+        let seq = i64::try_from(env.seq).map_err(|_| unstorable("seq is beyond i64::MAX".to_owned()))?;
+        let record = postcard::to_stdvec(&env.event)
+            .map_err(|e| unstorable(format!("record does not encode: {e}")))?;
+        let event = &env.event;
+        let d = &event.process.details;
+        let changes: Vec<&str> = event.changes.iter().map(|c| c.as_str()).collect();
+        let (argv, argv_truncated) = match &d.argv {
+            // Serializing a list of strings cannot fail.
+            Ok(argv) => (serde_json::to_string(&argv.args).ok(), argv.truncated),
+            Err(_) => (None, false),
+        };
+        let credentials = match &d.credentials {
+            Ok(c) => [Some(c.uid), Some(c.euid), Some(c.gid), Some(c.egid)],
+            Err(_) => [None; 4],
+        };
+        let sha256 = match &event.sha256 {
+            Some(HashOutcome::Sha256(hex)) => Some(hex.as_str()),
+            _ => None,
+        };
+        Ok(EventRow {
+            env,
+            seq,
+            changes: changes.join(","),
+            exe: d.exe.as_ref().ok().map(|p| p.to_string_lossy().into_owned()),
+            argv,
+            argv_truncated,
+            cwd: d.cwd.as_ref().ok().map(|p| p.to_string_lossy().into_owned()),
+            credentials,
+            state: state_name(event.process.state),
+            sha256,
+            record,
+        })
+    }
+
+    /// Runs [`INSERT_EVENT`]; returns the rows inserted (0 for a
+    /// duplicate).
+    fn insert(&self, stmt: &mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<usize> {
+        let env = self.env;
+        let event = &env.event;
+        let p = &event.process;
+        let d = &p.details;
+        let [uid, euid, gid, egid] = self.credentials;
+        stmt.execute(params![
+            env.collector_id,
+            stream_to_sql(env.stream_id),
+            self.seq,
+            event.kind.as_str(),
+            event.snapshot,
+            self.changes,
+            clamp_i64(event.observed_unix_ms),
+            p.pid,
+            p.ppid,
+            clamp_i64(p.start_time),
+            p.started_unix.ok().map(clamp_i64),
+            p.name,
+            self.exe,
+            d.exe_deleted.ok(),
+            self.argv,
+            self.argv_truncated,
+            self.cwd,
+            uid,
+            euid,
+            gid,
+            egid,
+            d.user.as_ref().ok(),
+            self.state,
+            clamp_i64(p.rss_bytes),
+            self.sha256,
+            self.record,
+        ])
+    }
+}
+
+/// The `state` column's value.
+fn state_name(state: ProcessState) -> String {
+    match state {
+        ProcessState::Running => "running".to_owned(),
+        ProcessState::Sleeping => "sleeping".to_owned(),
+        ProcessState::DiskSleep => "disk_sleep".to_owned(),
+        ProcessState::Stopped => "stopped".to_owned(),
+        ProcessState::Traced => "traced".to_owned(),
+        ProcessState::Zombie => "zombie".to_owned(),
+        ProcessState::Dead => "dead".to_owned(),
+        ProcessState::Idle => "idle".to_owned(),
+        ProcessState::Other(letter) => format!("other:{letter}"),
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// A stream id as stored: the same 64 bits, read as signed.
+fn stream_to_sql(stream_id: u64) -> i64 {
+    i64::from_ne_bytes(stream_id.to_ne_bytes())
+}
+
+/// The inverse of [`stream_to_sql`].
+fn stream_from_sql(stored: i64) -> u64 {
+    u64::from_ne_bytes(stored.to_ne_bytes())
+}
+
+/// A count or time for a column, clamped to SQLite's integer range.
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A watermark as a bound on `seq`. Every stored `seq` fits in an `i64`
+/// (larger ones are refused), so clamping loses nothing.
+fn seq_floor(through: u64) -> i64 {
+    clamp_i64(through)
+}
+
+/// A column value that must not be negative.
+fn to_u64(v: i64, column: usize) -> rusqlite::Result<u64> {
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(column, v))
+}
+
+fn open_error(path: &Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Open { path: path.to_owned(), source }
+}
+
+/// Creates the database's directory if missing (0700 on Unix: the events
+/// hold command lines and user names).
+fn create_parent(path: &Path) -> Result<(), StoreError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if parent.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(parent).map_err(|source| StoreError::Io { path: parent.to_owned(), source })
+}
+
+/// Creates the database file empty with mode 0600 (Unix) if it does not
+/// exist, so SQLite (which creates with 0644 less the umask) never makes
+/// it readable by others. An empty file is a new database to SQLite.
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Io { path: path.to_owned(), source }),
+    }
+}
+
+/// The connection settings of a writable store.
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // Still durable (synchronous=FULL), but readers block the writer.
+        log::warn!("event store: journal_mode is {mode}, not wal (file system without shared memory?)");
+    }
+    // FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on
+    // power loss, and a commit is acknowledged to collectors, which then
+    // delete their copy.
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    // user_version is a signed 32-bit integer; a negative one is nothing
+    // this build wrote, so it reads as "newer".
+    Ok(u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+/// Creates the schema in an empty database, or checks the version of an
+/// existing one. Immediate, so two processes opening a new file at once do
+/// not both create it.
+fn init_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx =
+        conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| open_error(path, e))?;
+    let found = user_version(&tx).map_err(|e| open_error(path, e))?;
+    match found {
+        0 => {
+            tx.execute_batch(SCHEMA_V1).map_err(|e| open_error(path, e))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
+            tx.commit().map_err(|e| open_error(path, e))?;
+            log::info!("created event store {} (schema version {SCHEMA_VERSION})", path.display());
+            Ok(())
+        }
+        SCHEMA_VERSION => Ok(()),
+        found => Err(StoreError::SchemaVersion { found, supported: SCHEMA_VERSION }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use daemoneye_platform::{
+        Argv, Credentials, FileIdentity, ProcessDetails, ProcessRecord, ProcessState, Unavailable,
+    };
+
+    use super::*;
+    use crate::event::Change;
+
+    fn record(pid: u32, name: &str) -> ProcessRecord {
+        ProcessRecord {
+            pid,
+            ppid: 1,
+            start_time: 10_000 + u64::from(pid),
+            started_unix: Ok(1_700_000_000),
+            name: name.to_owned(),
+            state: ProcessState::Sleeping,
+            session: Ok(1),
+            threads: Ok(2),
+            rss_bytes: 4096,
+            virtual_bytes: 8192,
+            cpu_time_ms: Ok(15),
+            kernel_thread: false,
+            details: Arc::new(ProcessDetails {
+                exe: Ok(PathBuf::from(format!("/usr/bin/{name}"))),
+                exe_file: Ok(FileIdentity { dev: 1, inode: 42, size: 1000, mtime: 5, ctime: 6 }),
+                exe_deleted: Ok(false),
+                argv: Ok(Argv { args: vec![name.to_owned(), "--flag".to_owned()], truncated: false }),
+                cwd: Ok(PathBuf::from("/home/alice")),
+                credentials: Ok(Credentials { uid: 1000, euid: 0, gid: 100, egid: 100 }),
+                user: Ok("alice".to_owned()),
+            }),
+        }
+    }
+
+    fn event(kind: EventKind, pid: u32, name: &str, observed_ms: u64) -> ProcessEvent {
+        ProcessEvent {
+            kind,
+            snapshot: false,
+            changes: Vec::new(),
+            observed_unix_ms: observed_ms,
+            process: record(pid, name),
+            sha256: Some(HashOutcome::Sha256("ab".repeat(32))),
+        }
+    }
+
+    fn env(collector: &str, stream: u64, seq: u64) -> EventEnvelope {
+        EventEnvelope {
+            collector_id: collector.to_owned(),
+            stream_id: stream,
+            seq,
+            event: event(EventKind::Started, 100 + (seq % 1_000) as u32, "proc", seq.saturating_mul(1_000)),
+        }
+    }
+
+    fn envs(collector: &str, stream: u64, seqs: &[u64]) -> Vec<EventEnvelope> {
+        seqs.iter().map(|&s| env(collector, stream, s)).collect()
+    }
+
+    fn temp_store() -> (tempfile::TempDir, EventStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::open(&dir.path().join("events.db")).unwrap();
+        (dir, store)
+    }
+
+    fn all(store: &EventStore) -> Vec<StoredEvent> {
+        store.query(&EventQuery::default()).unwrap()
+    }
+
+    fn seqs(events: &[StoredEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    fn wm(collector: &str, stream: u64, through: u64) -> StreamWatermark {
+        StreamWatermark { collector_id: collector.to_owned(), stream_id: stream, through }
+    }
+
+    #[test]
+    fn inserted_events_query_back_equal() {
+        let (_dir, mut store) = temp_store();
+        let mut batch = envs("c1", 7, &[1, 2]);
+        batch[1].event.kind = EventKind::Modified;
+        batch[1].event.changes = vec![Change::Exec, Change::Credentials];
+        batch[1].event.sha256 = Some(HashOutcome::TooLarge { size: 10, cap: 5 });
+        let outcome = store.insert_batch(&batch).unwrap();
+        assert_eq!(outcome, BatchOutcome { inserted: 2, duplicates: 0, watermarks: vec![wm("c1", 7, 2)] });
+
+        let stored = all(&store);
+        assert_eq!(stored.len(), 2);
+        for (s, e) in stored.iter().zip(&batch) {
+            assert_eq!((s.collector_id.as_str(), s.stream_id, s.seq), ("c1", 7, e.seq));
+            assert_eq!(s.event, e.event);
+        }
+        assert!(stored[0].id < stored[1].id);
+        assert_eq!(store.count().unwrap(), 2);
+        assert_eq!(store.max_seq("c1", 7).unwrap(), Some(2));
+        assert_eq!(store.max_seq("c1", 8).unwrap(), None);
+    }
+
+    #[test]
+    fn columns_hold_plain_values_and_null_for_unavailable() {
+        let (_dir, mut store) = temp_store();
+        let mut full = env("c1", 0, 1);
+        full.event.kind = EventKind::Modified;
+        full.event.changes = vec![Change::Exec, Change::ExeDeleted];
+        let mut bare = env("c1", 0, 2);
+        bare.event.process.state = ProcessState::Other('W');
+        bare.event.process.started_unix = Err(Unavailable::NotPermitted);
+        bare.event.sha256 = Some(HashOutcome::Deferred);
+        bare.event.process.details = Arc::new(ProcessDetails {
+            exe: Err(Unavailable::NotPermitted),
+            exe_file: Err(Unavailable::NotPermitted),
+            exe_deleted: Err(Unavailable::NotPermitted),
+            argv: Err(Unavailable::NotApplicable),
+            cwd: Err(Unavailable::NotPermitted),
+            credentials: Err(Unavailable::Vanished),
+            user: Err(Unavailable::NotSupported),
+        });
+        store.insert_batch(&[full, bare]).unwrap();
+
+        type Row = (
+            String,
+            String,
+            Option<i64>,
+            Option<String>,
+            Option<bool>,
+            Option<String>,
+            bool,
+            Option<String>,
+            (Option<i64>, Option<i64>, Option<String>),
+            String,
+            Option<String>,
+        );
+        let mut stmt = store
+            .connection()
+            .prepare(
+                "SELECT kind, changes, started_unix, exe, exe_deleted, argv, argv_truncated, cwd, \
+                 uid, euid, user, state, sha256 FROM process_events ORDER BY seq",
+            )
+            .unwrap();
+        let rows: Vec<Row> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    (r.get(8)?, r.get(9)?, r.get(10)?),
+                    r.get(11)?,
+                    r.get(12)?,
+                ))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows[0],
+            (
+                "modified".to_owned(),
+                "exec,exe_deleted".to_owned(),
+                Some(1_700_000_000),
+                Some("/usr/bin/proc".to_owned()),
+                Some(false),
+                Some(r#"["proc","--flag"]"#.to_owned()),
+                false,
+                Some("/home/alice".to_owned()),
+                (Some(1000), Some(0), Some("alice".to_owned())),
+                "sleeping".to_owned(),
+                Some("ab".repeat(32)),
+            )
+        );
+        assert_eq!(
+            rows[1],
+            (
+                "started".to_owned(),
+                String::new(),
+                None,
+                None,
+                None,
+                None,
+                false,
+                None,
+                (None, None, None),
+                "other:W".to_owned(),
+                None,
+            )
+        );
+        let (pid, rss): (i64, i64) = store
+            .connection()
+            .query_row("SELECT pid, rss_bytes FROM process_events WHERE seq = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((pid, rss), (101, 4096));
+    }
+
+    #[test]
+    fn duplicates_are_ignored_and_counted_within_across_batches_and_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let mut store = EventStore::open(&path).unwrap();
+        let outcome = store.insert_batch(&envs("c1", 0, &[1, 2, 2, 3])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (3, 1));
+
+        let outcome = store.insert_batch(&envs("c1", 0, &[2, 3, 4])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (1, 2));
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 4)]);
+        drop(store);
+
+        let mut store = EventStore::open(&path).unwrap();
+        let outcome = store.insert_batch(&envs("c1", 0, &[1, 4, 5])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (1, 2));
+        assert_eq!(seqs(&all(&store)), vec![1, 2, 3, 4, 5]);
+        assert_eq!(store.watermark("c1", 0).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn a_duplicate_above_the_watermark_is_found_by_its_row() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&envs("c1", 0, &[1, 3])).unwrap();
+        assert_eq!(store.watermark("c1", 0).unwrap(), Some(1));
+        let outcome = store.insert_batch(&envs("c1", 0, &[3])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (0, 1));
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 1)]);
+    }
+
+    #[test]
+    fn the_watermark_advances_only_while_contiguous() {
+        let (_dir, mut store) = temp_store();
+        let outcome = store.insert_batch(&envs("c1", 0, &[1, 2, 4])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 2)]);
+        assert_eq!(store.watermark("c1", 0).unwrap(), Some(2));
+
+        let outcome = store.insert_batch(&envs("c1", 0, &[3])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 4)]);
+
+        // Unchanged watermarks are still reported.
+        let outcome = store.insert_batch(&envs("c1", 0, &[6])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 4)]);
+        let outcome = store.insert_batch(&envs("c1", 0, &[4])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (0, 1));
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 4)]);
+        let outcome = store.insert_batch(&envs("c1", 0, &[5])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 6)]);
+        assert_eq!(store.watermark("c1", 1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_new_stream_starts_below_its_first_seq() {
+        let (_dir, mut store) = temp_store();
+        // A wiped store receiving a replay from seq 501 makes progress.
+        let outcome = store.insert_batch(&envs("c1", 9, &[501])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 9, 501)]);
+        let outcome = store.insert_batch(&envs("c1", 9, &[502])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 9, 502)]);
+
+        // Base is the first batch's lowest seq minus 1, whatever the order.
+        let outcome = store.insert_batch(&envs("c1", 10, &[503, 501, 502, 505])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 10, 503)]);
+
+        // A first batch whose lowest seq is 501 leaves the base at 500: seq
+        // 500 arriving later is below the watermark.
+        let outcome = store.insert_batch(&envs("c1", 11, &[501, 503])).unwrap();
+        assert_eq!(outcome.watermarks, vec![wm("c1", 11, 501)]);
+        let outcome = store.insert_batch(&envs("c1", 11, &[500])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (0, 1));
+    }
+
+    #[test]
+    fn streams_and_collectors_are_independent() {
+        let (_dir, mut store) = temp_store();
+        let mut batch = envs("c1", 0, &[1, 2]);
+        batch.extend(envs("c2", 0, &[1, 3]));
+        batch.extend(envs("c1", 1, &[1]));
+        batch.extend(envs("c1", u64::MAX, &[7]));
+        let outcome = store.insert_batch(&batch).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (6, 0));
+        assert_eq!(
+            outcome.watermarks,
+            vec![wm("c1", 0, 2), wm("c2", 0, 1), wm("c1", 1, 1), wm("c1", u64::MAX, 7)]
+        );
+        assert_eq!(store.watermark("c2", 0).unwrap(), Some(1));
+        assert_eq!(store.watermark("c1", u64::MAX).unwrap(), Some(7));
+        assert_eq!(store.max_seq("c2", 0).unwrap(), Some(3));
+
+        let c2 =
+            store.query(&EventQuery { collector_id: Some("c2".to_owned()), ..Default::default() }).unwrap();
+        assert_eq!(seqs(&c2), vec![1, 3]);
+        let max_stream = all(&store).into_iter().find(|e| e.seq == 7).unwrap();
+        assert_eq!(max_stream.stream_id, u64::MAX);
+    }
+
+    #[test]
+    fn query_filters_combine() {
+        let (_dir, mut store) = temp_store();
+        let mut batch = Vec::new();
+        for (seq, kind, pid, name) in [
+            (1, EventKind::Started, 10, "sshd"),
+            (2, EventKind::Started, 11, "bash"),
+            (3, EventKind::Modified, 11, "bash"),
+            (4, EventKind::Stopped, 10, "sshd"),
+            (5, EventKind::Started, 12, "curl"),
+        ] {
+            let mut e = env("c1", 0, seq);
+            e.event = event(kind, pid, name, 1_000 * seq);
+            batch.push(e);
+        }
+        batch.push(EventEnvelope { collector_id: "c2".to_owned(), ..env("c1", 0, 6) });
+        store.insert_batch(&batch).unwrap();
+
+        let q = |q: EventQuery| seqs(&store.query(&q).unwrap());
+        assert_eq!(q(EventQuery { pid: Some(11), ..Default::default() }), vec![2, 3]);
+        assert_eq!(q(EventQuery { name: Some("sshd".to_owned()), ..Default::default() }), vec![1, 4]);
+        assert_eq!(q(EventQuery { name: Some("ssh".to_owned()), ..Default::default() }), Vec::<u64>::new());
+        assert_eq!(q(EventQuery { kind: Some(EventKind::Started), ..Default::default() }), vec![1, 2, 5, 6]);
+        assert_eq!(
+            q(EventQuery { since_ms: Some(2_000), until_ms: Some(4_000), ..Default::default() }),
+            vec![2, 3]
+        );
+        assert_eq!(q(EventQuery { collector_id: Some("c2".to_owned()), ..Default::default() }), vec![6]);
+        assert_eq!(
+            q(EventQuery { kind: Some(EventKind::Started), since_ms: Some(2_000), ..Default::default() }),
+            vec![2, 5, 6]
+        );
+        assert_eq!(q(EventQuery { limit: 2, ..Default::default() }), vec![1, 2]);
+        assert_eq!(q(EventQuery { since_ms: Some(u64::MAX), ..Default::default() }), Vec::<u64>::new());
+
+        // Following: poll with the last id seen.
+        let first = store.query(&EventQuery { limit: 3, ..Default::default() }).unwrap();
+        let cursor = first.last().unwrap().id;
+        assert_eq!(q(EventQuery { after_id: Some(cursor), ..Default::default() }), vec![4, 5, 6]);
+        assert_eq!(q(EventQuery { after_id: Some(cursor), limit: 1, ..Default::default() }), vec![4]);
+    }
+
+    #[test]
+    fn prune_by_age_deletes_old_events_and_keeps_watermarks() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&envs("c1", 0, &[1, 2, 3, 4, 5])).unwrap();
+        // Observed at 1 s .. 5 s; now is 10 s; keep the last 7 s.
+        let retention = Retention { max_age: Some(Duration::from_secs(7)), max_events: None };
+        assert_eq!(store.prune_at(&retention, 10_000).unwrap(), 2);
+        assert_eq!(seqs(&all(&store)), vec![3, 4, 5]);
+        assert_eq!(store.watermark("c1", 0).unwrap(), Some(5));
+        assert_eq!(store.prune_at(&retention, 10_000).unwrap(), 0);
+
+        // The real clock: these events are from 1970.
+        assert_eq!(store.prune(&retention).unwrap(), 3);
+        assert_eq!(store.count().unwrap(), 0);
+        assert_eq!(store.prune(&Retention::default()).unwrap(), 0);
+    }
+
+    #[test]
+    fn prune_by_count_keeps_the_newest() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&envs("c1", 0, &[1, 2, 3, 4, 5])).unwrap();
+        let keep = |n| Retention { max_age: None, max_events: Some(n) };
+        assert_eq!(store.prune(&keep(10)).unwrap(), 0);
+        assert_eq!(store.prune(&keep(2)).unwrap(), 3);
+        assert_eq!(seqs(&all(&store)), vec![4, 5]);
+        assert_eq!(store.prune(&keep(0)).unwrap(), 2);
+        assert_eq!(store.count().unwrap(), 0);
+
+        // Ids are never reused, even after the table was emptied.
+        store.insert_batch(&envs("c1", 0, &[6])).unwrap();
+        assert!(all(&store)[0].id > 5);
+    }
+
+    #[test]
+    fn pruned_events_at_or_below_the_watermark_are_still_duplicates() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&envs("c1", 0, &[1, 2, 3])).unwrap();
+        store.prune(&Retention { max_age: None, max_events: Some(0) }).unwrap();
+        assert_eq!(store.count().unwrap(), 0);
+        assert_eq!(store.max_seq("c1", 0).unwrap(), None);
+
+        let outcome = store.insert_batch(&envs("c1", 0, &[2, 3, 4])).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (1, 2));
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 4)]);
+        assert_eq!(seqs(&all(&store)), vec![4]);
+    }
+
+    #[test]
+    fn open_read_only_reads_and_refuses_what_it_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        match EventStore::open_read_only(&path) {
+            Err(StoreError::NotFound { path: p }) => assert_eq!(p, path),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        assert!(!path.exists());
+
+        let mut store = EventStore::open(&path).unwrap();
+        store.insert_batch(&envs("c1", 0, &[1, 2])).unwrap();
+        let mut reader = EventStore::open_read_only(&path).unwrap();
+        assert_eq!(seqs(&all(&reader)), vec![1, 2]);
+        // A reader sees later commits of the writer.
+        store.insert_batch(&envs("c1", 0, &[3])).unwrap();
+        assert_eq!(reader.count().unwrap(), 3);
+        assert!(matches!(reader.insert_batch(&envs("c1", 0, &[4])), Err(StoreError::Sqlite(_))));
+        drop(store);
+
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            EventStore::open_read_only(&empty),
+            Err(StoreError::SchemaVersion { found: 0, supported: SCHEMA_VERSION })
+        ));
+    }
+
+    #[test]
+    fn the_database_runs_in_wal_mode_with_full_sync() {
+        let (_dir, store) = temp_store();
+        let conn = store.connection();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        // 2 is FULL.
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2);
+        let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert_eq!(fk, 1);
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, i64::from(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn a_newer_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let store = EventStore::open(&path).unwrap();
+        store.connection().pragma_update(None, "user_version", 99).unwrap();
+        drop(store);
+        for result in [EventStore::open(&path), EventStore::open_read_only(&path)] {
+            match result {
+                Err(e @ StoreError::SchemaVersion { found: 99, supported: SCHEMA_VERSION }) => {
+                    assert!(e.to_string().contains("99"), "{e}");
+                }
+                other => panic!("expected SchemaVersion, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_corrupt_record_is_an_error_naming_its_row() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&envs("c1", 0, &[1, 2])).unwrap();
+        let id = all(&store)[1].id;
+        store
+            .connection()
+            .execute("UPDATE process_events SET record = x'ff00ff' WHERE id = ?1", [id])
+            .unwrap();
+        match store.query(&EventQuery::default()) {
+            Err(StoreError::Corrupt { id: bad, reason }) => {
+                assert_eq!(bad, id);
+                assert!(reason.contains("decode"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // The rows before it still read.
+        assert_eq!(seqs(&store.query(&EventQuery { limit: 1, ..Default::default() }).unwrap()), vec![1]);
+
+        store.connection().execute("UPDATE process_events SET record = 'text' WHERE id = ?1", [id]).unwrap();
+        assert!(
+            matches!(store.query(&EventQuery::default()), Err(StoreError::Corrupt { id: bad, .. }) if bad == id)
+        );
+    }
+
+    #[test]
+    fn an_unstorable_seq_fails_the_whole_batch() {
+        let (_dir, mut store) = temp_store();
+        let mut batch = envs("c1", 0, &[1]);
+        batch.push(env("c1", 0, u64::MAX));
+        match store.insert_batch(&batch) {
+            Err(StoreError::Unstorable { seq, .. }) => assert_eq!(seq, u64::MAX),
+            other => panic!("expected Unstorable, got {other:?}"),
+        }
+        assert_eq!(store.count().unwrap(), 0);
+        assert_eq!(store.watermark("c1", 0).unwrap(), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn open_creates_a_private_directory_and_file() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/events.db");
+        let _store = EventStore::open(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn open_names_the_file_when_it_is_not_a_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        std::fs::write(&path, vec![0x5a; 4096]).unwrap();
+        match EventStore::open(&path) {
+            Err(e @ StoreError::Open { .. }) => assert!(e.to_string().contains("events.db"), "{e}"),
+            other => panic!("expected Open, got {other:?}"),
+        }
+    }
+}

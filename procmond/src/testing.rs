@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use daemoneye_platform::{
-    Argv, CycleStats, Credentials, FileIdentity, ProcessDetails, ProcessRecord, ProcessSource, ProcessState,
+    Argv, Credentials, CycleStats, FileIdentity, ProcessDetails, ProcessRecord, ProcessSource, ProcessState,
 };
 use parking_lot::Mutex;
 
@@ -29,7 +29,13 @@ pub fn record(pid: u32, start_time: u64, name: &str) -> ProcessRecord {
         kernel_thread: false,
         details: Arc::new(ProcessDetails {
             exe: Ok(PathBuf::from(format!("/usr/bin/{name}"))),
-            exe_file: Ok(FileIdentity { dev: 1, inode: 1000 + u64::from(pid), size: 1 << 16, mtime: 1, ctime: 1 }),
+            exe_file: Ok(FileIdentity {
+                dev: 1,
+                inode: 1000 + u64::from(pid),
+                size: 1 << 16,
+                mtime: 1,
+                ctime: 1,
+            }),
             exe_deleted: Ok(false),
             argv: Ok(Argv { args: vec![name.to_owned()], truncated: false }),
             cwd: Ok(PathBuf::from("/")),

@@ -99,7 +99,9 @@ impl Tracker {
                 continue;
             }
             let old_enough = self.cfg.min_age_ms == 0
-                || raw.started_unix.map_or(true, |s| now_unix_ms.saturating_sub(s * 1000) >= self.cfg.min_age_ms);
+                || raw
+                    .started_unix
+                    .map_or(true, |s| now_unix_ms.saturating_sub(s * 1000) >= self.cfg.min_age_ms);
             match self.live.get_mut(&key) {
                 None => {
                     let details = self.clean(&raw.details);
@@ -248,7 +250,9 @@ fn exe_on_disk_change(record: &ProcessRecord, cache: &mut HashMap<PathBuf, OnDis
     }
     match *cache.entry(path.clone()).or_insert_with(|| stat_identity(path)) {
         OnDisk::Missing => Some(Change::ExeDeleted),
-        OnDisk::Present(now) if now.dev != running.dev || now.inode != running.inode => Some(Change::ExeReplaced),
+        OnDisk::Present(now) if now.dev != running.dev || now.inode != running.inode => {
+            Some(Change::ExeReplaced)
+        }
         OnDisk::Present(_) | OnDisk::Unknown => None,
     }
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use procmond::actor::{
-    ActorError, ActorHandle, ActorMessage, ActorOptions, ActorSender, EventSink, IntervalAdjustment, SinkStatus,
+    ActorError, ActorHandle, ActorMessage, ActorOptions, ActorSender, EventSink, IntervalAdjustment,
+    SinkStatus,
 };
 use procmond::config::{CollectorConfig, ConfigUpdate};
 use procmond::connector::{Connector, ConnectorConfig};
@@ -34,7 +35,12 @@ impl EventSink for VecSink {
         let envs: Vec<EventEnvelope> = events
             .into_iter()
             .enumerate()
-            .map(|(i, event)| EventEnvelope { collector_id: "t".into(), stream_id: 0, seq: first + i as u64, event })
+            .map(|(i, event)| EventEnvelope {
+                collector_id: "t".into(),
+                stream_id: 0,
+                seq: first + i as u64,
+                event,
+            })
             .collect();
         all.extend(envs.iter().cloned());
         Ok(envs)
@@ -76,7 +82,8 @@ fn spawn(interval: Duration) -> (ActorHandle, ActorSender, FakeSource, VecSink) 
     let inbox = ActorHandle::channel();
     let tx = inbox.0.clone();
     let actor =
-        ActorHandle::spawn(config(interval), Box::new(source.clone()), Box::new(sink.clone()), inbox, opts()).unwrap();
+        ActorHandle::spawn(config(interval), Box::new(source.clone()), Box::new(sink.clone()), inbox, opts())
+            .unwrap();
     (actor, tx, source, sink)
 }
 
@@ -112,7 +119,10 @@ fn nothing_is_collected_before_begin_monitoring() {
     assert!(wait_until(T, || sink.events.lock().len() == 7));
     let events = sink.events.lock().clone();
     assert_eq!((events[5].event.kind, events[5].event.process.pid), (EventKind::Stopped, 3));
-    assert_eq!((events[6].event.kind, events[6].event.process.pid, events[6].event.snapshot), (EventKind::Started, 42, false));
+    assert_eq!(
+        (events[6].event.kind, events[6].event.process.pid, events[6].event.snapshot),
+        (EventKind::Started, 42, false)
+    );
 
     tx.graceful_shutdown(T).unwrap();
     actor.join();
@@ -135,7 +145,10 @@ fn a_full_inbox_refuses_without_blocking() {
     assert!(started.elapsed() < Duration::from_secs(1), "refusals are immediate");
     // A request whose reply never comes times out instead of hanging.
     let (tx2, rx2) = ActorHandle::channel();
-    assert_eq!(tx2.health(Duration::from_millis(100)).unwrap_err(), ActorError::Timeout(Duration::from_millis(100)));
+    assert_eq!(
+        tx2.health(Duration::from_millis(100)).unwrap_err(),
+        ActorError::Timeout(Duration::from_millis(100))
+    );
     drop(rx2);
     assert_eq!(tx2.health(T).unwrap_err(), ActorError::ShuttingDown);
 }
@@ -147,7 +160,10 @@ fn every_update_config_error_is_refused_with_its_reason() {
         (ConfigUpdate { interval_ms: Some(1), ..Default::default() }, "interval"),
         (ConfigUpdate { interval_secs: Some(3601), ..Default::default() }, "interval"),
         (ConfigUpdate { max_events_in_flight: Some(0), ..Default::default() }, "max_events_in_flight"),
-        (ConfigUpdate { collector_id: Some("other".into()), ..Default::default() }, "collector_id cannot change"),
+        (
+            ConfigUpdate { collector_id: Some("other".into()), ..Default::default() },
+            "collector_id cannot change",
+        ),
         (ConfigUpdate { database: Some("/x.db".into()), ..Default::default() }, "database cannot change"),
         (ConfigUpdate { data_dir: Some("/x".into()), ..Default::default() }, "data_dir cannot change"),
         (ConfigUpdate { excluded_pids: Some(vec![7]), ..Default::default() }, "excluded_pids cannot change"),
@@ -251,7 +267,8 @@ fn a_stalled_consumer_slows_collection_and_draining_restores_it() {
     let source = FakeSource::new();
     let mut cfg = config(Duration::from_millis(40));
     cfg.collector_id = "pm".into();
-    let actor = ActorHandle::spawn(cfg, Box::new(churn(source.clone())), Box::new(connector), inbox, opts()).unwrap();
+    let actor =
+        ActorHandle::spawn(cfg, Box::new(churn(source.clone())), Box::new(connector), inbox, opts()).unwrap();
     tx.begin_monitoring().unwrap();
 
     assert!(
@@ -278,7 +295,10 @@ fn a_stalled_consumer_slows_collection_and_draining_restores_it() {
     let store = agent.store.clone();
     let survey = daemoneye_wal::inspect(&dir.path().join("wal")).unwrap();
     let last = survey.next_seq - 1;
-    assert!(wait_until(Duration::from_secs(30), || agent.stored.load(Ordering::SeqCst) == last), "stored all {last}");
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.stored.load(Ordering::SeqCst) == last),
+        "stored all {last}"
+    );
     assert_eq!(store.lock().count().unwrap(), last);
 }
 

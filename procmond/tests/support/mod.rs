@@ -82,8 +82,14 @@ impl FakeAgent {
         let events = client.subscribe(EVENTS_PATTERN).unwrap();
         let hbs = client.subscribe(control::HEARTBEAT_PATTERN).unwrap();
         let thread = {
-            let (client, store, seen, begin, stalled, stored) =
-                (client.clone(), store.clone(), seen.clone(), begin_on_register.clone(), stalled.clone(), stored.clone());
+            let (client, store, seen, begin, stalled, stored) = (
+                client.clone(),
+                store.clone(),
+                seen.clone(),
+                begin_on_register.clone(),
+                stalled.clone(),
+                stored.clone(),
+            );
             std::thread::spawn(move || {
                 let poll = tick(Duration::from_millis(20));
                 loop {
@@ -92,9 +98,10 @@ impl FakeAgent {
                         recv(regs.messages()) -> m => if let Ok(m) = m {
                             answer_registration(&client, &m, &seen, begin.load(Ordering::SeqCst));
                         },
-                        recv(hbs.messages()) -> m => if let Ok(m) = m {
-                            if let Ok(hb) = control::decode::<Heartbeat>(&m.payload) {
-                                let _ = hb_tx.send(hb);
+                        recv(hbs.messages()) -> m => if let Ok(hb) = m.map(|m| control::decode::<Heartbeat>(&m.payload)) {
+                            match hb {
+                                Ok(hb) => { let _ = hb_tx.send(hb); }
+                                Err(e) => panic!("malformed heartbeat: {e}"),
                             }
                         },
                         recv(poll) -> _ => {}
@@ -147,16 +154,40 @@ impl FakeAgent {
     }
 
     pub fn rpc(&self, collector: &str, req: &RpcRequest, timeout: Duration) -> RpcResponse {
-        let reply = self.client.request(&control::rpc_topic(collector), &control::encode(req), timeout).unwrap();
+        let reply =
+            self.client.request(&control::rpc_topic(collector), &control::encode(req), timeout).unwrap();
         control::decode(&reply.payload).unwrap()
     }
 
+    /// Whether a HealthCheck RPC is answered Ok now.
+    pub fn rpc_ok(&self, collector: &str) -> bool {
+        self.client
+            .request(
+                &control::rpc_topic(collector),
+                &control::encode(&RpcRequest::HealthCheck),
+                Duration::from_secs(1),
+            )
+            .ok()
+            .and_then(|m| control::decode::<RpcResponse>(&m.payload).ok())
+            .is_some_and(|r| r.status == control::RpcStatus::Ok)
+    }
+
     pub fn registrations(&self) -> usize {
-        self.seen.lock().registrations.iter().filter(|r| matches!(r, RegistrationMessage::Register(_))).count()
+        self.seen
+            .lock()
+            .registrations
+            .iter()
+            .filter(|r| matches!(r, RegistrationMessage::Register(_)))
+            .count()
     }
 
     pub fn deregistrations(&self) -> usize {
-        self.seen.lock().registrations.iter().filter(|r| matches!(r, RegistrationMessage::Deregister { .. })).count()
+        self.seen
+            .lock()
+            .registrations
+            .iter()
+            .filter(|r| matches!(r, RegistrationMessage::Deregister { .. }))
+            .count()
     }
 }
 
@@ -208,14 +239,12 @@ impl Procmond {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
     }
 
     pub fn log(&self) -> String {
