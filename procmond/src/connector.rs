@@ -391,7 +391,9 @@ impl Flusher {
             self.backpressure();
             if let Some((deadline, _)) = &flush {
                 let done = self.next >= self.shared.wal.next_seq();
-                if done || Instant::now() >= *deadline {
+                // Disconnected, nothing more can go out now; the WAL keeps it.
+                let offline = self.client.state() != ConnectionState::Connected;
+                if done || offline || Instant::now() >= *deadline {
                     let left = self.shared.wal.next_seq().saturating_sub(self.next);
                     let result = if done {
                         Ok(())

@@ -168,8 +168,20 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
 }
 
 /// The per-collector lock: a pid file held with an exclusive lock for the
-/// life of the process.
-fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<std::fs::File> {
+/// life of the process, removed on a clean exit. A file left by a killed
+/// procmond is not locked, so the next one takes it over.
+struct PidLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
     create_private_dir(&cfg.data_dir)?;
     let path = cfg.data_dir.join(format!("procmond-{}.pid", cfg.collector_id));
     let mut file = std::fs::OpenOptions::new()
@@ -191,7 +203,7 @@ fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<std::fs::File> {
     file.set_len(0)?;
     writeln!(file, "{}", std::process::id())?;
     file.sync_all()?;
-    Ok(file)
+    Ok(PidLock { path, _file: file })
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -264,3 +264,222 @@ fn stat_identity(path: &Path) -> OnDisk {
         Err(_) => OnDisk::Unknown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use daemoneye_platform::{Argv, Credentials, ProcessDetails, Unavailable};
+
+    use super::*;
+    use crate::config::SanitizeConfig;
+    use crate::testing::record;
+
+    fn tracker(cfg: LifecycleConfig) -> Tracker {
+        Tracker::new(cfg, Sanitizer::new(&SanitizeConfig::default()), false)
+    }
+
+    /// Lifecycle settings without the on-disk executable check (the fake
+    /// records name files that do not exist here).
+    fn no_disk() -> LifecycleConfig {
+        LifecycleConfig { exe_changes: false, ..Default::default() }
+    }
+
+    fn kinds(events: &[ProcessEvent]) -> Vec<(EventKind, u32, Vec<Change>)> {
+        events.iter().map(|e| (e.kind, e.process.pid, e.changes.clone())).collect()
+    }
+
+    fn with_details(mut r: ProcessRecord, f: impl FnOnce(&mut ProcessDetails)) -> ProcessRecord {
+        let mut d = ProcessDetails::clone(&r.details);
+        f(&mut d);
+        r.details = Arc::new(d);
+        r
+    }
+
+    #[test]
+    fn the_first_cycle_is_a_marked_snapshot_and_steady_cycles_are_silent() {
+        let mut t = tracker(no_disk());
+        let list = vec![record(1, 10, "init"), record(2, 20, "sshd")];
+        let events = t.update(list.clone(), 0);
+        assert_eq!(kinds(&events), vec![(EventKind::Started, 1, vec![]), (EventKind::Started, 2, vec![])]);
+        assert!(events.iter().all(|e| e.snapshot));
+        assert!(t.update(list.clone(), 1).is_empty());
+        assert!(t.update(list, 2).is_empty());
+
+        let mut quiet =
+            tracker(LifecycleConfig { snapshot_on_start: false, exe_changes: false, ..Default::default() });
+        assert!(quiet.update(vec![record(1, 10, "init")], 0).is_empty());
+        let events = quiet.update(vec![record(1, 10, "init"), record(3, 30, "new")], 1);
+        assert_eq!(kinds(&events), vec![(EventKind::Started, 3, vec![])]);
+        assert!(!events[0].snapshot);
+    }
+
+    #[test]
+    fn pid_reuse_is_a_stop_and_a_start_never_a_modification() {
+        let mut t = tracker(no_disk());
+        t.update(vec![record(7, 100, "old")], 0);
+        let events = t.update(vec![record(7, 200, "new")], 1);
+        assert_eq!(kinds(&events), vec![(EventKind::Stopped, 7, vec![]), (EventKind::Started, 7, vec![])]);
+        assert_eq!((events[0].process.start_time, events[1].process.start_time), (100, 200));
+        assert_eq!(events[0].process.name, "old", "the stop carries the last record seen");
+    }
+
+    #[test]
+    fn each_kind_of_modification_is_reported_with_its_reason() {
+        let mut t = tracker(no_disk());
+        let base = record(5, 50, "bash");
+        t.update(vec![base.clone()], 0);
+
+        let exec = with_details(base.clone(), |d| d.exe = Ok("/usr/bin/python3".into()));
+        let mut exec = exec;
+        exec.name = "python3".into();
+        assert_eq!(
+            kinds(&t.update(vec![exec.clone()], 1)),
+            vec![(EventKind::Modified, 5, vec![Change::Exec])]
+        );
+
+        let creds = with_details(exec.clone(), |d| {
+            d.credentials = Ok(Credentials { uid: 1000, euid: 0, gid: 1000, egid: 1000 })
+        });
+        assert_eq!(
+            kinds(&t.update(vec![creds.clone()], 2)),
+            vec![(EventKind::Modified, 5, vec![Change::Credentials])]
+        );
+
+        let mut orphan = creds.clone();
+        orphan.ppid = 1234;
+        assert_eq!(
+            kinds(&t.update(vec![orphan.clone()], 3)),
+            vec![(EventKind::Modified, 5, vec![Change::Reparent])]
+        );
+
+        // Several at once come as one event.
+        let mut both = with_details(orphan.clone(), |d| {
+            d.credentials = Ok(Credentials { uid: 0, euid: 0, gid: 0, egid: 0 })
+        });
+        both.ppid = 1;
+        assert_eq!(
+            kinds(&t.update(vec![both], 5)),
+            vec![(EventKind::Modified, 5, vec![Change::Credentials, Change::Reparent])]
+        );
+    }
+
+    #[test]
+    fn the_platforms_deleted_flag_is_a_modification() {
+        // The path is unknown (another user's process): only the flag tells.
+        let hidden = with_details(record(6, 60, "worker"), |d| d.exe = Err(Unavailable::NotPermitted));
+        let mut t = tracker(LifecycleConfig::default());
+        t.update(vec![hidden.clone()], 0);
+        let deleted = with_details(hidden, |d| d.exe_deleted = Ok(true));
+        assert_eq!(
+            kinds(&t.update(vec![deleted.clone()], 1)),
+            vec![(EventKind::Modified, 6, vec![Change::ExeDeleted])]
+        );
+        assert!(t.update(vec![deleted], 2).is_empty());
+    }
+
+    #[test]
+    fn command_line_rewrites_are_off_by_default_and_reported_when_enabled() {
+        let rewrite = |r: &ProcessRecord| {
+            with_details(r.clone(), |d| {
+                d.argv = Ok(Argv { args: vec!["postgres: writer".into()], truncated: false })
+            })
+        };
+        let base = record(9, 90, "postgres");
+        let mut off = tracker(no_disk());
+        off.update(vec![base.clone()], 0);
+        assert!(off.update(vec![rewrite(&base)], 1).is_empty());
+
+        let mut on =
+            tracker(LifecycleConfig { command_line: true, exe_changes: false, ..Default::default() });
+        on.update(vec![base.clone()], 0);
+        assert_eq!(
+            kinds(&on.update(vec![rewrite(&base)], 1)),
+            vec![(EventKind::Modified, 9, vec![Change::CommandLine])]
+        );
+        // Credentials and reparent checks can be turned off too.
+        let mut none = tracker(LifecycleConfig {
+            credentials: false,
+            reparent: false,
+            exe_changes: false,
+            ..Default::default()
+        });
+        none.update(vec![base.clone()], 0);
+        let mut moved = with_details(base.clone(), |d| {
+            d.credentials = Ok(Credentials { uid: 0, euid: 0, gid: 0, egid: 0 })
+        });
+        moved.ppid = 77;
+        assert!(none.update(vec![moved], 1).is_empty());
+    }
+
+    #[test]
+    fn an_executable_replaced_or_deleted_on_disk_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("daemon");
+        std::fs::write(&exe, b"version 1").unwrap();
+        let identity = daemoneye_platform::file_identity(&std::fs::metadata(&exe).unwrap()).unwrap();
+        let running = with_details(record(11, 110, "daemon"), |d| {
+            d.exe = Ok(exe.clone());
+            d.exe_file = Ok(identity);
+        });
+        let mut t = tracker(LifecycleConfig::default());
+        t.update(vec![running.clone()], 0);
+        assert!(t.update(vec![running.clone()], 1).is_empty(), "unchanged file: nothing");
+
+        // A package upgrade: a new file renamed over the path.
+        let new = dir.path().join("daemon.new");
+        std::fs::write(&new, b"version 2").unwrap();
+        std::fs::rename(&new, &exe).unwrap();
+        assert_eq!(
+            kinds(&t.update(vec![running.clone()], 2)),
+            vec![(EventKind::Modified, 11, vec![Change::ExeReplaced])]
+        );
+        assert!(t.update(vec![running.clone()], 3).is_empty(), "reported once");
+
+        // Deleted under another running process.
+        let other = with_details(record(12, 120, "daemon"), |d| {
+            d.exe = Ok(exe.clone());
+            d.exe_file = Ok(daemoneye_platform::file_identity(&std::fs::metadata(&exe).unwrap()).unwrap());
+        });
+        t.update(vec![running.clone(), other.clone()], 4);
+        std::fs::remove_file(&exe).unwrap();
+        assert_eq!(
+            kinds(&t.update(vec![running.clone(), other], 5)),
+            vec![(EventKind::Modified, 12, vec![Change::ExeDeleted])]
+        );
+    }
+
+    #[test]
+    fn command_lines_are_sanitized_once_per_identity() {
+        let mut t = tracker(no_disk());
+        let secret = with_details(record(3, 30, "mysql"), |d| {
+            d.argv = Ok(Argv { args: vec!["mysql".into(), "--password=hunter2".into()], truncated: false })
+        });
+        let events = t.update(vec![secret.clone()], 0);
+        let args = events[0].process.details.argv.clone().unwrap().args;
+        assert!(!args.join(" ").contains("hunter2"), "{args:?}");
+        assert_eq!(t.sanitized_count(), 1);
+        for now in 1..5 {
+            t.update(vec![secret.clone()], now);
+        }
+        assert_eq!(t.sanitized_count(), 1, "steady cycles reuse the sanitized details");
+        // Without enhanced metadata, cwd and friends are not collected.
+        assert_eq!(events[0].process.details.cwd, Err(Unavailable::NotCollected));
+        assert_eq!(events[0].process.threads, Err(Unavailable::NotCollected));
+    }
+
+    #[test]
+    fn young_processes_wait_for_min_age_and_short_lived_ones_leave_no_trace() {
+        let mut t = tracker(LifecycleConfig { min_age_ms: 5_000, exe_changes: false, ..Default::default() });
+        // record() says started_unix = 1_700_000_000 + start_time (seconds).
+        let born = 1_700_000_100u64 * 1000;
+        let young = record(20, 100, "job");
+        let blip = record(21, 100, "blip");
+        assert!(t.update(vec![young.clone(), blip], born + 1_000).is_empty());
+        // The blip exits before it is old enough: no start, no stop.
+        let events = t.update(vec![young.clone()], born + 6_000);
+        assert_eq!(kinds(&events), vec![(EventKind::Started, 20, vec![])]);
+        let events = t.update(vec![], born + 7_000);
+        assert_eq!(kinds(&events), vec![(EventKind::Stopped, 20, vec![])]);
+    }
+}

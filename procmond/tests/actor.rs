@@ -322,3 +322,44 @@ fn churn(source: FakeSource) -> impl daemoneye_platform::ProcessSource {
     }
     Churn(source, 0)
 }
+
+/// With hashing on, a new process's executable is hashed once; steady
+/// cycles read no files, and a second process of the same binary is served
+/// from the cache.
+#[test]
+fn hashing_reads_each_binary_once_and_nothing_in_steady_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("tool");
+    std::fs::write(&exe, b"abc").unwrap();
+    let identity = daemoneye_platform::file_identity(&std::fs::metadata(&exe).unwrap()).unwrap();
+    let with_exe = |pid: u32| {
+        let mut r = record(pid, 1, "tool");
+        let mut d = daemoneye_platform::ProcessDetails::clone(&r.details);
+        d.exe = Ok(exe.clone());
+        d.exe_file = Ok(identity);
+        r.details = Arc::new(d);
+        r
+    };
+    let source = FakeSource::new();
+    source.set(vec![with_exe(50)]);
+    let sink = VecSink::default();
+    let mut cfg = config(Duration::from_millis(20));
+    cfg.compute_hashes = true;
+    let inbox = ActorHandle::channel();
+    let tx = inbox.0.clone();
+    let actor =
+        ActorHandle::spawn(cfg, Box::new(source.clone()), Box::new(sink.clone()), inbox, opts()).unwrap();
+    tx.begin_monitoring().unwrap();
+    assert!(wait_until(T, || tx.health(T).unwrap().cycles >= 5), "steady cycles ran");
+    assert_eq!(tx.health(T).unwrap().hashes_computed, 1);
+    source.edit(|l| l.push(with_exe(51)));
+    assert!(wait_until(T, || sink.events.lock().len() == 2));
+    let h = tx.health(T).unwrap();
+    assert_eq!(h.hashes_computed, 1, "the second process of the same binary came from the cache");
+    let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    for e in sink.events.lock().iter() {
+        assert_eq!(e.event.sha256, Some(procmond::event::HashOutcome::Sha256(sha.into())));
+    }
+    tx.graceful_shutdown(T).unwrap();
+    actor.join();
+}

@@ -330,3 +330,45 @@ fn the_command_line_refuses_bad_values_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_key"));
 }
+
+#[test]
+fn foreground_prints_one_readable_line_or_json_object_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("{}", 100_000 + rand_u64() % 800_000);
+    let mut marker = Command::new("sleep").arg(format!("{token}.5")).spawn().unwrap();
+    let pid = marker.id();
+    for (format, check) in [("human", true), ("json", false)] {
+        let db = dir.path().join(format!("{format}.db"));
+        let pm = Procmond::start(
+            dir.path(),
+            None,
+            &[
+                "--foreground",
+                "--format",
+                format,
+                "--database",
+                db.to_str().unwrap(),
+                "--collector-id",
+                format,
+            ],
+        );
+        assert!(wait_until(T, || pm.stdout().contains(&token)), "{format}: {}", pm.log());
+        let out = pm.stdout();
+        let line = out.lines().find(|l| l.contains(&token)).unwrap();
+        if check {
+            assert!(line.contains("started(snapshot)") && line.contains(&format!("pid={pid} ")), "{line}");
+            assert!(line.contains("name=\"sleep\""), "{line}");
+        } else {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["event"]["kind"], "Started");
+            assert_eq!(v["event"]["process"]["pid"], pid);
+            assert_eq!(v["collector_id"], "json");
+            // Every line is one JSON object.
+            for l in out.lines() {
+                serde_json::from_str::<serde_json::Value>(l).unwrap();
+            }
+        }
+    }
+    let _ = marker.kill();
+    let _ = marker.wait();
+}

@@ -223,9 +223,10 @@ impl Procmond {
     pub fn start(dir: &Path, socket: Option<&Path>, extra: &[&str]) -> Procmond {
         let stderr_path = dir.join(format!("procmond-{:016x}.log", rand_u64()));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let stdout = std::fs::File::create(stderr_path.with_extension("out")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
         cmd.arg("--data-dir").arg(dir.join("data")).arg("--log-level").arg("debug");
-        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.args(extra).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
         cmd.env_remove("DAEMONEYE_BROKER_SOCKET");
         if let Some(s) = socket {
             cmd.env("DAEMONEYE_BROKER_SOCKET", s);
@@ -245,6 +246,11 @@ impl Procmond {
             status.is_some()
         });
         status
+    }
+
+    /// What it printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.stderr_path.with_extension("out")).unwrap_or_default()
     }
 
     pub fn log(&self) -> String {
