@@ -479,6 +479,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let text = include_str!("../procmond.example.yaml");
+        let file = ConfigFile::parse(text).unwrap();
+        let mut cfg = base();
+        file.apply(&mut cfg);
+        assert_eq!(cfg, base(), "the example documents the defaults");
+    }
+
+    #[test]
     fn config_file_refuses_unknown_keys_and_applies_known_ones() {
         let err = ConfigFile::parse("interval_secs: 10\nintervall: 3\n").unwrap_err();
         assert!(err.contains("intervall"), "{err}");

@@ -501,45 +501,17 @@ impl Flusher {
         // continuing the open replay when it stands where we are.
         let upto = buf.items.front().map_or(end, |i| i.seq);
         drop(buf);
-        if self.replay.as_ref().is_none_or(|(_, pos)| *pos != self.next) {
-            self.replay = match s.wal.replay_from(self.next) {
-                Ok(replay) => Some((replay, self.next)),
-                Err(e) => {
-                    log::error!("WAL re-read from {} failed: {e}", self.next);
-                    None
-                }
-            };
+        // A replay sees only the records appended before it was opened: a
+        // continued one that yields nothing is retried fresh before any
+        // record counts as missing.
+        let reused = self.replay.as_ref().is_some_and(|(_, pos)| *pos == self.next);
+        if !reused {
+            self.open_replay();
         }
-        if let Some((replay, pos)) = &mut self.replay {
-            let mut exhausted = true;
-            for rec in replay.by_ref() {
-                match rec {
-                    Ok(rec) => {
-                        *pos = rec.seq + 1;
-                        if rec.seq >= upto {
-                            exhausted = false;
-                            break;
-                        }
-                        match EventEnvelope::decode(&rec.payload) {
-                            Ok(env) => self.reread.push_back(Item {
-                                seq: rec.seq,
-                                kind: env.event.kind,
-                                bytes: rec.payload,
-                            }),
-                            Err(e) => log::error!("WAL record {} does not decode ({e}); skipped", rec.seq),
-                        }
-                        if self.reread.len() >= REREAD_BATCH {
-                            exhausted = false;
-                            break;
-                        }
-                    }
-                    Err(e) => log::error!("WAL damage while re-reading: {e}"),
-                }
-            }
-            if exhausted {
-                // It saw only what was appended before it was opened.
-                self.replay = None;
-            }
+        self.read_batch(upto);
+        if reused && self.reread.is_empty() {
+            self.open_replay();
+            self.read_batch(upto);
         }
         match self.reread.front() {
             Some(first) if first.seq > self.next => {
@@ -556,6 +528,50 @@ impl Flusher {
             _ => {}
         }
         self.reread.pop_front()
+    }
+
+    fn open_replay(&mut self) {
+        self.replay = match self.shared.wal.replay_from(self.next) {
+            Ok(replay) => Some((replay, self.next)),
+            Err(e) => {
+                log::error!("WAL re-read from {} failed: {e}", self.next);
+                None
+            }
+        };
+    }
+
+    /// Moves records from the open replay into `reread`, up to `upto` (the
+    /// first buffered record) or a batch; drops the replay once exhausted.
+    fn read_batch(&mut self, upto: u64) {
+        let Some((replay, pos)) = &mut self.replay else { return };
+        let mut exhausted = true;
+        for rec in replay.by_ref() {
+            match rec {
+                Ok(rec) => {
+                    *pos = rec.seq + 1;
+                    if rec.seq >= upto {
+                        exhausted = false;
+                        break;
+                    }
+                    match EventEnvelope::decode(&rec.payload) {
+                        Ok(env) => self.reread.push_back(Item {
+                            seq: rec.seq,
+                            kind: env.event.kind,
+                            bytes: rec.payload,
+                        }),
+                        Err(e) => log::error!("WAL record {} does not decode ({e}); skipped", rec.seq),
+                    }
+                    if self.reread.len() >= REREAD_BATCH {
+                        exhausted = false;
+                        break;
+                    }
+                }
+                Err(e) => log::error!("WAL damage while re-reading: {e}"),
+            }
+        }
+        if exhausted {
+            self.replay = None;
+        }
     }
 
     fn pump(&mut self) {

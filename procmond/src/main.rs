@@ -64,8 +64,8 @@ struct Cli {
     /// SHA-256 the executables of new and exec'd processes.
     #[arg(long)]
     compute_hashes: bool,
-    /// A YAML configuration file (see procmond/README or ARCHITECTURE.md);
-    /// command-line flags override it.
+    /// A YAML configuration file (every key is shown, commented, in
+    /// procmond.example.yaml); command-line flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// This collector's id on the bus (a-z, 0-9, '-', '_').

@@ -372,3 +372,18 @@ fn foreground_prints_one_readable_line_or_json_object_per_event() {
     let _ = marker.kill();
     let _ = marker.wait();
 }
+
+#[test]
+fn without_a_broker_it_retries_says_so_and_registers_once_one_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_path(dir.path());
+    let pm = Procmond::start(dir.path(), Some(&socket), &[]);
+    assert!(wait_until(T, || pm.log().contains("broker unreachable")), "{}", pm.log());
+    let _broker = broker(dir.path());
+    let agent = FakeAgent::start(&socket, &dir.path().join("agent.db"));
+    assert!(wait_until(Duration::from_secs(20), || agent.registrations() >= 1), "{}", pm.log());
+    let h = agent.rpc("procmond", &RpcRequest::HealthCheck, T).health.unwrap();
+    assert_eq!(h.connection, procmond::control::ConnectionStatus::Connected);
+    assert_eq!(h.registration, procmond::control::RegistrationState::Registered);
+    assert!(pm.log().contains("broker reachable again"), "{}", pm.log());
+}

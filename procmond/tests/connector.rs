@@ -1,0 +1,111 @@
+//! The EventBusConnector against a real broker and a fake agent: events
+//! appended while the consumer is stalled overflow the in-memory buffer
+//! into the WAL and are re-read from it in order, once each.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use procmond::actor::{ActorHandle, EventSink};
+use procmond::connector::{Connector, ConnectorConfig};
+use procmond::event::{EventKind, ProcessEvent};
+use procmond::testing::record;
+use support::{FakeAgent, broker, socket_path, wait_until};
+
+fn event(pid: u32) -> ProcessEvent {
+    ProcessEvent {
+        kind: EventKind::Started,
+        snapshot: false,
+        changes: Vec::new(),
+        observed_unix_ms: 1,
+        process: record(pid, u64::from(pid), "spill"),
+        sha256: None,
+    }
+}
+
+#[test]
+fn a_spilled_backlog_is_reread_from_the_wal_in_order_and_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let _broker = broker(dir.path());
+    let agent = FakeAgent::start(&socket_path(dir.path()), &dir.path().join("agent.db"));
+    agent.stalled.store(true, Ordering::SeqCst);
+    let mut ccfg = daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm");
+    ccfg.timeout = Duration::from_millis(50);
+    let client = Arc::new(daemoneye_bus::Client::connect(ccfg).unwrap());
+    assert!(client.wait_connected(Duration::from_secs(5)));
+    // Nobody reads the actor inbox here: AdjustInterval requests are
+    // simply refused once it is full.
+    let (actor_tx, _actor_rx) = ActorHandle::channel();
+    let mut connector = Connector::start(
+        ConnectorConfig {
+            collector_id: "pm".into(),
+            buffer_bytes: 64 << 10,
+            max_in_flight: 1_000_000,
+            ack_timeout: Duration::from_secs(600),
+        },
+        &dir.path().join("wal"),
+        client.clone(),
+        actor_tx,
+    )
+    .unwrap();
+    // 40 batches of 250: far more than the buffer holds; appends go on
+    // while the flush thread re-reads, so continued replays run dry.
+    let mut expected = 0u64;
+    for batch in 0..40u32 {
+        let envs = connector.submit((0..250).map(|i| event(batch * 1000 + i)).collect()).unwrap();
+        assert_eq!(envs.first().unwrap().seq, expected + 1, "sequence numbers are contiguous");
+        expected += envs.len() as u64;
+        if batch == 10 {
+            agent.stalled.store(false, Ordering::SeqCst);
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || agent.stored.load(Ordering::SeqCst) == expected),
+        "stored {} of {expected}",
+        agent.stored.load(Ordering::SeqCst)
+    );
+    let seen = agent.seen.lock();
+    assert_eq!(seen.duplicates, 0, "nothing was sent twice");
+    assert_eq!(seen.events_received, expected);
+    drop(seen);
+    // Acknowledged: the WAL is truncated through the store's watermark.
+    assert!(wait_until(Duration::from_secs(10), || connector.status().unacknowledged == 0));
+    connector.shutdown().unwrap();
+    let report = daemoneye_wal::inspect(&dir.path().join("wal")).unwrap();
+    assert_eq!(report.watermark, expected);
+}
+
+#[test]
+fn without_a_broker_events_wait_in_the_wal_and_health_says_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = Arc::new(
+        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm"))
+            .unwrap(),
+    );
+    let (actor_tx, _actor_rx) = ActorHandle::channel();
+    let cfg = ConnectorConfig {
+        collector_id: "pm".into(),
+        buffer_bytes: 1 << 20,
+        max_in_flight: 100,
+        ack_timeout: Duration::from_secs(600),
+    };
+    let mut connector =
+        Connector::start(cfg.clone(), &dir.path().join("wal"), client.clone(), actor_tx.clone()).unwrap();
+    connector.submit((0..10).map(event).collect()).unwrap();
+    let status = connector.status();
+    assert_eq!(status.connection, procmond::control::ConnectionStatus::Disconnected);
+    assert_eq!((status.unacknowledged, status.published), (10, 0));
+    assert!(status.buffer_level_percent > 0.0);
+    // A flush while disconnected returns at once; the WAL keeps them.
+    let started = std::time::Instant::now();
+    connector.flush(Duration::from_secs(10)).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let stream = connector.stream_id();
+    connector.shutdown().unwrap();
+    // A restart finds them and the same stream.
+    let connector = Connector::start(cfg, &dir.path().join("wal"), client, actor_tx).unwrap();
+    assert_eq!(connector.stream_id(), stream);
+    assert_eq!(connector.status().unacknowledged, 10);
+}
