@@ -1,1 +1,1246 @@
-//! Command-line sanitization (in progress).
+//! Command-line sanitization. Every command line goes through a
+//! [`Sanitizer`] before anything leaves the collector, so that secrets never
+//! reach the write-ahead log, the bus or the store. Values are redacted by
+//! the name they are given (`--password x`, `--api-key=x`, `API_KEY=x`,
+//! `{"token":"x"}`, `Authorization: x`), by where they sit (the password of
+//! a URL's userinfo, a handful of programs' secret short flags such as
+//! `mysql -pX`) and by their shape (AWS access key ids, GitHub, Slack and
+//! JSON Web Tokens, PEM private keys). Everything else is kept as it is:
+//! harmless flags and values (`ssh -p 22`, `grep -r pass .`) stay readable,
+//! since a process monitor that hides every command line is blind. Each
+//! redacted value becomes [`REDACTED`]; the argument count never grows.
+//!
+//! The rules, in the order they apply to each argument:
+//!
+//! 1. The value of a flag that takes a secret: the argument after a
+//!    matching `--flag` or `-flag` without `=` is replaced whole (unless it
+//!    starts with `--`: it is then the next flag, not a value), and so is the
+//!    part after `=` of a matching `--flag=value`. A matching name is one
+//!    from the word list (see [`Sanitizer`]); a `--no-` flag (`--no-password`)
+//!    is a negation and takes no value.
+//! 2. Program rules for well-known single-letter secret flags, which the word
+//!    list never matches: `mysql`/`mariadb` tools `-pSECRET` (attached only:
+//!    a lone `-p` prompts and the next argument is the database), `sshpass
+//!    -p`, `redis-cli -a`/`--pass`, `curl -u`/`-U`/`--user`/`--proxy-user`
+//!    (the part after the first `:`) and `--oauth2-bearer`, `openssl -k` and
+//!    `pass:SECRET` values. The program is `args[0]` or the latest argument
+//!    naming a known program (`sudo mysql -pX`, `sshpass -p X ssh -p 22`).
+//! 3. `KEY=value` arguments (env style, `env AWS_SECRET_ACCESS_KEY=x cmd`)
+//!    and `Name: value` arguments (HTTP headers, `-H "X-Api-Key: x"`) whose
+//!    name matches.
+//! 4. Inside any argument or value: `key=value` pairs with a matching key
+//!    (`https://h/?token=x&a=1`, up to the next `&`, `;`, `,`, quote, bracket
+//!    or whitespace), JSON string members with a matching key, the password
+//!    of `scheme://user:password@host` (the user stays), and the token
+//!    shapes above.
+//! 5. An argument containing whitespace (`sh -c "..."`, a rewritten argv[0]
+//!    such as `python app.py --api-key k`) is also sanitized word by word as
+//!    a nested command line, so `sh -c "app --password x"` loses `x`.
+//!
+//! Not covered, by design or by ambiguity: plain words equal to a sensitive
+//! name (`grep password f` keeps `f`, so `aws configure set
+//! aws_secret_access_key X` keeps `X`), userinfo without a scheme
+//! (`user:pass@host` is also scp's `user@host:path`), Windows `/p` flags, and
+//! values that look like nothing in particular after a flag that is not
+//! known to take a secret. With `strip_all_arguments`, everything after the
+//! program is dropped instead.
+
+use crate::config::SanitizeConfig;
+
+/// What a redacted value is replaced with.
+pub const REDACTED: &str = "********";
+
+/// The sensitive names redacted by default (matched as described on
+/// [`Sanitizer`]).
+///
+/// The first ten are the default `sensitive_words` of the Datadog agent's
+/// process scrubber (`pkg/process/procutil/data_scrubber.go`, where they are
+/// `*word*` globs; here a name must *end* with the word). The rest are common
+/// names of secrets in command lines and environment-style arguments. `pwd`
+/// is deliberately absent (`PWD=/home/me` is a directory) and so is `pass`
+/// (`--bypass`, `ffmpeg -pass 1`); add them with `extra_words` if wanted.
+pub const DEFAULT_WORDS: &[&str] = &[
+    // Datadog agent process scrubber defaults.
+    "password",
+    "passwd",
+    "mysql_pwd",
+    "access_token",
+    "auth_token",
+    "api_key",
+    "apikey",
+    "secret",
+    "credentials",
+    "stripetoken",
+    // Common additions.
+    "token",
+    "private_key",
+    "client_secret",
+    "secret_key",
+    "secret_access_key",
+    "aws_secret_access_key",
+    "passphrase",
+    "credential",
+    "authorization",
+    "cookie",
+    "license_key",
+    "account_key",
+    "encryption_key",
+    "signing_key",
+];
+
+/// Redacts secrets from command lines. Built once from the configuration;
+/// cheap to clone.
+///
+/// **Word matching.** A flag or key name is normalized by dropping its
+/// leading dashes, lowercasing it and removing every `-` and `_`; the word
+/// list is normalized the same way. The name matches when its normalized
+/// form is at least two characters long and *ends with* a normalized word.
+/// So `--api-key`, `--api_key`, `--apikey`, `--apiKey` and `API_KEY=` all
+/// match `api_key`, and so do `--db-password`, `MYSQL_PWD`,
+/// `--client-secret` and `-Djavax.net.ssl.keyStorePassword=`; while
+/// `--secretariat-mode`, `--password-file`, `--password-stdin`,
+/// `--token-ttl` and `--max-tokens` do not (what they take is named by
+/// their last part, and it is not a secret). Single-letter flags (`-p`,
+/// `-k`, `--p`) are never matched against the words: they mean different
+/// things to every program (`ssh -p 22`, `sort -k 2`); the few that take
+/// secrets are the program rules of the module documentation.
+///
+/// Over-redaction is the failure mode chosen where the command line is
+/// ambiguous (`--password --x`, `mysql --password db` lose the next value).
+#[derive(Debug, Clone)]
+pub struct Sanitizer {
+    /// Normalized words, sorted, deduplicated, none empty.
+    words: Vec<String>,
+    /// Drop every argument after the program.
+    strip_all: bool,
+}
+
+/// A sanitized command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sanitized {
+    /// The sanitized argv: as long as the input, or at most one argument with
+    /// `strip_all_arguments`.
+    pub args: Vec<String>,
+    /// How many values were replaced by [`REDACTED`], plus the dropped
+    /// arguments with `strip_all_arguments`.
+    pub redacted: usize,
+}
+
+/// A program with secret-bearing short flags (or one that ends the previous
+/// program's rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Program {
+    /// The MySQL and MariaDB clients: `-pSECRET`.
+    Mysql,
+    /// `sshpass -p SECRET`.
+    Sshpass,
+    /// `redis-cli -a SECRET`, `--pass SECRET`.
+    RedisCli,
+    /// `curl -u user:SECRET`, `--oauth2-bearer SECRET`.
+    Curl,
+    /// `openssl ... -k SECRET`, `pass:SECRET`.
+    Openssl,
+    /// `ssh`, `scp` and the like: no rule, but `sshpass -p x ssh -p 22` must
+    /// not take the port for a password.
+    Ssh,
+}
+
+/// What the next argument is, after a flag that takes a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// A secret, replaced whole.
+    Whole,
+    /// `user:secret`, the part after the first `:` replaced.
+    UserPass,
+}
+
+/// Where the walk over a command line is.
+#[derive(Debug, Default)]
+struct State {
+    /// The previous argument was a flag whose value is a secret.
+    pending: Option<Pending>,
+    /// The program whose rules apply.
+    program: Option<Program>,
+}
+
+/// A `-flag`, `--flag` or `--flag=value` argument.
+struct Flag<'a> {
+    /// The leading dashes.
+    dashes: &'a str,
+    /// The name, up to the first `=`.
+    name: &'a str,
+    /// What follows the first `=`.
+    value: Option<&'a str>,
+}
+
+impl Sanitizer {
+    /// Builds a sanitizer: the words are [`DEFAULT_WORDS`] plus
+    /// `extra_words` (or only `extra_words` with `replace_default_words`),
+    /// normalized; words that normalize to nothing (`"-"`) are ignored. The
+    /// program rules and the URL and token-shape rules do not depend on the
+    /// words and always apply.
+    pub fn new(cfg: &SanitizeConfig) -> Sanitizer {
+        let defaults: &[&str] = if cfg.replace_default_words { &[] } else { DEFAULT_WORDS };
+        let mut words: Vec<String> = defaults
+            .iter()
+            .copied()
+            .chain(cfg.extra_words.iter().map(String::as_str))
+            .map(normalize)
+            .filter(|w| !w.is_empty())
+            .collect();
+        words.sort();
+        words.dedup();
+        Sanitizer { words, strip_all: cfg.strip_all_arguments }
+    }
+
+    /// Sanitizes one command line. `args[0]` is the program; it goes through
+    /// the same rules (a process may have rewritten it into a whole command
+    /// line) but is never dropped. Returns the sanitized argv and how many
+    /// values were redacted. An empty argv gives an empty one. Never panics.
+    pub fn sanitize(&self, args: &[String]) -> Sanitized {
+        let mut redacted = 0;
+        let mut state = State::default();
+        let Some((program, rest)) = args.split_first() else {
+            return Sanitized { args: Vec::new(), redacted: 0 };
+        };
+        if self.strip_all {
+            let program = self.process_arg(program, &mut state, &mut redacted);
+            return Sanitized { args: vec![program], redacted: redacted + rest.len() };
+        }
+        let args = args.iter().map(|a| self.process_arg(a, &mut state, &mut redacted)).collect();
+        Sanitized { args, redacted }
+    }
+
+    /// Whether a flag or key name matches the word list.
+    fn matches(&self, name: &str) -> bool {
+        let key = normalize(name.trim_start_matches('-'));
+        key.chars().count() > 1 && self.words.iter().any(|w| key.ends_with(w.as_str()))
+    }
+
+    /// Whether a flag without `=` takes a secret as the next argument.
+    fn takes_secret(&self, name: &str) -> bool {
+        self.matches(name) && !is_negation(name)
+    }
+
+    /// One argument of the command line.
+    fn process_arg(&self, arg: &str, st: &mut State, n: &mut usize) -> String {
+        if let Some(out) = self.pending_value(arg, st, n) {
+            return out;
+        }
+        if !arg.bytes().any(|b| b.is_ascii_whitespace()) {
+            return self.process_word(arg, st, n);
+        }
+        if let Some(out) = self.whole_rules(arg, st, n) {
+            return out;
+        }
+        // Shapes that span whitespace (PEM blocks, JSON, `k=v k=v`) first,
+        // then each word as a nested command line. Values redacted by the
+        // first pass are `REDACTED` already and are not counted again.
+        let scanned = self.content(arg, n);
+        let mut inner = State::default();
+        let mut out = String::with_capacity(scanned.len());
+        for (piece, is_space) in split_whitespace_runs(&scanned) {
+            if is_space {
+                out.push_str(piece);
+            } else {
+                out.push_str(&self.process_word(piece, &mut inner, n));
+            }
+        }
+        out
+    }
+
+    /// The argument after a flag that takes a secret, redacted; `None` if
+    /// there is no such flag or the argument is the next `--flag`.
+    fn pending_value(&self, arg: &str, st: &mut State, n: &mut usize) -> Option<String> {
+        let pending = st.pending.take()?;
+        if arg.starts_with("--") {
+            return None;
+        }
+        Some(match pending {
+            Pending::Whole => redact(arg, n),
+            Pending::UserPass => self.user_pass(arg, n),
+        })
+    }
+
+    /// Rules that take the rest of the argument as the value, whitespace
+    /// included: program short flags with an attached value, a matching
+    /// `--flag=value`, a matching `Name: value` header.
+    fn whole_rules(&self, a: &str, st: &State, n: &mut usize) -> Option<String> {
+        if let Some(out) = self.program_attached(st.program, a, n) {
+            return Some(out);
+        }
+        if let Some(flag) = parse_flag(a)
+            && let Some(value) = flag.value
+            && self.matches(flag.name)
+        {
+            return Some(format!("{}{}={}", flag.dashes, flag.name, redact(value, n)));
+        }
+        if let Some((name, prefix, value)) = split_header(a)
+            && self.matches(name)
+        {
+            return Some(format!("{prefix}{}", redact(value, n)));
+        }
+        None
+    }
+
+    /// One argument without whitespace (or one word of an argument with).
+    fn process_word(&self, w: &str, st: &mut State, n: &mut usize) -> String {
+        if let Some(out) = self.pending_value(w, st, n) {
+            return out;
+        }
+        if let Some(out) = self.whole_rules(w, st, n) {
+            return out;
+        }
+        if let Some(pending) = program_value_flag(st.program, w) {
+            st.pending = Some(pending);
+            return w.to_owned();
+        }
+        if let Some(flag) = parse_flag(w) {
+            return match flag.value {
+                None => {
+                    if self.takes_secret(flag.name) {
+                        st.pending = Some(Pending::Whole);
+                    }
+                    self.content(w, n)
+                }
+                Some(value) => format!("{}{}={}", flag.dashes, flag.name, self.env_or_content(value, n)),
+            };
+        }
+        if split_env(w).is_none()
+            && let Some(program) = program_of(w)
+        {
+            st.program = Some(program);
+        }
+        self.env_or_content(w, n)
+    }
+
+    /// A `KEY=value` (value redacted if the key matches, scanned otherwise)
+    /// or any other text (scanned).
+    fn env_or_content(&self, s: &str, n: &mut usize) -> String {
+        match split_env(s) {
+            Some((key, value)) if self.matches(key) => format!("{key}={}", redact(value, n)),
+            Some((key, value)) => format!("{key}={}", self.content(value, n)),
+            None => self.content(s, n),
+        }
+    }
+
+    /// Program short flags with an attached value (`-pSECRET`).
+    fn program_attached(&self, program: Option<Program>, a: &str, n: &mut usize) -> Option<String> {
+        // Every prefix below is ASCII, so slicing after it is on a boundary.
+        let attached = |flag: &str| a.strip_prefix(flag).filter(|v| !v.is_empty());
+        match program? {
+            Program::Mysql | Program::Sshpass => attached("-p").map(|v| format!("-p{}", redact(v, n))),
+            Program::RedisCli => attached("-a").map(|v| format!("-a{}", redact(v, n))),
+            Program::Curl => {
+                let flag = if a.starts_with("-u") { "-u" } else { "-U" };
+                attached(flag).map(|v| format!("{flag}{}", self.user_pass(v, n)))
+            }
+            Program::Openssl => attached("pass:").map(|v| format!("pass:{}", redact(v, n))),
+            Program::Ssh => None,
+        }
+    }
+
+    /// `user:secret` with the secret redacted; without a `:`, scanned.
+    fn user_pass(&self, v: &str, n: &mut usize) -> String {
+        match v.split_once(':') {
+            Some((user, pass)) => format!("{user}:{}", redact(pass, n)),
+            None => self.content(v, n),
+        }
+    }
+
+    /// The shapes found inside any text.
+    fn content(&self, s: &str, n: &mut usize) -> String {
+        let s = scan_pem(s, n);
+        let s = self.scan_json(&s, n);
+        let s = self.scan_key_values(&s, n);
+        let s = scan_userinfo(&s, n);
+        scan_tokens(&s, n)
+    }
+
+    /// `key=value` pairs with a matching key, the value up to a delimiter.
+    fn scan_key_values(&self, s: &str, n: &mut usize) -> String {
+        let b = s.as_bytes();
+        let mut out = String::with_capacity(s.len());
+        let (mut copied, mut i) = (0, 0);
+        while i < b.len() {
+            if b[i] == b'=' {
+                // The key is the run of key bytes before `=`: ASCII, so its
+                // start is a char boundary. `=` is not a key byte, so the
+                // walks back never overlap: linear overall.
+                let mut k = i;
+                while k > copied && is_key_byte(b[k - 1]) {
+                    k -= 1;
+                }
+                if self.matches(&s[k..i]) {
+                    let end =
+                        b[i + 1..].iter().position(|&c| is_value_delimiter(c)).map_or(b.len(), |p| i + 1 + p);
+                    out.push_str(&s[copied..=i]);
+                    out.push_str(&redact(&s[i + 1..end], n));
+                    copied = end;
+                    i = end;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        out.push_str(&s[copied..]);
+        out
+    }
+
+    /// JSON string members with a matching key: `"password": "x"`.
+    fn scan_json(&self, s: &str, n: &mut usize) -> String {
+        let b = s.as_bytes();
+        let mut out = String::with_capacity(s.len());
+        let (mut copied, mut i) = (0, 0);
+        let mut prev_quote: Option<usize> = None;
+        while i < b.len() {
+            if b[i] != b'"' {
+                i += 1;
+                continue;
+            }
+            let open = prev_quote.replace(i);
+            let colon = skip_whitespace(b, i + 1);
+            if let Some(open) = open
+                && b.get(colon) == Some(&b':')
+                && self.matches(&s[open + 1..i])
+            {
+                let start = skip_whitespace(b, colon + 1);
+                if b.get(start) == Some(&b'"') {
+                    let end = json_string_end(b, start + 1);
+                    out.push_str(&s[copied..=start]);
+                    out.push_str(&redact(&s[start + 1..end], n));
+                    copied = end;
+                    prev_quote = Some(end);
+                    i = end + 1;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        out.push_str(&s[copied..]);
+        out
+    }
+}
+
+/// Lowercase, without `-` and `_`.
+fn normalize(s: &str) -> String {
+    s.chars().filter(|&c| c != '-' && c != '_').flat_map(char::to_lowercase).collect()
+}
+
+/// `--no-x`, `--no_x`: a negation, which takes no value.
+fn is_negation(name: &str) -> bool {
+    let mut parts = name.split(['-', '_']).filter(|p| !p.is_empty());
+    parts.next().is_some_and(|p| p.eq_ignore_ascii_case("no")) && parts.next().is_some()
+}
+
+/// [`REDACTED`], counted; an empty value, or one redacted already, is kept
+/// and not counted.
+fn redact(value: &str, n: &mut usize) -> String {
+    if value.is_empty() || value == REDACTED {
+        return value.to_owned();
+    }
+    *n += 1;
+    REDACTED.to_owned()
+}
+
+/// Splits `-flag`, `--flag`, `--flag=value`; `None` for anything else
+/// (`-`, `--`, `--=x`, names with whitespace).
+fn parse_flag(a: &str) -> Option<Flag<'_>> {
+    let body = a.trim_start_matches('-');
+    let dashes = &a[..a.len() - body.len()];
+    if dashes.is_empty() || body.is_empty() {
+        return None;
+    }
+    let (name, value) = match body.split_once('=') {
+        Some((name, value)) => (name, Some(value)),
+        None => (body, None),
+    };
+    if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    Some(Flag { dashes, name, value })
+}
+
+/// Bytes of a key name: ASCII letters and digits, `_`, `-`, `.`.
+fn is_key_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+}
+
+/// Bytes that end an embedded `key=value` value.
+fn is_value_delimiter(b: u8) -> bool {
+    b.is_ascii_whitespace()
+        || matches!(b, b'&' | b';' | b',' | b'"' | b'\'' | b'`' | b'|' | b')' | b']' | b'}' | b'<' | b'>')
+}
+
+/// `KEY=value` with a key of key bytes not starting with `-`.
+fn split_env(a: &str) -> Option<(&str, &str)> {
+    let (key, value) = a.split_once('=')?;
+    if key.is_empty() || key.starts_with('-') || !key.bytes().all(is_key_byte) {
+        return None;
+    }
+    Some((key, value))
+}
+
+/// `Name: value` (at least one space or tab after the colon, so that
+/// `host:path` is not a header): the name, everything before the value, the
+/// value.
+fn split_header(a: &str) -> Option<(&str, &str, &str)> {
+    let b = a.as_bytes();
+    let name_len = b.iter().take_while(|&&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_').count();
+    if name_len == 0 || b.get(name_len) != Some(&b':') {
+        return None;
+    }
+    let spaces = b[name_len + 1..].iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+    let start = name_len + 1 + spaces;
+    if spaces == 0 || start >= b.len() {
+        return None;
+    }
+    Some((&a[..name_len], &a[..start], &a[start..]))
+}
+
+/// The program an argument names, by its base name.
+fn program_of(w: &str) -> Option<Program> {
+    let base = w.rsplit(['/', '\\']).next().unwrap_or(w);
+    if base.len() > 32 {
+        return None;
+    }
+    let base = base.to_ascii_lowercase();
+    let base = base.strip_suffix(".exe").unwrap_or(&base);
+    match base {
+        "mysql" | "mysqldump" | "mysqladmin" | "mysqlimport" | "mysqlshow" | "mysqlcheck" | "mysqlpump"
+        | "mysqlslap" | "mysqlbinlog" | "mariadb" | "mariadb-dump" | "mariadb-admin" | "mariadb-import"
+        | "mariadb-check" | "mariadb-show" => Some(Program::Mysql),
+        "sshpass" => Some(Program::Sshpass),
+        "redis-cli" | "valkey-cli" | "keydb-cli" => Some(Program::RedisCli),
+        "curl" => Some(Program::Curl),
+        "openssl" => Some(Program::Openssl),
+        "ssh" | "scp" | "sftp" | "rsync" => Some(Program::Ssh),
+        _ => None,
+    }
+}
+
+/// Program flags whose next argument is a secret.
+fn program_value_flag(program: Option<Program>, w: &str) -> Option<Pending> {
+    match (program?, w) {
+        (Program::Sshpass, "-p") | (Program::RedisCli, "-a" | "--pass") | (Program::Openssl, "-k") => {
+            Some(Pending::Whole)
+        }
+        (Program::Curl, "-u" | "-U" | "--user" | "--proxy-user") => Some(Pending::UserPass),
+        (Program::Curl, "--oauth2-bearer") => Some(Pending::Whole),
+        _ => None,
+    }
+}
+
+/// Alternating runs of ASCII whitespace and of anything else, with whether
+/// each is whitespace. Boundaries are next to ASCII bytes: char boundaries.
+fn split_whitespace_runs(s: &str) -> Vec<(&str, bool)> {
+    let b = s.as_bytes();
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=b.len() {
+        if i == b.len() || b[i].is_ascii_whitespace() != b[start].is_ascii_whitespace() {
+            runs.push((&s[start..i], b[start].is_ascii_whitespace()));
+            start = i;
+        }
+    }
+    runs
+}
+
+/// The first `needle` in `hay` at or after `from`.
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+}
+
+/// The first byte after `from` that is not ASCII whitespace.
+fn skip_whitespace(b: &[u8], from: usize) -> usize {
+    from + b.get(from..).map_or(0, |r| r.iter().take_while(|c| c.is_ascii_whitespace()).count())
+}
+
+/// The closing quote of a JSON string whose content starts at `from`
+/// (escapes skipped), or the end. Always an ASCII `"` or the end, so a
+/// char boundary.
+fn json_string_end(b: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// PEM private key blocks, `-----BEGIN ... PRIVATE KEY-----` to the end of
+/// the matching `-----END ...-----` (or of the text), replaced whole.
+fn scan_pem(s: &str, n: &mut usize) -> String {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    const END: &[u8] = b"-----END ";
+    const DASHES: &[u8] = b"-----";
+    const MAX_LABEL: usize = 64;
+    let b = s.as_bytes();
+    let mut out = String::new();
+    let (mut copied, mut from) = (0, 0);
+    while let Some(begin) = find(b, BEGIN, from) {
+        let label = begin + BEGIN.len();
+        from = label;
+        let window = &b[..(label + MAX_LABEL).min(b.len())];
+        let Some(label_end) = find(window, DASHES, label) else { continue };
+        if !b[label..label_end].ends_with(b"PRIVATE KEY") {
+            continue;
+        }
+        let end = find(b, END, label_end + DASHES.len())
+            .map_or(b.len(), |e| find(b, DASHES, e + END.len()).map_or(b.len(), |d| d + DASHES.len()));
+        out.push_str(&s[copied..begin]);
+        out.push_str(&redact(&s[begin..end], n));
+        copied = end;
+        from = end;
+    }
+    out.push_str(&s[copied..]);
+    out
+}
+
+/// The password of `scheme://user:password@host`; the user stays.
+fn scan_userinfo(s: &str, n: &mut usize) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(sep) = find(b, b"://", from) {
+        let start = sep + 3;
+        from = start;
+        // The authority ends at the path (or whitespace, quotes); `?` and
+        // `#` do not end it, so that a password containing them is still
+        // caught. The last `@` separates the userinfo, whose first `:`
+        // separates the password.
+        let end = b[start..]
+            .iter()
+            .position(|&c| {
+                c == b'/' || c.is_ascii_whitespace() || matches!(c, b'"' | b'\'' | b'`' | b'<' | b'>')
+            })
+            .map_or(b.len(), |p| start + p);
+        let Some(at) = b[start..end].iter().rposition(|&c| c == b'@').map(|p| start + p) else { continue };
+        let Some(colon) = b[start..at].iter().position(|&c| c == b':').map(|p| start + p) else { continue };
+        if colon < copied {
+            continue;
+        }
+        out.push_str(&s[copied..=colon]);
+        out.push_str(&redact(&s[colon + 1..at], n));
+        copied = at;
+    }
+    out.push_str(&s[copied..]);
+    out
+}
+
+/// Well-known token shapes, wherever they start a word.
+fn scan_tokens(s: &str, n: &mut usize) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let (mut copied, mut i, mut jwt_skip) = (0, 0, 0);
+    while i < b.len() {
+        if (i == 0 || !b[i - 1].is_ascii_alphanumeric())
+            && let Some(end) = token_at(b, i, &mut jwt_skip)
+        {
+            // A token starts with an ASCII letter and ends after ASCII bytes.
+            out.push_str(&s[copied..i]);
+            out.push_str(&redact(&s[i..end], n));
+            copied = end;
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out.push_str(&s[copied..]);
+    out
+}
+
+/// The end of the run of bytes satisfying `ok` from `from`.
+fn run_end(b: &[u8], from: usize, ok: impl Fn(u8) -> bool) -> usize {
+    from + b.get(from..).map_or(0, |r| r.iter().take_while(|&&c| ok(c)).count())
+}
+
+/// Base64url bytes (JWT segments).
+fn is_base64url(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'-' || c == b'_'
+}
+
+/// The end of a token starting at `i`, if one does. `jwt_skip` remembers
+/// where a failed JWT's first segment ended: a JWT starting inside it would
+/// fail the same way, and not rescanning it keeps the scan linear.
+fn token_at(b: &[u8], i: usize, jwt_skip: &mut usize) -> Option<usize> {
+    let rest = &b[i..];
+    // AWS access key ids: AKIA (long-term) or ASIA (temporary) + 16.
+    if (rest.starts_with(b"AKIA") || rest.starts_with(b"ASIA"))
+        && rest.len() >= 20
+        && rest[4..20].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        && rest.get(20).is_none_or(|c| !c.is_ascii_alphanumeric())
+    {
+        return Some(i + 20);
+    }
+    // GitHub tokens: classic (prefix + 36 alphanumerics) and fine-grained.
+    for prefix in [b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_"] {
+        if rest.starts_with(prefix) {
+            let end = run_end(b, i + 4, |c| c.is_ascii_alphanumeric());
+            if end - (i + 4) >= 20 {
+                return Some(end);
+            }
+        }
+    }
+    if rest.starts_with(b"github_pat_") {
+        let end = run_end(b, i + 11, |c| c.is_ascii_alphanumeric() || c == b'_');
+        if end - (i + 11) >= 20 {
+            return Some(end);
+        }
+    }
+    // Slack tokens: xoxb-, xoxa-, xoxp-, xoxr-, xoxs-.
+    if rest.len() > 5
+        && rest.starts_with(b"xox")
+        && matches!(rest[3], b'b' | b'a' | b'p' | b'r' | b's')
+        && rest[4] == b'-'
+    {
+        let end = run_end(b, i + 5, |c| c.is_ascii_alphanumeric() || c == b'-');
+        if end - (i + 5) >= 10 {
+            return Some(end);
+        }
+    }
+    // JSON Web Tokens: header (`{"` is `eyJ`) . payload . signature (may be
+    // empty for unsigned tokens).
+    if i >= *jwt_skip && rest.starts_with(b"eyJ") {
+        let header = run_end(b, i, is_base64url);
+        if header - i >= 10 && b.get(header) == Some(&b'.') {
+            let payload = run_end(b, header + 1, is_base64url);
+            if payload - (header + 1) >= 4 && b.get(payload) == Some(&b'.') {
+                return Some(run_end(b, payload + 1, is_base64url));
+            }
+        }
+        *jwt_skip = header;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GHP: &str = "ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ";
+    const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl_-x";
+
+    fn sanitizer() -> Sanitizer {
+        Sanitizer::new(&SanitizeConfig::default())
+    }
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn run(s: &Sanitizer, args: &[&str]) -> Sanitized {
+        s.sanitize(&argv(args))
+    }
+
+    /// Input argv, expected argv, expected redaction count.
+    type Case = (&'static [&'static str], &'static [&'static str], usize);
+
+    const CASES: &[Case] = &[
+        // Harmless short flags and values.
+        (&["ssh", "-p", "22", "host"], &["ssh", "-p", "22", "host"], 0),
+        (&["sort", "-k", "2", "file"], &["sort", "-k", "2", "file"], 0),
+        (&["tar", "-xzf", "a.tgz"], &["tar", "-xzf", "a.tgz"], 0),
+        (&["grep", "-r", "pass", "."], &["grep", "-r", "pass", "."], 0),
+        (&["grep", "-ri", "password", "/etc"], &["grep", "-ri", "password", "/etc"], 0),
+        (&["app", "-p", "secret"], &["app", "-p", "secret"], 0),
+        (&["app", "--p", "secret"], &["app", "--p", "secret"], 0),
+        (&["cat", "/etc/passwd"], &["cat", "/etc/passwd"], 0),
+        (&["env", "PWD=/home/u", "OLDPWD=/"], &["env", "PWD=/home/u", "OLDPWD=/"], 0),
+        // `--flag value`, `--flag=value`, `-flag value`.
+        (&["app", "--password", "hunter2"], &["app", "--password", REDACTED], 1),
+        (&["app", "--password=hunter2"], &["app", "--password=********"], 1),
+        (&["app", "-password", "hunter2", "x"], &["app", "-password", REDACTED, "x"], 1),
+        (&["app", "--api-key", "k1"], &["app", "--api-key", REDACTED], 1),
+        (&["app", "--api_key=k1"], &["app", "--api_key=********"], 1),
+        (&["app", "--apikey", "k1"], &["app", "--apikey", REDACTED], 1),
+        (&["app", "--API-KEY", "k1"], &["app", "--API-KEY", REDACTED], 1),
+        (&["app", "--apiKey", "k1"], &["app", "--apiKey", REDACTED], 1),
+        (&["app", "--db-password", "x"], &["app", "--db-password", REDACTED], 1),
+        (&["app", "--client-secret", "s"], &["app", "--client-secret", REDACTED], 1),
+        (&["app", "--mysql-pwd", "x"], &["app", "--mysql-pwd", REDACTED], 1),
+        (
+            &["app", "--stripetoken", "t", "--credentials", "c"],
+            &["app", "--stripetoken", REDACTED, "--credentials", REDACTED],
+            2,
+        ),
+        (
+            &["app", "--auth-token=a", "--access_token", "b"],
+            &["app", "--auth-token=********", "--access_token", REDACTED],
+            2,
+        ),
+        (&["app", "--token", "t", "--token=u"], &["app", "--token", REDACTED, "--token=********"], 2),
+        (&["app", "--passphrase", "open sesame"], &["app", "--passphrase", REDACTED], 1),
+        (&["app", "--password=two words"], &["app", "--password=********"], 1),
+        (
+            &["java", "-Djavax.net.ssl.keyStorePassword=changeit", "-jar", "app.jar"],
+            &["java", "-Djavax.net.ssl.keyStorePassword=********", "-jar", "app.jar"],
+            1,
+        ),
+        // Names that do not end with a word, negations, edges of values.
+        (&["app", "--secretariat-mode", "fast"], &["app", "--secretariat-mode", "fast"], 0),
+        (&["app", "--password-file", "/run/secrets/pw"], &["app", "--password-file", "/run/secrets/pw"], 0),
+        (
+            &["docker", "login", "--password-stdin", "-u", "bob"],
+            &["docker", "login", "--password-stdin", "-u", "bob"],
+            0,
+        ),
+        (
+            &["pg_dump", "--no-password", "-h", "db", "mydb"],
+            &["pg_dump", "--no-password", "-h", "db", "mydb"],
+            0,
+        ),
+        (
+            &["app", "--token-ttl", "3600", "--max-tokens", "100"],
+            &["app", "--token-ttl", "3600", "--max-tokens", "100"],
+            0,
+        ),
+        (&["app", "--password"], &["app", "--password"], 0),
+        (&["app", "--password", "--verbose"], &["app", "--password", "--verbose"], 0),
+        (&["app", "--password", "-dash-start"], &["app", "--password", REDACTED], 1),
+        (&["app", "--password=", "x"], &["app", "--password=", "x"], 0),
+        (&["app", "=", "--=x", "://@", "", "-", "--"], &["app", "=", "--=x", "://@", "", "-", "--"], 0),
+        (
+            &["app", "--user=bob", "--email=bob@example.com"],
+            &["app", "--user=bob", "--email=bob@example.com"],
+            0,
+        ),
+        // Env-style KEY=value.
+        (
+            &["env", "AWS_SECRET_ACCESS_KEY=abc", "aws", "s3", "ls"],
+            &["env", "AWS_SECRET_ACCESS_KEY=********", "aws", "s3", "ls"],
+            1,
+        ),
+        (
+            &["env", "MYSQL_PWD=x", "API_KEY=k", "mysql"],
+            &["env", "MYSQL_PWD=********", "API_KEY=********", "mysql"],
+            2,
+        ),
+        (
+            &["docker", "run", "-e", "DB_PASSWORD=pw", "-p", "5432:5432", "postgres"],
+            &["docker", "run", "-e", "DB_PASSWORD=********", "-p", "5432:5432", "postgres"],
+            1,
+        ),
+        (
+            &["kubectl", "create", "secret", "generic", "s", "--from-literal=password=pw"],
+            &["kubectl", "create", "secret", "generic", "s", "--from-literal=password=********"],
+            1,
+        ),
+        // URL userinfo and query strings.
+        (&["psql", "postgres://app:s3cr3t@db/x"], &["psql", "postgres://app:********@db/x"], 1),
+        (
+            &["git", "clone", "https://user@github.com/o/r.git"],
+            &["git", "clone", "https://user@github.com/o/r.git"],
+            0,
+        ),
+        (&["app", "--url=redis://:pw@cache:6379/0"], &["app", "--url=redis://:********@cache:6379/0"], 1),
+        (
+            &["app", "DATABASE_URL=mysql://u:p@ss@h:3306/d"],
+            &["app", "DATABASE_URL=mysql://u:********@h:3306/d"],
+            1,
+        ),
+        (&["curl", "https://api/x?token=abc&page=2"], &["curl", "https://api/x?token=********&page=2"], 1),
+        // Token shapes.
+        (&["aws", "--key", "AKIAIOSFODNN7EXAMPLE"], &["aws", "--key", REDACTED], 1),
+        (&["app", "id=ASIAABCDEFGHIJKLMNOP"], &["app", "id=********"], 1),
+        (&["app", "AKIASHORT", "AKIAIOSFODNN7EXAMPLEX"], &["app", "AKIASHORT", "AKIAIOSFODNN7EXAMPLEX"], 0),
+        (&["gh", "--auth", "ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"], &["gh", "--auth", REDACTED], 1),
+        (
+            &["git", "clone", "https://ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ@github.com/o/r"],
+            &["git", "clone", "https://********@github.com/o/r"],
+            1,
+        ),
+        (&["app", "github_pat_11ABCDEFG0123456789_abcdefghijklmnop"], &["app", REDACTED], 1),
+        (
+            &["app", "--header-value", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl_-x"],
+            &["app", "--header-value", REDACTED],
+            1,
+        ),
+        (&["app", "eyJnotajwt", "eyJ.a.b"], &["app", "eyJnotajwt", "eyJ.a.b"], 0),
+        (&["bot", "--slack=xoxb-1234567890-abcdefghij"], &["bot", "--slack=********"], 1),
+        (
+            &["app", "--key-data=-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----"],
+            &["app", "--key-data=********"],
+            1,
+        ),
+        (
+            &["app", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"],
+            &["app", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"],
+            0,
+        ),
+        // Headers and JSON.
+        (
+            &["curl", "-H", "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln"],
+            &["curl", "-H", "Authorization: ********"],
+            1,
+        ),
+        (
+            &["curl", "-H", "X-Api-Key: k1", "-H", "Content-Type: application/json"],
+            &["curl", "-H", "X-Api-Key: ********", "-H", "Content-Type: application/json"],
+            1,
+        ),
+        (
+            &["curl", "-d", "{\"user\":\"bob\",\"password\":\"p\\\"w\"}"],
+            &["curl", "-d", "{\"user\":\"bob\",\"password\":\"********\"}"],
+            1,
+        ),
+        (
+            &["curl", "-d", "{\"api_key\": \"k 1\", \"n\": 2}"],
+            &["curl", "-d", "{\"api_key\": \"********\", \"n\": 2}"],
+            1,
+        ),
+        // Program rules.
+        (&["mysql", "-uroot", "-pS3cret", "db"], &["mysql", "-uroot", "-p********", "db"], 1),
+        (&["mysql", "-p", "db"], &["mysql", "-p", "db"], 0),
+        (
+            &["/usr/bin/mysqldump", "--password=x", "db"],
+            &["/usr/bin/mysqldump", "--password=********", "db"],
+            1,
+        ),
+        (&["sudo", "mysql", "-pmy pass"], &["sudo", "mysql", "-p********"], 1),
+        (
+            &["sshpass", "-p", "pw", "ssh", "-p", "22", "host"],
+            &["sshpass", "-p", REDACTED, "ssh", "-p", "22", "host"],
+            1,
+        ),
+        (
+            &["redis-cli", "-h", "cache", "-a", "pw", "ping"],
+            &["redis-cli", "-h", "cache", "-a", REDACTED, "ping"],
+            1,
+        ),
+        (&["curl", "-u", "admin:pw", "https://x"], &["curl", "-u", "admin:********", "https://x"], 1),
+        (
+            &["curl", "-uadmin:pw", "-u", "bob", "https://x"],
+            &["curl", "-uadmin:********", "-u", "bob", "https://x"],
+            1,
+        ),
+        (
+            &["openssl", "enc", "-aes256", "-pass", "pass:pw", "-in", "f"],
+            &["openssl", "enc", "-aes256", "-pass", "pass:********", "-in", "f"],
+            1,
+        ),
+        (&["openssl", "rsa", "-passin", "env:KEYPW"], &["openssl", "rsa", "-passin", "env:KEYPW"], 0),
+        // Whitespace: nested command lines and rewritten argv[0].
+        (
+            &["sh", "-c", "PGPASSWORD=pw psql -h db --password hunter2 app"],
+            &["sh", "-c", "PGPASSWORD=******** psql -h db --password ******** app"],
+            2,
+        ),
+        (&["sh", "-c", "mysql -uroot -ppw  db\tx"], &["sh", "-c", "mysql -uroot -p********  db\tx"], 1),
+        (&["python app.py --api-key k1"], &["python app.py --api-key ********"], 1),
+        (&["postgres: app db 10.0.0.1(5432) idle"], &["postgres: app db 10.0.0.1(5432) idle"], 0),
+        (
+            &["psql", "host=db user=app password=pw dbname=x"],
+            &["psql", "host=db user=app password=******** dbname=x"],
+            1,
+        ),
+        // Non-ASCII.
+        (&["app", "--пароль", "x", "--password=пароль"], &["app", "--пароль", "x", "--password=********"], 1),
+        (&["app", "héllo=wörld", "ünï://ü:ö@ç/é"], &["app", "héllo=wörld", "ünï://ü:********@ç/é"], 1),
+        (&["app", "--Pässword", "x"], &["app", "--Pässword", "x"], 0),
+    ];
+
+    #[test]
+    fn table() {
+        assert!(CASES.len() >= 45, "{} cases", CASES.len());
+        let s = sanitizer();
+        for (input, expected, count) in CASES {
+            let out = run(&s, input);
+            assert_eq!(out.args, argv(expected), "input {input:?}");
+            assert_eq!(out.redacted, *count, "count for {input:?}");
+        }
+    }
+
+    #[test]
+    fn token_constants_are_redacted() {
+        let s = sanitizer();
+        for token in [GHP, JWT] {
+            assert_eq!(run(&s, &["app", token]).args, ["app", REDACTED]);
+            let arg = format!("--x={token}");
+            let out = run(&s, &["app", arg.as_str()]);
+            assert_eq!(out.args, ["app", "--x=********"]);
+        }
+    }
+
+    #[test]
+    fn empty_argv() {
+        let out = sanitizer().sanitize(&[]);
+        assert_eq!(out, Sanitized { args: vec![], redacted: 0 });
+        let strip =
+            Sanitizer::new(&SanitizeConfig { strip_all_arguments: true, ..SanitizeConfig::default() });
+        assert_eq!(strip.sanitize(&[]), Sanitized { args: vec![], redacted: 0 });
+    }
+
+    #[test]
+    fn strip_all_arguments() {
+        let s = Sanitizer::new(&SanitizeConfig { strip_all_arguments: true, ..SanitizeConfig::default() });
+        assert_eq!(run(&s, &["app", "--x", "y"]), Sanitized { args: argv(&["app"]), redacted: 2 });
+        assert_eq!(run(&s, &["/bin/app"]), Sanitized { args: argv(&["/bin/app"]), redacted: 0 });
+        assert_eq!(run(&s, &["app", ""]), Sanitized { args: argv(&["app"]), redacted: 1 });
+        // A rewritten argv[0] is still sanitized.
+        assert_eq!(
+            run(&s, &["app --token t", "x"]),
+            Sanitized { args: argv(&["app --token ********"]), redacted: 2 }
+        );
+    }
+
+    #[test]
+    fn extra_words_extend_defaults() {
+        let s = Sanitizer::new(&SanitizeConfig {
+            extra_words: vec!["db-pass".into()],
+            ..SanitizeConfig::default()
+        });
+        assert_eq!(run(&s, &["app", "--db_pass", "x"]).args, ["app", "--db_pass", REDACTED]);
+        assert_eq!(run(&s, &["app", "DB-PASS=x"]).args, ["app", "DB-PASS=********"]);
+        assert_eq!(run(&s, &["app", "--main-dbpass=x"]).args, ["app", "--main-dbpass=********"]);
+        assert_eq!(run(&s, &["app", "--password", "x"]).args, ["app", "--password", REDACTED]);
+        assert_eq!(run(&s, &["app", "--bypass", "x"]).args, ["app", "--bypass", "x"]);
+    }
+
+    #[test]
+    fn replace_default_words() {
+        let cfg = SanitizeConfig {
+            extra_words: vec!["PIN".into()],
+            replace_default_words: true,
+            ..SanitizeConfig::default()
+        };
+        let s = Sanitizer::new(&cfg);
+        assert_eq!(run(&s, &["app", "--password", "x"]).args, ["app", "--password", "x"]);
+        assert_eq!(run(&s, &["app", "--pin", "1234"]).args, ["app", "--pin", REDACTED]);
+        assert_eq!(
+            run(&s, &["app", "--user-pin=1", "USER_PIN=2"]).args,
+            ["app", "--user-pin=********", "USER_PIN=********"]
+        );
+        // Shapes, URLs and program rules do not depend on the words.
+        assert_eq!(run(&s, &["app", "AKIAIOSFODNN7EXAMPLE"]).args, ["app", REDACTED]);
+        assert_eq!(run(&s, &["app", "http://u:p@h/"]).args, ["app", "http://u:********@h/"]);
+        assert_eq!(run(&s, &["mysql", "-pX"]).args, ["mysql", "-p********"]);
+        let none =
+            Sanitizer::new(&SanitizeConfig { replace_default_words: true, ..SanitizeConfig::default() });
+        assert_eq!(run(&none, &["app", "--password", "x"]).redacted, 0);
+    }
+
+    #[test]
+    fn empty_words_are_ignored() {
+        let cfg = SanitizeConfig {
+            extra_words: vec!["-".into(), "_".into(), String::new(), "-_-".into()],
+            ..SanitizeConfig::default()
+        };
+        let s = Sanitizer::new(&cfg);
+        assert_eq!(run(&s, &["app", "--mode", "fast", "A=b"]).args, ["app", "--mode", "fast", "A=b"]);
+    }
+
+    #[test]
+    fn normalization() {
+        assert_eq!(normalize("--Api_KEY"), "apikey");
+        assert_eq!(normalize("MYSQL_PWD"), "mysqlpwd");
+        let s = sanitizer();
+        for name in [
+            "--api-key",
+            "--api_key",
+            "--apikey",
+            "--API_KEY",
+            "--Api-Key",
+            "--api--key",
+            "-api_key",
+            "--x-api-key",
+        ] {
+            assert!(s.matches(name), "{name}");
+            assert_eq!(run(&s, &["app", name, "v"]).args, ["app", name, REDACTED], "{name}");
+        }
+        for key in ["API_KEY", "api-key", "ApiKey", "MY_API_KEY"] {
+            let arg = format!("{key}=v");
+            assert_eq!(run(&s, &["env", arg.as_str()]).args, ["env".to_owned(), format!("{key}={REDACTED}")]);
+        }
+        for name in ["--secretariat-mode", "--api-key-file", "--keys", "-k", "p", ""] {
+            assert!(!s.matches(name), "{name}");
+        }
+        assert!(is_negation("--no-password") && is_negation("no_token"));
+        assert!(!is_negation("--nonce") && !is_negation("--no") && !is_negation("--password"));
+    }
+
+    #[test]
+    fn weird_inputs_do_not_panic() {
+        let s = sanitizer();
+        let weird = [
+            "",
+            "=",
+            "==",
+            "--=",
+            "--=x",
+            "-=",
+            "://",
+            "://@",
+            ":@",
+            "@://:",
+            "a://:@",
+            "\"",
+            "\":",
+            "\"\":\"",
+            "{\"password\":\"",
+            "{\"password\":\"a\\",
+            "-----BEGIN ",
+            "-----BEGIN PRIVATE KEY-----",
+            "-----BEGIN PRIVATE KEY-----x-----END ",
+            "eyJ",
+            "eyJaaaaaaaaaaaaa.",
+            "eyJaaaaaaaaaaaaa.bbbb",
+            "xoxb-",
+            "ghp_",
+            "github_pat_",
+            "AKIA",
+            "é=é",
+            "--é=é",
+            "Authorization:",
+            "Authorization: ",
+            "-p",
+            "-pé",
+            "pass:",
+            "pass:é",
+            "-u",
+            "-ué:",
+            "\u{0}",
+            "\u{10FFFF}",
+            " ",
+            "\t\n",
+            "--password ",
+        ];
+        for program in ["app", "mysql", "curl", "openssl", "sshpass", "redis-cli", ""] {
+            for a in weird {
+                for b in weird {
+                    let out = run(&s, &[program, a, b]);
+                    assert_eq!(out.args.len(), 3);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_adversarial_arguments_are_linear() {
+        let s = sanitizer();
+        let size = 128 * 1024;
+        let patterns = [
+            "a",
+            "=",
+            "a=",
+            "password=",
+            "--",
+            "eyJ-",
+            "eyJaaaaaaaaaa.",
+            "xoxb-",
+            "ghp_",
+            "github_pat_",
+            "://",
+            "://a:",
+            "@",
+            "\"\":",
+            "\"password\":\"",
+            "-----BEGIN ",
+            "-----BEGIN PRIVATE KEY-----",
+            "AKIA",
+            "é",
+            " ",
+            "a b=",
+            " --password ",
+        ];
+        let start = std::time::Instant::now();
+        for p in patterns {
+            let big = p.repeat(size / p.len() + 1);
+            let out = run(&s, &["app", big.as_str(), "--x", big.as_str()]);
+            assert_eq!(out.args.len(), 4);
+            let arg = format!("--password={big}");
+            let out = run(&s, &["app", arg.as_str()]);
+            assert_eq!(out.args, ["app", "--password=********"]);
+        }
+        // A quadratic scan of 128 KiB takes minutes; linear ones take well
+        // under a second each, even unoptimized.
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{:?}", start.elapsed());
+    }
+
+    /// Pieces that exercise every rule, concatenated into arguments.
+    fn fragment() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(vec![
+            "--",
+            "-",
+            "=",
+            "password",
+            "api_key",
+            "token",
+            "://",
+            "@",
+            ":",
+            "/",
+            "eyJ",
+            "eyJhbGciOiJIUzI1NiJ9.",
+            "AKIA",
+            "IOSFODNN7EXAMPLE",
+            "ghp_",
+            "xoxb-",
+            "-----BEGIN ",
+            "PRIVATE KEY-----",
+            "-----END ",
+            "\"",
+            "{",
+            "}",
+            " ",
+            "\t",
+            "é",
+            "ü",
+            "日本",
+            "mysql",
+            "curl",
+            "-p",
+            "-u",
+            "pass:",
+            "Authorization",
+            "&",
+            ",",
+            "\\",
+            "a",
+            "1",
+            "",
+        ]);
+        prop::collection::vec(pieces, 0..8).prop_map(|v| v.concat())
+    }
+
+    fn argument() -> impl Strategy<Value = String> {
+        prop_oneof![fragment(), any::<String>()]
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_nor_grows(args in prop::collection::vec(argument(), 0..8), strip in any::<bool>()) {
+            let cfg = SanitizeConfig { strip_all_arguments: strip, ..SanitizeConfig::default() };
+            let out = Sanitizer::new(&cfg).sanitize(&args);
+            prop_assert!(out.args.len() <= args.len());
+            if strip {
+                prop_assert_eq!(out.args.len(), args.len().min(1));
+            } else {
+                prop_assert_eq!(out.args.len(), args.len());
+            }
+        }
+
+        #[test]
+        fn password_value_never_survives(
+            before in prop::collection::vec(fragment(), 0..5),
+            after in prop::collection::vec(fragment(), 0..5),
+            tail in any::<String>(),
+        ) {
+            // The fragments never contain `Q`, so the value is unique.
+            let secret = format!("QX9{tail}");
+            let mut args = vec!["app".to_owned()];
+            args.extend(before);
+            let index = args.len();
+            args.push(format!("--password={secret}"));
+            args.extend(after);
+            let out = sanitizer().sanitize(&args);
+            prop_assert_eq!(&out.args[index], "--password=********");
+            prop_assert!(out.redacted >= 1);
+            prop_assert!(!out.args.iter().any(|a| a.contains(&secret)));
+        }
+    }
+}

@@ -387,3 +387,26 @@ fn without_a_broker_it_retries_says_so_and_registers_once_one_appears() {
     assert_eq!(h.registration, procmond::control::RegistrationState::Registered);
     assert!(pm.log().contains("broker reachable again"), "{}", pm.log());
 }
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_path(dir.path());
+    let _broker = broker(dir.path());
+    let agent = FakeAgent::start(&socket, &dir.path().join("agent.db"));
+    let mut pm = Procmond::start(dir.path(), Some(&socket), &[]);
+    assert!(wait_until(T, || agent.registrations() == 1), "{}", pm.log());
+    // With the agent gone, the graceful shutdown waits for a
+    // deregistration reply that never comes (up to 3 s)...
+    drop(agent);
+    let pid = nix::unistd::Pid::from_raw(pm.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).unwrap();
+    assert!(wait_until(T, || pm.log().contains("shutting down: SIGTERM")), "{}", pm.log());
+    // ...and a second signal cuts it short.
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGINT).unwrap();
+    let status = pm.wait_exit(T).expect("exits");
+    assert!(sent.elapsed() < Duration::from_millis(1500), "took {:?}", sent.elapsed());
+    assert_eq!(status.code(), Some(130), "128 + SIGINT: {}", pm.log());
+    assert!(pm.log().contains("second SIGINT: exiting now"), "{}", pm.log());
+}
