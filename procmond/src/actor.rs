@@ -92,13 +92,31 @@ pub enum ActorMessage {
 pub trait EventSink: Send {
     /// Makes a cycle's events durable (WAL or store) and queues them for
     /// delivery; returns them with their sequence numbers.
-    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String>;
+    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, SinkError>;
     /// Delivery status for health reports.
     fn status(&self) -> SinkStatus;
     /// Changes the limit of events published but not acknowledged.
     fn set_max_in_flight(&mut self, max: usize);
     /// Delivers what it can within `timeout` and makes everything durable.
     fn flush(&mut self, timeout: Duration) -> Result<(), String>;
+}
+
+/// Why a sink refused a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    /// What went wrong.
+    pub message: String,
+    /// The sink cannot accept anything any more (a poisoned WAL: only a
+    /// restart, which reopens and recovers it, is safe). The actor stops.
+    pub fatal: bool,
+}
+
+impl SinkError {
+    /// An error the next cycle may not meet again.
+    pub fn retry(message: impl Into<String>) -> SinkError {
+        SinkError { message: message.into(), fatal: false }
+    }
 }
 
 /// A sink's delivery status.
@@ -503,7 +521,8 @@ impl Actor {
         if !self.cfg.excluded_pids.is_empty() {
             records.retain(|r| !self.cfg.excluded_pids.contains(&r.pid));
         }
-        if self.cfg.max_processes > 0 && records.len() > self.cfg.max_processes {
+        let complete = !(self.cfg.max_processes > 0 && records.len() > self.cfg.max_processes);
+        if !complete {
             log::warn!(
                 "{} processes, over max_processes {}: the rest is ignored",
                 records.len(),
@@ -514,7 +533,7 @@ impl Actor {
             records.truncate(self.cfg.max_processes);
         }
         self.n.processes = records.len() as u64;
-        let mut events = self.tracker.update(records, unix_ms());
+        let mut events = self.tracker.update_with(records, unix_ms(), complete);
         if self.cfg.compute_hashes {
             self.hasher.start_cycle();
             for e in &mut events {
@@ -555,6 +574,14 @@ impl Actor {
                     envelopes.iter().for_each(observe);
                 }
             }
+            Err(e) if e.fatal => {
+                self.n.errors += 1;
+                log::error!(
+                    "{} events could not be made durable ({e}); stopping so a restart can recover",
+                    kept.len()
+                );
+                self.state = CollectorState::Stopped;
+            }
             Err(e) => {
                 self.n.errors += 1;
                 log::error!("{} events could not be made durable ({e}); retrying next cycle", kept.len());
@@ -573,7 +600,7 @@ impl Actor {
             return Ok(());
         }
         let events = std::mem::take(&mut self.unsent);
-        self.sink.submit(events).map(|_| ())
+        self.sink.submit(events).map(|_| ()).map_err(|e| e.message)
     }
 }
 

@@ -32,14 +32,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
 use daemoneye_bus::{Client, ClientError, ConnectionState, Subscription};
 use daemoneye_wal::{Durability, Wal, WalOptions};
 use parking_lot::Mutex;
 
-use crate::actor::{ActorSender, EventSink, IntervalAdjustment, SinkStatus};
+use crate::actor::{ActorSender, EventSink, IntervalAdjustment, SinkError, SinkStatus};
 use crate::control::{self, ConnectionStatus, StoreAck};
-use crate::event::{EventEnvelope, EventKind, ProcessEvent};
+use crate::event::{EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap};
 
 /// File in the WAL directory holding the stream id. It lives and dies
 /// with the WAL's records, so a fresh WAL (sequence numbers from 1 again)
@@ -87,10 +87,20 @@ pub enum ConnectorError {
     Bus(#[from] ClientError),
 }
 
+/// One message to publish: an event record, or a gap marker standing for
+/// records the WAL lost (damage) or cannot decode.
 struct Item {
     seq: u64,
-    kind: EventKind,
+    /// The last sequence number this item accounts for (`seq` for events).
+    last: u64,
+    topic: &'static str,
     bytes: Vec<u8>,
+}
+
+impl Item {
+    fn event(seq: u64, kind: EventKind, bytes: Vec<u8>) -> Item {
+        Item { seq, last: seq, topic: kind.topic(), bytes }
+    }
 }
 
 /// Events appended but not yet handed to the flush thread.
@@ -179,6 +189,7 @@ impl Connector {
             reread: VecDeque::new(),
             replay: None,
             seen_connections: client.connections(),
+            max_sent: shared.wal.next_seq().saturating_sub(1),
             slowed: false,
             last_progress: Instant::now(),
             ack_timeout: cfg.ack_timeout,
@@ -236,7 +247,7 @@ impl Drop for Connector {
 }
 
 impl EventSink for Connector {
-    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String> {
+    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, SinkError> {
         let s = &*self.shared;
         // The buffer lock is held across the append so the flush thread
         // never sees a record in the WAL that is neither buffered nor
@@ -254,15 +265,21 @@ impl EventSink for Connector {
             })
             .collect();
         let payloads: Vec<Vec<u8>> = envelopes.iter().map(EventEnvelope::encode).collect();
-        let range = s.wal.append_batch(&payloads).map_err(|e| e.to_string())?;
+        let range = s.wal.append_batch(&payloads).map_err(|e| SinkError {
+            fatal: matches!(e, daemoneye_wal::Error::Poisoned { .. }),
+            message: format!("WAL append: {e}"),
+        })?;
         if range.start != first {
             // Only this thread appends; anything else is a bug worth stopping for.
-            return Err(format!("WAL assigned {range:?}, expected to start at {first}"));
+            return Err(SinkError {
+                message: format!("WAL assigned {range:?}, expected {first}"),
+                fatal: true,
+            });
         }
         for (env, bytes) in envelopes.iter().zip(payloads) {
             if !buf.spilled && buf.bytes + bytes.len() <= s.limit {
                 buf.bytes += bytes.len();
-                buf.items.push_back(Item { seq: env.seq, kind: env.event.kind, bytes });
+                buf.items.push_back(Item::event(env.seq, env.event.kind, bytes));
             } else {
                 if !buf.spilled {
                     log::warn!(
@@ -347,6 +364,13 @@ fn stream_id(dir: &Path) -> Result<u64, ConnectorError> {
     }
 }
 
+/// A gap marker for events `from..=to` that the WAL cannot give back.
+fn gap(s: &Shared, from: u64, to: u64, reason: String) -> Item {
+    log::error!("events {from}..={to} of stream {} are lost: {reason}; publishing a gap marker", s.stream_id);
+    let gap = StreamGap { collector_id: s.collector_id.clone(), stream_id: s.stream_id, from, to, reason };
+    Item { seq: from, last: to, topic: GAP_TOPIC, bytes: gap.encode() }
+}
+
 /// The flush thread's state.
 struct Flusher {
     shared: Arc<Shared>,
@@ -360,6 +384,9 @@ struct Flusher {
     /// between batches so a long backlog is read once, not rescanned.
     replay: Option<(daemoneye_wal::Replay, u64)>,
     seen_connections: u64,
+    /// The highest sequence number ever sent: by this run, or (every record
+    /// the WAL held at startup) by an earlier one.
+    max_sent: u64,
     slowed: bool,
     /// Last time an acknowledgement advanced (or nothing was in flight).
     last_progress: Instant,
@@ -369,6 +396,7 @@ struct Flusher {
 impl Flusher {
     fn run(mut self, cmds: Receiver<Cmd>, notify: Receiver<()>, acks: Subscription) {
         let ticker = tick(Duration::from_millis(100));
+        let mut ack_rx = acks.messages().clone();
         let mut flush: Option<(Instant, Sender<Result<(), String>>)> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
             select! {
@@ -378,11 +406,13 @@ impl Flusher {
                     Err(_) => break,
                 },
                 recv(notify) -> _ => {}
-                recv(acks.messages()) -> msg => if let Ok(msg) = msg {
-                    match control::decode::<StoreAck>(&msg.payload) {
+                recv(ack_rx) -> msg => match msg {
+                    Ok(msg) => match control::decode::<StoreAck>(&msg.payload) {
                         Ok(ack) => self.on_ack(ack),
                         Err(e) => log::warn!("malformed store acknowledgement on {}: {e}", msg.topic),
-                    }
+                    },
+                    // The client is closed or refused: stop selecting on it.
+                    Err(_) => ack_rx = never(),
                 },
                 recv(ticker) -> _ => {}
             }
@@ -418,9 +448,19 @@ impl Flusher {
             log::debug!("acknowledgement for stream {} ignored (ours is {})", ack.stream_id, s.stream_id);
             return;
         }
-        let last = s.wal.next_seq().saturating_sub(1);
-        let through = ack.through.min(last);
+        let through = ack.through;
         if through <= s.acked.load(Ordering::Acquire) {
+            return;
+        }
+        // Invariant: only what was sent (now, or by an earlier run) can be
+        // acknowledged. Anything above is a confused or hostile peer, and
+        // honouring it would delete records never delivered.
+        if through > self.max_sent {
+            log::error!(
+                "acknowledgement through {through} for stream {} refused: only {} were ever sent",
+                s.stream_id,
+                self.max_sent
+            );
             return;
         }
         match s.wal.truncate_through(through) {
@@ -513,19 +553,10 @@ impl Flusher {
             self.open_replay();
             self.read_batch(upto);
         }
-        match self.reread.front() {
-            Some(first) if first.seq > self.next => {
-                // Records between were lost to damage (reported above) or
-                // acknowledged meanwhile: move on.
-                log::warn!("WAL has no records {}..{}; continuing at {}", self.next, first.seq, first.seq);
-                self.next = first.seq;
-            }
-            None if self.next < upto => {
-                log::warn!("WAL has no records {}..{upto}; continuing at {upto}", self.next);
-                self.next = upto;
-                return None;
-            }
-            _ => {}
+        if self.reread.is_empty() && self.next < upto {
+            // Nothing readable even from a fresh replay (an I/O error,
+            // logged): never guess that records are gone; try again later.
+            return None;
         }
         self.reread.pop_front()
     }
@@ -544,6 +575,7 @@ impl Flusher {
     /// first buffered record) or a batch; drops the replay once exhausted.
     fn read_batch(&mut self, upto: u64) {
         let Some((replay, pos)) = &mut self.replay else { return };
+        let shared = &*self.shared;
         let mut exhausted = true;
         for rec in replay.by_ref() {
             match rec {
@@ -553,13 +585,25 @@ impl Flusher {
                         exhausted = false;
                         break;
                     }
+                    let expected = self.reread.back().map_or(self.next, |i| i.last + 1);
+                    if rec.seq > expected {
+                        // The WAL reported damage (logged below): those
+                        // records are gone. Say so, in order.
+                        self.reread.push_back(gap(
+                            shared,
+                            expected,
+                            rec.seq - 1,
+                            "lost to WAL damage".into(),
+                        ));
+                    }
                     match EventEnvelope::decode(&rec.payload) {
-                        Ok(env) => self.reread.push_back(Item {
-                            seq: rec.seq,
-                            kind: env.event.kind,
-                            bytes: rec.payload,
-                        }),
-                        Err(e) => log::error!("WAL record {} does not decode ({e}); skipped", rec.seq),
+                        Ok(env) => self.reread.push_back(Item::event(rec.seq, env.event.kind, rec.payload)),
+                        Err(e) => self.reread.push_back(gap(
+                            shared,
+                            rec.seq,
+                            rec.seq,
+                            format!("record does not decode: {e}"),
+                        )),
                     }
                     if self.reread.len() >= REREAD_BATCH {
                         exhausted = false;
@@ -582,9 +626,10 @@ impl Flusher {
                 break;
             }
             let Some(item) = self.take_next() else { break };
-            match self.client.publish(item.kind.topic(), &item.bytes) {
+            match self.client.publish(item.topic, &item.bytes) {
                 Ok(()) => {
-                    self.next = item.seq + 1;
+                    self.next = item.last + 1;
+                    self.max_sent = self.max_sent.max(item.last);
                     s.published.fetch_add(1, Ordering::AcqRel);
                 }
                 Err(e) => {

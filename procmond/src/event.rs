@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 /// Topic prefix of process events; the kind is the last segment.
 pub const EVENTS_TOPIC_PREFIX: &str = "events.process";
-/// The pattern that matches every process event.
+/// The pattern that matches every process event (and gap markers).
 pub const EVENTS_PATTERN: &str = "events.process.+";
+/// The topic of [`StreamGap`] markers.
+pub const GAP_TOPIC: &str = "events.process.gap";
 
 /// What happened to a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,6 +160,37 @@ impl EventEnvelope {
 
     /// Decodes [`EventEnvelope::encode`]'s bytes.
     pub fn decode(bytes: &[u8]) -> Result<EventEnvelope, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+/// Events of a stream that will never come: their WAL records were
+/// damaged (CRC-checked, reported) or do not decode. Published on
+/// [`GAP_TOPIC`] in sequence order, so the store can count the lost
+/// sequence numbers as settled and its watermark (and the collector's WAL
+/// truncation) can move past them, instead of waiting forever.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamGap {
+    /// The collector.
+    pub collector_id: String,
+    /// The stream.
+    pub stream_id: u64,
+    /// First lost sequence number.
+    pub from: u64,
+    /// Last lost sequence number (inclusive).
+    pub to: u64,
+    /// Why, for the record.
+    pub reason: String,
+}
+
+impl StreamGap {
+    /// Encodes for the bus.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes [`StreamGap::encode`]'s bytes.
+    pub fn decode(bytes: &[u8]) -> Result<StreamGap, postcard::Error> {
         postcard::from_bytes(bytes)
     }
 }

@@ -145,20 +145,17 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
     if let Some(file) = &file {
         file.apply(&mut cfg);
     }
-    if let Some(db) = &cli.database {
-        cfg.database = db.clone();
-    }
-    if let Some(secs) = cli.interval {
-        cfg.interval = Duration::from_secs(secs);
-    }
-    if let Some(n) = cli.max_processes {
-        cfg.max_processes = n;
-    }
-    if let Some(id) = &cli.collector_id {
-        cfg.collector_id = id.clone();
-    }
-    cfg.enhanced_metadata |= cli.enhanced_metadata;
-    cfg.compute_hashes |= cli.compute_hashes;
+    // Flags override the file: the same application, one layer up.
+    let flags = ConfigFile {
+        database: cli.database.clone(),
+        interval_secs: cli.interval,
+        max_processes: cli.max_processes,
+        collector_id: cli.collector_id.clone(),
+        enhanced_metadata: cli.enhanced_metadata.then_some(true),
+        compute_hashes: cli.compute_hashes.then_some(true),
+        ..ConfigFile::default()
+    };
+    flags.apply(&mut cfg);
     let floor = Duration::from_secs(*INTERVAL_RANGE_SECS.start());
     cfg.validate(floor).with_context(|| match &cli.config {
         Some(path) => format!("invalid configuration (from {} and flags)", path.display()),
@@ -168,20 +165,11 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
 }
 
 /// The per-collector lock: a pid file held with an exclusive lock for the
-/// life of the process, removed on a clean exit. A file left by a killed
-/// procmond is not locked, so the next one takes it over.
-struct PidLock {
-    path: PathBuf,
-    _file: std::fs::File,
-}
-
-impl Drop for PidLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
+/// life of the process. It is never removed: unlinking it at exit would let
+/// a starting procmond lock the old inode while a third one creates and
+/// locks a new file. A file left behind is not locked, so the next
+/// procmond takes it over and writes its own pid.
+fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<std::fs::File> {
     create_private_dir(&cfg.data_dir)?;
     let path = cfg.data_dir.join(format!("procmond-{}.pid", cfg.collector_id));
     let mut file = std::fs::OpenOptions::new()
@@ -203,7 +191,7 @@ fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
     file.set_len(0)?;
     writeln!(file, "{}", std::process::id())?;
     file.sync_all()?;
-    Ok(PidLock { path, _file: file })
+    Ok(file)
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -327,10 +315,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open the event store {}", cfg.database.display()))?;
         opts.start_running = true;
         let actor = ActorHandle::spawn(cfg, source, Box::new(sink), inbox, opts)?;
-        let request = wait_for_shutdown(&shutdown_rx, &actor)?;
+        let request = wait_for_shutdown(&shutdown_rx, &actor, None)?;
         log::info!("shutting down: {}", request.reason);
-        actor_tx.graceful_shutdown(Duration::from_secs(30)).context("graceful shutdown")?;
-        actor.join();
+        stop_actor(&actor_tx, actor)?;
         log::info!("stopped");
         return Ok(());
     };
@@ -380,21 +367,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let rpc = RpcService::start(client.clone(), &collector_id, actor_tx.clone(), shutdown_tx.clone())?;
     let registration = Registration::start(reg_cfg, client.clone(), actor_tx.clone(), cell, on_ack)?;
 
-    let request = wait_for_shutdown(&shutdown_rx, &actor)?;
+    let request = wait_for_shutdown(&shutdown_rx, &actor, Some(&client))?;
     log::info!("shutting down: {}", request.reason);
     rpc.refuse_new_requests();
     // Finish the cycle, flush the buffer and the WAL...
-    let flushed = actor_tx.graceful_shutdown(Duration::from_secs(30));
-    actor.join();
+    let flushed = stop_actor(&actor_tx, actor);
     // ...deregister...
     registration.deregister(&request.reason, Duration::from_secs(3));
     // ...reply...
     if let Some(msg) = &request.rpc {
         let response = match &flushed {
             Ok(()) => RpcResponse::ok(),
-            Err(e) => procmond::rpc::error_response(e.clone()),
+            Err(e) => RpcResponse::status(procmond::control::RpcStatus::Timeout, format!("{e:#}")),
         };
-        if let Err(e) = client.reply(msg, &control::encode(&response)) {
+        // Confirmed, so the reply has left before the client closes.
+        let sent = match &msg.reply_to {
+            Some(to) => client.publish_confirmed(to, &control::encode(&response)),
+            None => Ok(()),
+        };
+        if let Err(e) = sent {
             log::warn!("could not answer the GracefulShutdown request: {e}");
         }
     }
@@ -405,8 +396,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(client) => client.close(),
         Err(_) => log::warn!("bus client still shared at exit"),
     }
-    flushed.context("graceful shutdown")?;
+    flushed?;
     log::info!("stopped");
+    Ok(())
+}
+
+/// Asks the actor to finish and flush, and waits for its thread. A full
+/// inbox (the actor stalled in a long cycle) is retried until a deadline,
+/// and the join is bounded too: a wedged actor makes the exit non-zero
+/// rather than hang.
+fn stop_actor(actor_tx: &procmond::actor::ActorSender, actor: ActorHandle) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let retry = tick(Duration::from_millis(100));
+    let result = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match actor_tx.graceful_shutdown(left) {
+            Err(procmond::actor::ActorError::Busy) if !left.is_zero() => {
+                let _ = retry.recv();
+            }
+            other => break other,
+        }
+    };
+    if let Err(e) = result {
+        bail!("graceful shutdown: {e}");
+    }
+    let check = tick(Duration::from_millis(20));
+    while !actor.is_finished() {
+        if std::time::Instant::now() >= deadline {
+            bail!("the collector actor did not stop within 30 s");
+        }
+        let _ = check.recv();
+    }
+    actor.join();
     Ok(())
 }
 
@@ -415,14 +436,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn wait_for_shutdown(
     requests: &crossbeam_channel::Receiver<ShutdownRequest>,
     actor: &ActorHandle,
+    client: Option<&Client>,
 ) -> anyhow::Result<ShutdownRequest> {
     let check = tick(Duration::from_millis(500));
     loop {
         select! {
             recv(requests) -> req => return req.context("shutdown channel closed"),
-            recv(check) -> _ => if actor.is_finished() {
-                bail!("the collector actor stopped unexpectedly");
-            },
+            recv(check) -> _ => {
+                if actor.is_finished() {
+                    bail!("the collector actor stopped (see the log above); exiting so a restart can recover");
+                }
+                if client.is_some_and(|c| c.state() == daemoneye_bus::ConnectionState::Refused) {
+                    bail!("the broker refused this collector (uid, protocol version or id); see the log above");
+                }
+            }
         }
     }
 }

@@ -24,14 +24,14 @@
 //!    restarted).
 //!
 //! States: Unregistered → Registering → Registered → Deregistering →
-//! Unregistered; Failed when the agent rejects the collector (no retry
-//! until the next reconnection).
+//! Unregistered; Failed when the agent rejects the collector (retried
+//! after the longest backoff, 30 s).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, bounded, select, tick};
+use crossbeam_channel::{Sender, bounded, never, select, tick};
 use daemoneye_bus::{Client, ClientError, ConnectionState};
 
 use crate::actor::{ActorSender, RegistrationCell, unix_ms};
@@ -108,6 +108,7 @@ impl Registration {
                     warned_at: None,
                 };
                 let heartbeat = tick(m.cfg.heartbeat_interval);
+                let mut lifecycle_rx = lifecycle.messages().clone();
                 let poll = tick(Duration::from_millis(50));
                 loop {
                     select! {
@@ -119,8 +120,8 @@ impl Registration {
                             Err(_) => break,
                         },
                         recv(stop_rx) -> _ => break,
-                        recv(lifecycle.messages()) -> msg => if let Ok(msg) = msg {
-                            match control::decode::<LifecycleCommand>(&msg.payload) {
+                        recv(lifecycle_rx) -> msg => match msg {
+                            Ok(msg) => match control::decode::<LifecycleCommand>(&msg.payload) {
                                 Ok(LifecycleCommand::BeginMonitoring) => {
                                     log::info!("BeginMonitoring broadcast received");
                                     if let Err(e) = m.actor.begin_monitoring() {
@@ -128,7 +129,9 @@ impl Registration {
                                     }
                                 }
                                 Err(e) => log::warn!("malformed lifecycle command: {e}"),
-                            }
+                            },
+                            // The client is closed or refused: stop selecting on it.
+                            Err(_) => lifecycle_rx = never(),
                         },
                         recv(heartbeat) -> _ => m.heartbeat(),
                         recv(poll) -> _ => m.check(),
@@ -202,9 +205,13 @@ impl Manager {
         let current = self.cell.get();
         let due = match current {
             RegistrationState::Registered => self.registered_on != Some(conn),
-            RegistrationState::Failed => self.registered_on != Some(conn),
             RegistrationState::Deregistering => false,
-            RegistrationState::Unregistered | RegistrationState::Registering => true,
+            // Failed retries too, after the longest backoff: the agent may
+            // have refused a duplicate of a registration it has not yet
+            // timed out.
+            RegistrationState::Failed | RegistrationState::Unregistered | RegistrationState::Registering => {
+                true
+            }
         };
         if due && Instant::now() >= self.retry_at {
             self.register(conn);
@@ -244,10 +251,11 @@ impl Manager {
             }
             Ok(resp) => {
                 self.cell.set(RegistrationState::Failed);
-                self.registered_on = Some(conn);
+                self.retry_at = Instant::now() + self.cfg.backoff_max;
                 log::error!(
-                    "the agent rejected registration: {}",
-                    resp.message.as_deref().unwrap_or("no reason given")
+                    "the agent rejected registration: {}; trying again in {:?}",
+                    resp.message.as_deref().unwrap_or("no reason given"),
+                    self.cfg.backoff_max
                 );
             }
             Err(e) => {

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::actor::{EventSink, SinkStatus};
+use crate::actor::{EventSink, SinkError, SinkStatus};
 use crate::control::ConnectionStatus;
 use crate::event::{EventEnvelope, ProcessEvent};
 use crate::store::{EventStore, StoreError};
@@ -27,13 +27,17 @@ impl StoreSink {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path, collector_id: &str) -> Result<StoreSink, StoreError> {
         let store = EventStore::open(path)?;
-        let next_seq = store.max_seq(collector_id, STANDALONE_STREAM)?.unwrap_or(0) + 1;
+        // Pruning deletes rows but keeps the watermark; numbers at or below
+        // it would be taken for duplicates.
+        let max = store.max_seq(collector_id, STANDALONE_STREAM)?.unwrap_or(0);
+        let watermark = store.watermark(collector_id, STANDALONE_STREAM)?.unwrap_or(0);
+        let next_seq = max.max(watermark) + 1;
         Ok(StoreSink { store, collector_id: collector_id.to_owned(), next_seq, published: 0 })
     }
 }
 
 impl EventSink for StoreSink {
-    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String> {
+    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, SinkError> {
         let first = self.next_seq;
         let envelopes: Vec<EventEnvelope> = events
             .into_iter()
@@ -45,7 +49,7 @@ impl EventSink for StoreSink {
                 event,
             })
             .collect();
-        let outcome = self.store.insert_batch(&envelopes).map_err(|e| e.to_string())?;
+        let outcome = self.store.insert_batch(&envelopes).map_err(|e| SinkError::retry(e.to_string()))?;
         self.next_seq += envelopes.len() as u64;
         self.published += outcome.inserted as u64;
         Ok(envelopes)
@@ -65,5 +69,41 @@ impl EventSink for StoreSink {
     fn flush(&mut self, _timeout: Duration) -> Result<(), String> {
         // Every batch was committed in its own transaction.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+    use crate::store::Retention;
+    use crate::testing::record;
+
+    fn events(n: u32) -> Vec<ProcessEvent> {
+        (0..n)
+            .map(|i| ProcessEvent {
+                kind: EventKind::Started,
+                snapshot: false,
+                changes: Vec::new(),
+                observed_unix_ms: 1,
+                process: record(i + 1, 1, "p"),
+                sha256: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn numbering_continues_after_a_restart_and_after_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let mut sink = StoreSink::open(&db, "pm").unwrap();
+        assert_eq!(sink.submit(events(3)).unwrap().last().unwrap().seq, 3);
+        drop(sink);
+        EventStore::open(&db).unwrap().prune(&Retention { max_age: None, max_events: Some(0) }).unwrap();
+        let mut sink = StoreSink::open(&db, "pm").unwrap();
+        let envs = sink.submit(events(2)).unwrap();
+        assert_eq!(envs.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(sink.status().published, 2, "stored, not taken for duplicates");
+        assert_eq!(EventStore::open(&db).unwrap().count().unwrap(), 2);
     }
 }

@@ -71,6 +71,18 @@
 //!     through      INTEGER NOT NULL,
 //!     PRIMARY KEY (collector_id, stream_id)
 //! ) WITHOUT ROWID;
+//!
+//! -- Sequence numbers a collector reported lost (WAL damage): settled,
+//! -- never to be stored, recorded so the loss stays visible.
+//! CREATE TABLE stream_gaps (
+//!     collector_id TEXT    NOT NULL,
+//!     stream_id    INTEGER NOT NULL,
+//!     from_seq     INTEGER NOT NULL,
+//!     to_seq       INTEGER NOT NULL,
+//!     reason       TEXT    NOT NULL,
+//!     observed_ms  INTEGER NOT NULL,
+//!     PRIMARY KEY (collector_id, stream_id, from_seq)
+//! ) WITHOUT ROWID;
 //! ```
 //!
 //! Column notes:
@@ -120,7 +132,7 @@ use daemoneye_platform::ProcessState;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent};
+use crate::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap};
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -172,7 +184,26 @@ CREATE TABLE stream_watermarks (
     through      INTEGER NOT NULL,
     PRIMARY KEY (collector_id, stream_id)
 ) WITHOUT ROWID;
+CREATE TABLE stream_gaps (
+    collector_id TEXT    NOT NULL,
+    stream_id    INTEGER NOT NULL,
+    from_seq     INTEGER NOT NULL,
+    to_seq       INTEGER NOT NULL,
+    reason       TEXT    NOT NULL,
+    observed_ms  INTEGER NOT NULL,
+    PRIMARY KEY (collector_id, stream_id, from_seq)
+) WITHOUT ROWID;
 ";
+
+/// The furthest end of a recorded gap that covers `?3`.
+const SELECT_GAP_COVERING: &str = "
+SELECT MAX(to_seq) FROM stream_gaps
+WHERE collector_id = ?1 AND stream_id = ?2 AND from_seq <= ?3 AND to_seq >= ?3";
+
+const INSERT_GAP: &str = "
+INSERT INTO stream_gaps (collector_id, stream_id, from_seq, to_seq, reason, observed_ms)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+ON CONFLICT (collector_id, stream_id, from_seq) DO NOTHING";
 
 /// The insert of one event. A conflict on the dedup key is ignored (and
 /// counted by the caller); any other constraint failure is an error, not a
@@ -464,21 +495,11 @@ impl EventStore {
                 }
             }
 
-            let mut seqs_above = tx.prepare_cached(SELECT_SEQS_ABOVE)?;
             let mut upsert = tx.prepare_cached(UPSERT_WATERMARK)?;
             for stream in &touched {
                 let stream_sql = stream_to_sql(stream.stream_id);
-                let mut through = stream.stored.unwrap_or(stream.min_seq.saturating_sub(1));
-                let mut rows =
-                    seqs_above.query(params![stream.collector_id, stream_sql, seq_floor(through)])?;
-                while let Some(row) = rows.next()? {
-                    let seq = to_u64(row.get(0)?, 0)?;
-                    if Some(seq) != through.checked_add(1) {
-                        break;
-                    }
-                    through = seq;
-                }
-                drop(rows);
+                let base = stream.stored.unwrap_or(stream.min_seq.saturating_sub(1));
+                let through = advance(&tx, stream.collector_id, stream_sql, base)?;
                 if stream.stored != Some(through) {
                     upsert.execute(params![stream.collector_id, stream_sql, seq_floor(through)])?;
                 }
@@ -491,6 +512,42 @@ impl EventStore {
         }
         tx.commit()?;
         Ok(outcome)
+    }
+
+    /// Records that a collector lost events `gap.from..=gap.to` (its WAL
+    /// was damaged): they count as settled, so the stream's watermark moves
+    /// past them, and the loss stays on record in `stream_gaps`. Returns
+    /// the stream's watermark.
+    pub fn insert_gap(&mut self, gap: &StreamGap) -> Result<StreamWatermark, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stream_sql = stream_to_sql(gap.stream_id);
+        let stored: Option<i64> = tx
+            .prepare_cached(SELECT_WATERMARK)?
+            .query_row(params![gap.collector_id, stream_sql], |row| row.get(0))
+            .optional()?;
+        let stored = stored.map(|w| to_u64(w, 0)).transpose()?;
+        let observed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        if gap.from <= gap.to && gap.from > 0 {
+            tx.prepare_cached(INSERT_GAP)?.execute(params![
+                gap.collector_id,
+                stream_sql,
+                seq_floor(gap.from),
+                seq_floor(gap.to),
+                gap.reason,
+                observed
+            ])?;
+        }
+        let base = stored.unwrap_or(gap.from.saturating_sub(1));
+        let through = advance(&tx, &gap.collector_id, stream_sql, base)?;
+        if stored != Some(through) {
+            tx.prepare_cached(UPSERT_WATERMARK)?.execute(params![
+                gap.collector_id,
+                stream_sql,
+                seq_floor(through)
+            ])?;
+        }
+        tx.commit()?;
+        Ok(StreamWatermark { collector_id: gap.collector_id.clone(), stream_id: gap.stream_id, through })
     }
 
     /// The committed watermark of a stream, or `None` if the store has
@@ -739,6 +796,36 @@ fn state_name(state: ProcessState) -> String {
 }
 
 /// A stream id as stored: the same 64 bits, read as signed.
+/// Walks a stream's watermark up from `through` over contiguous stored
+/// sequence numbers and recorded gaps.
+fn advance(
+    tx: &rusqlite::Transaction<'_>,
+    collector_id: &str,
+    stream_sql: i64,
+    mut through: u64,
+) -> Result<u64, StoreError> {
+    let mut seqs_above = tx.prepare_cached(SELECT_SEQS_ABOVE)?;
+    let mut gap_covering = tx.prepare_cached(SELECT_GAP_COVERING)?;
+    loop {
+        let mut rows = seqs_above.query(params![collector_id, stream_sql, seq_floor(through)])?;
+        while let Some(row) = rows.next()? {
+            let seq = to_u64(row.get(0)?, 0)?;
+            if Some(seq) != through.checked_add(1) {
+                break;
+            }
+            through = seq;
+        }
+        drop(rows);
+        let Some(next) = through.checked_add(1) else { return Ok(through) };
+        let end: Option<i64> =
+            gap_covering.query_row(params![collector_id, stream_sql, seq_floor(next)], |row| row.get(0))?;
+        match end.map(|e| to_u64(e, 0)).transpose()? {
+            Some(end) if end > through => through = end,
+            _ => return Ok(through),
+        }
+    }
+}
+
 fn stream_to_sql(stream_id: u64) -> i64 {
     i64::from_ne_bytes(stream_id.to_ne_bytes())
 }
@@ -924,6 +1011,35 @@ mod tests {
 
     fn wm(collector: &str, stream: u64, through: u64) -> StreamWatermark {
         StreamWatermark { collector_id: collector.to_owned(), stream_id: stream, through }
+    }
+
+    #[test]
+    fn gaps_settle_lost_sequence_numbers_and_stay_on_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EventStore::open(&dir.path().join("e.db")).unwrap();
+        let gap = |from, to| StreamGap {
+            collector_id: "c".into(),
+            stream_id: 1,
+            from,
+            to,
+            reason: "damage".into(),
+        };
+        store.insert_batch(&envs("c", 1, &[1, 2, 5])).unwrap();
+        assert_eq!(store.watermark("c", 1).unwrap(), Some(2));
+        assert_eq!(store.insert_gap(&gap(3, 4)).unwrap().through, 5, "the gap bridges to the stored 5");
+        let out = store.insert_batch(&envs("c", 1, &[4, 6])).unwrap();
+        assert_eq!((out.inserted, out.duplicates), (1, 1), "a seq inside a settled gap is a duplicate");
+        assert_eq!(out.watermarks[0].through, 6);
+        // A gap first on a new stream sets its base; events then follow.
+        let g2 = StreamGap { collector_id: "c".into(), stream_id: 2, from: 10, to: 12, reason: "x".into() };
+        assert_eq!(store.insert_gap(&g2).unwrap().through, 12);
+        assert_eq!(store.insert_batch(&envs("c", 2, &[13])).unwrap().watermarks[0].through, 13);
+        // An out-of-order gap is kept until the watermark reaches it.
+        assert_eq!(store.insert_gap(&gap(8, 9)).unwrap().through, 6);
+        assert_eq!(store.insert_batch(&envs("c", 1, &[7])).unwrap().watermarks[0].through, 9);
+        let rows: i64 =
+            store.connection().query_row("SELECT COUNT(*) FROM stream_gaps", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 3);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use daemoneye_platform::{FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, Unavailable};
+use daemoneye_platform::{
+    FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
+};
 
 use crate::config::LifecycleConfig;
 use crate::event::{Change, EventKind, ProcessEvent};
@@ -76,6 +78,18 @@ impl Tracker {
     /// the events. Stopped events come first, then Started, then Modified,
     /// each ordered by pid.
     pub fn update(&mut self, records: Vec<ProcessRecord>, now_unix_ms: u64) -> Vec<ProcessEvent> {
+        self.update_with(records, now_unix_ms, true)
+    }
+
+    /// Like [`Tracker::update`]; with `complete` false (the list was cut
+    /// at `max_processes`) a process missing from it is not taken for
+    /// stopped: its Stopped waits for a complete list.
+    pub fn update_with(
+        &mut self,
+        records: Vec<ProcessRecord>,
+        now_unix_ms: u64,
+        complete: bool,
+    ) -> Vec<ProcessEvent> {
         let first = self.cycles == 0;
         self.cycles += 1;
         let mut stopped = Vec::new();
@@ -117,6 +131,11 @@ impl Tracker {
                         Tracked { record, raw: raw.details, reported, exe_change_reported: false },
                     );
                 }
+                Some(t) if raw.state == ProcessState::Zombie => {
+                    // Exited, not yet reaped: its details are gone, not
+                    // changed. Keep the last live record for the stop.
+                    t.record.state = raw.state;
+                }
                 Some(_) => {
                     let mut t = self.live.remove(&key).unwrap_or_else(|| unreachable!());
                     let same_details = Arc::ptr_eq(&t.raw, &raw.details);
@@ -153,7 +172,11 @@ impl Tracker {
             }
         }
 
-        let gone: Vec<ProcessKey> = self.live.keys().filter(|k| !seen.contains(k)).copied().collect();
+        let gone: Vec<ProcessKey> = if complete {
+            self.live.keys().filter(|k| !seen.contains(k)).copied().collect()
+        } else {
+            Vec::new()
+        };
         for key in gone {
             if let Some(t) = self.live.remove(&key)
                 && t.reported
@@ -173,11 +196,17 @@ impl Tracker {
     fn diff(&self, old: &ProcessRecord, new: &ProcessRecord) -> Vec<Change> {
         let mut changes = Vec::new();
         let (od, nd) = (&old.details, &new.details);
+        // Only values both sides know are compared: a field turning
+        // unreadable (a zombie loses its exe) is not a change.
         let exe_file_changed = match (&od.exe_file, &nd.exe_file) {
             (Ok(a), Ok(b)) => a.dev != b.dev || a.inode != b.inode,
             _ => false,
         };
-        if old.name != new.name || od.exe != nd.exe || exe_file_changed {
+        let exe_changed = matches!((&od.exe, &nd.exe), (Ok(a), Ok(b)) if a != b);
+        // A new name alone is a rename (prctl PR_SET_NAME); with a new
+        // command line too it is an exec of the same binary.
+        let argv_changed = matches!((&od.argv, &nd.argv), (Ok(a), Ok(b)) if a != b);
+        if exe_changed || exe_file_changed || (old.name != new.name && argv_changed) {
             changes.push(Change::Exec);
         }
         if self.cfg.credentials
@@ -376,6 +405,36 @@ mod tests {
             vec![(EventKind::Modified, 6, vec![Change::ExeDeleted])]
         );
         assert!(t.update(vec![deleted], 2).is_empty());
+    }
+
+    #[test]
+    fn a_zombie_or_a_rename_is_not_an_exec() {
+        let mut t = tracker(no_disk());
+        let live = record(30, 300, "worker");
+        t.update(vec![live.clone()], 0);
+        // prctl(PR_SET_NAME): new name, same binary and command line.
+        let mut renamed = live.clone();
+        renamed.name = "worker/3".into();
+        assert!(t.update(vec![renamed.clone()], 1).is_empty());
+        // Exited, not reaped: the platform can no longer read its details.
+        let mut zombie = with_details(renamed.clone(), |d| {
+            d.exe = Err(Unavailable::NotApplicable);
+            d.exe_file = Err(Unavailable::NotApplicable);
+            d.argv = Err(Unavailable::NotApplicable);
+        });
+        zombie.state = daemoneye_platform::ProcessState::Zombie;
+        assert!(t.update(vec![zombie], 2).is_empty());
+        let events = t.update(vec![], 3);
+        assert_eq!(kinds(&events), vec![(EventKind::Stopped, 30, vec![])]);
+        assert!(events[0].process.details.exe.is_ok(), "the stop carries the last live details");
+    }
+
+    #[test]
+    fn a_cut_list_reports_no_stops() {
+        let mut t = tracker(no_disk());
+        t.update(vec![record(1, 1, "a"), record(2, 2, "b")], 0);
+        assert!(t.update_with(vec![record(1, 1, "a")], 1, false).is_empty());
+        assert_eq!(kinds(&t.update(vec![record(1, 1, "a")], 2)), vec![(EventKind::Stopped, 2, vec![])]);
     }
 
     #[test]

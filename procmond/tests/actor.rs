@@ -29,7 +29,10 @@ struct VecSink {
 }
 
 impl EventSink for VecSink {
-    fn submit(&mut self, events: Vec<ProcessEvent>) -> Result<Vec<EventEnvelope>, String> {
+    fn submit(
+        &mut self,
+        events: Vec<ProcessEvent>,
+    ) -> Result<Vec<EventEnvelope>, procmond::actor::SinkError> {
         let mut all = self.events.lock();
         let first = all.len() as u64 + 1;
         let envs: Vec<EventEnvelope> = events
@@ -362,4 +365,68 @@ fn hashing_reads_each_binary_once_and_nothing_in_steady_state() {
     }
     tx.graceful_shutdown(T).unwrap();
     actor.join();
+}
+
+/// A sink that fails for good (a poisoned WAL) stops the actor, so the
+/// daemon exits and a restart recovers; a passing failure is retried.
+#[test]
+fn a_fatal_sink_error_stops_the_actor_and_a_passing_one_is_retried() {
+    struct Flaky {
+        fatal: bool,
+        calls: Arc<Mutex<Vec<usize>>>,
+    }
+    impl EventSink for Flaky {
+        fn submit(
+            &mut self,
+            events: Vec<ProcessEvent>,
+        ) -> Result<Vec<EventEnvelope>, procmond::actor::SinkError> {
+            let mut calls = self.calls.lock();
+            calls.push(events.len());
+            if self.fatal || calls.len() == 1 {
+                return Err(procmond::actor::SinkError { message: "disk says no".into(), fatal: self.fatal });
+            }
+            Ok(Vec::new())
+        }
+        fn status(&self) -> SinkStatus {
+            SinkStatus {
+                connection: ConnectionStatus::Standalone,
+                buffer_level_percent: 0.0,
+                unacknowledged: 0,
+                published: 0,
+            }
+        }
+        fn set_max_in_flight(&mut self, _: usize) {}
+        fn flush(&mut self, _: Duration) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    for fatal in [false, true] {
+        let source = FakeSource::new();
+        source.set(vec![record(1, 1, "a"), record(2, 2, "b")]);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let inbox = ActorHandle::channel();
+        let tx = inbox.0.clone();
+        let sink = Flaky { fatal, calls: calls.clone() };
+        let actor = ActorHandle::spawn(
+            config(Duration::from_millis(20)),
+            Box::new(source.clone()),
+            Box::new(sink),
+            inbox,
+            opts(),
+        )
+        .unwrap();
+        tx.begin_monitoring().unwrap();
+        if fatal {
+            assert!(wait_until(T, || actor.is_finished()), "the actor stopped");
+            assert_eq!(tx.health(T).unwrap_err(), ActorError::ShuttingDown);
+            assert_eq!(*calls.lock(), vec![2]);
+        } else {
+            // The snapshot's 2 events come back with the next cycle's (none).
+            assert!(wait_until(T, || calls.lock().len() >= 2));
+            assert_eq!(calls.lock()[..2], [2, 2]);
+            assert_eq!(tx.health(T).unwrap().errors, 1);
+            tx.graceful_shutdown(T).unwrap();
+        }
+        actor.join();
+    }
 }

@@ -109,3 +109,88 @@ fn without_a_broker_events_wait_in_the_wal_and_health_says_disconnected() {
     assert_eq!(connector.stream_id(), stream);
     assert_eq!(connector.status().unacknowledged, 10);
 }
+
+/// A record that no longer decodes (a bit flip the CRC caught would be
+/// a gap of its own; an incompatible layout after an upgrade is this)
+/// becomes a gap marker: the store settles it, acknowledges past it, and
+/// the WAL is truncated instead of re-sending forever.
+#[test]
+fn an_undecodable_wal_record_becomes_a_gap_and_delivery_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    {
+        // A WAL left by an earlier run: event 1, garbage 2, event 3.
+        let (wal, _) = daemoneye_wal::Wal::open(&wal_dir, daemoneye_wal::WalOptions::default()).unwrap();
+        std::fs::write(wal_dir.join("STREAM"), "77\n").unwrap();
+        let env = |seq| procmond::event::EventEnvelope {
+            collector_id: "pm".into(),
+            stream_id: 77,
+            seq,
+            event: event(seq as u32),
+        };
+        wal.append_batch(&[env(1).encode(), vec![0xff; 7], env(3).encode()]).unwrap();
+        wal.close().unwrap();
+    }
+    let _broker = broker(dir.path());
+    let agent = FakeAgent::start(&socket_path(dir.path()), &dir.path().join("agent.db"));
+    let client = Arc::new(
+        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm"))
+            .unwrap(),
+    );
+    let (actor_tx, _actor_rx) = ActorHandle::channel();
+    let cfg = ConnectorConfig {
+        collector_id: "pm".into(),
+        buffer_bytes: 1 << 20,
+        max_in_flight: 100,
+        ack_timeout: Duration::from_secs(600),
+    };
+    let connector = Connector::start(cfg, &wal_dir, client, actor_tx).unwrap();
+    assert_eq!(connector.stream_id(), 77);
+    assert!(
+        wait_until(Duration::from_secs(10), || connector.status().unacknowledged == 0),
+        "{:?}",
+        connector.status()
+    );
+    assert_eq!(agent.stored.load(Ordering::SeqCst), 2);
+    let gaps = agent.seen.lock().gaps.clone();
+    assert_eq!(gaps.len(), 1);
+    assert_eq!((gaps[0].from, gaps[0].to, gaps[0].stream_id), (2, 2, 77));
+    assert!(gaps[0].reason.contains("does not decode"), "{:?}", gaps[0]);
+    assert_eq!(agent.store.lock().watermark("pm", 77).unwrap(), Some(3));
+    connector.shutdown().unwrap();
+    assert_eq!(daemoneye_wal::inspect(&wal_dir).unwrap().watermark, 3);
+}
+
+/// An acknowledgement above anything ever sent is refused: honouring it
+/// would delete records that never reached the store.
+#[test]
+fn an_ack_above_what_was_sent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = Arc::new(
+        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm"))
+            .unwrap(),
+    );
+    let (actor_tx, _actor_rx) = ActorHandle::channel();
+    let cfg = ConnectorConfig {
+        collector_id: "pm".into(),
+        buffer_bytes: 1 << 20,
+        max_in_flight: 100,
+        ack_timeout: Duration::from_secs(600),
+    };
+    let mut connector =
+        Connector::start(cfg.clone(), &dir.path().join("wal"), client.clone(), actor_tx.clone()).unwrap();
+    connector.submit((0..10).map(event).collect()).unwrap();
+    // Nothing was published (no broker): an ack through 1,000,000 — or
+    // through 5 — is a lie.
+    (connector.ack_hook())(1_000_000);
+    (connector.ack_hook())(5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(connector.status().unacknowledged, 10);
+    connector.shutdown().unwrap();
+    assert_eq!(daemoneye_wal::inspect(&dir.path().join("wal")).unwrap().watermark, 0);
+    // After a restart the records count as sent by the earlier run, so the
+    // store may acknowledge them (it may have them from before the crash).
+    let connector = Connector::start(cfg, &dir.path().join("wal"), client, actor_tx).unwrap();
+    (connector.ack_hook())(5);
+    assert!(wait_until(Duration::from_secs(5), || connector.status().unacknowledged == 5));
+}

@@ -93,10 +93,12 @@ fn actor_mode_registers_waits_collects_heartbeats_answers_rpc_and_shuts_down() {
     }
     let last = &beats[3].1;
     assert!(last.metrics.processes_collected > 0 && last.metrics.events_published > 0, "{last:?}");
-    let span = beats[3].0 - beats[1].0;
+    // Configured every 300 ms: the mean spacing of 3 intervals stays near
+    // it (loose bounds: a loaded CI machine delays threads).
+    let mean = (beats[3].0 - beats[0].0) / 3;
     assert!(
-        span >= Duration::from_millis(400) && span <= Duration::from_millis(1500),
-        "2 intervals took {span:?}"
+        mean >= Duration::from_millis(150) && mean <= Duration::from_millis(1000),
+        "mean interval {mean:?}"
     );
 
     // RPC: config refusals with reasons, a valid update, malformed input.

@@ -19,8 +19,8 @@ use procmond::control::{
     self, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse, RegistrationStatus,
     RpcRequest, RpcResponse, StoreAck,
 };
-use procmond::event::{EVENTS_PATTERN, EventEnvelope};
-use procmond::store::EventStore;
+use procmond::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
+use procmond::store::{EventStore, StreamWatermark};
 
 /// Starts a broker on `<dir>/bus/broker.sock`.
 pub fn broker(dir: &Path) -> Broker {
@@ -50,6 +50,7 @@ pub struct Seen {
     pub registrations: Vec<RegistrationMessage>,
     pub events_received: u64,
     pub duplicates: u64,
+    pub gaps: Vec<StreamGap>,
 }
 
 /// A fake agent: one client, one thread.
@@ -109,24 +110,22 @@ impl FakeAgent {
                     if stalled.load(Ordering::SeqCst) {
                         continue;
                     }
-                    // Commit what arrived in one batch, then acknowledge.
-                    let batch: Vec<EventEnvelope> = events
-                        .messages()
-                        .try_iter()
-                        .take(2000)
-                        .map(|m| EventEnvelope::decode(&m.payload).expect("events decode"))
-                        .collect();
-                    if batch.is_empty() {
-                        continue;
+                    // Commit what arrived in one batch, then acknowledge;
+                    // gap markers are settled in order between batches.
+                    let mut batch: Vec<EventEnvelope> = Vec::new();
+                    let mut watermarks = Vec::new();
+                    for m in events.messages().try_iter().take(2000) {
+                        if m.topic == GAP_TOPIC {
+                            watermarks.extend(commit(&store, &seen, &stored, &mut batch));
+                            let gap = StreamGap::decode(&m.payload).expect("gap decodes");
+                            seen.lock().gaps.push(gap.clone());
+                            watermarks.push(store.lock().insert_gap(&gap).expect("gap commits"));
+                        } else {
+                            batch.push(EventEnvelope::decode(&m.payload).expect("events decode"));
+                        }
                     }
-                    let outcome = store.lock().insert_batch(&batch).expect("store commits");
-                    {
-                        let mut s = seen.lock();
-                        s.events_received += batch.len() as u64;
-                        s.duplicates += outcome.duplicates as u64;
-                    }
-                    stored.fetch_add(outcome.inserted as u64, Ordering::SeqCst);
-                    for w in outcome.watermarks {
+                    watermarks.extend(commit(&store, &seen, &stored, &mut batch));
+                    for w in watermarks {
                         let ack = StoreAck { stream_id: w.stream_id, through: w.through };
                         let _ = client.publish(&control::ack_topic(&w.collector_id), &control::encode(&ack));
                     }
@@ -189,6 +188,27 @@ impl FakeAgent {
             .filter(|r| matches!(r, RegistrationMessage::Deregister { .. }))
             .count()
     }
+}
+
+/// Commits a batch of events (if any) and returns the stream watermarks.
+fn commit(
+    store: &Mutex<EventStore>,
+    seen: &Mutex<Seen>,
+    stored: &AtomicU64,
+    batch: &mut Vec<EventEnvelope>,
+) -> Vec<StreamWatermark> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let outcome = store.lock().insert_batch(batch).expect("store commits");
+    {
+        let mut s = seen.lock();
+        s.events_received += batch.len() as u64;
+        s.duplicates += outcome.duplicates as u64;
+    }
+    stored.fetch_add(outcome.inserted as u64, Ordering::SeqCst);
+    batch.clear();
+    outcome.watermarks
 }
 
 fn answer_registration(client: &Client, m: &Message, seen: &Mutex<Seen>, begin: bool) {
