@@ -8,122 +8,21 @@
 //! Run: `cargo bench -p daemoneye-benches --bench platform`.
 #![forbid(unsafe_code)]
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use daemoneye_benches::{count_procs, measure, ms, no_room_for, rss_kib, spawn_sleepers, stat_only_walk};
 use daemoneye_platform::{ProcessSource, SysinfoSource};
 
-/// Kills and reaps every child on drop, by its own pid.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-        }
-        for c in &mut self.0 {
-            let _ = c.wait();
-        }
-    }
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn process_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max processes"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-fn pid_max() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?.trim().parse().ok()
-}
-
-fn count_procs() -> u64 {
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-                .count()
-        })
-        .unwrap_or(0) as u64
-}
-
-/// The limit: list `/proc` and read every `stat`, nothing else.
-fn stat_only_walk(buf: &mut Vec<u8>) -> usize {
-    let mut n = 0;
-    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
-    let mut path = String::with_capacity(32);
-    for e in rd.filter_map(Result::ok) {
-        let name = e.file_name();
-        let Some(name) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else { continue };
-        path.clear();
-        path.push_str("/proc/");
-        path.push_str(name);
-        path.push_str("/stat");
-        buf.clear();
-        if std::fs::File::open(&path).and_then(|mut f| f.read_to_end(buf)).is_ok() {
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Median and min of `runs` timings of `f`.
-fn measure(runs: usize, mut f: impl FnMut() -> usize) -> (Duration, Duration, usize) {
-    let mut t = Vec::with_capacity(runs);
-    let mut seen = 0;
-    for _ in 0..runs {
-        let s = Instant::now();
-        seen = f();
-        t.push(s.elapsed());
-    }
-    t.sort();
-    (t[t.len() / 2], t[0], seen)
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
-}
-
 fn bench_n(n: usize) {
-    let before = count_procs();
-    if let Some(limit) = process_limit()
-        && before + n as u64 + 100 > limit
-    {
-        println!("N={n}: skipped, `ulimit -u` is {limit} and {before} processes exist");
-        return;
-    }
-    if let Some(pm) = pid_max()
-        && before + n as u64 + 100 > pm
-    {
-        println!("N={n}: skipped, pid_max is {pm}");
+    if let Some(why) = no_room_for(n) {
+        println!("N={n}: skipped, {why}");
         return;
     }
     let spawned = Instant::now();
-    let mut kids = Children(Vec::with_capacity(n));
-    for i in 0..n {
-        match Command::new("sleep")
-            .arg("3600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(c) => kids.0.push(c),
-            Err(e) => {
-                println!("N={n}: could spawn only {i} children ({e}); measuring with those");
-                break;
-            }
-        }
+    let (kids, failed) = spawn_sleepers(n);
+    if let Some(why) = failed {
+        println!("N={n}: {why}; measuring with those");
     }
     let total = count_procs();
     println!(

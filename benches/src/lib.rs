@@ -1,6 +1,143 @@
 //! Benchmarks of DaemonEye's components live in `benches/` of this crate
 //! (run them with `cargo bench -p daemoneye-benches`); the numbers and the
 //! commands that produced them are recorded in `BENCHMARKS.md` at the
-//! repository root. This library is empty: it exists so the benchmark
-//! targets have a package.
+//! repository root. This library holds the helpers several benchmarks
+//! share: sleeping children to enumerate, `/proc` readings, a stat-only
+//! `/proc` walk (the limit for a collection cycle), and timing.
 #![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Child processes, each killed and reaped on drop by its own pid.
+#[derive(Default)]
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Why `n` more processes cannot be spawned here (`ulimit -u`, `pid_max`),
+/// or `None` when there is room (with a margin of 100).
+pub fn no_room_for(n: usize) -> Option<String> {
+    let before = count_procs();
+    if let Some(limit) = process_limit()
+        && before + n as u64 + 100 > limit
+    {
+        return Some(format!("`ulimit -u` is {limit} and {before} processes exist"));
+    }
+    if let Some(pm) = pid_max()
+        && before + n as u64 + 100 > pm
+    {
+        return Some(format!("pid_max is {pm}"));
+    }
+    None
+}
+
+/// Spawns up to `n` `sleep 3600` children. When a spawn fails the ones
+/// already running are kept and the error is returned beside them.
+pub fn spawn_sleepers(n: usize) -> (Children, Option<String>) {
+    let mut kids = Children(Vec::with_capacity(n));
+    for i in 0..n {
+        match Command::new("sleep")
+            .arg("3600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => kids.0.push(c),
+            Err(e) => return (kids, Some(format!("could spawn only {i} children ({e})"))),
+        }
+    }
+    (kids, None)
+}
+
+/// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `RssAnon`, ...)
+/// in KiB; `pid` is a number or `self`. 0 when unreadable.
+pub fn status_kib(pid: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(key)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse().ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// This process's resident set, in KiB.
+pub fn rss_kib() -> u64 {
+    status_kib("self", "VmRSS")
+}
+
+/// `ulimit -u` of this process.
+pub fn process_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max processes"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// The kernel's `pid_max`.
+pub fn pid_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?.trim().parse().ok()
+}
+
+/// Processes on the host (numeric entries of `/proc`).
+pub fn count_procs() -> u64 {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .count()
+        })
+        .unwrap_or(0) as u64
+}
+
+/// The limit: list `/proc` and read every `stat`, nothing else. Returns
+/// how many were read; `buf` is reused between calls.
+pub fn stat_only_walk(buf: &mut Vec<u8>) -> usize {
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    let mut path = String::with_capacity(32);
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name();
+        let Some(name) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        path.clear();
+        path.push_str("/proc/");
+        path.push_str(name);
+        path.push_str("/stat");
+        buf.clear();
+        if std::fs::File::open(&path).and_then(|mut f| f.read_to_end(buf)).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Median and min of `runs` timings of `f`, and what its last run
+/// returned.
+pub fn measure(runs: usize, mut f: impl FnMut() -> usize) -> (Duration, Duration, usize) {
+    let mut t = Vec::with_capacity(runs);
+    let mut seen = 0;
+    for _ in 0..runs {
+        let s = Instant::now();
+        seen = f();
+        t.push(s.elapsed());
+    }
+    t.sort();
+    (t[t.len() / 2], t[0], seen)
+}
+
+/// Milliseconds with two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
