@@ -25,6 +25,25 @@ fn event(pid: u32) -> ProcessEvent {
     }
 }
 
+/// A bus client for "pm", an actor sender nobody reads (AdjustInterval
+/// requests are refused once it is full), and a plain connector config.
+type Inbox = crossbeam_channel::Receiver<procmond::actor::ActorMessage>;
+
+fn parts(
+    dir: &std::path::Path,
+) -> (Arc<daemoneye_bus::Client>, procmond::actor::ActorSender, Inbox, ConnectorConfig) {
+    let client =
+        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir), "pm")).unwrap();
+    let (actor_tx, actor_rx) = ActorHandle::channel();
+    let cfg = ConnectorConfig {
+        collector_id: "pm".into(),
+        buffer_bytes: 1 << 20,
+        max_in_flight: 100,
+        ack_timeout: Duration::from_secs(600),
+    };
+    (Arc::new(client), actor_tx, actor_rx, cfg)
+}
+
 #[test]
 fn a_spilled_backlog_is_reread_from_the_wal_in_order_and_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,17 +99,7 @@ fn a_spilled_backlog_is_reread_from_the_wal_in_order_and_once() {
 #[test]
 fn without_a_broker_events_wait_in_the_wal_and_health_says_disconnected() {
     let dir = tempfile::tempdir().unwrap();
-    let client = Arc::new(
-        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm"))
-            .unwrap(),
-    );
-    let (actor_tx, _actor_rx) = ActorHandle::channel();
-    let cfg = ConnectorConfig {
-        collector_id: "pm".into(),
-        buffer_bytes: 1 << 20,
-        max_in_flight: 100,
-        ack_timeout: Duration::from_secs(600),
-    };
+    let (client, actor_tx, _inbox, cfg) = parts(dir.path());
     let mut connector =
         Connector::start(cfg.clone(), &dir.path().join("wal"), client.clone(), actor_tx.clone()).unwrap();
     connector.submit((0..10).map(event).collect()).unwrap();
@@ -133,17 +142,7 @@ fn an_undecodable_wal_record_becomes_a_gap_and_delivery_goes_on() {
     }
     let _broker = broker(dir.path());
     let agent = FakeAgent::start(&socket_path(dir.path()), &dir.path().join("agent.db"));
-    let client = Arc::new(
-        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm"))
-            .unwrap(),
-    );
-    let (actor_tx, _actor_rx) = ActorHandle::channel();
-    let cfg = ConnectorConfig {
-        collector_id: "pm".into(),
-        buffer_bytes: 1 << 20,
-        max_in_flight: 100,
-        ack_timeout: Duration::from_secs(600),
-    };
+    let (client, actor_tx, _inbox, cfg) = parts(dir.path());
     let connector = Connector::start(cfg, &wal_dir, client, actor_tx).unwrap();
     assert_eq!(connector.stream_id(), 77);
     assert!(
@@ -166,17 +165,7 @@ fn an_undecodable_wal_record_becomes_a_gap_and_delivery_goes_on() {
 #[test]
 fn an_ack_above_what_was_sent_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let client = Arc::new(
-        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "pm"))
-            .unwrap(),
-    );
-    let (actor_tx, _actor_rx) = ActorHandle::channel();
-    let cfg = ConnectorConfig {
-        collector_id: "pm".into(),
-        buffer_bytes: 1 << 20,
-        max_in_flight: 100,
-        ack_timeout: Duration::from_secs(600),
-    };
+    let (client, actor_tx, _inbox, cfg) = parts(dir.path());
     let mut connector =
         Connector::start(cfg.clone(), &dir.path().join("wal"), client.clone(), actor_tx.clone()).unwrap();
     connector.submit((0..10).map(event).collect()).unwrap();
