@@ -395,7 +395,7 @@ struct Flusher {
 
 impl Flusher {
     fn run(mut self, cmds: Receiver<Cmd>, notify: Receiver<()>, acks: Subscription) {
-        let ticker = tick(Duration::from_millis(100));
+        let ticker = tick(Duration::from_millis(250));
         let mut ack_rx = acks.messages().clone();
         let mut flush: Option<(Instant, Sender<Result<(), String>>)> = None;
         while !self.shared.stop.load(Ordering::Acquire) {

@@ -109,7 +109,7 @@ impl Registration {
                 };
                 let heartbeat = tick(m.cfg.heartbeat_interval);
                 let mut lifecycle_rx = lifecycle.messages().clone();
-                let poll = tick(Duration::from_millis(50));
+                let poll = tick(Duration::from_millis(250));
                 loop {
                     select! {
                         recv(cmd_rx) -> cmd => match cmd {

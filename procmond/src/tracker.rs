@@ -98,12 +98,12 @@ impl Tracker {
         let mut seen: HashSet<ProcessKey> = HashSet::with_capacity(records.len());
         // Each distinct executable path is checked once per cycle.
         let mut on_disk: HashMap<PathBuf, OnDisk> = HashMap::new();
-        let event = |kind, snapshot, changes, process| ProcessEvent {
+        let event = |tracker: &Tracker, kind, snapshot, changes, process| ProcessEvent {
             kind,
             snapshot,
             changes,
             observed_unix_ms: now_unix_ms,
-            process,
+            process: tracker.for_event(process),
             sha256: None,
         };
 
@@ -122,7 +122,7 @@ impl Tracker {
                     let record = self.strip(raw.clone(), details);
                     let report = old_enough && (!first || self.cfg.snapshot_on_start);
                     if report {
-                        started.push(event(EventKind::Started, first, Vec::new(), record.clone()));
+                        started.push(event(self, EventKind::Started, first, Vec::new(), record.clone()));
                     }
                     // Not yet old enough: reported later, if it lives.
                     let reported = report || (first && old_enough);
@@ -144,7 +144,7 @@ impl Tracker {
                     let record = self.strip(raw.clone(), details);
                     if !t.reported {
                         if old_enough {
-                            started.push(event(EventKind::Started, false, Vec::new(), record.clone()));
+                            started.push(event(self, EventKind::Started, false, Vec::new(), record.clone()));
                             t.reported = true;
                         }
                     } else {
@@ -162,7 +162,7 @@ impl Tracker {
                         if !changes.is_empty() {
                             changes.sort();
                             changes.dedup();
-                            modified.push(event(EventKind::Modified, false, changes, record.clone()));
+                            modified.push(event(self, EventKind::Modified, false, changes, record.clone()));
                         }
                     }
                     t.record = record;
@@ -181,7 +181,7 @@ impl Tracker {
             if let Some(t) = self.live.remove(&key)
                 && t.reported
             {
-                stopped.push(event(EventKind::Stopped, false, Vec::new(), t.record));
+                stopped.push(event(self, EventKind::Stopped, false, Vec::new(), t.record));
             }
         }
         for list in [&mut stopped, &mut started, &mut modified] {
@@ -233,16 +233,32 @@ impl Tracker {
 
     /// Sanitized copy of a process's details (and without cwd unless
     /// enhanced metadata is on).
+    /// Shares the platform's `Arc` when sanitizing changed nothing (most
+    /// processes): the tracker then costs no second copy of the details.
     fn clean(&mut self, raw: &Arc<ProcessDetails>) -> Arc<ProcessDetails> {
         self.sanitized += 1;
+        let Ok(argv) = &raw.argv else { return raw.clone() };
+        let clean = self.sanitizer.sanitize(&argv.args).args;
+        if clean == argv.args {
+            return raw.clone();
+        }
         let mut d = ProcessDetails::clone(raw);
         if let Ok(argv) = &mut d.argv {
-            argv.args = self.sanitizer.sanitize(&argv.args).args;
-        }
-        if !self.enhanced {
-            d.cwd = Err(Unavailable::NotCollected);
+            argv.args = clean;
         }
         Arc::new(d)
+    }
+
+    /// The event's copy of a record: without cwd unless enhanced metadata
+    /// is on (stripped here, per event, so tracked records can share the
+    /// platform's details).
+    fn for_event(&self, mut record: ProcessRecord) -> ProcessRecord {
+        if !self.enhanced && record.details.cwd.is_ok() {
+            let mut d = ProcessDetails::clone(&record.details);
+            d.cwd = Err(Unavailable::NotCollected);
+            record.details = Arc::new(d);
+        }
+        record
     }
 
     /// The record with sanitized details and without the fields enhanced
