@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
+use crossbeam_channel::{Receiver, Sender, after, bounded, never, select};
 use daemoneye_bus::{Client, ClientError, ConnectionState, Subscription};
 use daemoneye_wal::{Durability, Wal, WalOptions};
 use parking_lot::Mutex;
@@ -395,7 +395,6 @@ struct Flusher {
 
 impl Flusher {
     fn run(mut self, cmds: Receiver<Cmd>, notify: Receiver<()>, acks: Subscription) {
-        let ticker = tick(Duration::from_millis(250));
         let mut ack_rx = acks.messages().clone();
         let mut flush: Option<(Instant, Sender<Result<(), String>>)> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
@@ -414,7 +413,9 @@ impl Flusher {
                     // The client is closed or refused: stop selecting on it.
                     Err(_) => ack_rx = never(),
                 },
-                recv(ticker) -> _ => {}
+                // Each wake-up costs tens of microseconds: look again soon
+                // only while something waits to go out.
+                recv(after(self.poll_interval(flush.is_some()))) -> _ => {}
             }
             self.check_connection();
             self.pump();
@@ -500,6 +501,14 @@ impl Flusher {
         } else if self.next == acked + 1 {
             self.last_progress = Instant::now();
         }
+    }
+
+    /// How long the thread sleeps when nothing wakes it: 100 ms while
+    /// events wait to be published (a publish that timed out is retried),
+    /// 1 s otherwise (reconnections are noticed within it).
+    fn poll_interval(&self, flushing: bool) -> Duration {
+        let backlog = self.next < self.shared.wal.next_seq() || !self.reread.is_empty();
+        if backlog || flushing { Duration::from_millis(100) } else { Duration::from_secs(1) }
     }
 
     fn rewind(&mut self, to: u64) {

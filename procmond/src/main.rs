@@ -438,7 +438,7 @@ fn wait_for_shutdown(
     actor: &ActorHandle,
     client: Option<&Client>,
 ) -> anyhow::Result<ShutdownRequest> {
-    let check = tick(Duration::from_millis(500));
+    let check = tick(Duration::from_secs(2));
     loop {
         select! {
             recv(requests) -> req => return req.context("shutdown channel closed"),

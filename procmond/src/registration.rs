@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, bounded, never, select, tick};
+use crossbeam_channel::{Sender, after, bounded, never, select, tick};
 use daemoneye_bus::{Client, ClientError, ConnectionState};
 
 use crate::actor::{ActorSender, RegistrationCell, unix_ms};
@@ -109,7 +109,7 @@ impl Registration {
                 };
                 let heartbeat = tick(m.cfg.heartbeat_interval);
                 let mut lifecycle_rx = lifecycle.messages().clone();
-                let poll = tick(Duration::from_millis(250));
+                m.check();
                 loop {
                     select! {
                         recv(cmd_rx) -> cmd => match cmd {
@@ -134,7 +134,9 @@ impl Registration {
                             Err(_) => lifecycle_rx = never(),
                         },
                         recv(heartbeat) -> _ => m.heartbeat(),
-                        recv(poll) -> _ => m.check(),
+                        // Quick while (re)registering, slow once registered:
+                        // each wake-up costs tens of microseconds.
+                        recv(after(m.poll_interval())) -> _ => m.check(),
                     }
                 }
                 drop(lifecycle);
@@ -215,6 +217,13 @@ impl Manager {
         };
         if due && Instant::now() >= self.retry_at {
             self.register(conn);
+        }
+    }
+
+    fn poll_interval(&self) -> Duration {
+        match self.cell.get() {
+            RegistrationState::Registered => Duration::from_secs(1),
+            _ => Duration::from_millis(250),
         }
     }
 
