@@ -224,7 +224,7 @@ fn printer(format: Format) -> EventObserver {
     })
 }
 
-/// SIGTERM/SIGINT/SIGHUP handling without `unsafe`: the signals are blocked
+/// SIGTERM/SIGINT handling with safe calls only: the signals are blocked
 /// in every thread (the mask is inherited, so this runs before any thread
 /// starts) and one thread takes them with `sigwait`. The first asks for a
 /// graceful shutdown; the second exits at once. `SIGUSR1` from this
