@@ -320,6 +320,9 @@ struct Actor {
     own_pid: u32,
 }
 
+/// Events per sink submission (one WAL append each).
+const SUBMIT_CHUNK: usize = 1024;
+
 /// Events kept for a retry when the sink fails, at most.
 const MAX_UNSENT: usize = 100_000;
 
@@ -566,30 +569,45 @@ impl Actor {
         );
     }
 
-    fn submit(&mut self, events: Vec<ProcessEvent>) {
-        let kept = events.clone();
-        match self.sink.submit(events) {
-            Ok(envelopes) => {
-                if let Some(observe) = &mut self.opts.observer {
-                    envelopes.iter().for_each(observe);
+    /// Hands a cycle's events to the sink in chunks of [`SUBMIT_CHUNK`]
+    /// (one WAL append and fsync each), so a 10,000-process snapshot never
+    /// has all its encoded copies in memory at once. What a chunk failure
+    /// leaves is kept, in order, for the next cycle.
+    fn submit(&mut self, mut events: Vec<ProcessEvent>) {
+        while !events.is_empty() {
+            let rest = events.split_off(events.len().min(SUBMIT_CHUNK));
+            let chunk = std::mem::replace(&mut events, rest);
+            let kept = chunk.clone();
+            match self.sink.submit(chunk) {
+                Ok(envelopes) => {
+                    if let Some(observe) = &mut self.opts.observer {
+                        envelopes.iter().for_each(&mut *observe);
+                    }
                 }
-            }
-            Err(e) if e.fatal => {
-                self.n.errors += 1;
-                log::error!(
-                    "{} events could not be made durable ({e}); stopping so a restart can recover",
-                    kept.len()
-                );
-                self.state = CollectorState::Stopped;
-            }
-            Err(e) => {
-                self.n.errors += 1;
-                log::error!("{} events could not be made durable ({e}); retrying next cycle", kept.len());
-                self.unsent = kept;
-                if self.unsent.len() > MAX_UNSENT {
-                    let lost = self.unsent.len() - MAX_UNSENT;
-                    log::error!("dropping the {lost} oldest undeliverable events (over {MAX_UNSENT})");
-                    self.unsent.drain(..lost);
+                Err(e) if e.fatal => {
+                    self.n.errors += 1;
+                    log::error!(
+                        "{} events could not be made durable ({e}); stopping so a restart can recover",
+                        kept.len() + events.len()
+                    );
+                    self.state = CollectorState::Stopped;
+                    return;
+                }
+                Err(e) => {
+                    self.n.errors += 1;
+                    log::error!(
+                        "{} events could not be made durable ({e}); retrying next cycle",
+                        kept.len() + events.len()
+                    );
+                    let mut unsent = kept;
+                    unsent.append(&mut events);
+                    if unsent.len() > MAX_UNSENT {
+                        let lost = unsent.len() - MAX_UNSENT;
+                        log::error!("dropping the {lost} oldest undeliverable events (over {MAX_UNSENT})");
+                        unsent.drain(..lost);
+                    }
+                    self.unsent = unsent;
+                    return;
                 }
             }
         }
