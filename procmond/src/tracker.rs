@@ -293,7 +293,12 @@ fn exe_on_disk_change(record: &ProcessRecord, cache: &mut HashMap<PathBuf, OnDis
     if d.exe_deleted == Ok(true) {
         return None;
     }
-    match *cache.entry(path.clone()).or_insert_with(|| stat_identity(path)) {
+    // Looked up by reference first: a steady cycle allocates no path.
+    let on_disk = match cache.get(path.as_path()) {
+        Some(state) => *state,
+        None => *cache.entry(path.clone()).or_insert_with(|| stat_identity(path)),
+    };
+    match on_disk {
         OnDisk::Missing => Some(Change::ExeDeleted),
         OnDisk::Present(now) if now.dev != running.dev || now.inode != running.inode => {
             Some(Change::ExeReplaced)
