@@ -173,7 +173,9 @@ fn an_ack_above_what_was_sent_is_refused() {
     // through 5 — is a lie.
     (connector.ack_hook())(1_000_000);
     (connector.ack_hook())(5);
-    std::thread::sleep(Duration::from_millis(300));
+    // The flush command queues behind both acks on the flush thread's
+    // channel: once it is answered, the acks have been handled.
+    connector.flush(Duration::from_secs(5)).unwrap();
     assert_eq!(connector.status().unacknowledged, 10);
     connector.shutdown().unwrap();
     assert_eq!(daemoneye_wal::inspect(&dir.path().join("wal")).unwrap().watermark, 0);
