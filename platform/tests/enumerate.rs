@@ -182,7 +182,11 @@ fn exec_that_keeps_the_name_is_still_seen() {
 fn a_deleted_executable_is_marked_and_its_path_kept() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let copy = tmp.path().join("sleepy");
-    std::fs::copy(which("sleep"), &copy).expect("copy sleep");
+    // `cp` writes the copy in its own process: a write descriptor held by
+    // this multi-threaded test process could leak into another test's
+    // fork and make the exec fail with ETXTBSY.
+    let copied = Command::new("cp").arg(which("sleep")).arg(&copy).status().expect("run cp");
+    assert!(copied.success(), "cp sleep: {copied}");
     let mut child = Guard(Command::new(&copy).arg("300").spawn().expect("spawn copy"));
     let pid = child.0.id();
     let mut src = daemoneye_platform::ProcFs::new().expect("procfs");

@@ -603,21 +603,15 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let copy = dir.path().join("sleepy");
-        std::fs::copy(sleep, &copy).expect("copy");
+        // `cp` writes the copy in its own process: a write descriptor held
+        // by this multi-threaded test process could leak into another
+        // test's fork and make the exec fail with ETXTBSY.
+        let copied = std::process::Command::new("cp").arg(sleep).arg(&copy).status().expect("run cp");
+        assert!(copied.success(), "cp: {copied}");
         let data = std::fs::read(&copy).expect("read");
         let mut expected = [0u8; 32];
         expected.copy_from_slice(&Sha256::digest(&data));
-        // Another test's fork may briefly hold the copy's write descriptor
-        // (ETXTBSY): retry.
-        let mut child = (0..50)
-            .find_map(|_| match std::process::Command::new(&copy).arg("30").spawn() {
-                Ok(c) => Some(c),
-                Err(_) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    None
-                }
-            })
-            .expect("spawn");
+        let mut child = std::process::Command::new(&copy).arg("30").spawn().expect("spawn");
         std::fs::remove_file(&copy).expect("remove");
         let pid = child.id();
         // The identity as the backend records it, through the link.
