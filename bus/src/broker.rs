@@ -136,6 +136,10 @@ impl BrokerConfig {
 /// [`BrokerStats`].
 pub const STATS_TOPIC: &str = "bus.stats";
 
+/// The sender named in the broker's own answers (stats). No client can
+/// take this id: it is refused in `Hello`.
+pub const BROKER_SENDER: &str = "bus";
+
 /// The outbound queue of one connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueDepth {
@@ -360,7 +364,8 @@ enum ConnState {
     AwaitingHello,
     /// `acl`: the client's resolved permissions; `None` is unrestricted.
     Ready {
-        client_id: String,
+        /// Shared with the deliveries that name it as their sender.
+        client_id: Arc<str>,
         acl: Option<Permissions>,
     },
 }
@@ -738,8 +743,13 @@ impl Reactor {
                 if topic::validate_topic(client_id).is_err() || client_id.contains('.') {
                     return self.fatal(idx, ErrorCode::BadTopic, "client id must be one topic segment");
                 }
+                if client_id == BROKER_SENDER {
+                    self.counters.refused += 1;
+                    return self.fatal(idx, ErrorCode::Forbidden, "client id \"bus\" is the broker's own");
+                }
                 let taken = self.conns.iter().any(|(i, c)| {
-                    i != idx && matches!(&c.state, ConnState::Ready { client_id: id, .. } if id == client_id)
+                    i != idx
+                        && matches!(&c.state, ConnState::Ready { client_id: id, .. } if &**id == client_id)
                 });
                 if taken {
                     // Another live connection has this id: its inbox and
@@ -760,7 +770,7 @@ impl Reactor {
                         .map(|p| &p.permissions)
                         .or(self.cfg.default_permissions.as_ref())
                         .map(|p| p.resolve(client_id));
-                    c.state = ConnState::Ready { client_id: client_id.to_owned(), acl };
+                    c.state = ConnState::Ready { client_id: Arc::from(client_id), acl };
                 }
                 let max_frame = self.cfg.max_frame;
                 self.reply(idx, &Frame::Welcome { protocol_version: PROTOCOL_VERSION, max_frame });
@@ -885,7 +895,7 @@ impl Reactor {
         let mut segs = pattern.split('.');
         match segs.next() {
             Some("#") | Some("+") => false,
-            Some("direct") => segs.next() == Some(client_id.as_str()),
+            Some("direct") => segs.next() == Some(&**client_id),
             _ => {
                 acl.as_ref().is_none_or(|a| a.subscribe.iter().any(|allowed| topic::covers(allowed, pattern)))
             }
@@ -925,13 +935,19 @@ impl Reactor {
             return false;
         }
         self.counters.published += 1;
-        self.route(idx, topic_name, payload, reply_to);
+        let sender = match self.conns.get(idx).map(|c| &c.state) {
+            Some(ConnState::Ready { client_id, .. }) => Arc::clone(client_id),
+            _ => Arc::from(""),
+        };
+        self.route(idx, &sender, topic_name, payload, reply_to);
         true
     }
 
     /// Delivers a message to every matching subscription and one member of
     /// every matching queue group.
-    fn route(&mut self, idx: usize, topic_name: &str, payload: &[u8], reply_to: Option<&str>) {
+    /// `idx` is the publishing connection (for flow control), `sender` the
+    /// id named in the deliveries.
+    fn route(&mut self, idx: usize, sender: &str, topic_name: &str, payload: &[u8], reply_to: Option<&str>) {
         let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
         self.trie.for_each_match(topic_name, |t| targets.push(*t));
@@ -943,7 +959,7 @@ impl Reactor {
                     None => continue,
                 },
             };
-            self.deliver(idx, conn, sid, topic_name, payload, reply_to);
+            self.deliver(idx, sender, conn, sid, topic_name, payload, reply_to);
         }
         self.targets = targets;
     }
@@ -973,9 +989,11 @@ impl Reactor {
         Some(g.members[i])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         from: usize,
+        sender: &str,
         to: usize,
         sid: u64,
         topic_name: &str,
@@ -1027,7 +1045,7 @@ impl Reactor {
             }
         }
         let Some(c) = self.conns.get_mut(to) else { return };
-        if c.queue_frame(&Frame::Deliver { sid, topic: topic_name, payload, reply_to }, max) {
+        if c.queue_frame(&Frame::Deliver { sid, topic: topic_name, payload, reply_to, from: sender }, max) {
             self.counters.delivered += 1;
             self.dirty.push(to);
         } else {
@@ -1193,7 +1211,7 @@ impl Reactor {
             .iter()
             .map(|(_, c)| QueueDepth {
                 client_id: match &c.state {
-                    ConnState::Ready { client_id, .. } => client_id.clone(),
+                    ConnState::Ready { client_id, .. } => client_id.to_string(),
                     ConnState::AwaitingHello => String::new(),
                 },
                 messages: c.frame_ends.len(),
@@ -1208,7 +1226,7 @@ impl Reactor {
             return false;
         };
         let mut segs = topic_name.split('.');
-        segs.next() == Some("direct") && segs.next() == Some(client_id.as_str())
+        segs.next() == Some("direct") && segs.next() == Some(&**client_id)
     }
 
     /// Answers a stats request: the encoded counters go to `reply_to`,
@@ -1219,7 +1237,7 @@ impl Reactor {
         let stats = self.stats.lock().clone();
         match (reply_to, postcard::to_stdvec(&stats)) {
             (Some(to), Ok(bytes)) if topic::validate_topic(to).is_ok() && self.own_inbox(idx, to) => {
-                self.route(idx, to, &bytes, None)
+                self.route(idx, BROKER_SENDER, to, &bytes, None)
             }
             (None, _) => {
                 return self.reply(

@@ -102,6 +102,9 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// Where a reply goes, for requests.
     pub reply_to: Option<String>,
+    /// The publisher's client id, vouched for by the broker (see
+    /// [`Frame::Deliver`]).
+    pub from: String,
 }
 
 /// Errors of client calls.
@@ -864,7 +867,7 @@ impl ClientReactor {
                 self.shared.connects.fetch_add(1, Ordering::AcqRel);
                 self.shared.set(ConnectionState::Connected);
             }
-            Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to } => {
+            Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to, from } => {
                 let n = topic
                     .rsplit('.')
                     .next()
@@ -875,16 +878,18 @@ impl ClientReactor {
                         topic: topic.to_owned(),
                         payload: payload.to_vec(),
                         reply_to: reply_to.map(str::to_owned),
+                        from: from.to_owned(),
                     };
                     let _ = tx.send(Ok(msg));
                 }
             }
-            Frame::Deliver { sid, topic, payload, reply_to } => {
+            Frame::Deliver { sid, topic, payload, reply_to, from } => {
                 let Some(e) = self.subs.get_mut(&sid) else { return };
                 let msg = Message {
                     topic: topic.to_owned(),
                     payload: payload.to_vec(),
                     reply_to: reply_to.map(str::to_owned),
+                    from: from.to_owned(),
                 };
                 if e.overflow == Overflow::Block {
                     // Never dropped: parked behind earlier ones if the

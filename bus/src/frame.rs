@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Default maximum frame size (body bytes), a broker setting.
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Bytes of the length prefix.
@@ -137,6 +137,11 @@ pub enum Frame<'a> {
         payload: &'a [u8],
         /// Where replies go.
         reply_to: Option<&'a str>,
+        /// The publisher's client id, as the broker knows it from its
+        /// `Hello` (ids are unique among live connections), or `"bus"` for
+        /// the broker's own answers. Receivers use it to check that a
+        /// payload speaks for its sender. Added in protocol version 2.
+        from: &'a str,
     },
     /// The broker routed the publish with this id.
     PubAck {

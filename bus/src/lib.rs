@@ -18,7 +18,7 @@
 //!    (broadcast or a queue group), `Unsubscribe { sid }`, `Publish { topic,
 //!    payload, reply_to, ack_id }` (a `PubAck { ack_id }` follows once it is
 //!    routed), `Ping`/`Pong`. The broker sends `Deliver { sid, topic,
-//!    payload, reply_to }` for matching subscriptions and `Error { code,
+//!    payload, reply_to, from }` (`from`: the publisher's id) for matching subscriptions and `Error { code,
 //!    message }` for refusals.
 //! 3. Requests publish with `reply_to` set to a topic in the requester's
 //!    inbox; the responder publishes its answer there. Every client may

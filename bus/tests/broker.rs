@@ -15,7 +15,7 @@ use daemoneye_bus::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Got {
     Welcome,
-    Deliver { sid: u64, topic: String, payload: Vec<u8>, reply_to: Option<String> },
+    Deliver { sid: u64, topic: String, payload: Vec<u8>, reply_to: Option<String>, from: String },
     PubAck(u64),
     Error(ErrorCode, String),
     Pong(u64),
@@ -37,7 +37,7 @@ impl Raw {
     /// Connects and completes the handshake.
     fn hello(path: &Path, id: &str) -> Raw {
         let mut r = Raw::connect(path);
-        r.send(&Frame::Hello { protocol_version: 1, client_id: id, pid: std::process::id() });
+        r.send(&Frame::Hello { protocol_version: 2, client_id: id, pid: std::process::id() });
         assert_eq!(r.recv(Duration::from_secs(5)), Some(Got::Welcome), "{id} handshake");
         r
     }
@@ -79,11 +79,12 @@ impl Raw {
                 Ok(Some((f, n))) => {
                     let got = match f {
                         Frame::Welcome { .. } => Got::Welcome,
-                        Frame::Deliver { sid, topic, payload, reply_to } => Got::Deliver {
+                        Frame::Deliver { sid, topic, payload, reply_to, from } => Got::Deliver {
                             sid,
                             topic: topic.to_owned(),
                             payload: payload.to_vec(),
                             reply_to: reply_to.map(str::to_owned),
+                            from: from.to_owned(),
                         },
                         Frame::PubAck { ack_id } => Got::PubAck(ack_id),
                         Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
@@ -221,13 +222,20 @@ fn broadcast_queue_groups_direct_inbox_and_request_reply() {
         ack_id: None,
     });
     let req = subs[0].recv(Duration::from_secs(5)).expect("request");
-    let Got::Deliver { reply_to: Some(inbox), payload, .. } = req else { panic!("{req:?}") };
+    let Got::Deliver { reply_to: Some(inbox), payload, from, .. } = req else { panic!("{req:?}") };
     assert_eq!((inbox.as_str(), payload.as_slice()), ("direct.agent", &b"ping"[..]));
+    assert_eq!(from, "agent", "a delivery names its publisher as the broker knows it");
     subs[0].publish(&inbox, b"pong");
     let reply = publisher.recv(Duration::from_secs(5)).expect("reply");
     assert_eq!(
         reply,
-        Got::Deliver { sid: 9, topic: "direct.agent".into(), payload: b"pong".to_vec(), reply_to: None }
+        Got::Deliver {
+            sid: 9,
+            topic: "direct.agent".into(),
+            payload: b"pong".to_vec(),
+            reply_to: None,
+            from: "sub-0".into()
+        }
     );
 
     // Nobody may read another client's inbox.
@@ -248,7 +256,7 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
     let mut good_pub = Raw::hello(&path, "good-pub");
 
     let mut hello = Vec::new();
-    encode(&Frame::Hello { protocol_version: 1, client_id: "evil", pid: 1 }, &mut hello, 1 << 20)
+    encode(&Frame::Hello { protocol_version: 2, client_id: "evil", pid: 1 }, &mut hello, 1 << 20)
         .expect("enc");
     let mut publish = Vec::new();
     encode(
@@ -268,9 +276,15 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
                 .expect("enc");
             v
         }),
+        ("the broker's own sender id", {
+            let mut v = Vec::new();
+            encode(&Frame::Hello { protocol_version: 2, client_id: "bus", pid: 1 }, &mut v, 1 << 20)
+                .expect("enc");
+            v
+        }),
         ("server frame from a client", {
             let mut v = hello.clone();
-            encode(&Frame::Welcome { protocol_version: 1, max_frame: 1 }, &mut v, 1 << 20).expect("enc");
+            encode(&Frame::Welcome { protocol_version: 2, max_frame: 1 }, &mut v, 1 << 20).expect("enc");
             v
         }),
     ];
@@ -301,7 +315,8 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
         delivered(&good_sub.drain(Duration::from_millis(300))).iter().map(|(_, p)| p[0]).collect();
     assert_eq!(got, (0..sent).collect::<Vec<u8>>(), "the good client saw every message, in order");
     let stats = b.stats();
-    assert!(stats.protocol_errors >= cases.len() as u64, "{stats:?}");
+    // The reserved id is a refusal; the other cases are protocol errors.
+    assert!(stats.refused >= 1 && stats.protocol_errors >= cases.len() as u64 - 1, "{stats:?}");
 }
 
 const FLOOD: u64 = 200;
@@ -465,7 +480,7 @@ fn the_connection_cap_pauses_accepting_and_resumes_below_ninety_percent() {
     // The third connects at the socket level (the kernel's backlog) but is
     // not served while the broker is at its cap.
     let mut third = Raw::connect(&path);
-    third.send(&Frame::Hello { protocol_version: 1, client_id: "three", pid: 3 });
+    third.send(&Frame::Hello { protocol_version: 2, client_id: "three", pid: 3 });
     assert_eq!(third.recv(Duration::from_millis(500)), None, "served over the cap");
     assert_eq!(b.stats().connections, 2);
     drop(first);

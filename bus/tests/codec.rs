@@ -8,8 +8,8 @@ use proptest::prelude::*;
 
 fn samples() -> Vec<Frame<'static>> {
     vec![
-        Frame::Hello { protocol_version: 1, client_id: "procmond-1", pid: 42 },
-        Frame::Welcome { protocol_version: 1, max_frame: 1 << 20 },
+        Frame::Hello { protocol_version: 2, client_id: "procmond-1", pid: 42 },
+        Frame::Welcome { protocol_version: 2, max_frame: 1 << 20 },
         Frame::Subscribe {
             sid: 7,
             pattern: "events.process.+",
@@ -24,7 +24,13 @@ fn samples() -> Vec<Frame<'static>> {
         },
         Frame::Unsubscribe { sid: 7 },
         Frame::Publish { topic: "events.process.started", payload: b"abc", reply_to: None, ack_id: Some(9) },
-        Frame::Deliver { sid: 7, topic: "a.b", payload: &[0, 255], reply_to: Some("direct.agent") },
+        Frame::Deliver {
+            sid: 7,
+            topic: "a.b",
+            payload: &[0, 255],
+            reply_to: Some("direct.agent"),
+            from: "procmond-1",
+        },
         Frame::PubAck { ack_id: 9 },
         Frame::Error { code: daemoneye_bus::ErrorCode::Forbidden, message: "no", ack_id: Some(3) },
         Frame::Ping(1),
