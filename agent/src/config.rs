@@ -56,6 +56,134 @@ pub struct CollectorSpec {
     /// The window of `max_restarts`, in seconds.
     #[serde(default = "default_restart_window")]
     pub restart_window_secs: u64,
+    /// Its data dir (WAL, lock file), passed as `--data-dir` [default:
+    /// `<data_dir>/collectors/<id>`]. The agent also passes
+    /// `--collector-id`; neither may appear in `args`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Severity of a detection rule's alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth a look.
+    Low,
+    /// Suspicious.
+    Medium,
+    /// Likely malicious.
+    High,
+    /// Act now.
+    Critical,
+}
+
+impl Severity {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// A detection rule: an SQL query over the event tables (see `rules`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique name (shown in alerts).
+    pub name: String,
+    /// How bad a match is.
+    pub severity: Severity,
+    /// What a match means, for the operator.
+    #[serde(default)]
+    pub description: String,
+    /// A read-only `SELECT` over `new_events` (this batch's rows) and the
+    /// other tables, returning the matching event's `id`.
+    pub sql: String,
+    /// Run at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// Event store settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    /// Events older than this many days are pruned (0 keeps them).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
+    /// At most this many events are kept, the oldest pruned first (0: no
+    /// limit).
+    #[serde(default = "default_max_events")]
+    pub max_events: u64,
+    /// Largest batch committed in one transaction.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// How long the writer gathers a batch, in milliseconds.
+    #[serde(default = "default_batch_wait")]
+    pub batch_wait_ms: u64,
+}
+
+impl Default for StoreSpec {
+    fn default() -> Self {
+        StoreSpec {
+            retention_days: default_retention_days(),
+            max_events: default_max_events(),
+            batch_max: default_batch_max(),
+            batch_wait_ms: default_batch_wait(),
+        }
+    }
+}
+
+fn default_retention_days() -> u64 {
+    30
+}
+fn default_max_events() -> u64 {
+    5_000_000
+}
+fn default_batch_max() -> usize {
+    1024
+}
+fn default_batch_wait() -> u64 {
+    20
+}
+
+/// Timeouts of the heartbeat escalation and of shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationSpec {
+    /// Wait for a HealthCheck reply, seconds.
+    #[serde(default = "default_health_timeout")]
+    pub health_check_timeout_secs: u64,
+    /// Wait for a GracefulShutdown reply and the exit after it, seconds.
+    #[serde(default = "default_shutdown_timeout")]
+    pub graceful_shutdown_timeout_secs: u64,
+    /// Wait for the exit after SIGKILL, seconds.
+    #[serde(default = "default_kill_timeout")]
+    pub kill_timeout_secs: u64,
+}
+
+impl Default for EscalationSpec {
+    fn default() -> Self {
+        EscalationSpec {
+            health_check_timeout_secs: default_health_timeout(),
+            graceful_shutdown_timeout_secs: default_shutdown_timeout(),
+            kill_timeout_secs: default_kill_timeout(),
+        }
+    }
+}
+
+fn default_health_timeout() -> u64 {
+    5
+}
+fn default_shutdown_timeout() -> u64 {
+    10
+}
+fn default_kill_timeout() -> u64 {
+    5
 }
 
 fn default_type() -> String {
@@ -94,6 +222,25 @@ pub struct AgentConfig {
     /// The collectors to supervise.
     #[serde(default)]
     pub collectors: Vec<CollectorSpec>,
+    /// The event store.
+    #[serde(default)]
+    pub store: StoreSpec,
+    /// Detection rules, run besides the built-in ones.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    /// Run the built-in rules (`rules::DEFAULT_RULES`).
+    #[serde(default = "yes")]
+    pub default_rules: bool,
+    /// Heartbeat escalation timeouts.
+    #[serde(default)]
+    pub escalation: EscalationSpec,
+    /// When started as root, switch to this user once every collector has
+    /// registered (the Ready state). Collectors keep their own privileges.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// Seconds SIGTERM waits for the collectors' graceful shutdown.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
 }
 
 fn default_log_level() -> String {
@@ -168,13 +315,82 @@ impl AgentConfig {
                     return Err(err(at(field), "must be at least 1".into()));
                 }
             }
+            if let Some(a) =
+                c.args.iter().find(|a| MANAGED_ARGS.iter().any(|m| a == m || a.starts_with(&format!("{m}="))))
+            {
+                return Err(err(
+                    at("args"),
+                    format!("{a} is set by the agent; use the collector's id or data_dir"),
+                ));
+            }
             if c.enabled {
                 check_executable(&c.binary).map_err(|reason| err(at("binary"), reason))?;
             }
         }
+        let store = &self.store;
+        if store.batch_max == 0 {
+            return Err(err("store.batch_max".into(), "must be at least 1".into()));
+        }
+        let esc = &self.escalation;
+        for (field, v) in [
+            ("escalation.health_check_timeout_secs", esc.health_check_timeout_secs),
+            ("escalation.graceful_shutdown_timeout_secs", esc.graceful_shutdown_timeout_secs),
+            ("escalation.kill_timeout_secs", esc.kill_timeout_secs),
+            ("shutdown_timeout_secs", self.shutdown_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(err(field.into(), "must be at least 1".into()));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.name.trim().is_empty() {
+                return Err(err(format!("rules[{i}].name"), "must not be empty".into()));
+            }
+            if !names.insert(r.name.as_str())
+                || (self.default_rules && crate::rules::DEFAULT_RULES.iter().any(|d| d.name == r.name))
+            {
+                return Err(err(format!("rules[{i}].name"), format!("duplicate rule name {:?}", r.name)));
+            }
+        }
+        if let Some(user) = &self.run_as
+            && user.trim().is_empty()
+        {
+            return Err(err("run_as".into(), "must name a user".into()));
+        }
         Ok(())
     }
+
+    /// The data dir: configured, or the platform's default.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(daemoneye_platform::paths::default_data_dir)
+    }
+
+    /// The broker socket: configured, or `<data_dir>/run/broker.sock`.
+    pub fn broker_socket(&self) -> PathBuf {
+        self.broker_socket.clone().unwrap_or_else(|| self.data_dir().join("run").join("broker.sock"))
+    }
+
+    /// The event store: `<data_dir>/events.db`.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir().join("events.db")
+    }
+
+    /// A collector's data dir.
+    pub fn collector_data_dir(&self, c: &CollectorSpec) -> PathBuf {
+        c.data_dir.clone().unwrap_or_else(|| self.data_dir().join("collectors").join(&c.id))
+    }
+
+    /// Every rule the agent runs: the built-ins (when enabled) and the
+    /// configured ones, without the disabled ones.
+    pub fn active_rules(&self) -> Vec<RuleSpec> {
+        let builtin = if self.default_rules { crate::rules::default_rules() } else { Vec::new() };
+        builtin.into_iter().chain(self.rules.iter().cloned()).filter(|r| r.enabled).collect()
+    }
 }
+
+/// Arguments the agent sets itself for every collector.
+const MANAGED_ARGS: [&str; 2] = ["--collector-id", "--data-dir"];
 
 /// A binary must exist, be a file, and be executable by someone.
 fn check_executable(path: &Path) -> Result<(), String> {

@@ -1,0 +1,275 @@
+//! What the agent says on the bus besides procmond's control plane: its
+//! status (asked by `daemoneye-cli status`) and its alerts. Payloads are
+//! postcard, like every other bus payload; they also derive `Serialize`
+//! for the CLI's `--json`.
+//!
+//! | topic | who publishes | who subscribes |
+//! |---|---|---|
+//! | `agent.status` | any local client (request/reply) | the agent |
+//! | `events.alert` | the agent's store writer | `daemoneye-cli`, anyone allowed |
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Severity;
+
+/// Request/reply: publish an empty payload with a `reply_to`; the answer
+/// is an [`AgentStatus`].
+pub const STATUS_TOPIC: &str = "agent.status";
+
+/// Alerts, one [`Alert`] per message.
+pub const ALERT_TOPIC: &str = "events.alert";
+
+/// The agent's client id on the bus.
+pub const AGENT_CLIENT_ID: &str = "daemoneye-agent";
+
+/// The loading state machine (design.md §8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentState {
+    /// Collectors spawned; waiting for every enabled one to register.
+    Loading,
+    /// Every collector registered; privileges dropped where configured.
+    Ready,
+    /// BeginMonitoring sent; collecting.
+    SteadyState,
+    /// Not every collector registered in time, or privileges could not be
+    /// dropped. The agent keeps running (serving status) but sends no
+    /// BeginMonitoring.
+    StartupFailed {
+        /// Why.
+        reason: String,
+    },
+    /// SIGTERM received: collectors are being stopped.
+    ShuttingDown,
+}
+
+impl AgentState {
+    /// A short name for logs and tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentState::Loading => "Loading",
+            AgentState::Ready => "Ready",
+            AgentState::SteadyState => "SteadyState",
+            AgentState::StartupFailed { .. } => "StartupFailed",
+            AgentState::ShuttingDown => "ShuttingDown",
+        }
+    }
+}
+
+/// Where one collector stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorPhase {
+    /// `enabled: false` in agent.yaml.
+    Disabled,
+    /// Spawned (or adopted); not registered yet.
+    Starting,
+    /// Registered; waiting for BeginMonitoring.
+    Registered,
+    /// Registered and monitoring; heartbeats on time.
+    Running,
+    /// One or two heartbeats missed.
+    Degraded,
+    /// Three heartbeats missed: being escalated.
+    Failed,
+    /// Exited; a restart is scheduled.
+    Restarting,
+    /// Exited and not restarted (auto_restart off, the restart limit
+    /// reached, or shutting down).
+    Stopped,
+}
+
+impl CollectorPhase {
+    /// The lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectorPhase::Disabled => "disabled",
+            CollectorPhase::Starting => "starting",
+            CollectorPhase::Registered => "registered",
+            CollectorPhase::Running => "running",
+            CollectorPhase::Degraded => "degraded",
+            CollectorPhase::Failed => "failed",
+            CollectorPhase::Restarting => "restarting",
+            CollectorPhase::Stopped => "stopped",
+        }
+    }
+}
+
+/// The last heartbeat of a collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatInfo {
+    /// Its sequence number.
+    pub sequence: u64,
+    /// healthy, degraded or unhealthy, as the collector reports itself.
+    pub status: String,
+    /// When the agent received it (Unix milliseconds).
+    pub received_unix_ms: u64,
+    /// Processes seen in the collector's last cycle.
+    pub processes_collected: u64,
+    /// Events the collector handed to the bus since it started.
+    pub events_published: u64,
+    /// The collector's send buffer, 0–100.
+    pub buffer_level_percent: f64,
+    /// Collection cycles since it started.
+    pub cycles: u64,
+    /// Errors since it started.
+    pub errors: u64,
+}
+
+/// One step of a heartbeat escalation, as shown in status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscalationStep {
+    /// health_check, graceful_shutdown, kill or restart.
+    pub step: String,
+    /// What happened.
+    pub outcome: String,
+    /// When (Unix milliseconds).
+    pub at_unix_ms: u64,
+}
+
+/// One collector in [`AgentStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectorStatus {
+    /// Its id.
+    pub id: String,
+    /// Its type.
+    pub collector_type: String,
+    /// Where it stands.
+    pub phase: CollectorPhase,
+    /// Its process id, when running.
+    pub pid: Option<u32>,
+    /// Found running at agent start (left by an agent that died) and taken
+    /// over rather than spawned.
+    pub adopted: bool,
+    /// Registered with this agent.
+    pub registered: bool,
+    /// Its last heartbeat.
+    pub heartbeat: Option<HeartbeatInfo>,
+    /// Heartbeats missed in a row.
+    pub missed_heartbeats: u32,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// How its last process ended ("exit status 1", "signal 9 (SIGKILL)").
+    pub last_exit: Option<String>,
+    /// The last escalation's steps, oldest first.
+    pub escalation: Vec<EscalationStep>,
+    /// Events from it in the store.
+    pub events_stored: u64,
+}
+
+/// The store writer's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The database file.
+    pub path: String,
+    /// Events committed since the agent started.
+    pub events_committed: u64,
+    /// Events ignored because the store already had them.
+    pub duplicates: u64,
+    /// Messages refused (undecodable, or a collector id other than the
+    /// publisher's).
+    pub rejected: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Alerts raised since the agent started.
+    pub alerts_raised: u64,
+    /// Rules loaded.
+    pub rules: usize,
+    /// Events pruned by retention.
+    pub pruned: u64,
+    /// Store errors (a failed commit is retried; nothing is acknowledged
+    /// until it succeeds).
+    pub errors: u64,
+    /// The last commit (Unix milliseconds).
+    pub last_commit_unix_ms: Option<u64>,
+}
+
+/// The broker's counters, as the agent hosts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerStatus {
+    /// Its socket.
+    pub socket: String,
+    /// Connections open.
+    pub connections: usize,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Messages published.
+    pub published: u64,
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Messages dropped by overflow strategies.
+    pub dropped: u64,
+    /// Publishes or subscriptions refused by permissions.
+    pub forbidden: u64,
+    /// Connections refused (uid, limit, id).
+    pub refused: u64,
+    /// Connections closed for protocol errors.
+    pub protocol_errors: u64,
+}
+
+/// The answer on [`STATUS_TOPIC`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent's process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// The loading state machine.
+    pub state: AgentState,
+    /// Since when (Unix milliseconds).
+    pub state_since_unix_ms: u64,
+    /// Seconds since the agent started.
+    pub uptime_secs: u64,
+    /// Every configured collector, in agent.yaml's order.
+    pub collectors: Vec<CollectorStatus>,
+    /// The broker.
+    pub broker: BrokerStatus,
+    /// The store.
+    pub store: StoreStatus,
+}
+
+/// A detection rule's match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Its row id in the `alerts` table.
+    pub id: i64,
+    /// The rule's name.
+    pub rule: String,
+    /// The rule's severity.
+    pub severity: Severity,
+    /// The rule's description.
+    pub description: String,
+    /// The matching event's row id in `process_events`.
+    pub event_id: i64,
+    /// The collector that saw the event.
+    pub collector_id: String,
+    /// The process.
+    pub pid: u32,
+    /// Its name.
+    pub name: String,
+    /// Its executable, when known.
+    pub exe: Option<String>,
+    /// Its command line (sanitized by the collector), joined by spaces.
+    pub command_line: Option<String>,
+    /// When the event was observed (Unix milliseconds).
+    pub observed_unix_ms: u64,
+    /// When the alert was raised (Unix milliseconds).
+    pub raised_unix_ms: u64,
+}
+
+/// Encodes a payload.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // postcard into a Vec fails only on allocation failure.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+/// Decodes a payload.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
