@@ -27,6 +27,8 @@ pub mod privilege;
 #[cfg(target_os = "linux")]
 mod procfs;
 mod record;
+#[cfg(unix)]
+pub mod signals;
 
 #[cfg(unix)]
 pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};

@@ -9,14 +9,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use crossbeam_channel::{Sender, bounded, select, tick};
+use crossbeam_channel::{bounded, select, tick};
 use daemoneye_bus::{Client, ClientConfig};
-use nix::sys::signal::{SigSet, Signal};
+use daemoneye_platform::signals;
 use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
 use procmond::config::{CollectorConfig, ConfigFile, INTERVAL_RANGE_SECS};
 use procmond::connector::{Connector, ConnectorConfig};
@@ -71,6 +70,9 @@ struct Cli {
     /// This collector's id on the bus (a-z, 0-9, '-', '_').
     #[arg(long, value_name = "ID")]
     collector_id: Option<String>,
+    /// Seconds between heartbeats to the agent (1-3600) [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat_interval: Option<u64>,
     /// Stay in the terminal: log to stderr and print each event on stdout.
     #[arg(long)]
     foreground: bool,
@@ -151,6 +153,7 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
         interval_secs: cli.interval,
         max_processes: cli.max_processes,
         collector_id: cli.collector_id.clone(),
+        heartbeat_interval_ms: cli.heartbeat_interval.map(|s| s * 1000),
         enhanced_metadata: cli.enhanced_metadata.then_some(true),
         compute_hashes: cli.compute_hashes.then_some(true),
         ..ConfigFile::default()
@@ -224,70 +227,8 @@ fn printer(format: Format) -> EventObserver {
     })
 }
 
-/// SIGTERM/SIGINT handling with safe calls only: the signals are blocked
-/// in every thread (the mask is inherited, so this runs before any thread
-/// starts) and one thread takes them with `sigwait`. The first asks for a
-/// graceful shutdown; the second exits at once. `SIGUSR1` from this
-/// process itself ends the thread at the end of a clean shutdown.
-struct Signals {
-    done: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Signals {
-    fn block() -> anyhow::Result<SigSet> {
-        let mut set = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1] {
-            set.add(s);
-        }
-        set.thread_block().context("cannot block signals")?;
-        Ok(set)
-    }
-
-    fn start(set: SigSet, shutdown: Sender<ShutdownRequest>) -> anyhow::Result<Signals> {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        let thread = std::thread::Builder::new().name("procmond-signals".into()).spawn(move || {
-            let mut requested = false;
-            loop {
-                let sig = match set.wait() {
-                    Ok(sig) => sig,
-                    Err(e) => {
-                        log::error!("sigwait failed: {e}");
-                        return;
-                    }
-                };
-                if sig == Signal::SIGUSR1 {
-                    if flag.load(Ordering::Acquire) {
-                        return;
-                    }
-                    continue;
-                }
-                if requested {
-                    log::warn!("second {sig}: exiting now");
-                    std::process::exit(128 + sig as i32);
-                }
-                requested = true;
-                log::info!("{sig} received: shutting down gracefully (send it again to exit at once)");
-                let _ = shutdown.try_send(ShutdownRequest { reason: format!("{sig}"), rpc: None });
-            }
-        })?;
-        Ok(Signals { done, thread: Some(thread) })
-    }
-}
-
-impl Drop for Signals {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-        let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGUSR1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let signal_set = Signals::block()?;
+    signals::block().context("cannot block signals")?;
     let cfg = configure(&cli)?;
     let _lock = take_lock(&cfg)?;
     let report = daemoneye_platform::platform_report();
@@ -300,7 +241,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let source = daemoneye_platform::default_source().context("cannot open the process table")?;
     let (shutdown_tx, shutdown_rx) = bounded::<ShutdownRequest>(4);
-    let _signals = Signals::start(signal_set, shutdown_tx.clone())?;
+    let signal_tx = shutdown_tx.clone();
+    let _signals = signals::ShutdownSignals::start(
+        "procmond-signals",
+        move |sig| {
+            let _ = signal_tx.try_send(ShutdownRequest { reason: format!("{sig}"), rpc: None });
+        },
+        |_| {},
+    )?;
     let mut opts = ActorOptions::default();
     if cli.foreground {
         opts.observer = Some(printer(cli.format));
