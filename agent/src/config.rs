@@ -320,7 +320,7 @@ impl AgentConfig {
             {
                 return Err(err(
                     at("args"),
-                    format!("{a} is set by the agent; use the collector's id or data_dir"),
+                    format!("{a} is set by the agent; use the collector's id, data_dir or heartbeat_interval_secs"),
                 ));
             }
             if c.enabled {
@@ -390,7 +390,7 @@ impl AgentConfig {
 }
 
 /// Arguments the agent sets itself for every collector.
-const MANAGED_ARGS: [&str; 2] = ["--collector-id", "--data-dir"];
+const MANAGED_ARGS: [&str; 3] = ["--collector-id", "--data-dir", "--heartbeat-interval"];
 
 /// A binary must exist, be a file, and be executable by someone.
 fn check_executable(path: &Path) -> Result<(), String> {
@@ -474,5 +474,47 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_packaged_sample_config_parses() {
+        let (dir, bin) = setup();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        // The sample names the packaged binary, absent on a build machine.
+        assert!(text.contains("binary: /usr/local/bin/procmond\n"));
+        let text = text.replace("/usr/local/bin/procmond", bin.to_str().unwrap());
+        let cfg = AgentConfig::parse(&text, "packaging/agent.yaml", dir.path()).unwrap();
+
+        // What the sample documents as defaults are the defaults: a minimal
+        // file parses to the same values.
+        let minimal = format!("collectors:\n  - {{id: procmond, binary: {}}}\n", bin.display());
+        let defaults = AgentConfig::parse(&minimal, "minimal", dir.path()).unwrap();
+        assert_eq!(cfg.broker_socket, None);
+        assert_eq!(cfg.data_dir, None);
+        assert_eq!(cfg.run_as, None);
+        assert_eq!(cfg.log_level, defaults.log_level);
+        assert_eq!(cfg.shutdown_timeout_secs, defaults.shutdown_timeout_secs);
+        assert_eq!(cfg.store, StoreSpec::default());
+        assert_eq!(cfg.escalation, EscalationSpec::default());
+        assert_eq!(cfg.default_rules, defaults.default_rules);
+
+        // One procmond: the documented args, everything else default.
+        assert_eq!(cfg.collectors.len(), 1);
+        let c = &cfg.collectors[0];
+        assert_eq!(c.binary, bin);
+        assert_eq!(c.args, ["--interval", "30", "--compute-hashes"]);
+        assert_eq!(*c, CollectorSpec { args: c.args.clone(), ..defaults.collectors[0].clone() });
+
+        // The custom rule, run besides the built-ins.
+        assert_eq!(cfg.rules.len(), 1);
+        let r = &cfg.rules[0];
+        assert_eq!((r.name.as_str(), r.severity, r.enabled), ("netcat-started", Severity::Medium, true));
+        assert!(!r.description.is_empty());
+        assert!(r.sql.trim_start().starts_with("SELECT id FROM new_events"), "{}", r.sql);
+        assert!(r.sql.contains("'ncat'"), "{}", r.sql);
+        let active: Vec<String> = cfg.active_rules().into_iter().map(|r| r.name).collect();
+        assert_eq!(active.len(), crate::rules::DEFAULT_RULES.len() + 1);
+        assert_eq!(active.last().map(String::as_str), Some("netcat-started"));
     }
 }
