@@ -320,7 +320,9 @@ impl AgentConfig {
             {
                 return Err(err(
                     at("args"),
-                    format!("{a} is set by the agent; use the collector's id, data_dir or heartbeat_interval_secs"),
+                    format!(
+                        "{a} is set by the agent; use the collector's id, data_dir or heartbeat_interval_secs"
+                    ),
                 ));
             }
             if c.enabled {

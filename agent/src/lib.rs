@@ -6,5 +6,10 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod monitor;
 pub mod rules;
+pub mod supervisor;
+pub mod writer;

@@ -1,6 +1,54 @@
 //! Detection rules: SQL over the event tables, run on each committed batch
 //! over the new rows only.
+//!
+//! # The rule contract
+//!
+//! A rule's `sql` is one read-only statement that starts with `SELECT`,
+//! `WITH` or `VALUES` and takes no parameters. It runs against the event
+//! store's connection (schema in `procmond::store`), so it may read every
+//! table: `process_events` (the whole stored history), `stream_watermarks`,
+//! `stream_gaps`, `alerts`. The rows of the batch being evaluated are in the
+//! temporary view `new_events`, which has the columns of `process_events`.
+//!
+//! **The first column of its result is the matching event's row id**
+//! (`new_events.id`, which is its `process_events.id`); the other columns
+//! are ignored, whatever their names. A first-column value that is not an
+//! integer id inside the batch being evaluated is ignored (logged at
+//! debug), so a rule that returns an older event's id (a parent's, say)
+//! raises nothing: every alert is about a new event, and rows outside the
+//! batch are never matched. Each returned id raises one alert, at most once
+//! per (rule, event), carrying the rule's name, severity and description.
+//!
+//! [`RuleEngine::compile`] refuses a rule that does not prepare (syntax
+//! error, unknown table or column: SQLite's message is in the error, with
+//! the rule's name), that writes (`sqlite3_stmt_readonly`), that holds more
+//! than one statement, that has parameters or returns no columns, and a
+//! name used twice. A rule that fails while it runs is logged and skipped;
+//! the other rules still run and the batch still counts as evaluated.
+//!
+//! # How a batch is evaluated
+//!
+//! [`RuleEngine::run`] runs in one transaction on the store's connection:
+//! it sets the window `(after_id, through_id]` in the temporary table
+//! `rule_window` (which `new_events` filters on), runs every rule, inserts
+//! each new (rule, event) pair into `alerts` and moves `rule_cursor` to
+//! `through_id`. A crash before that commit leaves the cursor behind, and
+//! the store writer evaluates the window again when it restarts; the
+//! unique (rule, event) pair keeps that from raising an alert twice.
+//!
+//! Rules run on the writer's thread, between commits: a slow rule delays
+//! the next batch (and the collectors' acknowledgements), so a rule should
+//! read `new_events` and reach older rows only through indexed columns
+//! (`id`, `pid`, `name`, `kind`, `observed_ms`).
 
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::api::Alert;
 use crate::config::{RuleSpec, Severity};
 
 /// A rule shipped with the agent.
@@ -16,40 +64,61 @@ pub struct BuiltinRule {
     pub sql: &'static str,
 }
 
+// The built-in rules look at events that start a program: a `started`
+// event, or a `modified` one whose changes include `exec` (procmond may
+// see a fork before its exec). Other `modified` events of the same process
+// (credentials, reparent) would raise the same alert again for each change.
+// Paths are matched with GLOB, which is case-sensitive like the file
+// system (LIKE is not: '/TMP/x' is not in /tmp).
+
 /// The built-in rules (`default_rules: true` in agent.yaml).
 pub const DEFAULT_RULES: &[BuiltinRule] = &[
     BuiltinRule {
         name: "exe-in-temp-dir",
         severity: Severity::High,
         description: "a process runs an executable from /tmp, /var/tmp or /dev/shm",
-        sql: "SELECT id FROM new_events WHERE kind != 'stopped' \
-              AND (exe LIKE '/tmp/%' OR exe LIKE '/var/tmp/%' OR exe LIKE '/dev/shm/%')",
+        sql: "SELECT id FROM new_events \
+              WHERE (kind = 'started' OR instr(',' || changes || ',', ',exec,') > 0) \
+              AND (exe GLOB '/tmp/*' OR exe GLOB '/var/tmp/*' OR exe GLOB '/dev/shm/*')",
     },
     BuiltinRule {
         name: "deleted-exe-running",
         severity: Severity::Medium,
         description: "a process runs an executable that was deleted from disk",
-        sql: "SELECT id FROM new_events WHERE kind != 'stopped' AND exe_deleted = 1",
+        // Started (or exec'd) from a deleted file, or its file deleted while
+        // it runs: procmond reports the latter as an `exe_deleted` change,
+        // also where the platform cannot set the `exe_deleted` column.
+        sql: "SELECT id FROM new_events WHERE kind != 'stopped' AND ( \
+              (exe_deleted = 1 AND (kind = 'started' OR instr(',' || changes || ',', ',exec,') > 0)) \
+              OR instr(',' || changes || ',', ',exe_deleted,') > 0)",
     },
     BuiltinRule {
         name: "web-server-spawned-shell",
         severity: Severity::High,
         description: "a shell started by a web server process",
+        // The parent is the latest event of `ppid` on the same collector
+        // before the shell's own event (the pid index serves it).
         sql: "SELECT n.id FROM new_events n \
               JOIN process_events p ON p.id = (SELECT max(id) FROM process_events \
-                   WHERE pid = n.ppid AND id < n.id) \
-              WHERE n.kind = 'started' \
+                   WHERE pid = n.ppid AND collector_id = n.collector_id AND id < n.id) \
+              WHERE (n.kind = 'started' OR instr(',' || n.changes || ',', ',exec,') > 0) \
               AND n.name IN ('sh', 'bash', 'dash', 'zsh', 'ksh', 'csh', 'tcsh', 'fish', 'busybox') \
               AND p.kind != 'stopped' \
-              AND p.name IN ('nginx', 'apache2', 'httpd', 'lighttpd', 'php-fpm', 'caddy', 'uwsgi', 'gunicorn')",
+              AND (p.name IN ('nginx', 'apache2', 'httpd', 'lighttpd', 'caddy', 'uwsgi', 'gunicorn') \
+                   OR p.name GLOB 'php-fpm*')",
     },
     BuiltinRule {
         name: "root-from-user-writable-dir",
         severity: Severity::Critical,
         description: "a new process runs as root from a user-writable directory",
-        sql: "SELECT id FROM new_events WHERE kind = 'started' AND snapshot = 0 AND euid = 0 \
-              AND (exe LIKE '/tmp/%' OR exe LIKE '/var/tmp/%' OR exe LIKE '/dev/shm/%' \
-                   OR exe LIKE '/home/%' OR exe LIKE '/run/user/%')",
+        // New: started after the collector (not the snapshot), exec'd, or
+        // just become root (credentials).
+        sql: "SELECT id FROM new_events WHERE euid = 0 \
+              AND ((kind = 'started' AND snapshot = 0) \
+                   OR instr(',' || changes || ',', ',exec,') > 0 \
+                   OR instr(',' || changes || ',', ',credentials,') > 0) \
+              AND (exe GLOB '/tmp/*' OR exe GLOB '/var/tmp/*' OR exe GLOB '/dev/shm/*' \
+                   OR exe GLOB '/home/*' OR exe GLOB '/run/user/*')",
     },
 ];
 
@@ -166,4 +235,714 @@ pub fn query_alerts(conn: &rusqlite::Connection, q: &AlertQuery) -> rusqlite::Re
             })
         })?;
     rows.collect()
+}
+
+/// The temporary objects rules read, on the connection they run on:
+/// `rule_window` holds the one window being evaluated (no row: an empty
+/// window), `new_events` is its rows. The id range is written as two
+/// scalar subqueries so SQLite scans `process_events` by its primary key.
+const WINDOW_SCHEMA: &str = "
+CREATE TEMP TABLE IF NOT EXISTS rule_window (lo INTEGER NOT NULL, hi INTEGER NOT NULL);
+CREATE TEMP VIEW IF NOT EXISTS new_events AS
+    SELECT * FROM process_events
+    WHERE id > (SELECT lo FROM temp.rule_window) AND id <= (SELECT hi FROM temp.rule_window);
+";
+
+/// The event fields an alert carries.
+const SELECT_EVENT: &str =
+    "SELECT collector_id, pid, name, exe, argv, observed_ms FROM process_events WHERE id = ?1";
+
+/// One alert; a (rule, event) pair already raised is left alone.
+const INSERT_ALERT: &str = "
+INSERT INTO alerts (rule, severity, description, event_id, collector_id, pid, name, exe,
+                    command_line, observed_ms, raised_ms)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+ON CONFLICT (rule, event_id) DO NOTHING";
+
+/// The cursor never moves back (a window evaluated again is a no-op).
+const UPSERT_CURSOR: &str = "
+INSERT INTO rule_cursor (id, through) VALUES (1, ?1)
+ON CONFLICT (id) DO UPDATE SET through = max(through, excluded.through)";
+
+/// A refused rule: its name and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rule {name}: {reason}")]
+pub struct RuleError {
+    /// The rule's name (`(alert tables)` when the tables the rules write
+    /// could not be created).
+    pub name: String,
+    /// Why, with SQLite's message when it has one.
+    pub reason: String,
+}
+
+/// A rule as the engine runs it.
+#[derive(Debug)]
+struct Rule {
+    spec: RuleSpec,
+    /// Runs that failed, for the log line.
+    failures: u64,
+}
+
+/// The compiled detection rules. It keeps the SQL, not prepared
+/// statements: each run takes them from the connection's statement cache,
+/// so the engine borrows nothing between runs.
+#[derive(Debug)]
+pub struct RuleEngine {
+    rules: Vec<Rule>,
+}
+
+impl RuleEngine {
+    /// Creates the alert tables ([`ALERTS_SCHEMA`]) if missing and the
+    /// temporary `rule_window` table and `new_events` view, then checks
+    /// every enabled rule (see the module docs for what is refused). A
+    /// disabled rule is skipped, not checked. The first refusal is the
+    /// error.
+    pub fn compile(conn: &Connection, specs: &[RuleSpec]) -> Result<RuleEngine, RuleError> {
+        install(conn).map_err(|e| RuleError { name: "(alert tables)".to_owned(), reason: e.to_string() })?;
+        let mut names = HashSet::new();
+        let mut rules = Vec::new();
+        for spec in specs.iter().filter(|s| s.enabled) {
+            if !names.insert(spec.name.as_str()) {
+                return Err(RuleError { name: spec.name.clone(), reason: "duplicate rule name".to_owned() });
+            }
+            check(conn, spec, false).map_err(|reason| RuleError { name: spec.name.clone(), reason })?;
+            rules.push(Rule { spec: spec.clone(), failures: 0 });
+        }
+        Ok(RuleEngine { rules })
+    }
+
+    /// The number of rules run.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// No rule is run.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The names of the rules run, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.spec.name.as_str())
+    }
+
+    /// Evaluates the events with ids in `(after_id, through_id]`: runs
+    /// every rule, stores each new alert, and moves `rule_cursor` to
+    /// `through_id` (never back), all in one transaction. Returns the
+    /// alerts raised now, with their row ids, in rule order; a (rule,
+    /// event) pair raised before is not raised again. A rule that fails is
+    /// logged and skipped. An error (the transaction, the alert tables)
+    /// leaves nothing of the run behind.
+    ///
+    /// `conn` is the store's connection (the one given to
+    /// [`RuleEngine::compile`]; any other gets the temporary objects
+    /// created first). It must not be inside a transaction.
+    pub fn run(
+        &mut self,
+        conn: &Connection,
+        after_id: i64,
+        through_id: i64,
+        now_ms: u64,
+    ) -> rusqlite::Result<Vec<Alert>> {
+        if through_id <= after_id {
+            return Ok(Vec::new());
+        }
+        conn.execute_batch(WINDOW_SCHEMA)?;
+        let tx = conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM temp.rule_window", [])?;
+        tx.execute("INSERT INTO temp.rule_window (lo, hi) VALUES (?1, ?2)", params![after_id, through_id])?;
+        let mut alerts = Vec::new();
+        for rule in &mut self.rules {
+            let ids = match matching_ids(&tx, &rule.spec, after_id, through_id) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    rule.failures += 1;
+                    log::warn!(
+                        "rule {}: failed over events ({after_id}, {through_id}], skipped ({} failures so far): {e}",
+                        rule.spec.name,
+                        rule.failures
+                    );
+                    continue;
+                }
+            };
+            for id in ids {
+                if let Some(alert) = insert_alert(&tx, &rule.spec, id, now_ms)? {
+                    alerts.push(alert);
+                }
+            }
+        }
+        tx.execute(UPSERT_CURSOR, [through_id])?;
+        tx.commit()?;
+        Ok(alerts)
+    }
+
+    /// The highest event id the rules have evaluated (`rule_cursor`), 0 if
+    /// none (or if the database has no alert tables yet).
+    pub fn cursor(conn: &Connection) -> rusqlite::Result<i64> {
+        let exists: bool = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'rule_cursor'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !exists {
+            return Ok(0);
+        }
+        let through: Option<i64> =
+            conn.query_row("SELECT through FROM rule_cursor WHERE id = 1", [], |r| r.get(0)).optional()?;
+        Ok(through.unwrap_or(0))
+    }
+
+    /// Checks each rule on its own, disabled ones too, against an empty
+    /// event store of the real schema made for the purpose (in the system's
+    /// temporary directory, removed afterwards): what [`RuleEngine::compile`]
+    /// checks, plus one run over an empty window. Returns every rule's name
+    /// with its verdict, in order (`daemoneye-cli rules`).
+    pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
+        validate(specs)
+    }
+}
+
+/// See [`RuleEngine::validate`].
+pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
+    let refuse_all = |reason: String| {
+        log::warn!("cannot check rules: {reason}");
+        specs.iter().map(|s| (s.name.clone(), Err(reason.clone()))).collect()
+    };
+    let dir = match ScratchDir::create() {
+        Ok(dir) => dir,
+        Err(reason) => return refuse_all(reason),
+    };
+    // Declared after `dir`, so closed before the directory is removed.
+    let store = match procmond::store::EventStore::open(&dir.path.join("events.db")) {
+        Ok(store) => store,
+        Err(e) => return refuse_all(format!("cannot create a scratch event store to check against: {e}")),
+    };
+    let conn = store.connection();
+    if let Err(e) = install(conn) {
+        return refuse_all(format!("cannot create the alert tables to check against: {e}"));
+    }
+    let mut names = HashSet::new();
+    specs
+        .iter()
+        .map(|spec| {
+            let verdict = if names.insert(spec.name.as_str()) {
+                check(conn, spec, true)
+            } else {
+                Err("duplicate rule name".to_owned())
+            };
+            (spec.name.clone(), verdict)
+        })
+        .collect()
+}
+
+/// Creates what rules read and write.
+fn install(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(ALERTS_SCHEMA)?;
+    conn.execute_batch(WINDOW_SCHEMA)
+}
+
+/// Why a rule cannot run, or `Ok`. With `trial`, it also runs once (the
+/// window must be empty, as in a scratch store).
+fn check(conn: &Connection, spec: &RuleSpec, trial: bool) -> Result<(), String> {
+    if spec.name.trim().is_empty() {
+        return Err("the name is empty".to_owned());
+    }
+    let keyword = first_keyword(&spec.sql);
+    if !["select", "with", "values"].contains(&keyword.as_str()) {
+        let found = if keyword.is_empty() { "nothing".to_owned() } else { keyword.to_uppercase() };
+        return Err(format!("must be a SELECT statement, found {found}"));
+    }
+    let mut stmt = conn.prepare(&spec.sql).map_err(|e| match e {
+        rusqlite::Error::MultipleStatement => "must be one statement, found more".to_owned(),
+        e => format!("does not compile: {e}"),
+    })?;
+    if !stmt.readonly() {
+        return Err("is not read-only: a rule may only read".to_owned());
+    }
+    if stmt.column_count() == 0 {
+        return Err("returns no columns; the first must be the event id".to_owned());
+    }
+    if stmt.parameter_count() > 0 {
+        return Err(format!("has {} parameters; a rule takes none", stmt.parameter_count()));
+    }
+    if trial {
+        let mut rows = stmt.query([]).map_err(|e| format!("fails to run: {e}"))?;
+        while rows.next().map_err(|e| format!("fails to run: {e}"))?.is_some() {}
+    }
+    Ok(())
+}
+
+/// The first keyword of `sql` after blanks and comments, lowercased.
+fn first_keyword(sql: &str) -> String {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.find('\n').map_or("", |i| &r[i + 1..]);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.find("*/").map_or("", |i| &r[i + 2..]);
+        } else {
+            break;
+        }
+    }
+    rest.chars().take_while(char::is_ascii_alphabetic).collect::<String>().to_ascii_lowercase()
+}
+
+/// The ids a rule matches inside `(lo, hi]`, sorted, without repeats.
+fn matching_ids(conn: &Connection, spec: &RuleSpec, lo: i64, hi: i64) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare_cached(&spec.sql)?;
+    let mut rows = stmt.query([])?;
+    let mut ids = Vec::new();
+    let mut ignored = 0u64;
+    while let Some(row) = rows.next()? {
+        match row.get_ref(0)? {
+            ValueRef::Integer(id) if id > lo && id <= hi => ids.push(id),
+            _ => ignored += 1,
+        }
+    }
+    if ignored > 0 {
+        log::debug!(
+            "rule {}: ignored {ignored} results whose first column is not an event id in ({lo}, {hi}]",
+            spec.name
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// A column value of the wrong type or range: the row is skipped, not the
+/// run (which would then fail on every retry).
+fn is_conversion_error(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    )
+}
+
+/// Stores the alert of `rule` for event `event_id`; `None` if it was
+/// raised before or the event is not there.
+fn insert_alert(
+    conn: &Connection,
+    spec: &RuleSpec,
+    event_id: i64,
+    now_ms: u64,
+) -> rusqlite::Result<Option<Alert>> {
+    type Row = (String, u32, String, Option<String>, Option<String>, i64);
+    let row: Result<Option<Row>, _> = conn
+        .prepare_cached(SELECT_EVENT)?
+        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .optional();
+    let (collector_id, pid, name, exe, argv, observed_ms) = match row {
+        Ok(Some(row)) => row,
+        Ok(None) => return Ok(None),
+        Err(e) if is_conversion_error(&e) => {
+            log::warn!("rule {}: event {event_id} has an unreadable column, no alert: {e}", spec.name);
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let command_line = argv.and_then(|text| match serde_json::from_str::<Vec<String>>(&text) {
+        Ok(args) => Some(args.join(" ")),
+        Err(e) => {
+            log::warn!("rule {}: event {event_id} has an argv that is not a JSON list: {e}", spec.name);
+            None
+        }
+    });
+    let raised_ms = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    let inserted = conn.prepare_cached(INSERT_ALERT)?.execute(params![
+        spec.name,
+        spec.severity.as_str(),
+        spec.description,
+        event_id,
+        collector_id,
+        pid,
+        name,
+        exe,
+        command_line,
+        observed_ms,
+        raised_ms,
+    ])?;
+    if inserted == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Alert {
+        id: conn.last_insert_rowid(),
+        rule: spec.name.clone(),
+        severity: spec.severity,
+        description: spec.description.clone(),
+        event_id,
+        collector_id,
+        pid,
+        name,
+        exe,
+        command_line,
+        observed_unix_ms: observed_ms.max(0).cast_unsigned(),
+        raised_unix_ms: now_ms,
+    }))
+}
+
+/// A private directory of its own under the system's temporary directory,
+/// removed (with what is in it) on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn create() -> Result<ScratchDir, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        // A fresh name: never reuse (or follow) a directory someone else
+        // made.
+        let mut last = None;
+        for _ in 0..16 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("daemoneye-rules-{}-{n}", std::process::id()));
+            match builder.create(&path) {
+                Ok(()) => return Ok(ScratchDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+            }
+        }
+        Err(format!(
+            "cannot create a scratch directory in {}: {}",
+            base.display(),
+            last.map_or_else(|| "no free name".to_owned(), |e| e.to_string())
+        ))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            log::warn!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use daemoneye_platform::{Argv, Credentials};
+    use procmond::event::{Change, EventEnvelope, EventKind, ProcessEvent};
+    use procmond::store::EventStore;
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, EventStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::open(&dir.path().join("events.db")).unwrap();
+        (dir, store)
+    }
+
+    /// A `started` event of `/usr/bin/<name>`-like `exe` as uid 1000.
+    fn event(seq: u64, pid: u32, name: &str, exe: &str) -> EventEnvelope {
+        let mut process = procmond::testing::record(pid, 1_000 + u64::from(pid), name);
+        let d = Arc::make_mut(&mut process.details);
+        d.exe = Ok(PathBuf::from(exe));
+        d.argv = Ok(Argv { args: vec![exe.to_owned(), "--flag".to_owned()], truncated: false });
+        EventEnvelope {
+            collector_id: "c1".to_owned(),
+            stream_id: 1,
+            seq,
+            event: ProcessEvent {
+                kind: EventKind::Started,
+                snapshot: false,
+                changes: Vec::new(),
+                observed_unix_ms: 1_000 * seq,
+                process,
+                sha256: None,
+            },
+        }
+    }
+
+    fn with(mut env: EventEnvelope, f: impl FnOnce(&mut ProcessEvent)) -> EventEnvelope {
+        f(&mut env.event);
+        env
+    }
+
+    fn as_root(e: &mut ProcessEvent) {
+        Arc::make_mut(&mut e.process.details).credentials =
+            Ok(Credentials { uid: 0, euid: 0, gid: 0, egid: 0 });
+    }
+
+    /// The row id of each seq, in the store.
+    fn ids(store: &EventStore) -> HashMap<u64, i64> {
+        let mut stmt = store.connection().prepare("SELECT seq, id FROM process_events").unwrap();
+        stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?.cast_unsigned(), r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    fn max_id(store: &EventStore) -> i64 {
+        store.connection().query_row("SELECT max(id) FROM process_events", [], |r| r.get(0)).unwrap()
+    }
+
+    fn rule(name: &str, sql: &str) -> RuleSpec {
+        RuleSpec {
+            name: name.to_owned(),
+            severity: Severity::Low,
+            description: format!("{name} matched"),
+            sql: sql.to_owned(),
+            enabled: true,
+        }
+    }
+
+    fn pairs(alerts: &[Alert]) -> Vec<(String, i64)> {
+        let mut v: Vec<(String, i64)> = alerts.iter().map(|a| (a.rule.clone(), a.event_id)).collect();
+        v.sort();
+        v
+    }
+
+    fn alert_rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM alerts", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn the_default_rules_compile_against_the_real_schema() {
+        let (_dir, store) = store();
+        let engine = RuleEngine::compile(store.connection(), &default_rules()).unwrap();
+        assert_eq!(engine.len(), DEFAULT_RULES.len());
+        for (name, verdict) in validate(&default_rules()) {
+            assert_eq!(verdict, Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn each_default_rule_fires_on_its_pattern_and_nothing_else() {
+        let (_dir, mut store) = store();
+        let batch = vec![
+            // 1: run from /tmp.
+            event(1, 10, "x", "/tmp/x"),
+            // 2: its file deleted.
+            with(event(2, 11, "daemon", "/usr/sbin/daemon"), |e| {
+                Arc::make_mut(&mut e.process.details).exe_deleted = Ok(true);
+            }),
+            // 3, 4: nginx, then a shell it started.
+            event(3, 100, "nginx", "/usr/sbin/nginx"),
+            with(event(4, 101, "sh", "/usr/bin/sh"), |e| e.process.ppid = 100),
+            // 5: root from /home.
+            with(event(5, 12, "tool", "/home/alice/tool"), as_root),
+            // 6: nothing to see.
+            event(6, 13, "sleep", "/usr/bin/sleep"),
+            // 7: a shell started by a shell is not a web server's.
+            with(event(7, 102, "bash", "/usr/bin/bash"), |e| e.process.ppid = 101),
+            // 8: root from /home, but already running at start: not new.
+            with(event(8, 14, "tool", "/home/alice/tool"), |e| {
+                as_root(e);
+                e.snapshot = true;
+            }),
+            // 9: a process from /tmp exits: not a start.
+            with(event(9, 10, "x", "/tmp/x"), |e| e.kind = EventKind::Stopped),
+            // 10: a credentials change of a /tmp process is no new program...
+            with(event(10, 15, "y", "/tmp/y"), |e| {
+                e.kind = EventKind::Modified;
+                e.changes = vec![Change::Credentials];
+            }),
+            // 11: ... but an exec into one is.
+            with(event(11, 16, "z", "/dev/shm/z"), |e| {
+                e.kind = EventKind::Modified;
+                e.changes = vec![Change::Exec];
+            }),
+            // 12: a file deleted while it runs, where the platform cannot
+            // tell (exe_deleted column 0).
+            with(event(12, 17, "old", "/usr/bin/old"), |e| {
+                e.kind = EventKind::Modified;
+                e.changes = vec![Change::ExeDeleted];
+            }),
+        ];
+        store.insert_batch(&batch).unwrap();
+        let id = ids(&store);
+        let conn = store.connection();
+        let mut engine = RuleEngine::compile(conn, &default_rules()).unwrap();
+        let alerts = engine.run(conn, 0, max_id(&store), 99_000).unwrap();
+        let expected = |v: &[(&str, u64)]| {
+            let mut v: Vec<(String, i64)> = v.iter().map(|(r, seq)| ((*r).to_owned(), id[seq])).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            pairs(&alerts),
+            expected(&[
+                ("exe-in-temp-dir", 1),
+                ("deleted-exe-running", 2),
+                ("web-server-spawned-shell", 4),
+                ("root-from-user-writable-dir", 5),
+                ("exe-in-temp-dir", 10 + 1),
+                ("deleted-exe-running", 12),
+            ])
+        );
+        assert_eq!(alert_rows(conn), 6);
+
+        // The alert carries the event's fields.
+        let a = alerts.iter().find(|a| a.rule == "exe-in-temp-dir" && a.event_id == id[&1]).unwrap();
+        assert_eq!(
+            (a.collector_id.as_str(), a.pid, a.name.as_str(), a.exe.as_deref()),
+            ("c1", 10, "x", Some("/tmp/x"))
+        );
+        assert_eq!(a.command_line.as_deref(), Some("/tmp/x --flag"));
+        assert_eq!((a.severity, a.observed_unix_ms, a.raised_unix_ms), (Severity::High, 1_000, 99_000));
+        assert_eq!(query_alerts(conn, &AlertQuery::default()).unwrap(), {
+            let mut stored = alerts.clone();
+            stored.sort_by_key(|a| a.id);
+            stored
+        });
+        assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(&store));
+    }
+
+    #[test]
+    fn rows_outside_the_window_are_never_matched() {
+        let (_dir, mut store) = store();
+        store.insert_batch(&[1, 2, 3].map(|s| event(s, 10 + s as u32, "x", "/tmp/x"))).unwrap();
+        let id = ids(&store);
+        let conn = store.connection();
+        // A rule that returns every stored id, not only the batch's.
+        let specs = [rule("everything", "SELECT id FROM process_events"), default_rules().remove(0)];
+        let mut engine = RuleEngine::compile(conn, &specs).unwrap();
+        let alerts = engine.run(conn, id[&1], id[&2], 5).unwrap();
+        assert_eq!(
+            pairs(&alerts),
+            vec![("everything".to_owned(), id[&2]), ("exe-in-temp-dir".to_owned(), id[&2])]
+        );
+        // An empty window runs nothing and moves nothing.
+        assert!(engine.run(conn, id[&3], id[&3], 5).unwrap().is_empty());
+        assert_eq!(RuleEngine::cursor(conn).unwrap(), id[&2]);
+    }
+
+    #[test]
+    fn a_window_evaluated_twice_raises_each_alert_once() {
+        let (_dir, mut store) = store();
+        store.insert_batch(&[event(1, 10, "x", "/tmp/x"), event(2, 11, "y", "/usr/bin/y")]).unwrap();
+        let conn = store.connection();
+        let through = max_id(&store);
+        let mut engine = RuleEngine::compile(conn, &default_rules()).unwrap();
+        assert_eq!(engine.run(conn, 0, through, 1).unwrap().len(), 1);
+        assert_eq!(engine.run(conn, 0, through, 2).unwrap(), Vec::new());
+        // A new engine (a restarted agent) too.
+        let mut engine = RuleEngine::compile(conn, &default_rules()).unwrap();
+        assert_eq!(engine.run(conn, 0, through, 3).unwrap(), Vec::new());
+        assert_eq!(alert_rows(conn), 1);
+        // The cursor never moves back.
+        assert_eq!(engine.run(conn, 0, 1, 4).unwrap(), Vec::new());
+        assert_eq!(RuleEngine::cursor(conn).unwrap(), through);
+    }
+
+    #[test]
+    fn a_rule_that_does_not_compile_is_refused_with_its_name_and_sqlites_message() {
+        let (_dir, store) = store();
+        let conn = store.connection();
+        let cases = [
+            ("typo", "SELEC id FROM new_events", "SELEC"),
+            ("syntax", "SELECT id FROM new_events WHERE", "incomplete input"),
+            ("syntax-mid", "SELECT id FROM new_events WHERE AND pid = 1", "syntax error"),
+            ("column", "SELECT id FROM new_events WHERE colour = 'red'", "no such column: colour"),
+            ("table", "SELECT id FROM processes", "no such table: processes"),
+            ("empty", "  -- nothing\n", "nothing"),
+            ("params", "SELECT id FROM new_events WHERE pid = ?1", "parameters"),
+        ];
+        for (name, sql, reason) in cases {
+            let specs = [default_rules().remove(0), rule(name, sql)];
+            let e = RuleEngine::compile(conn, &specs).unwrap_err();
+            assert_eq!(e.name, name, "{e}");
+            assert!(e.reason.contains(reason), "{name}: {e}");
+            assert!(e.to_string().starts_with(&format!("rule {name}: ")), "{e}");
+        }
+        let dup = [rule("a", "SELECT id FROM new_events"), rule("a", "SELECT id FROM new_events")];
+        assert_eq!(RuleEngine::compile(conn, &dup).unwrap_err().reason, "duplicate rule name");
+        // A disabled rule is not checked.
+        let off = RuleSpec { enabled: false, ..rule("off", "SELEC") };
+        assert_eq!(RuleEngine::compile(conn, &[off]).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_rule_that_writes_is_refused() {
+        let (_dir, mut store) = store();
+        store.insert_batch(&[event(1, 10, "x", "/tmp/x")]).unwrap();
+        let conn = store.connection();
+        for (name, sql) in [
+            ("delete", "DELETE FROM process_events"),
+            ("insert", "INSERT INTO alerts (rule) VALUES ('x') RETURNING id"),
+            ("cte-delete", "WITH x AS (SELECT 1) DELETE FROM process_events RETURNING id"),
+            ("two", "SELECT id FROM new_events; DELETE FROM process_events"),
+            ("window", "UPDATE temp.rule_window SET lo = 0 RETURNING lo"),
+            ("attach", "ATTACH DATABASE '/tmp/x.db' AS x"),
+            ("pragma", "PRAGMA journal_mode = DELETE"),
+            ("begin", "BEGIN"),
+        ] {
+            let e = RuleEngine::compile(conn, &[rule(name, sql)]).unwrap_err();
+            assert_eq!(e.name, name, "{e}");
+        }
+        let e = RuleEngine::compile(conn, &[rule("delete", "DELETE FROM process_events")]).unwrap_err();
+        assert!(e.reason.contains("read-only") || e.reason.contains("SELECT"), "{e}");
+        let e = RuleEngine::compile(conn, &[rule("cte", "WITH x AS (SELECT 1) DELETE FROM process_events")])
+            .unwrap_err();
+        assert!(e.reason.contains("read-only"), "{e}");
+        let e =
+            RuleEngine::compile(conn, &[rule("two", "SELECT 1; DELETE FROM process_events")]).unwrap_err();
+        assert!(e.reason.contains("one statement"), "{e}");
+        let n: i64 = conn.query_row("SELECT count(*) FROM process_events", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_rule_failing_at_run_time_does_not_stop_the_others() {
+        let (_dir, mut store) = store();
+        store.insert_batch(&[event(1, 10, "x", "/tmp/x")]).unwrap();
+        let conn = store.connection();
+        let specs = [
+            // Compiles, fails on the first row: a malformed JSON path.
+            rule("broken", "SELECT id FROM new_events WHERE json_extract(argv, '$[') IS NULL"),
+            // A first column that is not an id is ignored.
+            rule("names", "SELECT name FROM new_events"),
+            default_rules().remove(0),
+        ];
+        let mut engine = RuleEngine::compile(conn, &specs).unwrap();
+        let alerts = engine.run(conn, 0, max_id(&store), 1).unwrap();
+        assert_eq!(pairs(&alerts), vec![("exe-in-temp-dir".to_owned(), max_id(&store))]);
+        assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(&store));
+        let failures: Vec<u64> = engine.rules.iter().map(|r| r.failures).collect();
+        assert_eq!(failures, [1, 0, 0]);
+    }
+
+    #[test]
+    fn validate_judges_each_rule_on_its_own() {
+        let specs = [
+            default_rules().remove(0),
+            rule("bad", "SELECT id FROM new_events WHERE"),
+            rule("writes", "DELETE FROM alerts"),
+            RuleSpec { enabled: false, ..rule("off-but-bad", "SELECT nope FROM new_events") },
+            rule("ok", "SELECT n.id FROM new_events n JOIN stream_watermarks w USING (collector_id)"),
+            rule("ok", "SELECT 1"),
+        ];
+        let verdicts = validate(&specs);
+        let names: Vec<&str> = verdicts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["exe-in-temp-dir", "bad", "writes", "off-but-bad", "ok", "ok"]);
+        assert_eq!(verdicts[0].1, Ok(()));
+        assert!(verdicts[1].1.as_ref().unwrap_err().contains("incomplete input"), "{verdicts:?}");
+        assert!(verdicts[2].1.is_err(), "{verdicts:?}");
+        assert!(verdicts[3].1.as_ref().unwrap_err().contains("no such column"), "{verdicts:?}");
+        assert_eq!(verdicts[4].1, Ok(()));
+        assert_eq!(verdicts[5].1, Err("duplicate rule name".to_owned()));
+        assert_eq!(RuleEngine::validate(&specs[..1]), vec![("exe-in-temp-dir".to_owned(), Ok(()))]);
+    }
+
+    #[test]
+    fn the_cursor_of_a_database_without_alert_tables_is_zero() {
+        let (_dir, store) = store();
+        assert_eq!(RuleEngine::cursor(store.connection()).unwrap(), 0);
+        RuleEngine::compile(store.connection(), &[]).unwrap();
+        assert_eq!(RuleEngine::cursor(store.connection()).unwrap(), 0);
+    }
 }

@@ -426,7 +426,11 @@ impl Client {
         }
         let (tx, rx) = bounded(1);
         self.send(Cmd::Request { topic: topic.to_owned(), payload: payload.to_vec(), timeout, reply: tx })?;
-        rx.recv_timeout(timeout + Duration::from_millis(100)).map_err(|_| ClientError::Timeout(timeout))?
+        match rx.recv_timeout(timeout + Duration::from_millis(100)) {
+            // The reactor expires requests without knowing their timeout.
+            Ok(Err(ClientError::Timeout(_))) | Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(r) => r,
+        }
     }
 
     /// Asks the broker for its counters (see [`crate::broker::STATS_TOPIC`]).

@@ -16,6 +16,7 @@ pub mod control;
 pub mod event;
 pub mod hash;
 pub mod registration;
+pub mod render;
 pub mod rpc;
 pub mod sanitize;
 pub mod standalone;

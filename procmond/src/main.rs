@@ -218,8 +218,8 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 fn printer(format: Format) -> EventObserver {
     Box::new(move |env| {
         let line = match format {
-            Format::Human => format!("#{:<6} {}", env.seq, env.event.human_line()),
-            Format::Json => serde_json::to_string(env).unwrap_or_default(),
+            Format::Human => procmond::render::human_line(env),
+            Format::Json => procmond::render::json_line(env),
         };
         // A closed stdout (`procmond --foreground | head`) must not stop
         // collection.

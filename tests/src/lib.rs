@@ -1,6 +1,354 @@
-//! End-to-end tests that spawn the real DaemonEye binaries (agent, procmond)
-//! over real Unix sockets in temporary directories, kill them at the worst
-//! moment and check that nothing is lost or doubled. The per-crate tests live
-//! beside each crate; this crate holds the whole-system tests, which arrive
-//! with the agent issue.
+//! End-to-end tests that spawn the real DaemonEye binaries (agent, procmond,
+//! cli) over real Unix sockets in temporary directories, kill them at the
+//! worst moment and check that nothing is lost or doubled. The per-crate
+//! tests live beside each crate; this crate holds the whole-system tests
+//! (`tests/system.rs`) and their harness, here.
+//!
+//! The binaries are the ones `cargo test --workspace` builds into the
+//! target directory (the agent's and procmond's own integration tests make
+//! cargo build them); the harness finds them next to the test executable's
+//! `deps/` directory and says how to build them when they are missing.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::tick;
+use daemoneye_agent::api::{self, AgentStatus};
+use daemoneye_bus::{Client, ClientConfig};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// A binary of the workspace, from the target directory of this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // <target>/<profile>/deps/<test>-<hash>
+    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (which builds every binary), \
+         or build it first with `cargo build -p procmond -p daemoneye-agent`",
+        path.display()
+    );
+    path
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let ticker = tick(Duration::from_millis(20));
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        let _ = ticker.recv();
+    }
+    cond()
+}
+
+/// Sends `sig` to a process this test started (by its own pid).
+pub fn signal(pid: u32, sig: Signal) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).expect("pid")), sig);
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// One collector in a test's agent.yaml.
+pub struct CollectorDef {
+    /// Its id.
+    pub id: String,
+    /// Its binary (procmond, or a wrapper).
+    pub binary: PathBuf,
+}
+
+impl CollectorDef {
+    /// A procmond with this id.
+    pub fn procmond(id: &str) -> CollectorDef {
+        CollectorDef { id: id.to_owned(), binary: bin("procmond") }
+    }
+}
+
+/// A test system: a temp dir with an agent.yaml, the agent as a child
+/// (killed on drop, with the collectors it started, by their own pids).
+pub struct System {
+    /// The temp dir (config, data dir, logs).
+    pub dir: tempfile::TempDir,
+    /// The agent, when running.
+    pub agent: Option<Child>,
+    /// The agent's stderr (its log and its collectors').
+    pub log: PathBuf,
+    /// Client id counter for status requests.
+    asked: u32,
+}
+
+/// The YAML of a test agent: short heartbeats and escalation timeouts.
+pub fn agent_yaml(data_dir: &Path, collectors: &[CollectorDef], extra: &str) -> String {
+    let mut y = format!(
+        "data_dir: {}\nlog_level: debug\nshutdown_timeout_secs: 10\n\
+         escalation: {{health_check_timeout_secs: 1, graceful_shutdown_timeout_secs: 2, kill_timeout_secs: 2}}\n\
+         collectors:\n",
+        data_dir.display()
+    );
+    for c in collectors {
+        y.push_str(&format!(
+            "  - id: {}\n    binary: {}\n    args: [\"--interval\", \"5\", \"--log-level\", \"debug\"]\n    \
+             heartbeat_interval_secs: 1\n    startup_timeout_secs: 20\n    max_restarts: 10\n",
+            c.id,
+            c.binary.display()
+        ));
+    }
+    y.push_str(extra);
+    y
+}
+
+impl System {
+    /// Writes agent.yaml (with `extra` YAML appended) and starts the agent.
+    pub fn start(collectors: &[CollectorDef], extra: &str) -> System {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = agent_yaml(&dir.path().join("data"), collectors, extra);
+        std::fs::write(dir.path().join("agent.yaml"), yaml).expect("write agent.yaml");
+        let mut s = System { log: dir.path().join("agent.log"), dir, agent: None, asked: 0 };
+        s.start_agent();
+        s
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The broker socket.
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir().join("run").join("broker.sock")
+    }
+
+    /// The event store.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir().join("events.db")
+    }
+
+    /// Starts (or restarts) the agent; its stderr is appended to `log`.
+    pub fn start_agent(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = Command::new(bin("daemoneye-agent"))
+            .arg("--config")
+            .arg(self.dir.path().join("agent.yaml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("agent starts");
+        self.agent = Some(child);
+    }
+
+    /// The agent's pid.
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").id()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asks the agent for its status over the bus (as a CLI would).
+    pub fn status(&mut self) -> Option<AgentStatus> {
+        if !self.socket().exists() {
+            return None;
+        }
+        self.asked += 1;
+        let id = format!("e2e-{}-{}", std::process::id(), self.asked);
+        let client = Client::connect(ClientConfig::new(self.socket(), id)).ok()?;
+        if !client.wait_connected(Duration::from_secs(3)) {
+            client.close();
+            return None;
+        }
+        let reply = client.request(api::STATUS_TOPIC, &[], Duration::from_secs(3));
+        client.close();
+        api::decode(&reply.ok()?.payload).ok()
+    }
+
+    /// Waits for a status that satisfies `pred`; panics with the last one
+    /// and the log when it does not come.
+    pub fn wait_status(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&AgentStatus) -> bool,
+    ) -> AgentStatus {
+        let mut last = None;
+        let ok = wait_until(timeout, || {
+            last = self.status();
+            last.as_ref().is_some_and(&pred)
+        });
+        assert!(
+            ok,
+            "{what}: not reached within {timeout:?}; last status {last:#?}\n--- log ---\n{}",
+            self.tail()
+        );
+        last.expect("status")
+    }
+
+    /// The last 150 lines of the log.
+    pub fn tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(150)..].join("\n")
+    }
+
+    /// SIGTERM to the agent; waits for its exit and returns the status.
+    pub fn stop(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.agent.take().expect("agent running");
+        signal(child.id(), Signal::SIGTERM);
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        match status {
+            Some(s) => s,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent did not exit within {timeout:?} of SIGTERM\n{}", self.tail());
+            }
+        }
+    }
+
+    /// SIGKILL to the agent (its collectors keep running).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs `daemoneye-cli` against this system.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("daemoneye-cli"))
+            .arg("--config")
+            .arg(self.dir.path().join("agent.yaml"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cli runs")
+    }
+
+    /// Pids of the collectors' processes, from their lock files.
+    pub fn collector_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(self.data_dir().join("collectors")) else { return pids };
+        for d in dirs.flatten() {
+            let id = d.file_name().to_string_lossy().into_owned();
+            if let Ok(s) = std::fs::read_to_string(d.path().join(format!("procmond-{id}.pid")))
+                && let Ok(pid) = s.trim().parse()
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        // Collectors first (they outlive a SIGKILLed agent), then the agent.
+        for pid in self.collector_pids() {
+            if alive(pid) && is_procmond(pid) {
+                signal(pid, Signal::SIGKILL);
+            }
+        }
+        self.kill_agent();
+    }
+}
+
+/// Whether `pid` runs procmond (so a test never kills a stranger that
+/// reused a pid from a stale lock file).
+fn is_procmond(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("procmond")))
+}
+
+/// Per collector: (events stored, distinct streams, whether each stream's
+/// sequence numbers are exactly 1..=max with no gap and no duplicate).
+pub fn store_summary(db: &Path) -> Vec<(String, i64, bool)> {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare(
+        "SELECT collector_id, stream_id, count(*), count(DISTINCT seq), min(seq), max(seq)
+         FROM process_events GROUP BY collector_id, stream_id ORDER BY collector_id",
+    ) else {
+        return Vec::new();
+    };
+    let rows: Vec<(String, i64, i64, i64, i64, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .map(|it| it.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    let mut out: Vec<(String, i64, bool)> = Vec::new();
+    for (c, _stream, n, distinct, min, max) in rows {
+        let exact = n == distinct && min == 1 && max == n;
+        match out.iter_mut().find(|(id, _, _)| *id == c) {
+            Some(e) => {
+                e.1 += n;
+                e.2 &= exact;
+            }
+            None => out.push((c, n, exact)),
+        }
+    }
+    out
+}
+
+/// Highest acknowledged sequence per collector (the store's watermarks).
+pub fn watermarks(db: &Path) -> Vec<(String, i64)> {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) =
+        conn.prepare("SELECT collector_id, max(through) FROM stream_watermarks GROUP BY collector_id")
+    else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map(|it| it.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+/// Copies an executable with `cp` (in its own process, so no descriptor
+/// open for writing leaks into a fork of this multi-threaded test, which
+/// would make the exec fail with ETXTBSY).
+pub fn copy_executable(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg(from).arg(to).status().expect("run cp");
+    assert!(st.success(), "cp {} {}: {st}", from.display(), to.display());
+}
+
+/// A shell script written by `sh` itself (for the same reason).
+pub fn write_script(path: &Path, body: &str) {
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("printf '%s\\n' \"$1\" > \"$2\" && chmod 755 \"$2\"")
+        .arg("sh")
+        .arg(format!("#!/bin/sh\n{body}"))
+        .arg(path)
+        .status()
+        .expect("run sh");
+    assert!(st.success(), "write {}: {st}", path.display());
+}
+
+/// The path of a program on PATH.
+pub fn which(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists()))
+        .unwrap_or_else(|| panic!("{name} not on PATH"))
+}

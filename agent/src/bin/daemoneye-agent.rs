@@ -1,0 +1,150 @@
+//! `daemoneye-agent`: hosts the bus broker, supervises the collectors of
+//! `agent.yaml`, stores their events and raises alerts. See the crate
+//! docs and ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use crossbeam_channel::bounded;
+use daemoneye_agent::config::AgentConfig;
+use daemoneye_platform::signals;
+use parking_lot::Mutex;
+
+/// DaemonEye's agent.
+///
+/// Starts the event bus on a Unix socket, spawns and watches the
+/// collectors listed in agent.yaml (one procmond next to this executable
+/// when no file is given), stores their events in SQLite and runs the
+/// detection rules on them. Runs in the foreground and logs to stderr.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, after_help = AFTER_HELP)]
+struct Cli {
+    /// agent.yaml [default: the embedded default: one procmond next to this
+    /// executable, data in /var/lib/daemoneye if writable, else
+    /// ~/.local/share/daemoneye].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Overrides the file's data_dir.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides the file's log_level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Check the configuration and the rules, print the result and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  daemoneye-agent                               one procmond, default paths, foreground
+  daemoneye-agent --config /etc/daemoneye/agent.yaml
+  daemoneye-agent --config agent.yaml --check-config
+Then, in another terminal:
+  daemoneye-cli status
+  daemoneye-cli events --follow
+
+Signals: SIGTERM or SIGINT stops the collectors gracefully, then the
+agent; a second one exits at once (killing the collectors).
+Exit status: 0 after a clean shutdown, 1 on errors (bad configuration, a
+failed startup), 2 on bad usage, 128+N when a second signal N forces the exit.";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Before any thread starts: the signal mask is inherited.
+    if let Err(e) = signals::block() {
+        eprintln!("daemoneye-agent: error: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut cfg = match AgentConfig::load(cli.config.as_deref(), &exe_dir) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("daemoneye-agent: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(dir) = cli.data_dir {
+        cfg.data_dir = Some(dir);
+    }
+    let level = cli.log_level.unwrap_or_else(|| cfg.log_level.clone());
+    let Ok(filter) = level.parse::<log::LevelFilter>() else {
+        eprintln!(
+            "daemoneye-agent: --log-level {level:?} is not one of error, warn, info, debug, trace, off"
+        );
+        return ExitCode::from(2);
+    };
+    env_logger::Builder::new().filter_level(filter).format_timestamp_millis().init();
+    let rules = cfg.active_rules();
+    let checked = daemoneye_agent::rules::validate(&rules);
+    let file = cli.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
+    let bad: Vec<String> = checked
+        .iter()
+        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{file}: rules: rule {name}: {e}")))
+        .collect();
+    if cli.check_config {
+        for (name, r) in &checked {
+            match r {
+                Ok(()) => println!("rule {name}: ok"),
+                Err(e) => println!("rule {name}: ERROR: {e}"),
+            }
+        }
+        println!(
+            "{} collector(s), {} rule(s), data dir {}, broker {}: {}",
+            cfg.collectors.len(),
+            rules.len(),
+            cfg.data_dir().display(),
+            cfg.broker_socket().display(),
+            if bad.is_empty() { "configuration ok" } else { "configuration INVALID" }
+        );
+        return if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
+    if !bad.is_empty() {
+        for b in &bad {
+            eprintln!("daemoneye-agent: invalid configuration: {b}");
+        }
+        return ExitCode::FAILURE;
+    }
+
+    let pids = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let (stop_tx, stop_rx) = bounded::<()>(1);
+    let doomed = pids.clone();
+    let _signals = match signals::ShutdownSignals::start(
+        "agent-signals",
+        move |_| {
+            let _ = stop_tx.try_send(());
+        },
+        move |_| {
+            // Exiting at once: the collectors go first, by their own pids.
+            for pid in doomed.lock().iter() {
+                if let Ok(p) = i32::try_from(*pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("daemoneye-agent: error: cannot start the signal thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match daemoneye_agent::daemon::run(cfg, stop_rx, pids) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("daemoneye-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

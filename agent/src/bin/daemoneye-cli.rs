@@ -1,0 +1,534 @@
+//! daemoneye-cli, the operator's tool: asks the running agent for its
+//! status over the bus, reads events and alerts from the agent's SQLite
+//! store (read-only), follows new ones live on the bus, and lists and
+//! validates the detection rules of agent.yaml.
+//!
+//! SIGINT and SIGTERM keep their default action (the process ends): the
+//! CLI holds nothing that needs a clean shutdown, the store is opened
+//! read-only.
+#![forbid(unsafe_code)]
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use crossbeam_channel::{select, tick};
+use daemoneye_agent::api::{self, AGENT_CLIENT_ID, ALERT_TOPIC, Alert, now_unix_ms};
+use daemoneye_agent::cli::{self, CliError, SeenStreams, Table};
+use daemoneye_agent::config::{AgentConfig, Severity};
+use daemoneye_agent::rules::{self, AlertQuery};
+use daemoneye_bus::{Client, ConnectionState, Message, Overflow, Subscription};
+use procmond::event::{EVENTS_PATTERN, EventEnvelope, EventKind, GAP_TOPIC};
+use procmond::store::EventQuery;
+
+/// DaemonEye's command-line tool.
+///
+/// Talks to the running daemoneye-agent: its status over the agent's bus
+/// socket, stored events and alerts straight from its SQLite database
+/// (read-only), and new ones live with --follow.
+///
+/// The socket and the database are found like the agent finds them: from
+/// agent.yaml (--config; without it the agent's embedded default), with
+/// --data-dir and --socket overriding it. Run it as the agent's user (or
+/// root): the socket and the database are private to that user.
+#[derive(Parser, Debug)]
+#[command(name = "daemoneye-cli", version, about, long_about, after_help = AFTER_HELP)]
+struct Cli {
+    /// The agent's configuration [default: the agent's embedded default].
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The agent's bus socket [default: broker_socket from agent.yaml, else
+    /// <data dir>/run/broker.sock].
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The agent's data dir, holding events.db [default: data_dir from
+    /// agent.yaml, else /var/lib/daemoneye if writable, else
+    /// ~/.local/share/daemoneye].
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Machine output: one JSON object per line.
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    json: bool,
+    /// Log level on stderr: error, warn, info, debug, trace or off.
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        value_name = "LEVEL",
+        default_value = "warn",
+        value_parser = parse_level
+    )]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
+const AFTER_HELP: &str = "\
+Examples:
+  daemoneye-cli status                        the agent, its collectors, bus and store
+  daemoneye-cli events --since 10m --name sshd
+  daemoneye-cli events --follow --kind started
+  daemoneye-cli alerts --severity high --since 1d
+  daemoneye-cli rules validate --config /etc/daemoneye/agent.yaml
+  daemoneye-cli --data-dir /tmp/de status --json | jq .collectors
+
+Exit status: 0 on success; 1 on errors (bad configuration, unreadable store,
+a rule that does not validate); 2 on bad usage and when the agent cannot be
+reached (no socket, connection refused, permission denied, no answer).";
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show the agent's state, its collectors, and the bus and store
+    /// counters.
+    ///
+    /// Connects to the agent's bus socket as `cli-<pid>` and asks for its
+    /// status (topic agent.status), waiting at most 3 s.
+    #[command(after_help = STATUS_HELP)]
+    Status,
+    /// List stored process events, and follow new ones.
+    ///
+    /// Prints the newest --limit events matching every filter given,
+    /// oldest first, in procmond --foreground's format (or its JSON lines
+    /// with --json).
+    #[command(after_help = EVENTS_HELP)]
+    Events(EventsArgs),
+    /// List alerts raised by the detection rules, and follow new ones.
+    ///
+    /// Prints the newest --limit alerts matching every filter given,
+    /// oldest first: a table, or one JSON object per line with --json.
+    #[command(after_help = ALERTS_HELP)]
+    Alerts(AlertsArgs),
+    /// List or validate the detection rules of the configuration.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+const STATUS_HELP: &str = "\
+Examples:
+  daemoneye-cli status
+  daemoneye-cli status --json
+
+Columns: LAST HEARTBEAT is its age and the collector's own health; MISSED
+counts heartbeats missed in a row; LAST ESCALATION is the last step taken
+after missed heartbeats (health_check, graceful_shutdown, kill, restart).";
+
+const EVENTS_HELP: &str = "\
+Examples:
+  daemoneye-cli events                        the last 50 events
+  daemoneye-cli events --since 2h --pid 4242
+  daemoneye-cli events --kind stopped --limit 0   every stopped process stored
+  daemoneye-cli events --follow --name bash --json
+
+--follow prints the events stored so far, then every new event that passes
+the same filters, as collectors publish it. If the agent goes away it says
+so once and keeps waiting for it to come back (collectors replay what the
+agent missed). It runs until interrupted (Ctrl-C).";
+
+const ALERTS_HELP: &str = "\
+Examples:
+  daemoneye-cli alerts
+  daemoneye-cli alerts --severity high --since 1d
+  daemoneye-cli alerts --rule exe-in-temp-dir --follow";
+
+#[derive(Args, Debug)]
+struct EventsArgs {
+    /// Only events observed within this long: a number and a unit, s, m, h, d
+    /// or w (30s, 10m, 2h, 1d).
+    #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+    since: Option<Duration>,
+    /// Only this process id.
+    #[arg(long, value_name = "N")]
+    pid: Option<u32>,
+    /// Only processes with exactly this name.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Only this kind of event.
+    #[arg(long, value_enum)]
+    kind: Option<KindArg>,
+    /// Only events from this collector id.
+    #[arg(long, value_name = "ID")]
+    collector: Option<String>,
+    /// Show the newest N stored events (0: all of them).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    limit: usize,
+    /// Keep printing new events as they arrive, until interrupted.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+#[derive(Args, Debug)]
+struct AlertsArgs {
+    /// Only alerts raised within this long: a number and a unit, s, m, h, d
+    /// or w (30s, 10m, 2h, 1d).
+    #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+    since: Option<Duration>,
+    /// Only alerts of this rule.
+    #[arg(long, value_name = "NAME")]
+    rule: Option<String>,
+    /// Only alerts at least this severe.
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    severity: Option<SeverityArg>,
+    /// Show the newest N stored alerts (0: all of them).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    limit: usize,
+    /// Keep printing new alerts as they are raised, until interrupted.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCommand {
+    /// List every rule: built-in and from agent.yaml, enabled or not.
+    #[command(after_help = "Examples:\n  daemoneye-cli rules list\n  daemoneye-cli rules list --json")]
+    List,
+    /// Check every active rule's SQL against the store's schema.
+    ///
+    /// Prints OK or ERROR (with the reason) per rule the agent would run;
+    /// exits 1 if any rule fails.
+    #[command(after_help = "Examples:\n  daemoneye-cli rules validate --config /etc/daemoneye/agent.yaml")]
+    Validate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KindArg {
+    /// A process appeared.
+    Started,
+    /// A process exited.
+    Stopped,
+    /// A process changed (exec, credentials, parent, executable).
+    Modified,
+}
+
+impl From<KindArg> for EventKind {
+    fn from(k: KindArg) -> EventKind {
+        match k {
+            KindArg::Started => EventKind::Started,
+            KindArg::Stopped => EventKind::Stopped,
+            KindArg::Modified => EventKind::Modified,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SeverityArg {
+    /// Low and above (every alert).
+    Low,
+    /// Medium and above.
+    Medium,
+    /// High and critical.
+    High,
+    /// Critical only.
+    Critical,
+}
+
+impl From<SeverityArg> for Severity {
+    fn from(s: SeverityArg) -> Severity {
+        match s {
+            SeverityArg::Low => Severity::Low,
+            SeverityArg::Medium => Severity::Medium,
+            SeverityArg::High => Severity::High,
+            SeverityArg::Critical => Severity::Critical,
+        }
+    }
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("{s:?} is not one of error, warn, info, debug, trace, off"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // `daemoneye-cli events | head`: a closed stdout is the reader's
+            // choice, not a failure.
+            if e.chain()
+                .any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("daemoneye-cli: {e:#}");
+            let code = e.chain().find_map(|c| c.downcast_ref::<CliError>()).map_or(1, CliError::exit_code);
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Where the agent is, from the configuration and the overrides.
+struct Ctx {
+    cfg: AgentConfig,
+    json: bool,
+}
+
+impl Ctx {
+    fn socket(&self) -> PathBuf {
+        self.cfg.broker_socket()
+    }
+
+    fn database(&self) -> PathBuf {
+        self.cfg.database()
+    }
+}
+
+fn run(args: Cli) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find this executable's path")?;
+    let exe_dir = exe.parent().unwrap_or(Path::new("/"));
+    let mut cfg = cli::load_config(args.config.as_deref(), exe_dir)?;
+    if let Some(dir) = args.data_dir {
+        cfg.data_dir = Some(dir);
+    }
+    if let Some(socket) = args.socket {
+        cfg.broker_socket = Some(socket);
+    }
+    let ctx = Ctx { cfg, json: args.json };
+    log::debug!("socket {}, store {}", ctx.socket().display(), ctx.database().display());
+    match args.command {
+        Command::Status => status(&ctx),
+        Command::Events(args) => events(&ctx, &args),
+        Command::Alerts(args) => alerts(&ctx, &args),
+        Command::Rules(RulesCommand::List) => rules_list(&ctx),
+        Command::Rules(RulesCommand::Validate) => rules_validate(&ctx),
+    }
+}
+
+/// One line on stdout; a write error (a closed pipe) ends the command.
+fn out(line: &str) -> io::Result<()> {
+    writeln!(io::stdout().lock(), "{line}")
+}
+
+fn json_line<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    out(&serde_json::to_string(value)?)?;
+    Ok(())
+}
+
+fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let client = cli::connect(&ctx.socket())?;
+    let status = cli::fetch_status(&client)?;
+    client.close();
+    if ctx.json {
+        json_line(&status)?;
+    } else {
+        io::stdout().lock().write_all(cli::render_status(&status, now_unix_ms()).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Subscribes before anything is read from the store, so nothing committed
+/// in between is missed (what arrives twice is dropped by the caller).
+/// `DropOldest`: a slow terminal loses lines instead of pushing back on
+/// the collectors.
+fn subscribe(ctx: &Ctx, pattern: &str) -> anyhow::Result<(Client, Subscription)> {
+    let client = cli::connect(&ctx.socket())?;
+    let sub = client.subscribe_with(pattern, None, Overflow::DropOldest).map_err(CliError::Bus)?;
+    // The broker handles one connection's frames in order: once it answers
+    // this request, the subscription is in place.
+    if let Err(e) = client.broker_stats(cli::AGENT_TIMEOUT) {
+        log::debug!("broker stats (subscription barrier): {e}");
+    }
+    Ok((client, sub))
+}
+
+/// Hands every message to `handle` until the client fails. When the agent
+/// goes away it says so once and keeps waiting: the client reconnects and
+/// re-subscribes by itself.
+fn follow(
+    client: &Client,
+    sub: &Subscription,
+    socket: &Path,
+    mut handle: impl FnMut(Message) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let check = tick(Duration::from_millis(250));
+    let mut gone = false;
+    let mut dropped = 0;
+    loop {
+        select! {
+            recv(sub.messages()) -> msg => match msg {
+                Ok(msg) => handle(msg)?,
+                Err(_) => return Err(CliError::Bus(daemoneye_bus::ClientError::Closed).into()),
+            },
+            recv(check) -> _ => {
+                match client.state() {
+                    ConnectionState::Connected if gone => {
+                        gone = false;
+                        eprintln!("daemoneye-cli: agent back at {}, following", socket.display());
+                    }
+                    ConnectionState::Connected => {}
+                    ConnectionState::Disconnected if !gone => {
+                        gone = true;
+                        eprintln!("daemoneye-cli: agent gone, waiting for it at {}...", socket.display());
+                    }
+                    ConnectionState::Disconnected => {}
+                    ConnectionState::Refused => return Err(CliError::ClientRefused(socket.to_owned()).into()),
+                    ConnectionState::Closed => {
+                        return Err(CliError::Bus(daemoneye_bus::ClientError::Closed).into());
+                    }
+                }
+                let now = client.dropped();
+                if now > dropped {
+                    eprintln!(
+                        "daemoneye-cli: {} messages dropped: output is slower than the bus",
+                        now - dropped
+                    );
+                    dropped = now;
+                }
+            }
+        }
+    }
+}
+
+fn print_event(ctx: &Ctx, env: &EventEnvelope) -> io::Result<()> {
+    if ctx.json { out(&procmond::render::json_line(env)) } else { out(&procmond::render::human_line(env)) }
+}
+
+fn events(ctx: &Ctx, args: &EventsArgs) -> anyhow::Result<ExitCode> {
+    let q = EventQuery {
+        since_ms: args.since.map(|d| cli::since_ms(now_unix_ms(), d)),
+        pid: args.pid,
+        name: args.name.clone(),
+        kind: args.kind.map(EventKind::from),
+        collector_id: args.collector.clone(),
+        ..EventQuery::default()
+    };
+    let following = if args.follow { Some(subscribe(ctx, EVENTS_PATTERN)?) } else { None };
+    let db = ctx.database();
+    let mut seen = SeenStreams::default();
+    {
+        let store = cli::open_store(&db)?;
+        let stored = cli::query_newest(&store, &q, args.limit).map_err(CliError::Store)?;
+        for env in stored.into_iter().map(cli::envelope) {
+            seen.admit(&env);
+            print_event(ctx, &env)?;
+        }
+    }
+    let Some((client, sub)) = following else { return Ok(ExitCode::SUCCESS) };
+    follow(&client, &sub, &ctx.socket(), |msg| {
+        if msg.topic == GAP_TOPIC {
+            return Ok(());
+        }
+        let env = match EventEnvelope::decode(&msg.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                log::warn!("undecodable event on {} from {}: {e}", msg.topic, msg.from);
+                return Ok(());
+            }
+        };
+        // The broker vouches for the publisher: a client may speak only
+        // for its own collector id.
+        if env.collector_id != msg.from {
+            log::warn!("ignoring an event of collector {:?} published by {:?}", env.collector_id, msg.from);
+            return Ok(());
+        }
+        if cli::event_matches(&q, &env) && seen.admit(&env) {
+            print_event(ctx, &env)?;
+        }
+        Ok(())
+    })
+}
+
+fn alerts(ctx: &Ctx, args: &AlertsArgs) -> anyhow::Result<ExitCode> {
+    let mut q = AlertQuery {
+        since_ms: args.since.map(|d| cli::since_ms(now_unix_ms(), d)),
+        rule: args.rule.clone(),
+        min_severity: args.severity.map(Severity::from),
+        after_id: None,
+        limit: args.limit,
+    };
+    let following = if args.follow { Some(subscribe(ctx, ALERT_TOPIC)?) } else { None };
+    let db = ctx.database();
+    let stored = {
+        let store = cli::open_store(&db)?;
+        rules::query_alerts(store.connection(), &q).map_err(|source| CliError::Alerts { path: db, source })?
+    };
+    let mut table = Table::new(&cli::ALERT_HEADERS);
+    let rows: Vec<Vec<String>> = stored.iter().map(cli::alert_row).collect();
+    for row in &rows {
+        table.fit(row);
+    }
+    if ctx.json {
+        for a in &stored {
+            json_line(a)?;
+        }
+    } else if !rows.is_empty() || following.is_some() {
+        out(&table.line(&cli::ALERT_HEADERS))?;
+        for row in &rows {
+            out(&table.line(row))?;
+        }
+    }
+    let Some((client, sub)) = following else { return Ok(ExitCode::SUCCESS) };
+    // Alert ids only grow: the stored ones are not printed again.
+    q.after_id = Some(stored.last().map_or(0, |a| a.id));
+    follow(&client, &sub, &ctx.socket(), |msg| {
+        if msg.from != AGENT_CLIENT_ID {
+            log::warn!("ignoring an alert published by {:?}, not the agent", msg.from);
+            return Ok(());
+        }
+        let alert: Alert = match api::decode(&msg.payload) {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("undecodable alert from {}: {e}", msg.from);
+                return Ok(());
+            }
+        };
+        if cli::alert_matches(&q, &alert) {
+            q.after_id = Some(alert.id);
+            if ctx.json {
+                json_line(&alert)?;
+            } else {
+                out(&table.line(&cli::alert_row(&alert)))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn rules_list(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let rows = cli::rule_rows(&ctx.cfg);
+    if ctx.json {
+        for r in &rows {
+            json_line(r)?;
+        }
+    } else {
+        let cells: Vec<Vec<String>> = rows.iter().map(cli::RuleRow::cells).collect();
+        out(&Table::render(&cli::RULE_HEADERS, &cells))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks the rules the agent would run (the built-ins when enabled, and
+/// agent.yaml's enabled ones), each on its own against a scratch store.
+fn rules_validate(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let verdicts = rules::validate(&ctx.cfg.active_rules());
+    let failed = verdicts.iter().filter(|(_, v)| v.is_err()).count();
+    for (name, verdict) in &verdicts {
+        if ctx.json {
+            json_line(
+                &serde_json::json!({"rule": name, "ok": verdict.is_ok(), "error": verdict.as_ref().err()}),
+            )?;
+        } else {
+            match verdict {
+                Ok(()) => out(&format!("OK     {name}"))?,
+                Err(reason) => out(&format!("ERROR  {name}: {reason}"))?,
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("daemoneye-cli: {failed} of {} active rules failed validation", verdicts.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    if !ctx.json {
+        out(&format!("{} active rules, all valid", verdicts.len()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

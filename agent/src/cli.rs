@@ -1,0 +1,827 @@
+//! The pieces of `daemoneye-cli` worth testing on their own: reaching the
+//! agent (a socket probe that turns OS errors into advice, then the bus
+//! client), reading the store (the newest N events, not the oldest),
+//! matching followed messages against the same filters as the query, and
+//! the text it prints (tables, ages, UTC times).
+//!
+//! Exit status is decided here too ([`CliError::exit_code`]): 2 when the
+//! agent cannot be reached, 1 for every other failure.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use daemoneye_bus::{Client, ClientConfig, ClientError, ConnectionState};
+use procmond::event::EventEnvelope;
+use procmond::store::{EventQuery, EventStore, StoreError, StoredEvent};
+use rusqlite::OptionalExtension;
+use rusqlite::types::Value;
+use serde::Serialize;
+
+use crate::api::{self, AgentState, AgentStatus, Alert, CollectorStatus, STATUS_TOPIC};
+use crate::config::{AgentConfig, ConfigError, EMBEDDED_DEFAULT, Severity};
+use crate::rules::AlertQuery;
+
+/// How long the CLI waits for the broker's welcome and for the agent's
+/// status reply.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a command failed, with the advice an operator needs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// Nothing at the socket path: no agent has started with this data dir.
+    #[error("agent not running at {} (no socket there)", .0.display())]
+    NoSocket(PathBuf),
+    /// A socket file nobody listens on: an agent died without removing it.
+    #[error("agent not running at {} (connection refused; a stale socket?)", .0.display())]
+    ConnectionRefused(PathBuf),
+    /// The socket (or its directory) is not accessible to this user.
+    #[error("permission denied on {}: run as the agent's user or root", .0.display())]
+    SocketPermission(PathBuf),
+    /// Any other failure to connect to the socket.
+    #[error("cannot connect to {}: {source}", path.display())]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The broker accepted the connection and then refused the client.
+    #[error(
+        "the broker at {} refused this client (uid not allowed): run as the agent's user or root",
+        .0.display()
+    )]
+    ClientRefused(PathBuf),
+    /// The broker accepted the connection but never welcomed the client.
+    #[error(
+        "the broker at {} did not welcome this client within {} s",
+        .0.display(),
+        AGENT_TIMEOUT.as_secs()
+    )]
+    NotWelcomed(PathBuf),
+    /// The status request got no reply in time.
+    #[error("the agent did not answer in {} s (is it wedged?)", AGENT_TIMEOUT.as_secs())]
+    NoAnswer,
+    /// Another bus failure (the client closed, a call refused).
+    #[error("bus: {0}")]
+    Bus(#[from] ClientError),
+    /// The agent's reply is not an [`AgentStatus`] this build understands.
+    #[error("the agent's status reply does not decode ({0}); is daemoneye-cli the agent's version?")]
+    BadReply(String),
+    /// No database at the store path.
+    #[error(
+        "no event store at {}: the agent has not stored anything yet, or --data-dir/--config point elsewhere",
+        .0.display()
+    )]
+    NoStore(PathBuf),
+    /// The database (or its directory) is not readable by this user.
+    #[error("permission denied reading {}: run as the agent's user or root", .0.display())]
+    StorePermission(PathBuf),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the alert table failed.
+    #[error("cannot read alerts from {}: {source}", path.display())]
+    Alerts {
+        /// The database.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+}
+
+impl CliError {
+    /// 2 when the agent could not be reached, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::NoSocket(_)
+            | CliError::ConnectionRefused(_)
+            | CliError::SocketPermission(_)
+            | CliError::Socket { .. }
+            | CliError::ClientRefused(_)
+            | CliError::NotWelcomed(_)
+            | CliError::NoAnswer
+            | CliError::Bus(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Loads agent.yaml (or the embedded default) like the agent does, except
+/// that collector binaries are not required to exist: they are resolved
+/// against the agent's directory, which need not be the CLI's, and the CLI
+/// never runs them. Every other check still applies.
+pub fn load_config(path: Option<&Path>, exe_dir: &Path) -> Result<AgentConfig, ConfigError> {
+    let first = match AgentConfig::load(path, exe_dir) {
+        Ok(cfg) => return Ok(cfg),
+        Err(e) if e.field.starts_with("collectors[") && e.field.ends_with(".binary") => e,
+        Err(e) => return Err(e),
+    };
+    log::info!("{first} (not checked by daemoneye-cli)");
+    let (text, file) = match path {
+        None => (EMBEDDED_DEFAULT.to_owned(), "embedded default".to_owned()),
+        Some(p) => (std::fs::read_to_string(p).map_err(|_| first.clone())?, p.display().to_string()),
+    };
+    // Parse again with every collector disabled (a disabled collector's
+    // binary is not checked), then restore the flags.
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|_| first.clone())?;
+    let mut enabled = Vec::new();
+    if let Some(list) = doc.get_mut("collectors").and_then(|c| c.as_sequence_mut()) {
+        for c in list.iter_mut() {
+            enabled.push(c.get("enabled").and_then(serde_yaml_ng::Value::as_bool).unwrap_or(true));
+            if let Some(map) = c.as_mapping_mut() {
+                map.insert("enabled".into(), false.into());
+            }
+        }
+    }
+    let text = serde_yaml_ng::to_string(&doc).map_err(|_| first.clone())?;
+    let mut cfg = AgentConfig::parse(&text, &file, exe_dir)?;
+    for (c, on) in cfg.collectors.iter_mut().zip(enabled) {
+        c.enabled = on;
+    }
+    Ok(cfg)
+}
+
+/// Checks that something listens on `socket`, turning the OS error into
+/// advice. A bus client would only keep retrying.
+pub fn probe_socket(socket: &Path) -> Result<(), CliError> {
+    match std::os::unix::net::UnixStream::connect(socket) {
+        // The broker sees a connection that closes before its Hello and
+        // forgets it.
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.kind() {
+            io::ErrorKind::NotFound => CliError::NoSocket(socket.to_owned()),
+            io::ErrorKind::ConnectionRefused => CliError::ConnectionRefused(socket.to_owned()),
+            io::ErrorKind::PermissionDenied => CliError::SocketPermission(socket.to_owned()),
+            _ => CliError::Socket { path: socket.to_owned(), source: e },
+        }),
+    }
+}
+
+/// Probes the socket, then connects as `cli-<pid>` and waits up to
+/// [`AGENT_TIMEOUT`] for the broker's welcome.
+pub fn connect(socket: &Path) -> Result<Client, CliError> {
+    probe_socket(socket)?;
+    let mut cfg = ClientConfig::new(socket, format!("cli-{}", std::process::id()));
+    cfg.timeout = AGENT_TIMEOUT;
+    let client = Client::connect(cfg)?;
+    client.wait_state(AGENT_TIMEOUT, |s| s != ConnectionState::Disconnected);
+    match client.state() {
+        ConnectionState::Connected => Ok(client),
+        ConnectionState::Refused => Err(CliError::ClientRefused(socket.to_owned())),
+        ConnectionState::Disconnected => Err(CliError::NotWelcomed(socket.to_owned())),
+        ConnectionState::Closed => Err(CliError::Bus(ClientError::Closed)),
+    }
+}
+
+/// Asks the agent for its status.
+pub fn fetch_status(client: &Client) -> Result<AgentStatus, CliError> {
+    let reply = client.request(STATUS_TOPIC, b"", AGENT_TIMEOUT).map_err(|e| match e {
+        ClientError::Timeout(_) => CliError::NoAnswer,
+        other => CliError::Bus(other),
+    })?;
+    api::decode(&reply.payload).map_err(|e| CliError::BadReply(e.to_string()))
+}
+
+/// Opens the event store read-only, with advice for the usual failures.
+pub fn open_store(path: &Path) -> Result<EventStore, CliError> {
+    // SQLite reports an unreadable file as "unable to open database file";
+    // the OS says why.
+    if let Err(e) = std::fs::File::open(path) {
+        match e.kind() {
+            io::ErrorKind::NotFound => return Err(CliError::NoStore(path.to_owned())),
+            io::ErrorKind::PermissionDenied => return Err(CliError::StorePermission(path.to_owned())),
+            _ => {}
+        }
+    }
+    EventStore::open_read_only(path).map_err(|e| match e {
+        StoreError::NotFound { path } => CliError::NoStore(path),
+        other => CliError::Store(other),
+    })
+}
+
+/// Parses `30s`, `10m`, `2h`, `1d` or `1w`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration: use a number and a unit, e.g. 30s, 10m, 2h, 1d");
+    let digits = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (number, unit) = s.split_at(digits);
+    let n: u64 = number.parse().map_err(|_| err())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(err()),
+    };
+    n.checked_mul(unit_secs).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `now` minus `ago`, in Unix milliseconds (0 at the epoch).
+pub fn since_ms(now_ms: u64, ago: Duration) -> u64 {
+    now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The row id after which the newest `n` events matching `q` start, or
+/// `None` when fewer than `n` match (or `n` is 0: no limit). Mirrors the
+/// filters of [`EventStore::query`] over the documented schema.
+pub fn newest_cursor(conn: &rusqlite::Connection, q: &EventQuery, n: usize) -> rusqlite::Result<Option<i64>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    let clamp = |v: u64| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX));
+    let mut conditions: Vec<&str> = Vec::new();
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(since) = q.since_ms {
+        conditions.push("observed_ms >= ?");
+        values.push(clamp(since));
+    }
+    if let Some(until) = q.until_ms {
+        conditions.push("observed_ms < ?");
+        values.push(clamp(until));
+    }
+    if let Some(pid) = q.pid {
+        conditions.push("pid = ?");
+        values.push(Value::Integer(i64::from(pid)));
+    }
+    if let Some(name) = &q.name {
+        conditions.push("name = ?");
+        values.push(Value::Text(name.clone()));
+    }
+    if let Some(kind) = q.kind {
+        conditions.push("kind = ?");
+        values.push(Value::Text(kind.as_str().to_owned()));
+    }
+    if let Some(collector_id) = &q.collector_id {
+        conditions.push("collector_id = ?");
+        values.push(Value::Text(collector_id.clone()));
+    }
+    if let Some(after) = q.after_id {
+        conditions.push("id > ?");
+        values.push(Value::Integer(after));
+    }
+    let mut sql = String::from("SELECT id FROM process_events");
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+    sql.push_str(" ORDER BY id DESC LIMIT 1 OFFSET ?");
+    values.push(Value::Integer(i64::try_from(n - 1).unwrap_or(i64::MAX)));
+    conn.query_row(&sql, rusqlite::params_from_iter(values), |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|id| id.map(|id| id - 1))
+}
+
+/// The newest `limit` events matching `q` (all of them with 0), oldest
+/// first. [`EventStore::query`] alone returns the oldest.
+pub fn query_newest(
+    store: &EventStore,
+    q: &EventQuery,
+    limit: usize,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut q = q.clone();
+    if let Some(cursor) = newest_cursor(store.connection(), &q, limit)? {
+        q.after_id = Some(q.after_id.map_or(cursor, |a| a.max(cursor)));
+    }
+    q.limit = limit;
+    store.query(&q)
+}
+
+/// A stored event as the envelope it arrived in.
+pub fn envelope(stored: StoredEvent) -> EventEnvelope {
+    EventEnvelope {
+        collector_id: stored.collector_id,
+        stream_id: stored.stream_id,
+        seq: stored.seq,
+        event: stored.event,
+    }
+}
+
+/// Whether a followed event passes the filters of an [`EventQuery`] (its
+/// `after_id` and `limit` do not apply to bus messages).
+pub fn event_matches(q: &EventQuery, env: &EventEnvelope) -> bool {
+    let e = &env.event;
+    q.since_ms.is_none_or(|s| e.observed_unix_ms >= s)
+        && q.until_ms.is_none_or(|u| e.observed_unix_ms < u)
+        && q.pid.is_none_or(|p| e.process.pid == p)
+        && q.name.as_ref().is_none_or(|n| e.process.name == *n)
+        && q.kind.is_none_or(|k| e.kind == k)
+        && q.collector_id.as_ref().is_none_or(|c| env.collector_id == *c)
+}
+
+/// Whether a followed alert passes the filters of an [`AlertQuery`].
+pub fn alert_matches(q: &AlertQuery, a: &Alert) -> bool {
+    q.since_ms.is_none_or(|s| a.raised_unix_ms >= s)
+        && q.rule.as_ref().is_none_or(|r| a.rule == *r)
+        && q.min_severity.is_none_or(|m| a.severity >= m)
+        && q.after_id.is_none_or(|id| a.id > id)
+}
+
+/// The highest `seq` printed per stream, so `--follow` prints each event
+/// once: an event the store query already showed, or one a collector
+/// replays after a reconnect, is not printed again.
+#[derive(Debug, Default)]
+pub struct SeenStreams {
+    through: HashMap<(String, u64), u64>,
+}
+
+impl SeenStreams {
+    /// True (and remembered) when `env` is newer than everything printed
+    /// from its stream.
+    pub fn admit(&mut self, env: &EventEnvelope) -> bool {
+        let last = self.through.entry((env.collector_id.clone(), env.stream_id)).or_insert(0);
+        if env.seq <= *last {
+            return false;
+        }
+        *last = env.seq;
+        true
+    }
+}
+
+/// Left-aligned columns two spaces apart. Widths grow to fit the rows
+/// given to [`Table::fit`]; rows printed later (`--follow`) keep them.
+#[derive(Debug, Clone)]
+pub struct Table {
+    widths: Vec<usize>,
+}
+
+impl Table {
+    /// A table with these column headers.
+    pub fn new(headers: &[&str]) -> Table {
+        Table { widths: headers.iter().map(|h| h.chars().count()).collect() }
+    }
+
+    /// Widens the columns to fit a row.
+    pub fn fit<S: AsRef<str>>(&mut self, row: &[S]) {
+        for (w, cell) in self.widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.as_ref().chars().count());
+        }
+    }
+
+    /// One line (no newline, no trailing spaces).
+    pub fn line<S: AsRef<str>>(&self, row: &[S]) -> String {
+        let mut out = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let cell = cell.as_ref();
+            if i > 0 {
+                out.push_str("  ");
+            }
+            out.push_str(cell);
+            if i + 1 < row.len() {
+                let width = self.widths.get(i).copied().unwrap_or(0);
+                out.extend(std::iter::repeat_n(' ', width.saturating_sub(cell.chars().count())));
+            }
+        }
+        out.trim_end().to_owned()
+    }
+
+    /// A whole table: headers, then rows.
+    pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
+        let mut table = Table::new(headers);
+        for row in rows {
+            table.fit(row);
+        }
+        let mut out = table.line(headers);
+        for row in rows {
+            out.push('\n');
+            out.push_str(&table.line(row));
+        }
+        out
+    }
+}
+
+/// A duration for people: `45s`, `3m12s`, `2h05m`, `3d04h`.
+pub fn format_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3_600 => format!("{}m{:02}s", s / 60, s % 60),
+        3_600..86_400 => format!("{}h{:02}m", s / 3_600, s % 3_600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3_600),
+    }
+}
+
+/// The age of a Unix-milliseconds time at `now_ms`.
+fn age(now_ms: u64, at_ms: u64) -> String {
+    format_age(Duration::from_millis(now_ms.saturating_sub(at_ms)))
+}
+
+/// Unix milliseconds as UTC, RFC 3339 to the second: `2024-05-01T12:34:56Z`.
+pub fn format_utc(ms: u64) -> String {
+    let secs = ms / 1_000;
+    let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2));
+    let rem = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3_600, rem % 3_600 / 60, rem % 60)
+}
+
+/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The collector table's headers.
+pub const COLLECTOR_HEADERS: [&str; 11] = [
+    "COLLECTOR",
+    "TYPE",
+    "PHASE",
+    "PID",
+    "REGISTERED",
+    "LAST HEARTBEAT",
+    "MISSED",
+    "RESTARTS",
+    "LAST EXIT",
+    "EVENTS",
+    "LAST ESCALATION",
+];
+
+/// One collector as a table row.
+pub fn collector_row(c: &CollectorStatus, now_ms: u64) -> Vec<String> {
+    let pid = match (c.pid, c.adopted) {
+        (Some(pid), true) => format!("{pid} (adopted)"),
+        (Some(pid), false) => pid.to_string(),
+        (None, _) => "-".to_owned(),
+    };
+    let heartbeat = c
+        .heartbeat
+        .as_ref()
+        .map_or("-".to_owned(), |h| format!("{} ago, {}", age(now_ms, h.received_unix_ms), h.status));
+    let escalation = c
+        .escalation
+        .last()
+        .map_or("-".to_owned(), |s| format!("{}: {} ({} ago)", s.step, s.outcome, age(now_ms, s.at_unix_ms)));
+    vec![
+        c.id.clone(),
+        c.collector_type.clone(),
+        c.phase.name().to_owned(),
+        pid,
+        if c.registered { "yes" } else { "no" }.to_owned(),
+        heartbeat,
+        c.missed_heartbeats.to_string(),
+        c.restarts.to_string(),
+        c.last_exit.clone().unwrap_or_else(|| "-".to_owned()),
+        c.events_stored.to_string(),
+        escalation,
+    ]
+}
+
+/// `daemoneye-cli status` for people.
+pub fn render_status(s: &AgentStatus, now_ms: u64) -> String {
+    let mut out = format!(
+        "agent     {} for {} (pid {}, version {}), up {}\n",
+        s.state.name(),
+        age(now_ms, s.state_since_unix_ms),
+        s.pid,
+        s.version,
+        format_age(Duration::from_secs(s.uptime_secs))
+    );
+    if let AgentState::StartupFailed { reason } = &s.state {
+        out.push_str(&format!("reason    {reason}\n"));
+    }
+    out.push('\n');
+    if s.collectors.is_empty() {
+        out.push_str("(no collectors configured)\n");
+    } else {
+        let rows: Vec<Vec<String>> = s.collectors.iter().map(|c| collector_row(c, now_ms)).collect();
+        out.push_str(&Table::render(&COLLECTOR_HEADERS, &rows));
+        out.push('\n');
+    }
+    let b = &s.broker;
+    out.push_str(&format!(
+        "\nbroker    {}: {} connections, {} subscriptions; published {}, delivered {}, dropped {}, \
+         forbidden {}, refused {}, protocol errors {}\n",
+        b.socket,
+        b.connections,
+        b.subscriptions,
+        b.published,
+        b.delivered,
+        b.dropped,
+        b.forbidden,
+        b.refused,
+        b.protocol_errors
+    ));
+    let st = &s.store;
+    let last = st.last_commit_unix_ms.map_or("never".to_owned(), |t| format!("{} ago", age(now_ms, t)));
+    out.push_str(&format!(
+        "store     {}: {} events committed, {} duplicates, {} rejected, {} batches, {} pruned, \
+         {} errors; last commit {last}\n",
+        st.path, st.events_committed, st.duplicates, st.rejected, st.batches, st.pruned, st.errors
+    ));
+    out.push_str(&format!("rules     {} loaded, {} alerts raised\n", st.rules, st.alerts_raised));
+    out
+}
+
+/// The alert table's headers.
+pub const ALERT_HEADERS: [&str; 7] = ["TIME (UTC)", "SEVERITY", "RULE", "PID", "NAME", "EXE", "COLLECTOR"];
+
+/// One alert as a table row.
+pub fn alert_row(a: &Alert) -> Vec<String> {
+    vec![
+        format_utc(a.raised_unix_ms),
+        a.severity.as_str().to_owned(),
+        a.rule.clone(),
+        a.pid.to_string(),
+        a.name.clone(),
+        a.exe.clone().unwrap_or_else(|| "-".to_owned()),
+        a.collector_id.clone(),
+    ]
+}
+
+/// One rule, as `rules list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleRow {
+    /// Its name.
+    pub name: String,
+    /// Its severity.
+    pub severity: Severity,
+    /// Whether the agent runs it.
+    pub enabled: bool,
+    /// `builtin` or `config`.
+    pub source: &'static str,
+    /// What a match means.
+    pub description: String,
+    /// Its query.
+    pub sql: String,
+}
+
+/// The rules list headers.
+pub const RULE_HEADERS: [&str; 5] = ["NAME", "SEVERITY", "ENABLED", "SOURCE", "DESCRIPTION"];
+
+/// Every rule the configuration knows: the built-ins (enabled when
+/// `default_rules` is on), then agent.yaml's.
+pub fn rule_rows(cfg: &AgentConfig) -> Vec<RuleRow> {
+    let builtin = crate::rules::DEFAULT_RULES.iter().map(|r| RuleRow {
+        name: r.name.to_owned(),
+        severity: r.severity,
+        enabled: cfg.default_rules,
+        source: "builtin",
+        description: r.description.to_owned(),
+        sql: r.sql.to_owned(),
+    });
+    let configured = cfg.rules.iter().map(|r| RuleRow {
+        name: r.name.clone(),
+        severity: r.severity,
+        enabled: r.enabled,
+        source: "config",
+        description: r.description.clone(),
+        sql: r.sql.clone(),
+    });
+    builtin.chain(configured).collect()
+}
+
+impl RuleRow {
+    /// The row's cells for [`RULE_HEADERS`].
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.severity.as_str().to_owned(),
+            if self.enabled { "yes" } else { "no" }.to_owned(),
+            self.source.to_owned(),
+            self.description.clone(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BrokerStatus, CollectorPhase, EscalationStep, HeartbeatInfo, StoreStatus};
+    use procmond::event::{EventKind, ProcessEvent};
+
+    fn env(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
+        EventEnvelope {
+            collector_id: collector.to_owned(),
+            stream_id: 1,
+            seq,
+            event: ProcessEvent {
+                kind,
+                snapshot: false,
+                changes: Vec::new(),
+                observed_unix_ms: 1_000 * seq,
+                process: procmond::testing::record(pid, seq, name),
+                sha256: None,
+            },
+        }
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7_200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        for bad in ["xyz", "30", "s", "", "1.5h", "-1h", "10 m", "99999999999999999999d"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        assert!(parse_duration("18446744073709551615w").unwrap_err().contains("too long"));
+        assert_eq!(since_ms(10_000, Duration::from_secs(3)), 7_000);
+        assert_eq!(since_ms(10, Duration::from_secs(3)), 0);
+    }
+
+    #[test]
+    fn ages_and_times_read_well() {
+        assert_eq!(format_age(Duration::from_secs(45)), "45s");
+        assert_eq!(format_age(Duration::from_secs(192)), "3m12s");
+        assert_eq!(format_age(Duration::from_secs(7_500)), "2h05m");
+        assert_eq!(format_age(Duration::from_secs(273_600)), "3d04h");
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_714_566_896_789), "2024-05-01T12:34:56Z");
+    }
+
+    #[test]
+    fn tables_align_and_keep_widths_for_later_rows() {
+        let rows = vec![vec!["a".to_owned(), "long cell".to_owned(), "x".to_owned()]];
+        let text = Table::render(&["H1", "H2", "H3"], &rows);
+        assert_eq!(text, "H1  H2         H3\na   long cell  x");
+        let mut t = Table::new(&["H1", "H2"]);
+        t.fit(&["abcd", "y"]);
+        assert_eq!(t.line(&["a", "b"]), "a     b");
+        assert_eq!(t.line(&["toolong", ""]), "toolong");
+    }
+
+    #[test]
+    fn newest_n_are_the_highest_ids_of_the_matching_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EventStore::open(&dir.path().join("events.db")).unwrap();
+        let batch: Vec<EventEnvelope> = (1..=10)
+            .map(|seq| {
+                let kind = if seq % 2 == 0 { EventKind::Stopped } else { EventKind::Started };
+                env("c1", seq, kind, 100 + u32::try_from(seq % 3).unwrap(), "sh")
+            })
+            .collect();
+        store.insert_batch(&batch).unwrap();
+        let seqs = |q: &EventQuery, n| -> Vec<u64> {
+            query_newest(&store, q, n).unwrap().into_iter().map(|e| e.seq).collect()
+        };
+        let all = EventQuery::default();
+        assert_eq!(seqs(&all, 3), vec![8, 9, 10]);
+        assert_eq!(seqs(&all, 0), (1..=10).collect::<Vec<_>>());
+        assert_eq!(seqs(&all, 50), (1..=10).collect::<Vec<_>>());
+        let started = EventQuery { kind: Some(EventKind::Started), ..Default::default() };
+        assert_eq!(seqs(&started, 2), vec![7, 9]);
+        let pid = EventQuery { pid: Some(101), since_ms: Some(2_000), ..Default::default() };
+        assert_eq!(seqs(&pid, 2), vec![7, 10]);
+        let other = EventQuery { collector_id: Some("c2".to_owned()), ..Default::default() };
+        assert_eq!(seqs(&other, 2), Vec::<u64>::new());
+        // The SQL filter agrees with the one applied to followed events.
+        for q in [&all, &started, &pid, &other] {
+            let expected: Vec<u64> = batch.iter().filter(|e| event_matches(q, e)).map(|e| e.seq).collect();
+            assert_eq!(seqs(q, 0), expected, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn seen_streams_admit_each_event_once_per_stream() {
+        let mut seen = SeenStreams::default();
+        assert!(seen.admit(&env("c1", 5, EventKind::Started, 1, "a")));
+        assert!(!seen.admit(&env("c1", 5, EventKind::Started, 1, "a")));
+        assert!(!seen.admit(&env("c1", 4, EventKind::Started, 1, "a")));
+        assert!(seen.admit(&env("c2", 1, EventKind::Started, 1, "a")));
+        assert!(seen.admit(&env("c1", 6, EventKind::Started, 1, "a")));
+    }
+
+    #[test]
+    fn alerts_match_rule_severity_and_time() {
+        let alert = Alert {
+            id: 3,
+            rule: "r".to_owned(),
+            severity: Severity::High,
+            description: String::new(),
+            event_id: 1,
+            collector_id: "c".to_owned(),
+            pid: 1,
+            name: "n".to_owned(),
+            exe: None,
+            command_line: None,
+            observed_unix_ms: 5,
+            raised_unix_ms: 10,
+        };
+        let q = |q: AlertQuery| alert_matches(&q, &alert);
+        assert!(q(AlertQuery::default()));
+        assert!(q(AlertQuery { min_severity: Some(Severity::Medium), ..Default::default() }));
+        assert!(!q(AlertQuery { min_severity: Some(Severity::Critical), ..Default::default() }));
+        assert!(!q(AlertQuery { rule: Some("other".to_owned()), ..Default::default() }));
+        assert!(!q(AlertQuery { since_ms: Some(11), ..Default::default() }));
+        assert!(!q(AlertQuery { after_id: Some(3), ..Default::default() }));
+        assert_eq!(alert_row(&alert)[5], "-");
+    }
+
+    #[test]
+    fn status_shows_state_reason_collectors_and_counters() {
+        let status = AgentStatus {
+            pid: 42,
+            version: "0.1.0".to_owned(),
+            state: AgentState::StartupFailed { reason: "procmond never registered".to_owned() },
+            state_since_unix_ms: 10_000,
+            uptime_secs: 75,
+            collectors: vec![CollectorStatus {
+                id: "procmond".to_owned(),
+                collector_type: "process-monitor".to_owned(),
+                phase: CollectorPhase::Degraded,
+                pid: Some(77),
+                adopted: true,
+                registered: true,
+                heartbeat: Some(HeartbeatInfo {
+                    sequence: 3,
+                    status: "healthy".to_owned(),
+                    received_unix_ms: 50_000,
+                    processes_collected: 0,
+                    events_published: 0,
+                    buffer_level_percent: 0.0,
+                    cycles: 0,
+                    errors: 0,
+                }),
+                missed_heartbeats: 1,
+                restarts: 2,
+                last_exit: Some("signal 9 (SIGKILL)".to_owned()),
+                escalation: vec![EscalationStep {
+                    step: "health_check".to_owned(),
+                    outcome: "answered".to_owned(),
+                    at_unix_ms: 55_000,
+                }],
+                events_stored: 1234,
+            }],
+            broker: BrokerStatus { socket: "/s".to_owned(), published: 9, ..Default::default() },
+            store: StoreStatus { path: "/db".to_owned(), events_committed: 8, ..Default::default() },
+        };
+        let text = render_status(&status, 60_000);
+        assert!(
+            text.starts_with("agent     StartupFailed for 50s (pid 42, version 0.1.0), up 1m15s"),
+            "{text}"
+        );
+        assert!(text.contains("reason    procmond never registered"), "{text}");
+        for cell in ["procmond", "degraded", "77 (adopted)", "10s ago, healthy", "signal 9 (SIGKILL)", "1234"]
+        {
+            assert!(text.contains(cell), "{cell}: {text}");
+        }
+        assert!(text.contains("health_check: answered (5s ago)"), "{text}");
+        assert!(text.contains("published 9") && text.contains("8 events committed"), "{text}");
+        assert!(text.contains("last commit never"), "{text}");
+    }
+
+    #[test]
+    fn the_config_loads_without_collector_binaries_and_still_checks_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        // No procmond next to the "CLI".
+        let cfg = load_config(None, dir.path()).unwrap();
+        assert_eq!(cfg.collectors.len(), 1);
+        assert!(cfg.collectors[0].enabled);
+        let file = dir.path().join("agent.yaml");
+        std::fs::write(
+            &file,
+            "collectors:\n  - {id: a, binary: /nonexistent/procmond}\n\
+             \x20 - {id: b, binary: x, enabled: false}\n",
+        )
+        .unwrap();
+        let cfg = load_config(Some(&file), dir.path()).unwrap();
+        assert_eq!(cfg.collectors.iter().map(|c| c.enabled).collect::<Vec<_>>(), vec![true, false]);
+        std::fs::write(&file, "collectors:\n  - {id: a, binary: missing, startup_timeout_secs: 0}\n")
+            .unwrap();
+        let e = load_config(Some(&file), dir.path()).unwrap_err();
+        assert_eq!(e.field, "collectors[0].startup_timeout_secs");
+    }
+
+    #[test]
+    fn rules_list_builtins_then_configured_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.yaml");
+        std::fs::write(
+            &file,
+            "default_rules: false\n\
+             rules:\n  - {name: mine, severity: low, sql: 'SELECT id FROM new_events'}\n",
+        )
+        .unwrap();
+        let rows = rule_rows(&load_config(Some(&file), dir.path()).unwrap());
+        let builtins = crate::rules::DEFAULT_RULES.len();
+        assert_eq!(rows.len(), builtins + 1);
+        assert!(rows[..builtins].iter().all(|r| r.source == "builtin" && !r.enabled));
+        assert_eq!((rows[builtins].name.as_str(), rows[builtins].source), ("mine", "config"));
+        assert_eq!(rows[builtins].cells()[2], "yes");
+    }
+
+    #[test]
+    fn socket_errors_become_advice_and_exit_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let e = probe_socket(&path).unwrap_err();
+        assert!(matches!(e, CliError::NoSocket(_)), "{e:?}");
+        assert_eq!(e.exit_code(), 2);
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let e = probe_socket(&path).unwrap_err();
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(CliError::NoStore(path).exit_code(), 1);
+    }
+}

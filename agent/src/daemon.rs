@@ -1,0 +1,234 @@
+//! The agent as a whole: start order, the broker's permissions, and the
+//! shutdown sequence.
+//!
+//! Start: data dir (0700) and the agent's lock file → the broker on its
+//! socket, with per-client permissions → the agent's own bus client →
+//! the store writer (subscribed before any collector starts) → the
+//! supervisor (spawns or adopts the collectors) → the monitor (loading
+//! state machine, heartbeats, status).
+//!
+//! Shutdown (SIGTERM/SIGINT, or a failed startup): the monitor stops
+//! (state ShuttingDown) → every registered collector is asked to shut
+//! down over RPC, in parallel → the supervisor waits for the exits up to
+//! `shutdown_timeout_secs`, SIGTERMs collectors that were not asked over
+//! RPC, SIGKILLs what remains and reaps everything → the store writer
+//! commits and acknowledges what it received → the client and the broker
+//! close. What a collector sent but the store did not acknowledge stays
+//! in that collector's WAL and is replayed on its next start.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use crossbeam_channel::{Receiver, bounded, select};
+use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Permissions};
+use parking_lot::Mutex;
+use procmond::control::{self, RpcRequest, RpcResponse, RpcStatus};
+
+use crate::api::{self, AGENT_CLIENT_ID};
+use crate::config::AgentConfig;
+use crate::monitor::{Monitor, MonitorParts, Outcome};
+use crate::supervisor::Supervisor;
+use crate::writer::{StoreWriter, WriterConfig};
+
+/// The broker's permissions: each configured collector may publish only
+/// process events, its own heartbeat and registration requests, and
+/// subscribe only to what is addressed to it; the agent may do anything;
+/// every other local client (`daemoneye-cli`) may ask for the agent's
+/// status and the broker's counters and follow events and alerts. Replies
+/// to a requester's inbox are always allowed (bus rule). Who may connect
+/// at all is decided by peer uid: the agent's own and root.
+pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
+    let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let collector = Permissions {
+        publish: strings(&[
+            procmond::event::EVENTS_PATTERN,
+            "control.health.heartbeat.{client_id}",
+            control::REGISTRATION_TOPIC,
+        ]),
+        subscribe: strings(&[
+            control::LIFECYCLE_TOPIC,
+            "control.collector.{client_id}",
+            "control.ack.{client_id}",
+            "control.collector.config.reload",
+            "control.collector.task.+",
+        ]),
+    };
+    let mut rules: Vec<ClientPermissions> = vec![ClientPermissions {
+        client: AGENT_CLIENT_ID.to_owned(),
+        permissions: Permissions { publish: strings(&["#"]), subscribe: strings(&["#"]) },
+    }];
+    rules.extend(
+        cfg.collectors
+            .iter()
+            .map(|c| ClientPermissions { client: c.id.clone(), permissions: collector.clone() }),
+    );
+    let others = Permissions {
+        publish: strings(&[api::STATUS_TOPIC, daemoneye_bus::broker::STATS_TOPIC]),
+        subscribe: strings(&["events.#"]),
+    };
+    (rules, others)
+}
+
+/// The agent's lock: one agent per data dir.
+fn take_lock(data_dir: &Path) -> anyhow::Result<File> {
+    let path = data_dir.join("daemoneye-agent.pid");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!(
+            "another daemoneye-agent is running with data dir {} (pid {}; lock file {})",
+            data_dir.display(),
+            holder.trim(),
+            path.display()
+        );
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))
+}
+
+/// Runs the agent until `shutdown` receives (or startup fails); returns
+/// the process exit status: 0 after a clean shutdown, 1 after a failed
+/// startup. `pids` follows the collectors' pids, for a last-resort kill.
+pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>) -> anyhow::Result<i32> {
+    let data_dir = cfg.data_dir();
+    create_private_dir(&data_dir)?;
+    let _lock = take_lock(&data_dir)?;
+    let socket = cfg.broker_socket();
+    log::info!(
+        "daemoneye-agent {} starting: data dir {}, broker {}, {} collector(s)",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.display(),
+        socket.display(),
+        cfg.collectors.iter().filter(|c| c.enabled).count()
+    );
+
+    let mut bcfg = BrokerConfig::new(&socket);
+    (bcfg.permissions, _) = permissions(&cfg);
+    bcfg.default_permissions = Some(permissions(&cfg).1);
+    let broker = Arc::new(Broker::start(bcfg).context("cannot start the broker")?);
+    let client = Arc::new(Client::connect(ClientConfig::new(&socket, AGENT_CLIENT_ID))?);
+    anyhow::ensure!(
+        client.wait_connected(Duration::from_secs(10)),
+        "the agent's bus client could not connect to its own broker at {}",
+        socket.display()
+    );
+    let writer = Arc::new(
+        StoreWriter::start(
+            client.clone(),
+            WriterConfig { database: cfg.database(), store: cfg.store.clone(), rules: cfg.active_rules() },
+        )
+        .context("cannot start the event store")?,
+    );
+    let (sup_tx, sup_rx) = bounded(256);
+    let supervisor = Arc::new(Supervisor::start(&cfg, sup_tx, pids)?);
+    let (ended_tx, ended_rx) = bounded(1);
+    let monitor = Monitor::start(
+        MonitorParts {
+            config: cfg.clone(),
+            client: client.clone(),
+            broker: broker.clone(),
+            writer: writer.clone(),
+            supervisor: supervisor.clone(),
+            supervisor_events: sup_rx,
+        },
+        ended_tx,
+    )?;
+
+    let reason = select! {
+        recv(shutdown) -> _ => None,
+        recv(ended_rx) -> o => match o {
+            Ok(Outcome::StartupFailed(r)) => Some(r),
+            _ => None,
+        },
+    };
+    monitor.begin_shutdown();
+    supervisor.begin_shutdown();
+    log::info!("shutting down: {}", reason.as_deref().unwrap_or("signal"));
+
+    // Ask every collector to stop over RPC, in parallel.
+    let grace = Duration::from_secs(cfg.shutdown_timeout_secs);
+    let asked: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = cfg
+            .collectors
+            .iter()
+            .filter(|c| c.enabled)
+            .map(|c| {
+                let client = &client;
+                s.spawn(move || {
+                    let reply = client.request(
+                        &control::rpc_topic(&c.id),
+                        &control::encode(&RpcRequest::GracefulShutdown),
+                        grace,
+                    );
+                    match reply.map(|m| control::decode::<RpcResponse>(&m.payload)) {
+                        Ok(Ok(r)) if r.status == RpcStatus::Ok => {
+                            log::info!("collector {}: shut down gracefully", c.id);
+                            Some(c.id.clone())
+                        }
+                        Ok(Ok(r)) if r.status == RpcStatus::ShuttingDown => {
+                            log::info!("collector {}: already shutting down", c.id);
+                            Some(c.id.clone())
+                        }
+                        Ok(Ok(r)) => {
+                            log::warn!("collector {}: GracefulShutdown answered {:?}", c.id, r.status);
+                            None
+                        }
+                        Ok(Err(e)) => {
+                            log::warn!("collector {}: undecodable GracefulShutdown reply: {e}", c.id);
+                            None
+                        }
+                        Err(e) => {
+                            log::warn!("collector {}: GracefulShutdown: {e}", c.id);
+                            None
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
+    });
+    let kill_wait = Duration::from_secs(cfg.escalation.kill_timeout_secs);
+    supervisor.shutdown(asked, grace, kill_wait);
+    let outcome = monitor.stop();
+    drop(supervisor);
+    match Arc::try_unwrap(writer) {
+        Ok(w) => w.shutdown(),
+        Err(_) => log::error!("store writer still shared at shutdown"),
+    }
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close();
+    }
+    if let Ok(b) = Arc::try_unwrap(broker) {
+        b.shutdown();
+    }
+    Ok(match outcome {
+        Outcome::Shutdown if reason.is_none() => {
+            log::info!("stopped");
+            0
+        }
+        _ => {
+            log::error!("stopped after a failed startup: {}", reason.unwrap_or_default());
+            1
+        }
+    })
+}

@@ -1,0 +1,679 @@
+//! The monitor thread (`agent-monitor`): the loading state machine, the
+//! collectors' registrations and heartbeats, heartbeat escalation, and the
+//! answers to `agent.status`. It owns every collector's state; the
+//! supervisor reports process starts and exits to it over a channel.
+//!
+//! **Loading.** `Loading` (collectors spawned; waiting until every enabled
+//! collector has registered, at most its `startup_timeout_secs`) →
+//! `Ready` (the agent drops to `run_as` when configured and started as
+//! root) → `BeginMonitoring` broadcast on `control.collector.lifecycle` →
+//! `SteadyState`. A collector that misses the deadline, or a failed
+//! privilege drop, gives `StartupFailed { reason }`, and the agent shuts
+//! down with exit status 1. A collector that registers later (after a
+//! restart, or re-registering after a reconnection) gets
+//! `begin_monitoring: true` in its registration reply. Every transition is
+//! logged.
+//!
+//! **Identity.** A registration, deregistration or heartbeat is accepted
+//! only from the bus client whose id is the collector id it names (the
+//! broker vouches for the sender), and only for a configured collector.
+//!
+//! **Heartbeats.** A heartbeat is late after the collector's interval
+//! (from its registration) plus 10%. One or two missed: `Degraded`; three:
+//! `Failed`, and an escalation starts in its own thread
+//! (`agent-escalate-<id>`): a HealthCheck RPC (an answer ends the
+//! escalation), a GracefulShutdown RPC, then the supervisor waits for the
+//! exit, SIGKILLs, waits again; the exit is then restarted by the
+//! supervisor's policy. Each step, with its outcome, is logged and kept in
+//! the collector's status.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use daemoneye_bus::{Broker, Client, Message};
+use procmond::control::{
+    self, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse,
+    RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
+};
+
+use crate::api::{
+    self, AgentState, AgentStatus, BrokerStatus, CollectorPhase, CollectorStatus, EscalationStep,
+    HeartbeatInfo,
+};
+use crate::config::{AgentConfig, CollectorSpec, EscalationSpec};
+use crate::supervisor::{Supervisor, SupervisorEvent};
+use crate::writer::StoreWriter;
+
+/// Heartbeats missed before a collector counts as failed.
+const MISSES_TO_FAIL: u32 = 3;
+/// Steps kept per collector.
+const STEPS_KEPT: usize = 12;
+
+/// Why the monitor ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A shutdown was asked for.
+    Shutdown,
+    /// Startup failed; the agent exits with status 1.
+    StartupFailed(String),
+}
+
+struct Entry {
+    spec: CollectorSpec,
+    phase: CollectorPhase,
+    pid: Option<u32>,
+    adopted: bool,
+    registered: bool,
+    /// The heartbeat period it registered with.
+    interval: Duration,
+    /// When the last heartbeat (or the registration) arrived.
+    last_seen: Instant,
+    heartbeat: Option<HeartbeatInfo>,
+    missed: u32,
+    restarts: u32,
+    last_exit: Option<String>,
+    escalation: Vec<EscalationStep>,
+    escalating: bool,
+}
+
+impl Entry {
+    fn step(&mut self, step: &str, outcome: String) {
+        log::warn!("collector {}: escalation: {step}: {outcome}", self.spec.id);
+        if self.escalation.len() >= STEPS_KEPT {
+            self.escalation.remove(0);
+        }
+        self.escalation.push(EscalationStep {
+            step: step.to_owned(),
+            outcome,
+            at_unix_ms: api::now_unix_ms(),
+        });
+    }
+}
+
+/// Requests to the monitor thread.
+enum Control {
+    /// State ShuttingDown: keep answering, start no escalation.
+    BeginShutdown,
+    /// End the thread.
+    Stop,
+}
+
+/// What the escalation thread reports.
+struct StepReport {
+    id: String,
+    step: &'static str,
+    outcome: String,
+    /// The escalation is over.
+    done: bool,
+}
+
+/// Everything the monitor works with.
+pub struct MonitorParts {
+    /// The configuration.
+    pub config: AgentConfig,
+    /// The agent's bus client.
+    pub client: Arc<Client>,
+    /// The broker (for its counters).
+    pub broker: Arc<Broker>,
+    /// The store writer (for its counters).
+    pub writer: Arc<StoreWriter>,
+    /// The supervisor.
+    pub supervisor: Arc<Supervisor>,
+    /// Process starts and exits.
+    pub supervisor_events: Receiver<SupervisorEvent>,
+}
+
+/// Handle to the monitor thread.
+pub struct Monitor {
+    stop: Sender<Control>,
+    thread: Option<JoinHandle<Outcome>>,
+}
+
+impl Monitor {
+    /// Subscribes and starts the thread. `ended` receives the outcome as
+    /// soon as the monitor decides the agent must stop (startup failure).
+    pub fn start(parts: MonitorParts, ended: Sender<Outcome>) -> anyhow::Result<Monitor> {
+        let client = parts.client.clone();
+        let regs = client.subscribe(control::REGISTRATION_TOPIC)?;
+        let hbs = client.subscribe(control::HEARTBEAT_PATTERN)?;
+        let status = client.subscribe(api::STATUS_TOPIC)?;
+        let (stop, stop_rx) = bounded(2);
+        let thread = std::thread::Builder::new().name("agent-monitor".into()).spawn(move || {
+            let mut m = State::new(parts);
+            let (steps_tx, steps_rx) = bounded::<StepReport>(64);
+            let ticker = tick(Duration::from_millis(100));
+            log::info!("agent state: Loading (waiting for {} collector(s) to register)", m.enabled());
+            let mut failed = None;
+            let outcome = loop {
+                select! {
+                    recv(stop_rx) -> c => match c {
+                        Ok(Control::BeginShutdown) => m.set_state(AgentState::ShuttingDown),
+                        _ => break Outcome::Shutdown,
+                    },
+                    recv(regs.messages()) -> msg => if let Ok(msg) = msg { m.registration(&msg) },
+                    recv(hbs.messages()) -> msg => if let Ok(msg) = msg { m.heartbeat(&msg) },
+                    recv(status.messages()) -> msg => if let Ok(msg) = msg { m.answer_status(&msg) },
+                    recv(m.supervisor_events.clone()) -> ev => if let Ok(ev) = ev { m.supervised(ev) },
+                    recv(steps_rx) -> r => if let Ok(r) = r { m.escalation_step(r) },
+                    recv(ticker) -> _ => {}
+                }
+                if let Some(reason) = m.check(&steps_tx) {
+                    // Keep answering (collectors deregister while the
+                    // agent stops them) until told to stop.
+                    let _ = ended.try_send(Outcome::StartupFailed(reason.clone()));
+                    failed = Some(reason);
+                }
+            };
+            let outcome = match failed {
+                Some(reason) => Outcome::StartupFailed(reason),
+                None => outcome,
+            };
+            m.set_state(AgentState::ShuttingDown);
+            m.join_escalations();
+            drop((regs, hbs, status));
+            outcome
+        })?;
+        Ok(Monitor { stop, thread: Some(thread) })
+    }
+
+    /// Enters ShuttingDown: registrations, heartbeats and status are still
+    /// answered (collectors deregister while they stop), escalations are
+    /// not started any more.
+    pub fn begin_shutdown(&self) {
+        let _ = self.stop.try_send(Control::BeginShutdown);
+    }
+
+    /// Stops the thread and returns why it ended.
+    pub fn stop(mut self) -> Outcome {
+        let _ = self.stop.try_send(Control::Stop);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(Outcome::Shutdown)
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(Control::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct State {
+    parts: MonitorParts,
+    supervisor_events: Receiver<SupervisorEvent>,
+    state: AgentState,
+    state_since: u64,
+    started: Instant,
+    /// When loading gives up on a collector.
+    loading_deadline: Instant,
+    entries: Vec<Entry>,
+    escalations: Vec<JoinHandle<()>>,
+}
+
+impl State {
+    fn new(parts: MonitorParts) -> State {
+        let now = Instant::now();
+        let entries: Vec<Entry> = parts
+            .config
+            .collectors
+            .iter()
+            .map(|c| Entry {
+                spec: c.clone(),
+                phase: if c.enabled { CollectorPhase::Starting } else { CollectorPhase::Disabled },
+                pid: None,
+                adopted: false,
+                registered: false,
+                interval: Duration::from_secs(c.heartbeat_interval_secs),
+                last_seen: now,
+                heartbeat: None,
+                missed: 0,
+                restarts: 0,
+                last_exit: None,
+                escalation: Vec::new(),
+                escalating: false,
+            })
+            .collect();
+        let timeout = parts
+            .config
+            .collectors
+            .iter()
+            .filter(|c| c.enabled)
+            .map(|c| c.startup_timeout_secs)
+            .max()
+            .unwrap_or(0);
+        State {
+            supervisor_events: parts.supervisor_events.clone(),
+            parts,
+            state: AgentState::Loading,
+            state_since: api::now_unix_ms(),
+            started: now,
+            loading_deadline: now + Duration::from_secs(timeout),
+            entries,
+            escalations: Vec::new(),
+        }
+    }
+
+    fn enabled(&self) -> usize {
+        self.entries.iter().filter(|e| e.spec.enabled).count()
+    }
+
+    fn set_state(&mut self, state: AgentState) {
+        if self.state == state {
+            return;
+        }
+        match &state {
+            AgentState::StartupFailed { reason } => {
+                log::error!("agent state: {} -> StartupFailed: {reason}", self.state.name())
+            }
+            s => log::info!("agent state: {} -> {}", self.state.name(), s.name()),
+        }
+        self.state = state;
+        self.state_since = api::now_unix_ms();
+    }
+
+    fn entry(&mut self, id: &str) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.spec.id == id)
+    }
+
+    /// A registration request: accepted from the collector itself, for a
+    /// configured and enabled id.
+    fn registration(&mut self, msg: &Message) {
+        let parsed: Result<RegistrationMessage, _> = control::decode(&msg.payload);
+        let steady = self.state == AgentState::SteadyState;
+        let (id, reply) = match parsed {
+            Err(e) => {
+                log::warn!("undecodable registration from bus client {:?}: {e}", msg.from);
+                (None, reject(format!("undecodable registration: {e}")))
+            }
+            Ok(RegistrationMessage::Register(req)) => {
+                if req.collector_id != msg.from {
+                    log::warn!(
+                        "registration for {:?} refused: sent by bus client {:?}",
+                        req.collector_id,
+                        msg.from
+                    );
+                    (None, reject("a collector may register only itself".into()))
+                } else if let Some(e) = self.entry(&req.collector_id).filter(|e| e.spec.enabled) {
+                    let first = !e.registered;
+                    e.registered = true;
+                    e.escalating = false;
+                    e.interval = Duration::from_millis(req.heartbeat_interval_ms.max(100));
+                    e.last_seen = Instant::now();
+                    e.missed = 0;
+                    e.pid = Some(req.pid);
+                    e.phase = if steady { CollectorPhase::Running } else { CollectorPhase::Registered };
+                    log::info!(
+                        "collector {} registered (pid {}, {} {}, heartbeat every {:?}){}",
+                        req.collector_id,
+                        req.pid,
+                        req.collector_type,
+                        req.version,
+                        e.interval,
+                        if steady { "; sent BeginMonitoring in the reply" } else { "" }
+                    );
+                    if !first {
+                        log::info!("collector {} re-registered", req.collector_id);
+                    }
+                    (
+                        Some(req.collector_id.clone()),
+                        RegistrationResponse {
+                            status: RegistrationStatus::Accepted,
+                            message: None,
+                            begin_monitoring: steady,
+                            acknowledged_through: None,
+                        },
+                    )
+                } else {
+                    log::warn!(
+                        "registration from unknown or disabled collector {:?} refused",
+                        req.collector_id
+                    );
+                    (
+                        None,
+                        reject(format!("collector {:?} is not configured in agent.yaml", req.collector_id)),
+                    )
+                }
+            }
+            Ok(RegistrationMessage::Deregister { collector_id, reason }) => {
+                if collector_id == msg.from
+                    && let Some(e) = self.entry(&collector_id)
+                {
+                    log::info!("collector {collector_id} deregistered: {reason}");
+                    e.registered = false;
+                    e.phase = CollectorPhase::Stopped;
+                    (Some(collector_id), accept())
+                } else {
+                    log::warn!("deregistration of {collector_id:?} by bus client {:?} refused", msg.from);
+                    (None, reject("a collector may deregister only itself".into()))
+                }
+            }
+        };
+        let _ = id;
+        if let Err(e) = self.parts.client.reply(msg, &control::encode(&reply)) {
+            log::warn!("cannot answer a registration: {e}");
+        }
+    }
+
+    fn heartbeat(&mut self, msg: &Message) {
+        let hb: Heartbeat = match control::decode(&msg.payload) {
+            Ok(hb) => hb,
+            Err(e) => {
+                log::warn!("undecodable heartbeat on {} from {:?}: {e}", msg.topic, msg.from);
+                return;
+            }
+        };
+        if hb.collector_id != msg.from || msg.topic != control::heartbeat_topic(&hb.collector_id) {
+            log::warn!("heartbeat for {:?} from bus client {:?} ignored", hb.collector_id, msg.from);
+            return;
+        }
+        let steady = self.state == AgentState::SteadyState;
+        let Some(e) = self.entry(&hb.collector_id) else {
+            log::debug!("heartbeat from unconfigured collector {:?}", hb.collector_id);
+            return;
+        };
+        if e.missed > 0 {
+            log::info!("collector {}: heartbeats resumed after {} missed", e.spec.id, e.missed);
+        }
+        e.missed = 0;
+        e.last_seen = Instant::now();
+        if e.registered && !e.escalating {
+            e.phase = if steady { CollectorPhase::Running } else { CollectorPhase::Registered };
+        }
+        e.heartbeat = Some(HeartbeatInfo {
+            sequence: hb.sequence,
+            status: match hb.status {
+                HealthStatus::Healthy => "healthy",
+                HealthStatus::Degraded => "degraded",
+                HealthStatus::Unhealthy => "unhealthy",
+            }
+            .to_owned(),
+            received_unix_ms: api::now_unix_ms(),
+            processes_collected: hb.metrics.processes_collected,
+            events_published: hb.metrics.events_published,
+            buffer_level_percent: hb.metrics.buffer_level_percent,
+            cycles: hb.metrics.cycles,
+            errors: hb.metrics.errors,
+        });
+    }
+
+    fn supervised(&mut self, ev: SupervisorEvent) {
+        match ev {
+            SupervisorEvent::Started { id, pid, adopted } => {
+                if let Some(e) = self.entry(&id) {
+                    e.pid = Some(pid);
+                    e.adopted = adopted;
+                    if !e.registered {
+                        e.phase = CollectorPhase::Starting;
+                    }
+                    e.last_seen = Instant::now();
+                }
+            }
+            SupervisorEvent::SpawnFailed { id, reason } => {
+                if let Some(e) = self.entry(&id) {
+                    e.last_exit = Some(reason);
+                }
+            }
+            SupervisorEvent::Exited { id, status, restart_in, not_restarted } => {
+                if let Some(e) = self.entry(&id) {
+                    e.pid = None;
+                    e.registered = false;
+                    e.missed = 0;
+                    e.last_exit = Some(status.clone());
+                    e.phase = if restart_in.is_some() {
+                        CollectorPhase::Restarting
+                    } else {
+                        CollectorPhase::Stopped
+                    };
+                    if restart_in.is_some() {
+                        e.restarts += 1;
+                    }
+                    let escalating = e.escalating;
+                    e.escalating = escalating && restart_in.is_some();
+                    if escalating {
+                        let outcome = match (&restart_in, &not_restarted) {
+                            (Some(d), _) => format!("{status}; restart in {d:?}"),
+                            (None, why) => {
+                                format!("{status}; not restarted: {}", why.as_deref().unwrap_or(""))
+                            }
+                        };
+                        e.step("exited", outcome);
+                    }
+                }
+            }
+            SupervisorEvent::Step { id, step, outcome } => {
+                if let Some(e) = self.entry(&id)
+                    && e.escalating
+                {
+                    e.step(step, outcome);
+                    if step == "restart" {
+                        e.escalating = false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn escalation_step(&mut self, r: StepReport) {
+        if let Some(e) = self.entry(&r.id) {
+            e.step(r.step, r.outcome);
+            if r.done {
+                // It answered: count misses afresh from now.
+                e.escalating = false;
+                e.missed = 0;
+                e.last_seen = Instant::now();
+                e.phase = CollectorPhase::Degraded;
+            }
+        }
+    }
+
+    /// Loading progress and heartbeat deadlines; `Some(reason)` when
+    /// startup failed.
+    fn check(&mut self, steps: &Sender<StepReport>) -> Option<String> {
+        let now = Instant::now();
+        if self.state == AgentState::Loading {
+            let waiting: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|e| e.spec.enabled && !e.registered)
+                .map(|e| e.spec.id.clone())
+                .collect();
+            if waiting.is_empty() {
+                self.set_state(AgentState::Ready);
+                if let Err(reason) = self.drop_privileges() {
+                    self.set_state(AgentState::StartupFailed { reason: reason.clone() });
+                    return Some(reason);
+                }
+                let cmd = control::encode(&LifecycleCommand::BeginMonitoring);
+                if let Err(e) = self.parts.client.publish_confirmed(control::LIFECYCLE_TOPIC, &cmd) {
+                    // The collectors are registered, so the broker is up;
+                    // the next tick tries again.
+                    log::warn!("cannot broadcast BeginMonitoring: {e}");
+                    self.state = AgentState::Loading;
+                    return None;
+                }
+                log::info!("BeginMonitoring sent to {} collector(s)", self.enabled());
+                for e in &mut self.entries {
+                    if e.registered {
+                        e.phase = CollectorPhase::Running;
+                    }
+                }
+                self.set_state(AgentState::SteadyState);
+            } else if now >= self.loading_deadline {
+                let reason = format!(
+                    "collector(s) {} did not register within their startup timeout",
+                    waiting.join(", ")
+                );
+                self.set_state(AgentState::StartupFailed { reason: reason.clone() });
+                return Some(reason);
+            }
+            return None;
+        }
+        if self.state != AgentState::SteadyState {
+            return None;
+        }
+        for i in 0..self.entries.len() {
+            let e = &mut self.entries[i];
+            if !e.registered || e.escalating {
+                continue;
+            }
+            // Late after the interval plus 10% grace, per heartbeat.
+            let late = e.interval + e.interval / 10;
+            let missed = u32::try_from(now.duration_since(e.last_seen).as_millis() / late.as_millis().max(1))
+                .unwrap_or(u32::MAX);
+            if missed <= e.missed {
+                continue;
+            }
+            e.missed = missed;
+            if missed < MISSES_TO_FAIL {
+                log::warn!("collector {}: {missed} heartbeat(s) missed; degraded", e.spec.id);
+                e.phase = CollectorPhase::Degraded;
+            } else {
+                log::error!("collector {}: {missed} heartbeats missed; failed, escalating", e.spec.id);
+                e.phase = CollectorPhase::Failed;
+                e.escalating = true;
+                e.escalation.clear();
+                let id = e.spec.id.clone();
+                self.escalate(id, steps.clone());
+            }
+        }
+        None
+    }
+
+    /// Starts an escalation thread for a failed collector.
+    fn escalate(&mut self, id: String, steps: Sender<StepReport>) {
+        let client = self.parts.client.clone();
+        let supervisor = self.parts.supervisor.clone();
+        let esc: EscalationSpec = self.parts.config.escalation.clone();
+        let spawned = std::thread::Builder::new().name(format!("agent-escalate-{id}")).spawn(move || {
+            let report = |step: &'static str, outcome: String, done: bool| {
+                let _ = steps.send(StepReport { id: id.clone(), step, outcome, done });
+            };
+            let rpc = |req: &RpcRequest, secs: u64| -> Result<RpcResponse, String> {
+                let reply = client
+                    .request(&control::rpc_topic(&id), &control::encode(req), Duration::from_secs(secs))
+                    .map_err(|e| e.to_string())?;
+                control::decode::<RpcResponse>(&reply.payload).map_err(|e| format!("undecodable reply: {e}"))
+            };
+            match rpc(&RpcRequest::HealthCheck, esc.health_check_timeout_secs) {
+                Ok(r) if r.status == RpcStatus::Ok => {
+                    let state = r.health.map(|h| format!("{:?}", h.state)).unwrap_or_default();
+                    return report("health_check", format!("answered ({state}); escalation ends"), true);
+                }
+                Ok(r) => report(
+                    "health_check",
+                    format!("answered {:?}: {}", r.status, r.message.unwrap_or_default()),
+                    false,
+                ),
+                Err(e) => report("health_check", format!("no answer: {e}"), false),
+            }
+            match rpc(&RpcRequest::GracefulShutdown, esc.graceful_shutdown_timeout_secs) {
+                Ok(r) => report("graceful_shutdown", format!("answered {:?}", r.status), false),
+                Err(e) => report("graceful_shutdown", format!("no answer: {e}"), false),
+            }
+            // The supervisor waits for the exit, then SIGKILLs; the exit
+            // is restarted by its policy and reported there.
+            supervisor.stop(
+                &id,
+                Duration::from_secs(esc.graceful_shutdown_timeout_secs),
+                Duration::from_secs(esc.kill_timeout_secs),
+            );
+            report("stop", "waiting for the exit, then SIGKILL".into(), false);
+        });
+        match spawned {
+            Ok(t) => self.escalations.push(t),
+            Err(e) => log::error!("cannot start an escalation thread: {e}"),
+        }
+        self.escalations.retain(|t| !t.is_finished());
+    }
+
+    fn join_escalations(&mut self) {
+        for t in self.escalations.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Drops to `run_as` when configured and running as root.
+    fn drop_privileges(&self) -> Result<(), String> {
+        let Some(name) = &self.parts.config.run_as else { return Ok(()) };
+        if !nix::unistd::geteuid().is_root() {
+            log::info!("run_as {name:?} ignored: not running as root");
+            return Ok(());
+        }
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("run_as: cannot look up user {name:?}: {e}"))?
+            .ok_or_else(|| format!("run_as: no user {name:?}"))?;
+        daemoneye_platform::drop_privileges(user.uid.as_raw(), user.gid.as_raw())
+            .map_err(|e| format!("run_as {name:?}: {e}"))?;
+        log::info!("privileges dropped to {name} (uid {}, gid {})", user.uid, user.gid);
+        Ok(())
+    }
+
+    fn answer_status(&mut self, msg: &Message) {
+        if msg.reply_to.is_none() {
+            return;
+        }
+        let b = self.parts.broker.stats();
+        let writer = &self.parts.writer;
+        let status = AgentStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            state: self.state.clone(),
+            state_since_unix_ms: self.state_since,
+            uptime_secs: self.started.elapsed().as_secs(),
+            collectors: self
+                .entries
+                .iter()
+                .map(|e| CollectorStatus {
+                    id: e.spec.id.clone(),
+                    collector_type: e.spec.collector_type.clone(),
+                    phase: e.phase,
+                    pid: e.pid,
+                    adopted: e.adopted,
+                    registered: e.registered,
+                    heartbeat: e.heartbeat.clone(),
+                    missed_heartbeats: e.missed,
+                    restarts: e.restarts,
+                    last_exit: e.last_exit.clone(),
+                    escalation: e.escalation.clone(),
+                    events_stored: writer.events_stored(&e.spec.id),
+                })
+                .collect(),
+            broker: BrokerStatus {
+                socket: self.parts.broker.socket().display().to_string(),
+                connections: b.connections,
+                subscriptions: b.subscriptions,
+                published: b.published,
+                delivered: b.delivered,
+                dropped: b.dropped,
+                forbidden: b.forbidden,
+                refused: b.refused,
+                protocol_errors: b.protocol_errors,
+            },
+            store: writer.status(),
+        };
+        if let Err(e) = self.parts.client.reply(msg, &api::encode(&status)) {
+            log::debug!("cannot answer a status request: {e}");
+        }
+    }
+}
+
+fn reject(message: String) -> RegistrationResponse {
+    RegistrationResponse {
+        status: RegistrationStatus::Rejected,
+        message: Some(message),
+        begin_monitoring: false,
+        acknowledged_through: None,
+    }
+}
+
+fn accept() -> RegistrationResponse {
+    RegistrationResponse {
+        status: RegistrationStatus::Accepted,
+        message: None,
+        begin_monitoring: false,
+        acknowledged_through: None,
+    }
+}

@@ -1,0 +1,502 @@
+//! The supervisor thread (`agent-supervisor`): it owns the collectors'
+//! processes.
+//!
+//! - **Spawn.** Each enabled collector runs as a child with
+//!   `DAEMONEYE_BROKER_SOCKET`, `--collector-id`, `--data-dir` and
+//!   `--heartbeat-interval` set by the agent.
+//! - **Adopt.** A collector found running at start (its lock file
+//!   `<data dir>/procmond-<id>.pid` is held: an agent that died without
+//!   stopping it) is taken over rather than spawned twice. It reconnects
+//!   to the new broker by itself and replays what the store has not
+//!   acknowledged. Its liveness is the lock: when the lock can be taken,
+//!   it is gone.
+//! - **Reap and restart.** Children are polled with `try_wait` every
+//!   100 ms; an exit is logged with its status and reported to the
+//!   monitor, and, with `auto_restart`, the collector is started again
+//!   after a backoff (1 s, doubling to 30 s) unless it restarted
+//!   `max_restarts` times within `restart_window_secs` already.
+//! - **Stop.** On the monitor's request (escalation) or at shutdown: wait
+//!   for the exit up to a grace period, then SIGKILL by the process's own
+//!   pid, then wait again. Children still running when the supervisor is
+//!   dropped are killed and reaped (kill-on-drop).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use parking_lot::Mutex;
+
+use crate::config::{AgentConfig, CollectorSpec};
+
+/// The environment variable that puts procmond in actor mode.
+pub const BROKER_ENV: &str = "DAEMONEYE_BROKER_SOCKET";
+
+/// First delay before a restart; it doubles per restart in the window.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest delay before a restart.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What the supervisor tells the monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SupervisorEvent {
+    /// A process runs for the collector.
+    Started {
+        /// The collector.
+        id: String,
+        /// Its pid.
+        pid: u32,
+        /// Found running, not spawned.
+        adopted: bool,
+    },
+    /// It could not be started.
+    SpawnFailed {
+        /// The collector.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// Its process ended.
+    Exited {
+        /// The collector.
+        id: String,
+        /// How ("exit status 0", "signal 9 (SIGKILL)").
+        status: String,
+        /// Whether it will be started again.
+        restart_in: Option<Duration>,
+        /// Why not, when not.
+        not_restarted: Option<String>,
+    },
+    /// A step of a stop: "SIGKILL sent", "exited".
+    Step {
+        /// The collector.
+        id: String,
+        /// kill, restart.
+        step: &'static str,
+        /// What happened.
+        outcome: String,
+    },
+}
+
+/// Requests to the supervisor.
+enum Request {
+    /// Stop one collector: wait `grace` for its exit, then SIGKILL and
+    /// wait `kill_wait`; then the restart policy applies.
+    Stop { id: String, grace: Duration, kill_wait: Duration },
+    /// Stop every collector and restart none: SIGTERM to those not in
+    /// `stopping` (already asked over RPC), SIGKILL after `grace`; the
+    /// reply comes when all are gone.
+    StopAll { stopping: Vec<String>, grace: Duration, kill_wait: Duration, done: Sender<()> },
+}
+
+/// Handle to the supervisor thread.
+pub struct Supervisor {
+    tx: Sender<Request>,
+    pids: Arc<Mutex<Vec<u32>>>,
+    closing: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Proc {
+    /// Our child.
+    Child(Child),
+    /// Found running; its lock file says it lives.
+    Adopted { pid: u32, lock: PathBuf },
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// `Some(status)` once it has ended.
+    fn poll(&mut self) -> Option<String> {
+        match self {
+            Proc::Child(c) => match c.try_wait() {
+                Ok(Some(s)) => Some(describe(s)),
+                Ok(None) => None,
+                Err(e) => Some(format!("lost ({e})")),
+            },
+            Proc::Adopted { lock, .. } => match lock_holder(lock) {
+                Some(_) => None,
+                None => Some("ended (adopted; status unknown)".to_owned()),
+            },
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Proc::Child(c) => {
+                let _ = c.kill();
+            }
+            Proc::Adopted { pid, lock } => {
+                // Only while its lock is still held by that pid: never a
+                // process that merely reuses the number.
+                if lock_holder(lock) == Some(*pid)
+                    && let Ok(p) = i32::try_from(*pid)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+
+    fn terminate(&mut self) {
+        let pid = self.pid();
+        if let Proc::Adopted { lock, .. } = self
+            && lock_holder(lock) != Some(pid)
+        {
+            return;
+        }
+        if let Ok(p) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
+/// "exit status 3", "signal 9 (SIGKILL)".
+fn describe(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(name) => format!("signal {sig} ({name})"),
+            Err(_) => format!("signal {sig}"),
+        },
+        _ => "ended".to_owned(),
+    }
+}
+
+/// The pid holding a collector's lock file, or `None` when nobody holds
+/// it (or it does not exist).
+fn lock_holder(path: &Path) -> Option<u32> {
+    let file = File::open(path).ok()?;
+    match file.try_lock() {
+        // Free: dropping the file releases it at once.
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).or(Some(0))
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
+/// One supervised collector.
+struct Slot {
+    spec: CollectorSpec,
+    data_dir: PathBuf,
+    proc: Option<Proc>,
+    /// Restart times within the window.
+    restarts: VecDeque<Instant>,
+    restart_at: Option<Instant>,
+    /// A stop in progress: (SIGKILL at, give up waiting at).
+    stopping: Option<(Instant, Option<Instant>)>,
+}
+
+struct Inner {
+    slots: Vec<Slot>,
+    socket: PathBuf,
+    events: Sender<SupervisorEvent>,
+    pids: Arc<Mutex<Vec<u32>>>,
+    /// Shutting down: no restarts.
+    closing: Arc<AtomicBool>,
+}
+
+impl Supervisor {
+    /// Starts the thread and the enabled collectors.
+    /// `pids` is kept up to date with the collectors' pids (for a
+    /// last-resort kill from the signal thread).
+    pub fn start(
+        cfg: &AgentConfig,
+        events: Sender<SupervisorEvent>,
+        pids: Arc<Mutex<Vec<u32>>>,
+    ) -> std::io::Result<Supervisor> {
+        let slots = cfg
+            .collectors
+            .iter()
+            .filter(|c| c.enabled)
+            .map(|c| Slot {
+                spec: c.clone(),
+                data_dir: cfg.collector_data_dir(c),
+                proc: None,
+                restarts: VecDeque::new(),
+                restart_at: None,
+                stopping: None,
+            })
+            .collect();
+        let closing = Arc::new(AtomicBool::new(false));
+        let mut inner = Inner {
+            slots,
+            socket: cfg.broker_socket(),
+            events,
+            pids: pids.clone(),
+            closing: closing.clone(),
+        };
+        let (tx, rx) = bounded(16);
+        let thread = std::thread::Builder::new().name("agent-supervisor".into()).spawn(move || {
+            for i in 0..inner.slots.len() {
+                inner.launch(i);
+            }
+            inner.run(&rx);
+        })?;
+        Ok(Supervisor { tx, pids, closing, thread: Some(thread) })
+    }
+
+    /// From now on, exits are not restarted (the agent is shutting down).
+    pub fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Pids of the collectors' processes now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.lock().clone()
+    }
+
+    /// Stops one collector (an escalation step): waits `grace` for it to
+    /// exit, then SIGKILLs it and waits `kill_wait`. The restart policy
+    /// then applies as for any exit.
+    pub fn stop(&self, id: &str, grace: Duration, kill_wait: Duration) {
+        if self.tx.try_send(Request::Stop { id: id.to_owned(), grace, kill_wait }).is_err() {
+            log::warn!("supervisor busy or gone: cannot stop {id}");
+        }
+    }
+
+    /// Stops every collector: SIGTERM to each not in `stopping` (those
+    /// accepted a GracefulShutdown RPC; a signal now would cut their
+    /// flush short), SIGKILL after `grace`, then reaps; returns when all
+    /// are gone (or after `grace + kill_wait` more), and ends the thread.
+    pub fn shutdown(&self, stopping: Vec<String>, grace: Duration, kill_wait: Duration) {
+        let (done, wait) = bounded(1);
+        if self.tx.send(Request::StopAll { stopping, grace, kill_wait, done }).is_ok() {
+            let _ = wait.recv_timeout(grace + kill_wait + Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            // The thread ends when its command channel closes; it kills
+            // and reaps what still runs.
+            let (tx, _) = bounded(1);
+            drop(std::mem::replace(&mut self.tx, tx));
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn run(&mut self, rx: &Receiver<Request>) {
+        let ticker = tick(Duration::from_millis(100));
+        let mut all_done: Option<(Sender<()>, Instant)> = None;
+        loop {
+            select! {
+                recv(rx) -> cmd => match cmd {
+                    Ok(Request::Stop { id, grace, kill_wait }) => {
+                        if let Some(s) = self.slots.iter_mut().find(|s| s.spec.id == id)
+                            && s.proc.is_some()
+                        {
+                            let now = Instant::now();
+                            s.stopping = Some((now + grace, Some(now + grace + kill_wait)));
+                        }
+                    }
+                    Ok(Request::StopAll { stopping, grace, kill_wait, done }) => {
+                        self.closing.store(true, Ordering::Release);
+                        let now = Instant::now();
+                        for s in &mut self.slots {
+                            s.restart_at = None;
+                            if let Some(p) = &mut s.proc {
+                                if !stopping.contains(&s.spec.id) {
+                                    p.terminate();
+                                }
+                                s.stopping = Some((now + grace, None));
+                            }
+                        }
+                        all_done = Some((done, now + grace + kill_wait));
+                    }
+                    Err(_) => {
+                        self.kill_all();
+                        return;
+                    }
+                },
+                recv(ticker) -> _ => {}
+            }
+            self.poll();
+            if let Some((done, give_up)) = &all_done {
+                let running: Vec<&str> =
+                    self.slots.iter().filter(|s| s.proc.is_some()).map(|s| s.spec.id.as_str()).collect();
+                if running.is_empty() || Instant::now() >= *give_up {
+                    if !running.is_empty() {
+                        log::error!("collectors still running after SIGKILL: {}", running.join(", "));
+                    }
+                    let _ = done.send(());
+                    self.kill_all();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reaps exits, runs stop deadlines and due restarts.
+    fn poll(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            if let Some(p) = &mut s.proc {
+                if let Some(status) = p.poll() {
+                    s.proc = None;
+                    s.stopping = None;
+                    self.exited(i, status);
+                    continue;
+                }
+                if let Some((kill_at, give_up)) = s.stopping
+                    && now >= kill_at
+                {
+                    p.kill();
+                    let id = s.spec.id.clone();
+                    log::warn!("collector {id}: did not exit in time; SIGKILL sent to pid {}", p.pid());
+                    s.stopping = give_up.map(|g| (g, None));
+                    let outcome = format!("SIGKILL sent to pid {}", p.pid());
+                    let _ = self.events.try_send(SupervisorEvent::Step { id, step: "kill", outcome });
+                }
+            } else if s.restart_at.is_some_and(|at| now >= at) {
+                s.restart_at = None;
+                s.restarts.push_back(now);
+                let _ = self.events.try_send(SupervisorEvent::Step {
+                    id: s.spec.id.clone(),
+                    step: "restart",
+                    outcome: "starting again".into(),
+                });
+                self.launch(i);
+            }
+        }
+        self.publish_pids();
+    }
+
+    fn exited(&mut self, i: usize, status: String) {
+        let closing = self.closing.load(Ordering::Acquire);
+        let s = &mut self.slots[i];
+        let id = s.spec.id.clone();
+        let window = Duration::from_secs(s.spec.restart_window_secs);
+        let now = Instant::now();
+        while s.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+            s.restarts.pop_front();
+        }
+        let (restart_in, not_restarted) = if closing {
+            (None, Some("the agent is shutting down".to_owned()))
+        } else if !s.spec.auto_restart {
+            (None, Some("auto_restart is off".to_owned()))
+        } else if s.restarts.len() >= s.spec.max_restarts as usize {
+            (
+                None,
+                Some(format!(
+                    "restarted {} times within {} s (max_restarts); giving up",
+                    s.restarts.len(),
+                    s.spec.restart_window_secs
+                )),
+            )
+        } else {
+            let exp = u32::try_from(s.restarts.len()).unwrap_or(u32::MAX).min(5);
+            let delay = (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX);
+            s.restart_at = Some(now + delay);
+            (Some(delay), None)
+        };
+        match (&restart_in, &not_restarted) {
+            (Some(d), _) if closing => log::info!("collector {id}: {status}; restart in {d:?}"),
+            (Some(d), _) => log::warn!("collector {id}: {status}; restarting in {d:?}"),
+            (None, Some(why)) if closing => log::info!("collector {id}: {status} ({why})"),
+            (None, why) => {
+                log::error!("collector {id}: {status}; not restarted: {}", why.as_deref().unwrap_or(""))
+            }
+        }
+        let _ = self.events.try_send(SupervisorEvent::Exited { id, status, restart_in, not_restarted });
+    }
+
+    /// Adopts the collector's running process, or spawns one.
+    fn launch(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        let id = s.spec.id.clone();
+        let lock = s.data_dir.join(format!("procmond-{id}.pid"));
+        if let Some(pid) = lock_holder(&lock).filter(|p| *p != 0) {
+            log::warn!(
+                "collector {id}: already running as pid {pid} (lock {}); adopting it: it reconnects and replays",
+                lock.display()
+            );
+            s.proc = Some(Proc::Adopted { pid, lock });
+            let _ = self.events.try_send(SupervisorEvent::Started { id, pid, adopted: true });
+            return;
+        }
+        match spawn(&s.spec, &s.data_dir, &self.socket) {
+            Ok(child) => {
+                let pid = child.id();
+                log::info!("collector {id}: started {} as pid {pid}", s.spec.binary.display());
+                s.proc = Some(Proc::Child(child));
+                let _ = self.events.try_send(SupervisorEvent::Started { id, pid, adopted: false });
+            }
+            Err(e) => {
+                let reason = format!("cannot start {}: {e}", s.spec.binary.display());
+                log::error!("collector {id}: {reason}");
+                let _ = self.events.try_send(SupervisorEvent::SpawnFailed { id, reason: reason.clone() });
+                // A failed spawn counts as an exit for the restart policy.
+                self.exited(i, reason);
+            }
+        }
+        self.publish_pids();
+    }
+
+    fn publish_pids(&self) {
+        let pids: Vec<u32> = self.slots.iter().filter_map(|s| s.proc.as_ref().map(Proc::pid)).collect();
+        *self.pids.lock() = pids;
+    }
+
+    /// Kills and reaps every collector still running.
+    fn kill_all(&mut self) {
+        for s in &mut self.slots {
+            if let Some(mut p) = s.proc.take() {
+                log::warn!("collector {}: killing pid {}", s.spec.id, p.pid());
+                p.kill();
+                if let Proc::Child(c) = &mut p {
+                    let _ = c.wait();
+                }
+            }
+        }
+        self.publish_pids();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Starts a collector process.
+fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(data_dir)?;
+    Command::new(&spec.binary)
+        // Its own process group: a Ctrl-C in the agent's terminal reaches
+        // the agent only, which then stops the collectors in order.
+        .process_group(0)
+        .args(&spec.args)
+        .arg("--collector-id")
+        .arg(&spec.id)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--heartbeat-interval")
+        .arg(spec.heartbeat_interval_secs.to_string())
+        .env(BROKER_ENV, socket)
+        .stdin(Stdio::null())
+        .spawn()
+}
