@@ -161,17 +161,18 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
             _ => None,
         },
     };
-    monitor.begin_shutdown();
+    let registered = monitor.begin_shutdown();
     supervisor.begin_shutdown();
     log::info!("shutting down: {}", reason.as_deref().unwrap_or("signal"));
 
-    // Ask every collector to stop over RPC, in parallel.
+    // Ask every registered collector to stop over RPC, in parallel (the
+    // others get SIGTERM from the supervisor).
     let grace = Duration::from_secs(cfg.shutdown_timeout_secs);
     let asked: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = cfg
             .collectors
             .iter()
-            .filter(|c| c.enabled)
+            .filter(|c| registered.contains(&c.id))
             .map(|c| {
                 let client = &client;
                 s.spawn(move || {

@@ -94,8 +94,9 @@ impl Entry {
 
 /// Requests to the monitor thread.
 enum Control {
-    /// State ShuttingDown: keep answering, start no escalation.
-    BeginShutdown,
+    /// State ShuttingDown: keep answering, start no escalation; replies
+    /// with the ids of the registered collectors.
+    BeginShutdown(Sender<Vec<String>>),
     /// End the thread.
     Stop,
 }
@@ -149,7 +150,11 @@ impl Monitor {
             let outcome = loop {
                 select! {
                     recv(stop_rx) -> c => match c {
-                        Ok(Control::BeginShutdown) => m.set_state(AgentState::ShuttingDown),
+                        Ok(Control::BeginShutdown(reply)) => {
+                            m.set_state(AgentState::ShuttingDown);
+                            let ids = m.entries.iter().filter(|e| e.registered).map(|e| e.spec.id.clone());
+                            let _ = reply.try_send(ids.collect());
+                        }
                         _ => break Outcome::Shutdown,
                     },
                     recv(regs.messages()) -> msg => if let Ok(msg) = msg { m.registration(&msg) },
@@ -180,9 +185,13 @@ impl Monitor {
 
     /// Enters ShuttingDown: registrations, heartbeats and status are still
     /// answered (collectors deregister while they stop), escalations are
-    /// not started any more.
-    pub fn begin_shutdown(&self) {
-        let _ = self.stop.try_send(Control::BeginShutdown);
+    /// not started any more. Returns the registered collectors' ids.
+    pub fn begin_shutdown(&self) -> Vec<String> {
+        let (tx, rx) = bounded(1);
+        if self.stop.send_timeout(Control::BeginShutdown(tx), Duration::from_secs(5)).is_err() {
+            return Vec::new();
+        }
+        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
     }
 
     /// Stops the thread and returns why it ended.

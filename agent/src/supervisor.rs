@@ -23,13 +23,14 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use daemoneye_platform::spawn::{Spawned, spawn as spawn_process};
+use nix::sys::signal::Signal;
 use parking_lot::Mutex;
 
 use crate::config::{AgentConfig, CollectorSpec};
@@ -104,7 +105,7 @@ pub struct Supervisor {
 
 enum Proc {
     /// Our child.
-    Child(Child),
+    Child(Spawned),
     /// Found running; its lock file says it lives.
     Adopted { pid: u32, lock: PathBuf },
 }
@@ -121,7 +122,7 @@ impl Proc {
     fn poll(&mut self) -> Option<String> {
         match self {
             Proc::Child(c) => match c.try_wait() {
-                Ok(Some(s)) => Some(describe(s)),
+                Ok(Some(s)) => Some(s.to_string()),
                 Ok(None) => None,
                 Err(e) => Some(format!("lost ({e})")),
             },
@@ -134,9 +135,7 @@ impl Proc {
 
     fn kill(&mut self) {
         match self {
-            Proc::Child(c) => {
-                let _ = c.kill();
-            }
+            Proc::Child(c) => c.kill(),
             Proc::Adopted { pid, lock } => {
                 // Only while its lock is still held by that pid: never a
                 // process that merely reuses the number.
@@ -153,28 +152,16 @@ impl Proc {
     }
 
     fn terminate(&mut self) {
-        let pid = self.pid();
-        if let Proc::Adopted { lock, .. } = self
-            && lock_holder(lock) != Some(pid)
-        {
-            return;
+        match self {
+            Proc::Child(c) => c.signal(Signal::SIGTERM),
+            Proc::Adopted { pid, lock } => {
+                if lock_holder(lock) == Some(*pid)
+                    && let Ok(p) = i32::try_from(*pid)
+                {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGTERM);
+                }
+            }
         }
-        if let Ok(p) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM);
-        }
-    }
-}
-
-/// "exit status 3", "signal 9 (SIGKILL)".
-fn describe(s: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (s.code(), s.signal()) {
-        (Some(c), _) => format!("exit status {c}"),
-        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
-            Ok(name) => format!("signal {sig} ({name})"),
-            Err(_) => format!("signal {sig}"),
-        },
-        _ => "ended".to_owned(),
     }
 }
 
@@ -481,22 +468,20 @@ impl Drop for Inner {
     }
 }
 
-/// Starts a collector process.
-fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
+/// Starts a collector process: with no signal blocked (the agent blocks
+/// SIGTERM and SIGINT for its signal thread; a collector must see them),
+/// in its own process group (a Ctrl-C in the agent's terminal reaches the
+/// agent only, which then stops the collectors in order).
+fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path) -> std::io::Result<Spawned> {
     std::fs::create_dir_all(data_dir)?;
-    Command::new(&spec.binary)
-        // Its own process group: a Ctrl-C in the agent's terminal reaches
-        // the agent only, which then stops the collectors in order.
-        .process_group(0)
-        .args(&spec.args)
-        .arg("--collector-id")
-        .arg(&spec.id)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--heartbeat-interval")
-        .arg(spec.heartbeat_interval_secs.to_string())
-        .env(BROKER_ENV, socket)
-        .stdin(Stdio::null())
-        .spawn()
+    let mut args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
+    args.extend([
+        "--collector-id".into(),
+        spec.id.clone().into(),
+        "--data-dir".into(),
+        data_dir.as_os_str().to_owned(),
+        "--heartbeat-interval".into(),
+        spec.heartbeat_interval_secs.to_string().into(),
+    ]);
+    spawn_process(&spec.binary, &args, &[(BROKER_ENV, socket.as_os_str())], true)
 }

@@ -29,6 +29,8 @@ mod procfs;
 mod record;
 #[cfg(unix)]
 pub mod signals;
+#[cfg(unix)]
+pub mod spawn;
 
 #[cfg(unix)]
 pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};

@@ -68,12 +68,19 @@ pub struct CollectorDef {
     pub id: String,
     /// Its binary (procmond, or a wrapper).
     pub binary: PathBuf,
+    /// Seconds the agent waits for its registration.
+    pub startup_timeout_secs: u64,
 }
 
 impl CollectorDef {
     /// A procmond with this id.
     pub fn procmond(id: &str) -> CollectorDef {
-        CollectorDef { id: id.to_owned(), binary: bin("procmond") }
+        CollectorDef::with_binary(id, bin("procmond"))
+    }
+
+    /// Another binary (a wrapper script) with this id.
+    pub fn with_binary(id: &str, binary: PathBuf) -> CollectorDef {
+        CollectorDef { id: id.to_owned(), binary, startup_timeout_secs: 20 }
     }
 }
 
@@ -101,9 +108,10 @@ pub fn agent_yaml(data_dir: &Path, collectors: &[CollectorDef], extra: &str) -> 
     for c in collectors {
         y.push_str(&format!(
             "  - id: {}\n    binary: {}\n    args: [\"--interval\", \"5\", \"--log-level\", \"debug\"]\n    \
-             heartbeat_interval_secs: 1\n    startup_timeout_secs: 20\n    max_restarts: 10\n",
+             heartbeat_interval_secs: 1\n    startup_timeout_secs: {}\n    max_restarts: 10\n",
             c.id,
-            c.binary.display()
+            c.binary.display(),
+            c.startup_timeout_secs
         ));
     }
     y.push_str(extra);

@@ -44,10 +44,8 @@ fn two_collectors_register_before_begin_monitoring_and_both_store_events() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let slow = tmp.path().join("slow-procmond");
     write_script(&slow, &format!("sleep 2\nexec {} \"$@\"", bin("procmond").display()));
-    let mut sys = System::start(
-        &[CollectorDef::procmond("pm-a"), CollectorDef { id: "pm-b".into(), binary: slow }],
-        "",
-    );
+    let mut sys =
+        System::start(&[CollectorDef::procmond("pm-a"), CollectorDef::with_binary("pm-b", slow)], "");
     let loading = sys.wait_status(Duration::from_secs(20), "pm-a registered", |s| {
         s.collectors.iter().any(|c| c.id == "pm-a" && c.registered)
     });
@@ -277,4 +275,37 @@ fn bad_configurations_are_refused_with_the_field_named() {
         assert!(err.contains(&path.display().to_string()), "case {i}: the file is named: {err}");
         assert!(!tmp.path().join(format!("data-{i}")).join("run").exists(), "case {i}: nothing was started");
     }
+}
+
+#[test]
+fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
+    // A "collector" that runs but never speaks on the bus.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mute = tmp.path().join("mute-collector");
+    write_script(&mute, "exec sleep 120");
+    let mut sys = System::start(
+        &[CollectorDef { startup_timeout_secs: 3, ..CollectorDef::with_binary("mute", mute) }],
+        "",
+    );
+    // The agent gives up after its startup timeout, stops it (SIGTERM:
+    // it never registered, so no RPC reaches it) and exits 1.
+    let mut child = sys.agent.take().expect("agent");
+    let mut status = None;
+    wait_until(Duration::from_secs(60), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let log = sys.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", sys.tail());
+    assert!(log.contains("-> StartupFailed: collector(s) mute did not register"), "{}", sys.tail());
+    let pid: u32 = log
+        .split("collector mute: started ")
+        .nth(1)
+        .and_then(|rest| rest.split("as pid ").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the collector's pid in the log");
+    assert!(!alive(pid), "the mute collector was stopped");
+    assert!(log.contains("collector mute: signal 15 (SIGTERM)"), "stopped by SIGTERM\n{}", sys.tail());
+    assert!(!sys.socket().exists(), "the broker is gone");
 }
