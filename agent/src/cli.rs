@@ -15,8 +15,6 @@ use std::time::Duration;
 use daemoneye_bus::{Client, ClientConfig, ClientError, ConnectionState};
 use procmond::event::EventEnvelope;
 use procmond::store::{EventQuery, EventStore, StoreError, StoredEvent};
-use rusqlite::OptionalExtension;
-use rusqlite::types::Value;
 use serde::Serialize;
 
 use crate::api::{self, AgentState, AgentStatus, Alert, CollectorStatus, STATUS_TOPIC};
@@ -222,71 +220,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `now` minus `ago`, in Unix milliseconds (0 at the epoch).
 pub fn since_ms(now_ms: u64, ago: Duration) -> u64 {
     now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The row id after which the newest `n` events matching `q` start, or
-/// `None` when fewer than `n` match (or `n` is 0: no limit). Mirrors the
-/// filters of [`EventStore::query`] over the documented schema.
-pub fn newest_cursor(conn: &rusqlite::Connection, q: &EventQuery, n: usize) -> rusqlite::Result<Option<i64>> {
-    if n == 0 {
-        return Ok(None);
-    }
-    let clamp = |v: u64| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX));
-    let mut conditions: Vec<&str> = Vec::new();
-    let mut values: Vec<Value> = Vec::new();
-    if let Some(since) = q.since_ms {
-        conditions.push("observed_ms >= ?");
-        values.push(clamp(since));
-    }
-    if let Some(until) = q.until_ms {
-        conditions.push("observed_ms < ?");
-        values.push(clamp(until));
-    }
-    if let Some(pid) = q.pid {
-        conditions.push("pid = ?");
-        values.push(Value::Integer(i64::from(pid)));
-    }
-    if let Some(name) = &q.name {
-        conditions.push("name = ?");
-        values.push(Value::Text(name.clone()));
-    }
-    if let Some(kind) = q.kind {
-        conditions.push("kind = ?");
-        values.push(Value::Text(kind.as_str().to_owned()));
-    }
-    if let Some(collector_id) = &q.collector_id {
-        conditions.push("collector_id = ?");
-        values.push(Value::Text(collector_id.clone()));
-    }
-    if let Some(after) = q.after_id {
-        conditions.push("id > ?");
-        values.push(Value::Integer(after));
-    }
-    let mut sql = String::from("SELECT id FROM process_events");
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
-    sql.push_str(" ORDER BY id DESC LIMIT 1 OFFSET ?");
-    values.push(Value::Integer(i64::try_from(n - 1).unwrap_or(i64::MAX)));
-    conn.query_row(&sql, rusqlite::params_from_iter(values), |r| r.get::<_, i64>(0))
-        .optional()
-        .map(|id| id.map(|id| id - 1))
-}
-
-/// The newest `limit` events matching `q` (all of them with 0), oldest
-/// first. [`EventStore::query`] alone returns the oldest.
-pub fn query_newest(
-    store: &EventStore,
-    q: &EventQuery,
-    limit: usize,
-) -> Result<Vec<StoredEvent>, StoreError> {
-    let mut q = q.clone();
-    if let Some(cursor) = newest_cursor(store.connection(), &q, limit)? {
-        q.after_id = Some(q.after_id.map_or(cursor, |a| a.max(cursor)));
-    }
-    q.limit = limit;
-    store.query(&q)
 }
 
 /// A stored event as the envelope it arrived in.
@@ -663,7 +596,7 @@ mod tests {
             .collect();
         store.insert_batch(&batch).unwrap();
         let seqs = |q: &EventQuery, n| -> Vec<u64> {
-            query_newest(&store, q, n).unwrap().into_iter().map(|e| e.seq).collect()
+            store.query_newest(q, n).unwrap().into_iter().map(|e| e.seq).collect()
         };
         let all = EventQuery::default();
         assert_eq!(seqs(&all, 3), vec![8, 9, 10]);

@@ -16,15 +16,13 @@
 //! close. What a collector sent but the store did not acknowledge stays
 //! in that collector's WAL and is replayed on its next start.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Permissions};
+use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use parking_lot::Mutex;
 use procmond::control::{self, RpcRequest, RpcResponse, RpcStatus};
 
@@ -73,46 +71,20 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
     (rules, others)
 }
 
-/// The agent's lock: one agent per data dir.
-fn take_lock(data_dir: &Path) -> anyhow::Result<File> {
-    let path = data_dir.join("daemoneye-agent.pid");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open lock file {}", path.display()))?;
-    if file.try_lock().is_err() {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        anyhow::bail!(
-            "another daemoneye-agent is running with data dir {} (pid {}; lock file {})",
-            data_dir.display(),
-            holder.trim(),
-            path.display()
-        );
-    }
-    file.set_len(0)?;
-    writeln!(file, "{}", std::process::id())?;
-    Ok(file)
-}
-
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create data dir {}", dir.display()))
-}
-
 /// Runs the agent until `shutdown` receives (or startup fails); returns
 /// the process exit status: 0 after a clean shutdown, 1 after a failed
 /// startup. `pids` follows the collectors' pids, for a last-resort kill.
 pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>) -> anyhow::Result<i32> {
     let data_dir = cfg.data_dir();
-    create_private_dir(&data_dir)?;
-    let _lock = take_lock(&data_dir)?;
+    create_private_dir(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    // One agent per data dir.
+    let _lock = PidLock::acquire(&data_dir.join("daemoneye-agent.pid")).map_err(|e| match e {
+        PidLockError::Held { .. } => {
+            anyhow::anyhow!("another daemoneye-agent is running with data dir {}: {e}", data_dir.display())
+        }
+        e => anyhow::anyhow!("cannot take the agent's lock: {e}"),
+    })?;
     let socket = cfg.broker_socket();
     log::info!(
         "daemoneye-agent {} starting: data dir {}, broker {}, {} collector(s)",

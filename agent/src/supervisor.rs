@@ -21,7 +21,6 @@
 //!   dropped are killed and reaped (kill-on-drop).
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use daemoneye_platform::paths::PidLock;
 use daemoneye_platform::spawn::{Spawned, spawn as spawn_process};
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
@@ -165,18 +165,10 @@ impl Proc {
     }
 }
 
-/// The pid holding a collector's lock file, or `None` when nobody holds
-/// it (or it does not exist).
+/// The pid holding a collector's lock file (0 when its file names none),
+/// or `None` when nobody holds it.
 fn lock_holder(path: &Path) -> Option<u32> {
-    let file = File::open(path).ok()?;
-    match file.try_lock() {
-        // Free: dropping the file releases it at once.
-        Ok(()) => None,
-        Err(std::fs::TryLockError::WouldBlock) => {
-            std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).or(Some(0))
-        }
-        Err(std::fs::TryLockError::Error(_)) => None,
-    }
+    PidLock::holder(path).map(|pid| pid.unwrap_or(0))
 }
 
 /// One supervised collector.

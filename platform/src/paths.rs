@@ -96,3 +96,111 @@ mod tests {
         assert!(tmp.path().join("a/b").is_dir());
     }
 }
+
+/// Creates a directory (and its parents) with mode 0700 on Unix: the
+/// daemons' data holds command lines and the bus socket.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir)
+    }
+}
+
+/// A pid file held with an exclusive lock for the life of the process:
+/// one daemon per file. It is never removed: unlinking it at exit would
+/// let a starting daemon lock the old inode while a third one creates and
+/// locks a new file. A file left behind is not locked, so the next daemon
+/// takes it over and writes its own pid.
+#[derive(Debug)]
+pub struct PidLock {
+    _file: std::fs::File,
+}
+
+/// Why a [`PidLock`] was not taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PidLockError {
+    /// Another process holds it.
+    #[error("held by pid {} (lock file {})", pid.map_or("?".to_owned(), |p| p.to_string()), path.display())]
+    Held {
+        /// The holder, as its file says.
+        pid: Option<u32>,
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// It could not be opened or written.
+    #[error("lock file {}: {source}", path.display())]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl PidLock {
+    /// Takes the lock at `path` and writes this process's pid into it.
+    pub fn acquire(path: &Path) -> Result<PidLock, PidLockError> {
+        use std::io::Write;
+        let io = |source| PidLockError::Io { path: path.to_owned(), source };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        if file.try_lock().is_err() {
+            return Err(PidLockError::Held { pid: read_pid(path), path: path.to_owned() });
+        }
+        file.set_len(0).map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(PidLock { _file: file })
+    }
+
+    /// Who holds the lock at `path`: `Some(pid)` while a process holds it
+    /// (`Some(None)` when its file names no pid), `None` when nobody does
+    /// or there is no file. Probing takes the lock for an instant when it
+    /// is free.
+    pub fn holder(path: &Path) -> Option<Option<u32>> {
+        let file = std::fs::File::open(path).ok()?;
+        match file.try_lock() {
+            Ok(()) => None,
+            Err(std::fs::TryLockError::WouldBlock) => Some(read_pid(path)),
+            Err(std::fs::TryLockError::Error(_)) => None,
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_lock_is_exclusive_names_its_holder_and_is_free_after_drop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a").join("d.pid");
+        create_private_dir(path.parent().expect("parent")).expect("dir");
+        assert_eq!(PidLock::holder(&path), None, "no file, no holder");
+        let lock = PidLock::acquire(&path).expect("first");
+        assert_eq!(PidLock::holder(&path), Some(Some(std::process::id())));
+        match PidLock::acquire(&path) {
+            Err(PidLockError::Held { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("second lock: {other:?}"),
+        }
+        drop(lock);
+        assert_eq!(PidLock::holder(&path), None, "released with its holder");
+        assert!(PidLock::acquire(&path).is_ok(), "taken over");
+    }
+}

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use crossbeam_channel::{bounded, select, tick};
 use daemoneye_bus::{Client, ClientConfig};
+use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use daemoneye_platform::signals;
 use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
 use procmond::config::{CollectorConfig, ConfigFile, INTERVAL_RANGE_SECS};
@@ -167,51 +168,19 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
     Ok(cfg)
 }
 
-/// The per-collector lock: a pid file held with an exclusive lock for the
-/// life of the process. It is never removed: unlinking it at exit would let
-/// a starting procmond lock the old inode while a third one creates and
-/// locks a new file. A file left behind is not locked, so the next
-/// procmond takes it over and writes its own pid.
-fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<std::fs::File> {
-    create_private_dir(&cfg.data_dir)?;
+/// The per-collector lock (`<data dir>/procmond-<id>.pid`): one procmond
+/// per collector id and data dir. The agent reads it to find a collector
+/// left running by an agent that died.
+fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
+    create_private_dir(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
     let path = cfg.data_dir.join(format!("procmond-{}.pid", cfg.collector_id));
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open lock file {}", path.display()))?;
-    if let Err(e) = file.try_lock() {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        bail!(
-            "another procmond with collector id {:?} is running (pid {}; lock file {}): {e}",
-            cfg.collector_id,
-            holder.trim(),
-            path.display()
-        );
-    }
-    file.set_len(0)?;
-    writeln!(file, "{}", std::process::id())?;
-    file.sync_all()?;
-    Ok(file)
-}
-
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create data directory {}", dir.display()))
-    }
-    #[cfg(not(unix))]
-    {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create data directory {}", dir.display()))
-    }
+    PidLock::acquire(&path).map_err(|e| match e {
+        PidLockError::Held { .. } => {
+            anyhow::anyhow!("another procmond with collector id {:?} is running: {e}", cfg.collector_id)
+        }
+        e => anyhow::anyhow!("cannot take the lock: {e}"),
+    })
 }
 
 /// Prints every durable event on stdout (`--foreground`).

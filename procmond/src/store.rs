@@ -388,6 +388,48 @@ struct Touched<'a> {
     min_seq: u64,
 }
 
+/// The `WHERE` conditions of an [`EventQuery`] and their values.
+fn filters(q: &EventQuery) -> (Vec<&'static str>, Vec<Value>) {
+    let mut conditions: Vec<&'static str> = Vec::new();
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(since) = q.since_ms {
+        conditions.push("observed_ms >= ?");
+        values.push(Value::Integer(clamp_i64(since)));
+    }
+    if let Some(until) = q.until_ms {
+        conditions.push("observed_ms < ?");
+        values.push(Value::Integer(clamp_i64(until)));
+    }
+    if let Some(pid) = q.pid {
+        conditions.push("pid = ?");
+        values.push(Value::Integer(i64::from(pid)));
+    }
+    if let Some(name) = &q.name {
+        conditions.push("name = ?");
+        values.push(Value::Text(name.clone()));
+    }
+    if let Some(kind) = q.kind {
+        conditions.push("kind = ?");
+        values.push(Value::Text(kind.as_str().to_owned()));
+    }
+    if let Some(collector_id) = &q.collector_id {
+        conditions.push("collector_id = ?");
+        values.push(Value::Text(collector_id.clone()));
+    }
+    if let Some(after) = q.after_id {
+        conditions.push("id > ?");
+        values.push(Value::Integer(after));
+    }
+    (conditions, values)
+}
+
+fn where_clause(sql: &mut String, conditions: &[&str]) {
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+}
+
 impl EventStore {
     /// Opens the store at `path` for reading and writing, creating the
     /// database (and its parent directory, mode 0700 on Unix) if missing.
@@ -572,45 +614,34 @@ impl EventStore {
         Ok(max.map(|m| to_u64(m, 0)).transpose()?)
     }
 
+    /// The newest `limit` events matching `q` (every match with 0),
+    /// oldest first; [`EventStore::query`] returns the oldest.
+    pub fn query_newest(&self, q: &EventQuery, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut q = q.clone();
+        if limit > 0 {
+            // The `limit`-th newest match, if there are that many.
+            let (conditions, mut values) = filters(&q);
+            let mut sql = String::from("SELECT id FROM process_events");
+            where_clause(&mut sql, &conditions);
+            sql.push_str(" ORDER BY id DESC LIMIT 1 OFFSET ?");
+            values.push(Value::Integer(i64::try_from(limit - 1).unwrap_or(i64::MAX)));
+            let cursor: Option<i64> =
+                self.conn.query_row(&sql, rusqlite::params_from_iter(values), |r| r.get(0)).optional()?;
+            if let Some(id) = cursor {
+                q.after_id = Some(q.after_id.map_or(id - 1, |a| a.max(id - 1)));
+            }
+        }
+        q.limit = limit;
+        self.query(&q)
+    }
+
     /// The events matching `q`, by increasing `id`, decoded from their
     /// `record`. A record that does not decode fails the query with
     /// [`StoreError::Corrupt`].
     pub fn query(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
         let mut sql = String::from("SELECT id, collector_id, stream_id, seq, record FROM process_events");
-        let mut conditions: Vec<&str> = Vec::new();
-        let mut values: Vec<Value> = Vec::new();
-        if let Some(since) = q.since_ms {
-            conditions.push("observed_ms >= ?");
-            values.push(Value::Integer(clamp_i64(since)));
-        }
-        if let Some(until) = q.until_ms {
-            conditions.push("observed_ms < ?");
-            values.push(Value::Integer(clamp_i64(until)));
-        }
-        if let Some(pid) = q.pid {
-            conditions.push("pid = ?");
-            values.push(Value::Integer(i64::from(pid)));
-        }
-        if let Some(name) = &q.name {
-            conditions.push("name = ?");
-            values.push(Value::Text(name.clone()));
-        }
-        if let Some(kind) = q.kind {
-            conditions.push("kind = ?");
-            values.push(Value::Text(kind.as_str().to_owned()));
-        }
-        if let Some(collector_id) = &q.collector_id {
-            conditions.push("collector_id = ?");
-            values.push(Value::Text(collector_id.clone()));
-        }
-        if let Some(after) = q.after_id {
-            conditions.push("id > ?");
-            values.push(Value::Integer(after));
-        }
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conditions.join(" AND "));
-        }
+        let (conditions, mut values) = filters(q);
+        where_clause(&mut sql, &conditions);
         sql.push_str(" ORDER BY id");
         if q.limit > 0 {
             sql.push_str(" LIMIT ?");

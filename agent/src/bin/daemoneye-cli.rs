@@ -406,7 +406,7 @@ fn events(ctx: &Ctx, args: &EventsArgs) -> anyhow::Result<ExitCode> {
     let mut seen = SeenStreams::default();
     {
         let store = cli::open_store(&db)?;
-        let stored = cli::query_newest(&store, &q, args.limit).map_err(CliError::Store)?;
+        let stored = store.query_newest(&q, args.limit).map_err(CliError::Store)?;
         for env in stored.into_iter().map(cli::envelope) {
             seen.admit(&env);
             print_event(ctx, &env)?;
