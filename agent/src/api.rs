@@ -22,6 +22,12 @@ pub const ALERT_TOPIC: &str = "events.alert";
 /// The agent's client id on the bus.
 pub const AGENT_CLIENT_ID: &str = "daemoneye-agent";
 
+/// The store writer's own client id: its connection stalls when a commit
+/// fails (the broker holds the collectors back through it), and must not
+/// take the agent's control traffic (heartbeats, registrations, RPC
+/// replies, status) down with it.
+pub const STORE_CLIENT_ID: &str = "daemoneye-agent-store";
+
 /// The loading state machine (design.md §8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentState {

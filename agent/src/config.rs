@@ -235,7 +235,9 @@ pub struct AgentConfig {
     #[serde(default)]
     pub escalation: EscalationSpec,
     /// When started as root, switch to this user once every collector has
-    /// registered (the Ready state). Collectors keep their own privileges.
+    /// registered (the Ready state). Collectors keep their own privileges;
+    /// refused unless every enabled collector has `auto_restart: false`
+    /// (the agent could not restart them with privileges).
     #[serde(default)]
     pub run_as: Option<String>,
     /// Seconds SIGTERM waits for the collectors' graceful shutdown.
@@ -306,14 +308,18 @@ impl AgentConfig {
             if !ids.insert(c.id.as_str()) {
                 return Err(err(at("id"), format!("duplicate id {:?}", c.id)));
             }
-            for (field, v) in [
-                ("startup_timeout_secs", c.startup_timeout_secs),
-                ("heartbeat_interval_secs", c.heartbeat_interval_secs),
-                ("restart_window_secs", c.restart_window_secs),
+            for (field, v, max) in [
+                ("startup_timeout_secs", c.startup_timeout_secs, DAY_SECS),
+                ("heartbeat_interval_secs", c.heartbeat_interval_secs, 3600),
+                ("restart_window_secs", c.restart_window_secs, 7 * DAY_SECS),
             ] {
-                if v == 0 {
-                    return Err(err(at(field), "must be at least 1".into()));
-                }
+                check_range(v, max).map_err(|reason| err(at(field), reason))?;
+            }
+            if RESERVED_IDS.iter().any(|r| r.strip_suffix('*').map_or(c.id == *r, |p| c.id.starts_with(p))) {
+                return Err(err(
+                    at("id"),
+                    format!("{:?} is reserved on the bus ({})", c.id, RESERVED_IDS.join(", ")),
+                ));
             }
             if let Some(a) =
                 c.args.iter().find(|a| MANAGED_ARGS.iter().any(|m| a == m || a.starts_with(&format!("{m}="))))
@@ -340,9 +346,22 @@ impl AgentConfig {
             ("escalation.kill_timeout_secs", esc.kill_timeout_secs),
             ("shutdown_timeout_secs", self.shutdown_timeout_secs),
         ] {
-            if v == 0 {
-                return Err(err(field.into(), "must be at least 1".into()));
-            }
+            check_range(v, 3600).map_err(|reason| err(field.into(), reason))?;
+        }
+        check_range(store.batch_wait_ms, 60_000)
+            .map_err(|reason| err("store.batch_wait_ms".into(), reason))?;
+        if store.retention_days > 100 * 365 {
+            return Err(err("store.retention_days".into(), "must be at most 36500 (0 keeps events)".into()));
+        }
+        if self.run_as.is_some()
+            && let Some(i) = self.collectors.iter().position(|c| c.enabled && c.auto_restart)
+        {
+            return Err(err(
+                format!("collectors[{i}].auto_restart"),
+                "cannot be used with run_as: after the agent drops its privileges it can no longer \
+                 start a collector with them (set auto_restart: false, or remove run_as)"
+                    .into(),
+            ));
         }
         let mut names = HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
@@ -388,6 +407,24 @@ impl AgentConfig {
     pub fn active_rules(&self) -> Vec<RuleSpec> {
         let builtin = if self.default_rules { crate::rules::default_rules() } else { Vec::new() };
         builtin.into_iter().chain(self.rules.iter().cloned()).filter(|r| r.enabled).collect()
+    }
+}
+
+/// A day, in seconds.
+const DAY_SECS: u64 = 86_400;
+
+/// Collector ids that would collide with the agent's own bus clients or
+/// with control topics (`control.collector.<id>` is a collector's RPC
+/// topic); `*` ends a prefix.
+const RESERVED_IDS: [&str; 7] =
+    ["daemoneye-agent*", "bus", "cli-*", "registration", "lifecycle", "config", "task"];
+
+/// A duration setting: at least 1, at most `max`.
+fn check_range(v: u64, max: u64) -> Result<(), String> {
+    match v {
+        0 => Err("must be at least 1".into()),
+        v if v > max => Err(format!("{v} is over the maximum of {max}")),
+        _ => Ok(()),
     }
 }
 
@@ -440,7 +477,7 @@ mod tests {
         let (dir, _) = setup();
         let noexec = dir.path().join("plain");
         std::fs::write(&noexec, "x").unwrap();
-        let cases: [(&str, &str, &str); 7] = [
+        let cases: [(&str, &str, &str); 12] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -460,6 +497,19 @@ mod tests {
             ),
             ("collectors:\n  - {id: a, binary: procmond, colour: red}\n", "line", "colour"),
             ("collectors:\n  - {id: Bad, binary: procmond}\n", "collectors[0].id", "collector_id"),
+            ("collectors:\n  - {id: registration, binary: procmond}\n", "collectors[0].id", "reserved"),
+            ("collectors:\n  - {id: daemoneye-agent-x, binary: procmond}\n", "collectors[0].id", "reserved"),
+            (
+                "collectors:\n  - {id: a, binary: procmond, startup_timeout_secs: 18446744073709551615}\n",
+                "collectors[0].startup_timeout_secs",
+                "maximum",
+            ),
+            ("escalation: {kill_timeout_secs: 99999}\n", "escalation.kill_timeout_secs", "maximum"),
+            (
+                "run_as: nobody\ncollectors:\n  - {id: a, binary: procmond}\n",
+                "collectors[0].auto_restart",
+                "run_as",
+            ),
         ];
         for (text, field, reason) in cases {
             let e = AgentConfig::parse(text, "agent.yaml", dir.path()).unwrap_err();

@@ -2,7 +2,8 @@
 //! shutdown sequence.
 //!
 //! Start: data dir (0700) and the agent's lock file → the broker on its
-//! socket, with per-client permissions → the agent's own bus client →
+//! socket, with per-client permissions → the agent's bus clients (one for
+//! control, one for the store writer, whose stalls must not hold up control) →
 //! the store writer (subscribed before any collector starts) → the
 //! supervisor (spawns or adopts the collectors) → the monitor (loading
 //! state machine, heartbeats, status).
@@ -26,7 +27,7 @@ use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use parking_lot::Mutex;
 use procmond::control::{self, RpcRequest, RpcResponse, RpcStatus};
 
-use crate::api::{self, AGENT_CLIENT_ID};
+use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID};
 use crate::config::AgentConfig;
 use crate::monitor::{Monitor, MonitorParts, Outcome};
 use crate::supervisor::Supervisor;
@@ -55,10 +56,11 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
             "control.collector.task.+",
         ]),
     };
-    let mut rules: Vec<ClientPermissions> = vec![ClientPermissions {
-        client: AGENT_CLIENT_ID.to_owned(),
-        permissions: Permissions { publish: strings(&["#"]), subscribe: strings(&["#"]) },
-    }];
+    let everything = Permissions { publish: strings(&["#"]), subscribe: strings(&["#"]) };
+    let mut rules: Vec<ClientPermissions> = [AGENT_CLIENT_ID, STORE_CLIENT_ID]
+        .iter()
+        .map(|id| ClientPermissions { client: (*id).to_owned(), permissions: everything.clone() })
+        .collect();
     rules.extend(
         cfg.collectors
             .iter()
@@ -104,9 +106,15 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         "the agent's bus client could not connect to its own broker at {}",
         socket.display()
     );
+    let store_client = Arc::new(Client::connect(ClientConfig::new(&socket, STORE_CLIENT_ID))?);
+    anyhow::ensure!(
+        store_client.wait_connected(Duration::from_secs(10)),
+        "the store writer's bus client could not connect to the broker at {}",
+        socket.display()
+    );
     let writer = Arc::new(
         StoreWriter::start(
-            client.clone(),
+            store_client.clone(),
             WriterConfig { database: cfg.database(), store: cfg.store.clone(), rules: cfg.active_rules() },
         )
         .context("cannot start the event store")?,
@@ -130,7 +138,9 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         recv(shutdown) -> _ => None,
         recv(ended_rx) -> o => match o {
             Ok(Outcome::StartupFailed(r)) => Some(r),
-            _ => None,
+            Ok(_) => None,
+            // The monitor is gone without a word: it panicked.
+            Err(_) => Some("the monitor thread stopped unexpectedly".to_owned()),
         },
     };
     let registered = monitor.begin_shutdown();
@@ -188,8 +198,10 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         Ok(w) => w.shutdown(),
         Err(_) => log::error!("store writer still shared at shutdown"),
     }
-    if let Ok(c) = Arc::try_unwrap(client) {
-        c.close();
+    for c in [client, store_client] {
+        if let Ok(c) = Arc::try_unwrap(c) {
+            c.close();
+        }
     }
     if let Ok(b) = Arc::try_unwrap(broker) {
         b.shutdown();
@@ -199,8 +211,12 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
             log::info!("stopped");
             0
         }
+        Outcome::Crashed => {
+            log::error!("stopped after the monitor thread panicked");
+            1
+        }
         _ => {
-            log::error!("stopped after a failed startup: {}", reason.unwrap_or_default());
+            log::error!("stopped: {}", reason.unwrap_or_default());
             1
         }
     })

@@ -28,6 +28,7 @@
 //! the collector's status.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ pub enum Outcome {
     Shutdown,
     /// Startup failed; the agent exits with status 1.
     StartupFailed(String),
+    /// The monitor thread died (a bug); the agent exits with status 1.
+    Crashed,
 }
 
 struct Entry {
@@ -76,6 +79,9 @@ struct Entry {
     last_exit: Option<String>,
     escalation: Vec<EscalationStep>,
     escalating: bool,
+    /// Set when the process being escalated exits: its escalation thread
+    /// then stops before its next step.
+    cancel: Arc<AtomicBool>,
 }
 
 impl Entry {
@@ -197,7 +203,11 @@ impl Monitor {
     /// Stops the thread and returns why it ended.
     pub fn stop(mut self) -> Outcome {
         let _ = self.stop.try_send(Control::Stop);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(Outcome::Shutdown)
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => Outcome::Crashed,
+            None => Outcome::Shutdown,
+        }
     }
 }
 
@@ -216,8 +226,6 @@ struct State {
     state: AgentState,
     state_since: u64,
     started: Instant,
-    /// When loading gives up on a collector.
-    loading_deadline: Instant,
     entries: Vec<Entry>,
     escalations: Vec<JoinHandle<()>>,
 }
@@ -243,23 +251,15 @@ impl State {
                 last_exit: None,
                 escalation: Vec::new(),
                 escalating: false,
+                cancel: Arc::new(AtomicBool::new(false)),
             })
             .collect();
-        let timeout = parts
-            .config
-            .collectors
-            .iter()
-            .filter(|c| c.enabled)
-            .map(|c| c.startup_timeout_secs)
-            .max()
-            .unwrap_or(0);
         State {
             supervisor_events: parts.supervisor_events.clone(),
             parts,
             state: AgentState::Loading,
             state_since: api::now_unix_ms(),
             started: now,
-            loading_deadline: now + Duration::from_secs(timeout),
             entries,
             escalations: Vec::new(),
         }
@@ -312,7 +312,17 @@ impl State {
                     e.interval = Duration::from_millis(req.heartbeat_interval_ms.max(100));
                     e.last_seen = Instant::now();
                     e.missed = 0;
-                    e.pid = Some(req.pid);
+                    // The supervisor's pid stands; a collector claiming
+                    // another one is logged.
+                    if e.pid.is_some_and(|p| p != req.pid) {
+                        log::warn!(
+                            "collector {} registered with pid {} but runs as pid {}",
+                            req.collector_id,
+                            req.pid,
+                            e.pid.unwrap_or_default()
+                        );
+                    }
+                    e.pid = e.pid.or(Some(req.pid));
                     e.phase = if steady { CollectorPhase::Running } else { CollectorPhase::Registered };
                     log::info!(
                         "collector {} registered (pid {}, {} {}, heartbeat every {:?}){}",
@@ -441,6 +451,8 @@ impl State {
                     }
                     let escalating = e.escalating;
                     e.escalating = escalating && restart_in.is_some();
+                    // Whatever the escalation still had to do is moot.
+                    e.cancel.store(true, Ordering::Release);
                     if escalating {
                         let outcome = match (&restart_in, &not_restarted) {
                             (Some(d), _) => format!("{status}; restart in {d:?}"),
@@ -510,11 +522,19 @@ impl State {
                     }
                 }
                 self.set_state(AgentState::SteadyState);
-            } else if now >= self.loading_deadline {
-                let reason = format!(
-                    "collector(s) {} did not register within their startup timeout",
-                    waiting.join(", ")
-                );
+            } else if let late @ [_, ..] = &self
+                .entries
+                .iter()
+                .filter(|e| {
+                    e.spec.enabled
+                        && !e.registered
+                        && now >= self.started + Duration::from_secs(e.spec.startup_timeout_secs)
+                })
+                .map(|e| format!("{} ({} s)", e.spec.id, e.spec.startup_timeout_secs))
+                .collect::<Vec<_>>()[..]
+            {
+                let reason =
+                    format!("collector(s) {} did not register within their startup timeout", late.join(", "));
                 self.set_state(AgentState::StartupFailed { reason: reason.clone() });
                 return Some(reason);
             }
@@ -523,8 +543,28 @@ impl State {
         if self.state != AgentState::SteadyState {
             return None;
         }
+        let kill_wait = Duration::from_secs(self.parts.config.escalation.kill_timeout_secs);
         for i in 0..self.entries.len() {
             let e = &mut self.entries[i];
+            // A (re)started collector that never registers is stopped and
+            // started again by the restart policy.
+            if !e.registered
+                && !e.escalating
+                && e.phase == CollectorPhase::Starting
+                && let Some(pid) = e.pid
+                && now.duration_since(e.last_seen) >= Duration::from_secs(e.spec.startup_timeout_secs)
+            {
+                log::error!(
+                    "collector {}: pid {pid} did not register within {} s; stopping it",
+                    e.spec.id,
+                    e.spec.startup_timeout_secs
+                );
+                e.escalating = true;
+                e.escalation.clear();
+                e.step("register_timeout", format!("pid {pid} did not register; SIGKILL"));
+                self.parts.supervisor.stop(&e.spec.id, pid, Duration::ZERO, kill_wait);
+                continue;
+            }
             if !e.registered || e.escalating {
                 continue;
             }
@@ -544,15 +584,19 @@ impl State {
                 e.phase = CollectorPhase::Failed;
                 e.escalating = true;
                 e.escalation.clear();
-                let id = e.spec.id.clone();
-                self.escalate(id, steps.clone());
+                e.cancel = Arc::new(AtomicBool::new(false));
+                let (id, cancel) = (e.spec.id.clone(), e.cancel.clone());
+                match e.pid {
+                    Some(pid) => self.escalate(id, pid, cancel, steps.clone()),
+                    None => log::error!("collector {id}: no pid to escalate"),
+                }
             }
         }
         None
     }
 
     /// Starts an escalation thread for a failed collector.
-    fn escalate(&mut self, id: String, steps: Sender<StepReport>) {
+    fn escalate(&mut self, id: String, pid: u32, cancel: Arc<AtomicBool>, steps: Sender<StepReport>) {
         let client = self.parts.client.clone();
         let supervisor = self.parts.supervisor.clone();
         let esc: EscalationSpec = self.parts.config.escalation.clone();
@@ -578,14 +622,22 @@ impl State {
                 ),
                 Err(e) => report("health_check", format!("no answer: {e}"), false),
             }
+            if cancel.load(Ordering::Acquire) {
+                return;
+            }
             match rpc(&RpcRequest::GracefulShutdown, esc.graceful_shutdown_timeout_secs) {
                 Ok(r) => report("graceful_shutdown", format!("answered {:?}", r.status), false),
                 Err(e) => report("graceful_shutdown", format!("no answer: {e}"), false),
             }
-            // The supervisor waits for the exit, then SIGKILLs; the exit
-            // is restarted by its policy and reported there.
+            if cancel.load(Ordering::Acquire) {
+                return;
+            }
+            // The supervisor waits for the exit, then SIGKILLs (that
+            // process only); the exit is restarted by its policy and
+            // reported there.
             supervisor.stop(
                 &id,
+                pid,
                 Duration::from_secs(esc.graceful_shutdown_timeout_secs),
                 Duration::from_secs(esc.kill_timeout_secs),
             );

@@ -86,9 +86,10 @@ pub enum SupervisorEvent {
 
 /// Requests to the supervisor.
 enum Request {
-    /// Stop one collector: wait `grace` for its exit, then SIGKILL and
-    /// wait `kill_wait`; then the restart policy applies.
-    Stop { id: String, grace: Duration, kill_wait: Duration },
+    /// Stop one collector if it still runs as `pid`: wait `grace` for its
+    /// exit, then SIGKILL and wait `kill_wait`; then the restart policy
+    /// applies.
+    Stop { id: String, pid: u32, grace: Duration, kill_wait: Duration },
     /// Stop every collector and restart none: SIGTERM to those not in
     /// `stopping` (already asked over RPC), SIGKILL after `grace`; the
     /// reply comes when all are gone.
@@ -242,11 +243,12 @@ impl Supervisor {
         self.pids.lock().clone()
     }
 
-    /// Stops one collector (an escalation step): waits `grace` for it to
-    /// exit, then SIGKILLs it and waits `kill_wait`. The restart policy
+    /// Stops one collector (an escalation step) if it still runs as `pid`:
+    /// waits `grace` for it to exit, then SIGKILLs it and waits
+    /// `kill_wait`. The restart policy
     /// then applies as for any exit.
-    pub fn stop(&self, id: &str, grace: Duration, kill_wait: Duration) {
-        if self.tx.try_send(Request::Stop { id: id.to_owned(), grace, kill_wait }).is_err() {
+    pub fn stop(&self, id: &str, pid: u32, grace: Duration, kill_wait: Duration) {
+        if self.tx.try_send(Request::Stop { id: id.to_owned(), pid, grace, kill_wait }).is_err() {
             log::warn!("supervisor busy or gone: cannot stop {id}");
         }
     }
@@ -282,9 +284,11 @@ impl Inner {
         loop {
             select! {
                 recv(rx) -> cmd => match cmd {
-                    Ok(Request::Stop { id, grace, kill_wait }) => {
+                    Ok(Request::Stop { id, pid, grace, kill_wait }) => {
+                        // Only the process the escalation began with: a
+                        // restarted one is left alone.
                         if let Some(s) = self.slots.iter_mut().find(|s| s.spec.id == id)
-                            && s.proc.is_some()
+                            && s.proc.as_ref().is_some_and(|p| p.pid() == pid)
                         {
                             let now = Instant::now();
                             s.stopping = Some((now + grace, Some(now + grace + kill_wait)));
@@ -445,8 +449,14 @@ impl Inner {
             if let Some(mut p) = s.proc.take() {
                 log::warn!("collector {}: killing pid {}", s.spec.id, p.pid());
                 p.kill();
+                // Reaped within 5 s; a process stuck in the kernel (it
+                // cannot die before its I/O returns) is left to init
+                // rather than hang the agent's exit.
                 if let Proc::Child(c) = &mut p {
-                    let _ = c.wait();
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                 }
             }
         }

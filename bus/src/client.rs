@@ -283,6 +283,7 @@ impl Client {
             next_ack: 1,
             requests: HashMap::new(),
             next_req: 1,
+            inbox_keys: std::collections::hash_map::RandomState::new(),
             backoff: cfg.backoff_min,
             next_attempt: Instant::now(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()) ^ (cfg.client_id.len() as u64) << 32,
@@ -497,6 +498,10 @@ impl Drop for Client {
     }
 }
 
+/// A request waiting for its reply: where the reply goes, its deadline,
+/// and the token of its inbox topic.
+type Pending = (Sender<Result<Message, ClientError>>, Instant, u64);
+
 struct SubEntry {
     pattern: String,
     group: Option<(String, Strategy)>,
@@ -525,8 +530,14 @@ struct ClientReactor {
     /// Confirmations awaited, in the order their publishes were sent.
     acks: VecDeque<(u64, Sender<Result<(), ClientError>>)>,
     next_ack: u64,
-    requests: HashMap<u64, (Sender<Result<Message, ClientError>>, Instant)>,
+    /// Pending requests by number: the reply channel, the deadline and the
+    /// inbox token.
+    requests: HashMap<u64, Pending>,
     next_req: u64,
+    /// Keys (from the OS's randomness, via std's `RandomState`) that make
+    /// each request's inbox topic unguessable: a reply can be sent only by
+    /// whoever saw the request.
+    inbox_keys: std::collections::hash_map::RandomState,
     backoff: Duration,
     next_attempt: Instant,
     rng: u64,
@@ -643,7 +654,7 @@ impl ClientReactor {
         for (_, tx) in self.acks.drain(..) {
             let _ = tx.send(Err(ClientError::Disconnected));
         }
-        for (_, (tx, _)) in self.requests.drain() {
+        for (_, (tx, _, _)) in self.requests.drain() {
             let _ = tx.send(Err(ClientError::Disconnected));
         }
         self.shared.set(ConnectionState::Disconnected);
@@ -717,11 +728,12 @@ impl ClientReactor {
                 }
                 let n = self.next_req;
                 self.next_req += 1;
-                let inbox = format!("direct.{}.r{n}", self.cfg.client_id);
+                let token = std::hash::BuildHasher::hash_one(&self.inbox_keys, n);
+                let inbox = format!("direct.{}.r{n}x{token:016x}", self.cfg.client_id);
                 let f =
                     Frame::Publish { topic: &topic, payload: &payload, reply_to: Some(&inbox), ack_id: None };
                 let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
-                self.requests.insert(n, (reply, Instant::now() + timeout));
+                self.requests.insert(n, (reply, Instant::now() + timeout, token));
             }
             Cmd::Close => self.closing = true,
         }
@@ -872,12 +884,22 @@ impl ClientReactor {
                 self.shared.set(ConnectionState::Connected);
             }
             Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to, from } => {
-                let n = topic
+                // `r<n>x<token>`: a reply whose token does not match its
+                // request (a guess) is dropped, and the request still waits.
+                let parsed = topic
                     .rsplit('.')
                     .next()
                     .and_then(|t| t.strip_prefix('r'))
-                    .and_then(|t| t.parse::<u64>().ok());
-                if let Some((tx, _)) = n.and_then(|n| self.requests.remove(&n)) {
+                    .and_then(|t| t.split_once('x'))
+                    .and_then(|(n, tok)| Some((n.parse::<u64>().ok()?, u64::from_str_radix(tok, 16).ok()?)));
+                let matching = parsed.filter(|(n, tok)| self.requests.get(n).is_some_and(|r| r.2 == *tok));
+                if parsed.is_some() && matching.is_none() {
+                    log::warn!(
+                        "bus client {}: dropped a reply from {from} to an unknown inbox {topic}",
+                        self.cfg.client_id
+                    );
+                }
+                if let Some((tx, _, _)) = matching.and_then(|(n, _)| self.requests.remove(&n)) {
                     let msg = Message {
                         topic: topic.to_owned(),
                         payload: payload.to_vec(),
@@ -981,7 +1003,7 @@ impl ClientReactor {
         let now = Instant::now();
         let expired: Vec<u64> = self.requests.iter().filter(|(_, r)| r.1 <= now).map(|(n, _)| *n).collect();
         for n in expired {
-            if let Some((tx, _)) = self.requests.remove(&n) {
+            if let Some((tx, _, _)) = self.requests.remove(&n) {
                 let _ = tx.send(Err(ClientError::Timeout(Duration::ZERO)));
             }
         }
@@ -991,7 +1013,7 @@ impl ClientReactor {
         for (_, tx) in self.acks.drain(..) {
             let _ = tx.send(Err(e.clone()));
         }
-        for (_, (tx, _)) in self.requests.drain() {
+        for (_, (tx, _, _)) in self.requests.drain() {
             let _ = tx.send(Err(e.clone()));
         }
     }

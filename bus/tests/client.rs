@@ -76,6 +76,34 @@ fn publish_subscribe_queue_and_request_reply() {
 }
 
 #[test]
+fn a_guessed_reply_inbox_is_ignored_and_the_real_reply_still_answers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let agent = client(&path, "agent");
+    let collector = client(&path, "collector");
+    let forger = client(&path, "forger");
+    let rpc = collector.subscribe("control.collector.c").expect("sub");
+    collector.publish_confirmed("sync.c", b"").expect("confirm");
+    let asker = std::thread::spawn(move || {
+        let reply = agent.request("control.collector.c", b"health?", WAIT);
+        (agent, reply)
+    });
+    let req = rpc.recv_timeout(WAIT).expect("request");
+    let inbox = req.reply_to.clone().expect("reply_to");
+    // The forger knows the client id and guesses request numbers, with and
+    // without a token; none of it is taken for the answer.
+    for guess in ["direct.agent.r1", "direct.agent.r1x0000000000000000", "direct.agent.r2x1"] {
+        forger.publish_confirmed(guess, b"forged").expect("publish to an inbox");
+    }
+    assert_ne!(inbox, "direct.agent.r1", "the inbox carries a token");
+    collector.reply(&req, b"real").expect("reply");
+    let (_agent, reply) = asker.join().expect("asker");
+    let reply = reply.expect("answered");
+    assert_eq!((reply.payload.as_slice(), reply.from.as_str()), (&b"real"[..], "collector"));
+}
+
+#[test]
 fn reconnects_and_resubscribes_after_the_broker_restarts() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("bus.sock");

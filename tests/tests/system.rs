@@ -297,7 +297,7 @@ fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
     });
     let log = sys.log();
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", sys.tail());
-    assert!(log.contains("-> StartupFailed: collector(s) mute did not register"), "{}", sys.tail());
+    assert!(log.contains("-> StartupFailed: collector(s) mute (3 s) did not register"), "{}", sys.tail());
     let pid: u32 = log
         .split("collector mute: started ")
         .nth(1)

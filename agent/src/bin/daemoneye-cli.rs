@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use crossbeam_channel::{select, tick};
-use daemoneye_agent::api::{self, AGENT_CLIENT_ID, ALERT_TOPIC, Alert, now_unix_ms};
+use daemoneye_agent::api::{self, ALERT_TOPIC, Alert, STORE_CLIENT_ID, now_unix_ms};
 use daemoneye_agent::cli::{self, CliError, SeenStreams, Table};
 use daemoneye_agent::config::{AgentConfig, Severity};
 use daemoneye_agent::rules::{self, AlertQuery};
@@ -470,8 +470,8 @@ fn alerts(ctx: &Ctx, args: &AlertsArgs) -> anyhow::Result<ExitCode> {
     // Alert ids only grow: the stored ones are not printed again.
     q.after_id = Some(stored.last().map_or(0, |a| a.id));
     follow(&client, &sub, &ctx.socket(), |msg| {
-        if msg.from != AGENT_CLIENT_ID {
-            log::warn!("ignoring an alert published by {:?}, not the agent", msg.from);
+        if msg.from != STORE_CLIENT_ID {
+            log::warn!("ignoring an alert published by {:?}, not the agent's store writer", msg.from);
             return Ok(());
         }
         let alert: Alert = match api::decode(&msg.payload) {
