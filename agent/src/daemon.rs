@@ -99,6 +99,10 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
     let mut bcfg = BrokerConfig::new(&socket);
     (bcfg.permissions, _) = permissions(&cfg);
     bcfg.default_permissions = Some(permissions(&cfg).1);
+    // Collectors (an adopted one reconnects at once) are welcomed only
+    // once the store writer and the monitor have subscribed: what they
+    // published before would reach nobody.
+    bcfg.first_clients = Some(vec![AGENT_CLIENT_ID.to_owned(), STORE_CLIENT_ID.to_owned()]);
     let broker = Arc::new(Broker::start(bcfg).context("cannot start the broker")?);
     let client = Arc::new(Client::connect(ClientConfig::new(&socket, AGENT_CLIENT_ID))?);
     anyhow::ensure!(
@@ -133,6 +137,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         },
         ended_tx,
     )?;
+    broker.open();
 
     let reason = select! {
         recv(shutdown) -> _ => None,

@@ -65,6 +65,12 @@ pub struct BrokerConfig {
     pub permissions: Vec<ClientPermissions>,
     /// Permissions of clients no entry of `permissions` matches.
     pub default_permissions: Option<Permissions>,
+    /// When set, only these client ids are welcomed until
+    /// [`Broker::open`] is called; the others are refused with
+    /// `ErrorCode::Limit`, which clients retry. A host uses it to have its
+    /// own subscriptions in place before anyone can publish (a message
+    /// published before its subscriber exists is gone).
+    pub first_clients: Option<Vec<String>>,
 }
 
 /// What a client may publish and subscribe to: topic patterns, in which
@@ -127,6 +133,7 @@ impl BrokerConfig {
             slow_consumer_deadline: Duration::from_secs(10),
             permissions: Vec::new(),
             default_permissions: None,
+            first_clients: None,
         }
     }
 }
@@ -210,6 +217,7 @@ pub struct Broker {
     socket: PathBuf,
     stats: Arc<Mutex<BrokerStats>>,
     stop: Arc<AtomicBool>,
+    open: Arc<AtomicBool>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
 }
@@ -259,6 +267,7 @@ impl Broker {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("create waker", &path))?);
         let stats = Arc::new(Mutex::new(BrokerStats::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(AtomicBool::new(cfg.first_clients.is_none()));
         let mut reactor = Reactor {
             poll,
             listener,
@@ -272,6 +281,7 @@ impl Broker {
             counters: BrokerStats::default(),
             queues_at: Instant::now(),
             stop: stop.clone(),
+            open: open.clone(),
             dirty: Vec::new(),
             resume: Vec::new(),
             targets: Vec::new(),
@@ -282,7 +292,13 @@ impl Broker {
             .name("bus-broker".into())
             .spawn(move || reactor.run())
             .map_err(io_err("spawn broker thread", &path))?;
-        Ok(Broker { socket: path, stats, stop, waker, thread: Some(thread) })
+        Ok(Broker { socket: path, stats, stop, open, waker, thread: Some(thread) })
+    }
+
+    /// Welcomes every client from now on (see
+    /// [`BrokerConfig::first_clients`]).
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
     }
 
     /// A copy of the counters (queue depths as of the last 100 ms).
@@ -471,6 +487,8 @@ struct Reactor {
     /// When the queue depths were last snapshotted.
     queues_at: Instant,
     stop: Arc<AtomicBool>,
+    /// Every client is welcomed (see `BrokerConfig::first_clients`).
+    open: Arc<AtomicBool>,
     /// Connections with unread data left by the fairness bound.
     resume: Vec<usize>,
     /// Connections with something to flush this iteration.
@@ -742,6 +760,12 @@ impl Reactor {
                 }
                 if topic::validate_topic(client_id).is_err() || client_id.contains('.') {
                     return self.fatal(idx, ErrorCode::BadTopic, "client id must be one topic segment");
+                }
+                if !self.open.load(Ordering::Acquire)
+                    && !self.cfg.first_clients.as_ref().is_some_and(|ids| ids.iter().any(|i| i == client_id))
+                {
+                    log::debug!("bus: {client_id} (pid {pid}) asked to retry: the broker is not open yet");
+                    return self.fatal(idx, ErrorCode::Limit, "the broker is starting; retry");
                 }
                 if client_id == BROKER_SENDER {
                     self.counters.refused += 1;

@@ -104,6 +104,29 @@ fn a_guessed_reply_inbox_is_ignored_and_the_real_reply_still_answers() {
 }
 
 #[test]
+fn until_opened_only_the_first_clients_are_welcomed_and_the_others_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let mut cfg = BrokerConfig::new(&path);
+    cfg.first_clients = Some(vec!["host".to_owned()]);
+    let broker = Broker::start(cfg).expect("broker");
+    let host = client(&path, "host");
+    let sub = host.subscribe("events.#").expect("sub");
+    host.publish_confirmed("sync.host", b"").expect("confirm");
+    let mut guest_cfg = ClientConfig::new(&path, "guest");
+    guest_cfg.backoff_max = Duration::from_millis(100);
+    let guest = Client::connect(guest_cfg).expect("guest");
+    // Refused for now, and retrying.
+    assert!(!guest.wait_connected(Duration::from_millis(500)), "welcomed before the broker opened");
+    assert_ne!(guest.state(), ConnectionState::Refused, "a retryable refusal");
+    broker.open();
+    assert!(guest.wait_connected(WAIT), "welcomed once open");
+    guest.publish("events.first", b"1").expect("publish");
+    let m = sub.recv_timeout(WAIT).expect("the host's subscription was in place");
+    assert_eq!(m.from, "guest");
+}
+
+#[test]
 fn reconnects_and_resubscribes_after_the_broker_restarts() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("bus.sock");

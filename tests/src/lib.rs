@@ -269,13 +269,21 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
-        // Collectors first (they outlive a SIGKILLed agent), then the agent.
+        // A running agent stops its collectors itself (also those that
+        // have no lock file yet, like a wrapper script before its exec).
+        if let Some(mut child) = self.agent.take() {
+            signal(child.id(), Signal::SIGTERM);
+            if !wait_until(Duration::from_secs(20), || child.try_wait().ok().flatten().is_some()) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // Collectors that outlived it (a SIGKILLed agent leaves them).
         for pid in self.collector_pids() {
             if alive(pid) && is_procmond(pid) {
                 signal(pid, Signal::SIGKILL);
             }
         }
-        self.kill_agent();
     }
 }
 
