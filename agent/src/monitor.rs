@@ -22,7 +22,8 @@
 //! (from its registration) plus 10%. One or two missed: `Degraded`; three:
 //! `Failed`, and an escalation starts in its own thread
 //! (`agent-escalate-<id>`): a HealthCheck RPC (an answer ends the
-//! escalation), a GracefulShutdown RPC, then the supervisor waits for the
+//! escalation; one that says the collector still waits for the agent is
+//! followed by a BeginMonitoring RPC), a GracefulShutdown RPC, then the supervisor waits for the
 //! exit, SIGKILLs, waits again; the exit is then restarted by the
 //! supervisor's policy. Each step, with its outcome, is logged and kept in
 //! the collector's status.
@@ -35,8 +36,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
 use daemoneye_bus::{Broker, Client, Message};
 use procmond::control::{
-    self, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse,
-    RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
+    self, CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage,
+    RegistrationResponse, RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
 };
 
 use crate::api::{
@@ -612,7 +613,20 @@ impl State {
             };
             match rpc(&RpcRequest::HealthCheck, esc.health_check_timeout_secs) {
                 Ok(r) if r.status == RpcStatus::Ok => {
-                    let state = r.health.map(|h| format!("{:?}", h.state)).unwrap_or_default();
+                    let state = r.health.map(|h| h.state);
+                    // Alive but not collecting: it missed BeginMonitoring.
+                    if state == Some(CollectorState::WaitingForAgent) {
+                        let begun = rpc(&RpcRequest::BeginMonitoring, esc.health_check_timeout_secs);
+                        let outcome = match begun {
+                            Ok(r) => format!(
+                                "answered, waiting for the agent; BeginMonitoring sent: {:?}",
+                                r.status
+                            ),
+                            Err(e) => format!("answered, waiting for the agent; BeginMonitoring failed: {e}"),
+                        };
+                        return report("health_check", outcome, true);
+                    }
+                    let state = state.map(|s| format!("{s:?}")).unwrap_or_default();
                     return report("health_check", format!("answered ({state}); escalation ends"), true);
                 }
                 Ok(r) => report(
