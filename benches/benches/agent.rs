@@ -41,7 +41,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use daemoneye_benches::{Children, count_procs, no_room_for, spawn_sleepers, status_kib};
+use daemoneye_benches::{
+    Children, Cpu, clock_ticks_per_sec, count_procs, cpu_of, host_busy_ticks, mib, no_room_for,
+    spawn_sleepers, status_kib,
+};
 use rusqlite::{Connection, OpenFlags};
 
 /// The collectors' interval, in seconds (procmond's floor).
@@ -92,34 +95,6 @@ fn start_time_of(pid: u32) -> Option<u64> {
     stat_of(&pid.to_string()).map(|(_, f)| field(&f, 19))
 }
 
-/// A process's CPU so far: utime + stime in clock ticks and the process
-/// CPU clock in ns (when readable).
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    ticks: u64,
-    ns: Option<u64>,
-}
-
-fn cpu_of(pid: u32) -> Cpu {
-    let ticks = stat_of(&pid.to_string()).map_or(0, |(_, f)| field(&f, 11) + field(&f, 12));
-    let ns = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(pid as i32))
-        .and_then(nix::time::clock_gettime)
-        .ok()
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
-    Cpu { ticks, ns }
-}
-
-impl Cpu {
-    /// CPU time between two readings, in ms: the CPU clock when both have
-    /// it, else the ticks.
-    fn ms_since(&self, before: &Cpu, tps: u64) -> f64 {
-        match (before.ns, self.ns) {
-            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e6,
-            _ => self.ticks.saturating_sub(before.ticks) as f64 * 1000.0 / tps as f64,
-        }
-    }
-}
-
 /// CPU time of each thread of a process by thread name, in ns
 /// (`/proc/<pid>/task/<tid>/schedstat`; threads of the same name summed).
 fn threads_of(pid: u32) -> BTreeMap<String, u64> {
@@ -135,32 +110,6 @@ fn threads_of(pid: u32) -> BTreeMap<String, u64> {
         *out.entry(comm).or_default() += ns;
     }
     out
-}
-
-/// Busy clock ticks of the host (`/proc/stat`: user, nice, system, irq,
-/// softirq, steal).
-fn host_busy_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| {
-            let f: Vec<u64> =
-                s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-            Some([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum())
-        })
-        .unwrap_or(0)
-}
-
-fn clock_ticks_per_sec() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(100)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 // ---------------------------------------------------------------- agent --

@@ -33,7 +33,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Sender, bounded, select};
-use daemoneye_benches::{count_procs, measure, ms, no_room_for, spawn_sleepers, stat_only_walk, status_kib};
+use daemoneye_benches::{
+    clock_ticks_per_sec, count_procs, cpu_of, host_busy_ticks, measure, mib, ms, no_room_for, spawn_sleepers,
+    stat_only_walk, status_kib,
+};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message};
 use daemoneye_platform::ProcessSource;
 use procmond::control::{
@@ -233,54 +236,6 @@ fn procmond_binary() -> Option<PathBuf> {
     Some(profile_dir.join("procmond"))
 }
 
-/// procmond's CPU so far: (utime + stime in clock ticks, the process CPU
-/// clock in ns when readable).
-#[derive(Clone, Copy)]
-struct Cpu {
-    ticks: u64,
-    ns: Option<u64>,
-}
-
-fn cpu_of(pid: u32) -> Cpu {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces) start at
-            // field 3; utime and stime are fields 14 and 15.
-            let rest = &s[s.rfind(')')? + 1..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    let ns = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(pid as i32))
-        .and_then(nix::time::clock_gettime)
-        .ok()
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
-    Cpu { ticks, ns }
-}
-
-/// Busy clock ticks of every CPU of the host (`/proc/stat`: user, nice,
-/// system, irq, softirq, steal).
-fn host_busy_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| {
-            let f: Vec<u64> =
-                s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-            Some([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum())
-        })
-        .unwrap_or(0)
-}
-
-fn clock_ticks_per_sec() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(100)
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -334,10 +289,6 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 fn verdict(ok: bool) -> &'static str {

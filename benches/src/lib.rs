@@ -141,3 +141,74 @@ pub fn measure(runs: usize, mut f: impl FnMut() -> usize) -> (Duration, Duration
 pub fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
+
+/// A process's CPU time so far: clock ticks of `/proc/<pid>/stat` (utime +
+/// stime) and, where the kernel gives it, its CPU clock in nanoseconds.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Cpu {
+    /// utime + stime, in clock ticks.
+    pub ticks: u64,
+    /// The process CPU clock (`clock_getcpuclockid`), in nanoseconds.
+    pub ns: Option<u64>,
+}
+
+impl Cpu {
+    /// CPU time between two readings, in ms: the CPU clock when both have
+    /// it, else the ticks (`tps` per second).
+    pub fn ms_since(&self, before: &Cpu, tps: u64) -> f64 {
+        match (before.ns, self.ns) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e6,
+            _ => self.ticks.saturating_sub(before.ticks) as f64 * 1000.0 / tps as f64,
+        }
+    }
+}
+
+/// The CPU time of `pid` now (zero ticks when it is gone).
+pub fn cpu_of(pid: u32) -> Cpu {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) start at
+            // field 3; utime and stime are fields 14 and 15.
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let ns = i32::try_from(pid)
+        .ok()
+        .and_then(|p| nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(p)).ok())
+        .and_then(|c| nix::time::clock_gettime(c).ok())
+        .and_then(|t| {
+            Some(u64::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(t.tv_nsec()).ok()?)
+        });
+    Cpu { ticks, ns }
+}
+
+/// Busy clock ticks of every CPU of the host (`/proc/stat`: user, nice,
+/// system, irq, softirq, steal).
+pub fn host_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<u64> =
+                s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+            Some([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum())
+        })
+        .unwrap_or(0)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 when unknown).
+pub fn clock_ticks_per_sec() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(100)
+}
+
+/// KiB as "12.3 MiB".
+pub fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
