@@ -529,22 +529,11 @@ impl RuleRow {
 mod tests {
     use super::*;
     use crate::api::{BrokerStatus, CollectorPhase, EscalationStep, HeartbeatInfo, StoreStatus};
-    use procmond::event::{EventKind, ProcessEvent};
+    use procmond::event::EventKind;
 
     fn env(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
-        EventEnvelope {
-            collector_id: collector.to_owned(),
-            stream_id: 1,
-            seq,
-            event: ProcessEvent {
-                kind,
-                snapshot: false,
-                changes: Vec::new(),
-                observed_unix_ms: 1_000 * seq,
-                process: procmond::testing::record(pid, seq, name),
-                sha256: None,
-            },
-        }
+        let process = procmond::testing::record(pid, seq, name);
+        procmond::testing::envelope(collector, 1, seq, kind, process, 1_000 * seq)
     }
 
     #[test]

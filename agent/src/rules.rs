@@ -652,19 +652,7 @@ mod tests {
         let d = Arc::make_mut(&mut process.details);
         d.exe = Ok(PathBuf::from(exe));
         d.argv = Ok(Argv { args: vec![exe.to_owned(), "--flag".to_owned()], truncated: false });
-        EventEnvelope {
-            collector_id: "c1".to_owned(),
-            stream_id: 1,
-            seq,
-            event: ProcessEvent {
-                kind: EventKind::Started,
-                snapshot: false,
-                changes: Vec::new(),
-                observed_unix_ms: 1_000 * seq,
-                process,
-                sha256: None,
-            },
-        }
+        procmond::testing::envelope("c1", 1, seq, EventKind::Started, process, 1_000 * seq)
     }
 
     fn with(mut env: EventEnvelope, f: impl FnOnce(&mut ProcessEvent)) -> EventEnvelope {

@@ -17,7 +17,7 @@ use daemoneye_agent::api::{
     STATUS_TOPIC, StoreStatus,
 };
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig};
-use procmond::event::{EventEnvelope, EventKind, ProcessEvent};
+use procmond::event::{EventEnvelope, EventKind};
 use procmond::store::EventStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_daemoneye-cli");
@@ -91,19 +91,8 @@ fn socket(dir: &Path) -> PathBuf {
 }
 
 fn envelope(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
-    EventEnvelope {
-        collector_id: collector.to_owned(),
-        stream_id: 1,
-        seq,
-        event: ProcessEvent {
-            kind,
-            snapshot: false,
-            changes: Vec::new(),
-            observed_unix_ms: api::now_unix_ms(),
-            process: procmond::testing::record(pid, seq, name),
-            sha256: None,
-        },
-    }
+    let process = procmond::testing::record(pid, seq, name);
+    procmond::testing::envelope(collector, 1, seq, kind, process, api::now_unix_ms())
 }
 
 /// A store with: sshd started (pid 10), bash started (11), bash stopped

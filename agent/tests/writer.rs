@@ -14,7 +14,7 @@ use daemoneye_agent::rules::{self, AlertQuery, RuleEngine};
 use daemoneye_agent::writer::{StoreWriter, WriterConfig};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message, Subscription};
 use procmond::control::{self, StoreAck};
-use procmond::event::{EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap};
+use procmond::event::{EventEnvelope, EventKind, GAP_TOPIC, StreamGap};
 use procmond::store::{EventQuery, EventStore};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -75,19 +75,7 @@ fn envelope(collector: &str, stream: u64, seq: u64, exe: &str) -> EventEnvelope 
     let pid = 1_000 + u32::try_from(seq).unwrap();
     let mut process = procmond::testing::record(pid, 5_000 + seq, name);
     Arc::make_mut(&mut process.details).exe = Ok(PathBuf::from(exe));
-    EventEnvelope {
-        collector_id: collector.to_owned(),
-        stream_id: stream,
-        seq,
-        event: ProcessEvent {
-            kind: EventKind::Started,
-            snapshot: false,
-            changes: Vec::new(),
-            observed_unix_ms: api::now_unix_ms(),
-            process,
-            sha256: None,
-        },
-    }
+    procmond::testing::envelope(collector, stream, seq, EventKind::Started, process, api::now_unix_ms())
 }
 
 fn publish(c: &Client, env: &EventEnvelope) {

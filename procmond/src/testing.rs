@@ -1,7 +1,8 @@
 //! Test support, public so the daemon's integration tests, the agent's
 //! tests and the benchmarks can drive the collector without a real process
-//! table: a [`FakeSource`] whose process list the test edits, and
-//! [`record`] to build a plausible process record.
+//! table: a [`FakeSource`] whose process list the test edits, [`record`]
+//! to build a plausible process record and [`envelope`] an event as a
+//! collector sends it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +11,32 @@ use daemoneye_platform::{
     Argv, Credentials, CycleStats, FileIdentity, ProcessDetails, ProcessRecord, ProcessSource, ProcessState,
 };
 use parking_lot::Mutex;
+
+/// A non-snapshot event of `kind` about `process`, as collector
+/// `collector` sends it on stream `stream_id` with sequence number `seq`,
+/// observed at `observed_unix_ms`.
+pub fn envelope(
+    collector: &str,
+    stream_id: u64,
+    seq: u64,
+    kind: crate::event::EventKind,
+    process: ProcessRecord,
+    observed_unix_ms: u64,
+) -> crate::event::EventEnvelope {
+    crate::event::EventEnvelope {
+        collector_id: collector.to_owned(),
+        stream_id,
+        seq,
+        event: crate::event::ProcessEvent {
+            kind,
+            snapshot: false,
+            changes: Vec::new(),
+            observed_unix_ms,
+            process,
+            sha256: None,
+        },
+    }
+}
 
 /// A process record for pid `pid` started at `start_time`, running
 /// `/usr/bin/<name>` as uid 1000.
