@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use crossbeam_channel::{Receiver, Sender, at, bounded, select};
 use daemoneye_bus::{Broker, Client, Message};
 use procmond::control::{
     self, CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage,
@@ -151,7 +151,6 @@ impl Monitor {
         let thread = std::thread::Builder::new().name("agent-monitor".into()).spawn(move || {
             let mut m = State::new(parts);
             let (steps_tx, steps_rx) = bounded::<StepReport>(64);
-            let ticker = tick(Duration::from_millis(100));
             log::info!("agent state: Loading (waiting for {} collector(s) to register)", m.enabled());
             let mut failed = None;
             let outcome = loop {
@@ -169,7 +168,9 @@ impl Monitor {
                     recv(status.messages()) -> msg => if let Ok(msg) = msg { m.answer_status(&msg) },
                     recv(m.supervisor_events.clone()) -> ev => if let Ok(ev) = ev { m.supervised(ev) },
                     recv(steps_rx) -> r => if let Ok(r) = r { m.escalation_step(r) },
-                    recv(ticker) -> _ => {}
+                    // Wakes up only for the next deadline (heartbeat
+                    // lateness, a startup timeout), not on a fixed tick.
+                    recv(at(m.next_wake())) -> _ => {}
                 }
                 if let Some(reason) = m.check(&steps_tx) {
                     // Keep answering (collectors deregister while the
@@ -264,6 +265,33 @@ impl State {
             entries,
             escalations: Vec::new(),
         }
+    }
+
+    /// The next moment `check` may have something to do: the earliest
+    /// heartbeat lateness or startup deadline, at most a second away.
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + Duration::from_secs(1);
+        for e in self.entries.iter().filter(|e| e.spec.enabled) {
+            let startup = Duration::from_secs(e.spec.startup_timeout_secs);
+            // Only what `check` acts on in the current state, so a passed
+            // deadline is always consumed (never a busy loop).
+            let at = match self.state {
+                AgentState::Loading if !e.registered => self.started + startup,
+                AgentState::SteadyState if e.registered && !e.escalating => {
+                    let late = e.interval + e.interval / 10;
+                    e.last_seen + late * (e.missed + 1)
+                }
+                AgentState::SteadyState
+                    if e.phase == CollectorPhase::Starting && !e.escalating && e.pid.is_some() =>
+                {
+                    e.last_seen + startup
+                }
+                _ => continue,
+            };
+            wake = wake.min(at.max(now));
+        }
+        wake
     }
 
     fn enabled(&self) -> usize {

@@ -11,7 +11,7 @@
 //!   acknowledged. Its liveness is the lock: when the lock can be taken,
 //!   it is gone.
 //! - **Reap and restart.** Children are polled with `try_wait` every
-//!   100 ms; an exit is logged with its status and reported to the
+//!   250 ms; an exit is logged with its status and reported to the
 //!   monitor, and, with `auto_restart`, the collector is started again
 //!   after a backoff (1 s, doubling to 30 s) unless it restarted
 //!   `max_restarts` times within `restart_window_secs` already.
@@ -37,6 +37,9 @@ use crate::config::{AgentConfig, CollectorSpec};
 
 /// The environment variable that puts procmond in actor mode.
 pub const BROKER_ENV: &str = "DAEMONEYE_BROKER_SOCKET";
+
+/// How often children are polled for their exit.
+const POLL: Duration = Duration::from_millis(250);
 
 /// First delay before a restart; it doubles per restart in the window.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -279,7 +282,9 @@ impl Drop for Supervisor {
 
 impl Inner {
     fn run(&mut self, rx: &Receiver<Request>) {
-        let ticker = tick(Duration::from_millis(100));
+        // Exits are polled (SIGCHLD is blocked for the signal thread):
+        // 4 times a second.
+        let ticker = tick(POLL);
         let mut all_done: Option<(Sender<()>, Instant)> = None;
         loop {
             select! {
