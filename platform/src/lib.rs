@@ -159,6 +159,30 @@ pub fn exe_read_path(pid: u32, exe: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
+/// Opens a file for reading without ever blocking in `open`.
+///
+/// A path can name a FIFO with no writer (whose `open` waits for one
+/// forever) or a terminal; a path checked a moment ago can be swapped for
+/// one. On Unix the file is opened with `O_NONBLOCK | O_NOCTTY`, which
+/// changes nothing for reading a regular file; callers still compare the
+/// open file's identity (`File::metadata`) with what they expect. Elsewhere
+/// a plain `File::open`.
+pub fn open_for_reading(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    #[cfg(unix)]
+    {
+        use nix::fcntl::OFlag;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+            .open(path)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::File::open(path)
+    }
+}
+
 /// What this host and process can do, for registration and health data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformReport {
@@ -220,5 +244,20 @@ pub fn platform_report() -> PlatformReport {
         supported_fields: fields.into_iter().map(str::to_owned).collect(),
         verified,
         privileges: privilege::detect(),
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::FileTypeExt;
+
+    /// Without `O_NONBLOCK` this `open` would wait for a writer forever.
+    #[test]
+    fn a_fifo_without_a_writer_opens_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let file = super::open_for_reading(&fifo).expect("opens at once");
+        assert!(file.metadata().expect("fstat").file_type().is_fifo());
     }
 }

@@ -8,7 +8,9 @@
 //! cycle's start). Messages arrive between cycles, so every message is
 //! handled at a cycle boundary; a valid `UpdateConfig` is answered at once
 //! and takes effect when the next cycle starts (staged, applied as a
-//! whole). `AdjustInterval` (from the EventBusConnector) slows the interval
+//! whole). Tasks from the agent (`Task`, see [`crate::task`]) are answered
+//! the same way, one at a time between cycles, from the last cycle's
+//! process list and the hasher's cache. `AdjustInterval` (from the EventBusConnector) slows the interval
 //! to 1.5x the configured one under backpressure and restores it.
 //!
 //! The inbox is `bounded(100)`. Senders never block: a full inbox is a
@@ -24,10 +26,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounde
 use daemoneye_platform::ProcessSource;
 
 use crate::config::{CollectorConfig, ConfigError, ConfigUpdate};
-use crate::control::{CollectorState, ConnectionStatus, HealthData, RegistrationState};
+use crate::control::{
+    CollectorState, ConnectionStatus, HealthData, RegistrationState, TaskRequest, TaskResponse,
+};
 use crate::event::{Change, EventEnvelope, EventKind, ProcessEvent};
 use crate::hash::Hasher;
 use crate::sanitize::Sanitizer;
+use crate::task::{TaskContext, TaskCounters};
 use crate::tracker::Tracker;
 
 /// Capacity of the actor's inbox.
@@ -85,6 +90,13 @@ pub enum ActorMessage {
     BeginMonitoring,
     /// Slow down or restore (from the EventBusConnector).
     AdjustInterval(IntervalAdjustment),
+    /// A task from the agent (snapshot, inspect, hash).
+    Task {
+        /// The task.
+        request: TaskRequest,
+        /// The answer, whatever its status.
+        reply: Sender<TaskResponse>,
+    },
 }
 
 /// Where events go: the EventBusConnector (WAL, then bus) or, standalone,
@@ -205,6 +217,11 @@ impl ActorSender {
         self.ask(timeout, |reply| ActorMessage::GracefulShutdown { reply })?.map_err(ActorError::Refused)
     }
 
+    /// Asks the actor to serve a task.
+    pub fn task(&self, request: TaskRequest, timeout: Duration) -> Result<TaskResponse, ActorError> {
+        self.ask(timeout, |reply| ActorMessage::Task { request, reply })
+    }
+
     /// Starts collection.
     pub fn begin_monitoring(&self) -> Result<(), ActorError> {
         self.try_send(ActorMessage::BeginMonitoring)
@@ -229,6 +246,9 @@ pub struct ActorOptions {
     pub observer: Option<EventObserver>,
     /// Start in `Running` (standalone mode) instead of `WaitingForAgent`.
     pub start_running: bool,
+    /// The task service's counters, for health reports (none: no task
+    /// service, the counters read 0).
+    pub tasks: Option<Arc<TaskCounters>>,
 }
 
 impl Default for ActorOptions {
@@ -238,6 +258,7 @@ impl Default for ActorOptions {
             registration: None,
             observer: None,
             start_running: false,
+            tasks: None,
         }
     }
 }
@@ -427,6 +448,21 @@ impl Actor {
                     log::debug!("BeginMonitoring in state {:?}: ignored", self.state);
                 }
             }
+            ActorMessage::Task { request, reply } => {
+                let started = Instant::now();
+                let response = crate::task::execute(
+                    request,
+                    TaskContext {
+                        collector_id: &self.cfg.collector_id,
+                        tracker: &self.tracker,
+                        hasher: &mut self.hasher,
+                        observed_unix_ms: self.n.last_collection_unix_ms,
+                    },
+                );
+                log::debug!("task answered {:?} in {} us", response.status, started.elapsed().as_micros());
+                // The service may have given up waiting: nobody to tell.
+                let _ = reply.try_send(response);
+            }
             ActorMessage::AdjustInterval(adj) => {
                 let slow = adj == IntervalAdjustment::SlowDown;
                 if slow != self.slowed {
@@ -502,6 +538,9 @@ impl Actor {
             backpressure_activations: self.n.backpressure_activations,
             hashes_computed: self.hasher.files_read(),
             pending_config: self.staged.is_some(),
+            tasks_served: self.opts.tasks.as_ref().map_or(0, |t| t.served()),
+            tasks_failed: self.opts.tasks.as_ref().map_or(0, |t| t.failed()),
+            task_latency_avg_us: self.opts.tasks.as_ref().map_or(0, |t| t.avg_latency_us()),
         }
     }
 

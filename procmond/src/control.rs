@@ -12,10 +12,23 @@
 //! | `control.collector.<id>` | agent ([`RpcRequest`], request/reply) | that collector |
 //! | `control.health.heartbeat.<id>` | that collector ([`Heartbeat`]) | agent |
 //! | `control.ack.<id>` | agent store ([`StoreAck`]) | that collector |
+//! | `control.collector.task.<type>` | agent ([`TaskRequest`], request/reply to queue group [`TASK_GROUP`]) | one collector of that type |
+//!
+//! Tasks: the agent publishes a [`TaskRequest`] as a request on
+//! [`task_topic`] of a collector type; every collector of that type is a
+//! member of the queue group [`TASK_GROUP`], so the broker hands each task
+//! to exactly one of them. That one answers on the request's reply inbox
+//! with a [`TaskResponse`]: who served it, a [`TaskStatus`], a reason for
+//! anything but `Ok`, and the [`TaskResult`]. An undecodable task gets a
+//! `Failed` reply ("malformed task: …"); the collector keeps serving.
 
+use std::path::Path;
+
+use daemoneye_platform::{Field, ProcessKey, ProcessRecord, ProcessState};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigUpdate;
+use crate::event::HashOutcome;
 
 /// Lifecycle commands, broadcast by the agent.
 pub const LIFECYCLE_TOPIC: &str = "control.collector.lifecycle";
@@ -37,6 +50,14 @@ pub fn heartbeat_topic(collector_id: &str) -> String {
 /// The topic on which the agent's store acknowledges one collector's events.
 pub fn ack_topic(collector_id: &str) -> String {
     format!("control.ack.{collector_id}")
+}
+
+/// The queue group every collector joins on its type's task topic.
+pub const TASK_GROUP: &str = "collectors";
+
+/// The task topic of one collector type (`process-monitor` for procmond).
+pub fn task_topic(collector_type: &str) -> String {
+    format!("control.collector.task.{collector_type}")
 }
 
 /// Encodes a control message.
@@ -161,6 +182,12 @@ pub struct HeartbeatMetrics {
     pub cycles: u64,
     /// Errors since start.
     pub errors: u64,
+    /// Tasks answered since start (see [`HealthData::tasks_served`]).
+    pub tasks_served: u64,
+    /// Tasks failed since start (see [`HealthData::tasks_failed`]).
+    pub tasks_failed: u64,
+    /// Mean task latency in microseconds.
+    pub task_latency_avg_us: u64,
 }
 
 /// The collector's link to the broker.
@@ -305,6 +332,13 @@ pub struct HealthData {
     pub hashes_computed: u64,
     /// A configuration update waits for the next cycle boundary.
     pub pending_config: bool,
+    /// Tasks answered since start, whatever their status.
+    pub tasks_served: u64,
+    /// Tasks answered `Failed` (malformed, busy, errors), or that could not
+    /// be answered at all (no reply inbox).
+    pub tasks_failed: u64,
+    /// Mean time from a task's arrival to its reply, in microseconds.
+    pub task_latency_avg_us: u64,
 }
 
 impl HealthData {
@@ -316,5 +350,419 @@ impl HealthData {
             _ if self.connection == ConnectionStatus::Disconnected => HealthStatus::Degraded,
             _ => HealthStatus::Healthy,
         }
+    }
+}
+
+/// A task for one collector of a type (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskRequest {
+    /// The process list of the collector's last cycle, filtered.
+    Snapshot(SnapshotFilter),
+    /// One process in full, with the hash of its executable when
+    /// possible.
+    Inspect {
+        /// The process id (the newest identity with it, if the last
+        /// cycle saw two).
+        pid: u32,
+    },
+    /// SHA-256 of a file, through the collector's hash cache.
+    Hash {
+        /// An absolute path.
+        path: String,
+    },
+}
+
+/// Which processes a snapshot keeps: all conditions given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFilter {
+    /// The real user, by name or by numeric uid (as `ps -U`).
+    pub user: Option<String>,
+    /// A glob (`*` any run of characters, `?` one character, nothing
+    /// else special, case-sensitive) matched against the process name or
+    /// the file name of its executable (the name is cut at 15 bytes on
+    /// Linux; the executable's is not).
+    pub name_pattern: Option<String>,
+    /// Only these pids (empty: any).
+    pub pids: Vec<u32>,
+}
+
+/// The longest name pattern accepted, in characters (matching costs up to
+/// pattern × name per process).
+pub const MAX_NAME_PATTERN: usize = 256;
+
+impl SnapshotFilter {
+    /// Checks the filter before any process is looked at.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.name_pattern {
+            Some(p) if p.chars().count() > MAX_NAME_PATTERN => {
+                Err(format!("name pattern longer than {MAX_NAME_PATTERN} characters"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Compiles the filter for matching many processes.
+    pub fn matcher(&self) -> SnapshotMatcher<'_> {
+        let mut pids = self.pids.clone();
+        pids.sort_unstable();
+        pids.dedup();
+        SnapshotMatcher {
+            user: self.user.as_deref().map(|u| (u, u.parse::<u32>().ok())),
+            pattern: self.name_pattern.as_deref().map(|p| p.chars().collect()),
+            pids,
+        }
+    }
+}
+
+/// A [`SnapshotFilter`] ready to test processes.
+#[derive(Debug)]
+pub struct SnapshotMatcher<'a> {
+    user: Option<(&'a str, Option<u32>)>,
+    pattern: Option<Vec<char>>,
+    pids: Vec<u32>,
+}
+
+impl SnapshotMatcher<'_> {
+    /// Whether the process passes every condition.
+    pub fn matches(&self, p: &ProcessSummary) -> bool {
+        if !self.pids.is_empty() && self.pids.binary_search(&p.pid).is_err() {
+            return false;
+        }
+        if let Some((name, uid)) = self.user {
+            let by_name = p.user.as_deref() == Ok(name);
+            let by_uid = uid.is_some_and(|uid| p.uid == Ok(uid));
+            if !(by_name || by_uid) {
+                return false;
+            }
+        }
+        if let Some(pattern) = &self.pattern {
+            let exe_name = p.exe.as_deref().ok().and_then(|e| Path::new(e).file_name()?.to_str());
+            if !(glob_chars(pattern, &p.name) || exe_name.is_some_and(|n| glob_chars(pattern, n))) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether `text` matches the glob `pattern`: `*` matches any run of
+/// characters (none included), `?` exactly one, every other character
+/// itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    glob_chars(&pattern.chars().collect::<Vec<_>>(), text)
+}
+
+/// The matcher: greedy, backing up to the last `*` on a mismatch. At most
+/// pattern × text steps, no recursion.
+fn glob_chars(pattern: &[char], text: &str) -> bool {
+    let text: Vec<char> = text.chars().collect();
+    let (mut p, mut t) = (0, 0);
+    // Where the last `*` was, and the text position it is tried up to.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == '?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                // Let the last `*` swallow one more character.
+                Some((sp, st)) => {
+                    star = Some((sp, st + 1));
+                    p = sp + 1;
+                    t = st + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|&c| c == '*')
+}
+
+/// One process in a snapshot: identity, parentage, who runs what. Enough
+/// for a table or a tree (`ps --tree`); [`TaskRequest::Inspect`] gives
+/// everything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSummary {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in the backend's unit; with `pid`, the identity.
+    pub start_time: u64,
+    /// Parent process id (0 for the roots).
+    pub ppid: u32,
+    /// Start time in seconds since the epoch.
+    pub started_unix: Field<u64>,
+    /// Short process name.
+    pub name: String,
+    /// Scheduler state.
+    pub state: ProcessState,
+    /// Name of the real user.
+    pub user: Field<String>,
+    /// Real user id.
+    pub uid: Field<u32>,
+    /// Effective user id.
+    pub euid: Field<u32>,
+    /// Executable path (non-UTF-8 bytes replaced).
+    pub exe: Field<String>,
+    /// The sanitized command line, arguments joined by spaces; ends in `…`
+    /// when the reader cut it.
+    pub command_line: Field<String>,
+    /// A kernel thread.
+    pub kernel_thread: bool,
+}
+
+impl ProcessSummary {
+    /// The summary of a (sanitized) record.
+    pub fn of(r: &ProcessRecord) -> ProcessSummary {
+        let d = &r.details;
+        ProcessSummary {
+            pid: r.pid,
+            start_time: r.start_time,
+            ppid: r.ppid,
+            started_unix: r.started_unix,
+            name: r.name.clone(),
+            state: r.state,
+            user: d.user.clone(),
+            uid: d.credentials.map(|c| c.uid),
+            euid: d.credentials.map(|c| c.euid),
+            exe: d.exe.as_ref().map(|p| p.to_string_lossy().into_owned()).map_err(|e| *e),
+            command_line: d
+                .argv
+                .as_ref()
+                .map(|a| {
+                    let mut line = a.args.join(" ");
+                    if a.truncated {
+                        line.push('…');
+                    }
+                    line
+                })
+                .map_err(|e| *e),
+            kernel_thread: r.kernel_thread,
+        }
+    }
+
+    /// The process's identity, for merging lists from several collectors.
+    pub fn key(&self) -> ProcessKey {
+        ProcessKey { pid: self.pid, start_time: self.start_time }
+    }
+}
+
+/// How a task went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskStatus {
+    /// Done; the result is there.
+    Ok,
+    /// No such process (in the last cycle's list) or file.
+    NotFound,
+    /// The collector may not read it.
+    NotPermitted,
+    /// Anything else; the message says why (malformed task, busy, not
+    /// collecting yet, shutting down, too large, I/O error).
+    Failed,
+}
+
+/// A collector's answer to a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResponse {
+    /// The collector that served it.
+    pub collector_id: String,
+    /// The outcome.
+    pub status: TaskStatus,
+    /// Why, for anything but `Ok`.
+    pub message: Option<String>,
+    /// The result: with `Ok`, and with a `Failed` hash that has details
+    /// (too large, deferred).
+    pub result: Option<TaskResult>,
+}
+
+impl TaskResponse {
+    /// `Ok` with a result.
+    pub fn ok(collector_id: &str, result: TaskResult) -> TaskResponse {
+        TaskResponse {
+            collector_id: collector_id.to_owned(),
+            status: TaskStatus::Ok,
+            message: None,
+            result: Some(result),
+        }
+    }
+
+    /// A status with its reason and no result.
+    pub fn status(collector_id: &str, status: TaskStatus, message: impl Into<String>) -> TaskResponse {
+        TaskResponse {
+            collector_id: collector_id.to_owned(),
+            status,
+            message: Some(message.into()),
+            result: None,
+        }
+    }
+
+    /// `Failed` with its reason.
+    pub fn failed(collector_id: &str, message: impl Into<String>) -> TaskResponse {
+        TaskResponse::status(collector_id, TaskStatus::Failed, message)
+    }
+}
+
+/// What a task produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskResult {
+    /// For [`TaskRequest::Snapshot`].
+    Snapshot(ProcessList),
+    /// For [`TaskRequest::Inspect`].
+    Inspect(Box<ProcessDetail>),
+    /// For [`TaskRequest::Hash`].
+    Hash(FileHash),
+}
+
+/// A filtered process list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessList {
+    /// When the cycle that saw these processes ended (Unix ms).
+    pub observed_unix_ms: u64,
+    /// The processes that passed the filter, by pid.
+    pub processes: Vec<ProcessSummary>,
+}
+
+/// One process in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessDetail {
+    /// When the cycle that saw it ended (Unix ms).
+    pub observed_unix_ms: u64,
+    /// The record as events carry it: command line sanitized; cwd,
+    /// session, threads and CPU time only with enhanced metadata.
+    pub process: ProcessRecord,
+    /// The executable's hash, or why there is none (`Deferred`: the
+    /// task's time budget ran out, ask again to resume).
+    pub sha256: HashOutcome,
+}
+
+/// The hash of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHash {
+    /// The path asked for.
+    pub path: String,
+    /// Its size when hashed, in bytes.
+    pub size: u64,
+    /// The digest (with `Ok`), or `TooLarge` / `Deferred` (with
+    /// `Failed`).
+    pub sha256: HashOutcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::record;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("sshd", "sshd", true),
+            ("sshd", "sshd2", false),
+            ("ssh*", "sshd", true),
+            ("*d", "sshd", true),
+            ("*", "", true),
+            ("", "", true),
+            ("", "a", false),
+            ("?", "", false),
+            ("s?hd", "sshd", true),
+            ("s?hd", "shd", false),
+            ("*sh*", "bash", true),
+            ("a*b*c", "aXXbYYc", true),
+            ("a*b*c", "aXXbYY", false),
+            ("**a", "bba", true),
+            ("*a*", "xyz", false),
+            ("kworker/*", "kworker/0:1-events", true),
+            ("é?", "éü", true),
+            ("[a]", "a", false),
+        ];
+        for &(pattern, text, expected) in cases {
+            assert_eq!(glob_match(pattern, text), expected, "{pattern:?} against {text:?}");
+        }
+    }
+
+    #[test]
+    fn filters_keep_what_every_condition_allows() {
+        let mut root = record(1, 10, "init");
+        let mut d = (*root.details).clone();
+        d.user = Ok("root".into());
+        d.credentials = Ok(daemoneye_platform::Credentials { uid: 0, euid: 0, gid: 0, egid: 0 });
+        d.exe = Ok("/usr/lib/systemd/systemd".into());
+        root.details = std::sync::Arc::new(d);
+        let procs = [ProcessSummary::of(&root), ProcessSummary::of(&record(2, 20, "bash"))];
+        let keep = |f: SnapshotFilter| -> Vec<u32> {
+            let m = f.matcher();
+            procs.iter().filter(|p| m.matches(p)).map(|p| p.pid).collect()
+        };
+        assert_eq!(keep(SnapshotFilter::default()), [1, 2]);
+        assert_eq!(keep(SnapshotFilter { user: Some("root".into()), ..Default::default() }), [1]);
+        assert_eq!(keep(SnapshotFilter { user: Some("1000".into()), ..Default::default() }), [2]);
+        assert_eq!(keep(SnapshotFilter { user: Some("nobody".into()), ..Default::default() }), [0u32; 0]);
+        // The name, or the executable's file name.
+        assert_eq!(keep(SnapshotFilter { name_pattern: Some("sys*".into()), ..Default::default() }), [1]);
+        assert_eq!(keep(SnapshotFilter { name_pattern: Some("?ash".into()), ..Default::default() }), [2]);
+        assert_eq!(keep(SnapshotFilter { pids: vec![9, 2, 2], ..Default::default() }), [2]);
+        let both = SnapshotFilter { user: Some("root".into()), pids: vec![2], ..Default::default() };
+        assert_eq!(keep(both), [0u32; 0]);
+        let long =
+            SnapshotFilter { name_pattern: Some("*".repeat(MAX_NAME_PATTERN + 1)), ..Default::default() };
+        assert!(long.validate().is_err());
+        assert!(SnapshotFilter::default().validate().is_ok());
+    }
+
+    #[test]
+    fn summaries_join_the_command_line_and_mark_a_cut() {
+        let mut r = record(5, 50, "tool");
+        let mut d = (*r.details).clone();
+        d.argv = Ok(daemoneye_platform::Argv { args: vec!["tool".into(), "-v".into()], truncated: true });
+        r.details = std::sync::Arc::new(d);
+        let s = ProcessSummary::of(&r);
+        assert_eq!(s.command_line.as_deref(), Ok("tool -v…"));
+        assert_eq!((s.uid, s.euid, s.key()), (Ok(1000), Ok(1000), r.key()));
+        assert_eq!(s.exe.as_deref(), Ok("/usr/bin/tool"));
+    }
+
+    #[test]
+    fn tasks_and_answers_round_trip_and_garbage_is_an_error() {
+        let requests = [
+            TaskRequest::Snapshot(SnapshotFilter {
+                user: Some("root".into()),
+                name_pattern: Some("ss*".into()),
+                pids: vec![1, 2],
+            }),
+            TaskRequest::Inspect { pid: 7 },
+            TaskRequest::Hash { path: "/usr/bin/env".into() },
+        ];
+        for req in requests {
+            assert_eq!(decode::<TaskRequest>(&encode(&req)).unwrap(), req);
+        }
+        let r = record(3, 30, "x");
+        let answers = [
+            TaskResponse::ok(
+                "c1",
+                TaskResult::Snapshot(ProcessList {
+                    observed_unix_ms: 1,
+                    processes: vec![ProcessSummary::of(&r)],
+                }),
+            ),
+            TaskResponse::ok(
+                "c1",
+                TaskResult::Inspect(Box::new(ProcessDetail {
+                    observed_unix_ms: 2,
+                    process: r,
+                    sha256: HashOutcome::Deferred,
+                })),
+            ),
+            TaskResponse::status("c2", TaskStatus::NotFound, "no such file"),
+        ];
+        for a in answers {
+            assert_eq!(decode::<TaskResponse>(&encode(&a)).unwrap(), a);
+        }
+        assert!(decode::<TaskRequest>(&[0xff, 0xff, 0xff, 0x07]).is_err());
+        assert!(decode::<TaskRequest>(&[]).is_err());
+        assert_eq!(task_topic("process-monitor"), "control.collector.task.process-monitor");
+        assert!(daemoneye_bus::validate_topic(&task_topic("process-monitor")).is_ok());
     }
 }

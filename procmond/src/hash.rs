@@ -235,6 +235,26 @@ impl Hasher {
             Ok(id) => *id,
             Err(why) => return HashOutcome::Unavailable(*why),
         };
+        self.hash_with(id, |id| open_file(pid, path, id))
+    }
+
+    /// Hash of the file at `path`, whose identity the caller took with a
+    /// `stat` (a task naming a file rather than a process). The same rules
+    /// as [`Hasher::hash`]: the cache by identity, the size cap, the
+    /// budget; the file opened must still have `identity`
+    /// (`Unavailable(Vanished)` otherwise), and it is opened without
+    /// blocking (see [`daemoneye_platform::open_for_reading`]), so a path
+    /// swapped for a FIFO cannot stall the caller.
+    pub fn hash_path(&mut self, path: &Path, identity: &FileIdentity) -> HashOutcome {
+        self.hash_with(*identity, |id| open_checked(path, id).map_err(OpenError::into_unavailable))
+    }
+
+    /// The cache, the cap and the budget, then `open` and read.
+    fn hash_with(
+        &mut self,
+        id: FileIdentity,
+        open: impl FnOnce(&FileIdentity) -> Result<File, Unavailable>,
+    ) -> HashOutcome {
         if let Some(digest) = self.cache.get(&id) {
             return HashOutcome::Sha256(hex(&digest));
         }
@@ -244,7 +264,8 @@ impl Hasher {
         if self.budget_spent() {
             return HashOutcome::Deferred;
         }
-        match self.read(pid, path, id) {
+        let result = open(&id).and_then(|file| self.read(file, id));
+        match result {
             Ok(Some(digest)) => {
                 self.cache.insert(id, digest);
                 HashOutcome::Sha256(hex(&digest))
@@ -269,10 +290,9 @@ impl Hasher {
         (self.clock)().saturating_duration_since(self.cycle_start) >= self.budget
     }
 
-    /// Opens the file and hashes it (or more of it): `Some(digest)` when
-    /// done, `None` when the budget cut it (the partial state is kept).
-    fn read(&mut self, pid: u32, path: &Path, id: FileIdentity) -> Result<Option<Sha256Bytes>, Unavailable> {
-        let mut file = open_file(pid, path, &id)?;
+    /// Hashes an open file (or more of it): `Some(digest)` when done,
+    /// `None` when the budget cut it (the partial state is kept).
+    fn read(&mut self, mut file: File, id: FileIdentity) -> Result<Option<Sha256Bytes>, Unavailable> {
         self.files_read += 1;
         let (mut sha, mut done) = match self.partials.iter().position(|p| p.id == id) {
             Some(i) => {
@@ -333,9 +353,11 @@ fn identity_of(file: &File) -> Result<FileIdentity, OpenError> {
     daemoneye_platform::file_identity(&meta).map_err(OpenError::Io)
 }
 
-/// Opens `path` if it holds the file `id` describes.
+/// Opens `path` if it holds the file `id` describes. The open never
+/// blocks: a FIFO put in a binary's place must not stall the actor.
 fn open_checked(path: &Path, id: &FileIdentity) -> Result<File, OpenError> {
-    let file = File::open(path).map_err(|e| OpenError::Io(Unavailable::from_io(&e)))?;
+    let file =
+        daemoneye_platform::open_for_reading(path).map_err(|e| OpenError::Io(Unavailable::from_io(&e)))?;
     if identity_of(&file)? == *id { Ok(file) } else { Err(OpenError::Mismatch) }
 }
 
@@ -575,6 +597,25 @@ mod tests {
         std::fs::remove_file(dir.path().join("prog")).expect("remove");
         assert_eq!(h.hash(NO_PID, &exe, &id), HashOutcome::Unavailable(Unavailable::Vanished));
         assert_eq!(h.cache_len(), 0);
+    }
+
+    #[test]
+    fn a_path_is_read_once_and_a_fifo_in_its_place_is_not_waited_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, id) = write(&dir, "abc", b"abc");
+        let (path, id) = (exe.expect("path"), id.expect("identity"));
+        let mut h = Hasher::new(&big());
+        assert_eq!(h.hash_path(&path, &id), HashOutcome::Sha256(ABC.into()));
+        assert_eq!(h.hash_path(&path, &id), HashOutcome::Sha256(ABC.into()));
+        assert_eq!((h.files_read(), h.cache_len()), (1, 1));
+        // Checked, then swapped for a FIFO with no writer: the open does
+        // not wait for one, and the FIFO is not the file that was checked.
+        let (other, other_id) = write(&dir, "other", b"abcd");
+        let (other, other_id) = (other.expect("path"), other_id.expect("identity"));
+        std::fs::remove_file(&other).expect("remove");
+        nix::unistd::mkfifo(&other, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        assert_eq!(h.hash_path(&other, &other_id), HashOutcome::Unavailable(Unavailable::Vanished));
+        assert_eq!(h.files_read(), 1);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use procmond::control::{self, RpcResponse};
 use procmond::registration::{Registration, RegistrationConfig};
 use procmond::rpc::{RpcService, ShutdownRequest};
 use procmond::standalone::StoreSink;
+use procmond::task::{TaskCounters, TaskService, TaskServiceConfig};
 
 /// The environment variable that selects actor mode.
 const BROKER_ENV: &str = "DAEMONEYE_BROKER_SOCKET";
@@ -262,6 +263,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let on_ack = connector.ack_hook();
     let cell = Arc::new(RegistrationCell::default());
     opts.registration = Some(cell.clone());
+    let task_counters = Arc::new(TaskCounters::default());
+    opts.tasks = Some(task_counters.clone());
     let mut capabilities = vec![format!("backend:{}", report.backend)];
     capabilities.extend(report.supported_fields.iter().map(|f| format!("field:{f}")));
     if report.privileges.missing_for_other_users.is_empty() {
@@ -282,11 +285,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let collector_id = cfg.collector_id.clone();
     let actor = ActorHandle::spawn(cfg, source, Box::new(connector), inbox, opts)?;
     let rpc = RpcService::start(client.clone(), &collector_id, actor_tx.clone(), shutdown_tx.clone())?;
+    let tasks = TaskService::start(
+        client.clone(),
+        TaskServiceConfig::new(&collector_id),
+        actor_tx.clone(),
+        task_counters,
+    )?;
     let registration = Registration::start(reg_cfg, client.clone(), actor_tx.clone(), cell, on_ack)?;
 
     let request = wait_for_shutdown(&shutdown_rx, &actor, Some(&client))?;
     log::info!("shutting down: {}", request.reason);
     rpc.refuse_new_requests();
+    // Leave the task group first, so the agent's tasks go to the other
+    // collectors; tasks already delivered are answered "shutting down".
+    drop(tasks);
     // Finish the cycle, flush the buffer and the WAL...
     let flushed = stop_actor(&actor_tx, actor);
     // ...deregister...

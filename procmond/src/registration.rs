@@ -324,6 +324,9 @@ impl Manager {
                 connection_status: ConnectionStatus::Connected,
                 cycles: 0,
                 errors: 0,
+                tasks_served: 0,
+                tasks_failed: 0,
+                task_latency_avg_us: 0,
             },
             |h| HeartbeatMetrics {
                 processes_collected: h.processes,
@@ -332,6 +335,9 @@ impl Manager {
                 connection_status: h.connection,
                 cycles: h.cycles,
                 errors: h.errors,
+                tasks_served: h.tasks_served,
+                tasks_failed: h.tasks_failed,
+                task_latency_avg_us: h.task_latency_avg_us,
             },
         );
         let hb = Heartbeat {

@@ -69,6 +69,21 @@ impl Tracker {
         self.live.is_empty()
     }
 
+    /// The processes of the last cycle, sanitized, in no order.
+    pub fn records(&self) -> impl Iterator<Item = &ProcessRecord> {
+        self.live.values().map(|t| &t.record)
+    }
+
+    /// The last cycle's record of `pid`, as an event would carry it
+    /// (sanitized; cwd only with enhanced metadata). Should the tracker
+    /// hold two identities with that pid (a cut list keeps a missing one),
+    /// the newest.
+    pub fn find(&self, pid: u32) -> Option<ProcessRecord> {
+        let newest =
+            self.live.values().filter(|t| t.record.pid == pid).max_by_key(|t| t.record.start_time)?;
+        Some(self.for_event(newest.record.clone()))
+    }
+
     /// Command lines sanitized so far (a steady cycle adds none).
     pub fn sanitized_count(&self) -> u64 {
         self.sanitized

@@ -1,0 +1,385 @@
+//! Tasks from the agent: the service thread (`procmond-tasks`) and what
+//! the actor does with each task.
+//!
+//! The service joins the queue group [`TASK_GROUP`] on
+//! `control.collector.task.<collector_type>`, so of all the collectors of
+//! one type the broker hands each task to exactly one. It decodes the
+//! task, hands it to the actor (`ActorMessage::Task`, never blocking: a
+//! full inbox is answered "busy" at once) and waits for the answer with a
+//! timeout, then replies on the request's inbox with a [`TaskResponse`].
+//! An undecodable task is answered `Failed` ("malformed task: …") and the
+//! service goes on; a task without a reply inbox cannot be answered and is
+//! only counted. One task at a time: the actor serves them one by one
+//! anyway, between collection cycles.
+//!
+//! The actor answers from what it owns ([`execute`]):
+//!
+//! - `Snapshot`: the last cycle's process list (sanitized, as events carry
+//!   it), filtered, by pid. Before the first cycle there is no list: the
+//!   answer is `Failed`.
+//! - `Inspect`: the last cycle's record of the pid (`NotFound` if it had
+//!   none) and the hash of its executable through the hasher.
+//! - `Hash`: a `stat` of the path (`NotFound`, `NotPermitted`), which must
+//!   be a regular file, then the hasher by file identity: a file hashed
+//!   before is answered from the cache without a read.
+//!
+//! Hashing for a task follows the hasher's rules (size cap, LRU cache,
+//! identity checks), with a fresh time budget per task (the hashing budget
+//! of a cycle, `hash.cycle_budget_ms`): a file that does not fit is
+//! answered `Failed` with `Deferred` and resumes where it stopped when
+//! asked again, so one task never holds the actor for long. Tasks hash
+//! whether or not `compute_hashes` is on: they ask for it.
+//!
+//! Leaving: on shutdown the service leaves the group first (so the broker
+//! hands new tasks to the other members) and answers the tasks already
+//! delivered to it `Failed` ("shutting down").
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+use daemoneye_bus::{Client, ClientError, Message, Strategy};
+use daemoneye_platform::Unavailable;
+
+use crate::actor::{ActorError, ActorSender};
+use crate::control::{
+    self, FileHash, ProcessDetail, ProcessList, ProcessSummary, SnapshotFilter, TASK_GROUP, TaskRequest,
+    TaskResponse, TaskResult, TaskStatus,
+};
+use crate::event::HashOutcome;
+use crate::hash::Hasher;
+use crate::tracker::Tracker;
+
+/// How long the service waits for the actor (which answers between
+/// cycles).
+pub const TASK_ACTOR_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Task counters, written by the service and read by health reports.
+#[derive(Debug, Default)]
+pub struct TaskCounters {
+    served: AtomicU64,
+    failed: AtomicU64,
+    latency_us: AtomicU64,
+}
+
+impl TaskCounters {
+    /// Records an answered task: its status and how long it took from
+    /// arrival to reply.
+    pub fn answered(&self, status: TaskStatus, latency: Duration) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.latency_us.fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        if status == TaskStatus::Failed {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a task that could not be answered.
+    pub fn unanswerable(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tasks answered.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Tasks answered `Failed` or not answered at all.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Mean latency of the answered tasks, in microseconds (0 before the
+    /// first).
+    pub fn avg_latency_us(&self) -> u64 {
+        self.latency_us.load(Ordering::Relaxed).checked_div(self.served()).unwrap_or(0)
+    }
+}
+
+/// Settings of the task service.
+#[derive(Debug, Clone)]
+pub struct TaskServiceConfig {
+    /// This collector's id (named in every answer).
+    pub collector_id: String,
+    /// The collector type whose task topic it serves.
+    pub collector_type: String,
+    /// How the broker picks a member of the group. The group takes the
+    /// strategy of its first member (a broker rule), so every member of
+    /// one type should ask for the same.
+    pub strategy: Strategy,
+    /// How long to wait for the actor.
+    pub actor_timeout: Duration,
+}
+
+impl TaskServiceConfig {
+    /// procmond's type, round robin, [`TASK_ACTOR_TIMEOUT`].
+    pub fn new(collector_id: &str) -> TaskServiceConfig {
+        TaskServiceConfig {
+            collector_id: collector_id.to_owned(),
+            collector_type: crate::registration::COLLECTOR_TYPE.to_owned(),
+            strategy: Strategy::RoundRobin,
+            actor_timeout: TASK_ACTOR_TIMEOUT,
+        }
+    }
+}
+
+/// The task service thread's handle; dropping it leaves the group, answers
+/// the tasks already delivered "shutting down", and joins the thread.
+pub struct TaskService {
+    // Field order: the stop sender goes before the thread is joined.
+    stop: Sender<()>,
+    shutting_down: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TaskService {
+    /// Joins the task group of `cfg.collector_type` and starts the thread.
+    pub fn start(
+        client: Arc<Client>,
+        cfg: TaskServiceConfig,
+        actor: ActorSender,
+        counters: Arc<TaskCounters>,
+    ) -> Result<TaskService, ClientError> {
+        let topic = control::task_topic(&cfg.collector_type);
+        let sub = client.queue_subscribe(&topic, TASK_GROUP, cfg.strategy)?;
+        let (stop, stop_rx) = bounded(1);
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let flag = shutting_down.clone();
+        let thread = std::thread::Builder::new()
+            .name("procmond-tasks".into())
+            .spawn(move || {
+                let service = Service { client, cfg, actor, counters, shutting_down: flag };
+                service.run(sub.messages(), &stop_rx);
+                // Leave the group first, so new tasks go to other members,
+                // then answer what was delivered already.
+                let delivered = sub.messages().clone();
+                drop(sub);
+                service.shutting_down.store(true, Ordering::Release);
+                for msg in delivered.try_iter() {
+                    service.handle(msg);
+                }
+                log::debug!("procmond-tasks stopped");
+            })
+            .map_err(|e| ClientError::Start(e.to_string()))?;
+        Ok(TaskService { stop, shutting_down, thread: Some(thread) })
+    }
+
+    /// From now on every task is answered `Failed` ("shutting down").
+    pub fn refuse_new_requests(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for TaskService {
+    fn drop(&mut self) {
+        self.shutting_down.store(true, Ordering::Release);
+        let _ = self.stop.try_send(());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("procmond-tasks thread panicked");
+        }
+    }
+}
+
+struct Service {
+    client: Arc<Client>,
+    cfg: TaskServiceConfig,
+    actor: ActorSender,
+    counters: Arc<TaskCounters>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Service {
+    fn run(&self, tasks: &Receiver<Message>, stop: &Receiver<()>) {
+        loop {
+            select! {
+                recv(tasks) -> msg => match msg {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                },
+                recv(stop) -> _ => break,
+            }
+        }
+    }
+
+    fn handle(&self, msg: Message) {
+        let arrived = Instant::now();
+        let id = self.cfg.collector_id.as_str();
+        if msg.reply_to.is_none() {
+            log::warn!("task on {} from {} without a reply inbox: ignored", msg.topic, msg.from);
+            self.counters.unanswerable();
+            return;
+        }
+        let response = match control::decode::<TaskRequest>(&msg.payload) {
+            Err(e) => {
+                log::warn!(
+                    "malformed task on {} from {} ({} bytes): {e}",
+                    msg.topic,
+                    msg.from,
+                    msg.payload.len()
+                );
+                TaskResponse::failed(id, format!("malformed task: {e}"))
+            }
+            Ok(_) if self.shutting_down.load(Ordering::Acquire) => {
+                TaskResponse::failed(id, "collector is shutting down")
+            }
+            Ok(request) => match self.actor.task(request, self.cfg.actor_timeout) {
+                Ok(response) => response,
+                Err(ActorError::Busy) => {
+                    TaskResponse::failed(id, "busy: the collector's inbox is full; try another member")
+                }
+                Err(e) => TaskResponse::failed(id, e.to_string()),
+            },
+        };
+        let status = self.send(&msg, response);
+        self.counters.answered(status, arrived.elapsed());
+    }
+
+    /// Replies; a result the bus cannot carry is replaced by a `Failed`
+    /// answer that says so. Returns the status sent.
+    fn send(&self, msg: &Message, response: TaskResponse) -> TaskStatus {
+        let id = self.cfg.collector_id.as_str();
+        let (status, bytes) = match postcard::to_stdvec(&response) {
+            Ok(bytes) => (response.status, bytes),
+            Err(e) => {
+                log::warn!("task answer could not be encoded: {e}");
+                let failed = TaskResponse::failed(id, format!("the result could not be encoded: {e}"));
+                (TaskStatus::Failed, control::encode(&failed))
+            }
+        };
+        match self.client.reply(msg, &bytes) {
+            Ok(()) => status,
+            Err(ClientError::TooLarge { len, max }) => {
+                let failed = TaskResponse::failed(
+                    id,
+                    format!(
+                        "the result of {len} bytes exceeds the bus's maximum message of {max} bytes; \
+                         narrow the request"
+                    ),
+                );
+                if let Err(e) = self.client.reply(msg, &control::encode(&failed)) {
+                    log::warn!("task reply on {:?} failed: {e}", msg.reply_to);
+                }
+                TaskStatus::Failed
+            }
+            Err(e) => {
+                log::warn!("task reply on {:?} failed: {e}", msg.reply_to);
+                status
+            }
+        }
+    }
+}
+
+/// What a task may use of the actor's state.
+pub(crate) struct TaskContext<'a> {
+    /// Named in the answer.
+    pub collector_id: &'a str,
+    /// The last cycle's processes.
+    pub tracker: &'a Tracker,
+    /// The hasher and its cache.
+    pub hasher: &'a mut Hasher,
+    /// When the last cycle ended; `None` before the first.
+    pub observed_unix_ms: Option<u64>,
+}
+
+/// The answer to a task, from the actor's state (see the module docs).
+pub(crate) fn execute(request: TaskRequest, cx: TaskContext<'_>) -> TaskResponse {
+    match request {
+        TaskRequest::Snapshot(filter) => snapshot(&filter, cx),
+        TaskRequest::Inspect { pid } => inspect(pid, cx),
+        TaskRequest::Hash { path } => hash(path, cx),
+    }
+}
+
+const NO_LIST: &str =
+    "no process list yet: no collection cycle has completed (collection starts with BeginMonitoring)";
+
+fn snapshot(filter: &SnapshotFilter, cx: TaskContext<'_>) -> TaskResponse {
+    if let Err(e) = filter.validate() {
+        return TaskResponse::failed(cx.collector_id, format!("invalid filter: {e}"));
+    }
+    let Some(observed_unix_ms) = cx.observed_unix_ms else {
+        return TaskResponse::failed(cx.collector_id, NO_LIST);
+    };
+    let matcher = filter.matcher();
+    let mut processes: Vec<ProcessSummary> =
+        cx.tracker.records().map(ProcessSummary::of).filter(|p| matcher.matches(p)).collect();
+    processes.sort_unstable_by_key(|p| (p.pid, p.start_time));
+    TaskResponse::ok(cx.collector_id, TaskResult::Snapshot(ProcessList { observed_unix_ms, processes }))
+}
+
+fn inspect(pid: u32, cx: TaskContext<'_>) -> TaskResponse {
+    let Some(observed_unix_ms) = cx.observed_unix_ms else {
+        return TaskResponse::failed(cx.collector_id, NO_LIST);
+    };
+    let Some(process) = cx.tracker.find(pid) else {
+        return TaskResponse::status(
+            cx.collector_id,
+            TaskStatus::NotFound,
+            format!("pid {pid} is not in the process list of the last cycle"),
+        );
+    };
+    // Each task has its own time budget for hashing.
+    cx.hasher.start_cycle();
+    let d = &process.details;
+    let sha256 = cx.hasher.hash(process.pid, &d.exe, &d.exe_file);
+    let detail = ProcessDetail { observed_unix_ms, process, sha256 };
+    TaskResponse::ok(cx.collector_id, TaskResult::Inspect(Box::new(detail)))
+}
+
+fn hash(path: String, cx: TaskContext<'_>) -> TaskResponse {
+    let id = cx.collector_id;
+    let p = Path::new(&path);
+    if !p.is_absolute() {
+        return TaskResponse::failed(id, format!("the path must be absolute: {path:?}"));
+    }
+    let meta = match std::fs::metadata(p) {
+        Ok(meta) => meta,
+        Err(e) => {
+            return match e.kind() {
+                ErrorKind::NotFound | ErrorKind::NotADirectory => {
+                    TaskResponse::status(id, TaskStatus::NotFound, format!("no such file: {path}"))
+                }
+                ErrorKind::PermissionDenied => {
+                    TaskResponse::status(id, TaskStatus::NotPermitted, format!("{path}: permission denied"))
+                }
+                _ => TaskResponse::failed(id, format!("{path}: {e}")),
+            };
+        }
+    };
+    // Reading a FIFO or a device could block or never end.
+    if !meta.is_file() {
+        return TaskResponse::failed(id, format!("{path} is not a regular file"));
+    }
+    let identity = match daemoneye_platform::file_identity(&meta) {
+        Ok(identity) => identity,
+        Err(why) => return TaskResponse::failed(id, format!("{path}: no file identity ({why})")),
+    };
+    cx.hasher.start_cycle();
+    let outcome = cx.hasher.hash_path(p, &identity);
+    let (status, message) = match &outcome {
+        HashOutcome::Sha256(_) => (TaskStatus::Ok, None),
+        HashOutcome::TooLarge { size, cap } => {
+            (TaskStatus::Failed, Some(format!("{path} is {size} bytes, over the hashing cap of {cap} bytes")))
+        }
+        HashOutcome::Deferred => (
+            TaskStatus::Failed,
+            Some(format!(
+                "hashing {path} did not finish within the time budget; ask again to resume where it stopped"
+            )),
+        ),
+        HashOutcome::Unavailable(Unavailable::NotPermitted) => {
+            return TaskResponse::status(id, TaskStatus::NotPermitted, format!("{path}: permission denied"));
+        }
+        HashOutcome::Unavailable(Unavailable::Vanished) => {
+            return TaskResponse::failed(id, format!("{path} changed or vanished while being hashed"));
+        }
+        HashOutcome::Unavailable(why) => return TaskResponse::failed(id, format!("{path}: {why}")),
+    };
+    let result = TaskResult::Hash(FileHash { path, size: identity.size, sha256: outcome });
+    TaskResponse { collector_id: id.to_owned(), status, message, result: Some(result) }
+}
