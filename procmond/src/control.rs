@@ -483,6 +483,10 @@ fn glob_chars(pattern: &[char], text: &str) -> bool {
     pattern[p.min(pattern.len())..].iter().all(|&c| c == '*')
 }
 
+/// The longest command line in a [`ProcessSummary`], in characters: a
+/// snapshot of thousands of processes must fit in one bus message.
+pub const SUMMARY_COMMAND_LINE_MAX: usize = 256;
+
 /// One process in a snapshot: identity, parentage, who runs what. Enough
 /// for a table or a tree (`ps --tree`); [`TaskRequest::Inspect`] gives
 /// everything else.
@@ -508,8 +512,9 @@ pub struct ProcessSummary {
     pub euid: Field<u32>,
     /// Executable path (non-UTF-8 bytes replaced).
     pub exe: Field<String>,
-    /// The sanitized command line, arguments joined by spaces; ends in `…`
-    /// when the reader cut it.
+    /// The sanitized command line, arguments joined by spaces, at most
+    /// [`SUMMARY_COMMAND_LINE_MAX`] characters; ends in `…` when cut (here
+    /// or by the reader). [`TaskRequest::Inspect`] has it whole.
     pub command_line: Field<String>,
     /// A kernel thread.
     pub kernel_thread: bool,
@@ -535,7 +540,11 @@ impl ProcessSummary {
                 .as_ref()
                 .map(|a| {
                     let mut line = a.args.join(" ");
-                    if a.truncated {
+                    let cut = line.char_indices().nth(SUMMARY_COMMAND_LINE_MAX).map(|(i, _)| i);
+                    if let Some(i) = cut {
+                        line.truncate(i);
+                    }
+                    if a.truncated || cut.is_some() {
                         line.push('…');
                     }
                     line
@@ -722,6 +731,12 @@ mod tests {
         assert_eq!(s.command_line.as_deref(), Ok("tool -v…"));
         assert_eq!((s.uid, s.euid, s.key()), (Ok(1000), Ok(1000), r.key()));
         assert_eq!(s.exe.as_deref(), Ok("/usr/bin/tool"));
+        // Long lines are cut, on a character boundary.
+        let mut d = (*r.details).clone();
+        d.argv = Ok(daemoneye_platform::Argv { args: vec!["é".repeat(300)], truncated: false });
+        r.details = std::sync::Arc::new(d);
+        let line = ProcessSummary::of(&r).command_line.unwrap();
+        assert_eq!(line, format!("{}…", "é".repeat(SUMMARY_COMMAND_LINE_MAX)));
     }
 
     #[test]
