@@ -210,7 +210,11 @@ impl RawBus {
         let s = UnixStream::connect(path)?;
         let mut b =
             RawBus { s, rbuf: vec![0; 256 * 1024], pos: 0, end: 0, wbuf: Vec::with_capacity(1 << 17) };
-        b.queue(&Frame::Hello { protocol_version: 1, client_id: id, pid: std::process::id() })?;
+        b.queue(&Frame::Hello {
+            protocol_version: daemoneye_bus::PROTOCOL_VERSION,
+            client_id: id,
+            pid: std::process::id(),
+        })?;
         b.flush()?;
         match b.next(|f| matches!(f, Frame::Welcome { .. }))? {
             true => Ok(b),

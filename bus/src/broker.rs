@@ -10,7 +10,7 @@
 //! messages). Readiness is drained until `WouldBlock`; write interest is
 //! registered only while a write buffer is non-empty.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +23,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 use slab::Slab;
 
-use crate::frame::{self, ErrorCode, Frame, FrameError, Mode, Overflow, PROTOCOL_VERSION, Strategy};
+use crate::frame::{
+    self, ErrorCode, Frame, FrameError, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION, Strategy,
+};
 use crate::topic::{self, TopicTrie};
 
 const LISTENER: Token = Token(0);
@@ -33,6 +35,10 @@ const FIRST_CONN: usize = 2;
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 /// Subscriptions one connection may hold.
 const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Unanswered requests remembered per connection; beyond this a
+/// connection counts as saturated for `LeastLoaded` and its requesters
+/// learn of its departure by their timeouts only.
+const MAX_AWAITING: usize = 4096;
 /// Read rounds (of up to a maximal frame plus a chunk each) one connection
 /// gets per poll iteration.
 const READ_ROUNDS: usize = 4;
@@ -362,6 +368,19 @@ enum Target {
     Group(usize),
 }
 
+/// One message being routed.
+struct Route<'a> {
+    /// The publisher's id, named in the deliveries.
+    sender: &'a str,
+    topic: &'a str,
+    payload: &'a [u8],
+    reply_to: Option<&'a str>,
+    /// A request's own choice of queue-group strategy.
+    strategy: Option<Strategy>,
+    /// A request: remember each delivery until it is answered.
+    follow: bool,
+}
+
 struct Group {
     pattern: String,
     name: String,
@@ -416,11 +435,20 @@ struct Conn {
     over_since: Option<Instant>,
     /// When the connection was accepted (a `Hello` is due promptly).
     accepted_at: Instant,
+    /// The `reply_to` of every request delivered here and not answered
+    /// yet (at most [`MAX_AWAITING`]).
+    awaiting: HashSet<Box<str>>,
 }
 
 impl Conn {
     fn pending_bytes(&self) -> usize {
         self.wbuf.len() - self.wpos
+    }
+
+    /// Work as `LeastLoaded` sees it: requests delivered and not answered,
+    /// plus messages still queued.
+    fn load(&self) -> usize {
+        self.awaiting.len() + self.frame_ends.len()
     }
 
     fn queue_frame(&mut self, f: &Frame<'_>, max: u32) -> bool {
@@ -594,6 +622,7 @@ impl Reactor {
                         self_paused: false,
                         over_since: None,
                         accepted_at: Instant::now(),
+                        awaiting: HashSet::new(),
                     });
                     // A peer may have written before we registered.
                     self.read(idx);
@@ -812,10 +841,25 @@ impl Reactor {
                     return self.answer_stats(idx, reply_to, ack_id);
                 }
                 // A PubAck means routed: a refused publish gets its Error instead.
-                if self.publish(idx, topic, payload, reply_to, ack_id)
+                if self.publish(idx, topic, payload, reply_to, ack_id, None).is_some()
                     && let Some(ack_id) = ack_id
                 {
                     self.reply(idx, &Frame::PubAck { ack_id });
+                }
+            }
+            (true, Frame::Request { topic, payload, reply_to, strategy }) => {
+                if topic::validate_topic(reply_to).is_err() || !self.own_inbox(idx, reply_to) {
+                    self.counters.forbidden += 1;
+                    let message = "a request's reply_to must be in the requester's own inbox";
+                    return self
+                        .reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id: None });
+                }
+                if topic == STATS_TOPIC {
+                    return self.answer_stats(idx, Some(reply_to), None);
+                }
+                if self.publish(idx, topic, payload, Some(reply_to), None, Some(strategy)) == Some(0) {
+                    let reason = NoReplyReason::NoResponders;
+                    self.reply(idx, &Frame::NoReply { reply_to, reason, responder: "" });
                 }
             }
             (true, Frame::Ping(n)) => self.reply(idx, &Frame::Pong(n)),
@@ -938,7 +982,9 @@ impl Reactor {
                 .is_none_or(|a| a.publish.iter().any(|allowed| topic::matches(allowed, topic_name)))
     }
 
-    /// Routes a publish; false when it was refused.
+    /// Routes a publish: how many subscribers it was delivered to, `None`
+    /// when it was refused. `strategy` is set for a `Request` (whose
+    /// deliveries the broker follows), `Some(None)` meaning the groups' own.
     fn publish(
         &mut self,
         idx: usize,
@@ -946,86 +992,98 @@ impl Reactor {
         payload: &[u8],
         reply_to: Option<&str>,
         ack_id: Option<u64>,
-    ) -> bool {
+        strategy: Option<Option<Strategy>>,
+    ) -> Option<usize> {
         if let Err(e) = topic::validate_topic(topic_name) {
             self.counters.forbidden += 1;
             self.reply(idx, &Frame::Error { code: ErrorCode::BadTopic, message: &e.to_string(), ack_id });
-            return false;
+            return None;
         }
         if !self.may_publish(idx, topic_name) {
             self.counters.forbidden += 1;
             let msg = format!("may not publish to {topic_name}");
             self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message: &msg, ack_id });
-            return false;
+            return None;
         }
         self.counters.published += 1;
-        let sender = match self.conns.get(idx).map(|c| &c.state) {
-            Some(ConnState::Ready { client_id, .. }) => Arc::clone(client_id),
-            _ => Arc::from(""),
+        let sender = match self.conns.get_mut(idx) {
+            Some(c) => {
+                // An answer to a request delivered here: one less awaited.
+                if !c.awaiting.is_empty() {
+                    c.awaiting.remove(topic_name);
+                }
+                match &c.state {
+                    ConnState::Ready { client_id, .. } => Arc::clone(client_id),
+                    ConnState::AwaitingHello => Arc::from(""),
+                }
+            }
+            None => Arc::from(""),
         };
-        self.route(idx, &sender, topic_name, payload, reply_to);
-        true
+        let route = Route {
+            sender: &sender,
+            topic: topic_name,
+            payload,
+            reply_to,
+            strategy: strategy.flatten(),
+            follow: strategy.is_some() && reply_to.is_some(),
+        };
+        Some(self.route(idx, &route))
     }
 
     /// Delivers a message to every matching subscription and one member of
-    /// every matching queue group.
-    /// `idx` is the publishing connection (for flow control), `sender` the
-    /// id named in the deliveries.
-    fn route(&mut self, idx: usize, sender: &str, topic_name: &str, payload: &[u8], reply_to: Option<&str>) {
+    /// every matching queue group; returns how many got it.
+    /// `idx` is the publishing connection (for flow control).
+    fn route(&mut self, idx: usize, r: &Route<'_>) -> usize {
         let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
-        self.trie.for_each_match(topic_name, |t| targets.push(*t));
+        self.trie.for_each_match(r.topic, |t| targets.push(*t));
+        let mut delivered = 0;
         for t in &targets {
             let (conn, sid) = match *t {
                 Target::Sub { conn, sid } => (conn, sid),
-                Target::Group(gid) => match self.pick(gid) {
+                Target::Group(gid) => match self.pick(gid, r.strategy) {
                     Some(m) => m,
                     None => continue,
                 },
             };
-            self.deliver(idx, sender, conn, sid, topic_name, payload, reply_to);
+            delivered += usize::from(self.deliver(idx, conn, sid, r));
         }
         self.targets = targets;
+        delivered
     }
 
-    fn pick(&mut self, gid: usize) -> Option<(usize, u64)> {
+    /// A member of a group: by the request's strategy if it has one, else
+    /// by the group's.
+    fn pick(&mut self, gid: usize, strategy: Option<Strategy>) -> Option<(usize, u64)> {
         let g = self.groups.get_mut(gid)?;
         if g.members.is_empty() {
             return None;
         }
-        let i = match g.strategy {
-            Strategy::RoundRobin => {
-                g.next = (g.next + 1) % g.members.len();
-                g.next
-            }
+        let n = g.members.len();
+        let i = match strategy.unwrap_or(g.strategy) {
+            Strategy::RoundRobin => (g.next + 1) % n,
             Strategy::Random => {
                 self.rng ^= self.rng << 13;
                 self.rng ^= self.rng >> 7;
                 self.rng ^= self.rng << 17;
-                (self.rng % g.members.len() as u64) as usize
+                (self.rng % n as u64) as usize
             }
             Strategy::LeastLoaded => {
+                // Ties go in turn: scan from the member after the last pick.
                 let conns = &self.conns;
-                let load = |m: &(usize, u64)| conns.get(m.0).map_or(usize::MAX, Conn::pending_bytes);
-                (0..g.members.len()).min_by_key(|&i| load(&g.members[i])).unwrap_or(0)
+                let load = |m: &(usize, u64)| conns.get(m.0).map_or(usize::MAX, Conn::load);
+                (1..=n).map(|k| (g.next + k) % n).min_by_key(|&i| load(&g.members[i])).unwrap_or(0)
             }
         };
+        g.next = i;
         Some(g.members[i])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn deliver(
-        &mut self,
-        from: usize,
-        sender: &str,
-        to: usize,
-        sid: u64,
-        topic_name: &str,
-        payload: &[u8],
-        reply_to: Option<&str>,
-    ) {
+    /// Queues one delivery; false when it was dropped.
+    fn deliver(&mut self, from: usize, to: usize, sid: u64, r: &Route<'_>) -> bool {
+        let (topic_name, payload) = (r.topic, r.payload);
         let (max, lim_b, lim_m) = (self.cfg.max_frame, self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
-        let Some(c) = self.conns.get_mut(to) else { return };
+        let Some(c) = self.conns.get_mut(to) else { return false };
         let overflow = c.subs.get(&sid).map_or(Overflow::DropNewest, |s| s.overflow);
         let full = c.pending_bytes() >= lim_b || c.frame_ends.len() >= lim_m;
         if full {
@@ -1036,15 +1094,16 @@ impl Reactor {
             match overflow {
                 Overflow::DropNewest => {
                     self.counters.dropped += 1;
-                    return;
+                    return false;
                 }
                 Overflow::Error => {
                     self.counters.dropped += 1;
                     let msg = format!("subscriber queue full, message on {topic_name} dropped");
-                    return self.reply(
+                    self.reply(
                         from,
                         &Frame::Error { code: ErrorCode::Overflow, message: &msg, ack_id: None },
                     );
+                    return false;
                 }
                 Overflow::DropOldest => {
                     // Make room down to half the limits, oldest first, in
@@ -1068,13 +1127,22 @@ impl Reactor {
                 }
             }
         }
-        let Some(c) = self.conns.get_mut(to) else { return };
-        if c.queue_frame(&Frame::Deliver { sid, topic: topic_name, payload, reply_to, from: sender }, max) {
+        let Some(c) = self.conns.get_mut(to) else { return false };
+        let f = Frame::Deliver { sid, topic: topic_name, payload, reply_to: r.reply_to, from: r.sender };
+        if c.queue_frame(&f, max) {
+            if r.follow
+                && let Some(inbox) = r.reply_to
+                && c.awaiting.len() < MAX_AWAITING
+            {
+                c.awaiting.insert(Box::from(inbox));
+            }
             self.counters.delivered += 1;
             self.dirty.push(to);
+            true
         } else {
             // Topic, payload and framing together exceed the maximum frame.
             self.counters.dropped += 1;
+            false
         }
     }
 
@@ -1201,6 +1269,10 @@ impl Reactor {
         let _ = self.poll.registry().deregister(&mut c.stream);
         if let ConnState::Ready { client_id, .. } = &c.state {
             log::info!("bus: {client_id} disconnected");
+            // Its requesters need not wait out their timeouts.
+            for inbox in std::mem::take(&mut c.awaiting) {
+                self.no_reply(&inbox, NoReplyReason::ResponderGone, client_id);
+            }
         }
         for p in c.blocked {
             if let Some(pc) = self.conns.get_mut(p) {
@@ -1245,6 +1317,20 @@ impl Reactor {
     }
 
     /// Whether `topic_name` lies in the connection's own inbox.
+    /// Tells the owner of the inbox `reply_to` that a request will not be
+    /// answered by `responder`.
+    fn no_reply(&mut self, reply_to: &str, reason: NoReplyReason, responder: &str) {
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.clear();
+        self.trie.for_each_match(reply_to, |t| targets.push(*t));
+        for t in &targets {
+            if let Target::Sub { conn, .. } = *t {
+                self.reply(conn, &Frame::NoReply { reply_to, reason, responder });
+            }
+        }
+        self.targets = targets;
+    }
+
     fn own_inbox(&self, idx: usize, topic_name: &str) -> bool {
         let Some(ConnState::Ready { client_id, .. }) = self.conns.get(idx).map(|c| &c.state) else {
             return false;
@@ -1261,7 +1347,15 @@ impl Reactor {
         let stats = self.stats.lock().clone();
         match (reply_to, postcard::to_stdvec(&stats)) {
             (Some(to), Ok(bytes)) if topic::validate_topic(to).is_ok() && self.own_inbox(idx, to) => {
-                self.route(idx, BROKER_SENDER, to, &bytes, None)
+                let route = Route {
+                    sender: BROKER_SENDER,
+                    topic: to,
+                    payload: &bytes,
+                    reply_to: None,
+                    strategy: None,
+                    follow: false,
+                };
+                self.route(idx, &route);
             }
             (None, _) => {
                 return self.reply(
@@ -1314,5 +1408,7 @@ fn kind(f: &Frame<'_>) -> &'static str {
         Frame::Error { .. } => "Error",
         Frame::Ping(_) => "Ping",
         Frame::Pong(_) => "Pong",
+        Frame::Request { .. } => "Request",
+        Frame::NoReply { .. } => "NoReply",
     }
 }

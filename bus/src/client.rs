@@ -24,7 +24,7 @@ use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::{Condvar, Mutex};
 
-use crate::frame::{self, ErrorCode, Frame, Mode, Overflow, PROTOCOL_VERSION, Strategy};
+use crate::frame::{self, ErrorCode, Frame, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION, Strategy};
 use crate::topic::{self, TopicError};
 
 const STREAM: Token = Token(0);
@@ -41,6 +41,9 @@ const READ_CAP: usize = 4 << 20;
 /// Frames for other subscriptions, replies and acks keep flowing until
 /// then.
 const PARK_LIMIT: usize = 1024;
+/// Replies a `request_all` holds for its caller; more are dropped (and
+/// logged) while the caller does not take them.
+const MAX_REPLIES: usize = 1024;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -148,6 +151,20 @@ pub enum ClientError {
     /// The reactor thread could not start.
     #[error("bus client could not start: {0}")]
     Start(String),
+    /// Nobody subscribes to the request's topic (the broker said so at
+    /// once).
+    #[error("no subscriber for {topic}")]
+    NoResponders {
+        /// The request's topic.
+        topic: String,
+    },
+    /// The subscriber the request was delivered to disconnected without
+    /// answering (the broker said so).
+    #[error("{responder} disconnected before answering")]
+    ResponderGone {
+        /// Its client id.
+        responder: String,
+    },
 }
 
 enum Cmd {
@@ -171,7 +188,10 @@ enum Cmd {
         topic: String,
         payload: Vec<u8>,
         timeout: Duration,
+        strategy: Option<Strategy>,
         reply: Sender<Result<Message, ClientError>>,
+        /// Keep taking replies until the timeout (`request_all`).
+        many: bool,
     },
     Close,
 }
@@ -419,19 +439,61 @@ impl Client {
 
     /// Sends a request and waits for its reply up to `timeout`.
     pub fn request(&self, topic: &str, payload: &[u8], timeout: Duration) -> Result<Message, ClientError> {
+        self.request_with(topic, payload, timeout, None)
+    }
+
+    /// Sends a request and waits for its reply up to `timeout`; a queue
+    /// group picks the member by `strategy` (`None`: the group's own).
+    /// Fails at once with `NoResponders` when nobody subscribes to the
+    /// topic, and with `ResponderGone` when the subscriber that got it
+    /// disconnects before answering.
+    pub fn request_with(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        timeout: Duration,
+        strategy: Option<Strategy>,
+    ) -> Result<Message, ClientError> {
+        let rx = self.send_request(topic, payload, timeout, strategy, false)?;
+        match rx.recv_timeout(timeout + Duration::from_millis(100)) {
+            // The reactor expires requests without knowing their timeout.
+            Ok(Err(ClientError::Timeout(_))) | Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(r) => r,
+        }
+    }
+
+    /// Sends a request that every subscriber may answer: the channel gets
+    /// each reply as it comes, `ResponderGone` for each subscriber that got
+    /// the request and disconnected without answering, `NoResponders` if
+    /// nobody subscribes, and is closed `window` after the call (or at
+    /// once after `NoResponders`). The caller decides when it has enough.
+    pub fn request_all(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        window: Duration,
+    ) -> Result<Receiver<Result<Message, ClientError>>, ClientError> {
+        self.send_request(topic, payload, window, None, true)
+    }
+
+    fn send_request(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        timeout: Duration,
+        strategy: Option<Strategy>,
+        many: bool,
+    ) -> Result<Receiver<Result<Message, ClientError>>, ClientError> {
         topic::validate_topic(topic)?;
         // The reply inbox travels too.
         self.check_size(payload.len() + topic.len() + self.cfg.client_id.len() + 32)?;
         if self.state() != ConnectionState::Connected {
             return Err(ClientError::Disconnected);
         }
-        let (tx, rx) = bounded(1);
-        self.send(Cmd::Request { topic: topic.to_owned(), payload: payload.to_vec(), timeout, reply: tx })?;
-        match rx.recv_timeout(timeout + Duration::from_millis(100)) {
-            // The reactor expires requests without knowing their timeout.
-            Ok(Err(ClientError::Timeout(_))) | Err(_) => Err(ClientError::Timeout(timeout)),
-            Ok(r) => r,
-        }
+        let (tx, rx) = if many { bounded(MAX_REPLIES) } else { bounded(1) };
+        let payload = payload.to_vec();
+        self.send(Cmd::Request { topic: topic.to_owned(), payload, timeout, strategy, reply: tx, many })?;
+        Ok(rx)
     }
 
     /// Asks the broker for its counters (see [`crate::broker::STATS_TOPIC`]).
@@ -498,9 +560,17 @@ impl Drop for Client {
     }
 }
 
-/// A request waiting for its reply: where the reply goes, its deadline,
-/// and the token of its inbox topic.
-type Pending = (Sender<Result<Message, ClientError>>, Instant, u64);
+/// A request waiting for its replies.
+struct Pending {
+    /// Where replies (and `NoReply` news) go.
+    reply: Sender<Result<Message, ClientError>>,
+    deadline: Instant,
+    /// The token of its inbox topic.
+    token: u64,
+    topic: String,
+    /// Replies are taken until the deadline, not just the first.
+    many: bool,
+}
 
 struct SubEntry {
     pattern: String,
@@ -554,7 +624,7 @@ impl ClientReactor {
             if self.stream.is_none() {
                 timeout = timeout.min(self.next_attempt.saturating_duration_since(now));
             }
-            if let Some(d) = self.requests.values().map(|r| r.1).min() {
+            if let Some(d) = self.requests.values().map(|r| r.deadline).min() {
                 timeout = timeout.min(d.saturating_duration_since(now));
             }
             if self.pending_read {
@@ -654,8 +724,8 @@ impl ClientReactor {
         for (_, tx) in self.acks.drain(..) {
             let _ = tx.send(Err(ClientError::Disconnected));
         }
-        for (_, (tx, _, _)) in self.requests.drain() {
-            let _ = tx.send(Err(ClientError::Disconnected));
+        for (_, p) in self.requests.drain() {
+            let _ = p.reply.try_send(Err(ClientError::Disconnected));
         }
         self.shared.set(ConnectionState::Disconnected);
         self.schedule_retry();
@@ -721,7 +791,7 @@ impl ClientReactor {
                     let _ = frame::encode(&Frame::Unsubscribe { sid }, &mut self.wbuf, u32::MAX);
                 }
             }
-            Cmd::Request { topic, payload, timeout, reply } => {
+            Cmd::Request { topic, payload, timeout, strategy, reply, many } => {
                 if !self.welcomed {
                     let _ = reply.send(Err(ClientError::Disconnected));
                     return;
@@ -730,10 +800,10 @@ impl ClientReactor {
                 self.next_req += 1;
                 let token = std::hash::BuildHasher::hash_one(&self.inbox_keys, n);
                 let inbox = format!("direct.{}.r{n}x{token:016x}", self.cfg.client_id);
-                let f =
-                    Frame::Publish { topic: &topic, payload: &payload, reply_to: Some(&inbox), ack_id: None };
+                let f = Frame::Request { topic: &topic, payload: &payload, reply_to: &inbox, strategy };
                 let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
-                self.requests.insert(n, (reply, Instant::now() + timeout, token));
+                let deadline = Instant::now() + timeout;
+                self.requests.insert(n, Pending { reply, deadline, token, topic, many });
             }
             Cmd::Close => self.closing = true,
         }
@@ -884,30 +954,28 @@ impl ClientReactor {
                 self.shared.set(ConnectionState::Connected);
             }
             Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to, from } => {
-                // `r<n>x<token>`: a reply whose token does not match its
-                // request (a guess) is dropped, and the request still waits.
-                let parsed = topic
-                    .rsplit('.')
-                    .next()
-                    .and_then(|t| t.strip_prefix('r'))
-                    .and_then(|t| t.split_once('x'))
-                    .and_then(|(n, tok)| Some((n.parse::<u64>().ok()?, u64::from_str_radix(tok, 16).ok()?)));
-                let matching = parsed.filter(|(n, tok)| self.requests.get(n).is_some_and(|r| r.2 == *tok));
-                if parsed.is_some() && matching.is_none() {
-                    log::warn!(
-                        "bus client {}: dropped a reply from {from} to an unknown inbox {topic}",
-                        self.cfg.client_id
-                    );
-                }
-                if let Some((tx, _, _)) = matching.and_then(|(n, _)| self.requests.remove(&n)) {
-                    let msg = Message {
-                        topic: topic.to_owned(),
-                        payload: payload.to_vec(),
-                        reply_to: reply_to.map(str::to_owned),
-                        from: from.to_owned(),
-                    };
-                    let _ = tx.send(Ok(msg));
-                }
+                let Some(n) = self.pending_for(topic, from) else { return };
+                let msg = Message {
+                    topic: topic.to_owned(),
+                    payload: payload.to_vec(),
+                    reply_to: reply_to.map(str::to_owned),
+                    from: from.to_owned(),
+                };
+                self.answer(n, Ok(msg), false);
+            }
+            Frame::NoReply { reply_to, reason, responder } => {
+                let Some(n) = self.pending_for(reply_to, "bus") else { return };
+                let e = match reason {
+                    NoReplyReason::NoResponders => {
+                        let topic = self.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
+                        ClientError::NoResponders { topic }
+                    }
+                    NoReplyReason::ResponderGone => {
+                        ClientError::ResponderGone { responder: responder.to_owned() }
+                    }
+                };
+                let last = reason == NoReplyReason::NoResponders;
+                self.answer(n, Err(e), last);
             }
             Frame::Deliver { sid, topic, payload, reply_to, from } => {
                 let Some(e) = self.subs.get_mut(&sid) else { return };
@@ -999,12 +1067,54 @@ impl ClientReactor {
         }
     }
 
+    /// The pending request an inbox topic `...r<n>x<token>` belongs to. A
+    /// reply whose token does not match its request (a guess) is dropped,
+    /// and the request still waits.
+    fn pending_for(&self, topic: &str, from: &str) -> Option<u64> {
+        let parsed = topic
+            .rsplit('.')
+            .next()
+            .and_then(|t| t.strip_prefix('r'))
+            .and_then(|t| t.split_once('x'))
+            .and_then(|(n, tok)| Some((n.parse::<u64>().ok()?, u64::from_str_radix(tok, 16).ok()?)));
+        let matching = parsed.filter(|(n, tok)| self.requests.get(n).is_some_and(|r| r.token == *tok));
+        if parsed.is_some() && matching.is_none() {
+            log::debug!(
+                "bus client {}: dropped a reply from {from} to an unknown or finished request {topic}",
+                self.cfg.client_id
+            );
+        }
+        matching.map(|(n, _)| n)
+    }
+
+    /// Hands a reply (or news of one that will not come) to request `n`; a
+    /// single request ends with it, a `request_all` only when `last`.
+    fn answer(&mut self, n: u64, r: Result<Message, ClientError>, last: bool) {
+        let Some(p) = self.requests.get(&n) else { return };
+        if !p.many || last {
+            if let Some(p) = self.requests.remove(&n) {
+                let _ = p.reply.try_send(r);
+            }
+            return;
+        }
+        if p.reply.try_send(r).is_err() {
+            log::warn!(
+                "bus client {}: more than {MAX_REPLIES} replies to one request, or nobody reading; dropped",
+                self.cfg.client_id
+            );
+        }
+    }
+
     fn expire_requests(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self.requests.iter().filter(|(_, r)| r.1 <= now).map(|(n, _)| *n).collect();
+        let expired: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| r.deadline <= now).map(|(n, _)| *n).collect();
         for n in expired {
-            if let Some((tx, _, _)) = self.requests.remove(&n) {
-                let _ = tx.send(Err(ClientError::Timeout(Duration::ZERO)));
+            if let Some(p) = self.requests.remove(&n)
+                && !p.many
+            {
+                // A `request_all` ends by its channel closing.
+                let _ = p.reply.try_send(Err(ClientError::Timeout(Duration::ZERO)));
             }
         }
     }
@@ -1013,8 +1123,8 @@ impl ClientReactor {
         for (_, tx) in self.acks.drain(..) {
             let _ = tx.send(Err(e.clone()));
         }
-        for (_, (tx, _, _)) in self.requests.drain() {
-            let _ = tx.send(Err(e.clone()));
+        for (_, p) in self.requests.drain() {
+            let _ = p.reply.try_send(Err(e.clone()));
         }
     }
 }

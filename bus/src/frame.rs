@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Default maximum frame size (body bytes), a broker setting.
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Bytes of the length prefix.
@@ -21,7 +21,9 @@ pub const LEN_PREFIX: usize = 4;
 pub enum Strategy {
     /// Members in turn.
     RoundRobin,
-    /// The member with the shortest outbound queue.
+    /// The member with the least work as the broker sees it: requests
+    /// delivered to it and not answered yet, plus messages still queued
+    /// for it (ties go in turn).
     LeastLoaded,
     /// A member chosen at random.
     Random,
@@ -36,7 +38,8 @@ pub enum Mode<'a> {
     Queue {
         /// The group name.
         group: &'a str,
-        /// How the member is chosen (the group's first subscriber sets it).
+        /// How the member is chosen (the group's first subscriber sets it;
+        /// a `Request` may choose for itself).
         strategy: Strategy,
     },
 }
@@ -162,6 +165,41 @@ pub enum Frame<'a> {
     Ping(u64),
     /// Answer to `Ping`.
     Pong(u64),
+    /// Publish a request (protocol version 3): like `Publish` with a
+    /// `reply_to`, which must be in the requester's own inbox, and the
+    /// broker follows it: the requester hears with `NoReply` when nobody
+    /// took it or a subscriber it was delivered to left without answering.
+    Request {
+        /// The topic (no wildcards).
+        topic: &'a str,
+        /// The message.
+        #[serde(borrow, with = "serde_bytes")]
+        payload: &'a [u8],
+        /// Where replies go: a topic under `direct.<requester id>`.
+        reply_to: &'a str,
+        /// How queue groups pick a member for this request; `None`: the
+        /// group's own strategy.
+        strategy: Option<Strategy>,
+    },
+    /// A request will not be answered by someone (protocol version 3).
+    NoReply {
+        /// The request's `reply_to`.
+        reply_to: &'a str,
+        /// Why.
+        reason: NoReplyReason,
+        /// The subscriber that left (`ResponderGone`), or empty.
+        responder: &'a str,
+    },
+}
+
+/// Why a [`Frame::NoReply`] was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoReplyReason {
+    /// No subscription or queue group matched the request's topic.
+    NoResponders,
+    /// A subscriber the request was delivered to disconnected before it
+    /// published to the request's `reply_to`.
+    ResponderGone,
 }
 
 /// Why bytes are not a frame.

@@ -1,7 +1,7 @@
 //! The local event bus that connects the agent and every collector. It
 //! knows nothing about processes: topics and bytes.
 //!
-//! # Protocol (version 1)
+//! # Protocol (version 3)
 //!
 //! A Unix domain stream socket carries frames: a `u32` little-endian body
 //! length, then the body, a postcard-encoded [`Frame`]. The broker's
@@ -20,10 +20,17 @@
 //!    routed), `Ping`/`Pong`. The broker sends `Deliver { sid, topic,
 //!    payload, reply_to, from }` (`from`: the publisher's id) for matching subscriptions and `Error { code,
 //!    message }` for refusals.
-//! 3. Requests publish with `reply_to` set to a topic in the requester's
-//!    inbox; the responder publishes its answer there. Every client may
-//!    subscribe to its own inbox, `direct.<client_id>` and the topics under
-//!    it, and nobody else's.
+//! 3. Requests are `Request { topic, payload, reply_to, strategy }` with
+//!    `reply_to` a topic in the requester's inbox; the responder publishes
+//!    its answer there. Every client may subscribe to its own inbox,
+//!    `direct.<client_id>` and the topics under it, and nobody else's.
+//!    The broker remembers, per connection, the requests delivered to it
+//!    and not answered yet: that is the load `LeastLoaded` balances on, and
+//!    when that connection leaves, each of those requesters gets
+//!    `NoReply { reply_to, reason: ResponderGone, responder }`, so a caller
+//!    can fail over at once instead of waiting out its timeout. A request
+//!    nobody subscribes to gets `NoReply { reason: NoResponders }` at once.
+//!    `strategy` overrides the queue groups' own for that request.
 //!
 //! Topics: see [`topic`]. Evolution: frame kinds are postcard enum
 //! variants numbered in declaration order, which is not self-describing.
@@ -54,7 +61,7 @@ pub use crate::broker::{
 pub use crate::client::{Client, ClientConfig, ClientError, ConnectionState, Message, Subscription};
 
 pub use crate::frame::{
-    DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, Overflow, PROTOCOL_VERSION, Strategy, decode,
-    encode,
+    DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION,
+    Strategy, decode, encode,
 };
 pub use crate::topic::{TopicError, TopicTrie, validate_pattern, validate_topic};

@@ -37,7 +37,11 @@ impl Raw {
     /// Connects and completes the handshake.
     fn hello(path: &Path, id: &str) -> Raw {
         let mut r = Raw::connect(path);
-        r.send(&Frame::Hello { protocol_version: 2, client_id: id, pid: std::process::id() });
+        r.send(&Frame::Hello {
+            protocol_version: daemoneye_bus::PROTOCOL_VERSION,
+            client_id: id,
+            pid: std::process::id(),
+        });
         assert_eq!(r.recv(Duration::from_secs(5)), Some(Got::Welcome), "{id} handshake");
         r
     }
@@ -256,8 +260,12 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
     let mut good_pub = Raw::hello(&path, "good-pub");
 
     let mut hello = Vec::new();
-    encode(&Frame::Hello { protocol_version: 2, client_id: "evil", pid: 1 }, &mut hello, 1 << 20)
-        .expect("enc");
+    encode(
+        &Frame::Hello { protocol_version: daemoneye_bus::PROTOCOL_VERSION, client_id: "evil", pid: 1 },
+        &mut hello,
+        1 << 20,
+    )
+    .expect("enc");
     let mut publish = Vec::new();
     encode(
         &Frame::Publish { topic: "events.x", payload: b"p", reply_to: None, ack_id: None },
@@ -278,13 +286,22 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
         }),
         ("the broker's own sender id", {
             let mut v = Vec::new();
-            encode(&Frame::Hello { protocol_version: 2, client_id: "bus", pid: 1 }, &mut v, 1 << 20)
-                .expect("enc");
+            encode(
+                &Frame::Hello { protocol_version: daemoneye_bus::PROTOCOL_VERSION, client_id: "bus", pid: 1 },
+                &mut v,
+                1 << 20,
+            )
+            .expect("enc");
             v
         }),
         ("server frame from a client", {
             let mut v = hello.clone();
-            encode(&Frame::Welcome { protocol_version: 2, max_frame: 1 }, &mut v, 1 << 20).expect("enc");
+            encode(
+                &Frame::Welcome { protocol_version: daemoneye_bus::PROTOCOL_VERSION, max_frame: 1 },
+                &mut v,
+                1 << 20,
+            )
+            .expect("enc");
             v
         }),
     ];
@@ -480,7 +497,11 @@ fn the_connection_cap_pauses_accepting_and_resumes_below_ninety_percent() {
     // The third connects at the socket level (the kernel's backlog) but is
     // not served while the broker is at its cap.
     let mut third = Raw::connect(&path);
-    third.send(&Frame::Hello { protocol_version: 2, client_id: "three", pid: 3 });
+    third.send(&Frame::Hello {
+        protocol_version: daemoneye_bus::PROTOCOL_VERSION,
+        client_id: "three",
+        pid: 3,
+    });
     assert_eq!(third.recv(Duration::from_millis(500)), None, "served over the cap");
     assert_eq!(b.stats().connections, 2);
     drop(first);

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 
 fn samples() -> Vec<Frame<'static>> {
     vec![
-        Frame::Hello { protocol_version: 2, client_id: "procmond-1", pid: 42 },
-        Frame::Welcome { protocol_version: 2, max_frame: 1 << 20 },
+        Frame::Hello { protocol_version: daemoneye_bus::PROTOCOL_VERSION, client_id: "procmond-1", pid: 42 },
+        Frame::Welcome { protocol_version: daemoneye_bus::PROTOCOL_VERSION, max_frame: 1 << 20 },
         Frame::Subscribe {
             sid: 7,
             pattern: "events.process.+",

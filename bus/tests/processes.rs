@@ -98,7 +98,11 @@ fn raw_hello(socket: &Path) -> ExitCode {
     };
     let mut buf = Vec::new();
     let _ = encode(
-        &Frame::Hello { protocol_version: 2, client_id: "intruder", pid: std::process::id() },
+        &Frame::Hello {
+            protocol_version: daemoneye_bus::PROTOCOL_VERSION,
+            client_id: "intruder",
+            pid: std::process::id(),
+        },
         &mut buf,
         4096,
     );

@@ -1,0 +1,172 @@
+//! Requests the broker follows (protocol 3), against a real broker over a
+//! Unix socket in a temp dir: no responders, a responder that leaves
+//! without answering, `LeastLoaded` by unanswered requests, a request's
+//! own strategy, and `request_all` gathering every subscriber's answer.
+
+use std::time::{Duration, Instant};
+
+use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientError, Strategy, Subscription};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn client(path: &std::path::Path, id: &str) -> Client {
+    let mut cfg = ClientConfig::new(path, id);
+    cfg.backoff_max = Duration::from_millis(200);
+    let c = Client::connect(cfg).expect("client");
+    assert!(c.wait_connected(WAIT), "{id} never connected");
+    c
+}
+
+/// A member that answers every request with its own id, on a thread;
+/// returns when its subscription closes.
+fn answer_all(c: Client, sub: Subscription) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while let Ok(m) = sub.messages().recv() {
+            n += 1;
+            if c.reply(&m, b"ok").is_err() {
+                break;
+            }
+        }
+        n
+    })
+}
+
+#[test]
+fn a_responder_that_leaves_without_answering_is_reported_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let agent = client(&path, "agent");
+    let worker = client(&path, "worker");
+    let sub = worker.queue_subscribe("tasks.x", "g", Strategy::RoundRobin).expect("qsub");
+    worker.publish_confirmed("sync", b"").expect("sync");
+
+    let leaver = std::thread::spawn(move || {
+        // Take the request, then disconnect without answering.
+        let m = sub.recv_timeout(WAIT).expect("request delivered");
+        drop(sub);
+        worker.close();
+        m.from
+    });
+    let started = Instant::now();
+    let long = Duration::from_secs(30);
+    match agent.request("tasks.x", b"work", long) {
+        Err(ClientError::ResponderGone { responder }) => assert_eq!(responder, "worker"),
+        other => panic!("expected ResponderGone, got {other:?}"),
+    }
+    assert!(started.elapsed() < long / 3, "reported after {:?}, not at the timeout", started.elapsed());
+    assert_eq!(leaver.join().expect("leaver"), "agent", "the delivery names the requester");
+    // Nobody is left in the group.
+    match agent.request("tasks.x", b"work", long) {
+        Err(ClientError::NoResponders { topic }) => assert_eq!(topic, "tasks.x"),
+        other => panic!("expected NoResponders, got {other:?}"),
+    }
+}
+
+#[test]
+fn least_loaded_avoids_a_member_with_unanswered_requests_and_a_request_may_choose_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let agent = client(&path, "agent");
+    // The group itself is round robin (its first member says so).
+    let stalled = client(&path, "stalled");
+    let stalled_sub = stalled.queue_subscribe("tasks.y", "g", Strategy::RoundRobin).expect("qsub");
+    let idle = client(&path, "idle");
+    let idle_sub = idle.queue_subscribe("tasks.y", "g", Strategy::LeastLoaded).expect("qsub");
+    stalled.publish_confirmed("sync", b"").expect("sync");
+    idle.publish_confirmed("sync", b"").expect("sync");
+    let idle_thread = answer_all(idle, idle_sub);
+
+    // Round robin (the group's own): the stalled member gets its turn and
+    // does not answer.
+    let mut timed_out = 0;
+    for _ in 0..2 {
+        match agent.request("tasks.y", b"rr", Duration::from_millis(300)) {
+            Ok(m) => assert_eq!(m.from, "idle"),
+            Err(ClientError::Timeout(_)) => timed_out += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(timed_out, 1, "round robin sends one of two to the stalled member");
+    // LeastLoaded by the request's choice: the stalled member has an
+    // unanswered request, so every one goes to the idle member.
+    for i in 0..50 {
+        let m = agent
+            .request_with("tasks.y", b"ll", WAIT, Some(Strategy::LeastLoaded))
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(m.from, "idle", "request {i}");
+    }
+    // Once the stalled member answers what it holds, it is even again and
+    // ties go in turn.
+    let held = stalled_sub.recv_timeout(WAIT).expect("the held request");
+    assert_eq!(held.payload, b"rr");
+    stalled.reply(&held, b"late").expect("late reply");
+    stalled.publish_confirmed("sync", b"").expect("sync");
+    let stalled_thread = answer_all(stalled, stalled_sub);
+    let mut from = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..20 {
+        let m = agent.request_with("tasks.y", b"ll", WAIT, Some(Strategy::LeastLoaded)).expect("reply");
+        *from.entry(m.from).or_default() += 1;
+    }
+    assert_eq!(from.get("stalled"), Some(&10), "{from:?}");
+    assert_eq!(from.get("idle"), Some(&10), "{from:?}");
+    drop(agent);
+    drop(stalled_thread);
+    drop(idle_thread);
+}
+
+#[test]
+fn request_all_gathers_every_answer_and_names_who_left() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let agent = client(&path, "agent");
+    let mut threads = Vec::new();
+    for id in ["c1", "c2"] {
+        let c = client(&path, id);
+        let sub = c.subscribe("tasks.all").expect("sub");
+        c.publish_confirmed("sync", b"").expect("sync");
+        threads.push(answer_all(c, sub));
+    }
+    let silent = client(&path, "silent");
+    let silent_sub = silent.subscribe("tasks.all").expect("sub");
+    silent.publish_confirmed("sync", b"").expect("sync");
+
+    let window = Duration::from_secs(5);
+    let started = Instant::now();
+    let replies = agent.request_all("tasks.all", b"everyone", window).expect("request_all");
+    let mut answered = Vec::new();
+    let mut gone = Vec::new();
+    while answered.len() + gone.len() < 3 {
+        match replies.recv_timeout(WAIT).expect("an answer or news") {
+            Ok(m) => answered.push(m.from),
+            Err(ClientError::ResponderGone { responder }) => gone.push(responder),
+            Err(e) => panic!("{e}"),
+        }
+        if answered.len() == 2 && gone.is_empty() {
+            // The third got it and leaves without answering.
+            silent_sub.recv_timeout(WAIT).expect("delivered to the silent one too");
+            drop(silent_sub);
+            silent.close();
+            break;
+        }
+    }
+    match replies.recv_timeout(WAIT).expect("news of the silent one") {
+        Err(ClientError::ResponderGone { responder }) => gone.push(responder),
+        other => panic!("{other:?}"),
+    }
+    answered.sort();
+    assert_eq!(answered, ["c1", "c2"]);
+    assert_eq!(gone, ["silent"]);
+    assert!(started.elapsed() < window, "all known before the window closed");
+    // The channel closes at the end of the window.
+    assert!(replies.recv_timeout(WAIT).is_err());
+    assert!(started.elapsed() >= window);
+
+    match agent.request_all("nobody.listens", b"?", window).expect("sent").recv_timeout(WAIT) {
+        Ok(Err(ClientError::NoResponders { .. })) => {}
+        other => panic!("expected NoResponders, got {other:?}"),
+    }
+}
