@@ -6,11 +6,13 @@
 //! | topic | who publishes | who subscribes |
 //! |---|---|---|
 //! | `agent.status` | any local client (request/reply) | the agent |
+//! | `agent.task` | any local client ([`AgentTaskRequest`], request/reply) | the agent's task coordinator |
 //! | `events.alert` | the agent's store writer | `daemoneye-cli`, anyone allowed |
 
+use procmond::control::{ProcessSummary, SnapshotFilter, TaskRequest, TaskResponse, TaskStatus};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Severity;
+use crate::config::{BalanceSpec, Severity};
 
 /// Request/reply: publish an empty payload with a `reply_to`; the answer
 /// is an [`AgentStatus`].
@@ -27,6 +29,14 @@ pub const AGENT_CLIENT_ID: &str = "daemoneye-agent";
 /// take the agent's control traffic (heartbeats, registrations, RPC
 /// replies, status) down with it.
 pub const STORE_CLIENT_ID: &str = "daemoneye-agent-store";
+
+/// Request/reply: an [`AgentTaskRequest`]; the answer is an
+/// [`AgentTaskResponse`].
+pub const TASK_TOPIC: &str = "agent.task";
+
+/// The task coordinator's own client id: a task waits seconds for
+/// collectors, which must hold up neither control traffic nor the store.
+pub const TASKS_CLIENT_ID: &str = "daemoneye-agent-tasks";
 
 /// The loading state machine (design.md §8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +129,12 @@ pub struct HeartbeatInfo {
     pub cycles: u64,
     /// Errors since it started.
     pub errors: u64,
+    /// Tasks it answered (from anyone), as it counts them.
+    pub tasks_served: u64,
+    /// Tasks it answered `Failed` or could not answer.
+    pub tasks_failed: u64,
+    /// Its mean time from a task's arrival to the answer, µs.
+    pub task_latency_avg_us: u64,
 }
 
 /// One step of a heartbeat escalation, as shown in status.
@@ -160,6 +176,43 @@ pub struct CollectorStatus {
     pub escalation: Vec<EscalationStep>,
     /// Events from it in the store.
     pub events_stored: u64,
+    /// The agent's tasks it served, as the agent saw them.
+    pub tasks: TaskCounts,
+}
+
+/// Tasks one collector served for the agent, measured by the agent (round
+/// trip, bus included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    /// Answers received from it, whatever their status.
+    pub served: u64,
+    /// Of those, `Failed`; plus tasks it took and left without answering.
+    pub failed: u64,
+    /// Mean round trip of its answers, µs.
+    pub avg_latency_us: u64,
+}
+
+/// The task coordinator's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TasksStatus {
+    /// Requests taken (one collector, or all).
+    pub requests: u64,
+    /// One-collector tasks answered by some collector.
+    pub answered: u64,
+    /// One-collector tasks no collector answered within the attempts and
+    /// the deadline.
+    pub unanswered: u64,
+    /// Retries on another member (after a timeout, a departure or a
+    /// passing failure).
+    pub failovers: u64,
+    /// Attempts that timed out.
+    pub timeouts: u64,
+    /// Requests to every collector.
+    pub gathers: u64,
+    /// Of those, with a collector missing.
+    pub partial_gathers: u64,
+    /// The balancing strategy of each task type.
+    pub balance: BalanceSpec,
 }
 
 /// The store writer's counters.
@@ -231,6 +284,119 @@ pub struct AgentStatus {
     pub broker: BrokerStatus,
     /// The store.
     pub store: StoreStatus,
+    /// Tasks.
+    pub tasks: TasksStatus,
+}
+
+/// A task for the agent to hand to collectors, on [`TASK_TOPIC`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentTaskRequest {
+    /// One collector of the type serves it: picked by the broker with the
+    /// task type's strategy, retried on another member after a timeout, a
+    /// departure or a passing failure, within the attempts and deadline of
+    /// agent.yaml's `tasks`.
+    One {
+        /// The collector type ("process-monitor").
+        collector_type: String,
+        /// The task.
+        task: TaskRequest,
+    },
+    /// Every registered collector of the type answers a snapshot; the
+    /// lists are merged by process identity and the collectors that did
+    /// not answer are named.
+    All {
+        /// The collector type.
+        collector_type: String,
+        /// Which processes.
+        filter: SnapshotFilter,
+    },
+}
+
+/// One try of a one-collector task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The collector that answered or left; `None` when nobody did.
+    pub collector: Option<String>,
+    /// What happened.
+    pub outcome: String,
+    /// How long it took, ms.
+    pub elapsed_ms: u64,
+}
+
+/// The answer to [`AgentTaskRequest::One`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    /// The collector's final answer, if one came.
+    pub response: Option<TaskResponse>,
+    /// Who served it.
+    pub served_by: Option<String>,
+    /// Every try, in order (the last is the one that counted).
+    pub attempts: Vec<Attempt>,
+    /// From receipt to answer, ms.
+    pub elapsed_ms: u64,
+    /// Why there is no answer.
+    pub error: Option<String>,
+}
+
+/// One process of a merged snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedProcess {
+    /// What the first collector to list it said.
+    pub process: ProcessSummary,
+    /// The collectors that listed it (indexes into
+    /// [`GatherOutcome::answered`]).
+    pub seen_by: Vec<u16>,
+}
+
+/// One collector's answer to a gathered snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectorAnswer {
+    /// Its id.
+    pub collector_id: String,
+    /// Its status.
+    pub status: TaskStatus,
+    /// Why, for anything but `Ok`.
+    pub message: Option<String>,
+    /// Processes it listed.
+    pub processes: u64,
+    /// When its list was taken (Unix ms).
+    pub observed_unix_ms: Option<u64>,
+    /// From the request to its answer, ms.
+    pub latency_ms: u64,
+}
+
+/// A collector missing from a gathered snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingCollector {
+    /// Its id.
+    pub collector_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The answer to [`AgentTaskRequest::All`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatherOutcome {
+    /// The merged list, by pid.
+    pub processes: Vec<MergedProcess>,
+    /// Every answer, in arrival order.
+    pub answered: Vec<CollectorAnswer>,
+    /// Configured collectors of the type that gave no list (not
+    /// registered, no answer in time, gone, or a failed answer).
+    pub missing: Vec<MissingCollector>,
+    /// From receipt to answer, ms.
+    pub elapsed_ms: u64,
+}
+
+/// The answer on [`TASK_TOPIC`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentTaskResponse {
+    /// To [`AgentTaskRequest::One`].
+    One(TaskOutcome),
+    /// To [`AgentTaskRequest::All`].
+    All(GatherOutcome),
+    /// Not done: why (malformed request, bad collector type, too large).
+    Refused(String),
 }
 
 /// A detection rule's match.

@@ -80,6 +80,27 @@ pub enum CliError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A task request got no answer in time.
+    #[error("the agent did not answer the task within {} s (is it wedged?)", .0.as_secs())]
+    NoTaskAnswer(Duration),
+    /// Nobody takes task requests: an agent without the task coordinator.
+    #[error("the agent does not take tasks (agent.task): is it an older version, or shutting down?")]
+    NoTaskService,
+    /// The agent refused the request.
+    #[error("the agent refused the task: {0}")]
+    TaskRefused(String),
+    /// No collector served the task.
+    #[error("{0}")]
+    NoCollector(String),
+    /// The collector found no such process or file.
+    #[error("not found: {0}")]
+    TaskNotFound(String),
+    /// The collector may not read it.
+    #[error("not permitted: {0}")]
+    TaskNotPermitted(String),
+    /// The collector failed.
+    #[error("failed: {0}")]
+    TaskFailed(String),
     /// Reading the alert table failed.
     #[error("cannot read alerts from {}: {source}", path.display())]
     Alerts {
@@ -101,6 +122,8 @@ impl CliError {
             | CliError::ClientRefused(_)
             | CliError::NotWelcomed(_)
             | CliError::NoAnswer
+            | CliError::NoTaskAnswer(_)
+            | CliError::NoTaskService
             | CliError::Bus(_) => 2,
             _ => 1,
         }
@@ -177,7 +200,9 @@ pub fn connect(socket: &Path) -> Result<Client, CliError> {
 /// Asks the agent for its status.
 pub fn fetch_status(client: &Client) -> Result<AgentStatus, CliError> {
     let reply = client.request(STATUS_TOPIC, b"", AGENT_TIMEOUT).map_err(|e| match e {
-        ClientError::Timeout(_) => CliError::NoAnswer,
+        ClientError::Timeout(_) | ClientError::NoResponders { .. } | ClientError::ResponderGone { .. } => {
+            CliError::NoAnswer
+        }
         other => CliError::Bus(other),
     })?;
     api::decode(&reply.payload).map_err(|e| CliError::BadReply(e.to_string()))
@@ -364,7 +389,7 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 }
 
 /// The collector table's headers.
-pub const COLLECTOR_HEADERS: [&str; 11] = [
+pub const COLLECTOR_HEADERS: [&str; 12] = [
     "COLLECTOR",
     "TYPE",
     "PHASE",
@@ -375,6 +400,7 @@ pub const COLLECTOR_HEADERS: [&str; 11] = [
     "RESTARTS",
     "LAST EXIT",
     "EVENTS",
+    "TASKS (FAILED, AVG)",
     "LAST ESCALATION",
 ];
 
@@ -404,8 +430,23 @@ pub fn collector_row(c: &CollectorStatus, now_ms: u64) -> Vec<String> {
         c.restarts.to_string(),
         c.last_exit.clone().unwrap_or_else(|| "-".to_owned()),
         c.events_stored.to_string(),
+        task_cell(c),
         escalation,
     ]
+}
+
+/// Tasks a collector served: as the agent measured them (its own tasks,
+/// round trip), else as the collector's heartbeat counts them.
+fn task_cell(c: &CollectorStatus) -> String {
+    let t = &c.tasks;
+    let (served, failed, avg_us) = match &c.heartbeat {
+        _ if t.served > 0 || t.failed > 0 => (t.served, t.failed, t.avg_latency_us),
+        Some(h) if h.tasks_served > 0 || h.tasks_failed > 0 => {
+            (h.tasks_served, h.tasks_failed, h.task_latency_avg_us)
+        }
+        _ => return "-".to_owned(),
+    };
+    format!("{served} ({failed}, {:.1} ms)", avg_us as f64 / 1000.0)
 }
 
 /// `daemoneye-cli status` for people.
@@ -451,6 +492,21 @@ pub fn render_status(s: &AgentStatus, now_ms: u64) -> String {
         st.path, st.events_committed, st.duplicates, st.rejected, st.batches, st.pruned, st.errors
     ));
     out.push_str(&format!("rules     {} loaded, {} alerts raised\n", st.rules, st.alerts_raised));
+    let t = &s.tasks;
+    out.push_str(&format!(
+        "tasks     {} requests: {} answered, {} unanswered, {} failovers, {} timeouts; {} gathered, {} partial; \
+         balance snapshot {:?}, inspect {:?}, hash {:?}\n",
+        t.requests,
+        t.answered,
+        t.unanswered,
+        t.failovers,
+        t.timeouts,
+        t.gathers,
+        t.partial_gathers,
+        t.balance.snapshot,
+        t.balance.inspect,
+        t.balance.hash
+    ));
     out
 }
 
@@ -528,7 +584,9 @@ impl RuleRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{BrokerStatus, CollectorPhase, EscalationStep, HeartbeatInfo, StoreStatus};
+    use crate::api::{
+        BrokerStatus, CollectorPhase, EscalationStep, HeartbeatInfo, StoreStatus, TaskCounts, TasksStatus,
+    };
     use procmond::event::EventKind;
 
     fn env(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
@@ -664,6 +722,9 @@ mod tests {
                     buffer_level_percent: 0.0,
                     cycles: 0,
                     errors: 0,
+                    tasks_served: 5,
+                    tasks_failed: 0,
+                    task_latency_avg_us: 900,
                 }),
                 missed_heartbeats: 1,
                 restarts: 2,
@@ -674,9 +735,11 @@ mod tests {
                     at_unix_ms: 55_000,
                 }],
                 events_stored: 1234,
+                tasks: TaskCounts { served: 300, failed: 2, avg_latency_us: 1_250 },
             }],
             broker: BrokerStatus { socket: "/s".to_owned(), published: 9, ..Default::default() },
             store: StoreStatus { path: "/db".to_owned(), events_committed: 8, ..Default::default() },
+            tasks: TasksStatus { requests: 310, failovers: 4, ..Default::default() },
         };
         let text = render_status(&status, 60_000);
         assert!(
@@ -691,6 +754,9 @@ mod tests {
         assert!(text.contains("health_check: answered (5s ago)"), "{text}");
         assert!(text.contains("published 9") && text.contains("8 events committed"), "{text}");
         assert!(text.contains("last commit never"), "{text}");
+        // The agent's own measure wins over the heartbeat's.
+        assert!(text.contains("300 (2, 1.2 ms)"), "{text}");
+        assert!(text.contains("tasks     310 requests") && text.contains("4 failovers"), "{text}");
     }
 
     #[test]

@@ -186,6 +186,109 @@ fn default_kill_timeout() -> u64 {
     5
 }
 
+/// How the broker picks one collector of a type for a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Members in turn.
+    RoundRobin,
+    /// The member with the fewest unanswered requests and queued messages.
+    LeastLoaded,
+    /// A member at random.
+    Random,
+}
+
+impl Balance {
+    /// The bus's strategy.
+    pub fn strategy(self) -> daemoneye_bus::Strategy {
+        match self {
+            Balance::RoundRobin => daemoneye_bus::Strategy::RoundRobin,
+            Balance::LeastLoaded => daemoneye_bus::Strategy::LeastLoaded,
+            Balance::Random => daemoneye_bus::Strategy::Random,
+        }
+    }
+}
+
+/// The balancing strategy of each task type.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceSpec {
+    /// `snapshot` tasks sent to one collector (a gathered `ps` asks all).
+    #[serde(default = "default_balance")]
+    pub snapshot: Balance,
+    /// `inspect` tasks.
+    #[serde(default = "default_balance")]
+    pub inspect: Balance,
+    /// `hash` tasks.
+    #[serde(default = "default_balance")]
+    pub hash: Balance,
+}
+
+impl Default for BalanceSpec {
+    fn default() -> Self {
+        BalanceSpec { snapshot: default_balance(), inspect: default_balance(), hash: default_balance() }
+    }
+}
+
+fn default_balance() -> Balance {
+    Balance::LeastLoaded
+}
+
+/// Tasks the agent hands to collectors (`daemoneye-cli ps`, `inspect`,
+/// `hash`): timeouts, failover and balancing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksSpec {
+    /// How long one attempt waits for its collector's answer, ms.
+    #[serde(default = "default_attempt_timeout")]
+    pub attempt_timeout_ms: u64,
+    /// Attempts per task, the first included; each retry goes to another
+    /// member as the broker picks it.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// A task, retries included, ends within this many ms.
+    #[serde(default = "default_task_deadline")]
+    pub deadline_ms: u64,
+    /// How long a request to every collector (`ps`) waits for them, ms.
+    #[serde(default = "default_gather_timeout")]
+    pub gather_timeout_ms: u64,
+    /// Requests served at once; more wait their turn.
+    #[serde(default = "default_task_workers")]
+    pub workers: usize,
+    /// The balancing strategy of each task type.
+    #[serde(default)]
+    pub balance: BalanceSpec,
+}
+
+impl Default for TasksSpec {
+    fn default() -> Self {
+        TasksSpec {
+            attempt_timeout_ms: default_attempt_timeout(),
+            max_attempts: default_max_attempts(),
+            deadline_ms: default_task_deadline(),
+            gather_timeout_ms: default_gather_timeout(),
+            workers: default_task_workers(),
+            balance: BalanceSpec::default(),
+        }
+    }
+}
+
+fn default_attempt_timeout() -> u64 {
+    2_000
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_task_deadline() -> u64 {
+    10_000
+}
+fn default_gather_timeout() -> u64 {
+    3_000
+}
+fn default_task_workers() -> usize {
+    4
+}
+
 fn default_type() -> String {
     "process-monitor".to_owned()
 }
@@ -243,6 +346,9 @@ pub struct AgentConfig {
     /// Seconds SIGTERM waits for the collectors' graceful shutdown.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_secs: u64,
+    /// Tasks handed to collectors.
+    #[serde(default)]
+    pub tasks: TasksSpec,
 }
 
 fn default_log_level() -> String {
@@ -350,6 +456,25 @@ impl AgentConfig {
         }
         check_range(store.batch_wait_ms, 60_000)
             .map_err(|reason| err("store.batch_wait_ms".into(), reason))?;
+        let t = &self.tasks;
+        for (field, v, max) in [
+            ("tasks.attempt_timeout_ms", t.attempt_timeout_ms, 60_000),
+            ("tasks.max_attempts", u64::from(t.max_attempts), 10),
+            ("tasks.deadline_ms", t.deadline_ms, 300_000),
+            ("tasks.gather_timeout_ms", t.gather_timeout_ms, 60_000),
+            ("tasks.workers", t.workers as u64, 64),
+        ] {
+            check_range(v, max).map_err(|reason| err(field.into(), reason))?;
+        }
+        if t.deadline_ms < t.attempt_timeout_ms {
+            return Err(err(
+                "tasks.deadline_ms".into(),
+                format!(
+                    "{} is shorter than one attempt (tasks.attempt_timeout_ms: {})",
+                    t.deadline_ms, t.attempt_timeout_ms
+                ),
+            ));
+        }
         if store.retention_days > 100 * 365 {
             return Err(err("store.retention_days".into(), "must be at most 36500 (0 keeps events)".into()));
         }
@@ -477,7 +602,7 @@ mod tests {
         let (dir, _) = setup();
         let noexec = dir.path().join("plain");
         std::fs::write(&noexec, "x").unwrap();
-        let cases: [(&str, &str, &str); 12] = [
+        let cases: [(&str, &str, &str); 16] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -510,6 +635,14 @@ mod tests {
                 "collectors[0].auto_restart",
                 "run_as",
             ),
+            ("tasks: {max_attempts: 0}\n", "tasks.max_attempts", "at least 1"),
+            ("tasks: {workers: 65}\n", "tasks.workers", "maximum of 64"),
+            (
+                "tasks: {attempt_timeout_ms: 5000, deadline_ms: 4000}\n",
+                "tasks.deadline_ms",
+                "shorter than one attempt",
+            ),
+            ("tasks: {balance: {inspect: fastest}}\n", "line", "unknown variant `fastest`"),
         ];
         for (text, field, reason) in cases {
             let e = AgentConfig::parse(text, "agent.yaml", dir.path()).unwrap_err();
@@ -549,6 +682,7 @@ mod tests {
         assert_eq!(cfg.shutdown_timeout_secs, defaults.shutdown_timeout_secs);
         assert_eq!(cfg.store, StoreSpec::default());
         assert_eq!(cfg.escalation, EscalationSpec::default());
+        assert_eq!(cfg.tasks, TasksSpec::default());
         assert_eq!(cfg.default_rules, defaults.default_rules);
 
         // One procmond: the documented args, everything else default.

@@ -6,10 +6,11 @@
 //! control, one for the store writer, whose stalls must not hold up control) →
 //! the store writer (subscribed before any collector starts) → the
 //! supervisor (spawns or adopts the collectors) → the monitor (loading
-//! state machine, heartbeats, status).
+//! state machine, heartbeats, status) → the broker opens to everyone → the
+//! task coordinator (its own client; `daemoneye-cli ps/inspect/hash`).
 //!
-//! Shutdown (SIGTERM/SIGINT, or a failed startup): the monitor stops
-//! (state ShuttingDown) → every registered collector is asked to shut
+//! Shutdown (SIGTERM/SIGINT, or a failed startup): the task coordinator
+//! stops → the monitor stops (state ShuttingDown) → every registered collector is asked to shut
 //! down over RPC, in parallel → the supervisor waits for the exits up to
 //! `shutdown_timeout_secs`, SIGTERMs collectors that were not asked over
 //! RPC, SIGKILLs what remains and reaps everything → the store writer
@@ -27,19 +28,22 @@ use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use parking_lot::Mutex;
 use procmond::control::{self, RpcRequest, RpcResponse, RpcStatus};
 
-use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID};
+use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 use crate::config::AgentConfig;
 use crate::monitor::{Monitor, MonitorParts, Outcome};
 use crate::supervisor::Supervisor;
+use crate::tasks::{TaskCoordinator, TaskStats};
 use crate::writer::{StoreWriter, WriterConfig};
 
 /// The broker's permissions: each configured collector may publish only
 /// process events, its own heartbeat and registration requests, and
-/// subscribe only to what is addressed to it; the agent may do anything;
-/// every other local client (`daemoneye-cli`) may ask for the agent's
-/// status and the broker's counters and follow events and alerts. Replies
-/// to a requester's inbox are always allowed (bus rule). Who may connect
-/// at all is decided by peer uid: the agent's own and root.
+/// subscribe only to what is addressed to it (tasks included); the agent
+/// and its store writer may do anything; the task coordinator may take
+/// task requests, ask for status and send tasks to collectors; every other
+/// local client (`daemoneye-cli`) may ask for the agent's status, tasks and
+/// the broker's counters and follow events and alerts. Replies to a
+/// requester's inbox are always allowed (bus rule). Who may connect at all
+/// is decided by peer uid: the agent's own and root.
 pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
     let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     let collector = Permissions {
@@ -53,7 +57,7 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
             "control.collector.{client_id}",
             "control.ack.{client_id}",
             "control.collector.config.reload",
-            "control.collector.task.+",
+            "control.collector.task.#",
         ]),
     };
     let everything = Permissions { publish: strings(&["#"]), subscribe: strings(&["#"]) };
@@ -61,17 +65,28 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
         .iter()
         .map(|id| ClientPermissions { client: (*id).to_owned(), permissions: everything.clone() })
         .collect();
+    rules.push(ClientPermissions {
+        client: TASKS_CLIENT_ID.to_owned(),
+        permissions: Permissions {
+            publish: strings(&["control.collector.task.#", api::STATUS_TOPIC]),
+            subscribe: strings(&[api::TASK_TOPIC]),
+        },
+    });
     rules.extend(
         cfg.collectors
             .iter()
             .map(|c| ClientPermissions { client: c.id.clone(), permissions: collector.clone() }),
     );
     let others = Permissions {
-        publish: strings(&[api::STATUS_TOPIC, daemoneye_bus::broker::STATS_TOPIC]),
+        publish: strings(&[api::STATUS_TOPIC, api::TASK_TOPIC, daemoneye_bus::broker::STATS_TOPIC]),
         subscribe: strings(&["events.#"]),
     };
     (rules, others)
 }
+
+/// The broker's largest message: a merged snapshot of tens of thousands of
+/// processes must fit in one answer (the bus's default is 1 MiB).
+pub const MAX_MESSAGE: u32 = 16 << 20;
 
 /// Runs the agent until `shutdown` receives (or startup fails); returns
 /// the process exit status: 0 after a clean shutdown, 1 after a failed
@@ -97,6 +112,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
     );
 
     let mut bcfg = BrokerConfig::new(&socket);
+    bcfg.max_frame = MAX_MESSAGE;
     (bcfg.permissions, _) = permissions(&cfg);
     bcfg.default_permissions = Some(permissions(&cfg).1);
     // Collectors (an adopted one reconnects at once) are welcomed only
@@ -126,6 +142,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
     let (sup_tx, sup_rx) = bounded(256);
     let supervisor = Arc::new(Supervisor::start(&cfg, sup_tx, pids)?);
     let (ended_tx, ended_rx) = bounded(1);
+    let task_stats = Arc::new(TaskStats::default());
     let monitor = Monitor::start(
         MonitorParts {
             config: cfg.clone(),
@@ -134,10 +151,19 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
             writer: writer.clone(),
             supervisor: supervisor.clone(),
             supervisor_events: sup_rx,
+            tasks: task_stats.clone(),
         },
         ended_tx,
     )?;
     broker.open();
+    let tasks_client = Arc::new(Client::connect(ClientConfig::new(&socket, TASKS_CLIENT_ID))?);
+    anyhow::ensure!(
+        tasks_client.wait_connected(Duration::from_secs(10)),
+        "the task coordinator's bus client could not connect to the broker at {}",
+        socket.display()
+    );
+    let coordinator = TaskCoordinator::start(tasks_client.clone(), cfg.tasks.clone(), task_stats)
+        .context("cannot start the task coordinator")?;
 
     let reason = select! {
         recv(shutdown) -> _ => None,
@@ -148,6 +174,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
             Err(_) => Some("the monitor thread stopped unexpectedly".to_owned()),
         },
     };
+    drop(coordinator);
     let registered = monitor.begin_shutdown();
     supervisor.begin_shutdown();
     log::info!("shutting down: {}", reason.as_deref().unwrap_or("signal"));
@@ -203,7 +230,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         Ok(w) => w.shutdown(),
         Err(_) => log::error!("store writer still shared at shutdown"),
     }
-    for c in [client, store_client] {
+    for c in [client, store_client, tasks_client] {
         if let Ok(c) = Arc::try_unwrap(c) {
             c.close();
         }

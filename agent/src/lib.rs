@@ -7,9 +7,11 @@
 
 pub mod api;
 pub mod cli;
+pub mod cli_tasks;
 pub mod config;
 pub mod daemon;
 pub mod monitor;
 pub mod rules;
 pub mod supervisor;
+pub mod tasks;
 pub mod writer;

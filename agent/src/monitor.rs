@@ -46,6 +46,7 @@ use crate::api::{
 };
 use crate::config::{AgentConfig, CollectorSpec, EscalationSpec};
 use crate::supervisor::{Supervisor, SupervisorEvent};
+use crate::tasks::TaskStats;
 use crate::writer::StoreWriter;
 
 /// Heartbeats missed before a collector counts as failed.
@@ -131,6 +132,8 @@ pub struct MonitorParts {
     pub supervisor: Arc<Supervisor>,
     /// Process starts and exits.
     pub supervisor_events: Receiver<SupervisorEvent>,
+    /// The task coordinator's counters.
+    pub tasks: Arc<TaskStats>,
 }
 
 /// Handle to the monitor thread.
@@ -444,6 +447,9 @@ impl State {
             buffer_level_percent: hb.metrics.buffer_level_percent,
             cycles: hb.metrics.cycles,
             errors: hb.metrics.errors,
+            tasks_served: hb.metrics.tasks_served,
+            tasks_failed: hb.metrics.tasks_failed,
+            task_latency_avg_us: hb.metrics.task_latency_avg_us,
         });
     }
 
@@ -742,6 +748,7 @@ impl State {
                     last_exit: e.last_exit.clone(),
                     escalation: e.escalation.clone(),
                     events_stored: writer.events_stored(&e.spec.id),
+                    tasks: self.parts.tasks.collector(&e.spec.id),
                 })
                 .collect(),
             broker: BrokerStatus {
@@ -756,6 +763,7 @@ impl State {
                 protocol_errors: b.protocol_errors,
             },
             store: writer.status(),
+            tasks: self.parts.tasks.totals(&self.parts.config.tasks),
         };
         if let Err(e) = self.parts.client.reply(msg, &api::encode(&status)) {
             log::debug!("cannot answer a status request: {e}");

@@ -227,6 +227,7 @@ fn collector(id: &str, phase: CollectorPhase, pid: Option<u32>) -> CollectorStat
         last_exit: None,
         escalation: Vec::new(),
         events_stored: 99,
+        tasks: Default::default(),
     }
 }
 
@@ -245,6 +246,7 @@ fn status_shows_what_the_agent_answers() {
         ],
         broker: BrokerStatus { socket: socket(dir.path()).display().to_string(), ..Default::default() },
         store: StoreStatus { events_committed: 1234, ..Default::default() },
+        tasks: Default::default(),
     };
     let _agent = FakeAgent::start(dir.path(), status);
 

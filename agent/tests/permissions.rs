@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use daemoneye_agent::api::{AGENT_CLIENT_ID, STATUS_TOPIC};
+use daemoneye_agent::api::{AGENT_CLIENT_ID, STATUS_TOPIC, TASK_TOPIC, TASKS_CLIENT_ID};
 use daemoneye_agent::config::AgentConfig;
 use daemoneye_agent::daemon::permissions;
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientError, ErrorCode};
@@ -76,7 +76,11 @@ fn collectors_cli_and_agent_get_exactly_their_rights() {
     assert_eq!(cli_events.recv_timeout(Duration::from_secs(5)).map(|m| m.payload), Some(b"yours".to_vec()));
     assert!(cli_regs.messages().try_recv().is_err(), "the CLI read registrations");
 
-    // The CLI: status requests and following events, nothing else.
+    // The CLI: status and task requests and following events, nothing else
+    // (no task straight to the collectors: the agent hands them out).
+    assert!(cli.publish_confirmed(TASK_TOPIC, bytes).is_ok());
+    assert!(forbidden(cli.publish_confirmed(&control::task_topic("process-monitor"), bytes)));
+    assert!(forbidden(cli.publish_confirmed(&control::task_broadcast_topic("process-monitor"), bytes)));
     assert!(forbidden(cli.publish_confirmed("events.process.started", bytes)));
     assert!(forbidden(cli.publish_confirmed(control::LIFECYCLE_TOPIC, bytes)));
     assert!(forbidden(cli.publish_confirmed(&control::rpc_topic("pm-a"), bytes)));
@@ -86,4 +90,18 @@ fn collectors_cli_and_agent_get_exactly_their_rights() {
     assert!(agent.publish_confirmed(&control::ack_topic("pm-a"), bytes).is_ok());
     assert!(agent.publish_confirmed(&control::rpc_topic("pm-b"), bytes).is_ok());
     assert!(agent.subscribe(control::HEARTBEAT_PATTERN).is_ok());
+
+    // The task coordinator: tasks to the collectors and status, nothing
+    // else; collectors may take tasks, one by one or all at once.
+    let tasks = client(&socket, TASKS_CLIENT_ID);
+    assert!(tasks.publish_confirmed(&control::task_topic("process-monitor"), bytes).is_ok());
+    assert!(tasks.publish_confirmed(&control::task_broadcast_topic("process-monitor"), bytes).is_ok());
+    assert!(tasks.publish_confirmed(STATUS_TOPIC, bytes).is_ok());
+    assert!(forbidden(tasks.publish_confirmed(control::LIFECYCLE_TOPIC, bytes)));
+    assert!(forbidden(tasks.publish_confirmed(&control::rpc_topic("pm-a"), bytes)));
+    assert!(forbidden(tasks.publish_confirmed("events.process.started", bytes)));
+    let all = pm_a.subscribe(&control::task_broadcast_topic("process-monitor")).unwrap();
+    assert!(pm_a.publish_confirmed(&control::heartbeat_topic("pm-a"), bytes).is_ok());
+    assert!(tasks.publish_confirmed(&control::task_broadcast_topic("process-monitor"), b"all").is_ok());
+    assert_eq!(all.recv_timeout(Duration::from_secs(5)).map(|m| m.payload), Some(b"all".to_vec()));
 }

@@ -162,6 +162,9 @@ pub struct QueueDepth {
     pub messages: usize,
     /// Bytes queued.
     pub bytes: usize,
+    /// Requests delivered to it and not answered yet (what `LeastLoaded`
+    /// counts besides `messages`).
+    pub awaiting: usize,
 }
 
 /// Counters, readable in-process while the broker runs, and over the bus
@@ -1312,6 +1315,7 @@ impl Reactor {
                 },
                 messages: c.frame_ends.len(),
                 bytes: c.pending_bytes(),
+                awaiting: c.awaiting.len(),
             })
             .collect();
     }

@@ -13,6 +13,7 @@
 //! | `control.health.heartbeat.<id>` | that collector ([`Heartbeat`]) | agent |
 //! | `control.ack.<id>` | agent store ([`StoreAck`]) | that collector |
 //! | `control.collector.task.<type>` | agent ([`TaskRequest`], request/reply to queue group [`TASK_GROUP`]) | one collector of that type |
+//! | `control.collector.task.<type>.all` | agent ([`TaskRequest`], request/reply, broadcast) | every collector of that type |
 //!
 //! Tasks: the agent publishes a [`TaskRequest`] as a request on
 //! [`task_topic`] of a collector type; every collector of that type is a
@@ -21,6 +22,12 @@
 //! with a [`TaskResponse`]: who served it, a [`TaskStatus`], a reason for
 //! anything but `Ok`, and the [`TaskResult`]. An undecodable task gets a
 //! `Failed` reply ("malformed task: …"); the collector keeps serving.
+//! A `Failed` answer with `retry` set (busy, not collecting yet, shutting
+//! down) says another member may well succeed: the agent then fails over.
+//! The agent picks the balancing strategy per request (the bus lets a
+//! request override its group's). For an answer from every collector the
+//! agent sends the same request on [`task_broadcast_topic`], to which each
+//! collector subscribes on its own.
 
 use std::path::Path;
 
@@ -58,6 +65,12 @@ pub const TASK_GROUP: &str = "collectors";
 /// The task topic of one collector type (`process-monitor` for procmond).
 pub fn task_topic(collector_type: &str) -> String {
     format!("control.collector.task.{collector_type}")
+}
+
+/// The topic on which every collector of a type gets a task (and each
+/// answers it).
+pub fn task_broadcast_topic(collector_type: &str) -> String {
+    format!("control.collector.task.{collector_type}.all")
 }
 
 /// Encodes a control message.
@@ -586,6 +599,9 @@ pub struct TaskResponse {
     /// The result: with `Ok`, and with a `Failed` hash that has details
     /// (too large, deferred).
     pub result: Option<TaskResult>,
+    /// `Failed` for a passing reason of this collector's (busy, not
+    /// collecting yet, shutting down): another member may succeed.
+    pub retry: bool,
 }
 
 impl TaskResponse {
@@ -596,6 +612,7 @@ impl TaskResponse {
             status: TaskStatus::Ok,
             message: None,
             result: Some(result),
+            retry: false,
         }
     }
 
@@ -606,12 +623,19 @@ impl TaskResponse {
             status,
             message: Some(message.into()),
             result: None,
+            retry: false,
         }
     }
 
     /// `Failed` with its reason.
     pub fn failed(collector_id: &str, message: impl Into<String>) -> TaskResponse {
         TaskResponse::status(collector_id, TaskStatus::Failed, message)
+    }
+
+    /// `Failed` for a passing reason of this collector's: worth asking
+    /// another member.
+    pub fn unavailable(collector_id: &str, message: impl Into<String>) -> TaskResponse {
+        TaskResponse { retry: true, ..TaskResponse::failed(collector_id, message) }
     }
 }
 

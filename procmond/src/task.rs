@@ -3,7 +3,9 @@
 //!
 //! The service joins the queue group [`TASK_GROUP`] on
 //! `control.collector.task.<collector_type>`, so of all the collectors of
-//! one type the broker hands each task to exactly one. It decodes the
+//! one type the broker hands each task to exactly one, and subscribes on
+//! its own to `control.collector.task.<collector_type>.all`, where the
+//! agent asks every collector at once. It decodes the
 //! task, hands it to the actor (`ActorMessage::Task`, never blocking: a
 //! full inbox is answered "busy" at once) and waits for the answer with a
 //! timeout, then replies on the request's inbox with a [`TaskResponse`].
@@ -29,6 +31,9 @@
 //! answered `Failed` with `Deferred` and resumes where it stopped when
 //! asked again, so one task never holds the actor for long. Tasks hash
 //! whether or not `compute_hashes` is on: they ask for it.
+//!
+//! Passing failures (busy, no list yet, shutting down) are answered with
+//! `retry` set, so the agent asks another member.
 //!
 //! Leaving: on shutdown the service leaves the group first (so the broker
 //! hands new tasks to the other members) and answers the tasks already
@@ -106,9 +111,9 @@ pub struct TaskServiceConfig {
     pub collector_id: String,
     /// The collector type whose task topic it serves.
     pub collector_type: String,
-    /// How the broker picks a member of the group. The group takes the
-    /// strategy of its first member (a broker rule), so every member of
-    /// one type should ask for the same.
+    /// How the broker picks a member of the group when a task does not
+    /// say (the agent's do: it chooses per task type). The group takes the
+    /// strategy of its first member (a broker rule).
     pub strategy: Strategy,
     /// How long to wait for the actor.
     pub actor_timeout: Duration,
@@ -145,6 +150,7 @@ impl TaskService {
     ) -> Result<TaskService, ClientError> {
         let topic = control::task_topic(&cfg.collector_type);
         let sub = client.queue_subscribe(&topic, TASK_GROUP, cfg.strategy)?;
+        let all = client.subscribe(&control::task_broadcast_topic(&cfg.collector_type))?;
         let (stop, stop_rx) = bounded(1);
         let shutting_down = Arc::new(AtomicBool::new(false));
         let flag = shutting_down.clone();
@@ -152,13 +158,14 @@ impl TaskService {
             .name("procmond-tasks".into())
             .spawn(move || {
                 let service = Service { client, cfg, actor, counters, shutting_down: flag };
-                service.run(sub.messages(), &stop_rx);
+                service.run(sub.messages(), all.messages(), &stop_rx);
                 // Leave the group first, so new tasks go to other members,
                 // then answer what was delivered already.
-                let delivered = sub.messages().clone();
+                let delivered = [sub.messages().clone(), all.messages().clone()];
                 drop(sub);
+                drop(all);
                 service.shutting_down.store(true, Ordering::Release);
-                for msg in delivered.try_iter() {
+                for msg in delivered.iter().flat_map(|d| d.try_iter()) {
                     service.handle(msg);
                 }
                 log::debug!("procmond-tasks stopped");
@@ -194,10 +201,14 @@ struct Service {
 }
 
 impl Service {
-    fn run(&self, tasks: &Receiver<Message>, stop: &Receiver<()>) {
+    fn run(&self, tasks: &Receiver<Message>, all: &Receiver<Message>, stop: &Receiver<()>) {
         loop {
             select! {
                 recv(tasks) -> msg => match msg {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                },
+                recv(all) -> msg => match msg {
                     Ok(msg) => self.handle(msg),
                     Err(_) => break,
                 },
@@ -225,14 +236,14 @@ impl Service {
                 TaskResponse::failed(id, format!("malformed task: {e}"))
             }
             Ok(_) if self.shutting_down.load(Ordering::Acquire) => {
-                TaskResponse::failed(id, "collector is shutting down")
+                TaskResponse::unavailable(id, "collector is shutting down")
             }
             Ok(request) => match self.actor.task(request, self.cfg.actor_timeout) {
                 Ok(response) => response,
                 Err(ActorError::Busy) => {
-                    TaskResponse::failed(id, "busy: the collector's inbox is full; try another member")
+                    TaskResponse::unavailable(id, "busy: the collector's inbox is full; try another member")
                 }
-                Err(e) => TaskResponse::failed(id, e.to_string()),
+                Err(e) => TaskResponse::unavailable(id, e.to_string()),
             },
         };
         let status = self.send(&msg, response);
@@ -303,7 +314,7 @@ fn snapshot(filter: &SnapshotFilter, cx: TaskContext<'_>) -> TaskResponse {
         return TaskResponse::failed(cx.collector_id, format!("invalid filter: {e}"));
     }
     let Some(observed_unix_ms) = cx.observed_unix_ms else {
-        return TaskResponse::failed(cx.collector_id, NO_LIST);
+        return TaskResponse::unavailable(cx.collector_id, NO_LIST);
     };
     let matcher = filter.matcher();
     let mut processes: Vec<ProcessSummary> =
@@ -314,7 +325,7 @@ fn snapshot(filter: &SnapshotFilter, cx: TaskContext<'_>) -> TaskResponse {
 
 fn inspect(pid: u32, cx: TaskContext<'_>) -> TaskResponse {
     let Some(observed_unix_ms) = cx.observed_unix_ms else {
-        return TaskResponse::failed(cx.collector_id, NO_LIST);
+        return TaskResponse::unavailable(cx.collector_id, NO_LIST);
     };
     let Some(process) = cx.tracker.find(pid) else {
         return TaskResponse::status(
@@ -381,5 +392,5 @@ fn hash(path: String, cx: TaskContext<'_>) -> TaskResponse {
         HashOutcome::Unavailable(why) => return TaskResponse::failed(id, format!("{path}: {why}")),
     };
     let result = TaskResult::Hash(FileHash { path, size: identity.size, sha256: outcome });
-    TaskResponse { collector_id: id.to_owned(), status, message, result: Some(result) }
+    TaskResponse { collector_id: id.to_owned(), status, message, result: Some(result), retry: false }
 }

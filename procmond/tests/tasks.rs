@@ -212,6 +212,7 @@ fn snapshot_filters_by_user_by_name_pattern_and_by_pid() {
     let early = bus.ask(&snapshot(SnapshotFilter::default()));
     assert_eq!(early.status, TaskStatus::Failed, "{early:?}");
     assert!(early.message.as_deref().unwrap_or("").contains("no process list"), "{early:?}");
+    assert!(early.retry, "another collector may have a list: {early:?}");
     c.begin();
 
     let all = bus.ask(&snapshot(SnapshotFilter::default()));
@@ -419,6 +420,7 @@ fn a_busy_or_silent_actor_is_answered_failed() {
     let busy = bus.ask(&TaskRequest::Inspect { pid: 1 });
     assert_eq!(busy.status, TaskStatus::Failed);
     assert!(busy.message.as_deref().unwrap_or("").starts_with("busy"), "{busy:?}");
+    assert!(busy.retry, "busy is worth another member: {busy:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "refused without waiting");
 
     // Room in the inbox, nobody reading it.

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::tick;
-use daemoneye_agent::api::{self, AgentStatus};
+use daemoneye_agent::api::{self, AgentStatus, AgentTaskRequest, AgentTaskResponse};
 use daemoneye_bus::{Client, ClientConfig};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -70,6 +70,8 @@ pub struct CollectorDef {
     pub binary: PathBuf,
     /// Seconds the agent waits for its registration.
     pub startup_timeout_secs: u64,
+    /// Its heartbeat period (3 missed start the escalation).
+    pub heartbeat_interval_secs: u64,
 }
 
 impl CollectorDef {
@@ -80,7 +82,14 @@ impl CollectorDef {
 
     /// Another binary (a wrapper script) with this id.
     pub fn with_binary(id: &str, binary: PathBuf) -> CollectorDef {
-        CollectorDef { id: id.to_owned(), binary, startup_timeout_secs: 20 }
+        CollectorDef { id: id.to_owned(), binary, startup_timeout_secs: 20, heartbeat_interval_secs: 1 }
+    }
+
+    /// With this heartbeat period (a test that stops a collector on
+    /// purpose keeps the escalation away with a long one).
+    pub fn heartbeat(mut self, secs: u64) -> CollectorDef {
+        self.heartbeat_interval_secs = secs;
+        self
     }
 }
 
@@ -108,9 +117,10 @@ pub fn agent_yaml(data_dir: &Path, collectors: &[CollectorDef], extra: &str) -> 
     for c in collectors {
         y.push_str(&format!(
             "  - id: {}\n    binary: {}\n    args: [\"--interval\", \"5\", \"--log-level\", \"debug\"]\n    \
-             heartbeat_interval_secs: 1\n    startup_timeout_secs: {}\n    max_restarts: 10\n",
+             heartbeat_interval_secs: {}\n    startup_timeout_secs: {}\n    max_restarts: 10\n",
             c.id,
             c.binary.display(),
+            c.heartbeat_interval_secs,
             c.startup_timeout_secs
         ));
     }
@@ -240,6 +250,16 @@ impl System {
         }
     }
 
+    /// A bus client of this system's broker, as a local client (the CLI's
+    /// permissions).
+    pub fn client(&mut self) -> Client {
+        self.asked += 1;
+        let id = format!("e2e-{}-{}", std::process::id(), self.asked);
+        let client = Client::connect(ClientConfig::new(self.socket(), id)).expect("client");
+        assert!(client.wait_connected(Duration::from_secs(10)), "no connection\n{}", self.tail());
+        client
+    }
+
     /// Runs `daemoneye-cli` against this system.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin("daemoneye-cli"))
@@ -285,6 +305,13 @@ impl Drop for System {
             }
         }
     }
+}
+
+/// Asks the agent's task coordinator (as `daemoneye-cli` does) and decodes
+/// its answer; panics on a bus failure.
+pub fn ask_task(client: &Client, req: &AgentTaskRequest, timeout: Duration) -> AgentTaskResponse {
+    let reply = client.request(api::TASK_TOPIC, &api::encode(req), timeout).expect("task answer");
+    api::decode(&reply.payload).expect("decodable task answer")
 }
 
 /// Whether `pid` runs procmond (so a test never kills a stranger that

@@ -1,7 +1,9 @@
 //! daemoneye-cli, the operator's tool: asks the running agent for its
-//! status over the bus, reads events and alerts from the agent's SQLite
-//! store (read-only), follows new ones live on the bus, and lists and
-//! validates the detection rules of agent.yaml.
+//! status over the bus, for the live process list, one process in detail
+//! or a file's hash (tasks the agent hands to its collectors), reads events
+//! and alerts from the agent's SQLite store (read-only), follows new ones
+//! live on the bus, and lists and validates the detection rules of
+//! agent.yaml.
 //!
 //! SIGINT and SIGTERM keep their default action (the process ends): the
 //! CLI holds nothing that needs a clean shutdown, the store is opened
@@ -16,11 +18,15 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use crossbeam_channel::{select, tick};
-use daemoneye_agent::api::{self, ALERT_TOPIC, Alert, STORE_CLIENT_ID, now_unix_ms};
+use daemoneye_agent::api::{
+    self, ALERT_TOPIC, AgentTaskRequest, AgentTaskResponse, Alert, STORE_CLIENT_ID, now_unix_ms,
+};
 use daemoneye_agent::cli::{self, CliError, SeenStreams, Table};
+use daemoneye_agent::cli_tasks;
 use daemoneye_agent::config::{AgentConfig, Severity};
 use daemoneye_agent::rules::{self, AlertQuery};
 use daemoneye_bus::{Client, ConnectionState, Message, Overflow, Subscription};
+use procmond::control::{SnapshotFilter, TaskRequest, TaskResult};
 use procmond::event::{EVENTS_PATTERN, EventEnvelope, EventKind, GAP_TOPIC};
 use procmond::store::EventQuery;
 
@@ -72,6 +78,9 @@ const GLOBAL: &str = "Global options";
 const AFTER_HELP: &str = "\
 Examples:
   daemoneye-cli status                        the agent, its collectors, bus and store
+  daemoneye-cli ps --tree --user www-data     live processes, from every collector
+  daemoneye-cli inspect 4242                  one process in full, with its exe's hash
+  daemoneye-cli hash /usr/bin/sudo            SHA-256 through a collector's hash cache
   daemoneye-cli events --since 10m --name sshd
   daemoneye-cli events --follow --kind started
   daemoneye-cli alerts --severity high --since 1d
@@ -79,8 +88,9 @@ Examples:
   daemoneye-cli --data-dir /tmp/de status --json | jq .collectors
 
 Exit status: 0 on success; 1 on errors (bad configuration, unreadable store,
-a rule that does not validate); 2 on bad usage and when the agent cannot be
-reached (no socket, connection refused, permission denied, no answer).";
+a rule that does not validate, no collector could serve a task, a process
+or file not found); 2 on bad usage and when the agent cannot be reached (no
+socket, connection refused, permission denied, no answer).";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -107,6 +117,69 @@ enum Command {
     /// List or validate the detection rules of the configuration.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// The live process list, from every collector, merged.
+    ///
+    /// The agent asks every registered collector of the type for its
+    /// current list (the last collection cycle's) and merges them by
+    /// process identity (pid and start time). A collector that did not
+    /// answer is named on stderr ("partial result"); the list still prints.
+    #[command(after_help = PS_HELP)]
+    Ps(PsArgs),
+    /// One process in full detail, with the SHA-256 of its executable.
+    ///
+    /// One collector serves it (load balanced; another is tried if it
+    /// fails to answer).
+    #[command(after_help = "Examples:\n  daemoneye-cli inspect 1\n  daemoneye-cli inspect 4242 --json")]
+    Inspect {
+        /// The process id.
+        pid: u32,
+        /// The collector type that serves it.
+        #[arg(long = "type", value_name = "TYPE", default_value = procmond::registration::COLLECTOR_TYPE)]
+        collector_type: String,
+    },
+    /// The SHA-256 of a file, through a collector's hash cache.
+    ///
+    /// Read by the collector, with its privileges; a relative path is taken
+    /// from the current directory. Prints `sha256sum`'s format.
+    #[command(
+        after_help = "Examples:\n  daemoneye-cli hash /usr/sbin/sshd\n  daemoneye-cli hash ./a.out --json"
+    )]
+    Hash {
+        /// The file.
+        path: PathBuf,
+        /// The collector type that serves it.
+        #[arg(long = "type", value_name = "TYPE", default_value = procmond::registration::COLLECTOR_TYPE)]
+        collector_type: String,
+    },
+}
+
+const PS_HELP: &str = "\
+Examples:
+  daemoneye-cli ps
+  daemoneye-cli ps --tree
+  daemoneye-cli ps --user root --name 'ssh*'
+  daemoneye-cli ps --json | jq '.processes | length'
+
+SEEN BY lists the collectors that reported the process. With --tree a
+process whose parent is not listed (filtered out, or pid 0) starts its own
+tree. Exit status 0 also for a partial result; --json's \"missing\" names
+the collectors that gave no list, and why.";
+
+#[derive(Args, Debug)]
+struct PsArgs {
+    /// Show processes as a tree under their parents.
+    #[arg(long)]
+    tree: bool,
+    /// Only this user's processes (real user, by name or uid).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Only processes whose name or executable's file name matches this
+    /// glob (`*` and `?`).
+    #[arg(long, value_name = "PATTERN")]
+    name: Option<String>,
+    /// The collector type to ask.
+    #[arg(long = "type", value_name = "TYPE", default_value = procmond::registration::COLLECTOR_TYPE)]
+    collector_type: String,
 }
 
 const STATUS_HELP: &str = "\
@@ -300,7 +373,83 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
         Command::Alerts(args) => alerts(&ctx, &args),
         Command::Rules(RulesCommand::List) => rules_list(&ctx),
         Command::Rules(RulesCommand::Validate) => rules_validate(&ctx),
+        Command::Ps(args) => ps(&ctx, args),
+        Command::Inspect { pid, collector_type } => {
+            inspect(&ctx, AgentTaskRequest::One { collector_type, task: TaskRequest::Inspect { pid } })
+        }
+        Command::Hash { path, collector_type } => {
+            let path = std::path::absolute(&path).with_context(|| format!("bad path {}", path.display()))?;
+            let Some(path) = path.to_str().map(str::to_owned) else {
+                anyhow::bail!("the path {} is not UTF-8", path.display());
+            };
+            hash(&ctx, AgentTaskRequest::One { collector_type, task: TaskRequest::Hash { path } })
+        }
     }
+}
+
+/// Sends a task request to the agent and waits as long as its limits say.
+fn ask(ctx: &Ctx, req: &AgentTaskRequest) -> anyhow::Result<AgentTaskResponse> {
+    let client = cli::connect(&ctx.socket())?;
+    let resp = cli_tasks::ask(&client, req, cli_tasks::answer_timeout(req, &ctx.cfg.tasks))?;
+    client.close();
+    Ok(resp)
+}
+
+fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
+    let filter = SnapshotFilter { user: args.user, name_pattern: args.name, pids: Vec::new() };
+    filter.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let req = AgentTaskRequest::All { collector_type: args.collector_type, filter };
+    let g = match ask(ctx, &req)? {
+        AgentTaskResponse::All(g) => g,
+        AgentTaskResponse::Refused(why) => return Err(CliError::TaskRefused(why).into()),
+        AgentTaskResponse::One(_) => return Err(CliError::BadReply("a single answer to ps".into()).into()),
+    };
+    if g.answered.iter().all(|a| a.status != procmond::control::TaskStatus::Ok) {
+        let why: Vec<String> =
+            g.missing.iter().map(|m| format!("  {}: {}", m.collector_id, m.reason)).collect();
+        let why = if why.is_empty() {
+            "  (no collector of that type is configured)".to_owned()
+        } else {
+            why.join("\n")
+        };
+        return Err(CliError::NoCollector(format!("no collector gave a process list:\n{why}")).into());
+    }
+    if ctx.json {
+        json_line(&g)?;
+    } else {
+        for w in cli_tasks::gather_warnings(&g) {
+            eprintln!("{w}");
+        }
+        let text = if args.tree { cli_tasks::render_ps_tree(&g) } else { cli_tasks::render_ps_table(&g) };
+        io::stdout().lock().write_all(text.as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
+    let (outcome, result) = cli_tasks::served(ask(ctx, &req)?)?;
+    let TaskResult::Inspect(detail) = result else {
+        return Err(CliError::BadReply("not an inspect result".into()).into());
+    };
+    if ctx.json {
+        json_line(&outcome)?;
+    } else {
+        io::stdout().lock().write_all(cli_tasks::render_inspect(&detail, &outcome).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hash(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
+    let (outcome, result) = cli_tasks::served(ask(ctx, &req)?)?;
+    let TaskResult::Hash(h) = result else {
+        return Err(CliError::BadReply("not a hash result".into()).into());
+    };
+    if ctx.json {
+        json_line(&outcome)?;
+    } else {
+        out(cli_tasks::render_hash(&h.path, &h.sha256).trim_end())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One line on stdout; a write error (a closed pipe) ends the command.
