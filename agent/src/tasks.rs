@@ -353,6 +353,7 @@ impl Worker {
         let window = Duration::from_millis(self.cfg.gather_timeout_ms);
         let payload = control::encode(&TaskRequest::Snapshot(filter.clone()));
         let mut gather = Gather::default();
+        let mut unsent = None;
         match self.client.request_all(&control::task_broadcast_topic(collector_type), &payload, window) {
             Ok(replies) => loop {
                 // Done once every registered collector has answered or
@@ -380,12 +381,17 @@ impl Worker {
                     Ok(Err(_)) | Err(_) => break,
                 }
             },
-            Err(e) => log::warn!("gather: cannot send the snapshot request: {e}"),
+            Err(e) => {
+                log::warn!("gather: cannot send the snapshot request: {e}");
+                unsent = Some(format!("not asked: the agent's bus client failed: {e}"));
+            }
         }
         let mut late: Vec<String> = waiting.into_iter().collect();
         late.sort();
         for id in late {
-            let reason = format!("no answer within {} ms", self.cfg.gather_timeout_ms);
+            let reason = unsent
+                .clone()
+                .unwrap_or_else(|| format!("no answer within {} ms", self.cfg.gather_timeout_ms));
             missing.push(MissingCollector { collector_id: id, reason });
         }
         for a in gather.answered.iter().filter(|a| a.status != TaskStatus::Ok) {

@@ -17,6 +17,14 @@ fn client(path: &std::path::Path, id: &str) -> Client {
     c
 }
 
+/// A broker on a socket in a fresh temp dir (kept alive by the caller).
+fn broker() -> (tempfile::TempDir, std::path::PathBuf, Broker) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    (tmp, path, broker)
+}
+
 /// A member that answers every request with its own id, on a thread;
 /// returns when its subscription closes.
 fn answer_all(c: Client, sub: Subscription) -> std::thread::JoinHandle<usize> {
@@ -34,9 +42,7 @@ fn answer_all(c: Client, sub: Subscription) -> std::thread::JoinHandle<usize> {
 
 #[test]
 fn a_responder_that_leaves_without_answering_is_reported_at_once() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let path = tmp.path().join("bus.sock");
-    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let (_tmp, path, _broker) = broker();
     let agent = client(&path, "agent");
     let worker = client(&path, "worker");
     let sub = worker.queue_subscribe("tasks.x", "g", Strategy::RoundRobin).expect("qsub");
@@ -66,9 +72,7 @@ fn a_responder_that_leaves_without_answering_is_reported_at_once() {
 
 #[test]
 fn least_loaded_avoids_a_member_with_unanswered_requests_and_a_request_may_choose_it() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let path = tmp.path().join("bus.sock");
-    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let (_tmp, path, _broker) = broker();
     let agent = client(&path, "agent");
     // The group itself is round robin (its first member says so).
     let stalled = client(&path, "stalled");
@@ -119,9 +123,7 @@ fn least_loaded_avoids_a_member_with_unanswered_requests_and_a_request_may_choos
 
 #[test]
 fn request_all_gathers_every_answer_and_names_who_left() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let path = tmp.path().join("bus.sock");
-    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let (_tmp, path, _broker) = broker();
     let agent = client(&path, "agent");
     let mut threads = Vec::new();
     for id in ["c1", "c2"] {

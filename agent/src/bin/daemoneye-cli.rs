@@ -375,14 +375,14 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
         Command::Rules(RulesCommand::Validate) => rules_validate(&ctx),
         Command::Ps(args) => ps(&ctx, args),
         Command::Inspect { pid, collector_type } => {
-            inspect(&ctx, AgentTaskRequest::One { collector_type, task: TaskRequest::Inspect { pid } })
+            one_task(&ctx, AgentTaskRequest::One { collector_type, task: TaskRequest::Inspect { pid } })
         }
         Command::Hash { path, collector_type } => {
             let path = std::path::absolute(&path).with_context(|| format!("bad path {}", path.display()))?;
             let Some(path) = path.to_str().map(str::to_owned) else {
                 anyhow::bail!("the path {} is not UTF-8", path.display());
             };
-            hash(&ctx, AgentTaskRequest::One { collector_type, task: TaskRequest::Hash { path } })
+            one_task(&ctx, AgentTaskRequest::One { collector_type, task: TaskRequest::Hash { path } })
         }
     }
 }
@@ -426,28 +426,20 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
+/// `inspect` and `hash`: one collector serves the task.
+fn one_task(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
     let (outcome, result) = cli_tasks::served(ask(ctx, &req)?)?;
-    let TaskResult::Inspect(detail) = result else {
-        return Err(CliError::BadReply("not an inspect result".into()).into());
+    let text = match result {
+        TaskResult::Inspect(detail) => cli_tasks::render_inspect(&detail, &outcome),
+        TaskResult::Hash(h) => cli_tasks::render_hash(&h.path, &h.sha256),
+        TaskResult::Snapshot(_) => {
+            return Err(CliError::BadReply("a snapshot for a single task".into()).into());
+        }
     };
     if ctx.json {
         json_line(&outcome)?;
     } else {
-        io::stdout().lock().write_all(cli_tasks::render_inspect(&detail, &outcome).as_bytes())?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn hash(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
-    let (outcome, result) = cli_tasks::served(ask(ctx, &req)?)?;
-    let TaskResult::Hash(h) = result else {
-        return Err(CliError::BadReply("not a hash result".into()).into());
-    };
-    if ctx.json {
-        json_line(&outcome)?;
-    } else {
-        out(cli_tasks::render_hash(&h.path, &h.sha256).trim_end())?;
+        io::stdout().lock().write_all(text.as_bytes())?;
     }
     Ok(ExitCode::SUCCESS)
 }
