@@ -65,8 +65,9 @@ pub enum CliError {
     /// Another bus failure (the client closed, a call refused).
     #[error("bus: {0}")]
     Bus(#[from] ClientError),
-    /// The agent's reply is not an [`AgentStatus`] this build understands.
-    #[error("the agent's status reply does not decode ({0}); is daemoneye-cli the agent's version?")]
+    /// The agent's reply is not one this build understands (or not the
+    /// agent's).
+    #[error("the agent's reply is not usable ({0}); is daemoneye-cli the agent's version?")]
     BadReply(String),
     /// No database at the store path.
     #[error(
@@ -83,6 +84,9 @@ pub enum CliError {
     /// A task request got no answer in time.
     #[error("the agent did not answer the task within {} s (is it wedged?)", .0.as_secs())]
     NoTaskAnswer(Duration),
+    /// The agent went away while serving a task request.
+    #[error("the agent stopped while serving the task (shutting down?)")]
+    AgentLeft,
     /// Nobody takes task requests: an agent without the task coordinator.
     #[error("the agent does not take tasks (agent.task): is it an older version, or shutting down?")]
     NoTaskService,
@@ -123,6 +127,7 @@ impl CliError {
             | CliError::NotWelcomed(_)
             | CliError::NoAnswer
             | CliError::NoTaskAnswer(_)
+            | CliError::AgentLeft
             | CliError::NoTaskService
             | CliError::Bus(_) => 2,
             _ => 1,
@@ -205,6 +210,9 @@ pub fn fetch_status(client: &Client) -> Result<AgentStatus, CliError> {
         }
         other => CliError::Bus(other),
     })?;
+    if reply.from != api::AGENT_CLIENT_ID {
+        return Err(CliError::BadReply(format!("answered by {:?}, not the agent", reply.from)));
+    }
     api::decode(&reply.payload).map_err(|e| CliError::BadReply(e.to_string()))
 }
 

@@ -9,7 +9,9 @@ use daemoneye_bus::{Client, ClientError};
 use procmond::control::{ProcessDetail, ProcessSummary, TaskResult, TaskStatus};
 use procmond::event::HashOutcome;
 
-use crate::api::{self, AgentTaskRequest, AgentTaskResponse, GatherOutcome, TASK_TOPIC, TaskOutcome};
+use crate::api::{
+    self, AgentTaskRequest, AgentTaskResponse, GatherOutcome, TASK_TOPIC, TASKS_CLIENT_ID, TaskOutcome,
+};
 use crate::cli::{CliError, Table, format_utc};
 use crate::config::TasksSpec;
 
@@ -33,10 +35,16 @@ pub fn ask(
     timeout: Duration,
 ) -> Result<AgentTaskResponse, CliError> {
     let reply = client.request(TASK_TOPIC, &api::encode(req), timeout).map_err(|e| match e {
-        ClientError::Timeout(_) | ClientError::ResponderGone { .. } => CliError::NoTaskAnswer(timeout),
+        ClientError::Timeout(_) => CliError::NoTaskAnswer(timeout),
+        ClientError::ResponderGone { .. } => CliError::AgentLeft,
         ClientError::NoResponders { .. } => CliError::NoTaskService,
         other => CliError::Bus(other),
     })?;
+    // The broker vouches for the sender: only the agent's coordinator
+    // speaks for the agent.
+    if reply.from != TASKS_CLIENT_ID {
+        return Err(CliError::BadReply(format!("answered by {:?}, not the agent", reply.from)));
+    }
     api::decode(&reply.payload).map_err(|e| CliError::BadReply(e.to_string()))
 }
 

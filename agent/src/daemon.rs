@@ -3,11 +3,14 @@
 //!
 //! Start: data dir (0700) and the agent's lock file → the broker on its
 //! socket, with per-client permissions → the agent's bus clients (one for
-//! control, one for the store writer, whose stalls must not hold up control) →
-//! the store writer (subscribed before any collector starts) → the
-//! supervisor (spawns or adopts the collectors) → the monitor (loading
-//! state machine, heartbeats, status) → the broker opens to everyone → the
-//! task coordinator (its own client; `daemoneye-cli ps/inspect/hash`).
+//! control, one for the store writer, whose stalls must not hold up
+//! control, one for the task coordinator, whose tasks wait seconds for
+//! collectors) → the store writer (subscribed before any collector starts)
+//! → the supervisor (spawns or adopts the collectors) → the monitor
+//! (loading state machine, heartbeats, status) → the task coordinator
+//! (`daemoneye-cli ps/inspect/hash`) → the broker opens to everyone: until
+//! then only the agent's three clients are welcomed, so nobody else can
+//! take their ids.
 //!
 //! Shutdown (SIGTERM/SIGINT, or a failed startup): the task coordinator
 //! stops → the monitor stops (state ShuttingDown) → every registered collector is asked to shut
@@ -37,7 +40,8 @@ use crate::writer::{StoreWriter, WriterConfig};
 
 /// The broker's permissions: each configured collector may publish only
 /// process events, its own heartbeat and registration requests, and
-/// subscribe only to what is addressed to it (tasks included); the agent
+/// subscribe only to what is addressed to it (the tasks of its type
+/// included); the agent
 /// and its store writer may do anything; the task coordinator may take
 /// task requests, ask for status and send tasks to collectors; every other
 /// local client (`daemoneye-cli`) may ask for the agent's status, tasks and
@@ -46,19 +50,24 @@ use crate::writer::{StoreWriter, WriterConfig};
 /// is decided by peer uid: the agent's own and root.
 pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
     let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    let collector = Permissions {
+    // A collector takes the tasks of its own type only.
+    let collector = |collector_type: &str| Permissions {
         publish: strings(&[
             procmond::event::EVENTS_PATTERN,
             "control.health.heartbeat.{client_id}",
             control::REGISTRATION_TOPIC,
         ]),
-        subscribe: strings(&[
+        subscribe: [
             control::LIFECYCLE_TOPIC,
             "control.collector.{client_id}",
             "control.ack.{client_id}",
             "control.collector.config.reload",
-            "control.collector.task.#",
-        ]),
+            &control::task_topic(collector_type),
+            &control::task_broadcast_topic(collector_type),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect(),
     };
     let everything = Permissions { publish: strings(&["#"]), subscribe: strings(&["#"]) };
     let mut rules: Vec<ClientPermissions> = [AGENT_CLIENT_ID, STORE_CLIENT_ID]
@@ -75,7 +84,7 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
     rules.extend(
         cfg.collectors
             .iter()
-            .map(|c| ClientPermissions { client: c.id.clone(), permissions: collector.clone() }),
+            .map(|c| ClientPermissions { client: c.id.clone(), permissions: collector(&c.collector_type) }),
     );
     let others = Permissions {
         publish: strings(&[api::STATUS_TOPIC, api::TASK_TOPIC, daemoneye_bus::broker::STATS_TOPIC]),
@@ -118,7 +127,9 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
     // Collectors (an adopted one reconnects at once) are welcomed only
     // once the store writer and the monitor have subscribed: what they
     // published before would reach nobody.
-    bcfg.first_clients = Some(vec![AGENT_CLIENT_ID.to_owned(), STORE_CLIENT_ID.to_owned()]);
+    // The task coordinator's client too: nobody else may take its id.
+    bcfg.first_clients =
+        Some([AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID].iter().map(|s| (*s).to_owned()).collect());
     let broker = Arc::new(Broker::start(bcfg).context("cannot start the broker")?);
     let client = Arc::new(Client::connect(ClientConfig::new(&socket, AGENT_CLIENT_ID))?);
     anyhow::ensure!(
@@ -130,6 +141,12 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
     anyhow::ensure!(
         store_client.wait_connected(Duration::from_secs(10)),
         "the store writer's bus client could not connect to the broker at {}",
+        socket.display()
+    );
+    let tasks_client = Arc::new(Client::connect(ClientConfig::new(&socket, TASKS_CLIENT_ID))?);
+    anyhow::ensure!(
+        tasks_client.wait_connected(Duration::from_secs(10)),
+        "the task coordinator's bus client could not connect to its own broker at {}",
         socket.display()
     );
     let writer = Arc::new(
@@ -155,15 +172,10 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         },
         ended_tx,
     )?;
-    broker.open();
-    let tasks_client = Arc::new(Client::connect(ClientConfig::new(&socket, TASKS_CLIENT_ID))?);
-    anyhow::ensure!(
-        tasks_client.wait_connected(Duration::from_secs(10)),
-        "the task coordinator's bus client could not connect to the broker at {}",
-        socket.display()
-    );
-    let coordinator = TaskCoordinator::start(tasks_client.clone(), cfg.tasks.clone(), task_stats)
+    let members = cfg.collectors.iter().map(|c| (c.id.clone(), c.collector_type.clone())).collect();
+    let coordinator = TaskCoordinator::start(tasks_client.clone(), cfg.tasks.clone(), members, task_stats)
         .context("cannot start the task coordinator")?;
+    broker.open();
 
     let reason = select! {
         recv(shutdown) -> _ => None,

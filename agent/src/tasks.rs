@@ -7,9 +7,11 @@
 //! coordinator's own bus client ([`TASKS_CLIENT_ID`]), so a task that waits
 //! seconds for collectors never holds up heartbeats, registrations or the
 //! store. Each worker serves one request at a time; more wait in the
-//! subscription. Dropping the coordinator stops the workers: one waiting
-//! between attempts wakes at once, one waiting for a collector ends with
-//! that attempt (at most `tasks.attempt_timeout_ms`).
+//! subscription. Dropping the coordinator stops the workers: none starts a
+//! request or an attempt after that, one waiting between attempts wakes at
+//! once, one waiting for a collector ends with that attempt (at most
+//! `tasks.attempt_timeout_ms`); requests still queued are answered
+//! `Refused` ("the agent is shutting down").
 //!
 //! One collector ([`AgentTaskRequest::One`]): the task goes as a bus
 //! request on `control.collector.task.<type>` to the queue group of that
@@ -23,9 +25,10 @@
 //! still holds an unanswered task), until `tasks.max_attempts` or
 //! `tasks.deadline_ms`; with nobody connected the next attempt waits a
 //! little first (a collector may be restarting). The answer names the
-//! serving collector and lists every attempt. An answer whose
-//! `collector_id` is not its sender (the broker vouches for the sender) is
-//! ignored.
+//! serving collector and lists every attempt. Only a configured collector
+//! of the task's type answers it, and only for itself: an answer whose
+//! `collector_id` is not its sender (the broker vouches for the sender), or
+//! from another type's collector, is ignored (and is an attempt).
 //!
 //! Every collector ([`AgentTaskRequest::All`], snapshots only): the
 //! coordinator asks the monitor for the collectors of the type (its
@@ -35,15 +38,15 @@
 //! left, or `tasks.gather_timeout_ms` passes. Lists are merged by process
 //! identity `(pid, start_time)`; each process says which collectors listed
 //! it. Configured collectors that gave no list are named with the reason
-//! (not registered and why, no answer in time, gone, failed answer):
-//! never silently missing.
+//! (not registered and why, no answer in time, gone, failed or refused
+//! answer): never silently missing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message, Subscription};
 use daemoneye_platform::ProcessKey;
 use parking_lot::Mutex;
@@ -108,32 +111,40 @@ impl TaskStats {
     }
 }
 
-/// The coordinator's handle; dropping it stops and joins the workers.
+/// The coordinator's handle; dropping it stops and joins the workers and
+/// refuses the requests still queued ("the agent is shutting down").
 pub struct TaskCoordinator {
     // Field order: the stop sender is dropped before the workers join.
     stop: Option<Sender<()>>,
     workers: Vec<JoinHandle<()>>,
-    _sub: Subscription,
+    shared: Arc<Worker>,
+    sub: Subscription,
 }
 
 impl TaskCoordinator {
     /// Subscribes to [`TASK_TOPIC`] and starts `cfg.workers` workers.
+    /// `members` maps each configured collector id to its type: only
+    /// those answer a task of their type.
     pub fn start(
         client: Arc<Client>,
         cfg: TasksSpec,
+        members: HashMap<String, String>,
         stats: Arc<TaskStats>,
     ) -> anyhow::Result<TaskCoordinator> {
         let sub = client.subscribe(TASK_TOPIC)?;
         let (stop, stop_rx) = bounded::<()>(0);
-        let shared = Arc::new(Worker { client, cfg, stats, stop: stop_rx });
+        let shared = Arc::new(Worker { client, cfg, members, stats, stop: stop_rx });
         let mut workers = Vec::new();
         for n in 0..shared.cfg.workers {
             let (w, requests) = (shared.clone(), sub.messages().clone());
             let handle = std::thread::Builder::new().name(format!("agent-tasks-{n}")).spawn(move || {
-                loop {
+                // `select!` picks at random among ready arms: the stop is
+                // checked before each request, so none starts after it.
+                while !w.stopping() {
                     select! {
                         recv(requests) -> msg => match msg {
-                            Ok(msg) => w.handle(&msg),
+                            Ok(msg) if !w.stopping() => w.handle(&msg),
+                            Ok(msg) => w.refuse(&msg),
                             Err(_) => break,
                         },
                         recv(w.stop) -> _ => break,
@@ -149,7 +160,7 @@ impl TaskCoordinator {
             shared.cfg.balance.inspect,
             shared.cfg.balance.hash
         );
-        Ok(TaskCoordinator { stop: Some(stop), workers, _sub: sub })
+        Ok(TaskCoordinator { stop: Some(stop), workers, shared, sub })
     }
 }
 
@@ -161,12 +172,17 @@ impl Drop for TaskCoordinator {
                 log::error!("a task worker panicked");
             }
         }
+        for msg in self.sub.messages().try_iter() {
+            self.shared.refuse(&msg);
+        }
     }
 }
 
 struct Worker {
     client: Arc<Client>,
     cfg: TasksSpec,
+    /// Collector id → type, from agent.yaml.
+    members: HashMap<String, String>,
     stats: Arc<TaskStats>,
     /// Disconnected when the coordinator stops.
     stop: Receiver<()>,
@@ -177,6 +193,37 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Worker {
+    /// The coordinator is stopping.
+    fn stopping(&self) -> bool {
+        self.stop.try_recv() == Err(TryRecvError::Disconnected)
+    }
+
+    /// Answers a request that will not be served.
+    fn refuse(&self, msg: &Message) {
+        let refused = AgentTaskResponse::Refused("the agent is shutting down".into());
+        if msg.reply_to.is_some()
+            && let Err(e) = self.client.reply(msg, &api::encode(&refused))
+        {
+            log::debug!("cannot refuse a task request from {}: {e}", msg.from);
+        }
+    }
+
+    /// Why an answer from `from` does not count for a task of
+    /// `collector_type`, if it does not: only a configured collector of
+    /// that type, speaking for itself, answers.
+    fn foreign(&self, from: &str, named: &str, collector_type: &str) -> Option<String> {
+        if named != from {
+            return Some(format!("answer naming {named:?} sent by {from:?}: ignored"));
+        }
+        match self.members.get(from) {
+            Some(t) if t == collector_type => None,
+            Some(t) => {
+                Some(format!("answer from {from}, a {t} collector, to a {collector_type} task: ignored"))
+            }
+            None => Some(format!("answer from {from}, not a configured collector: ignored")),
+        }
+    }
+
     fn handle(&self, msg: &Message) {
         if msg.reply_to.is_none() {
             log::warn!("task request from {} without a reply inbox: ignored", msg.from);
@@ -238,7 +285,7 @@ impl Worker {
         };
         while attempts.len() < self.cfg.max_attempts as usize {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || self.stopping() {
                 break;
             }
             if !attempts.is_empty() {
@@ -255,7 +302,11 @@ impl Worker {
             };
             match reply {
                 Ok(m) => match control::decode::<TaskResponse>(&m.payload) {
-                    Ok(r) if r.collector_id == m.from => {
+                    Ok(r) if let Some(why) = self.foreign(&m.from, &r.collector_id, collector_type) => {
+                        log::warn!("task: {why}");
+                        attempts.push(attempt(Some(&m.from), why));
+                    }
+                    Ok(r) => {
                         self.stats.answered(&m.from, r.status, took);
                         let what = describe(&r);
                         attempts.push(attempt(Some(&m.from), what));
@@ -264,13 +315,6 @@ impl Worker {
                         }
                         self.stats.update(|t| t.answered += 1);
                         return outcome(attempts, Some(r), None);
-                    }
-                    Ok(r) => {
-                        log::warn!("task answer naming {:?} sent by {:?}: ignored", r.collector_id, m.from);
-                        attempts.push(attempt(
-                            Some(&m.from),
-                            format!("answer for {:?}: ignored", r.collector_id),
-                        ));
                     }
                     Err(e) => {
                         log::warn!("undecodable task answer from {}: {e}", m.from);
@@ -294,6 +338,9 @@ impl Worker {
                         e => format!("bus: {e}"),
                     };
                     attempts.push(attempt(None, why));
+                    if attempts.len() >= self.cfg.max_attempts as usize {
+                        break;
+                    }
                     // Nobody to fail over to right now: a collector may be
                     // restarting. Wait a little (the stop channel ends it).
                     let nap = pause.min(deadline.saturating_duration_since(Instant::now()));
@@ -367,8 +414,25 @@ impl Worker {
                 };
                 match reply {
                     Ok(Ok(m)) => {
+                        // Only an accepted answer settles a collector; a
+                        // bad one is named with the reason.
+                        let named = match control::decode::<TaskResponse>(&m.payload) {
+                            Ok(r) => match self.foreign(&m.from, &r.collector_id, collector_type) {
+                                None => {
+                                    gather.add(r, started.elapsed(), &self.stats);
+                                    None
+                                }
+                                Some(why) => Some(why),
+                            },
+                            Err(e) => Some(format!("undecodable answer: {e}")),
+                        };
+                        if let Some(why) = named {
+                            log::warn!("snapshot of {collector_type}: {}: {why}", m.from);
+                            if self.members.contains_key(&m.from) && !gather.answered(&m.from) {
+                                missing.push(MissingCollector { collector_id: m.from.clone(), reason: why });
+                            }
+                        }
                         waiting.remove(&m.from);
-                        gather.add(&m, started.elapsed(), &self.stats);
                     }
                     Ok(Err(ClientError::ResponderGone { responder })) => {
                         self.stats.lost(&responder);
@@ -419,22 +483,18 @@ struct Gather {
 }
 
 impl Gather {
-    fn add(&mut self, m: &Message, latency: Duration, stats: &TaskStats) {
-        let r = match control::decode::<TaskResponse>(&m.payload) {
-            Ok(r) if r.collector_id == m.from => r,
-            Ok(r) => {
-                log::warn!("snapshot answer naming {:?} sent by {:?}: ignored", r.collector_id, m.from);
-                return;
-            }
-            Err(e) => {
-                log::warn!("undecodable snapshot answer from {}: {e}", m.from);
-                return;
-            }
-        };
-        if self.answered.iter().any(|a| a.collector_id == r.collector_id) {
+    /// Whether `id` has answered already.
+    fn answered(&self, id: &str) -> bool {
+        self.answered.iter().any(|a| a.collector_id == id)
+    }
+
+    /// Adds an accepted answer (its sender checked); a second one from the
+    /// same collector is ignored.
+    fn add(&mut self, r: TaskResponse, latency: Duration, stats: &TaskStats) {
+        if self.answered(&r.collector_id) {
             return;
         }
-        stats.answered(&m.from, r.status, latency);
+        stats.answered(&r.collector_id, r.status, latency);
         let at = u16::try_from(self.answered.len()).unwrap_or(u16::MAX);
         let (count, observed) = match r.result {
             Some(TaskResult::Snapshot(list)) if r.status == TaskStatus::Ok => {

@@ -857,13 +857,26 @@ impl Reactor {
                     return self
                         .reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id: None });
                 }
+                // An inbox takes answers, not requests: a request into one
+                // would sit in its owner's unanswered set and skew
+                // `LeastLoaded` against it.
+                if topic.starts_with("direct.") {
+                    self.counters.forbidden += 1;
+                    let message = "requests may not be sent to an inbox (direct.…)";
+                    self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id: None });
+                    let reason = NoReplyReason::Refused;
+                    return self.reply(idx, &Frame::NoReply { reply_to, reason, responder: "" });
+                }
                 if topic == STATS_TOPIC {
                     return self.answer_stats(idx, Some(reply_to), None);
                 }
-                if self.publish(idx, topic, payload, Some(reply_to), None, Some(strategy)) == Some(0) {
-                    let reason = NoReplyReason::NoResponders;
-                    self.reply(idx, &Frame::NoReply { reply_to, reason, responder: "" });
-                }
+                // The requester hears at once when nobody can answer.
+                let reason = match self.publish(idx, topic, payload, Some(reply_to), None, Some(strategy)) {
+                    None => NoReplyReason::Refused,
+                    Some(0) => NoReplyReason::NoResponders,
+                    Some(_) => return,
+                };
+                self.reply(idx, &Frame::NoReply { reply_to, reason, responder: "" });
             }
             (true, Frame::Ping(n)) => self.reply(idx, &Frame::Pong(n)),
             (true, Frame::Pong(_)) => {}
@@ -985,8 +998,8 @@ impl Reactor {
                 .is_none_or(|a| a.publish.iter().any(|allowed| topic::matches(allowed, topic_name)))
     }
 
-    /// Routes a publish: how many subscribers it was delivered to, `None`
-    /// when it was refused. `strategy` is set for a `Request` (whose
+    /// Routes a publish: how many subscribers it found, `None` when it was
+    /// refused. `strategy` is set for a `Request` (whose
     /// deliveries the broker follows), `Some(None)` meaning the groups' own.
     fn publish(
         &mut self,
@@ -1034,13 +1047,15 @@ impl Reactor {
     }
 
     /// Delivers a message to every matching subscription and one member of
-    /// every matching queue group; returns how many got it.
+    /// every matching queue group; returns how many subscribers it found
+    /// (a delivery an overflow strategy then dropped included: there was
+    /// someone to answer).
     /// `idx` is the publishing connection (for flow control).
     fn route(&mut self, idx: usize, r: &Route<'_>) -> usize {
         let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
         self.trie.for_each_match(r.topic, |t| targets.push(*t));
-        let mut delivered = 0;
+        let mut found = 0;
         for t in &targets {
             let (conn, sid) = match *t {
                 Target::Sub { conn, sid } => (conn, sid),
@@ -1049,10 +1064,11 @@ impl Reactor {
                     None => continue,
                 },
             };
-            delivered += usize::from(self.deliver(idx, conn, sid, r));
+            found += 1;
+            self.deliver(idx, conn, sid, r);
         }
         self.targets = targets;
-        delivered
+        found
     }
 
     /// A member of a group: by the request's strategy if it has one, else

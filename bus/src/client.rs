@@ -11,7 +11,7 @@
 //! the write buffer, and when the broker applies backpressure the reactor
 //! stops taking commands, so `publish` blocks up to its timeout.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -445,8 +445,9 @@ impl Client {
     /// Sends a request and waits for its reply up to `timeout`; a queue
     /// group picks the member by `strategy` (`None`: the group's own).
     /// Fails at once with `NoResponders` when nobody subscribes to the
-    /// topic, and with `ResponderGone` when the subscriber that got it
-    /// disconnects before answering.
+    /// topic, with `Refused` when the broker refuses it (permissions, an
+    /// inbox as the topic), and with `ResponderGone` when the subscriber
+    /// that got it disconnects before answering.
     pub fn request_with(
         &self,
         topic: &str,
@@ -463,7 +464,8 @@ impl Client {
     }
 
     /// Sends a request that every subscriber may answer: the channel gets
-    /// each reply as it comes, `ResponderGone` for each subscriber that got
+    /// each responder's first reply as it comes (later ones from the same
+    /// responder are dropped), `ResponderGone` for each subscriber that got
     /// the request and disconnected without answering, `NoResponders` if
     /// nobody subscribes, and is closed `window` after the call (or at
     /// once after `NoResponders`). The caller decides when it has enough.
@@ -570,6 +572,8 @@ struct Pending {
     topic: String,
     /// Replies are taken until the deadline, not just the first.
     many: bool,
+    /// `many`: who has answered (one answer per responder is handed over).
+    answered: HashSet<String>,
 }
 
 struct SubEntry {
@@ -803,7 +807,8 @@ impl ClientReactor {
                 let f = Frame::Request { topic: &topic, payload: &payload, reply_to: &inbox, strategy };
                 let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
                 let deadline = Instant::now() + timeout;
-                self.requests.insert(n, Pending { reply, deadline, token, topic, many });
+                let answered = HashSet::new();
+                self.requests.insert(n, Pending { reply, deadline, token, topic, many, answered });
             }
             Cmd::Close => self.closing = true,
         }
@@ -955,6 +960,15 @@ impl ClientReactor {
             }
             Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to, from } => {
                 let Some(n) = self.pending_for(topic, from) else { return };
+                // A `request_all` hands over one answer per responder: a
+                // responder that floods the inbox costs it nothing more.
+                if let Some(p) = self.requests.get_mut(&n)
+                    && p.many
+                    && !p.answered.insert(from.to_owned())
+                {
+                    log::debug!("bus client {}: a second answer from {from} dropped", self.cfg.client_id);
+                    return;
+                }
                 let msg = Message {
                     topic: topic.to_owned(),
                     payload: payload.to_vec(),
@@ -973,8 +987,13 @@ impl ClientReactor {
                     NoReplyReason::ResponderGone => {
                         ClientError::ResponderGone { responder: responder.to_owned() }
                     }
+                    NoReplyReason::Refused => {
+                        let topic = self.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
+                        let message = format!("request on {topic} refused (see the broker's error)");
+                        ClientError::Refused { code: ErrorCode::Forbidden, message }
+                    }
                 };
-                let last = reason == NoReplyReason::NoResponders;
+                let last = reason != NoReplyReason::ResponderGone;
                 self.answer(n, Err(e), last);
             }
             Frame::Deliver { sid, topic, payload, reply_to, from } => {

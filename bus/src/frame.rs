@@ -200,6 +200,9 @@ pub enum NoReplyReason {
     /// A subscriber the request was delivered to disconnected before it
     /// published to the request's `reply_to`.
     ResponderGone,
+    /// The broker refused the request (its topic, or the requester's
+    /// permissions); an `Error` frame says why.
+    Refused,
 }
 
 /// Why bytes are not a frame.

@@ -29,7 +29,8 @@
 //!    when that connection leaves, each of those requesters gets
 //!    `NoReply { reply_to, reason: ResponderGone, responder }`, so a caller
 //!    can fail over at once instead of waiting out its timeout. A request
-//!    nobody subscribes to gets `NoReply { reason: NoResponders }` at once.
+//!    nobody subscribes to gets `NoReply { reason: NoResponders }` at once,
+//!    a refused one `NoReply { reason: Refused }` besides the `Error`.
 //!    `strategy` overrides the queue groups' own for that request.
 //!
 //! Topics: see [`topic`]. Evolution: frame kinds are postcard enum

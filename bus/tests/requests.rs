@@ -172,3 +172,44 @@ fn request_all_gathers_every_answer_and_names_who_left() {
         other => panic!("expected NoResponders, got {other:?}"),
     }
 }
+
+#[test]
+fn refused_requests_fail_at_once_and_an_inbox_takes_no_requests() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let mut cfg = BrokerConfig::new(&path);
+    cfg.default_permissions = Some(daemoneye_bus::Permissions {
+        publish: vec!["allowed.#".into()],
+        subscribe: vec!["allowed.#".into()],
+    });
+    let _broker = Broker::start(cfg).expect("broker");
+    let asker = client(&path, "asker");
+    let worker = client(&path, "worker");
+    let sub = worker.queue_subscribe("allowed.work", "g", Strategy::LeastLoaded).expect("qsub");
+    worker.publish_confirmed("allowed.sync", b"").expect("sync");
+    let long = Duration::from_secs(30);
+    let started = Instant::now();
+    // Not allowed to publish there; and into someone's inbox, where it
+    // would sit unanswered and make the owner look loaded.
+    for topic in ["forbidden.work", "direct.worker.r1x0"] {
+        match asker.request(topic, b"?", long) {
+            Err(ClientError::Refused { message, .. }) => assert!(message.contains(topic), "{message}"),
+            other => panic!("{topic}: expected Refused, got {other:?}"),
+        }
+    }
+    assert!(started.elapsed() < long / 3, "refused at once, not at the timeout");
+    let stats = asker.broker_stats(WAIT).expect("stats");
+    let held = stats.queues.iter().find(|q| q.client_id == "worker").map(|q| q.awaiting);
+    assert_eq!(held, Some(0), "{stats:?}");
+    // A responder that answers twice is handed over once by request_all.
+    let twice = std::thread::spawn(move || {
+        let m = sub.recv_timeout(WAIT).expect("request");
+        worker.reply(&m, b"one").expect("reply");
+        worker.reply(&m, b"two").expect("reply");
+        (worker, sub)
+    });
+    let replies = asker.request_all("allowed.work", b"all", Duration::from_secs(2)).expect("sent");
+    let got: Vec<Vec<u8>> = replies.iter().map(|r| r.expect("a reply").payload).collect();
+    assert_eq!(got, [b"one".to_vec()]);
+    let _ = twice.join().expect("responder");
+}

@@ -408,7 +408,7 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
         let why: Vec<String> =
             g.missing.iter().map(|m| format!("  {}: {}", m.collector_id, m.reason)).collect();
         let why = if why.is_empty() {
-            "  (no collector of that type is configured)".to_owned()
+            "  (no collector of that type is configured, or none answered)".to_owned()
         } else {
             why.join("\n")
         };
@@ -429,12 +429,19 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
 /// `inspect` and `hash`: one collector serves the task.
 fn one_task(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
     let (outcome, result) = cli_tasks::served(ask(ctx, &req)?)?;
-    let text = match result {
-        TaskResult::Inspect(detail) => cli_tasks::render_inspect(&detail, &outcome),
-        TaskResult::Hash(h) => cli_tasks::render_hash(&h.path, &h.sha256),
-        TaskResult::Snapshot(_) => {
-            return Err(CliError::BadReply("a snapshot for a single task".into()).into());
+    let asked = match &req {
+        AgentTaskRequest::One { task, .. } => task,
+        AgentTaskRequest::All { .. } => return Err(CliError::BadReply("not a single task".into()).into()),
+    };
+    // The answer must be about what was asked.
+    let text = match (asked, result) {
+        (TaskRequest::Inspect { pid }, TaskResult::Inspect(d)) if d.process.pid == *pid => {
+            cli_tasks::render_inspect(&d, &outcome)
         }
+        (TaskRequest::Hash { path }, TaskResult::Hash(h)) if h.path == *path => {
+            cli_tasks::render_hash(path, &h.sha256)
+        }
+        _ => return Err(CliError::BadReply("the answer is not about what was asked".into()).into()),
     };
     if ctx.json {
         json_line(&outcome)?;
