@@ -19,8 +19,10 @@
 //!   collector) for context, `inspect` (a hash cache hit) and `hash` of a
 //!   4 KiB file (a cache hit after the first); then
 //!   `DAEMONEYE_BENCH_SNAPSHOTS` (20) snapshots from one collector and
-//!   gathered from both, and `DAEMONEYE_BENCH_CLI_RUNS` (3) runs of
-//!   `daemoneye-cli ps --json`.
+//!   gathered from both, `inspect`s in an open loop (as below, over half
+//!   the time: each finds the threads of the path asleep, as a lone
+//!   `daemoneye-cli inspect` does), and `DAEMONEYE_BENCH_CLI_RUNS` (3)
+//!   runs of `daemoneye-cli ps --json`.
 //! - **snapshot**: `DAEMONEYE_BENCH_PROCS` (10,000) `sleep 3600` children,
 //!   then the agent; once both collectors list them and the store has
 //!   committed their snapshots: gathered and single-collector snapshots
@@ -918,6 +920,8 @@ fn roundtrip_phase(bins: &Bins, plan: &Plan) -> Result<(), String> {
     let snapshot = TaskRequest::Snapshot(SnapshotFilter::default());
     let single = run_one(&client, snapshot, plan.snapshots, 0, &mut seed, None, &mut fails);
     let all = run_all(&client, &agent, plan.snapshots, 0, &mut seed, &mut fails);
+    let idle_secs = plan.inspect_secs / 2;
+    let (open, _) = run_open(&client, inspect.clone(), plan.inspect_rate, idle_secs, &mut seed, &mut fails);
     let (cli, cli_bytes, _) = run_cli(bins, &agent, plan.cli_runs, &mut fails);
     if let Some(why) = agent.exited() {
         return Err(why);
@@ -941,6 +945,11 @@ fn roundtrip_phase(bins: &Bins, plan: &Plan) -> Result<(), String> {
         "**hash** of a 4 KiB file (cache hit)",
         &hs.rtt,
         &format!("{}; answer {} B; agent ⇄ collector mean {} ms", served_note(&hs), hs.bytes, mean(&b1, &b2)),
+    );
+    row(
+        &format!("inspect, open loop: Poisson arrivals, {}/s over {idle_secs} s", plan.inspect_rate),
+        &open.rtt,
+        &format!("{}; waited for a cycle {}", served_note(&open), open.waited.len()),
     );
     row(
         "snapshot, one collector",
