@@ -435,10 +435,19 @@ fn agent_side_mean(
 
 /// Asks `task` until each collector has answered it `Ok` with a complete
 /// hash (its first cycle ran, its hash cache holds the file). Returns, per
-/// collector, the round trip of its first `Ok` answer (µs).
-fn warm_up(client: &Client, agent: &mut Agent, task: &TaskRequest) -> Result<BTreeMap<String, u64>, String> {
+/// collector, its first `Ok` answer: the round trip (µs) and the serving
+/// attempt as the agent timed it (agent ⇄ collector, µs; the round trip
+/// may also hold earlier attempts and the coordinator's pause when no
+/// collector had joined the task group yet).
+type Firsts = BTreeMap<String, (u64, u64)>;
+
+fn warm_up(client: &Client, agent: &mut Agent, task: &TaskRequest) -> Result<Firsts, String> {
     let req = one(task.clone());
-    let mut first: BTreeMap<String, u64> = BTreeMap::new();
+    let mut first = Firsts::new();
+    let attempt_us = |resp: &AgentTaskResponse| match resp {
+        AgentTaskResponse::One(o) => o.attempts.last().map_or(0, |a| a.elapsed_ms * 1000),
+        _ => 0,
+    };
     let mut complete: BTreeMap<String, bool> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last = String::new();
@@ -454,13 +463,13 @@ fn warm_up(client: &Client, agent: &mut Agent, task: &TaskRequest) -> Result<BTr
         match ask(client, &req) {
             Ok(a) => match (&a.resp, ok_one(&a.resp)) {
                 (_, Ok(r)) => {
-                    first.entry(r.collector_id.clone()).or_insert(a.rtt_us);
+                    first.entry(r.collector_id.clone()).or_insert((a.rtt_us, attempt_us(&a.resp)));
                     complete.insert(r.collector_id.clone(), true);
                 }
                 (AgentTaskResponse::One(o), Err(why)) => {
                     if let Some(r) = o.response.as_ref().filter(|r| r.status == TaskStatus::Ok) {
                         // Ok, the hash deferred: the budget ran out.
-                        first.entry(r.collector_id.clone()).or_insert(a.rtt_us);
+                        first.entry(r.collector_id.clone()).or_insert((a.rtt_us, attempt_us(&a.resp)));
                         complete.entry(r.collector_id.clone()).or_insert(false);
                     }
                     last = why;
@@ -801,15 +810,18 @@ fn run_plain(client: &Client, n: usize, status_topic: bool, fails: &mut Failures
 
 // --------------------------------------------------------------- phases --
 
-/// The agent's log: lines, and the WARN and ERROR lines.
-fn log_problems(agent: &Agent) -> (usize, Vec<String>) {
+/// The agent's log: lines, the WARN and ERROR lines, and the gathered
+/// snapshots that lacked a collector (logged at INFO).
+fn log_problems(agent: &Agent) -> (usize, Vec<String>, Vec<String>) {
     let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
     let bad: Vec<String> = text
         .lines()
         .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("] alert "))
         .map(str::to_owned)
         .collect();
-    (text.lines().count(), bad)
+    let partial: Vec<String> =
+        text.lines().filter(|l| l.contains("] snapshot of ")).map(str::to_owned).collect();
+    (text.lines().count(), bad, partial)
 }
 
 fn stop_and_report(agent: &mut Agent, client: &Client) -> Result<(), String> {
@@ -823,7 +835,7 @@ fn stop_and_report(agent: &mut Agent, client: &Client) -> Result<(), String> {
     }
     let (took, status) = agent.stop(Duration::from_secs(60))?;
     let alive = agent.collectors_alive();
-    let (lines, bad) = log_problems(agent);
+    let (lines, bad, partial) = log_problems(agent);
     println!(
         "SIGTERM → agent exited in {:.2} s, {status}; collectors still running after: {}",
         took.as_secs_f64(),
@@ -832,6 +844,9 @@ fn stop_and_report(agent: &mut Agent, client: &Client) -> Result<(), String> {
     println!("agent log (info): {lines} lines, {} WARN/ERROR lines (alerts aside)", bad.len());
     for l in bad.iter().take(10) {
         println!("    {l}");
+    }
+    for l in partial.iter().take(3) {
+        println!("    partial gather: {l}");
     }
     Ok(())
 }
@@ -896,12 +911,17 @@ fn roundtrip_phase(bins: &Bins, plan: &Plan) -> Result<(), String> {
         count_procs(),
         ready.as_secs_f64()
     );
-    let cold_note = |m: &BTreeMap<String, u64>| {
-        m.iter().map(|(k, v)| format!("{k} {} ms", ms2(*v))).collect::<Vec<_>>().join(", ")
+    let cold_note = |m: &Firsts| {
+        m.iter()
+            .map(|(k, (rtt, attempt))| {
+                format!("{k} {} ms (agent ⇄ collector {} ms)", ms2(*rtt), attempt / 1000)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     println!(
-        "first Ok inspect per collector (its hash cache is cold: it reads and hashes the agent's {:.1} MiB \
-         executable): {}",
+        "first Ok inspect per collector, round trip (its hash cache is cold: it reads and hashes the agent's \
+         {:.1} MiB executable): {}",
         exe_size as f64 / 1048576.0,
         cold_note(&cold)
     );
