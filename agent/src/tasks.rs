@@ -23,8 +23,9 @@
 //! no list yet, shutting down) starts another attempt, which the broker
 //! gives to a member as its strategy says (`LeastLoaded` avoids one that
 //! still holds an unanswered task), until `tasks.max_attempts` or
-//! `tasks.deadline_ms`; with nobody connected the next attempt waits a
-//! little first (a collector may be restarting). The answer names the
+//! `tasks.deadline_ms`; with nobody connected, or after a second passing
+//! failure in a row, the next attempt waits a little first (200 ms,
+//! doubling: a collector may be restarting or before its first cycle). The answer names the
 //! serving collector and lists every attempt. Only a configured collector
 //! of the task's type answers it, and only for itself: an answer whose
 //! `collector_id` is not its sender (the broker vouches for the sender), or
@@ -62,8 +63,9 @@ use crate::config::TasksSpec;
 /// How long the coordinator waits for the monitor's list of collectors.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The first pause before retrying when no collector is connected; it
-/// doubles per attempt, within the deadline.
+/// The first pause before retrying when no collector is connected, or
+/// after a second passing failure in a row; it doubles per pause, within
+/// the deadline.
 const NO_MEMBER_PAUSE: Duration = Duration::from_millis(200);
 
 /// Counters of the coordinator, read by the monitor for status.
@@ -276,6 +278,8 @@ impl Worker {
         let per_attempt = Duration::from_millis(self.cfg.attempt_timeout_ms);
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut pause = NO_MEMBER_PAUSE;
+        // Passing failures (`retry` answers) in a row.
+        let mut passing = 0;
         let outcome = |attempts, response: Option<TaskResponse>, error: Option<String>| TaskOutcome {
             served_by: response.as_ref().map(|r: &TaskResponse| r.collector_id.clone()),
             response,
@@ -311,6 +315,14 @@ impl Worker {
                         let what = describe(&r);
                         attempts.push(attempt(Some(&m.from), what));
                         if r.status == TaskStatus::Failed && r.retry {
+                            // Another member may well serve it: the first
+                            // retry goes at once. A second passing failure
+                            // in a row (every member busy, or none has a
+                            // list yet) waits a little first.
+                            passing += 1;
+                            if passing >= 2 && !self.pause(&mut pause, deadline, attempts.len()) {
+                                break;
+                            }
                             continue;
                         }
                         self.stats.update(|t| t.answered += 1);
@@ -338,14 +350,9 @@ impl Worker {
                         e => format!("bus: {e}"),
                     };
                     attempts.push(attempt(None, why));
-                    if attempts.len() >= self.cfg.max_attempts as usize {
-                        break;
-                    }
                     // Nobody to fail over to right now: a collector may be
-                    // restarting. Wait a little (the stop channel ends it).
-                    let nap = pause.min(deadline.saturating_duration_since(Instant::now()));
-                    pause *= 2;
-                    if self.stop.recv_timeout(nap) == Err(RecvTimeoutError::Disconnected) {
+                    // restarting.
+                    if !self.pause(&mut pause, deadline, attempts.len()) {
                         break;
                     }
                 }
@@ -363,6 +370,17 @@ impl Worker {
         );
         log::warn!("{error}");
         outcome(attempts, None, Some(error))
+    }
+
+    /// Waits `pause` (doubling it) before another attempt, within the
+    /// deadline; false when no attempt is left or the coordinator stops.
+    fn pause(&self, pause: &mut Duration, deadline: Instant, attempts: usize) -> bool {
+        if attempts >= self.cfg.max_attempts as usize {
+            return false;
+        }
+        let nap = (*pause).min(deadline.saturating_duration_since(Instant::now()));
+        *pause *= 2;
+        self.stop.recv_timeout(nap) != Err(RecvTimeoutError::Disconnected)
     }
 
     /// Every registered collector of the type answers a snapshot (see the

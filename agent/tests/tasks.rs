@@ -212,3 +212,42 @@ fn stopping_ends_a_task_with_its_attempt_and_refuses_queued_requests() {
         }
     }
 }
+
+#[test]
+fn passing_failures_fail_over_at_once_then_wait_before_the_next_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _broker, members) = broker(dir.path(), "collectors:\n  - {id: pm-a, binary: procmond}\n");
+    // No list for the first two tasks (a collector before its first cycle).
+    let pm = client(&path, "pm-a");
+    let pm_sub =
+        pm.queue_subscribe(&control::task_topic(TYPE), "collectors", Strategy::LeastLoaded).expect("q");
+    pm.publish_confirmed(&control::heartbeat_topic("pm-a"), b"").expect("sync");
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while let Ok(m) = pm_sub.messages().recv() {
+            n += 1;
+            let r = if n <= 2 {
+                TaskResponse::unavailable("pm-a", "no process list yet")
+            } else {
+                TaskResponse::status("pm-a", procmond::control::TaskStatus::NotFound, "no such pid")
+            };
+            let _ = pm.reply(&m, &control::encode(&r));
+        }
+    });
+    let tasks = Arc::new(client(&path, TASKS_CLIENT_ID));
+    let _coord =
+        TaskCoordinator::start(tasks.clone(), TasksSpec::default(), members, Arc::new(TaskStats::default()))
+            .expect("start");
+    tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    let cli = client(&path, "cli-1");
+    let req = AgentTaskRequest::One { collector_type: TYPE.into(), task: TaskRequest::Inspect { pid: 7 } };
+    let AgentTaskResponse::One(o) = ask(&cli, &req) else { panic!("not a single answer") };
+    let outcomes: Vec<&str> = o.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["unavailable: no process list yet", "unavailable: no process list yet", "not found: no such pid"]
+    );
+    assert_eq!(o.served_by.as_deref(), Some("pm-a"));
+    // The second passing failure paused 200 ms before the third attempt.
+    assert!(o.elapsed_ms >= 200, "{o:?}");
+}
