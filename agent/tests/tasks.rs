@@ -85,6 +85,30 @@ fn fake_monitor(path: &std::path::Path, ids: &[&str]) {
     });
 }
 
+/// The task coordinator on its own client, its subscription in place.
+fn coordinator(path: &std::path::Path, cfg: TasksSpec, members: HashMap<String, String>) -> TaskCoordinator {
+    let tasks = Arc::new(client(path, TASKS_CLIENT_ID));
+    let coord =
+        TaskCoordinator::start(tasks.clone(), cfg, members, Arc::new(TaskStats::default())).expect("start");
+    tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    coord
+}
+
+/// A fake collector in the task group answering the `n`th task (from 1)
+/// with `answer(n)`, on a thread.
+fn member(path: &std::path::Path, id: &str, answer: impl Fn(u32) -> TaskResponse + Send + 'static) {
+    let pm = client(path, id);
+    let sub = pm.queue_subscribe(&control::task_topic(TYPE), "collectors", Strategy::LeastLoaded).expect("q");
+    pm.publish_confirmed(&control::heartbeat_topic(id), b"").expect("sync");
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while let Ok(m) = sub.messages().recv() {
+            n += 1;
+            let _ = pm.reply(&m, &control::encode(&answer(n)));
+        }
+    });
+}
+
 fn ask(cli: &Client, req: &AgentTaskRequest) -> AgentTaskResponse {
     let m = cli.request(TASK_TOPIC, &api::encode(req), WAIT).expect("answer");
     api::decode(&m.payload).expect("decodes")
@@ -103,11 +127,8 @@ fn an_undecodable_gathered_answer_names_its_collector_as_missing() {
             let _ = pm.reply(&m, b"\xff\xff\xff garbage");
         }
     });
-    let tasks = Arc::new(client(&path, TASKS_CLIENT_ID));
     let cfg = TasksSpec { gather_timeout_ms: 5000, ..TasksSpec::default() };
-    let _coord =
-        TaskCoordinator::start(tasks.clone(), cfg, members, Arc::new(TaskStats::default())).expect("start");
-    tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    let _coord = coordinator(&path, cfg, members);
 
     let cli = client(&path, "cli-1");
     let started = Instant::now();
@@ -125,33 +146,17 @@ fn only_a_collector_of_the_tasks_type_serves_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = "collectors:\n  - {id: pm-a, binary: procmond}\n  - {id: fm-x, type: file-monitor, binary: procmond}\n";
     let (path, _broker, members) = broker(dir.path(), yaml);
-    let pm = client(&path, "pm-a");
-    let pm_sub =
-        pm.queue_subscribe(&control::task_topic(TYPE), "collectors", Strategy::LeastLoaded).expect("q");
+    member(&path, "pm-a", |_| {
+        let hash =
+            FileHash { path: "/usr/bin/sudo".into(), size: 1, sha256: HashOutcome::Sha256("ab".repeat(32)) };
+        TaskResponse::ok("pm-a", TaskResult::Hash(hash))
+    });
     // A file-monitor collector may not listen to process-monitor's tasks
     // (the refusal is logged, the subscription stays empty).
     let fm = client(&path, "fm-x");
     let fm_sub = fm.subscribe(&control::task_topic(TYPE)).expect("sub sent");
-    pm.publish_confirmed(&control::heartbeat_topic("pm-a"), b"").expect("sync");
     fm.publish_confirmed(&control::heartbeat_topic("fm-x"), b"").expect("sync");
-    std::thread::spawn(move || {
-        while let Ok(m) = pm_sub.messages().recv() {
-            let r = TaskResponse::ok(
-                "pm-a",
-                TaskResult::Hash(FileHash {
-                    path: "/usr/bin/sudo".into(),
-                    size: 1,
-                    sha256: HashOutcome::Sha256("ab".repeat(32)),
-                }),
-            );
-            let _ = pm.reply(&m, &control::encode(&r));
-        }
-    });
-    let tasks = Arc::new(client(&path, TASKS_CLIENT_ID));
-    let _coord =
-        TaskCoordinator::start(tasks.clone(), TasksSpec::default(), members, Arc::new(TaskStats::default()))
-            .expect("start");
-    tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    let _coord = coordinator(&path, TasksSpec::default(), members);
 
     let cli = client(&path, "cli-1");
     let req = AgentTaskRequest::One {
@@ -173,7 +178,6 @@ fn stopping_ends_a_task_with_its_attempt_and_refuses_queued_requests() {
     let pm_sub =
         pm.queue_subscribe(&control::task_topic(TYPE), "collectors", Strategy::LeastLoaded).expect("q");
     pm.publish_confirmed(&control::heartbeat_topic("pm-a"), b"").expect("sync");
-    let tasks = Arc::new(client(&path, TASKS_CLIENT_ID));
     let cfg = TasksSpec {
         attempt_timeout_ms: 1000,
         max_attempts: 5,
@@ -181,9 +185,7 @@ fn stopping_ends_a_task_with_its_attempt_and_refuses_queued_requests() {
         workers: 1,
         ..Default::default()
     };
-    let coord =
-        TaskCoordinator::start(tasks.clone(), cfg, members, Arc::new(TaskStats::default())).expect("start");
-    tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    let coord = coordinator(&path, cfg, members);
 
     let cli = client(&path, "cli-1");
     let req = AgentTaskRequest::One { collector_type: TYPE.into(), task: TaskRequest::Inspect { pid: 1 } };
@@ -218,27 +220,11 @@ fn passing_failures_fail_over_at_once_then_wait_before_the_next_attempt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (path, _broker, members) = broker(dir.path(), "collectors:\n  - {id: pm-a, binary: procmond}\n");
     // No list for the first two tasks (a collector before its first cycle).
-    let pm = client(&path, "pm-a");
-    let pm_sub =
-        pm.queue_subscribe(&control::task_topic(TYPE), "collectors", Strategy::LeastLoaded).expect("q");
-    pm.publish_confirmed(&control::heartbeat_topic("pm-a"), b"").expect("sync");
-    std::thread::spawn(move || {
-        let mut n = 0;
-        while let Ok(m) = pm_sub.messages().recv() {
-            n += 1;
-            let r = if n <= 2 {
-                TaskResponse::unavailable("pm-a", "no process list yet")
-            } else {
-                TaskResponse::status("pm-a", procmond::control::TaskStatus::NotFound, "no such pid")
-            };
-            let _ = pm.reply(&m, &control::encode(&r));
-        }
+    member(&path, "pm-a", |n| match n {
+        1 | 2 => TaskResponse::unavailable("pm-a", "no process list yet"),
+        _ => TaskResponse::status("pm-a", procmond::control::TaskStatus::NotFound, "no such pid"),
     });
-    let tasks = Arc::new(client(&path, TASKS_CLIENT_ID));
-    let _coord =
-        TaskCoordinator::start(tasks.clone(), TasksSpec::default(), members, Arc::new(TaskStats::default()))
-            .expect("start");
-    tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    let _coord = coordinator(&path, TasksSpec::default(), members);
     let cli = client(&path, "cli-1");
     let req = AgentTaskRequest::One { collector_type: TYPE.into(), task: TaskRequest::Inspect { pid: 7 } };
     let AgentTaskResponse::One(o) = ask(&cli, &req) else { panic!("not a single answer") };
