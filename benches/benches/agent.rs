@@ -38,62 +38,25 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
+use daemoneye_benches::agent::{Agent, Bins, COLLECTORS, INTERVAL_SECS, Shutdown};
 use daemoneye_benches::{
-    Children, Cpu, clock_ticks_per_sec, count_procs, cpu_of, host_busy_ticks, mib, no_room_for,
-    spawn_sleepers, status_kib,
+    Children, Cpu, clock_ticks_per_sec, count_procs, cpu_of, dist_cells, env_num, host_busy_ticks, mib,
+    modified_secs, now_us, pct, sleepers_or_skip, splitmix, stat_of, status_kib,
 };
 use rusqlite::{Connection, OpenFlags};
 
-/// The collectors' interval, in seconds (procmond's floor).
-const INTERVAL_SECS: u64 = 5;
-/// The two collectors of the agent.
-const COLLECTORS: [&str; 2] = ["pm-a", "pm-b"];
 /// How often the store is read while markers are timed.
 const POLL: Duration = Duration::from_millis(2);
 /// A marker's life: longer than an interval and a cycle, so each collector
 /// sees it once.
 const MARKER_LIFE: Duration = Duration::from_secs(8);
-
-fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(default)
-}
-
-/// A pseudo-random stream (splitmix64) for the markers' spawn times.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+/// The agent's temp dirs.
+const PREFIX: &str = "daemoneye-bench-agent";
 
 // ------------------------------------------------------------ /proc --
-
-/// The command name and the fields after it of `/proc/<path>/stat`
-/// (index 0 is field 3, the state).
-fn stat_of(path: &str) -> Option<(String, Vec<String>)> {
-    let s = std::fs::read_to_string(format!("/proc/{path}/stat")).ok()?;
-    let (open, close) = (s.find('(')?, s.rfind(')')?);
-    let comm = s.get(open + 1..close)?.to_owned();
-    Some((comm, s[close + 1..].split_whitespace().map(str::to_owned).collect()))
-}
-
-fn field(f: &[String], i: usize) -> u64 {
-    f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-/// The start time of a process (field 22), to tell it from a later
-/// process with the same pid.
-fn start_time_of(pid: u32) -> Option<u64> {
-    stat_of(&pid.to_string()).map(|(_, f)| field(&f, 19))
-}
 
 /// CPU time of each thread of a process by thread name, in ns
 /// (`/proc/<pid>/task/<tid>/schedstat`; threads of the same name summed).
@@ -114,169 +77,15 @@ fn threads_of(pid: u32) -> BTreeMap<String, u64> {
 
 // ---------------------------------------------------------------- agent --
 
-/// The binaries next to this bench's target directory.
-struct Bins {
-    agent: PathBuf,
-    procmond: PathBuf,
-}
-
-fn binaries() -> Option<Bins> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    Some(Bins { agent: dir.join("daemoneye-agent"), procmond: dir.join("procmond") })
-}
-
-fn agent_yaml(data_dir: &Path, procmond: &Path) -> String {
-    let mut s =
-        format!("data_dir: {:?}\nlog_level: info\ndefault_rules: true\n", data_dir.display().to_string());
-    // An experiment knob: the store writer's batch gathering time.
+/// Starts the agent: the built-in rules on, heartbeats every interval,
+/// and `DAEMONEYE_BENCH_BATCH_WAIT_MS` as the store writer's batch
+/// gathering time when set (an experiment knob).
+fn start_agent(bins: &Bins) -> Result<Agent, String> {
+    let mut top = "default_rules: true\n".to_owned();
     if let Ok(ms) = std::env::var("DAEMONEYE_BENCH_BATCH_WAIT_MS") {
-        s.push_str(&format!("store:\n  batch_wait_ms: {}\n", ms.trim().parse::<u64>().unwrap_or(20)));
+        top.push_str(&format!("store:\n  batch_wait_ms: {}\n", ms.trim().parse::<u64>().unwrap_or(20)));
     }
-    s.push_str("collectors:\n");
-    for id in COLLECTORS {
-        s.push_str(&format!(
-            "  - id: {id}\n    binary: {:?}\n    args: [\"--interval\", \"{INTERVAL_SECS}\"]\n    \
-             heartbeat_interval_secs: {INTERVAL_SECS}\n",
-            procmond.display().to_string()
-        ));
-    }
-    s
-}
-
-/// A collector the agent started, known by pid and start time.
-struct Collector {
-    id: String,
-    pid: u32,
-    start: u64,
-}
-
-/// The agent child. On drop: killed and reaped if still running, and any
-/// collector still alive (same pid, same start time) killed by its pid.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-    db: PathBuf,
-    /// When it was spawned, Unix µs.
-    spawned_us: u64,
-    collectors: Vec<Collector>,
-    reaped: bool,
-}
-
-impl Agent {
-    fn start(dir: &Path, bins: &Bins) -> Result<Agent, String> {
-        let data = dir.join("data");
-        let cfg = dir.join("agent.yaml");
-        std::fs::write(&cfg, agent_yaml(&data, &bins.procmond)).map_err(|e| e.to_string())?;
-        let log = dir.join("agent.log");
-        let stderr = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let spawned_us = now_us();
-        let child = Command::new(&bins.agent)
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bins.agent.display()))?;
-        Ok(Agent {
-            child,
-            log,
-            db: data.join("events.db"),
-            spawned_us,
-            collectors: Vec::new(),
-            reaped: false,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Exited already? Then its status and the tail of its log.
-    fn exited(&mut self) -> Option<String> {
-        let status = self.child.try_wait().ok().flatten()?;
-        self.reaped = true;
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        Some(format!(
-            "daemoneye-agent exited ({status}); last lines of {}:\n{}",
-            self.log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ))
-    }
-
-    /// Finds the agent's children that carry `--collector-id`.
-    fn find_collectors(&mut self) -> Result<(), String> {
-        let me = self.pid();
-        let mut found = Vec::new();
-        let rd = std::fs::read_dir("/proc").map_err(|e| e.to_string())?;
-        for e in rd.filter_map(Result::ok) {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(pid) = name.parse::<u32>() else { continue };
-            let Some((_, f)) = stat_of(&name) else { continue };
-            if field(&f, 1) != u64::from(me) {
-                continue;
-            }
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<String> =
-                cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            if let Some(i) = args.iter().position(|a| a == "--collector-id")
-                && let Some(id) = args.get(i + 1)
-            {
-                found.push(Collector { id: id.clone(), pid, start: field(&f, 19) });
-            }
-        }
-        found.sort_by_key(|c| COLLECTORS.iter().position(|id| *id == c.id).unwrap_or(usize::MAX));
-        if found.len() != COLLECTORS.len() {
-            return Err(format!("found {} collector processes under the agent, not 2", found.len()));
-        }
-        self.collectors = found;
-        Ok(())
-    }
-
-    /// SIGTERM, then waits for the exit: how long it took and the status.
-    fn stop(&mut self, timeout: Duration) -> Result<(Duration, String), String> {
-        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
-                self.reaped = true;
-                return Ok((t.elapsed(), status.to_string()));
-            }
-            if t.elapsed() > timeout {
-                return Err(format!("the agent did not exit within {timeout:?} of SIGTERM"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Collectors still running (same pid and start time).
-    fn collectors_alive(&self) -> Vec<&str> {
-        self.collectors
-            .iter()
-            .filter(|c| start_time_of(c.pid) == Some(c.start))
-            .map(|c| c.id.as_str())
-            .collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for c in &self.collectors {
-            if start_time_of(c.pid) == Some(c.start) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
+    Agent::start(PREFIX, bins, &top, &format!("    heartbeat_interval_secs: {INTERVAL_SECS}\n"))
 }
 
 // ---------------------------------------------------------------- store --
@@ -473,9 +282,7 @@ fn run_markers(agent: &mut Agent, store: &mut Store, count: usize, over: Duratio
     let (mut poll_gaps, mut poll_took) = (Vec::new(), Vec::new());
     let mut last_poll: Option<u64> = None;
     let mut last_reap = Instant::now();
-    let pids: Vec<u32> = std::iter::once(agent.pid()).chain(agent.collectors.iter().map(|c| c.pid)).collect();
-    let cpus = || pids.iter().map(|&p| cpu_of(p)).collect::<Vec<_>>();
-    let (own0, busy0, cpus0) = (cpu_of(std::process::id()), host_busy_ticks(), cpus());
+    let (own0, busy0, cpus0) = (cpu_of(std::process::id()), host_busy_ticks(), agent.cpu());
     let t0 = Instant::now();
     let give_up = over + MARKER_LIFE + Duration::from_secs(5);
     // Rows committed before the first marker are of no interest.
@@ -551,7 +358,7 @@ fn run_markers(agent: &mut Agent, store: &mut Store, count: usize, over: Duratio
             std::thread::sleep(wake - now);
         }
     }
-    let (own1, busy1, cpus1) = (cpu_of(std::process::id()), host_busy_ticks(), cpus());
+    let (own1, busy1, cpus1) = (cpu_of(std::process::id()), host_busy_ticks(), agent.cpu());
     let span = t0.elapsed();
     drop(kids);
     let tick_ms = 1000.0 / tps as f64;
@@ -571,31 +378,13 @@ fn run_markers(agent: &mut Agent, store: &mut Store, count: usize, over: Duratio
     }
 }
 
-/// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 fn ms1(us: u64) -> String {
     format!("{:.1}", us as f64 / 1000.0)
 }
 
 /// One table row: n, p50, p90, p99, max in ms.
-fn dist_row(what: &str, mut v: Vec<u64>) -> String {
-    v.sort_unstable();
-    format!(
-        "| {what} | {} | {} | {} | {} | {} | {} |",
-        v.len(),
-        ms1(pct(&v, 0.5)),
-        ms1(pct(&v, 0.9)),
-        ms1(pct(&v, 0.99)),
-        ms1(v.last().copied().unwrap_or(0)),
-        ms1(v.first().copied().unwrap_or(0)),
-    )
+fn dist_row(what: &str, v: Vec<u64>) -> String {
+    format!("| {what} | {} |", dist_cells(&v, 1))
 }
 
 fn report_markers(run: &MarkerRun) {
@@ -734,41 +523,26 @@ fn report_markers(run: &MarkerRun) {
 
 // --------------------------------------------------------------- phases --
 
-/// The agent's log: lines, alerts (logged at WARN), and the other WARN
-/// and ERROR lines.
-fn log_problems(agent: &Agent) -> (usize, usize, Vec<String>) {
-    let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
-    let alerts = text.lines().filter(|l| l.contains("] alert ")).count();
-    let bad: Vec<String> = text
-        .lines()
-        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("] alert "))
-        .map(str::to_owned)
-        .collect();
-    (text.lines().count(), alerts, bad)
-}
-
 fn stop_and_report(agent: &mut Agent) -> Result<(), String> {
-    let (took, status) = agent.stop(Duration::from_secs(60))?;
-    let alive = agent.collectors_alive();
-    let (lines, alerts, bad) = log_problems(agent);
+    let Shutdown { took, status, alive, log } = agent.shut_down()?;
     println!(
-        "| SIGTERM → agent exited | {:.2} s, {status}; collectors still running after: {} |",
-        took.as_secs_f64(),
-        if alive.is_empty() { "none".to_owned() } else { alive.join(", ") }
+        "| SIGTERM → agent exited | {:.2} s, {status}; collectors still running after: {alive} |",
+        took.as_secs_f64()
     );
-    println!("| agent log (info): lines / alerts / other WARN+ERROR | {lines} / {alerts} / {} |", bad.len());
-    for l in bad.iter().take(10) {
-        println!("    {l}");
-    }
+    println!(
+        "| agent log (info): lines / alerts / other WARN+ERROR | {} / {} / {} |",
+        log.lines,
+        log.alerts,
+        log.bad.len()
+    );
+    log.print_bad();
     Ok(())
 }
 
 fn latency_phase(bins: &Bins, markers: usize, over: Duration) -> Result<(), String> {
-    let dir =
-        tempfile::Builder::new().prefix("daemoneye-bench-agent").tempdir().map_err(|e| e.to_string())?;
     let host = count_procs();
     println!("\n## Latency: process start → committed ({host} processes on the host)\n");
-    let mut agent = Agent::start(dir.path(), bins)?;
+    let mut agent = start_agent(bins)?;
     let (mut store, snap) =
         wait_for_snapshots(&mut agent, 1, Duration::from_millis(10), Duration::from_secs(1))?;
     agent.find_collectors()?;
@@ -791,24 +565,16 @@ fn latency_phase(bins: &Bins, markers: usize, over: Duration) -> Result<(), Stri
 }
 
 fn resource_phase(bins: &Bins, n: usize, cycles: u64, loaded_markers: usize) -> Result<(), String> {
-    if let Some(why) = no_room_for(n + 200) {
-        println!("resources with N={n}: skipped, {why}");
+    let Some((kids, took)) = sleepers_or_skip(&format!("resources with N={n}"), n, 200) else {
         return Ok(());
-    }
+    };
     let tps = clock_ticks_per_sec();
-    let t = Instant::now();
-    let (kids, failed) = spawn_sleepers(n);
-    if let Some(why) = failed {
-        println!("N={n}: {why}; measuring with those");
-    }
     let host = count_procs();
     println!(
         "\n## Resources: 2 collectors, {n} sleeping children ({host} processes on the host; spawned in {:.1} s)\n",
-        t.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
-    let dir =
-        tempfile::Builder::new().prefix("daemoneye-bench-agent").tempdir().map_err(|e| e.to_string())?;
-    let mut agent = Agent::start(dir.path(), bins)?;
+    let mut agent = start_agent(bins)?;
     let (pid, spawned_us) = (agent.pid(), agent.spawned_us);
     let (mut store, snap) =
         wait_for_snapshots(&mut agent, n as u64, Duration::from_millis(10), Duration::from_secs(2))?;
@@ -958,8 +724,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = !args.iter().any(|a| a == "--bench");
     let only = args.iter().find(|a| !a.starts_with('-')).cloned();
-    let Some(bins) = binaries().filter(|b| b.agent.is_file() && b.procmond.is_file()) else {
-        let at = binaries().map_or("<target>/release".into(), |b| b.agent.display().to_string());
+    let Some(bins) = Bins::own().filter(|b| b.agent.is_file() && b.procmond.is_file()) else {
+        let at = Bins::own().map_or("<target>/release".into(), |b| b.agent.display().to_string());
         if smoke {
             println!("agent bench: no binaries at {at}: smoke run skipped");
             return ExitCode::SUCCESS;
@@ -970,19 +736,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let modified = |p: &Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs())
-    };
     println!(
         "# agent benchmark ({} cores; {} modified at Unix {}, procmond at Unix {}; 2 collectors, interval {INTERVAL_SECS} s)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         bins.agent.display(),
-        modified(&bins.agent),
-        modified(&bins.procmond)
+        modified_secs(&bins.agent),
+        modified_secs(&bins.procmond)
     );
     let wants = |phase: &str| only.as_deref().is_none_or(|o| phase.contains(o));
     let result = if smoke {

@@ -30,12 +30,12 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, bounded, select};
 use daemoneye_benches::{
-    clock_ticks_per_sec, count_procs, cpu_of, host_busy_ticks, measure, mib, ms, no_room_for, spawn_sleepers,
-    stat_only_walk, status_kib,
+    clock_ticks_per_sec, count_procs, cpu_of, env_num, exited_with_log, host_busy_ticks, measure, mib,
+    modified_secs, ms, now_ms, sleepers_or_skip, stat_only_walk, status_kib,
 };
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message};
 use daemoneye_platform::ProcessSource;
@@ -212,13 +212,7 @@ impl Daemon {
     /// Exited already? Then its status and the tail of its log.
     fn exited(&mut self) -> Option<String> {
         let status = self.child.try_wait().ok().flatten()?;
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        Some(format!(
-            "procmond exited ({status}); last lines of {}:\n{}",
-            self.log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ))
+        Some(exited_with_log("procmond", status, &self.log))
     }
 }
 
@@ -236,19 +230,15 @@ fn procmond_binary() -> Option<PathBuf> {
     Some(profile_dir.join("procmond"))
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The instant of a Unix-ms time (now if it has passed).
 fn instant_of(unix: u64) -> Instant {
-    Instant::now() + Duration::from_millis(unix.saturating_sub(unix_ms()))
+    Instant::now() + Duration::from_millis(unix.saturating_sub(now_ms()))
 }
 
 /// When the cycle after the one `h` reports starts: cycles run at a fixed
 /// rate from each cycle's start.
 fn next_start(h: &HealthData) -> Instant {
-    let end = h.last_collection_unix_ms.unwrap_or_else(unix_ms);
+    let end = h.last_collection_unix_ms.unwrap_or_else(now_ms);
     let start = end.saturating_sub(h.last_cycle_us.div_ceil(1000));
     instant_of(start + INTERVAL_SECS * 1000)
 }
@@ -298,19 +288,11 @@ fn verdict(ok: bool) -> &'static str {
 // ---------------------------------------------------------------- bench --
 
 fn bench_n(bin: &Path, n: usize, steady: usize) -> Result<(), String> {
-    if let Some(why) = no_room_for(n) {
-        println!("N={n}: skipped, {why}");
-        return Ok(());
-    }
-    let spawned = Instant::now();
-    let (kids, failed) = spawn_sleepers(n);
-    if let Some(why) = failed {
-        println!("N={n}: {why}; measuring with those");
-    }
+    let Some((kids, took)) = sleepers_or_skip(&format!("N={n}"), n, 0) else { return Ok(()) };
     let host = count_procs();
     println!(
         "\n## N = {n} sleeping children ({host} processes on the host; spawned in {:.1} s)\n",
-        spawned.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
 
     let dir =
@@ -320,7 +302,7 @@ fn bench_n(bin: &Path, n: usize, steady: usize) -> Result<(), String> {
     let agent = FakeAgent::start(&socket)?;
     let log = dir.path().join("procmond.log");
     let stderr = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-    let (started, started_unix) = (Instant::now(), unix_ms());
+    let (started, started_unix) = (Instant::now(), now_ms());
     let mut daemon = Daemon {
         child: Command::new(bin)
             .arg("--data-dir")
@@ -354,7 +336,7 @@ fn bench_n(bin: &Path, n: usize, steady: usize) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     };
     // When the first cycle started, from its own numbers (not the polling).
-    let first_end = first.last_collection_unix_ms.unwrap_or_else(unix_ms);
+    let first_end = first.last_collection_unix_ms.unwrap_or_else(now_ms);
     let first_start_unix = first_end.saturating_sub(first.last_cycle_us / 1000);
     let to_first = Duration::from_millis(first_start_unix.saturating_sub(started_unix));
     let snap_events = first.events;
@@ -685,15 +667,10 @@ fn main() -> ExitCode {
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
             .collect();
-        let steady =
-            std::env::var("DAEMONEYE_BENCH_CYCLES").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(6);
+        let steady = env_num("DAEMONEYE_BENCH_CYCLES", 6) as usize;
         (ns, steady)
     };
-    let modified = std::fs::metadata(&bin)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
+    let modified = modified_secs(&bin);
     println!(
         "# procmond benchmark ({} cores; {}, modified at Unix {modified}; interval {INTERVAL_SECS} s)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

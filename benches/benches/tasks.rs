@@ -57,255 +57,85 @@
 //! missing.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
 use daemoneye_agent::api::{
     self, AgentStatus, AgentTaskRequest, AgentTaskResponse, GatherOutcome, STATUS_TOPIC, TASK_TOPIC,
 };
+use daemoneye_benches::agent::{Agent, Bins, COLLECTORS, INTERVAL_SECS, Shutdown};
 use daemoneye_benches::{
-    Cpu, clock_ticks_per_sec, count_procs, cpu_of, host_busy_ticks, no_room_for, spawn_sleepers,
+    Cpu, clock_ticks_per_sec, count_procs, cpu_of, dist_cells, env_num, host_busy_ticks, modified_secs,
+    now_ms, pct, sleepers_or_skip, splitmix,
 };
 use daemoneye_bus::{Client, ClientConfig};
 use procmond::control::{SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
 use procmond::event::HashOutcome;
 
-/// The collectors' interval, in seconds (procmond's floor).
-const INTERVAL_SECS: u64 = 5;
-/// The two collectors of the agent.
-const COLLECTORS: [&str; 2] = ["pm-a", "pm-b"];
-/// Their type.
+/// The collectors' type.
 const TYPE: &str = "process-monitor";
 /// How long the harness waits for any one answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// agent.yaml's `tasks`.
 const TASKS_YAML: &str = "tasks: {gather_timeout_ms: 10000, attempt_timeout_ms: 10000, deadline_ms: 20000}";
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(default)
-}
-
-/// A pseudo-random stream (splitmix64) for the pauses between requests.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-// ------------------------------------------------------------ /proc --
-
-/// The fields after the command name of `/proc/<pid>/stat` (index 0 is
-/// field 3, the state).
-fn stat_fields(pid: u32) -> Option<Vec<u64>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.get(s.rfind(')')? + 1..)?;
-    Some(rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect())
-}
-
-/// The start time of a process (field 22), to tell it from a later
-/// process with the same pid.
-fn start_time_of(pid: u32) -> Option<u64> {
-    stat_fields(pid).and_then(|f| f.get(19).copied())
+/// The binaries: those of this bench's target directory, or of
+/// `DAEMONEYE_BENCH_BIN_DIR` (an experiment knob: other builds, a debug
+/// one, of the binaries).
+fn binaries() -> Option<Bins> {
+    std::env::var_os("DAEMONEYE_BENCH_BIN_DIR").map_or_else(Bins::own, |d| Some(Bins::in_dir(Path::new(&d))))
 }
 
 // ---------------------------------------------------------------- agent --
 
-/// The binaries of this bench's target directory.
-struct Bins {
-    agent: PathBuf,
-    cli: PathBuf,
-    procmond: PathBuf,
+/// The agent (agent.yaml's `tasks` is [`TASKS_YAML`]) started, and this
+/// harness connected to its broker.
+struct Started {
+    agent: Agent,
+    client: Client,
+    /// When the agent was spawned.
+    spawned: Instant,
+    /// Host ticks and this harness's CPU before the agent was spawned, and
+    /// when (for [`other_load`]).
+    since: (u64, Cpu, Instant),
 }
 
-fn binaries() -> Option<Bins> {
-    let exe = std::env::current_exe().ok()?;
-    let own = exe.parent()?.parent()?.to_path_buf();
-    // An experiment knob: other builds (a debug one) of the binaries.
-    let dir = std::env::var_os("DAEMONEYE_BENCH_BIN_DIR").map_or(own, PathBuf::from);
-    Some(Bins {
-        agent: dir.join("daemoneye-agent"),
-        cli: dir.join("daemoneye-cli"),
-        procmond: dir.join("procmond"),
-    })
+fn start(bins: &Bins) -> Result<Started, String> {
+    let since = (host_busy_ticks(), cpu_of(std::process::id()), Instant::now());
+    let mut agent = Agent::start("daemoneye-bench-tasks", bins, &format!("{TASKS_YAML}\n"), "")?;
+    let spawned = Instant::now();
+    let client = connect(&mut agent)?;
+    Ok(Started { agent, client, spawned, since })
 }
 
-fn agent_yaml(data_dir: &Path, procmond: &Path) -> String {
-    let mut s = format!("data_dir: {:?}\nlog_level: info\n{TASKS_YAML}\n", data_dir.display().to_string());
-    s.push_str("collectors:\n");
-    for id in COLLECTORS {
-        s.push_str(&format!(
-            "  - id: {id}\n    binary: {:?}\n    args: [\"--interval\", \"{INTERVAL_SECS}\"]\n",
-            procmond.display().to_string()
+/// A bus client of the agent's broker, as a local client (the CLI's
+/// permissions), once the broker welcomes it.
+fn connect(agent: &mut Agent) -> Result<Client, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.socket.exists() {
+        if let Some(why) = agent.exited() {
+            return Err(why);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no broker socket at {} within 60 s", agent.socket.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut cfg = ClientConfig::new(&agent.socket, format!("bench-tasks-{}", std::process::id()));
+    cfg.timeout = ANSWER_TIMEOUT;
+    // Collectors and local clients are welcomed once the agent opens
+    // its broker; the client retries until then.
+    cfg.backoff_max = Duration::from_millis(100);
+    let client = Client::connect(cfg).map_err(|e| e.to_string())?;
+    if !client.wait_connected(Duration::from_secs(60)) {
+        return Err(format!(
+            "not welcomed by the broker at {} ({:?})",
+            agent.socket.display(),
+            client.state()
         ));
     }
-    s
-}
-
-/// A collector the agent started, known by pid and start time.
-struct Collector {
-    id: String,
-    pid: u32,
-    start: u64,
-}
-
-/// The agent child. On drop: killed and reaped if still running, and any
-/// collector still alive (same pid, same start time) killed by its pid.
-struct Agent {
-    child: Child,
-    cfg: PathBuf,
-    log: PathBuf,
-    socket: PathBuf,
-    collectors: Vec<Collector>,
-    reaped: bool,
-}
-
-impl Agent {
-    fn start(dir: &Path, bins: &Bins) -> Result<Agent, String> {
-        let data = dir.join("data");
-        let cfg = dir.join("agent.yaml");
-        std::fs::write(&cfg, agent_yaml(&data, &bins.procmond)).map_err(|e| e.to_string())?;
-        let log = dir.join("agent.log");
-        let stderr = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let child = Command::new(&bins.agent)
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bins.agent.display()))?;
-        let socket = data.join("run").join("broker.sock");
-        Ok(Agent { child, cfg, log, socket, collectors: Vec::new(), reaped: false })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Exited already? Then its status and the tail of its log.
-    fn exited(&mut self) -> Option<String> {
-        let status = self.child.try_wait().ok().flatten()?;
-        self.reaped = true;
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        Some(format!(
-            "daemoneye-agent exited ({status}); last lines of {}:\n{}",
-            self.log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ))
-    }
-
-    /// A bus client of the agent's broker, as a local client (the CLI's
-    /// permissions), once the broker welcomes it.
-    fn connect(&mut self) -> Result<Client, String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.socket.exists() {
-            if let Some(why) = self.exited() {
-                return Err(why);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("no broker socket at {} within 60 s", self.socket.display()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let mut cfg = ClientConfig::new(&self.socket, format!("bench-tasks-{}", std::process::id()));
-        cfg.timeout = ANSWER_TIMEOUT;
-        // Collectors and local clients are welcomed once the agent opens
-        // its broker; the client retries until then.
-        cfg.backoff_max = Duration::from_millis(100);
-        let client = Client::connect(cfg).map_err(|e| e.to_string())?;
-        if !client.wait_connected(Duration::from_secs(60)) {
-            return Err(format!(
-                "not welcomed by the broker at {} ({:?})",
-                self.socket.display(),
-                client.state()
-            ));
-        }
-        Ok(client)
-    }
-
-    /// Finds the agent's children that carry `--collector-id`.
-    fn find_collectors(&mut self) -> Result<(), String> {
-        let me = u64::from(self.pid());
-        let mut found = Vec::new();
-        let rd = std::fs::read_dir("/proc").map_err(|e| e.to_string())?;
-        for e in rd.filter_map(Result::ok) {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Some(f) = stat_fields(pid) else { continue };
-            if f.get(1) != Some(&me) {
-                continue;
-            }
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<String> =
-                cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            if let Some(i) = args.iter().position(|a| a == "--collector-id")
-                && let Some(id) = args.get(i + 1)
-            {
-                found.push(Collector { id: id.clone(), pid, start: f.get(19).copied().unwrap_or(0) });
-            }
-        }
-        found.sort_by_key(|c| COLLECTORS.iter().position(|id| *id == c.id).unwrap_or(usize::MAX));
-        if found.len() != COLLECTORS.len() {
-            return Err(format!("found {} collector processes under the agent, not 2", found.len()));
-        }
-        self.collectors = found;
-        Ok(())
-    }
-
-    /// SIGTERM, then waits for the exit: how long it took and the status.
-    fn stop(&mut self, timeout: Duration) -> Result<(Duration, String), String> {
-        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
-                self.reaped = true;
-                return Ok((t.elapsed(), status.to_string()));
-            }
-            if t.elapsed() > timeout {
-                return Err(format!("the agent did not exit within {timeout:?} of SIGTERM"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Collectors still running (same pid and start time).
-    fn collectors_alive(&self) -> Vec<&str> {
-        self.collectors
-            .iter()
-            .filter(|c| start_time_of(c.pid) == Some(c.start))
-            .map(|c| c.id.as_str())
-            .collect()
-    }
-
-    /// CPU of the agent and of each collector now.
-    fn cpu(&self) -> Vec<Cpu> {
-        std::iter::once(self.pid()).chain(self.collectors.iter().map(|c| c.pid)).map(cpu_of).collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for c in &self.collectors {
-            if start_time_of(c.pid) == Some(c.start) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
+    Ok(client)
 }
 
 // -------------------------------------------------------------- asking --
@@ -491,14 +321,6 @@ fn warm_up(client: &Client, agent: &mut Agent, task: &TaskRequest) -> Result<Fir
 
 // ------------------------------------------------------------ figures --
 
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// µs as ms with two decimals.
 fn ms2(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
@@ -506,17 +328,7 @@ fn ms2(us: u64) -> String {
 
 /// One table row: n, p50, p90, p99, max, min (ms), then notes.
 fn row(what: &str, v: &[u64], notes: &str) {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    println!(
-        "| {what} | {} | {} | {} | {} | {} | {} | {notes} |",
-        v.len(),
-        ms2(pct(&v, 0.5)),
-        ms2(pct(&v, 0.9)),
-        ms2(pct(&v, 0.99)),
-        ms2(v.last().copied().unwrap_or(0)),
-        ms2(v.first().copied().unwrap_or(0)),
-    );
+    println!("| {what} | {} | {notes} |", dist_cells(v, 2));
 }
 
 fn header() {
@@ -810,20 +622,6 @@ fn run_plain(client: &Client, n: usize, status_topic: bool, fails: &mut Failures
 
 // --------------------------------------------------------------- phases --
 
-/// The agent's log: lines, the WARN and ERROR lines, and the gathered
-/// snapshots that lacked a collector (logged at INFO).
-fn log_problems(agent: &Agent) -> (usize, Vec<String>, Vec<String>) {
-    let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
-    let bad: Vec<String> = text
-        .lines()
-        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("] alert "))
-        .map(str::to_owned)
-        .collect();
-    let partial: Vec<String> =
-        text.lines().filter(|l| l.contains("] snapshot of ")).map(str::to_owned).collect();
-    (text.lines().count(), bad, partial)
-}
-
 fn stop_and_report(agent: &mut Agent, client: &Client) -> Result<(), String> {
     if let Ok(s) = status(client) {
         let t = &s.tasks;
@@ -833,19 +631,14 @@ fn stop_and_report(agent: &mut Agent, client: &Client) -> Result<(), String> {
             t.requests, t.answered, t.unanswered, t.failovers, t.timeouts, t.gathers, t.partial_gathers
         );
     }
-    let (took, status) = agent.stop(Duration::from_secs(60))?;
-    let alive = agent.collectors_alive();
-    let (lines, bad, partial) = log_problems(agent);
+    let Shutdown { took, status, alive, log } = agent.shut_down()?;
     println!(
-        "SIGTERM → agent exited in {:.2} s, {status}; collectors still running after: {}",
-        took.as_secs_f64(),
-        if alive.is_empty() { "none".to_owned() } else { alive.join(", ") }
+        "SIGTERM → agent exited in {:.2} s, {status}; collectors still running after: {alive}",
+        took.as_secs_f64()
     );
-    println!("agent log (info): {lines} lines, {} WARN/ERROR lines (alerts aside)", bad.len());
-    for l in bad.iter().take(10) {
-        println!("    {l}");
-    }
-    for l in partial.iter().take(3) {
+    println!("agent log (info): {} lines, {} WARN/ERROR lines (alerts aside)", log.lines, log.bad.len());
+    log.print_bad();
+    for l in log.partial.iter().take(3) {
         println!("    partial gather: {l}");
     }
     Ok(())
@@ -887,19 +680,14 @@ struct Plan {
 }
 
 fn roundtrip_phase(bins: &Bins, plan: &Plan) -> Result<(), String> {
-    let dir =
-        tempfile::Builder::new().prefix("daemoneye-bench-tasks").tempdir().map_err(|e| e.to_string())?;
-    let since = (host_busy_ticks(), cpu_of(std::process::id()), Instant::now());
-    let mut agent = Agent::start(dir.path(), bins)?;
-    let spawned = Instant::now();
-    let client = agent.connect()?;
+    let Started { mut agent, client, spawned, since } = start(bins)?;
     let pid = agent.pid();
     let inspect = TaskRequest::Inspect { pid };
     let cold = warm_up(&client, &mut agent, &inspect)?;
     let ready = spawned.elapsed();
     agent.find_collectors()?;
     // A small file to hash (the temp dir is private to this user).
-    let file = dir.path().join("small.bin");
+    let file = agent.dir().join("small.bin");
     std::fs::write(&file, (0..4096u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
         .map_err(|e| e.to_string())?;
     let hash = TaskRequest::Hash { path: file.display().to_string() };
@@ -988,22 +776,11 @@ fn roundtrip_phase(bins: &Bins, plan: &Plan) -> Result<(), String> {
 
 fn snapshot_phase(bins: &Bins, plan: &Plan) -> Result<(), String> {
     let n = plan.procs;
-    if let Some(why) = no_room_for(n + 200) {
-        println!("snapshot with N={n}: skipped, {why}");
+    let Some((kids, took)) = sleepers_or_skip(&format!("snapshot with N={n}"), n, 200) else {
         return Ok(());
-    }
-    let t = Instant::now();
-    let (kids, failed) = spawn_sleepers(n);
-    if let Some(why) = failed {
-        println!("N={n}: {why}; measuring with those");
-    }
-    let spawn_secs = t.elapsed().as_secs_f64();
-    let dir =
-        tempfile::Builder::new().prefix("daemoneye-bench-tasks").tempdir().map_err(|e| e.to_string())?;
-    let since = (host_busy_ticks(), cpu_of(std::process::id()), Instant::now());
-    let mut agent = Agent::start(dir.path(), bins)?;
-    let spawned = Instant::now();
-    let client = agent.connect()?;
+    };
+    let spawn_secs = took.as_secs_f64();
+    let Started { mut agent, client, spawned, since } = start(bins)?;
     let mut fails = Failures::default();
     // Both collectors list the children...
     let want = kids.0.len();
@@ -1170,20 +947,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let modified = |p: &Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs())
-    };
     println!(
         "# tasks benchmark ({} cores; {} modified at Unix {}, procmond at Unix {}; 2 collectors, interval \
          {INTERVAL_SECS} s; {TASKS_YAML})",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         bins.agent.display(),
-        modified(&bins.agent),
-        modified(&bins.procmond)
+        modified_secs(&bins.agent),
+        modified_secs(&bins.procmond)
     );
     let plan = if smoke {
         Plan { requests: 20, snapshots: 2, cli_runs: 1, procs: 0, inspect_secs: 0, inspect_rate: 1.0 }

@@ -3,12 +3,15 @@
 //! commands that produced them are recorded in `BENCHMARKS.md` at the
 //! repository root. This library holds the helpers several benchmarks
 //! share: sleeping children to enumerate, `/proc` readings, a stat-only
-//! `/proc` walk (the limit for a collection cycle), and timing.
+//! `/proc` walk (the limit for a collection cycle), and timing; and, in
+//! [`agent`], the agent as a child process with its collectors.
 #![forbid(unsafe_code)]
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub mod agent;
 
 /// Child processes, each killed and reaped on drop by its own pid.
 #[derive(Default)]
@@ -61,6 +64,23 @@ pub fn spawn_sleepers(n: usize) -> (Children, Option<String>) {
     (kids, None)
 }
 
+/// Makes room for `n` `sleep 3600` children and spawns them: when
+/// [`no_room_for`] `n + margin` processes, prints `<skip>: skipped, <why>`
+/// and returns `None`; when a spawn fails, prints so and keeps the ones
+/// running. Returns the children and how long spawning them took.
+pub fn sleepers_or_skip(skip: &str, n: usize, margin: usize) -> Option<(Children, Duration)> {
+    if let Some(why) = no_room_for(n + margin) {
+        println!("{skip}: skipped, {why}");
+        return None;
+    }
+    let t = Instant::now();
+    let (kids, failed) = spawn_sleepers(n);
+    if let Some(why) = failed {
+        println!("N={n}: {why}; measuring with those");
+    }
+    Some((kids, t.elapsed()))
+}
+
 /// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `RssAnon`, ...)
 /// in KiB; `pid` is a number or `self`. 0 when unreadable.
 pub fn status_kib(pid: &str, key: &str) -> u64 {
@@ -89,6 +109,22 @@ pub fn process_limit() -> Option<u64> {
 /// The kernel's `pid_max`.
 pub fn pid_max() -> Option<u64> {
     std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?.trim().parse().ok()
+}
+
+/// The command name and the fields after it of `/proc/<path>/stat`
+/// (`path`: `<pid>` or `<pid>/task/<tid>`; index 0 is field 3, the state;
+/// a field that is not a number is 0).
+pub fn stat_of(path: &str) -> Option<(String, Vec<u64>)> {
+    let s = std::fs::read_to_string(format!("/proc/{path}/stat")).ok()?;
+    let (open, close) = (s.find('(')?, s.rfind(')')?);
+    let comm = s.get(open + 1..close)?.to_owned();
+    Some((comm, s[close + 1..].split_whitespace().map(|v| v.parse().unwrap_or(0)).collect()))
+}
+
+/// The start time of a process (field 22), to tell it from a later
+/// process with the same pid.
+pub fn start_time_of(pid: u32) -> Option<u64> {
+    stat_of(&pid.to_string()).and_then(|(_, f)| f.get(19).copied())
 }
 
 /// Processes on the host (numeric entries of `/proc`).
@@ -135,6 +171,78 @@ pub fn measure(runs: usize, mut f: impl FnMut() -> usize) -> (Duration, Duration
     }
     t.sort();
     (t[t.len() / 2], t[0], seen)
+}
+
+/// Nearest-rank percentile `p` (0 to 1) of sorted values; 0 when empty.
+pub fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// The count, p50, p90, p99, max and min of `v` (µs, in any order) as
+/// the cells of a Markdown table row, in ms with `decimals` decimals:
+/// `n | p50 | p90 | p99 | max | min`.
+pub fn dist_cells(v: &[u64], decimals: usize) -> String {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    let ms = |us: u64| format!("{:.*}", decimals, us as f64 / 1000.0);
+    format!(
+        "{} | {} | {} | {} | {} | {}",
+        v.len(),
+        ms(pct(&v, 0.5)),
+        ms(pct(&v, 0.9)),
+        ms(pct(&v, 0.99)),
+        ms(v.last().copied().unwrap_or(0)),
+        ms(v.first().copied().unwrap_or(0)),
+    )
+}
+
+/// Why a child (`name`) is gone: its exit status and the last 20 lines
+/// of its log.
+pub fn exited_with_log(name: &str, status: std::process::ExitStatus, log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+    format!(
+        "{name} exited ({status}); last lines of {}:\n{}",
+        log.display(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// A number from the environment variable `name`, else `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(default)
+}
+
+/// A pseudo-random stream (splitmix64): the next value of `state`.
+pub fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The wall clock, Unix µs.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The wall clock, Unix ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When a file was last modified, in Unix seconds (0 when unknown).
+pub fn modified_secs(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Milliseconds with two decimals.
