@@ -213,3 +213,27 @@ fn refused_requests_fail_at_once_and_an_inbox_takes_no_requests() {
     assert_eq!(got, [b"one".to_vec()]);
     let _ = twice.join().expect("responder");
 }
+
+#[test]
+fn random_spreads_requests_over_every_member_in_no_fixed_order() {
+    let (_tmp, path, _broker) = broker();
+    let agent = client(&path, "agent");
+    let mut members = Vec::new();
+    for id in ["m1", "m2", "m3"] {
+        let c = client(&path, id);
+        let sub = c.queue_subscribe("tasks.r", "g", Strategy::RoundRobin).expect("qsub");
+        c.publish_confirmed("sync", b"").expect("sync");
+        members.push(answer_all(c, sub));
+    }
+    let picks: Vec<String> = (0..300)
+        .map(|_| agent.request_with("tasks.r", b"?", WAIT, Some(Strategy::Random)).expect("reply").from)
+        .collect();
+    for id in ["m1", "m2", "m3"] {
+        let n = picks.iter().filter(|p| *p == id).count();
+        assert!((50..=150).contains(&n), "{id} got {n} of 300");
+    }
+    // Not the group's round robin: some member is picked twice in a row.
+    assert!(picks.windows(2).any(|w| w[0] == w[1]), "a strict rotation");
+    drop(agent);
+    drop(members);
+}
