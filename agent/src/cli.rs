@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use daemoneye_bus::{Client, ClientConfig, ClientError, ConnectionState};
 use procmond::event::EventEnvelope;
+use procmond::render::printable;
 use procmond::store::{EventQuery, EventStore, StoreError, StoredEvent};
 use serde::Serialize;
 
@@ -322,7 +323,7 @@ impl Table {
     /// Widens the columns to fit a row.
     pub fn fit<S: AsRef<str>>(&mut self, row: &[S]) {
         for (w, cell) in self.widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.as_ref().chars().count());
+            *w = (*w).max(printable(cell.as_ref()).chars().count());
         }
     }
 
@@ -330,11 +331,11 @@ impl Table {
     pub fn line<S: AsRef<str>>(&self, row: &[S]) -> String {
         let mut out = String::new();
         for (i, cell) in row.iter().enumerate() {
-            let cell = cell.as_ref();
+            let cell = printable(cell.as_ref());
             if i > 0 {
                 out.push_str("  ");
             }
-            out.push_str(cell);
+            out.push_str(&cell);
             if i + 1 < row.len() {
                 let width = self.widths.get(i).copied().unwrap_or(0);
                 out.extend(std::iter::repeat_n(' ', width.saturating_sub(cell.chars().count())));

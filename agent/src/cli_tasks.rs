@@ -8,6 +8,7 @@ use std::time::Duration;
 use daemoneye_bus::{Client, ClientError};
 use procmond::control::{ProcessDetail, ProcessSummary, TaskResult, TaskStatus};
 use procmond::event::HashOutcome;
+use procmond::render::printable;
 
 use crate::api::{
     self, AgentTaskRequest, AgentTaskResponse, GatherOutcome, TASK_TOPIC, TASKS_CLIENT_ID, TaskOutcome,
@@ -66,14 +67,15 @@ pub fn served(resp: AgentTaskResponse) -> Result<(TaskOutcome, TaskResult), CliE
             .enumerate()
             .map(|(i, a)| {
                 let who = a.collector.as_deref().unwrap_or("-");
-                format!("  attempt {}: {who}: {} ({} ms)", i + 1, a.outcome, a.elapsed_ms)
+                format!("  attempt {}: {who}: {} ({} ms)", i + 1, printable(&a.outcome), a.elapsed_ms)
             })
             .collect();
         let why = outcome.error.clone().unwrap_or_else(|| "no collector served the task".into());
         return Err(CliError::NoCollector(format!("{why}\n{}", tried.join("\n"))));
     };
     let by = format!("collector {}", r.collector_id);
-    let message = r.message.clone().unwrap_or_default();
+    // The message may quote a hostile path or name.
+    let message = printable(r.message.as_deref().unwrap_or_default()).into_owned();
     match (r.status, r.result) {
         (TaskStatus::Ok, Some(result)) => Ok((outcome, result)),
         (TaskStatus::NotFound, _) => Err(CliError::TaskNotFound(format!("{message} ({by})"))),
@@ -169,7 +171,13 @@ pub fn render_ps_tree(g: &GatherOutcome) -> String {
             }
             printed[i] = true;
             let p = procs[i];
-            out.push_str(&format!("{own}{} {} ({}) {}\n", p.pid, p.name, user(p), command(p)));
+            out.push_str(&format!(
+                "{own}{} {} ({}) {}\n",
+                p.pid,
+                printable(&p.name),
+                printable(&user(p)),
+                printable(&command(p))
+            ));
             let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
             for (k, &c) in kids.iter().enumerate().rev() {
                 let last = k + 1 == kids.len();
@@ -194,7 +202,9 @@ pub fn render_ps_tree(g: &GatherOutcome) -> String {
 pub fn gather_warnings(g: &GatherOutcome) -> Vec<String> {
     g.missing
         .iter()
-        .map(|m| format!("warning: partial result: collector {} missing: {}", m.collector_id, m.reason))
+        .map(|m| {
+            format!("warning: partial result: collector {} missing: {}", m.collector_id, printable(&m.reason))
+        })
         .collect()
 }
 
@@ -244,7 +254,7 @@ pub fn render_inspect(d: &ProcessDetail, o: &TaskOutcome) -> String {
         ("observed (UTC)", format_utc(d.observed_unix_ms)),
         ("served by", served_line(o)),
     ];
-    rows.iter().map(|(k, v)| format!("{k:<14} {v}\n")).collect()
+    rows.iter().map(|(k, v)| format!("{k:<14} {}\n", printable(v))).collect()
 }
 
 /// "pm-b (2 attempts, 14 ms)".
@@ -256,7 +266,7 @@ pub fn served_line(o: &TaskOutcome) -> String {
 
 /// `hash PATH` for people: `sha256sum`'s format.
 pub fn render_hash(path: &str, h: &HashOutcome) -> String {
-    format!("{}  {path}\n", hash_text(h))
+    format!("{}  {}\n", printable(&hash_text(h)), printable(path))
 }
 
 #[cfg(test)]
@@ -344,6 +354,25 @@ mod tests {
             gather_warnings(&g),
             ["warning: partial result: collector pm-c missing: no answer within 3 ms"]
         );
+    }
+
+    #[test]
+    fn hostile_names_and_command_lines_stay_on_their_line_and_send_no_escapes() {
+        let mut evil = p(5, 1, "x\ny");
+        evil.process.command_line = Ok("sh -c \"a\n9 fake (root) line\u{1b}[2J\u{202e}\"".into());
+        let g = outcome(vec![p(1, 0, "init"), evil]);
+        for text in [render_ps_tree(&g), render_ps_table(&g)] {
+            assert_eq!(
+                text.trim_end().lines().count(),
+                if text.starts_with("PID") { 3 } else { 2 },
+                "{text}"
+            );
+            assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}'), "{text}");
+            assert!(
+                text.contains("x\\ny") && text.contains("a\\n9 fake (root) line\\u{1b}[2J\\u{202e}"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,7 @@ use daemoneye_bus::{Client, ClientError, Message, Overflow, Subscription};
 use parking_lot::Mutex;
 use procmond::control::{self, StoreAck};
 use procmond::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
+use procmond::render::printable;
 use procmond::store::{BatchOutcome, EventStore, Retention, StoreError, StreamWatermark};
 
 use crate::api::{self, Alert, StoreStatus};
@@ -555,8 +556,8 @@ impl WriterActor {
                 a.severity.as_str(),
                 a.rule,
                 a.pid,
-                a.name,
-                a.exe.as_deref().unwrap_or("-")
+                printable(&a.name),
+                printable(a.exe.as_deref().unwrap_or("-"))
             );
             if let Err(e) = self.client.publish(api::ALERT_TOPIC, &api::encode(&a)) {
                 log::warn!(

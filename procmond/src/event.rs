@@ -217,12 +217,12 @@ impl ProcessEvent {
             what.push_str(&format!("[{}]", names.join(",")));
         }
         let user = match (&d.user, &d.credentials) {
-            (Ok(u), _) => u.clone(),
+            (Ok(u), _) => crate::render::printable(u).into_owned(),
             (Err(_), Ok(c)) => c.euid.to_string(),
             (Err(why), Err(_)) => format!("-({why})"),
         };
         let exe = match &d.exe {
-            Ok(path) => path.display().to_string(),
+            Ok(path) => crate::render::printable(&path.to_string_lossy()).into_owned(),
             Err(why) => format!("-({why})"),
         };
         let deleted = if d.exe_deleted == Ok(true) { " (deleted)" } else { "" };

@@ -2,7 +2,33 @@
 //! shared by `procmond --foreground` and `daemoneye-cli events`, so a line
 //! reads the same whichever tool printed it.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
 use crate::event::EventEnvelope;
+
+/// A string from a process (name, command line, path, user) made safe to
+/// print on one terminal line: control characters (newline, tab, escape,
+/// C1) and bidirectional overrides become escapes like `\n` and
+/// `\u{1b}`, so a hostile command line can neither forge lines of output
+/// nor send the terminal escape sequences. Anything else is unchanged.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    let needs_escape =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs_escape(c) {
+            // `escape_debug` gives `\n`, `\t`, `\r` and `\u{..}` for these.
+            let _ = write!(out, "{}", c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// One readable line: `#<seq> <kind> pid=… ppid=… user=… name=… exe=…`
 /// (see [`crate::event::ProcessEvent::human_line`]), without a newline.
@@ -21,6 +47,15 @@ pub fn json_line(env: &EventEnvelope) -> String {
 mod tests {
     use super::*;
     use crate::event::{EventKind, ProcessEvent};
+
+    #[test]
+    fn printable_escapes_control_characters_and_leaves_the_rest() {
+        assert!(matches!(printable("/usr/bin/sshd -D é ✓"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("a\nb\tc\rd\u{1b}[31m\u{7f}\u{9b}\u{202e}"),
+            "a\\nb\\tc\\rd\\u{1b}[31m\\u{7f}\\u{9b}\\u{202e}"
+        );
+    }
 
     #[test]
     fn both_formats_are_one_line_naming_the_process() {

@@ -246,6 +246,8 @@ impl Drop for Tree {
     }
 }
 
+const HOSTILE_ARG: &str = "x\n1 forged (root) line\u{1b}[2J";
+
 #[test]
 fn ps_tree_shows_a_spawned_tree_under_its_parents() {
     let mut sys = steady(&[CollectorDef::procmond("pm-a")], "");
@@ -256,7 +258,8 @@ fn ps_tree_shows_a_spawned_tree_under_its_parents() {
     let tree = Tree {
         root: {
             use std::os::unix::process::CommandExt;
-            Command::new(&root).process_group(0).stdin(Stdio::null()).spawn().expect("tree")
+            // A hostile argument: a forged line and a terminal escape.
+            Command::new(&root).arg(HOSTILE_ARG).process_group(0).stdin(Stdio::null()).spawn().expect("tree")
         },
     };
     let root_pid = tree.root.id();
@@ -282,7 +285,10 @@ fn ps_tree_shows_a_spawned_tree_under_its_parents() {
     let lines: Vec<(usize, u32)> = text
         .lines()
         .map(|l| {
-            let at = l.chars().position(|c| c.is_ascii_digit()).expect("a pid");
+            let at = l
+                .chars()
+                .position(|c| c.is_ascii_digit())
+                .unwrap_or_else(|| panic!("a line without a pid: {l:?}\n{text}"));
             let pid = l.chars().skip(at).take_while(char::is_ascii_digit).collect::<String>();
             (at / 3, pid.parse().expect("pid"))
         })
@@ -302,6 +308,11 @@ fn ps_tree_shows_a_spawned_tree_under_its_parents() {
     }
     assert_eq!(checked, 3, "mid and two sleeps placed:\n{text}");
     assert!(text.contains(&format!("{root_pid} e2e-tree-root")), "{text}");
+    // Printed escaped, on the root's own line.
+    let root_line =
+        text.lines().find(|l| l.contains(&format!("{root_pid} e2e-tree-root"))).expect("root line");
+    assert!(root_line.ends_with(r"x\n1 forged (root) line\u{1b}[2J"), "{root_line}");
+    assert!(!text.contains('\u{1b}'), "{text}");
     // The name filter reaches the collectors.
     let json = sys.cli(&["ps", "--name", "e2e-tree-*", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");

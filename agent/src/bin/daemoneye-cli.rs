@@ -28,6 +28,7 @@ use daemoneye_agent::rules::{self, AlertQuery};
 use daemoneye_bus::{Client, ConnectionState, Message, Overflow, Subscription};
 use procmond::control::{SnapshotFilter, TaskRequest, TaskResult};
 use procmond::event::{EVENTS_PATTERN, EventEnvelope, EventKind, GAP_TOPIC};
+use procmond::render::printable;
 use procmond::store::EventQuery;
 
 /// DaemonEye's command-line tool.
@@ -406,7 +407,7 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     };
     if g.answered.iter().all(|a| a.status != procmond::control::TaskStatus::Ok) {
         let why: Vec<String> =
-            g.missing.iter().map(|m| format!("  {}: {}", m.collector_id, m.reason)).collect();
+            g.missing.iter().map(|m| format!("  {}: {}", m.collector_id, printable(&m.reason))).collect();
         let why = if why.is_empty() {
             "  (no collector of that type is configured, or none answered)".to_owned()
         } else {
