@@ -1,6 +1,7 @@
 //! How an event is printed for a person or a program: the one format
 //! shared by `procmond --foreground` and `daemoneye-cli events`, so a line
-//! reads the same whichever tool printed it.
+//! reads the same whichever tool printed it; and [`printable`], through
+//! which any text that comes from a process reaches a terminal or a log.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
