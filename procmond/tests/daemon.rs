@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use daemoneye_bus::{Client, ClientConfig};
 use procmond::config::ConfigUpdate;
-use procmond::control::{CollectorState, RegistrationMessage, RpcRequest, RpcStatus};
+use procmond::control::{self, CollectorState, RegistrationMessage, RpcRequest, RpcStatus};
 use procmond::event::EventKind;
 use procmond::store::{EventQuery, EventStore};
 use support::{FakeAgent, Procmond, broker, rand_u64, socket_path, wait_until};
@@ -400,13 +401,21 @@ fn without_a_broker_it_retries_says_so_and_registers_once_one_appears() {
 fn a_second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_path(dir.path());
-    let _broker = broker(dir.path());
+    let the_broker = broker(dir.path());
     let agent = FakeAgent::start(&socket, &dir.path().join("agent.db"));
     let mut pm = Procmond::start(dir.path(), Some(&socket), &[]);
     assert!(wait_until(T, || agent.registrations() == 1), "{}", pm.log());
-    // With the agent gone, the graceful shutdown waits for a
-    // deregistration reply that never comes (up to 3 s)...
+    // The agent is replaced by a subscriber that never answers, so the
+    // graceful shutdown waits for a deregistration reply that never comes
+    // (up to 3 s; with no subscriber at all it would fail at once)...
+    let silent = Client::connect(ClientConfig::new(&socket, "silent")).unwrap();
+    assert!(silent.wait_connected(T), "silent connects");
+    let _registrations = silent.subscribe(control::REGISTRATION_TOPIC).unwrap();
+    // The broker reads a connection's frames in order: once it has
+    // answered this, the subscription is in place.
+    let conns = silent.broker_stats(T).expect("stats").connections;
     drop(agent);
+    assert!(wait_until(T, || the_broker.stats().connections == conns - 1), "the agent leaves");
     let pid = nix::unistd::Pid::from_raw(pm.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).unwrap();
     assert!(wait_until(T, || pm.log().contains("shutting down: SIGTERM")), "{}", pm.log());
