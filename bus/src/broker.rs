@@ -294,6 +294,7 @@ impl Broker {
             dirty: Vec::new(),
             resume: Vec::new(),
             targets: Vec::new(),
+            holders: HashMap::new(),
             rng: 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()),
             cfg,
         };
@@ -526,6 +527,10 @@ struct Reactor {
     dirty: Vec<usize>,
     /// Scratch list of routing targets, reused.
     targets: Vec<Target>,
+    /// How many connections hold each awaited inbox (the sum of the
+    /// connections' `awaiting` sets), so a departure can tell whether
+    /// anyone else may still answer.
+    holders: HashMap<Box<str>, u32>,
     rng: u64,
     cfg: BrokerConfig,
 }
@@ -1025,8 +1030,8 @@ impl Reactor {
         let sender = match self.conns.get_mut(idx) {
             Some(c) => {
                 // An answer to a request delivered here: one less awaited.
-                if !c.awaiting.is_empty() {
-                    c.awaiting.remove(topic_name);
+                if !c.awaiting.is_empty() && c.awaiting.remove(topic_name) {
+                    release(&mut self.holders, topic_name);
                 }
                 match &c.state {
                     ConnState::Ready { client_id, .. } => Arc::clone(client_id),
@@ -1152,8 +1157,9 @@ impl Reactor {
             if r.follow
                 && let Some(inbox) = r.reply_to
                 && c.awaiting.len() < MAX_AWAITING
+                && c.awaiting.insert(Box::from(inbox))
             {
-                c.awaiting.insert(Box::from(inbox));
+                *self.holders.entry(Box::from(inbox)).or_default() += 1;
             }
             self.counters.delivered += 1;
             self.dirty.push(to);
@@ -1288,9 +1294,16 @@ impl Reactor {
         let _ = self.poll.registry().deregister(&mut c.stream);
         if let ConnState::Ready { client_id, .. } = &c.state {
             log::info!("bus: {client_id} disconnected");
-            // Its requesters need not wait out their timeouts.
+            // Its requesters need not wait out their timeouts; whether
+            // someone else still holds the request decides if it may yet
+            // be answered.
             for inbox in std::mem::take(&mut c.awaiting) {
-                self.no_reply(&inbox, NoReplyReason::ResponderGone, client_id);
+                let reason = if release(&mut self.holders, &inbox) == 0 {
+                    NoReplyReason::ResponderGone
+                } else {
+                    NoReplyReason::ResponderLeft
+                };
+                self.no_reply(&inbox, reason, client_id);
             }
         }
         for p in c.blocked {
@@ -1336,7 +1349,6 @@ impl Reactor {
             .collect();
     }
 
-    /// Whether `topic_name` lies in the connection's own inbox.
     /// Tells the owner of the inbox `reply_to` that a request will not be
     /// answered by `responder`.
     fn no_reply(&mut self, reply_to: &str, reason: NoReplyReason, responder: &str) {
@@ -1351,6 +1363,7 @@ impl Reactor {
         self.targets = targets;
     }
 
+    /// Whether `topic_name` lies in the connection's own inbox.
     fn own_inbox(&self, idx: usize, topic_name: &str) -> bool {
         let Some(ConnState::Ready { client_id, .. }) = self.conns.get(idx).map(|c| &c.state) else {
             return false;
@@ -1414,6 +1427,17 @@ impl Reactor {
         let _ = std::fs::remove_file(&self.cfg.socket);
         log::info!("bus: broker stopped");
     }
+}
+
+/// One connection no longer holds `inbox`: the holders left.
+fn release(holders: &mut HashMap<Box<str>, u32>, inbox: &str) -> u32 {
+    let Some(n) = holders.get_mut(inbox) else { return 0 };
+    *n = n.saturating_sub(1);
+    let left = *n;
+    if left == 0 {
+        holders.remove(inbox);
+    }
+    left
 }
 
 fn kind(f: &Frame<'_>) -> &'static str {

@@ -447,7 +447,8 @@ impl Client {
     /// Fails at once with `NoResponders` when nobody subscribes to the
     /// topic, with `Refused` when the broker refuses it (permissions, an
     /// inbox as the topic), and with `ResponderGone` when the subscriber
-    /// that got it disconnects before answering.
+    /// that got it (the last of them, if several did) disconnects before
+    /// answering.
     pub fn request_with(
         &self,
         topic: &str,
@@ -979,12 +980,16 @@ impl ClientReactor {
             }
             Frame::NoReply { reply_to, reason, responder } => {
                 let Some(n) = self.pending_for(reply_to, "bus") else { return };
+                let many = self.requests.get(&n).is_some_and(|p| p.many);
                 let e = match reason {
                     NoReplyReason::NoResponders => {
                         let topic = self.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
                         ClientError::NoResponders { topic }
                     }
-                    NoReplyReason::ResponderGone => {
+                    // A `request_all` hears of every departure; a request
+                    // fails only when nobody that got it is left.
+                    NoReplyReason::ResponderLeft if !many => return,
+                    NoReplyReason::ResponderGone | NoReplyReason::ResponderLeft => {
                         ClientError::ResponderGone { responder: responder.to_owned() }
                     }
                     NoReplyReason::Refused => {
@@ -993,7 +998,7 @@ impl ClientReactor {
                         ClientError::Refused { code: ErrorCode::Forbidden, message }
                     }
                 };
-                let last = reason != NoReplyReason::ResponderGone;
+                let last = !matches!(reason, NoReplyReason::ResponderGone | NoReplyReason::ResponderLeft);
                 self.answer(n, Err(e), last);
             }
             Frame::Deliver { sid, topic, payload, reply_to, from } => {

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Default maximum frame size (body bytes), a broker setting.
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Bytes of the length prefix.
@@ -187,7 +187,8 @@ pub enum Frame<'a> {
         reply_to: &'a str,
         /// Why.
         reason: NoReplyReason,
-        /// The subscriber that left (`ResponderGone`), or empty.
+        /// The subscriber that left (`ResponderGone`, `ResponderLeft`), or
+        /// empty.
         responder: &'a str,
     },
 }
@@ -198,11 +199,16 @@ pub enum NoReplyReason {
     /// No subscription or queue group matched the request's topic.
     NoResponders,
     /// A subscriber the request was delivered to disconnected before it
-    /// published to the request's `reply_to`.
+    /// published to the request's `reply_to`, and no other subscriber
+    /// holds the request: nobody will answer it.
     ResponderGone,
     /// The broker refused the request (its topic, or the requester's
     /// permissions); an `Error` frame says why.
     Refused,
+    /// A subscriber the request was delivered to disconnected before
+    /// answering, but others that got it may still answer (protocol
+    /// version 4).
+    ResponderLeft,
 }
 
 /// Why bytes are not a frame.

@@ -1,7 +1,7 @@
 //! The local event bus that connects the agent and every collector. It
 //! knows nothing about processes: topics and bytes.
 //!
-//! # Protocol (version 3)
+//! # Protocol (version 4)
 //!
 //! A Unix domain stream socket carries frames: a `u32` little-endian body
 //! length, then the body, a postcard-encoded [`Frame`]. The broker's
@@ -28,7 +28,10 @@
 //!    and not answered yet: that is the load `LeastLoaded` balances on, and
 //!    when that connection leaves, each of those requesters gets
 //!    `NoReply { reply_to, reason: ResponderGone, responder }`, so a caller
-//!    can fail over at once instead of waiting out its timeout. A request
+//!    can fail over at once instead of waiting out its timeout (or
+//!    `ResponderLeft` while others that got the request still hold it: a
+//!    plain request then keeps waiting for them, `request_all` hears of
+//!    each departure). A request
 //!    nobody subscribes to gets `NoReply { reason: NoResponders }` at once,
 //!    a refused one `NoReply { reason: Refused }` besides the `Error`.
 //!    `strategy` overrides the queue groups' own for that request.

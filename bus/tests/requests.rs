@@ -1,7 +1,8 @@
-//! Requests the broker follows (protocol 3), against a real broker over a
+//! Requests the broker follows (protocol 4), against a real broker over a
 //! Unix socket in a temp dir: no responders, a responder that leaves
-//! without answering, `LeastLoaded` by unanswered requests, a request's
-//! own strategy, and `request_all` gathering every subscriber's answer.
+//! without answering (alone, or one of several that got the request),
+//! `LeastLoaded` by unanswered requests, a request's own strategy, and
+//! `request_all` gathering every subscriber's answer.
 
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,62 @@ fn a_responder_that_leaves_without_answering_is_reported_at_once() {
         Err(ClientError::NoResponders { topic }) => assert_eq!(topic, "tasks.x"),
         other => panic!("expected NoResponders, got {other:?}"),
     }
+}
+
+/// Two plain subscribers of `topic`, both past their subscription.
+fn two_subscribers(path: &std::path::Path, topic: &str, ids: [&str; 2]) -> [(Client, Subscription); 2] {
+    ids.map(|id| {
+        let c = client(path, id);
+        let sub = c.subscribe(topic).expect("sub");
+        c.publish_confirmed("sync", b"").expect("sync");
+        (c, sub)
+    })
+}
+
+/// Closes a subscriber and waits until the broker has seen it leave (its
+/// news, queued before the stats reply, has then reached `asker`).
+fn leave(asker: &Client, (c, sub): (Client, Subscription)) {
+    let before = asker.broker_stats(WAIT).expect("stats").connections;
+    drop(sub);
+    c.close();
+    let deadline = Instant::now() + WAIT;
+    while asker.broker_stats(WAIT).expect("stats").connections != before - 1 {
+        assert!(Instant::now() < deadline, "the broker never saw it leave");
+    }
+}
+
+#[test]
+fn a_request_held_by_several_fails_only_when_the_last_of_them_leaves() {
+    let (_tmp, path, _broker) = broker();
+    let agent = client(&path, "agent");
+    let long = Duration::from_secs(30);
+    std::thread::scope(|s| {
+        // One of two leaves without answering; the other still answers.
+        let [leaver, (keeper, keeper_sub)] = two_subscribers(&path, "svc.z", ["leaver", "keeper"]);
+        let asked = s.spawn(|| agent.request("svc.z", b"q1", long));
+        leaver.1.recv_timeout(WAIT).expect("delivered to the leaver");
+        let m = keeper_sub.recv_timeout(WAIT).expect("delivered to the keeper");
+        leave(&agent, leaver);
+        keeper.reply(&m, b"kept").expect("reply");
+        let answer = asked.join().expect("requester").expect("answered by the one left");
+        assert_eq!((answer.from.as_str(), answer.payload.as_slice()), ("keeper", &b"kept"[..]));
+        drop((keeper_sub, keeper));
+
+        // Both leave: the first departure is not the end, the second is.
+        let [first, second] = two_subscribers(&path, "svc.w", ["first", "second"]);
+        let started = Instant::now();
+        let asked = s.spawn(|| agent.request("svc.w", b"q2", long));
+        first.1.recv_timeout(WAIT).expect("delivered to the first");
+        second.1.recv_timeout(WAIT).expect("delivered to the second");
+        leave(&agent, first);
+        assert!(!asked.is_finished(), "failed while the second still held it");
+        leave(&agent, second);
+        match asked.join().expect("requester") {
+            Err(ClientError::ResponderGone { responder }) => assert_eq!(responder, "second"),
+            other => panic!("expected ResponderGone, got {other:?}"),
+        }
+        assert!(started.elapsed() < long / 3, "reported after {:?}", started.elapsed());
+    });
 }
 
 #[test]
