@@ -19,6 +19,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod clock;
+#[cfg(target_os = "linux")]
+mod cnproc;
+pub mod kernel;
 #[cfg(unix)]
 pub mod paths;
 mod peer;
@@ -32,6 +36,10 @@ pub mod signals;
 #[cfg(unix)]
 pub mod spawn;
 
+pub use crate::kernel::{
+    KernelEvent, KernelEventKind, KernelEventSource, KernelEventsAvailability, KernelSourceConfig,
+    KernelWaker, ReadOutcome, Wakeup, kernel_events_availability,
+};
 #[cfg(unix)]
 pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};
 pub use crate::portable::SysinfoSource;
@@ -39,8 +47,8 @@ pub use crate::privilege::{PrivilegeReport, drop_privileges};
 #[cfg(target_os = "linux")]
 pub use crate::procfs::{DEFAULT_MAX_ARGV_BYTES, ProcFs};
 pub use crate::record::{
-    Argv, Credentials, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState,
-    Unavailable,
+    Argv, Credentials, ExitStatus, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord,
+    ProcessState, Unavailable,
 };
 
 /// Errors of the platform layer.
@@ -98,6 +106,12 @@ pub trait ProcessSource: Send {
     fn refresh(&mut self) -> Result<Vec<ProcessRecord>, Error>;
     /// Counters of the last [`ProcessSource::refresh`].
     fn last_cycle(&self) -> CycleStats;
+    /// The [`ProcessRecord::start_time`] a process starting now would get
+    /// (`None` where the backend cannot tell). A process whose start time
+    /// is at or after a value read before a walk began started during it.
+    fn start_time_now(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The best backend for this OS: `/proc` on Linux, sysinfo elsewhere.
@@ -201,6 +215,8 @@ pub struct PlatformReport {
     pub verified: bool,
     /// Privileges and what they hide.
     pub privileges: PrivilegeReport,
+    /// Whether the kernel's process events can be had (see [`kernel`]).
+    pub kernel_events: KernelEventsAvailability,
 }
 
 /// Describes this host and process.
@@ -244,6 +260,7 @@ pub fn platform_report() -> PlatformReport {
         supported_fields: fields.into_iter().map(str::to_owned).collect(),
         verified,
         privileges: privilege::detect(),
+        kernel_events: kernel_events_availability(),
     }
 }
 

@@ -12,10 +12,14 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nix::sys::stat::Mode;
+
+use crate::cnproc::{read_at, readlink_at};
 use crate::record::{
     Argv, Credentials, Field, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
 };
@@ -183,11 +187,6 @@ impl ProcFs {
         Ok(())
     }
 
-    fn readlink(&mut self, pid: u32, file: &str) -> std::io::Result<PathBuf> {
-        self.set_path(pid, file);
-        fs::read_link(&self.path)
-    }
-
     fn user_name(&mut self, uid: u32) -> Field<String> {
         if let Some(name) = self.users.get(&uid) {
             return Ok(name.clone());
@@ -204,8 +203,17 @@ impl ProcFs {
         }
     }
 
-    fn read_credentials(&mut self, pid: u32) -> Field<Credentials> {
-        match self.read_file(pid, "status", 16 * 1024) {
+    /// Opens `/proc/<pid>` as a directory: files read through it belong to
+    /// that process, or fail with `ESRCH` once it is gone, even if the pid
+    /// is reused meanwhile.
+    fn open_dir(&mut self, pid: u32) -> std::io::Result<OwnedFd> {
+        use nix::fcntl::{OFlag, open};
+        self.set_path(pid, "");
+        Ok(open(self.path.as_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?)
+    }
+
+    fn read_credentials(&mut self, dir: &OwnedFd) -> Field<Credentials> {
+        match read_at(dir, "status", 16 * 1024, &mut self.buf) {
             Ok(()) => {
                 parse_status_credentials(&String::from_utf8_lossy(&self.buf)).ok_or(Unavailable::Failed)
             }
@@ -213,9 +221,16 @@ impl ProcFs {
         }
     }
 
-    /// Reads everything that changes only on exec or a credential change.
-    fn read_details(&mut self, pid: u32, kthread: bool, zombie: bool) -> ProcessDetails {
-        let credentials = self.read_credentials(pid);
+    /// The start time in the process's `stat`, read through `dir`.
+    fn start_time_at(&mut self, dir: &OwnedFd) -> Option<u64> {
+        read_at(dir, "stat", 1024, &mut self.buf).ok()?;
+        parse_stat(&self.buf).map(|s| s.start_time)
+    }
+
+    /// Reads everything that changes only on exec or a credential change,
+    /// through the process's directory.
+    fn read_details(&mut self, dir: &OwnedFd, kthread: bool, zombie: bool) -> ProcessDetails {
+        let credentials = self.read_credentials(dir);
         let user = match credentials {
             Ok(c) => self.user_name(c.uid),
             Err(e) => Err(e),
@@ -223,14 +238,13 @@ impl ProcFs {
         let none_for_kernel = |e: std::io::Error| {
             if kthread || zombie { Unavailable::NotApplicable } else { Unavailable::from_io(&e) }
         };
-        let link = self.readlink(pid, "exe").map_err(none_for_kernel);
+        let link = readlink_at(dir, "exe").map(PathBuf::from).map_err(none_for_kernel);
         // The file itself, through the link: its link count says whether it
         // was deleted or replaced (a name ending in " (deleted)" proves
         // nothing: a file may be called that).
         let meta = match &link {
             Ok(_) => {
-                self.set_path(pid, "exe");
-                fs::metadata(&self.path).map_err(|e| Unavailable::from_io(&e))
+                open_path_at(dir, "exe").and_then(|f| f.metadata()).map_err(|e| Unavailable::from_io(&e))
             }
             Err(why) => Err(*why),
         };
@@ -252,13 +266,13 @@ impl ProcFs {
             Err(Unavailable::NotApplicable)
         } else {
             let cap = self.max_argv_bytes;
-            match self.read_file(pid, "cmdline", cap.saturating_add(1)) {
+            match read_at(dir, "cmdline", cap.saturating_add(1), &mut self.buf) {
                 Ok(()) if self.buf.is_empty() => Err(Unavailable::NotApplicable),
                 Ok(()) => Ok(parse_cmdline(&self.buf, cap)),
                 Err(e) => Err(Unavailable::from_io(&e)),
             }
         };
-        let cwd = self.readlink(pid, "cwd").map_err(none_for_kernel);
+        let cwd = readlink_at(dir, "cwd").map(PathBuf::from).map_err(none_for_kernel);
         ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
     }
 
@@ -307,10 +321,14 @@ impl ProcFs {
             known => {
                 let exec = known.as_ref().is_none_or(|k| !same_program(k));
                 let previous = known.map(|k| k.details.clone());
+                let Ok(dir) = self.open_dir(pid) else {
+                    self.stats.vanished += 1;
+                    return None;
+                };
                 let details = match previous {
                     // Same program, new owner: only the credentials moved.
                     Some(prev) if !exec => {
-                        let credentials = self.read_credentials(pid);
+                        let credentials = self.read_credentials(&dir);
                         let user = match credentials {
                             Ok(c) => self.user_name(c.uid),
                             Err(e) => Err(e),
@@ -319,17 +337,13 @@ impl ProcFs {
                     }
                     _ => {
                         self.stats.detail_reads += 1;
-                        self.read_details(pid, kthread, zombie)
+                        self.read_details(&dir, kthread, zombie)
                     }
                 };
-                // The pid may have been reused while its files were read:
-                // keep the details only if the identity is still the same.
-                if let Err(e) = self.read_file(pid, "stat", 1024) {
-                    let _ = e;
-                    self.stats.vanished += 1;
-                    return None;
-                }
-                if parse_stat(&self.buf).map(|s| s.start_time) != Some(st.start_time) {
+                // The pid may have been reused before the directory was
+                // opened: keep the details only if the identity is the one
+                // whose `stat` was read.
+                if self.start_time_at(&dir) != Some(st.start_time) {
                     self.stats.vanished += 1;
                     return None;
                 }
@@ -339,8 +353,13 @@ impl ProcFs {
                 details
             }
         };
+        Some(self.record(pid, &st, details))
+    }
+
+    /// A record from a parsed `stat` and the details.
+    fn record(&self, pid: u32, st: &Stat<'_>, details: Arc<ProcessDetails>) -> ProcessRecord {
         let ticks_ms = |t: u64| t.saturating_mul(1000) / self.clk_tck;
-        Some(ProcessRecord {
+        ProcessRecord {
             pid,
             ppid: st.ppid,
             start_time: st.start_time,
@@ -355,9 +374,53 @@ impl ProcFs {
             rss_bytes: st.rss_pages.saturating_mul(self.page_size),
             virtual_bytes: st.vsize,
             cpu_time_ms: Ok(ticks_ms(st.utime.saturating_add(st.stime))),
-            kernel_thread: kthread,
+            kernel_thread: st.flags & PF_KTHREAD != 0,
             details,
-        })
+        }
+    }
+
+    /// Reads process `pid` now, details included, through one opened
+    /// `/proc/<pid>` directory, without the cache of [`ProcessSource::refresh`]:
+    /// for the kernel event path, right after an exec. `Vanished` when the
+    /// process is gone or the pid was reused between the reads.
+    pub(crate) fn read_fresh(&mut self, pid: u32) -> Result<ProcessRecord, Unavailable> {
+        let dir = self.open_dir(pid).map_err(|e| Unavailable::from_io(&e))?;
+        read_at(&dir, "stat", 1024, &mut self.buf).map_err(|e| Unavailable::from_io(&e))?;
+        let buf = std::mem::take(&mut self.buf);
+        let result = match parse_stat(&buf) {
+            None => Err(Unavailable::Failed),
+            Some(st) => {
+                let details = self.read_details(&dir, st.flags & PF_KTHREAD != 0, st.state == 'Z');
+                // Read through the same directory: a pid reused since the
+                // first read cannot pass, its files answer ESRCH.
+                if self.start_time_at(&dir) == Some(st.start_time) {
+                    Ok(self.record(pid, &st, Arc::new(details)))
+                } else {
+                    Err(Unavailable::Vanished)
+                }
+            }
+        };
+        self.buf = buf;
+        result
+    }
+
+    /// Reads only `stat` of `pid` (a zombie still has one); every detail
+    /// is `Vanished`.
+    pub(crate) fn read_brief(&mut self, pid: u32) -> Option<ProcessRecord> {
+        self.read_file(pid, "stat", 1024).ok()?;
+        let buf = std::mem::take(&mut self.buf);
+        let rec = parse_stat(&buf).map(|st| self.record(pid, &st, Arc::new(ProcessDetails::vanished())));
+        self.buf = buf;
+        rec
+    }
+
+    /// The `start_time` (clock ticks since boot) of a process created at
+    /// `CLOCK_MONOTONIC` instant `at_ns`. The kernel takes the start time
+    /// from `CLOCK_BOOTTIME`, which runs ahead of the monotonic clock by the
+    /// time spent suspended.
+    pub(crate) fn start_time_at_monotonic(&self, at_ns: u64) -> u64 {
+        let boot_ns = at_ns.saturating_add(crate::clock::boottime_minus_monotonic_ns());
+        ((boot_ns as u128 * self.clk_tck as u128) / 1_000_000_000) as u64
     }
 }
 
@@ -392,6 +455,18 @@ impl ProcessSource for ProcFs {
     fn last_cycle(&self) -> CycleStats {
         self.stats
     }
+
+    fn start_time_now(&self) -> Option<u64> {
+        let now = crate::clock::boottime_ns()?;
+        Some(((now as u128 * self.clk_tck as u128) / 1_000_000_000) as u64)
+    }
+}
+
+/// Opens a path relative to a directory with `O_PATH` (following a
+/// symbolic link), for its metadata.
+fn open_path_at(dir: &OwnedFd, name: &str) -> std::io::Result<File> {
+    use nix::fcntl::{OFlag, openat};
+    Ok(File::from(openat(dir, name, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())?))
 }
 
 /// Reads the `hidepid` option of the procfs mounted at `/proc`, if any.

@@ -172,6 +172,59 @@ pub struct ProcessDetails {
     pub user: Field<String>,
 }
 
+impl ProcessDetails {
+    /// Details of a process that was gone before they could be read: every
+    /// field `Vanished`. Nothing is guessed.
+    pub fn vanished() -> ProcessDetails {
+        let gone = Unavailable::Vanished;
+        ProcessDetails {
+            exe: Err(gone),
+            exe_file: Err(gone),
+            exe_deleted: Err(gone),
+            argv: Err(gone),
+            cwd: Err(gone),
+            credentials: Err(gone),
+            user: Err(gone),
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// It exited with this code (0–255).
+    Code(i32),
+    /// A signal ended it.
+    Signal {
+        /// The signal number.
+        signal: u32,
+        /// A core dump was written.
+        core_dumped: bool,
+    },
+}
+
+impl ExitStatus {
+    /// Decodes a `wait(2)` status word (what the kernel keeps as the task's
+    /// exit code): a signal in the low 7 bits, the core flag in bit 7, the
+    /// exit code in bits 8–15.
+    pub fn from_wait_status(status: u32) -> ExitStatus {
+        match status & 0x7f {
+            0 => ExitStatus::Code(((status >> 8) & 0xff) as i32),
+            signal => ExitStatus::Signal { signal, core_dumped: status & 0x80 != 0 },
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit {code}"),
+            ExitStatus::Signal { signal, core_dumped: false } => write!(f, "signal {signal}"),
+            ExitStatus::Signal { signal, core_dumped: true } => write!(f, "signal {signal} (core dumped)"),
+        }
+    }
+}
+
 /// One process, as one enumeration cycle saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessRecord {

@@ -1,0 +1,421 @@
+//! Process events pushed by the kernel, as opposed to enumeration.
+//!
+//! A [`KernelEventSource`] delivers fork, exec, exit (with the exit code or
+//! signal), credential and name changes as they happen, so a process that
+//! lives a millisecond is still seen, and reads a process's details at
+//! once ([`KernelEventSource::read_process`]) while it still exists.
+//!
+//! Backends:
+//!
+//! - Linux: the proc connector (netlink `NETLINK_CONNECTOR`, group
+//!   `CN_IDX_PROC`); no eBPF, no auditd. The kernel sends its events to
+//!   CAP_NET_ADMIN only (on 6.18 as on older kernels, an unprivileged
+//!   subscription is refused with EPERM), and only sends them only to the
+//!   initial PID and user namespaces.
+//! - FreeBSD and macOS (not built yet): kqueue `EVFILT_PROC`. It fits the
+//!   same interface: the kqueue descriptor is what [`KernelEventSource::wait`]
+//!   polls; `NOTE_EXIT` (with the wait status in `data`) maps to
+//!   [`KernelEventKind::Exit`], `NOTE_EXEC` to `Exec`, `NOTE_FORK` to
+//!   `Fork`; FreeBSD's `NOTE_TRACK` attaches the filter to every child by
+//!   itself (a `NOTE_CHILD` event names the parent), while macOS must
+//!   register each new pid it learns from the periodic enumeration, which
+//!   [`KernelEventSource::watch`] is for (a no-op on Linux). kqueue has no
+//!   credential events: those stay with the poll.
+//! - Elsewhere: [`KernelEventsAvailability::NotThisOs`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(target_os = "linux")]
+use crate::record::Unavailable;
+use crate::record::{ExitStatus, ProcessRecord};
+
+/// One event from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEvent {
+    /// When it happened: `CLOCK_MONOTONIC` nanoseconds (see
+    /// [`KernelEventSource::unix_ms_at`]).
+    pub at_ns: u64,
+    /// What happened.
+    pub kind: KernelEventKind,
+}
+
+/// What the kernel reported. `pid` is the thread id and `tgid` the process
+/// id: events of threads other than a process's main thread (`pid != tgid`)
+/// are about threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KernelEventKind {
+    /// A task was created: a process when `child_pid == child_tgid`, else a
+    /// thread of `child_tgid`.
+    Fork {
+        /// The forking thread.
+        parent_pid: u32,
+        /// Its process.
+        parent_tgid: u32,
+        /// The new task.
+        child_pid: u32,
+        /// The new task's process.
+        child_tgid: u32,
+    },
+    /// A process executed a new program.
+    Exec {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+    },
+    /// Real and effective user ids changed.
+    Uid {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// The new real id.
+        real: u32,
+        /// The new effective id.
+        effective: u32,
+    },
+    /// Real and effective group ids changed.
+    Gid {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// The new real id.
+        real: u32,
+        /// The new effective id.
+        effective: u32,
+    },
+    /// A new session.
+    Sid {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+    },
+    /// Attached to or detached from a tracer.
+    Ptrace {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// The tracer (0 on detach).
+        tracer_pid: u32,
+        /// The tracer's process.
+        tracer_tgid: u32,
+    },
+    /// The name changed (`prctl(PR_SET_NAME)`, a write to `comm`).
+    Comm {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// The new name.
+        comm: String,
+    },
+    /// A core dump was written.
+    Coredump {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// Its parent thread.
+        parent_pid: u32,
+        /// Its parent process.
+        parent_tgid: u32,
+    },
+    /// A task exited: the process when `pid == tgid`.
+    Exit {
+        /// The thread.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// How it ended.
+        status: ExitStatus,
+        /// The parent thread.
+        parent_pid: u32,
+        /// The parent process.
+        parent_tgid: u32,
+    },
+    /// The answer to the subscription (`err` 0: accepted).
+    Ack {
+        /// The error number, 0 for success.
+        err: u32,
+    },
+    /// A type this build does not know (ignored).
+    Unknown {
+        /// The kernel's type code.
+        what: u32,
+    },
+}
+
+/// Whether kernel process events can be had here, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum KernelEventsAvailability {
+    /// Subscribed and acknowledged by the kernel.
+    Available,
+    /// The kernel refused an unprivileged subscription: CAP_NET_ADMIN is
+    /// needed (an ambient capability is enough).
+    NeedsCapNetAdmin,
+    /// Not in the initial PID and user namespaces (a container): the
+    /// kernel sends them nowhere else.
+    NotInitialPidNamespace,
+    /// This OS has no backend yet.
+    NotThisOs,
+    /// Something else failed (the reason).
+    Failed(String),
+}
+
+impl std::fmt::Display for KernelEventsAvailability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelEventsAvailability::Available => f.write_str("available"),
+            KernelEventsAvailability::NeedsCapNetAdmin => {
+                f.write_str("needs CAP_NET_ADMIN (the kernel refused an unprivileged subscription)")
+            }
+            KernelEventsAvailability::NotInitialPidNamespace => {
+                f.write_str("not in the initial PID namespace (the kernel sends process events only there)")
+            }
+            KernelEventsAvailability::NotThisOs => f.write_str("no kernel process event backend on this OS"),
+            KernelEventsAvailability::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+/// How a source is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSourceConfig {
+    /// Receive buffer to ask for, in bytes. The kernel drops events (an
+    /// overrun, counted) when it is full.
+    pub receive_buffer_bytes: usize,
+    /// Longest command line read per process.
+    pub max_argv_bytes: usize,
+}
+
+impl Default for KernelSourceConfig {
+    fn default() -> Self {
+        KernelSourceConfig { receive_buffer_bytes: 4 << 20, max_argv_bytes: 32 * 1024 }
+    }
+}
+
+/// What one [`KernelEventSource::read`] found besides events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// Datagrams received.
+    pub datagrams: u64,
+    /// Times the kernel reported a full receive buffer: events were lost.
+    pub overruns: u64,
+    /// Datagrams refused by the parser (logged).
+    pub malformed: u64,
+    /// Datagrams from a sender other than the kernel (dropped).
+    pub foreign: u64,
+    /// Nothing more was queued when the read ended.
+    pub drained: bool,
+}
+
+/// What [`KernelEventSource::wait`] returned for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeup {
+    /// Events are queued.
+    Readable,
+    /// [`KernelWaker::wake`] was called.
+    Woken,
+    /// The timeout passed.
+    Timeout,
+}
+
+/// Wakes a thread blocked in [`KernelEventSource::wait`] (to stop it).
+#[derive(Clone)]
+pub struct KernelWaker {
+    #[cfg(target_os = "linux")]
+    write: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+impl KernelWaker {
+    /// Wakes the waiting thread; harmless if it is not waiting.
+    pub fn wake(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            // A full pipe already wakes it.
+            let _ = nix::unistd::write(self.write.as_ref(), &[1]);
+        }
+    }
+}
+
+/// A subscription to the kernel's process events, plus a reader of
+/// `/proc/<pid>` for the processes they name.
+pub struct KernelEventSource {
+    #[cfg(target_os = "linux")]
+    conn: crate::cnproc::Connector,
+    #[cfg(target_os = "linux")]
+    reader: crate::procfs::ProcFs,
+    #[cfg(target_os = "linux")]
+    wake_read: std::os::fd::OwnedFd,
+    #[cfg(target_os = "linux")]
+    waker: KernelWaker,
+    /// Events that came with the subscription's acknowledgement.
+    early: Vec<KernelEvent>,
+}
+
+impl KernelEventSource {
+    /// Subscribes. The error says why kernel events cannot be had here.
+    pub fn open(cfg: KernelSourceConfig) -> Result<KernelEventSource, KernelEventsAvailability> {
+        #[cfg(target_os = "linux")]
+        {
+            let mut early = Vec::new();
+            let conn =
+                crate::cnproc::Connector::open(cfg.receive_buffer_bytes, Duration::from_secs(2), &mut early)?;
+            let failed = |what: &str, e: &dyn std::fmt::Display| {
+                KernelEventsAvailability::Failed(format!("{what}: {e}"))
+            };
+            let mut reader = crate::procfs::ProcFs::new().map_err(|e| failed("/proc", &e))?;
+            reader.set_max_argv_bytes(cfg.max_argv_bytes);
+            let (wake_read, write) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| failed("pipe", &e))?;
+            let waker = KernelWaker { write: std::sync::Arc::new(write) };
+            Ok(KernelEventSource { conn, reader, wake_read, waker, early })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = cfg;
+            Err(KernelEventsAvailability::NotThisOs)
+        }
+    }
+
+    /// Name of the backend ("linux-cn_proc").
+    pub fn backend(&self) -> &'static str {
+        "linux-cn_proc"
+    }
+
+    /// The receive buffer the kernel granted, in bytes (0 if unknown).
+    pub fn receive_buffer_bytes(&self) -> usize {
+        #[cfg(target_os = "linux")]
+        {
+            self.conn.receive_buffer_bytes()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            0
+        }
+    }
+
+    /// A handle that wakes [`KernelEventSource::wait`].
+    pub fn waker(&self) -> KernelWaker {
+        #[cfg(target_os = "linux")]
+        {
+            self.waker.clone()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            KernelWaker {}
+        }
+    }
+
+    /// Blocks until events are queued, the waker is called, or `timeout`
+    /// passes (`None`: no timeout).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> std::io::Result<Wakeup> {
+        if !self.early.is_empty() {
+            return Ok(Wakeup::Readable);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            if self.conn.wait_readable(Some(&self.wake_read), timeout)? {
+                return Ok(Wakeup::Readable);
+            }
+            let mut drained = [0u8; 64];
+            match nix::unistd::read(&self.wake_read, &mut drained) {
+                Ok(n) if n > 0 => Ok(Wakeup::Woken),
+                _ => Ok(Wakeup::Timeout),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = timeout;
+            Ok(Wakeup::Timeout)
+        }
+    }
+
+    /// Appends what is queued to `out` without blocking, reading at most
+    /// `max_datagrams` (so a caller can interleave other work in a storm).
+    pub fn read(&mut self, out: &mut Vec<KernelEvent>, max_datagrams: usize) -> std::io::Result<ReadOutcome> {
+        out.append(&mut self.early);
+        #[cfg(target_os = "linux")]
+        {
+            self.conn.read(out, max_datagrams)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = max_datagrams;
+            Ok(ReadOutcome { drained: true, ..ReadOutcome::default() })
+        }
+    }
+
+    /// Asks for events about `pid`, where the backend must register each
+    /// process (kqueue without `NOTE_TRACK`). The proc connector reports
+    /// every process by itself, so on Linux this does nothing.
+    pub fn watch(&mut self, pid: u32) {
+        let _ = pid;
+    }
+
+    /// Reads process `pid` now, with its exec-time details, through one
+    /// opened process directory: `Vanished` if it is gone, or if the pid
+    /// now names another process than the one whose `stat` was read first.
+    pub fn read_process(&mut self, pid: u32) -> Result<ProcessRecord, crate::record::Unavailable> {
+        #[cfg(target_os = "linux")]
+        {
+            self.reader.read_fresh(pid)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = pid;
+            Err(crate::record::Unavailable::NotSupported)
+        }
+    }
+
+    /// Reads only the scheduler fields of `pid` (`stat`; a zombie still
+    /// has them), with every detail `Vanished`.
+    pub fn read_brief(&mut self, pid: u32) -> Result<ProcessRecord, crate::record::Unavailable> {
+        #[cfg(target_os = "linux")]
+        {
+            self.reader.read_brief(pid).ok_or(Unavailable::Vanished)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = pid;
+            Err(crate::record::Unavailable::NotSupported)
+        }
+    }
+
+    /// The start time (in the enumeration's unit, see
+    /// [`ProcessRecord::start_time`]) of a process created at `at_ns`
+    /// (`CLOCK_MONOTONIC`): for a process gone before it could be read.
+    pub fn start_time_at(&self, at_ns: u64) -> u64 {
+        #[cfg(target_os = "linux")]
+        {
+            self.reader.start_time_at_monotonic(at_ns)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            at_ns / 1_000_000_000
+        }
+    }
+
+    /// Unix milliseconds of the monotonic instant `at_ns`.
+    pub fn unix_ms_at(&self, at_ns: u64) -> u64 {
+        crate::clock::unix_ms_at_monotonic(at_ns)
+    }
+}
+
+/// Whether kernel process events can be had by this process, by opening
+/// and closing a subscription.
+pub fn kernel_events_availability() -> KernelEventsAvailability {
+    match KernelEventSource::open(KernelSourceConfig { receive_buffer_bytes: 64 << 10, ..Default::default() })
+    {
+        Ok(_) => KernelEventsAvailability::Available,
+        Err(why) => why,
+    }
+}
