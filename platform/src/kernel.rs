@@ -10,7 +10,7 @@
 //! - Linux: the proc connector (netlink `NETLINK_CONNECTOR`, group
 //!   `CN_IDX_PROC`); no eBPF, no auditd. The kernel sends its events to
 //!   CAP_NET_ADMIN only (on 6.18 as on older kernels, an unprivileged
-//!   subscription is refused with EPERM), and only sends them only to the
+//!   subscription is refused with EPERM), and only to the
 //!   initial PID and user namespaces.
 //! - FreeBSD and macOS (not built yet): kqueue `EVFILT_PROC`. It fits the
 //!   same interface: the kqueue descriptor is what [`KernelEventSource::wait`]
