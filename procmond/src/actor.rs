@@ -22,18 +22,22 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use crossbeam_channel::{
+    Receiver, RecvTimeoutError, Sender, TrySendError, after, bounded, never, select_biased,
+};
 use daemoneye_platform::ProcessSource;
 
 use crate::config::{CollectorConfig, ConfigError, ConfigUpdate};
 use crate::control::{
-    CollectorState, ConnectionStatus, HealthData, RegistrationState, TaskRequest, TaskResponse,
+    CollectorState, ConnectionStatus, EventSourceStatus, HealthData, RegistrationState, TaskRequest,
+    TaskResponse,
 };
-use crate::event::{Change, EventEnvelope, EventKind, ProcessEvent};
+use crate::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
 use crate::hash::Hasher;
+use crate::kernel::{KernelLink, KernelMessage};
 use crate::sanitize::Sanitizer;
 use crate::task::{TaskContext, TaskCounters};
-use crate::tracker::Tracker;
+use crate::tracker::{Observation, Tracker, Walk};
 
 /// Capacity of the actor's inbox.
 pub const INBOX_CAPACITY: usize = 100;
@@ -249,6 +253,10 @@ pub struct ActorOptions {
     /// The task service's counters, for health reports (none: no task
     /// service, the counters read 0).
     pub tasks: Option<Arc<TaskCounters>>,
+    /// The kernel event thread's link (none: the walk alone reports).
+    pub kernel: Option<KernelLink>,
+    /// Why kernel events are not used although they were wanted.
+    pub kernel_fallback: Option<String>,
 }
 
 impl Default for ActorOptions {
@@ -259,9 +267,16 @@ impl Default for ActorOptions {
             observer: None,
             start_running: false,
             tasks: None,
+            kernel: None,
+            kernel_fallback: None,
         }
     }
 }
+
+/// How long a walk waits for the kernel thread to hand over what it holds.
+const SYNC_TIMEOUT: Duration = Duration::from_millis(500);
+/// The soonest a resync follows the previous walk.
+const RESYNC_GAP: Duration = Duration::from_secs(1);
 
 /// The actor thread's handle. Dropping it does not stop the actor: send
 /// `GracefulShutdown` (or drop every sender) and call [`ActorHandle::join`].
@@ -339,6 +354,10 @@ struct Actor {
     opts: ActorOptions,
     n: Counters,
     own_pid: u32,
+    /// The kernel event link, taken out of `opts` (none: poll only).
+    kernel: Option<KernelLink>,
+    /// When the last walk started.
+    last_walk: Option<Instant>,
 }
 
 /// Events per sink submission (one WAL append each).
@@ -360,6 +379,8 @@ impl Actor {
         let state =
             if opts.start_running { CollectorState::Running } else { CollectorState::WaitingForAgent };
         let next_cycle = opts.start_running.then(Instant::now);
+        let mut opts = opts;
+        let kernel = opts.kernel.take();
         Actor {
             cfg,
             staged: None,
@@ -382,6 +403,8 @@ impl Actor {
                 last_collection_unix_ms: None,
             },
             own_pid: std::process::id(),
+            kernel,
+            last_walk: None,
         }
     }
 
@@ -392,32 +415,90 @@ impl Actor {
     fn run(mut self, inbox: Receiver<ActorMessage>) {
         log::info!("collector actor started in state {:?}", self.state);
         while self.state != CollectorState::Stopped {
-            let msg = match self.next_cycle {
-                Some(at) => match inbox.recv_deadline(at) {
-                    Ok(msg) => Some(msg),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        log::error!("collector actor inbox closed without a shutdown; stopping");
-                        break;
-                    }
-                },
-                None => match inbox.recv() {
-                    Ok(msg) => Some(msg),
+            let kernel_rx = self.kernel.as_ref().map(|k| k.rx.clone());
+            let kernel_rx = kernel_rx.as_ref();
+            let deadline = match self.next_cycle {
+                Some(at) => after(at.saturating_duration_since(Instant::now())),
+                None => never(),
+            };
+            // Control messages first; kernel batches before the next walk.
+            select_biased! {
+                recv(inbox) -> msg => match msg {
+                    Ok(msg) => self.handle(msg),
                     Err(_) => {
                         log::error!("collector actor inbox closed without a shutdown; stopping");
                         break;
                     }
                 },
-            };
-            match msg {
-                Some(msg) => self.handle(msg),
-                None => self.cycle(),
+                recv(kernel_rx.unwrap_or(&never())) -> msg => match msg {
+                    Ok(msg) => self.kernel_message(msg),
+                    Err(_) => self.kernel_lost(),
+                },
+                recv(deadline) -> _ => self.cycle(),
             }
         }
         // Requests that raced with the shutdown get an answer, not silence:
         // their reply senders drop here, which callers see as ShuttingDown.
         drop(inbox);
         log::info!("collector actor stopped");
+    }
+
+    /// A batch or a resync request from the kernel thread.
+    fn kernel_message(&mut self, msg: KernelMessage) {
+        match msg {
+            KernelMessage::Batch(observations) => self.apply_kernel(observations),
+            KernelMessage::Resync { reason } => {
+                // An early walk, but not more often than RESYNC_GAP.
+                if let Some(at) = self.next_cycle {
+                    let soonest = self.last_walk.map_or_else(Instant::now, |w| w + RESYNC_GAP);
+                    log::info!("resync requested ({reason}): reconciling with a walk");
+                    self.next_cycle = Some(at.min(soonest.max(Instant::now())));
+                }
+            }
+        }
+    }
+
+    /// The kernel thread ended on its own: the walk alone reports now.
+    fn kernel_lost(&mut self) {
+        log::error!("the kernel event thread stopped; events come from the periodic walk alone from now on");
+        self.kernel = None;
+        self.opts.kernel_fallback = Some("the kernel event thread stopped".into());
+    }
+
+    /// Applies kernel observations once the first walk has set the scene;
+    /// before it (waiting for the agent) they are not monitoring yet.
+    fn apply_kernel(&mut self, observations: Vec<Observation>) {
+        if self.state != CollectorState::Running || self.n.cycles == 0 {
+            return;
+        }
+        let mut events = Vec::new();
+        self.apply_kernel_now(observations, &mut events);
+        self.deliver(events);
+    }
+
+    /// Everything the kernel thread holds and what its channel holds, in
+    /// order; and the start time of the oldest fork it still holds.
+    fn kernel_sync(&mut self) -> (Vec<Observation>, Option<u64>) {
+        let Some(link) = &self.kernel else { return (Vec::new(), None) };
+        let reply = link.sync(SYNC_TIMEOUT);
+        let mut all = Vec::new();
+        while let Ok(msg) = link.rx.try_recv() {
+            if let KernelMessage::Batch(b) = msg {
+                all.extend(b);
+            }
+        }
+        match reply {
+            Some(r) => {
+                all.extend(r.observations);
+                (all, r.oldest_pending)
+            }
+            None => {
+                log::warn!(
+                    "the kernel event thread did not answer within {SYNC_TIMEOUT:?}; walking without its barrier"
+                );
+                (all, None)
+            }
+        }
     }
 
     fn handle(&mut self, msg: ActorMessage) {
@@ -521,6 +602,7 @@ impl Actor {
             interval_ms: self.interval().as_millis() as u64,
             original_interval_ms: self.cfg.interval.as_millis() as u64,
             connection: sink.connection,
+            event_source: self.event_source_status(),
             registration: self
                 .opts
                 .registration
@@ -544,19 +626,56 @@ impl Actor {
         }
     }
 
+    fn event_source_status(&self) -> EventSourceStatus {
+        let mut status = EventSourceStatus {
+            source: if self.kernel.is_some() { EventSource::Kernel } else { EventSource::Poll },
+            fallback_reason: self.opts.kernel_fallback.clone(),
+            caught_by_poll: self.tracker.caught_by_poll(),
+            ..EventSourceStatus::default()
+        };
+        if let Some(k) = &self.kernel {
+            use std::sync::atomic::Ordering::Relaxed;
+            status.kernel_events = k.stats.received.load(Relaxed);
+            status.overruns = k.stats.overruns.load(Relaxed);
+            status.resyncs = k.stats.resyncs.load(Relaxed);
+        }
+        status
+    }
+
     /// One collection cycle: apply a staged configuration, enumerate,
-    /// track, hash, submit.
+    /// track, hash, submit. With kernel events it is a reconciliation:
+    /// a barrier before the walk (what happened before it is applied),
+    /// the walk, a barrier after it (what happened during it is applied,
+    /// and is newer than the walk), then the comparison.
     fn cycle(&mut self) {
         let start = Instant::now();
         if let Some(next) = self.staged.take() {
             self.apply(next);
         }
         self.next_cycle = Some(start + self.interval());
+        self.last_walk = Some(start);
+        let first = self.n.cycles == 0;
+        let mut events = Vec::new();
+        let mut cutoff = None;
+        if self.kernel.is_some() {
+            let (before, oldest_pending) = self.kernel_sync();
+            // Before the first walk nothing is monitored yet.
+            if !first {
+                self.apply_kernel_now(before, &mut events);
+            }
+            let now = self.source.start_time_now();
+            cutoff = match (now, oldest_pending) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b).or(Some(u64::MAX)),
+            };
+        }
+        self.tracker.begin_walk();
         let mut records = match self.source.refresh() {
             Ok(r) => r,
             Err(e) => {
                 self.n.errors += 1;
                 log::error!("process enumeration failed: {e}");
+                self.deliver(events);
                 return;
             }
         };
@@ -575,8 +694,45 @@ impl Actor {
             records.truncate(self.cfg.max_processes);
         }
         self.n.processes = records.len() as u64;
-        let mut events = self.tracker.update_with(records, unix_ms(), complete);
-        if self.cfg.compute_hashes {
+        let walk = Walk { complete, cutoff };
+        let during = if self.kernel.is_some() { self.kernel_sync().0 } else { Vec::new() };
+        if first {
+            // The snapshot first, then what happened during the walk.
+            events.extend(self.tracker.reconcile(records, unix_ms(), walk));
+            self.apply_kernel_now(during, &mut events);
+        } else {
+            self.apply_kernel_now(during, &mut events);
+            events.extend(self.tracker.reconcile(records, unix_ms(), walk));
+        }
+        self.n.cycles += 1;
+        self.deliver(events);
+        self.n.last_cycle_us = start.elapsed().as_micros() as u64;
+        self.n.last_collection_unix_ms = Some(unix_ms());
+        log::debug!(
+            "cycle {}: {} processes in {} us, {} tracked",
+            self.n.cycles,
+            self.n.processes,
+            self.n.last_cycle_us,
+            self.tracker.len()
+        );
+    }
+
+    fn apply_kernel_now(&mut self, mut observations: Vec<Observation>, events: &mut Vec<ProcessEvent>) {
+        if !self.cfg.excluded_pids.is_empty() {
+            observations.retain(|o| match o {
+                Observation::Process { record, .. } => !self.cfg.excluded_pids.contains(&record.pid),
+                Observation::Exit(x) => !self.cfg.excluded_pids.contains(&x.pid),
+            });
+        }
+        if !observations.is_empty() {
+            events.extend(self.tracker.apply_kernel(observations, unix_ms()));
+        }
+    }
+
+    /// Hashes what needs it, counts, and submits (with what a failed
+    /// submit left).
+    fn deliver(&mut self, mut events: Vec<ProcessEvent>) {
+        if self.cfg.compute_hashes && !events.is_empty() {
             self.hasher.start_cycle();
             for e in &mut events {
                 let wants = e.kind == EventKind::Started
@@ -596,16 +752,6 @@ impl Actor {
         if !events.is_empty() {
             self.submit(events);
         }
-        self.n.cycles += 1;
-        self.n.last_cycle_us = start.elapsed().as_micros() as u64;
-        self.n.last_collection_unix_ms = Some(unix_ms());
-        log::debug!(
-            "cycle {}: {} processes in {} us, {} tracked",
-            self.n.cycles,
-            self.n.processes,
-            self.n.last_cycle_us,
-            self.tracker.len()
-        );
     }
 
     /// Hands a cycle's events to the sink in chunks of [`SUBMIT_CHUNK`]

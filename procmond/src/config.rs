@@ -84,6 +84,51 @@ impl Default for LifecycleConfig {
     }
 }
 
+/// Where events come from (`--events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsMode {
+    /// The kernel's process events where this host gives them to this
+    /// process, else the periodic walk alone (logged once, with the reason).
+    #[default]
+    Auto,
+    /// The kernel's process events, or refuse to start.
+    Kernel,
+    /// The periodic walk alone: processes that live less than an interval
+    /// may never be seen.
+    Poll,
+}
+
+impl EventsMode {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventsMode::Auto => "auto",
+            EventsMode::Kernel => "kernel",
+            EventsMode::Poll => "poll",
+        }
+    }
+}
+
+/// The kernel event source's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelEventsConfig {
+    /// Socket receive buffer to ask for, bytes. When it is full the kernel
+    /// drops events (an overrun: counted, then recovered by a walk). Past
+    /// `net.core.rmem_max` only with CAP_NET_ADMIN.
+    pub receive_buffer_bytes: usize,
+    /// How long a forked child may take to exec before it is reported as
+    /// it is, ms.
+    pub fork_window_ms: u64,
+}
+
+impl Default for KernelEventsConfig {
+    fn default() -> Self {
+        KernelEventsConfig { receive_buffer_bytes: 4 << 20, fork_window_ms: 25 }
+    }
+}
+
 /// Executable hashing limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -147,6 +192,10 @@ pub struct CollectorConfig {
     pub heartbeat_interval: Duration,
     /// In-memory send buffer. Restart-only.
     pub buffer_bytes: usize,
+    /// Where events come from. Restart-only.
+    pub events: EventsMode,
+    /// The kernel event source. Restart-only.
+    pub kernel_events: KernelEventsConfig,
 }
 
 impl CollectorConfig {
@@ -168,6 +217,8 @@ impl CollectorConfig {
             sanitize: SanitizeConfig::default(),
             heartbeat_interval: Duration::from_secs(30),
             buffer_bytes: DEFAULT_BUFFER_BYTES,
+            events: EventsMode::Auto,
+            kernel_events: KernelEventsConfig::default(),
         }
     }
 
@@ -207,6 +258,19 @@ impl CollectorConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        let rcvbuf = self.kernel_events.receive_buffer_bytes;
+        if !(1024..=1 << 30).contains(&rcvbuf) {
+            return Err(invalid(
+                "kernel_events.receive_buffer_bytes",
+                format!("{rcvbuf} is out of range 1024..=1073741824"),
+            ));
+        }
+        if self.kernel_events.fork_window_ms > 1000 {
+            return Err(invalid(
+                "kernel_events.fork_window_ms",
+                format!("{} is out of range 0..=1000", self.kernel_events.fork_window_ms),
+            ));
         }
         for word in &self.sanitize.extra_words {
             if word.trim().is_empty() {
@@ -343,6 +407,10 @@ pub struct ConfigFile {
     pub heartbeat_interval_ms: Option<u64>,
     /// See [`CollectorConfig::buffer_bytes`].
     pub buffer_bytes: Option<usize>,
+    /// See [`CollectorConfig::events`].
+    pub events: Option<EventsMode>,
+    /// See [`CollectorConfig::kernel_events`].
+    pub kernel_events: Option<KernelEventsConfig>,
 }
 
 impl ConfigFile {
@@ -408,6 +476,12 @@ impl ConfigFile {
         }
         if let Some(v) = self.buffer_bytes {
             cfg.buffer_bytes = v;
+        }
+        if let Some(v) = self.events {
+            cfg.events = v;
+        }
+        if let Some(v) = &self.kernel_events {
+            cfg.kernel_events = v.clone();
         }
     }
 }
@@ -499,5 +573,21 @@ mod tests {
         assert_eq!(cfg.database, PathBuf::from("/d/procmond.db"));
         assert!(cfg.lifecycle.command_line && cfg.lifecycle.reparent);
         assert_eq!(ConfigFile::parse("").unwrap(), ConfigFile::default());
+        let file = ConfigFile::parse("events: poll\nkernel_events:\n  fork_window_ms: 5\n").unwrap();
+        file.apply(&mut cfg);
+        assert_eq!((cfg.events, cfg.kernel_events.fork_window_ms), (EventsMode::Poll, 5));
+        assert!(ConfigFile::parse("events: ebpf\n").unwrap_err().contains("ebpf"));
+    }
+
+    #[test]
+    fn kernel_event_settings_out_of_range_are_named() {
+        let mut cfg = base();
+        cfg.kernel_events.receive_buffer_bytes = 10;
+        let err = cfg.validate(Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(err.contains("kernel_events.receive_buffer_bytes") && err.contains("1024"), "{err}");
+        let mut cfg = base();
+        cfg.kernel_events.fork_window_ms = 5000;
+        let err = cfg.validate(Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(err.contains("kernel_events.fork_window_ms"), "{err}");
     }
 }

@@ -201,6 +201,29 @@ pub struct HeartbeatMetrics {
     pub tasks_failed: u64,
     /// Mean task latency in microseconds.
     pub task_latency_avg_us: u64,
+    /// The event source in use and its counters.
+    pub event_source: EventSourceStatus,
+}
+
+/// Where a collector's events come from, and how well that goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventSourceStatus {
+    /// `Kernel`: the kernel's process events, reconciled by the periodic
+    /// walk; `Poll`: the periodic walk alone.
+    pub source: crate::event::EventSource,
+    /// Why the kernel source is not in use when it was wanted (`--events
+    /// auto` fell back to polling), e.g. "needs CAP_NET_ADMIN".
+    pub fallback_reason: Option<String>,
+    /// Kernel events received since start.
+    pub kernel_events: u64,
+    /// Times the kernel reported its queue for us full (events lost).
+    pub overruns: u64,
+    /// Early reconciliations run to recover from lost events (overruns,
+    /// batches the actor could not take).
+    pub resyncs: u64,
+    /// Processes the kernel path missed and the walk reported (started,
+    /// stopped or modified, with source `poll`).
+    pub caught_by_poll: u64,
 }
 
 /// The collector's link to the broker.
@@ -352,6 +375,8 @@ pub struct HealthData {
     pub tasks_failed: u64,
     /// Mean time from a task's arrival to its reply, in microseconds.
     pub task_latency_avg_us: u64,
+    /// The event source in use and its counters.
+    pub event_source: EventSourceStatus,
 }
 
 impl HealthData {

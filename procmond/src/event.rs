@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use daemoneye_platform::{Field, ProcessRecord, Unavailable};
+use daemoneye_platform::{ExitStatus, Field, ProcessRecord, Unavailable};
 use serde::{Deserialize, Serialize};
 
 /// Topic prefix of process events; the kind is the last segment.
@@ -116,7 +116,42 @@ pub enum HashOutcome {
     Unavailable(Unavailable),
 }
 
+/// Which path of the collector saw an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum EventSource {
+    /// The periodic enumeration: the first snapshot, and in kernel mode
+    /// what reconciliation caught that the kernel path missed.
+    #[default]
+    Poll,
+    /// The kernel's process events, as they happened.
+    Kernel,
+}
+
+impl EventSource {
+    /// The lowercase name used in stores and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::Poll => "poll",
+            EventSource::Kernel => "kernel",
+        }
+    }
+}
+
+/// When a change that happened while the collector was not running took
+/// place: somewhere after `after_unix_ms` and before `before_unix_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateWindow {
+    /// The last moment the collector knew the earlier state (Unix ms).
+    pub after_unix_ms: u64,
+    /// When the collector saw the new state after its restart (Unix ms).
+    pub before_unix_ms: u64,
+}
+
 /// One lifecycle event of one process.
+///
+/// Encoding: postcard, fields in this order. Version 2 appended `source`,
+/// `late` and `exit`; a version 1 record (without them) still decodes, as
+/// `source: Poll`, not late, no exit status (see [`ProcessEvent::decode`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessEvent {
     /// What happened.
@@ -134,6 +169,80 @@ pub struct ProcessEvent {
     /// SHA-256 of the executable; `None` when hashing is off (or, for
     /// `Stopped` and non-exec `Modified`, not recomputed).
     pub sha256: Option<HashOutcome>,
+    /// The path that saw it.
+    pub source: EventSource,
+    /// Set when it happened while the collector was down (found at its
+    /// restart), with the window it happened in.
+    pub late: Option<LateWindow>,
+    /// How the process ended (`Stopped` from the kernel path only; the
+    /// poll cannot know).
+    pub exit: Option<ExitStatus>,
+}
+
+/// The version 1 layout of [`ProcessEvent`], read from older WALs and
+/// stores.
+#[derive(Deserialize)]
+struct ProcessEventV1 {
+    kind: EventKind,
+    snapshot: bool,
+    changes: Vec<Change>,
+    observed_unix_ms: u64,
+    process: ProcessRecord,
+    sha256: Option<HashOutcome>,
+}
+
+impl From<ProcessEventV1> for ProcessEvent {
+    fn from(v1: ProcessEventV1) -> ProcessEvent {
+        ProcessEvent {
+            kind: v1.kind,
+            snapshot: v1.snapshot,
+            changes: v1.changes,
+            observed_unix_ms: v1.observed_unix_ms,
+            process: v1.process,
+            sha256: v1.sha256,
+            source: EventSource::Poll,
+            late: None,
+            exit: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EventEnvelopeV1 {
+    collector_id: String,
+    stream_id: u64,
+    seq: u64,
+    event: ProcessEventV1,
+}
+
+/// Decodes `bytes` as the current layout, else as the version 1 layout
+/// (which ends where version 2 appended its fields, so a version 1 record
+/// never decodes as the current one). The error is the current layout's.
+fn decode_either<T: serde::de::DeserializeOwned, V1: serde::de::DeserializeOwned + Into<T>>(
+    bytes: &[u8],
+) -> Result<T, postcard::Error> {
+    match postcard::from_bytes::<T>(bytes) {
+        Ok(v) => Ok(v),
+        Err(e) => postcard::from_bytes::<V1>(bytes).map(Into::into).map_err(|_| e),
+    }
+}
+
+impl ProcessEvent {
+    /// Decodes a postcard-encoded event of either version.
+    pub fn decode(bytes: &[u8]) -> Result<ProcessEvent, postcard::Error> {
+        decode_either::<ProcessEvent, ProcessEventV1>(bytes)
+    }
+}
+
+impl From<EventEnvelopeV1> for EventEnvelope {
+    fn from(v1: EventEnvelopeV1) -> EventEnvelope {
+        EventEnvelope {
+            collector_id: v1.collector_id,
+            stream_id: v1.stream_id,
+            seq: v1.seq,
+            event: v1.event.into(),
+        }
+    }
 }
 
 /// An event with its place in the collector's stream: the bus and WAL
@@ -158,9 +267,10 @@ impl EventEnvelope {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
-    /// Decodes [`EventEnvelope::encode`]'s bytes.
+    /// Decodes [`EventEnvelope::encode`]'s bytes, of this version or
+    /// version 1 (a WAL written before the upgrade).
     pub fn decode(bytes: &[u8]) -> Result<EventEnvelope, postcard::Error> {
-        postcard::from_bytes(bytes)
+        decode_either::<EventEnvelope, EventEnvelopeV1>(bytes)
     }
 }
 
@@ -238,12 +348,24 @@ impl ProcessEvent {
             Some(HashOutcome::Unavailable(why)) => format!(" sha256=-({why})"),
             None => String::new(),
         };
+        let exit = match self.exit {
+            Some(ExitStatus::Code(code)) => format!(" exit={code}"),
+            Some(ExitStatus::Signal { signal, core_dumped }) => {
+                format!(" signal={signal}{}", if core_dumped { "(core)" } else { "" })
+            }
+            None => String::new(),
+        };
+        let late = match self.late {
+            Some(w) => format!(" late={}..{}", w.after_unix_ms, w.before_unix_ms),
+            None => String::new(),
+        };
         format!(
-            "{what:<10} pid={} ppid={} user={user} name={:?} exe={exe}{deleted}{args}{hash} started={}",
+            "{what:<10} pid={} ppid={} user={user} name={:?} exe={exe}{deleted}{args}{hash} started={}{exit}{late} source={}",
             p.pid,
             p.ppid,
             p.name,
-            field(&p.started_unix)
+            field(&p.started_unix),
+            self.source.as_str(),
         )
     }
 }
@@ -260,5 +382,54 @@ mod tests {
             assert!(daemoneye_bus::validate_topic(kind.topic()).is_ok());
         }
         assert_eq!(EventKind::parse("exploded"), None);
+    }
+
+    #[test]
+    fn version_1_records_still_decode() {
+        let event = ProcessEvent {
+            kind: EventKind::Stopped,
+            snapshot: false,
+            changes: vec![Change::Exec],
+            observed_unix_ms: 5,
+            process: crate::testing::record(7, 70, "old"),
+            sha256: Some(HashOutcome::Deferred),
+            source: EventSource::Kernel,
+            late: Some(LateWindow { after_unix_ms: 1, before_unix_ms: 2 }),
+            exit: Some(ExitStatus::Signal { signal: 9, core_dumped: false }),
+        };
+        let env = EventEnvelope { collector_id: "c".into(), stream_id: 3, seq: 4, event: event.clone() };
+        assert_eq!(EventEnvelope::decode(&env.encode()).unwrap(), env);
+        // Version 1 bytes: the same fields without the three appended ones.
+        #[derive(Serialize)]
+        struct V1<'a>(
+            &'a str,
+            u64,
+            u64,
+            EventKind,
+            bool,
+            &'a [Change],
+            u64,
+            &'a ProcessRecord,
+            &'a Option<HashOutcome>,
+        );
+        let v1 = postcard::to_stdvec(&V1(
+            "c",
+            3,
+            4,
+            event.kind,
+            false,
+            &event.changes,
+            5,
+            &event.process,
+            &event.sha256,
+        ))
+        .unwrap();
+        let old = EventEnvelope::decode(&v1).expect("a version 1 envelope decodes");
+        assert_eq!(
+            (old.seq, old.event.kind, old.event.source, old.event.late, old.event.exit),
+            (4, EventKind::Stopped, EventSource::Poll, None, None)
+        );
+        assert_eq!(old.event.process, event.process);
+        assert!(EventEnvelope::decode(&v1[..v1.len() - 3]).is_err(), "a cut record is still an error");
     }
 }

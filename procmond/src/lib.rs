@@ -16,6 +16,7 @@ pub mod connector;
 pub mod control;
 pub mod event;
 pub mod hash;
+pub mod kernel;
 pub mod registration;
 pub mod render;
 pub mod rpc;

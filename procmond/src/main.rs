@@ -17,10 +17,12 @@ use crossbeam_channel::{bounded, select, tick};
 use daemoneye_bus::{Client, ClientConfig};
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use daemoneye_platform::signals;
+use daemoneye_platform::{KernelEventSource, KernelSourceConfig};
 use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
-use procmond::config::{CollectorConfig, ConfigFile, INTERVAL_RANGE_SECS};
+use procmond::config::{CollectorConfig, ConfigFile, EventsMode, INTERVAL_RANGE_SECS};
 use procmond::connector::{Connector, ConnectorConfig};
 use procmond::control::{self, RpcResponse};
+use procmond::kernel::{KernelConfig, KernelHandle};
 use procmond::registration::{Registration, RegistrationConfig};
 use procmond::rpc::{RpcService, ShutdownRequest};
 use procmond::standalone::StoreSink;
@@ -75,6 +77,11 @@ struct Cli {
     /// Seconds between heartbeats to the agent (1-3600) [default: 30].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     heartbeat_interval: Option<u64>,
+    /// Where events come from: auto (the kernel's process events where
+    /// available, else polling), kernel (or refuse to start), poll (every
+    /// --interval only: short-lived processes are missed) [default: auto].
+    #[arg(long, value_enum, value_name = "SOURCE")]
+    events: Option<EventsMode>,
     /// Stay in the terminal: log to stderr and print each event on stdout.
     #[arg(long)]
     foreground: bool,
@@ -158,6 +165,7 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
         heartbeat_interval_ms: cli.heartbeat_interval.map(|s| s * 1000),
         enhanced_metadata: cli.enhanced_metadata.then_some(true),
         compute_hashes: cli.compute_hashes.then_some(true),
+        events: cli.events,
         ..ConfigFile::default()
     };
     flags.apply(&mut cfg);
@@ -210,6 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         report.privileges.summary
     );
     let source = daemoneye_platform::default_source().context("cannot open the process table")?;
+    // Subscribed before anything is enumerated, so nothing falls between
+    // the first walk and the first kernel event.
+    let (_kernel, kernel_link, kernel_fallback) = open_kernel_events(&cfg)?;
     let (shutdown_tx, shutdown_rx) = bounded::<ShutdownRequest>(4);
     let signal_tx = shutdown_tx.clone();
     let _signals = signals::ShutdownSignals::start(
@@ -219,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         |_| {},
     )?;
-    let mut opts = ActorOptions::default();
+    let mut opts = ActorOptions { kernel: kernel_link, kernel_fallback, ..ActorOptions::default() };
     if cli.foreground {
         opts.observer = Some(printer(cli.format));
     }
@@ -328,6 +339,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     flushed?;
     log::info!("stopped");
     Ok(())
+}
+
+/// Opens the kernel event source as `--events` asks: with `auto`, falls
+/// back to polling (logged once, with the reason); with `kernel`, an
+/// unavailable source is an error.
+fn open_kernel_events(
+    cfg: &CollectorConfig,
+) -> anyhow::Result<(Option<KernelHandle>, Option<procmond::kernel::KernelLink>, Option<String>)> {
+    if cfg.events == EventsMode::Poll {
+        log::info!(
+            "event source: poll every {:?} (--events poll): processes that live less than that may be missed",
+            cfg.interval
+        );
+        return Ok((None, None, None));
+    }
+    let source_cfg = KernelSourceConfig {
+        receive_buffer_bytes: cfg.kernel_events.receive_buffer_bytes,
+        ..KernelSourceConfig::default()
+    };
+    match KernelEventSource::open(source_cfg) {
+        Ok(source) => {
+            log::info!(
+                "event source: kernel ({}, receive buffer {} bytes), reconciled by a walk every {:?}",
+                source.backend(),
+                source.receive_buffer_bytes(),
+                cfg.interval
+            );
+            let kcfg = KernelConfig {
+                fork_window: Duration::from_millis(cfg.kernel_events.fork_window_ms),
+                ..KernelConfig::default()
+            };
+            let (handle, link) =
+                KernelHandle::start(source, kcfg).context("cannot start the kernel event thread")?;
+            Ok((Some(handle), Some(link), None))
+        }
+        Err(why) if cfg.events == EventsMode::Kernel => {
+            bail!("--events kernel: kernel process events are not available: {why}")
+        }
+        Err(why) => {
+            log::warn!(
+                "event source: poll every {:?}, kernel process events unavailable ({why}): processes that live less than that may be missed",
+                cfg.interval
+            );
+            Ok((None, None, Some(why.to_string())))
+        }
+    }
 }
 
 /// Asks the actor to finish and flush, and waits for its thread. A full

@@ -327,6 +327,7 @@ impl Manager {
                 tasks_served: 0,
                 tasks_failed: 0,
                 task_latency_avg_us: 0,
+                event_source: Default::default(),
             },
             |h| HeartbeatMetrics {
                 processes_collected: h.processes,
@@ -338,6 +339,7 @@ impl Manager {
                 tasks_served: h.tasks_served,
                 tasks_failed: h.tasks_failed,
                 task_latency_avg_us: h.task_latency_avg_us,
+                event_source: h.event_source.clone(),
             },
         );
         let hb = Heartbeat {

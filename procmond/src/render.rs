@@ -71,6 +71,9 @@ mod tests {
                 observed_unix_ms: 1_000,
                 process: crate::testing::record(10, 5, "sshd"),
                 sha256: None,
+                source: crate::event::EventSource::Poll,
+                late: None,
+                exit: None,
             },
         };
         let human = human_line(&env);

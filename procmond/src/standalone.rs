@@ -88,6 +88,9 @@ mod tests {
                 observed_unix_ms: 1,
                 process: record(i + 1, 1, "p"),
                 sha256: None,
+                source: crate::event::EventSource::Poll,
+                late: None,
+                exit: None,
             })
             .collect()
     }

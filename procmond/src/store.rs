@@ -663,7 +663,7 @@ impl EventStore {
                 id,
                 reason: format!("record is {}, not a blob", record.data_type()),
             })?;
-            let event: ProcessEvent = postcard::from_bytes(bytes)
+            let event = ProcessEvent::decode(bytes)
                 .map_err(|e| StoreError::Corrupt { id, reason: format!("record does not decode: {e}") })?;
             events.push(StoredEvent { id, collector_id, stream_id, seq, event });
         }
@@ -1010,6 +1010,9 @@ mod tests {
             observed_unix_ms: observed_ms,
             process: record(pid, name),
             sha256: Some(HashOutcome::Sha256("ab".repeat(32))),
+            source: crate::event::EventSource::Kernel,
+            late: None,
+            exit: Some(daemoneye_platform::ExitStatus::Code(3)),
         }
     }
 

@@ -34,6 +34,9 @@ pub fn envelope(
             observed_unix_ms,
             process,
             sha256: None,
+            source: crate::event::EventSource::Poll,
+            late: None,
+            exit: None,
         },
     }
 }

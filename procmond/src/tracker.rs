@@ -11,18 +11,94 @@
 //! exec): the tracker keeps the sanitized details beside the platform's
 //! shared `Arc` and reuses them while that `Arc` is unchanged, so a steady
 //! cycle sanitizes nothing. Nothing unsanitized leaves this module.
+//!
+//! Two inputs feed it, both on the actor thread, so they cannot disagree:
+//! whole process lists ([`Tracker::reconcile`], the poll) and the kernel
+//! path's observations ([`Tracker::apply_kernel`]: a process read right
+//! after its fork, exec or credential change, or its exit with the exit
+//! status). With the kernel path on, a process list only reconciles:
+//!
+//! - A process that started at or after the list's `cutoff` (the walk's
+//!   start, or the oldest fork the kernel path still holds) is the kernel
+//!   path's to report: the list neither starts it nor stops it.
+//! - A process the kernel path touched since [`Tracker::begin_walk`] is
+//!   newer in the tracker than in the list: it is not diffed.
+//! - An identity the kernel path stopped is remembered (a tombstone) for
+//!   two walks, so a list that still shows it (a zombie, a walk that read
+//!   it just before its exit) cannot start it again.
+//!
+//! Invariant: no identity gets two Started or two Stopped events.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use daemoneye_platform::{
-    FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
+    ExitStatus, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
 };
 
 use crate::config::LifecycleConfig;
-use crate::event::{Change, EventKind, ProcessEvent};
+use crate::event::{Change, EventKind, EventSource, ProcessEvent};
 use crate::sanitize::Sanitizer;
+
+/// Why the kernel path read a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It was forked and did not exec within the fork window.
+    Fork,
+    /// It executed a program.
+    Exec,
+    /// Its user or group ids changed.
+    Credentials,
+}
+
+/// What the kernel path saw, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// A process as read right after `cause` (details `Vanished` if it was
+    /// gone before they could be read).
+    Process {
+        /// The record, unsanitized.
+        record: ProcessRecord,
+        /// What happened to it.
+        cause: Cause,
+    },
+    /// A process ended.
+    Exit(ExitObservation),
+}
+
+/// A process's exit as the kernel reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExitObservation {
+    /// The process id.
+    pub pid: u32,
+    /// Its start time, when the kernel path read it (else the tracker's
+    /// live process with that pid is the one).
+    pub start_time: Option<u64>,
+    /// How it ended.
+    pub status: ExitStatus,
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
+    /// What to report for a process never seen alive: pid, parent, name,
+    /// start time as far as known, details `Vanished`.
+    pub unseen: Option<ProcessRecord>,
+}
+
+/// How a process list is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Walk {
+    /// The list is whole (not cut at `max_processes`): a process missing
+    /// from it has stopped.
+    pub complete: bool,
+    /// With the kernel path on: processes whose start time is at or after
+    /// this are the kernel path's to report (see the module docs).
+    pub cutoff: Option<u64>,
+}
+
+impl Walk {
+    /// A whole list in poll mode.
+    pub const POLL: Walk = Walk { complete: true, cutoff: None };
+}
 
 /// What the tracker remembers of one live process.
 struct Tracked {
@@ -35,6 +111,8 @@ struct Tracked {
     reported: bool,
     /// An exe replacement or deletion was reported already.
     exe_change_reported: bool,
+    /// The walk during which the kernel path last updated it.
+    touched: u64,
 }
 
 /// The lifecycle tracker. Owned by the actor thread.
@@ -45,13 +123,30 @@ pub struct Tracker {
     enhanced: bool,
     cycles: u64,
     sanitized: u64,
+    /// Walks begun ([`Tracker::begin_walk`]).
+    walk: u64,
+    /// Identities the kernel path stopped, with the walk they were stopped
+    /// in (kept two walks).
+    tombstones: HashMap<ProcessKey, u64>,
+    /// Processes the last list reported that the kernel path had missed.
+    caught_by_poll: u64,
 }
 
 impl Tracker {
     /// A tracker with nothing seen yet. Without `enhanced` metadata, cwd,
     /// session, threads and CPU time are left out (`NotCollected`).
     pub fn new(cfg: LifecycleConfig, sanitizer: Sanitizer, enhanced: bool) -> Tracker {
-        Tracker { live: HashMap::new(), cfg, sanitizer, enhanced, cycles: 0, sanitized: 0 }
+        Tracker {
+            live: HashMap::new(),
+            cfg,
+            sanitizer,
+            enhanced,
+            cycles: 0,
+            sanitized: 0,
+            walk: 0,
+            tombstones: HashMap::new(),
+            caught_by_poll: 0,
+        }
     }
 
     /// Replaces the lifecycle settings (hot reload, between cycles).
@@ -93,7 +188,7 @@ impl Tracker {
     /// the events. Stopped events come first, then Started, then Modified,
     /// each ordered by pid.
     pub fn update(&mut self, records: Vec<ProcessRecord>, now_unix_ms: u64) -> Vec<ProcessEvent> {
-        self.update_with(records, now_unix_ms, true)
+        self.reconcile(records, now_unix_ms, Walk::POLL)
     }
 
     /// Like [`Tracker::update`]; with `complete` false (the list was cut
@@ -105,21 +200,50 @@ impl Tracker {
         now_unix_ms: u64,
         complete: bool,
     ) -> Vec<ProcessEvent> {
+        self.reconcile(records, now_unix_ms, Walk { complete, cutoff: None })
+    }
+
+    /// Marks the start of a walk over the process table: kernel
+    /// observations applied from now on are newer than the list it yields.
+    /// Tombstones older than the previous walk are dropped.
+    pub fn begin_walk(&mut self) {
+        self.walk += 1;
+        let keep_from = self.walk.saturating_sub(1);
+        self.tombstones.retain(|_, w| *w >= keep_from);
+    }
+
+    /// Processes that reconciliation reported (started, stopped or
+    /// modified) because the kernel path had missed them, since start.
+    pub fn caught_by_poll(&self) -> u64 {
+        self.caught_by_poll
+    }
+
+    /// Identities remembered as stopped by the kernel path.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Compares a process list with what is tracked (see the module docs
+    /// for what `walk.cutoff` changes). Stopped events come first, then
+    /// Started, then Modified, each ordered by pid; all with source `poll`.
+    pub fn reconcile(
+        &mut self,
+        records: Vec<ProcessRecord>,
+        now_unix_ms: u64,
+        walk: Walk,
+    ) -> Vec<ProcessEvent> {
         let first = self.cycles == 0;
         self.cycles += 1;
+        let kernel = walk.cutoff.is_some();
+        let kernels = |key: &ProcessKey| walk.cutoff.is_some_and(|c| key.start_time >= c);
         let mut stopped = Vec::new();
         let mut started = Vec::new();
         let mut modified = Vec::new();
         let mut seen: HashSet<ProcessKey> = HashSet::with_capacity(records.len());
         // Each distinct executable path is checked once per cycle.
         let mut on_disk: HashMap<PathBuf, OnDisk> = HashMap::new();
-        let event = |tracker: &Tracker, kind, snapshot, changes, process| ProcessEvent {
-            kind,
-            snapshot,
-            changes,
-            observed_unix_ms: now_unix_ms,
-            process: tracker.for_event(process),
-            sha256: None,
+        let event = |tracker: &Tracker, kind, snapshot, changes, process| {
+            tracker.event(kind, snapshot, changes, process, now_unix_ms, EventSource::Poll)
         };
 
         for raw in records {
@@ -127,25 +251,37 @@ impl Tracker {
             if !seen.insert(key) {
                 continue;
             }
-            let old_enough = self.cfg.min_age_ms == 0
-                || raw
-                    .started_unix
-                    .map_or(true, |s| now_unix_ms.saturating_sub(s * 1000) >= self.cfg.min_age_ms);
+            let old_enough = self.old_enough(&raw, now_unix_ms);
             match self.live.get_mut(&key) {
+                None if kernel && (kernels(&key) || self.tombstones.contains_key(&key)) => {}
+                // Exited before it was ever seen alive: with the kernel path
+                // on, its exit is (or was) reported there.
+                None if kernel && raw.state == ProcessState::Zombie => {}
                 None => {
                     let details = self.clean(&raw.details);
                     let record = self.strip(raw.clone(), details);
                     let report = old_enough && (!first || self.cfg.snapshot_on_start);
                     if report {
+                        if kernel && !first {
+                            self.caught_by_poll += 1;
+                        }
                         started.push(event(self, EventKind::Started, first, Vec::new(), record.clone()));
                     }
                     // Not yet old enough: reported later, if it lives.
                     let reported = report || (first && old_enough);
                     self.live.insert(
                         key,
-                        Tracked { record, raw: raw.details, reported, exe_change_reported: false },
+                        Tracked {
+                            record,
+                            raw: raw.details,
+                            reported,
+                            exe_change_reported: false,
+                            touched: 0,
+                        },
                     );
                 }
+                // The kernel path saw it during the walk: its record is newer.
+                Some(t) if kernel && t.touched == self.walk => {}
                 Some(t) if raw.state == ProcessState::Zombie => {
                     // Exited, not yet reaped: its details are gone, not
                     // changed. Keep the last live record for the stop.
@@ -153,42 +289,28 @@ impl Tracker {
                 }
                 Some(_) => {
                     let mut t = self.live.remove(&key).unwrap_or_else(|| unreachable!());
-                    let same_details = Arc::ptr_eq(&t.raw, &raw.details);
-                    let details =
-                        if same_details { t.record.details.clone() } else { self.clean(&raw.details) };
-                    let record = self.strip(raw.clone(), details);
-                    if !t.reported {
-                        if old_enough {
-                            started.push(event(self, EventKind::Started, false, Vec::new(), record.clone()));
-                            t.reported = true;
+                    if let Some(e) =
+                        self.refresh(&mut t, raw, old_enough, &mut on_disk, now_unix_ms, EventSource::Poll)
+                    {
+                        if kernel {
+                            self.caught_by_poll += 1;
                         }
-                    } else {
-                        let mut changes = self.diff(&t.record, &record);
-                        if self.cfg.exe_changes && !changes.contains(&Change::Exec) {
-                            if !t.exe_change_reported
-                                && let Some(c) = exe_on_disk_change(&record, &mut on_disk)
-                            {
-                                changes.push(c);
-                                t.exe_change_reported = true;
-                            }
-                        } else if changes.contains(&Change::Exec) {
-                            t.exe_change_reported = false;
-                        }
-                        if !changes.is_empty() {
-                            changes.sort();
-                            changes.dedup();
-                            modified.push(event(self, EventKind::Modified, false, changes, record.clone()));
+                        match e.kind {
+                            EventKind::Started => started.push(e),
+                            _ => modified.push(e),
                         }
                     }
-                    t.record = record;
-                    t.raw = raw.details;
                     self.live.insert(key, t);
                 }
             }
         }
 
-        let gone: Vec<ProcessKey> = if complete {
-            self.live.keys().filter(|k| !seen.contains(k)).copied().collect()
+        let gone: Vec<ProcessKey> = if walk.complete {
+            self.live
+                .iter()
+                .filter(|(k, t)| !(seen.contains(k) || kernels(k) || (kernel && t.touched == self.walk)))
+                .map(|(k, _)| *k)
+                .collect()
         } else {
             Vec::new()
         };
@@ -196,6 +318,10 @@ impl Tracker {
             if let Some(t) = self.live.remove(&key)
                 && t.reported
             {
+                if kernel {
+                    self.caught_by_poll += 1;
+                    self.tombstones.insert(key, self.walk);
+                }
                 stopped.push(event(self, EventKind::Stopped, false, Vec::new(), t.record));
             }
         }
@@ -205,6 +331,215 @@ impl Tracker {
         stopped.extend(started);
         stopped.extend(modified);
         stopped
+    }
+
+    /// Applies the kernel path's observations, in order. Events carry
+    /// source `kernel`; nothing already reported is reported again.
+    pub fn apply_kernel(&mut self, observations: Vec<Observation>, now_unix_ms: u64) -> Vec<ProcessEvent> {
+        let mut events = Vec::new();
+        let mut on_disk: HashMap<PathBuf, OnDisk> = HashMap::new();
+        for obs in observations {
+            match obs {
+                Observation::Process { record, cause } => {
+                    let key = record.key();
+                    if self.tombstones.contains_key(&key) {
+                        continue;
+                    }
+                    let old_enough = self.old_enough(&record, now_unix_ms);
+                    match self.live.remove(&key) {
+                        Some(t) if cause == Cause::Fork || record.state == ProcessState::Zombie => {
+                            // Nothing new: a fork read of a process already
+                            // known, or a read that came after its exit.
+                            self.live.insert(key, t);
+                        }
+                        Some(mut t) => {
+                            t.touched = self.walk;
+                            if let Some(e) = self.refresh(
+                                &mut t,
+                                record,
+                                old_enough,
+                                &mut on_disk,
+                                now_unix_ms,
+                                EventSource::Kernel,
+                            ) {
+                                events.push(e);
+                            }
+                            self.live.insert(key, t);
+                        }
+                        None => {
+                            let details = self.clean(&record.details);
+                            let rec = self.strip(record.clone(), details);
+                            if old_enough {
+                                events.push(self.event(
+                                    EventKind::Started,
+                                    false,
+                                    Vec::new(),
+                                    rec.clone(),
+                                    now_unix_ms,
+                                    EventSource::Kernel,
+                                ));
+                            }
+                            self.live.insert(
+                                key,
+                                Tracked {
+                                    record: rec,
+                                    raw: record.details,
+                                    reported: old_enough,
+                                    exe_change_reported: false,
+                                    touched: self.walk,
+                                },
+                            );
+                        }
+                    }
+                }
+                Observation::Exit(exit) => self.apply_exit(exit, now_unix_ms, &mut events),
+            }
+        }
+        events
+    }
+
+    fn apply_exit(&mut self, exit: ExitObservation, now_unix_ms: u64, events: &mut Vec<ProcessEvent>) {
+        let key = match exit.start_time {
+            Some(start_time) => Some(ProcessKey { pid: exit.pid, start_time }),
+            // The newest live identity with that pid: an older one would
+            // have exited before the pid could be reused.
+            None => self.live.keys().filter(|k| k.pid == exit.pid).max_by_key(|k| k.start_time).copied(),
+        };
+        let stop = |tracker: &Tracker, record| {
+            let mut e = tracker.event(
+                EventKind::Stopped,
+                false,
+                Vec::new(),
+                record,
+                exit.at_unix_ms,
+                EventSource::Kernel,
+            );
+            e.exit = Some(exit.status);
+            e
+        };
+        if let Some(key) = key
+            && let Some(t) = self.live.remove(&key)
+        {
+            self.tombstones.insert(key, self.walk);
+            if t.reported {
+                events.push(stop(self, t.record));
+            }
+            return;
+        }
+        if key.is_some_and(|k| self.tombstones.contains_key(&k)) {
+            return;
+        }
+        // Never seen alive: record what is known, invent nothing.
+        let Some(mut unseen) = exit.unseen else { return };
+        if unseen.name.is_empty()
+            && let Some(parent) =
+                self.live.values().filter(|t| t.record.pid == unseen.ppid).max_by_key(|t| t.record.start_time)
+        {
+            // Gone before its first read and before any exec: a forked
+            // child still bears its parent's name.
+            unseen.name = parent.record.name.clone();
+        }
+        let key = unseen.key();
+        if self.tombstones.contains_key(&key) || self.cfg.min_age_ms > 0 {
+            return;
+        }
+        self.tombstones.insert(key, self.walk);
+        let details = self.clean(&unseen.details);
+        let record = self.strip(unseen, details);
+        events.push(self.event(
+            EventKind::Started,
+            false,
+            Vec::new(),
+            record.clone(),
+            now_unix_ms,
+            EventSource::Kernel,
+        ));
+        events.push(stop(self, record));
+    }
+
+    /// Whether a process is old enough to report (`min_age_ms`).
+    fn old_enough(&self, raw: &ProcessRecord, now_unix_ms: u64) -> bool {
+        self.cfg.min_age_ms == 0
+            || raw.started_unix.map_or(true, |s| now_unix_ms.saturating_sub(s * 1000) >= self.cfg.min_age_ms)
+    }
+
+    /// Takes a new record of a tracked process: its deferred Started, or
+    /// a Modified with what changed.
+    fn refresh(
+        &mut self,
+        t: &mut Tracked,
+        raw: ProcessRecord,
+        old_enough: bool,
+        on_disk: &mut HashMap<PathBuf, OnDisk>,
+        now_unix_ms: u64,
+        source: EventSource,
+    ) -> Option<ProcessEvent> {
+        let same_details = Arc::ptr_eq(&t.raw, &raw.details);
+        let details = if same_details { t.record.details.clone() } else { self.clean(&raw.details) };
+        let record = self.strip(raw.clone(), details);
+        let mut out = None;
+        if !t.reported {
+            if old_enough {
+                out = Some(self.event(
+                    EventKind::Started,
+                    false,
+                    Vec::new(),
+                    record.clone(),
+                    now_unix_ms,
+                    source,
+                ));
+                t.reported = true;
+            }
+        } else {
+            let mut changes = self.diff(&t.record, &record);
+            if self.cfg.exe_changes && !changes.contains(&Change::Exec) {
+                if !t.exe_change_reported
+                    && let Some(c) = exe_on_disk_change(&record, on_disk)
+                {
+                    changes.push(c);
+                    t.exe_change_reported = true;
+                }
+            } else if changes.contains(&Change::Exec) {
+                t.exe_change_reported = false;
+            }
+            if !changes.is_empty() {
+                changes.sort();
+                changes.dedup();
+                out = Some(self.event(
+                    EventKind::Modified,
+                    false,
+                    changes,
+                    record.clone(),
+                    now_unix_ms,
+                    source,
+                ));
+            }
+        }
+        t.record = record;
+        t.raw = raw.details;
+        out
+    }
+
+    fn event(
+        &self,
+        kind: EventKind,
+        snapshot: bool,
+        changes: Vec<Change>,
+        process: ProcessRecord,
+        now_unix_ms: u64,
+        source: EventSource,
+    ) -> ProcessEvent {
+        ProcessEvent {
+            kind,
+            snapshot,
+            changes,
+            observed_unix_ms: now_unix_ms,
+            process: self.for_event(process),
+            sha256: None,
+            source,
+            late: None,
+            exit: None,
+        }
     }
 
     /// What changed between two records of the same identity.

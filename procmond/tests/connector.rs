@@ -22,6 +22,9 @@ fn event(pid: u32) -> ProcessEvent {
         observed_unix_ms: 1,
         process: record(pid, u64::from(pid), "spill"),
         sha256: None,
+        source: procmond::event::EventSource::Poll,
+        late: None,
+        exit: None,
     }
 }
 

@@ -1,0 +1,465 @@
+//! The kernel event thread (`procmond-kernel`): owns the platform's
+//! [`KernelEventSource`], turns fork, exec, credential and exit events into
+//! [`Observation`]s, and hands them to the actor in batches.
+//!
+//! - On an exec it reads the process at once (`/proc/<pid>` through one
+//!   opened directory), while it still runs. A fork is held for
+//!   [`KernelConfig::fork_window`]: most children exec within it, and then
+//!   one Started carries the new program; a child that does not is read
+//!   when the window closes. A process gone before it could be read is
+//!   still reported, with its details `Vanished`.
+//! - It never blocks on the actor: batches go out with `try_send` on a
+//!   bounded channel; while that is full the next batch grows
+//!   (coalescing), and past [`KernelConfig::max_batch`] observations it is
+//!   dropped and a resync requested, so the actor's next walk recovers
+//!   what was lost. Kernel overruns request a resync too. Both are counted.
+//! - Barrier: the actor sends a [`SyncRequest`] before and after each walk
+//!   (see [`crate::tracker`]); the thread drains the socket, closes nothing
+//!   early, and answers with everything it holds plus the start time of
+//!   the oldest fork it still holds.
+//!
+//! Shutdown: dropping [`KernelHandle`] sets a flag, wakes the thread
+//! through the source's waker and joins it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use daemoneye_platform::{
+    KernelEvent, KernelEventKind, KernelEventSource, KernelWaker, ProcessDetails, ProcessRecord,
+    ProcessState, Unavailable, Wakeup,
+};
+
+use crate::tracker::{Cause, ExitObservation, Observation};
+
+/// Batches the channel to the actor holds.
+pub const CHANNEL_CAPACITY: usize = 64;
+/// Datagrams read per wake-up before other work (forks due, batches).
+const READ_CHUNK: usize = 256;
+/// How long an exited pid is remembered, so a fork event that arrives
+/// after its exit (events from different CPUs) is not taken for a new
+/// process.
+const EXITED_MEMORY: Duration = Duration::from_secs(2);
+/// How long a fork that could not be read waits for its exit event.
+const UNREAD_FORK_LIMIT: Duration = Duration::from_secs(5);
+
+/// Settings of the kernel thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// How long a forked child may take to exec before it is reported as
+    /// it is.
+    pub fork_window: Duration,
+    /// Observations held while the actor takes no batch; past it they are
+    /// dropped and a resync requested.
+    pub max_batch: usize,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig { fork_window: Duration::from_millis(25), max_batch: 100_000 }
+    }
+}
+
+/// What the thread sends the actor.
+#[derive(Debug)]
+pub enum KernelMessage {
+    /// Observations, in the order they happened.
+    Batch(Vec<Observation>),
+    /// Events were lost: reconcile soon.
+    Resync {
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// The answer to a [`SyncRequest`].
+#[derive(Debug)]
+pub struct SyncReply {
+    /// Everything held that was not sent yet (after what the channel holds).
+    pub observations: Vec<Observation>,
+    /// The start time of the oldest fork still held (not yet reported).
+    pub oldest_pending: Option<u64>,
+}
+
+/// Asks the thread to drain the socket and hand over what it holds.
+pub type SyncRequest = Sender<SyncReply>;
+
+/// Counters shared with the actor's health reports.
+#[derive(Debug, Default)]
+pub struct KernelStats {
+    /// Events received (all kinds, threads included).
+    pub received: AtomicU64,
+    /// Kernel overruns (`ENOBUFS`).
+    pub overruns: AtomicU64,
+    /// Resyncs requested (overruns, dropped batches).
+    pub resyncs: AtomicU64,
+    /// Observations dropped because the actor did not keep up.
+    pub dropped: AtomicU64,
+    /// Datagrams refused as malformed or foreign.
+    pub malformed: AtomicU64,
+}
+
+/// The actor's side of the link.
+pub struct KernelLink {
+    /// Batches and resync requests.
+    pub rx: Receiver<KernelMessage>,
+    /// Barrier requests.
+    pub sync: Sender<SyncRequest>,
+    /// Wakes the thread after a sync request.
+    pub waker: KernelWaker,
+    /// Counters.
+    pub stats: Arc<KernelStats>,
+}
+
+impl KernelLink {
+    /// Drains the socket through the thread and returns what it held, or
+    /// `None` if it did not answer within `timeout` (or is gone).
+    pub fn sync(&self, timeout: Duration) -> Option<SyncReply> {
+        let (tx, rx) = bounded(1);
+        self.sync.try_send(tx).ok()?;
+        self.waker.wake();
+        rx.recv_timeout(timeout).ok()
+    }
+}
+
+/// The thread's handle. Dropping it stops and joins the thread.
+pub struct KernelHandle {
+    stop: Arc<AtomicBool>,
+    waker: KernelWaker,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KernelHandle {
+    /// Starts `procmond-kernel` over an opened source; returns the handle
+    /// and the actor's side of the link.
+    pub fn start(
+        source: KernelEventSource,
+        cfg: KernelConfig,
+    ) -> std::io::Result<(KernelHandle, KernelLink)> {
+        let (tx, rx) = bounded(CHANNEL_CAPACITY);
+        let (sync_tx, sync_rx) = bounded(4);
+        let stats = Arc::new(KernelStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let waker = source.waker();
+        let worker = Worker {
+            source,
+            cfg,
+            tx,
+            sync_rx,
+            stats: stats.clone(),
+            stop: stop.clone(),
+            pending: HashMap::new(),
+            known: HashMap::new(),
+            exited: HashMap::new(),
+            batch: Vec::new(),
+            resync: None,
+            events: Vec::with_capacity(READ_CHUNK),
+        };
+        let thread =
+            std::thread::Builder::new().name("procmond-kernel".into()).spawn(move || worker.run())?;
+        let link = KernelLink { rx, sync: sync_tx, waker: waker.clone(), stats };
+        Ok((KernelHandle { stop, waker, thread: Some(thread) }, link))
+    }
+}
+
+impl Drop for KernelHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("kernel event thread panicked");
+        }
+    }
+}
+
+/// A forked process not reported yet.
+struct Pending {
+    at_ns: u64,
+    ppid: u32,
+    due: Instant,
+}
+
+struct Worker {
+    source: KernelEventSource,
+    cfg: KernelConfig,
+    tx: Sender<KernelMessage>,
+    sync_rx: Receiver<SyncRequest>,
+    stats: Arc<KernelStats>,
+    stop: Arc<AtomicBool>,
+    /// Forks waiting for an exec or their window's end, by pid.
+    pending: HashMap<u32, Pending>,
+    /// Start times of the processes this thread read, by pid, with the
+    /// instant of the event that first showed them.
+    known: HashMap<u32, (u64, u64)>,
+    /// Recently exited pids and the instant of their exit.
+    exited: HashMap<u32, (u64, Instant)>,
+    /// Observations not yet handed over.
+    batch: Vec<Observation>,
+    /// A resync to request, once the channel has room.
+    resync: Option<&'static str>,
+    events: Vec<KernelEvent>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        log::info!(
+            "kernel event thread started ({}, receive buffer {} bytes)",
+            self.source.backend(),
+            self.source.receive_buffer_bytes()
+        );
+        while !self.stop.load(Ordering::Acquire) {
+            let timeout = self.next_timeout();
+            match self.source.wait(timeout) {
+                Ok(Wakeup::Readable) => self.read(),
+                Ok(Wakeup::Woken | Wakeup::Timeout) => {}
+                Err(e) => {
+                    log::error!("kernel event source failed: {e}; the poll alone reports from now on");
+                    break;
+                }
+            }
+            self.expire_forks(Instant::now());
+            self.answer_syncs();
+            self.send();
+        }
+        log::info!("kernel event thread stopped");
+    }
+
+    /// Until the next fork falls due, or a short retry while the actor
+    /// has not taken what is held.
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let fork = self.pending.values().map(|p| p.due.saturating_duration_since(now)).min();
+        let retry = (!self.batch.is_empty() || self.resync.is_some()).then_some(Duration::from_millis(5));
+        match (fork, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn read(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        match self.source.read(&mut events, READ_CHUNK) {
+            Ok(outcome) => {
+                self.stats.malformed.fetch_add(outcome.malformed + outcome.foreign, Ordering::Relaxed);
+                if outcome.overruns > 0 {
+                    self.stats.overruns.fetch_add(outcome.overruns, Ordering::Relaxed);
+                    log::warn!("kernel event overrun: the kernel dropped events; a resync will recover them");
+                    // Exits may be among the lost: what this thread knows
+                    // of pids may be stale.
+                    self.known.clear();
+                    self.request_resync("kernel overrun");
+                }
+            }
+            Err(e) => log::warn!("reading kernel events: {e}"),
+        }
+        self.stats.received.fetch_add(events.len() as u64, Ordering::Relaxed);
+        for e in events.drain(..) {
+            self.handle(e);
+        }
+        self.events = events;
+    }
+
+    fn handle(&mut self, event: KernelEvent) {
+        let at = event.at_ns;
+        match event.kind {
+            KernelEventKind::Fork { parent_tgid, child_pid, child_tgid, .. } if child_pid == child_tgid => {
+                // Events from different CPUs may arrive out of order: a
+                // fork older than the exit, or than the exec, already seen
+                // of this pid is stale.
+                let stale = self.exited.get(&child_pid).is_some_and(|(exit_at, _)| *exit_at >= at)
+                    || self.known.get(&child_pid).is_some_and(|(_, seen_at)| *seen_at >= at);
+                if !stale {
+                    let due = Instant::now() + self.cfg.fork_window;
+                    self.pending.insert(child_pid, Pending { at_ns: at, ppid: parent_tgid, due });
+                }
+            }
+            KernelEventKind::Exec { pid, tgid } if pid == tgid => {
+                let pending = self.pending.remove(&pid);
+                let record = self.read_or_vanished(pid, pending.as_ref(), at);
+                self.known.insert(pid, (record.start_time, at));
+                self.batch.push(Observation::Process { record, cause: Cause::Exec });
+            }
+            KernelEventKind::Uid { pid, tgid, .. } | KernelEventKind::Gid { pid, tgid, .. }
+                if pid == tgid =>
+            {
+                // A held fork is read when it is reported; a process gone
+                // meanwhile has its exit coming.
+                if !self.pending.contains_key(&pid)
+                    && let Ok(record) = self.source.read_process(pid)
+                {
+                    self.known.insert(pid, (record.start_time, at));
+                    self.batch.push(Observation::Process { record, cause: Cause::Credentials });
+                }
+            }
+            KernelEventKind::Exit { pid, tgid, status, parent_tgid, .. } if pid == tgid => {
+                let pending = self.pending.remove(&pid);
+                let known = self.known.remove(&pid);
+                self.exited.insert(pid, (at, Instant::now()));
+                let unseen = if known.is_some() {
+                    None
+                } else {
+                    // Never read: the zombie's `stat` if it is still there
+                    // (and not a newer process on a reused pid), else what
+                    // the fork said.
+                    let exit_ticks = self.source.start_time_at(at);
+                    let brief = self.source.read_brief(pid).ok().filter(|r| r.start_time <= exit_ticks);
+                    match (brief, &pending) {
+                        (Some(mut r), _) => {
+                            r.details = Arc::new(ProcessDetails::vanished());
+                            Some(r)
+                        }
+                        (None, Some(p)) => Some(self.unseen(pid, p.ppid, self.source.start_time_at(p.at_ns))),
+                        (None, None) => None,
+                    }
+                };
+                let start_time = known.map(|(st, _)| st).or(unseen.as_ref().map(|r| r.start_time));
+                let _ = parent_tgid;
+                self.batch.push(Observation::Exit(ExitObservation {
+                    pid,
+                    start_time,
+                    status,
+                    at_unix_ms: self.source.unix_ms_at(at),
+                    unseen,
+                }));
+            }
+            // Threads, names (a rename is not an exec), sessions, tracers.
+            _ => {}
+        }
+    }
+
+    /// Reads `pid` now; if it is gone, what is known of it with every
+    /// detail `Vanished`.
+    fn read_or_vanished(&mut self, pid: u32, pending: Option<&Pending>, at: u64) -> ProcessRecord {
+        match self.source.read_process(pid) {
+            Ok(mut r) => {
+                if r.state == ProcessState::Zombie {
+                    // Read after its exit: its details are gone.
+                    r.details = Arc::new(ProcessDetails::vanished());
+                }
+                r
+            }
+            Err(_) => match self.source.read_brief(pid) {
+                Ok(mut r) => {
+                    r.details = Arc::new(ProcessDetails::vanished());
+                    r
+                }
+                Err(_) => {
+                    let (ppid, born) = pending.map_or((0, at), |p| (p.ppid, p.at_ns));
+                    self.unseen(pid, ppid, self.source.start_time_at(born))
+                }
+            },
+        }
+    }
+
+    /// A record of a process gone before anything of it could be read.
+    /// Its name stays empty (the tracker gives a forked child its parent's
+    /// name, which it still had).
+    fn unseen(&self, pid: u32, ppid: u32, start_time: u64) -> ProcessRecord {
+        ProcessRecord {
+            pid,
+            ppid,
+            start_time,
+            started_unix: Err(Unavailable::Vanished),
+            name: String::new(),
+            state: ProcessState::Dead,
+            session: Err(Unavailable::Vanished),
+            threads: Err(Unavailable::Vanished),
+            rss_bytes: 0,
+            virtual_bytes: 0,
+            cpu_time_ms: Err(Unavailable::Vanished),
+            kernel_thread: false,
+            details: Arc::new(ProcessDetails::vanished()),
+        }
+    }
+
+    /// Reports forks whose window closed without an exec.
+    fn expire_forks(&mut self, now: Instant) {
+        let due: Vec<u32> = self.pending.iter().filter(|(_, p)| p.due <= now).map(|(pid, _)| *pid).collect();
+        for pid in due {
+            match self.source.read_process(pid) {
+                Ok(record) if record.state != ProcessState::Zombie => {
+                    self.pending.remove(&pid);
+                    self.known.insert(pid, (record.start_time, now_ns_hint(&record)));
+                    self.batch.push(Observation::Process { record, cause: Cause::Fork });
+                }
+                // Gone, or exited: its exit event reports it. One that never
+                // comes (lost) is let go after a while; the walk recovers.
+                _ => {
+                    if self.pending.get(&pid).is_some_and(|p| now.duration_since(p.due) > UNREAD_FORK_LIMIT) {
+                        self.pending.remove(&pid);
+                    }
+                }
+            }
+        }
+        self.exited.retain(|_, (_, when)| now.duration_since(*when) < EXITED_MEMORY);
+    }
+
+    fn answer_syncs(&mut self) {
+        while let Ok(reply) = self.sync_rx.try_recv() {
+            // Everything queued in the socket up to now.
+            loop {
+                let before = self.stats.received.load(Ordering::Relaxed);
+                self.read();
+                if self.stats.received.load(Ordering::Relaxed) == before {
+                    break;
+                }
+            }
+            let oldest_pending =
+                self.pending.values().map(|p| p.at_ns).min().map(|at| self.source.start_time_at(at));
+            let observations = std::mem::take(&mut self.batch);
+            if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
+                reply.try_send(SyncReply { observations, oldest_pending })
+            {
+                // The actor gave up waiting: keep them for the next batch.
+                self.batch = r.observations;
+            }
+        }
+    }
+
+    fn request_resync(&mut self, reason: &'static str) {
+        self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        self.resync = Some(reason);
+    }
+
+    /// Hands over what is held, never waiting.
+    fn send(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            match self.tx.try_send(KernelMessage::Batch(batch)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(KernelMessage::Batch(b))) => {
+                    self.batch = b;
+                    if self.batch.len() > self.cfg.max_batch {
+                        let lost = self.batch.len() as u64;
+                        self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
+                        log::warn!(
+                            "the actor is not taking kernel events: {lost} dropped; a resync will recover them"
+                        );
+                        self.batch.clear();
+                        self.known.clear();
+                        self.request_resync("the actor fell behind");
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(reason) = self.resync
+            && self.batch.is_empty()
+            && self.tx.try_send(KernelMessage::Resync { reason }).is_ok()
+        {
+            self.resync = None;
+        }
+    }
+}
+
+/// A stand-in instant for a process read at its fork window's end: later
+/// than any stale fork of it could be.
+fn now_ns_hint(_record: &ProcessRecord) -> u64 {
+    daemoneye_platform::clock::monotonic_ns().unwrap_or(u64::MAX)
+}
