@@ -197,6 +197,20 @@ pub fn open_for_reading(path: &std::path::Path) -> std::io::Result<std::fs::File
     }
 }
 
+/// An id of the current boot: process start times (and identities) are
+/// comparable only within one boot. Linux: the kernel's random `boot_id`;
+/// elsewhere the boot time in seconds.
+pub fn boot_id() -> Option<String> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Some(format!("boot-{}", sysinfo::System::boot_time()))
+    }
+}
+
 /// What this host and process can do, for registration and health data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformReport {

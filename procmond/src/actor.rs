@@ -115,6 +115,24 @@ pub trait EventSink: Send {
     fn set_max_in_flight(&mut self, max: usize);
     /// Delivers what it can within `timeout` and makes everything durable.
     fn flush(&mut self, timeout: Duration) -> Result<(), String>;
+    /// The stream events go to, and the last sequence number given in it
+    /// (0: none yet).
+    fn position(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    /// The events of this stream after `seq`, in order: with a checkpoint
+    /// through `seq`, what a restart needs to know what it reported (see
+    /// [`crate::checkpoint`]). Records that cannot be read are logged and
+    /// left out.
+    fn events_after(&mut self, seq: u64) -> Result<Vec<ProcessEvent>, String> {
+        let _ = seq;
+        Ok(Vec::new())
+    }
+    /// What was reported through `seq` is checkpointed: the sink must keep
+    /// every event after it, and may let go of those before.
+    fn checkpointed(&mut self, seq: u64) {
+        let _ = seq;
+    }
 }
 
 /// Why a sink refused a batch.
@@ -257,6 +275,9 @@ pub struct ActorOptions {
     pub kernel: Option<KernelLink>,
     /// Why kernel events are not used although they were wanted.
     pub kernel_fallback: Option<String>,
+    /// The checkpoint file for continuity across restarts (none: every
+    /// start is a snapshot).
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 impl Default for ActorOptions {
@@ -269,6 +290,7 @@ impl Default for ActorOptions {
             tasks: None,
             kernel: None,
             kernel_fallback: None,
+            checkpoint: None,
         }
     }
 }
@@ -358,6 +380,8 @@ struct Actor {
     kernel: Option<KernelLink>,
     /// When the last walk started.
     last_walk: Option<Instant>,
+    /// Events produced when the last checkpoint was written (none yet).
+    checkpointed_at_events: Option<u64>,
 }
 
 /// Events per sink submission (one WAL append each).
@@ -405,6 +429,7 @@ impl Actor {
             own_pid: std::process::id(),
             kernel,
             last_walk: None,
+            checkpointed_at_events: None,
         }
     }
 
@@ -514,6 +539,9 @@ impl Actor {
                 self.state = CollectorState::ShuttingDown;
                 log::info!("graceful shutdown: flushing events");
                 let result = self.flush_unsent().and_then(|()| self.sink.flush(Duration::from_secs(10)));
+                if result.is_ok() {
+                    self.checkpoint();
+                }
                 if let Err(e) = &result {
                     log::error!("graceful shutdown: flush failed: {e}");
                 }
@@ -654,20 +682,24 @@ impl Actor {
         }
         self.next_cycle = Some(start + self.interval());
         self.last_walk = Some(start);
-        let first = self.n.cycles == 0;
-        let mut events = Vec::new();
+        let mut events = if self.n.cycles == 0 { self.restore() } else { Vec::new() };
+        // The first walk is a snapshot, unless a restart restored what was
+        // reported before: then it is compared with that.
+        let first = self.n.cycles == 0 && !self.tracker.is_restored();
         let mut cutoff = None;
         if self.kernel.is_some() {
             let (before, oldest_pending) = self.kernel_sync();
-            // Before the first walk nothing is monitored yet.
-            if !first {
+            // Before the first walk nothing is monitored yet: it takes every
+            // process it lists (the kernel's events before it were not
+            // applied, so it cannot leave any to them).
+            if self.n.cycles > 0 {
                 self.apply_kernel_now(before, &mut events);
+                let now = self.source.start_time_now();
+                cutoff = match (now, oldest_pending) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
-            let now = self.source.start_time_now();
-            cutoff = match (now, oldest_pending) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b).or(Some(u64::MAX)),
-            };
         }
         self.tracker.begin_walk();
         let mut records = match self.source.refresh() {
@@ -694,7 +726,7 @@ impl Actor {
             records.truncate(self.cfg.max_processes);
         }
         self.n.processes = records.len() as u64;
-        let walk = Walk { complete, cutoff };
+        let walk = Walk { complete, kernel: self.kernel.is_some(), cutoff };
         let during = if self.kernel.is_some() { self.kernel_sync().0 } else { Vec::new() };
         if first {
             // The snapshot first, then what happened during the walk.
@@ -706,6 +738,7 @@ impl Actor {
         }
         self.n.cycles += 1;
         self.deliver(events);
+        self.checkpoint();
         self.n.last_cycle_us = start.elapsed().as_micros() as u64;
         self.n.last_collection_unix_ms = Some(unix_ms());
         log::debug!(
@@ -715,6 +748,100 @@ impl Actor {
             self.n.last_cycle_us,
             self.tracker.len()
         );
+    }
+
+    /// Rebuilds what a previous run reported from the checkpoint and the
+    /// sink's events after it. Returns late Stopped events when the host
+    /// rebooted meanwhile (everything it reported ended).
+    fn restore(&mut self) -> Vec<ProcessEvent> {
+        let Some(path) = self.opts.checkpoint.clone() else { return Vec::new() };
+        let cp = match crate::checkpoint::read(&path) {
+            Ok(Some(cp)) => cp,
+            Ok(None) => {
+                log::info!("no checkpoint at {}: the first walk is a snapshot", path.display());
+                return Vec::new();
+            }
+            Err(e) => {
+                self.n.errors += 1;
+                log::error!("checkpoint unusable ({e}): the first walk is a snapshot");
+                return Vec::new();
+            }
+        };
+        let (stream, _) = self.sink.position();
+        if cp.stream_id != stream || cp.backend != self.source.backend() {
+            log::warn!(
+                "checkpoint of stream {} ({}) does not belong to stream {stream} ({}): the first walk is a snapshot",
+                cp.stream_id,
+                cp.backend,
+                self.source.backend()
+            );
+            return Vec::new();
+        }
+        let mut state: std::collections::HashMap<_, _> =
+            cp.processes.into_iter().map(|p| (p.key(), p)).collect();
+        let mut down_since = cp.written_unix_ms;
+        let after = match self.sink.events_after(cp.through_seq) {
+            Ok(events) => events,
+            Err(e) => {
+                self.n.errors += 1;
+                log::error!("reading the events after checkpoint seq {}: {e}", cp.through_seq);
+                Vec::new()
+            }
+        };
+        let replayed = after.len();
+        for e in after {
+            down_since = down_since.max(e.observed_unix_ms);
+            match e.kind {
+                EventKind::Stopped => state.remove(&e.process.key()),
+                EventKind::Started | EventKind::Modified => state.insert(e.process.key(), e.process),
+            };
+        }
+        let processes: Vec<_> = state.into_values().collect();
+        if daemoneye_platform::boot_id().as_deref() != Some(cp.boot_id.as_str()) {
+            log::info!(
+                "the host rebooted since the checkpoint: the {} processes reported then all ended (late Stopped); the first walk is a snapshot",
+                processes.len()
+            );
+            let window = crate::event::LateWindow { after_unix_ms: down_since, before_unix_ms: unix_ms() };
+            return self.tracker.stopped_late(processes, window);
+        }
+        log::info!(
+            "restored {} reported processes from the checkpoint through seq {} and {replayed} events after it; \
+             what changed while procmond was down is reported late",
+            processes.len(),
+            cp.through_seq
+        );
+        self.tracker.restore(processes, down_since);
+        Vec::new()
+    }
+
+    /// Saves what was reported, when something was since the last save and
+    /// every event is durable (a failed submit leaves the state ahead).
+    fn checkpoint(&mut self) {
+        let Some(path) = self.opts.checkpoint.clone() else { return };
+        if !self.unsent.is_empty() || self.checkpointed_at_events == Some(self.n.events) {
+            return;
+        }
+        let (stream_id, through_seq) = self.sink.position();
+        let cp = crate::checkpoint::Checkpoint {
+            boot_id: daemoneye_platform::boot_id().unwrap_or_default(),
+            backend: self.source.backend().to_owned(),
+            stream_id,
+            through_seq,
+            written_unix_ms: unix_ms(),
+            processes: self.tracker.reported(),
+        };
+        match crate::checkpoint::write(&path, &cp) {
+            Ok(()) => {
+                self.checkpointed_at_events = Some(self.n.events);
+                self.sink.checkpointed(through_seq);
+                log::debug!("checkpoint: {} processes through seq {through_seq}", cp.processes.len());
+            }
+            Err(e) => {
+                self.n.errors += 1;
+                log::error!("checkpoint not written: {e}");
+            }
+        }
     }
 
     fn apply_kernel_now(&mut self, mut observations: Vec<Observation>, events: &mut Vec<ProcessEvent>) {

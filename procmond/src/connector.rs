@@ -64,6 +64,11 @@ pub struct ConnectorConfig {
     /// With events in flight and no acknowledgement for this long, they
     /// are sent again.
     pub ack_timeout: Duration,
+    /// `None`: the WAL is truncated through each acknowledgement. `Some(n)`:
+    /// never past `n` until [`EventSink::checkpointed`] raises it, so the
+    /// events after the collector's last checkpoint stay readable for a
+    /// restart (see [`crate::checkpoint`]). The daemon passes `Some(0)`.
+    pub truncate_floor: Option<u64>,
 }
 
 /// Why the connector could not start or accept events.
@@ -121,6 +126,8 @@ struct Shared {
     acked: AtomicU64,
     max_in_flight: AtomicU64,
     stop: AtomicBool,
+    /// The WAL is never truncated past this (the last checkpoint).
+    floor: AtomicU64,
 }
 
 impl Shared {
@@ -177,6 +184,7 @@ impl Connector {
             acked: AtomicU64::new(acked),
             max_in_flight: AtomicU64::new(cfg.max_in_flight.max(1) as u64),
             stop: AtomicBool::new(false),
+            floor: AtomicU64::new(cfg.truncate_floor.unwrap_or(u64::MAX)),
         });
         let acks = client.subscribe(&control::ack_topic(&cfg.collector_id))?;
         let (cmds, cmd_rx) = bounded(16);
@@ -329,6 +337,32 @@ impl EventSink for Connector {
         self.shared.wal.sync().map_err(|e| e.to_string())?;
         published
     }
+
+    fn position(&self) -> (u64, u64) {
+        (self.shared.stream_id, self.shared.wal.next_seq().saturating_sub(1))
+    }
+
+    fn events_after(&mut self, seq: u64) -> Result<Vec<ProcessEvent>, String> {
+        let replay = self.shared.wal.replay_from(seq.saturating_add(1)).map_err(|e| e.to_string())?;
+        let mut events = Vec::new();
+        for rec in replay {
+            match rec {
+                Ok(rec) => match EventEnvelope::decode(&rec.payload) {
+                    Ok(env) => events.push(env.event),
+                    Err(e) => log::error!(
+                        "WAL record {} does not decode ({e}); left out of the restart state",
+                        rec.seq
+                    ),
+                },
+                Err(e) => log::error!("WAL damage while reading the events after seq {seq}: {e}"),
+            }
+        }
+        Ok(events)
+    }
+
+    fn checkpointed(&mut self, seq: u64) {
+        self.shared.floor.fetch_max(seq, Ordering::AcqRel);
+    }
 }
 
 /// Reads the stream id of a WAL directory, creating it for a fresh WAL.
@@ -464,7 +498,10 @@ impl Flusher {
             );
             return;
         }
-        match s.wal.truncate_through(through) {
+        // Invariant: the WAL keeps every event after the last checkpoint.
+        let truncate = through.min(s.floor.load(Ordering::Acquire));
+        let truncated = if truncate > s.wal.watermark() { s.wal.truncate_through(truncate) } else { Ok(()) };
+        match truncated {
             Ok(()) => {
                 s.acked.store(through, Ordering::Release);
                 self.last_progress = Instant::now();

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod actor;
+pub mod checkpoint;
 pub mod config;
 pub mod connector;
 pub mod control;

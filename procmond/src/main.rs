@@ -230,7 +230,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         |_| {},
     )?;
-    let mut opts = ActorOptions { kernel: kernel_link, kernel_fallback, ..ActorOptions::default() };
+    let mut opts = ActorOptions {
+        kernel: kernel_link,
+        kernel_fallback,
+        checkpoint: Some(procmond::checkpoint::path(&cfg.data_dir, &cfg.collector_id)),
+        ..ActorOptions::default()
+    };
     if cli.foreground {
         opts.observer = Some(printer(cli.format));
     }
@@ -265,6 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             buffer_bytes: cfg.buffer_bytes,
             max_in_flight: cfg.max_events_in_flight,
             ack_timeout: Duration::from_secs(30),
+            truncate_floor: Some(0),
         },
         &cfg.wal_dir(),
         client.clone(),

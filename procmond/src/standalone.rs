@@ -70,6 +70,38 @@ impl EventSink for StoreSink {
         // Every batch was committed in its own transaction.
         Ok(())
     }
+
+    fn position(&self) -> (u64, u64) {
+        (STANDALONE_STREAM, self.next_seq.saturating_sub(1))
+    }
+
+    fn events_after(&mut self, seq: u64) -> Result<Vec<ProcessEvent>, String> {
+        // The store's unique (collector_id, stream_id, seq) index serves it.
+        let conn = self.store.connection();
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, record FROM process_events \
+                 WHERE collector_id = ?1 AND stream_id = ?2 AND seq > ?3 ORDER BY seq",
+            )
+            .map_err(|e| e.to_string())?;
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(rusqlite::params![self.collector_id, STANDALONE_STREAM as i64, seq], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| e.to_string())?;
+        let mut events = Vec::new();
+        for row in rows {
+            let (seq, record) = row.map_err(|e| e.to_string())?;
+            match ProcessEvent::decode(&record) {
+                Ok(event) => events.push(event),
+                Err(e) => {
+                    log::error!("stored event seq {seq} does not decode ({e}); left out of the restart state")
+                }
+            }
+        }
+        Ok(events)
+    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use daemoneye_platform::{
 };
 
 use crate::config::LifecycleConfig;
-use crate::event::{Change, EventKind, EventSource, ProcessEvent};
+use crate::event::{Change, EventKind, EventSource, LateWindow, ProcessEvent};
 use crate::sanitize::Sanitizer;
 
 /// Why the kernel path read a process.
@@ -90,6 +90,10 @@ pub struct Walk {
     /// The list is whole (not cut at `max_processes`): a process missing
     /// from it has stopped.
     pub complete: bool,
+    /// The kernel path is on: what it touched since [`Tracker::begin_walk`]
+    /// is newer than the list, what it stopped stays stopped, and an
+    /// unknown zombie is its to report.
+    pub kernel: bool,
     /// With the kernel path on: processes whose start time is at or after
     /// this are the kernel path's to report (see the module docs).
     pub cutoff: Option<u64>,
@@ -97,7 +101,7 @@ pub struct Walk {
 
 impl Walk {
     /// A whole list in poll mode.
-    pub const POLL: Walk = Walk { complete: true, cutoff: None };
+    pub const POLL: Walk = Walk { complete: true, kernel: false, cutoff: None };
 }
 
 /// What the tracker remembers of one live process.
@@ -130,6 +134,9 @@ pub struct Tracker {
     tombstones: HashMap<ProcessKey, u64>,
     /// Processes the last list reported that the kernel path had missed.
     caught_by_poll: u64,
+    /// Set by [`Tracker::restore`]: the next list is compared with the
+    /// restored state, its events marked late with this window's start.
+    restored_since: Option<u64>,
 }
 
 impl Tracker {
@@ -146,6 +153,7 @@ impl Tracker {
             walk: 0,
             tombstones: HashMap::new(),
             caught_by_poll: 0,
+            restored_since: None,
         }
     }
 
@@ -200,7 +208,7 @@ impl Tracker {
         now_unix_ms: u64,
         complete: bool,
     ) -> Vec<ProcessEvent> {
-        self.reconcile(records, now_unix_ms, Walk { complete, cutoff: None })
+        self.reconcile(records, now_unix_ms, Walk { complete, kernel: false, cutoff: None })
     }
 
     /// Marks the start of a walk over the process table: kernel
@@ -210,6 +218,51 @@ impl Tracker {
         self.walk += 1;
         let keep_from = self.walk.saturating_sub(1);
         self.tombstones.retain(|_, w| *w >= keep_from);
+    }
+
+    /// Whether a restored state waits for its first comparison.
+    pub fn is_restored(&self) -> bool {
+        self.restored_since.is_some()
+    }
+
+    /// The processes reported as running (sanitized), for a checkpoint.
+    pub fn reported(&self) -> Vec<ProcessRecord> {
+        self.live.values().filter(|t| t.reported).map(|t| t.record.clone()).collect()
+    }
+
+    /// Takes the processes a previous run reported as running (from a
+    /// checkpoint and the events after it), last known at `down_since_ms`.
+    /// The next list is compared with them instead of being a snapshot:
+    /// what ended meanwhile gets a Stopped, what started a Started, what
+    /// changed a Modified, all marked late with the window
+    /// `down_since_ms..now`; what was reported already is not re-sent.
+    pub fn restore(&mut self, processes: Vec<ProcessRecord>, down_since_ms: u64) {
+        for record in processes {
+            let raw = record.details.clone();
+            let t = Tracked { record, raw, reported: true, exe_change_reported: false, touched: 0 };
+            self.live.insert(t.record.key(), t);
+        }
+        self.restored_since = Some(down_since_ms);
+    }
+
+    /// Stopped events, marked late, for processes a previous run reported
+    /// as running on another boot: they all ended, somewhere in `window`.
+    pub fn stopped_late(&self, processes: Vec<ProcessRecord>, window: LateWindow) -> Vec<ProcessEvent> {
+        processes
+            .into_iter()
+            .map(|p| {
+                let mut e = self.event(
+                    EventKind::Stopped,
+                    false,
+                    Vec::new(),
+                    p,
+                    window.before_unix_ms,
+                    EventSource::Poll,
+                );
+                e.late = Some(window);
+                e
+            })
+            .collect()
     }
 
     /// Processes that reconciliation reported (started, stopped or
@@ -232,9 +285,13 @@ impl Tracker {
         now_unix_ms: u64,
         walk: Walk,
     ) -> Vec<ProcessEvent> {
-        let first = self.cycles == 0;
+        let late = self
+            .restored_since
+            .take()
+            .map(|after| LateWindow { after_unix_ms: after, before_unix_ms: now_unix_ms });
+        let first = self.cycles == 0 && late.is_none();
         self.cycles += 1;
-        let kernel = walk.cutoff.is_some();
+        let kernel = walk.kernel;
         let kernels = |key: &ProcessKey| walk.cutoff.is_some_and(|c| key.start_time >= c);
         let mut stopped = Vec::new();
         let mut started = Vec::new();
@@ -330,6 +387,11 @@ impl Tracker {
         }
         stopped.extend(started);
         stopped.extend(modified);
+        if late.is_some() {
+            for e in &mut stopped {
+                e.late = late;
+            }
+        }
         stopped
     }
 
@@ -669,7 +731,7 @@ fn stat_identity(path: &Path) -> OnDisk {
 mod tests {
     use std::sync::Arc;
 
-    use daemoneye_platform::{Argv, Credentials, ProcessDetails, Unavailable};
+    use daemoneye_platform::{Argv, Credentials, ExitStatus, ProcessDetails, Unavailable};
 
     use super::*;
     use crate::config::SanitizeConfig;
@@ -911,5 +973,158 @@ mod tests {
         assert_eq!(kinds(&events), vec![(EventKind::Started, 20, vec![])]);
         let events = t.update(vec![], born + 7_000);
         assert_eq!(kinds(&events), vec![(EventKind::Stopped, 20, vec![])]);
+    }
+
+    fn exec(r: ProcessRecord) -> Observation {
+        Observation::Process { record: r, cause: Cause::Exec }
+    }
+
+    fn exit(pid: u32, start_time: Option<u64>, code: i32) -> Observation {
+        Observation::Exit(ExitObservation {
+            pid,
+            start_time,
+            status: ExitStatus::Code(code),
+            at_unix_ms: 9,
+            unseen: None,
+        })
+    }
+
+    fn sources(events: &[ProcessEvent]) -> Vec<(EventKind, u32, EventSource)> {
+        events.iter().map(|e| (e.kind, e.process.pid, e.source)).collect()
+    }
+
+    #[test]
+    fn kernel_observations_start_modify_and_stop_once_each() {
+        let mut t = tracker(no_disk());
+        t.update(vec![record(1, 1, "init")], 0);
+        // A fork read at its window's end, then its exec: Started, then
+        // Modified(exec), both from the kernel.
+        let forked = record(50, 500, "bash");
+        let events =
+            t.apply_kernel(vec![Observation::Process { record: forked.clone(), cause: Cause::Fork }], 1);
+        assert_eq!(sources(&events), vec![(EventKind::Started, 50, EventSource::Kernel)]);
+        let mut execd = with_details(forked.clone(), |d| d.exe = Ok("/usr/bin/curl".into()));
+        execd.name = "curl".into();
+        let events = t.apply_kernel(vec![exec(execd.clone()), exec(execd.clone())], 2);
+        assert_eq!(
+            kinds(&events),
+            vec![(EventKind::Modified, 50, vec![Change::Exec])],
+            "the same exec twice is one event"
+        );
+        // A fork read of something known says nothing.
+        assert!(
+            t.apply_kernel(vec![Observation::Process { record: execd, cause: Cause::Fork }], 3).is_empty()
+        );
+        let events = t.apply_kernel(vec![exit(50, Some(500), 3), exit(50, Some(500), 3)], 4);
+        assert_eq!(sources(&events), vec![(EventKind::Stopped, 50, EventSource::Kernel)]);
+        assert_eq!(events[0].exit, Some(ExitStatus::Code(3)));
+        assert_eq!(events[0].process.name, "curl", "the stop carries the last record");
+        // An exit without a start time stops the live process of that pid.
+        t.apply_kernel(vec![exec(record(60, 600, "nc"))], 5);
+        let events = t.apply_kernel(vec![exit(60, None, 0)], 6);
+        assert_eq!(sources(&events), vec![(EventKind::Stopped, 60, EventSource::Kernel)]);
+    }
+
+    #[test]
+    fn a_process_gone_before_it_was_read_is_still_recorded() {
+        let mut t = tracker(no_disk());
+        t.update(vec![record(1, 1, "sshd")], 0);
+        let mut unseen = record(70, 700, "");
+        unseen.ppid = 1;
+        unseen.details = Arc::new(ProcessDetails::vanished());
+        let obs = Observation::Exit(ExitObservation {
+            pid: 70,
+            start_time: None,
+            status: ExitStatus::Signal { signal: 9, core_dumped: false },
+            at_unix_ms: 5,
+            unseen: Some(unseen),
+        });
+        let events = t.apply_kernel(vec![obs.clone()], 5);
+        assert_eq!(
+            sources(&events),
+            vec![
+                (EventKind::Started, 70, EventSource::Kernel),
+                (EventKind::Stopped, 70, EventSource::Kernel)
+            ]
+        );
+        assert_eq!(events[0].process.name, "sshd", "a forked child bears its parent's name");
+        assert_eq!(events[0].process.details.argv, Err(Unavailable::Vanished));
+        assert_eq!(events[1].exit, Some(ExitStatus::Signal { signal: 9, core_dumped: false }));
+        assert!(t.apply_kernel(vec![obs], 6).is_empty(), "never twice");
+    }
+
+    #[test]
+    fn reconciliation_reports_only_what_the_kernel_path_missed() {
+        let mut t = tracker(no_disk());
+        let walk = |cutoff| Walk { complete: true, kernel: true, cutoff: Some(cutoff) };
+        t.begin_walk();
+        t.reconcile(vec![record(1, 1, "init"), record(2, 2, "cron")], 0, Walk { cutoff: None, ..walk(0) });
+        // The kernel saw 10 start and 2 exit.
+        t.apply_kernel(vec![exec(record(10, 100, "job")), exit(2, Some(2), 0)], 1);
+        t.begin_walk();
+        // The walk still lists 2 (read just before its exit): no second
+        // start. It lists 11 (missed by the kernel path: caught, source
+        // poll) and 12 (started after the cutoff: the kernel's to report).
+        // It misses 10 (exited, exit lost in an overrun: stopped by poll).
+        let events = t.reconcile(
+            vec![
+                record(1, 1, "init"),
+                record(2, 2, "cron"),
+                record(11, 110, "miner"),
+                record(12, 300, "late"),
+            ],
+            2,
+            walk(200),
+        );
+        assert_eq!(
+            sources(&events),
+            vec![(EventKind::Stopped, 10, EventSource::Poll), (EventKind::Started, 11, EventSource::Poll)]
+        );
+        assert_eq!(t.caught_by_poll(), 2);
+        // A kernel exit after the poll stopped it is not a second stop.
+        assert!(t.apply_kernel(vec![exit(10, Some(100), 0)], 3).is_empty());
+        // 12 is not stopped for being missing from a list either.
+        t.apply_kernel(vec![exec(record(12, 300, "late"))], 4);
+        t.begin_walk();
+        let events = t.reconcile(vec![record(1, 1, "init"), record(11, 110, "miner")], 5, walk(250));
+        assert!(events.is_empty(), "{:?}", kinds(&events));
+    }
+
+    #[test]
+    fn what_the_kernel_saw_during_a_walk_is_newer_than_the_walk() {
+        let mut t = tracker(no_disk());
+        let walk = Walk { complete: true, kernel: true, cutoff: Some(1_000) };
+        t.reconcile(vec![record(5, 50, "sh")], 0, Walk { cutoff: None, ..walk });
+        t.begin_walk();
+        // The walk read sh; then sh exec'd sleep (applied at the barrier).
+        let mut sleep = with_details(record(5, 50, "sleep"), |d| d.exe = Ok("/usr/bin/sleep".into()));
+        sleep.name = "sleep".into();
+        let events = t.apply_kernel(vec![exec(sleep)], 1);
+        assert_eq!(kinds(&events), vec![(EventKind::Modified, 5, vec![Change::Exec])]);
+        assert!(
+            t.reconcile(vec![record(5, 50, "sh")], 2, walk).is_empty(),
+            "the older walk record changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_restored_state_reports_only_what_changed_while_down_marked_late() {
+        let mut t = tracker(no_disk());
+        // Reported before the restart: 1 (still runs), 2 (ended meanwhile).
+        t.restore(vec![record(1, 1, "init"), record(2, 2, "job")], 1_000);
+        assert!(t.is_restored());
+        // 3 started meanwhile.
+        let events = t.update(vec![record(1, 1, "init"), record(3, 3, "new")], 5_000);
+        assert_eq!(kinds(&events), vec![(EventKind::Stopped, 2, vec![]), (EventKind::Started, 3, vec![])]);
+        let window = LateWindow { after_unix_ms: 1_000, before_unix_ms: 5_000 };
+        assert!(events.iter().all(|e| e.late == Some(window) && !e.snapshot), "{events:?}");
+        assert!(!t.is_restored());
+        // Afterwards, nothing is late.
+        let events = t.update(vec![record(1, 1, "init")], 6_000);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].late, None);
+        // After a reboot everything reported ended.
+        let stops = t.stopped_late(vec![record(9, 9, "old")], window);
+        assert_eq!((stops[0].kind, stops[0].late), (EventKind::Stopped, Some(window)));
     }
 }

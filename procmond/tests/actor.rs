@@ -260,6 +260,7 @@ fn a_stalled_consumer_slows_collection_and_draining_restores_it() {
             buffer_bytes: 256 << 10,
             max_in_flight: 1_000_000,
             ack_timeout: Duration::from_secs(60),
+            truncate_floor: None,
         },
         &dir.path().join("wal"),
         client.clone(),

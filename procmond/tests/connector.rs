@@ -43,6 +43,7 @@ fn parts(
         buffer_bytes: 1 << 20,
         max_in_flight: 100,
         ack_timeout: Duration::from_secs(600),
+        truncate_floor: None,
     };
     (Arc::new(client), actor_tx, actor_rx, cfg)
 }
@@ -66,6 +67,7 @@ fn a_spilled_backlog_is_reread_from_the_wal_in_order_and_once() {
             buffer_bytes: 64 << 10,
             max_in_flight: 1_000_000,
             ack_timeout: Duration::from_secs(600),
+            truncate_floor: None,
         },
         &dir.path().join("wal"),
         client.clone(),
