@@ -62,6 +62,10 @@ fn child(mode: &str) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        "kernel" => {
+            println!("kernel_events={:?}", daemoneye_platform::kernel_events_availability());
+            ExitCode::SUCCESS
+        }
         other => {
             eprintln!("unknown child mode {other}");
             ExitCode::FAILURE
@@ -163,6 +167,57 @@ fn enumerate_as_nobody() -> Result<Option<String>, String> {
     Ok(Some(format!("as uid 65534: {}", out.lines().collect::<Vec<_>>().join(" | "))))
 }
 
+/// The kernel's process events: refused to uid 65534 without
+/// capabilities (reported as needing CAP_NET_ADMIN), available to it with
+/// an ambient CAP_NET_ADMIN, as to root.
+fn kernel_events_as_nobody() -> Result<Option<String>, String> {
+    if !cfg!(target_os = "linux") {
+        let got = daemoneye_platform::kernel_events_availability();
+        return match got {
+            daemoneye_platform::KernelEventsAvailability::NotThisOs => Ok(Some("not this OS".into())),
+            other => Err(format!("expected NotThisOs, got {other:?}")),
+        };
+    }
+    if let Err(why) = setpriv_available() {
+        println!("privilege: skipped kernel events as uid 65534: {why}");
+        return Ok(None);
+    }
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
+    let with_cap = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=+net_admin",
+        "--ambient-caps=+net_admin",
+    ];
+    let root = daemoneye_platform::kernel_events_availability();
+    if root == daemoneye_platform::KernelEventsAvailability::NotInitialPidNamespace {
+        println!("privilege: skipped kernel events as uid 65534: not in the initial PID namespace");
+        return Ok(None);
+    }
+    if root != daemoneye_platform::KernelEventsAvailability::Available {
+        return Err(format!("as root: {root:?}"));
+    }
+    let (plain, capable) = match (run_child(&nobody, "kernel"), run_child(&with_cap, "kernel")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) if e.contains("Permission denied") => {
+            println!(
+                "privilege: skipped kernel events as uid 65534: the test binary is not reachable by it ({e})"
+            );
+            return Ok(None);
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(e),
+    };
+    if plain.trim() != "kernel_events=NeedsCapNetAdmin" {
+        return Err(format!("uid 65534 without capabilities: {plain}"));
+    }
+    if capable.trim() != "kernel_events=Available" {
+        return Err(format!("uid 65534 with CAP_NET_ADMIN: {capable}"));
+    }
+    Ok(Some("root: available; uid 65534: needs CAP_NET_ADMIN, available with it".into()))
+}
+
 fn drop_to_nobody() -> Result<Option<String>, String> {
     if !nix::unistd::geteuid().is_root() {
         println!("privilege: skipped drop_privileges: not running as root");
@@ -179,9 +234,10 @@ fn main() -> ExitCode {
     if let Ok(mode) = std::env::var(CHILD_ENV) {
         return child(&mode);
     }
-    let cases: [(&str, Case); 3] = [
+    let cases: [(&str, Case); 4] = [
         ("report_as_current_user", report_as_current_user),
         ("enumerate_as_nobody", enumerate_as_nobody),
+        ("kernel_events_as_nobody", kernel_events_as_nobody),
         ("drop_to_nobody", drop_to_nobody),
     ];
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
