@@ -472,6 +472,8 @@ impl Actor {
     fn kernel_message(&mut self, msg: KernelMessage) {
         match msg {
             KernelMessage::Batch(observations) => self.apply_kernel(observations),
+            // The answer to a sync that timed out: nothing to do.
+            KernelMessage::Synced { .. } => {}
             KernelMessage::Resync { reason } => {
                 // An early walk, but not more often than RESYNC_GAP.
                 if let Some(at) = self.next_cycle {
@@ -501,29 +503,20 @@ impl Actor {
         self.deliver(events);
     }
 
-    /// Everything the kernel thread holds and what its channel holds, in
-    /// order; and the start time of the oldest fork it still holds.
+    /// Everything the kernel thread and its channel hold, in order; and
+    /// the start time of the oldest fork it still holds.
     fn kernel_sync(&mut self) -> (Vec<Observation>, Option<u64>) {
         let Some(link) = &self.kernel else { return (Vec::new(), None) };
-        let reply = link.sync(SYNC_TIMEOUT);
-        let mut all = Vec::new();
-        while let Ok(msg) = link.rx.try_recv() {
-            if let KernelMessage::Batch(b) = msg {
-                all.extend(b);
-            }
+        let synced = link.sync(SYNC_TIMEOUT);
+        if !synced.answered {
+            log::warn!(
+                "the kernel event thread did not answer within {SYNC_TIMEOUT:?}; walking without its barrier"
+            );
         }
-        match reply {
-            Some(r) => {
-                all.extend(r.observations);
-                (all, r.oldest_pending)
-            }
-            None => {
-                log::warn!(
-                    "the kernel event thread did not answer within {SYNC_TIMEOUT:?}; walking without its barrier"
-                );
-                (all, None)
-            }
+        if let Some(reason) = synced.resync {
+            self.kernel_message(KernelMessage::Resync { reason });
         }
+        (synced.observations, synced.oldest_pending)
     }
 
     fn handle(&mut self, msg: ActorMessage) {

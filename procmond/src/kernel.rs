@@ -13,10 +13,11 @@
 //!   (coalescing), and past [`KernelConfig::max_batch`] observations it is
 //!   dropped and a resync requested, so the actor's next walk recovers
 //!   what was lost. Kernel overruns request a resync too. Both are counted.
-//! - Barrier: the actor sends a [`SyncRequest`] before and after each walk
-//!   (see [`crate::tracker`]); the thread drains the socket, closes nothing
-//!   early, and answers with everything it holds plus the start time of
-//!   the oldest fork it still holds.
+//! - Barrier: the actor asks for a sync before and after each walk (see
+//!   [`crate::tracker`]); the thread drains the socket, sends what it holds,
+//!   then [`KernelMessage::Synced`] with the start time of the oldest fork
+//!   it still holds — in the same channel, so the actor takes everything
+//!   in the order it happened.
 //!
 //! Shutdown: dropping [`KernelHandle`] sets a flag, wakes the thread
 //! through the source's waker and joins it.
@@ -43,6 +44,8 @@ const READ_CHUNK: usize = 256;
 /// after its exit (events from different CPUs) is not taken for a new
 /// process.
 const EXITED_MEMORY: Duration = Duration::from_secs(2);
+/// Socket reads (of up to [`READ_CHUNK`] datagrams) a sync makes at most.
+const SYNC_READS: usize = 16;
 /// How long a fork that could not be read waits for its exit event.
 const UNREAD_FORK_LIMIT: Duration = Duration::from_secs(5);
 
@@ -63,7 +66,7 @@ impl Default for KernelConfig {
     }
 }
 
-/// What the thread sends the actor.
+/// What the thread sends the actor, in order.
 #[derive(Debug)]
 pub enum KernelMessage {
     /// Observations, in the order they happened.
@@ -73,19 +76,13 @@ pub enum KernelMessage {
         /// Why.
         reason: &'static str,
     },
+    /// The answer to a sync request: every event queued in the socket when
+    /// it came was handed over in the batches before this message.
+    Synced {
+        /// The start time of the oldest fork still held (not yet reported).
+        oldest_pending: Option<u64>,
+    },
 }
-
-/// The answer to a [`SyncRequest`].
-#[derive(Debug)]
-pub struct SyncReply {
-    /// Everything held that was not sent yet (after what the channel holds).
-    pub observations: Vec<Observation>,
-    /// The start time of the oldest fork still held (not yet reported).
-    pub oldest_pending: Option<u64>,
-}
-
-/// Asks the thread to drain the socket and hand over what it holds.
-pub type SyncRequest = Sender<SyncReply>;
 
 /// Counters shared with the actor's health reports.
 #[derive(Debug, Default)]
@@ -104,24 +101,51 @@ pub struct KernelStats {
 
 /// The actor's side of the link.
 pub struct KernelLink {
-    /// Batches and resync requests.
+    /// Batches, resync requests and sync answers, in order.
     pub rx: Receiver<KernelMessage>,
-    /// Barrier requests.
-    pub sync: Sender<SyncRequest>,
+    /// Sync requests.
+    pub sync: Sender<()>,
     /// Wakes the thread after a sync request.
     pub waker: KernelWaker,
     /// Counters.
     pub stats: Arc<KernelStats>,
 }
 
+/// What a sync hands over.
+#[derive(Debug, Default)]
+pub struct Synced {
+    /// Every observation up to the sync, in order.
+    pub observations: Vec<Observation>,
+    /// The start time of the oldest fork the thread still holds.
+    pub oldest_pending: Option<u64>,
+    /// A resync was asked for meanwhile.
+    pub resync: Option<&'static str>,
+    /// The thread answered within the timeout.
+    pub answered: bool,
+}
+
 impl KernelLink {
-    /// Drains the socket through the thread and returns what it held, or
-    /// `None` if it did not answer within `timeout` (or is gone).
-    pub fn sync(&self, timeout: Duration) -> Option<SyncReply> {
-        let (tx, rx) = bounded(1);
-        self.sync.try_send(tx).ok()?;
+    /// Asks the thread to drain the socket and hand over what it holds,
+    /// and collects everything up to its answer (at most `timeout`).
+    pub fn sync(&self, timeout: Duration) -> Synced {
+        let mut out = Synced::default();
+        if self.sync.try_send(()).is_err() {
+            return out;
+        }
         self.waker.wake();
-        rx.recv_timeout(timeout).ok()
+        let deadline = Instant::now() + timeout;
+        while let Ok(msg) = self.rx.recv_deadline(deadline) {
+            match msg {
+                KernelMessage::Batch(b) => out.observations.extend(b),
+                KernelMessage::Resync { reason } => out.resync = Some(reason),
+                KernelMessage::Synced { oldest_pending } => {
+                    out.oldest_pending = oldest_pending;
+                    out.answered = true;
+                    break;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -149,6 +173,7 @@ impl KernelHandle {
             cfg,
             tx,
             sync_rx,
+            syncs_owed: 0,
             stats: stats.clone(),
             stop: stop.clone(),
             pending: HashMap::new(),
@@ -188,7 +213,9 @@ struct Worker {
     source: KernelEventSource,
     cfg: KernelConfig,
     tx: Sender<KernelMessage>,
-    sync_rx: Receiver<SyncRequest>,
+    sync_rx: Receiver<()>,
+    /// Sync requests not answered yet (the channel was full).
+    syncs_owed: usize,
     stats: Arc<KernelStats>,
     stop: Arc<AtomicBool>,
     /// Forks waiting for an exec or their window's end, by pid.
@@ -234,7 +261,8 @@ impl Worker {
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let fork = self.pending.values().map(|p| p.due.saturating_duration_since(now)).min();
-        let retry = (!self.batch.is_empty() || self.resync.is_some()).then_some(Duration::from_millis(5));
+        let owed = !self.batch.is_empty() || self.resync.is_some() || self.syncs_owed > 0;
+        let retry = owed.then_some(Duration::from_millis(5));
         match (fork, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -400,24 +428,22 @@ impl Worker {
         self.exited.retain(|_, (_, when)| now.duration_since(*when) < EXITED_MEMORY);
     }
 
+    /// Drains the socket for each sync request (a bounded number of
+    /// reads, so a storm cannot hold the answer back for ever); the answer
+    /// follows the batch in the channel, once there is room.
     fn answer_syncs(&mut self) {
-        while let Ok(reply) = self.sync_rx.try_recv() {
-            // Everything queued in the socket up to now.
-            loop {
+        let mut asked = false;
+        while self.sync_rx.try_recv().is_ok() {
+            self.syncs_owed += 1;
+            asked = true;
+        }
+        if asked {
+            for _ in 0..SYNC_READS {
                 let before = self.stats.received.load(Ordering::Relaxed);
                 self.read();
                 if self.stats.received.load(Ordering::Relaxed) == before {
                     break;
                 }
-            }
-            let oldest_pending =
-                self.pending.values().map(|p| p.at_ns).min().map(|at| self.source.start_time_at(at));
-            let observations = std::mem::take(&mut self.batch);
-            if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
-                reply.try_send(SyncReply { observations, oldest_pending })
-            {
-                // The actor gave up waiting: keep them for the next batch.
-                self.batch = r.observations;
             }
         }
     }
@@ -427,7 +453,7 @@ impl Worker {
         self.resync = Some(reason);
     }
 
-    /// Hands over what is held, never waiting.
+    /// Hands over what is held, then owed sync answers, never waiting.
     fn send(&mut self) {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
@@ -449,11 +475,21 @@ impl Worker {
                 Err(_) => {}
             }
         }
+        if !self.batch.is_empty() {
+            return;
+        }
         if let Some(reason) = self.resync
-            && self.batch.is_empty()
             && self.tx.try_send(KernelMessage::Resync { reason }).is_ok()
         {
             self.resync = None;
+        }
+        while self.syncs_owed > 0 {
+            let oldest_pending =
+                self.pending.values().map(|p| p.at_ns).min().map(|at| self.source.start_time_at(at));
+            if self.tx.try_send(KernelMessage::Synced { oldest_pending }).is_err() {
+                break;
+            }
+            self.syncs_owed -= 1;
         }
     }
 }
