@@ -193,11 +193,13 @@ pub struct KernelSourceConfig {
     pub receive_buffer_bytes: usize,
     /// Longest command line read per process.
     pub max_argv_bytes: usize,
+    /// Read each process's working directory (else `NotCollected`).
+    pub read_cwd: bool,
 }
 
 impl Default for KernelSourceConfig {
     fn default() -> Self {
-        KernelSourceConfig { receive_buffer_bytes: 4 << 20, max_argv_bytes: 32 * 1024 }
+        KernelSourceConfig { receive_buffer_bytes: 4 << 20, max_argv_bytes: 32 * 1024, read_cwd: true }
     }
 }
 
@@ -273,6 +275,7 @@ impl KernelEventSource {
             };
             let mut reader = crate::procfs::ProcFs::new().map_err(|e| failed("/proc", &e))?;
             reader.set_max_argv_bytes(cfg.max_argv_bytes);
+            reader.set_read_cwd(cfg.read_cwd);
             let (wake_read, write) =
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                     .map_err(|e| failed("pipe", &e))?;

@@ -127,6 +127,8 @@ pub struct ProcFs {
     page_size: u64,
     boot_time: Option<u64>,
     max_argv_bytes: usize,
+    /// Whether `cwd` is read (it is left out, `NotCollected`, otherwise).
+    read_cwd: bool,
     known: HashMap<ProcessKey, Known>,
     generation: u64,
     users: HashMap<u32, String>,
@@ -159,6 +161,7 @@ impl ProcFs {
             page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
             boot_time,
             max_argv_bytes: DEFAULT_MAX_ARGV_BYTES,
+            read_cwd: true,
             known: HashMap::new(),
             generation: 0,
             users: HashMap::new(),
@@ -172,6 +175,12 @@ impl ProcFs {
     /// truncated).
     pub fn set_max_argv_bytes(&mut self, max: usize) {
         self.max_argv_bytes = max;
+    }
+
+    /// Whether to read each process's working directory (on by default;
+    /// `NotCollected` when off).
+    pub fn set_read_cwd(&mut self, on: bool) {
+        self.read_cwd = on;
     }
 
     fn set_path(&mut self, pid: u32, file: &str) {
@@ -227,13 +236,36 @@ impl ProcFs {
         parse_stat(&self.buf).map(|s| s.start_time)
     }
 
+    /// Why a live process's command line read empty: it is exiting (or
+    /// gone) by now, or it really has none.
+    fn empty_because(&mut self, dir: &OwnedFd, zombie: bool) -> Unavailable {
+        if zombie {
+            return Unavailable::NotApplicable;
+        }
+        match read_at(dir, "stat", 1024, &mut self.buf) {
+            Ok(()) => match parse_stat(&self.buf) {
+                Some(st) if st.state != 'Z' && st.state != 'X' => Unavailable::NotApplicable,
+                _ => Unavailable::Vanished,
+            },
+            Err(_) => Unavailable::Vanished,
+        }
+    }
+
     /// Reads everything that changes only on exec or a credential change,
     /// through the process's directory.
     fn read_details(&mut self, dir: &OwnedFd, kthread: bool, zombie: bool) -> ProcessDetails {
-        let credentials = self.read_credentials(dir);
-        let user = match credentials {
-            Ok(c) => self.user_name(c.uid),
-            Err(e) => Err(e),
+        // The command line and the executable go first: a process that
+        // exits loses them at once (its memory is released before it is
+        // reaped), and a short-lived one may be mid-exit already.
+        let argv = if kthread {
+            Err(Unavailable::NotApplicable)
+        } else {
+            let cap = self.max_argv_bytes;
+            match read_at(dir, "cmdline", cap.saturating_add(1), &mut self.buf) {
+                Ok(()) if self.buf.is_empty() => Err(self.empty_because(dir, zombie)),
+                Ok(()) => Ok(parse_cmdline(&self.buf, cap)),
+                Err(e) => Err(Unavailable::from_io(&e)),
+            }
         };
         let none_for_kernel = |e: std::io::Error| {
             if kthread || zombie { Unavailable::NotApplicable } else { Unavailable::from_io(&e) }
@@ -262,17 +294,16 @@ impl ProcFs {
             _ => p,
         });
         let exe_file = meta.and_then(|m| crate::file_identity(&m));
-        let argv = if kthread {
-            Err(Unavailable::NotApplicable)
-        } else {
-            let cap = self.max_argv_bytes;
-            match read_at(dir, "cmdline", cap.saturating_add(1), &mut self.buf) {
-                Ok(()) if self.buf.is_empty() => Err(Unavailable::NotApplicable),
-                Ok(()) => Ok(parse_cmdline(&self.buf, cap)),
-                Err(e) => Err(Unavailable::from_io(&e)),
-            }
+        let credentials = self.read_credentials(dir);
+        let user = match credentials {
+            Ok(c) => self.user_name(c.uid),
+            Err(e) => Err(e),
         };
-        let cwd = readlink_at(dir, "cwd").map(PathBuf::from).map_err(none_for_kernel);
+        let cwd = if self.read_cwd {
+            readlink_at(dir, "cwd").map(PathBuf::from).map_err(none_for_kernel)
+        } else {
+            Err(Unavailable::NotCollected)
+        };
         ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
     }
 
@@ -389,15 +420,12 @@ impl ProcFs {
         let buf = std::mem::take(&mut self.buf);
         let result = match parse_stat(&buf) {
             None => Err(Unavailable::Failed),
+            // Every file is read through the directory the `stat` came
+            // from: should the process exit and its pid be reused, they
+            // answer ESRCH (a field `Vanished`), never the new process's.
             Some(st) => {
                 let details = self.read_details(&dir, st.flags & PF_KTHREAD != 0, st.state == 'Z');
-                // Read through the same directory: a pid reused since the
-                // first read cannot pass, its files answer ESRCH.
-                if self.start_time_at(&dir) == Some(st.start_time) {
-                    Ok(self.record(pid, &st, Arc::new(details)))
-                } else {
-                    Err(Unavailable::Vanished)
-                }
+                Ok(self.record(pid, &st, Arc::new(details)))
             }
         };
         self.buf = buf;

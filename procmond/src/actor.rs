@@ -471,7 +471,22 @@ impl Actor {
     /// A batch or a resync request from the kernel thread.
     fn kernel_message(&mut self, msg: KernelMessage) {
         match msg {
-            KernelMessage::Batch(observations) => self.apply_kernel(observations),
+            KernelMessage::Batch(mut observations) => {
+                // Behind: take what else is queued too, for one submission.
+                let more: Vec<KernelMessage> =
+                    self.kernel.as_ref().map(|k| k.rx.try_iter().take(16).collect()).unwrap_or_default();
+                let mut rest = Vec::new();
+                for m in more {
+                    match m {
+                        KernelMessage::Batch(b) => observations.extend(b),
+                        other => rest.push(other),
+                    }
+                }
+                self.apply_kernel(observations);
+                for m in rest {
+                    self.kernel_message(m);
+                }
+            }
             // The answer to a sync that timed out: nothing to do.
             KernelMessage::Synced { .. } => {}
             KernelMessage::Resync { reason } => {

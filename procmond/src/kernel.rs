@@ -44,6 +44,12 @@ const READ_CHUNK: usize = 256;
 /// after its exit (events from different CPUs) is not taken for a new
 /// process.
 const EXITED_MEMORY: Duration = Duration::from_secs(2);
+/// How long observations wait to be sent together: each batch the actor
+/// takes is one WAL append and fsync, so a storm must not send one per
+/// event. Well under the 50 ms budget from exec to the agent's store.
+const BATCH_WAIT: Duration = Duration::from_millis(10);
+/// A batch this large goes at once.
+const BATCH_MAX: usize = 1024;
 /// Socket reads (of up to [`READ_CHUNK`] datagrams) a sync makes at most.
 const SYNC_READS: usize = 16;
 /// How long a fork that could not be read waits for its exit event.
@@ -180,6 +186,7 @@ impl KernelHandle {
             known: HashMap::new(),
             exited: HashMap::new(),
             batch: Vec::new(),
+            batch_since: None,
             resync: None,
             events: Vec::with_capacity(READ_CHUNK),
         };
@@ -227,6 +234,8 @@ struct Worker {
     exited: HashMap<u32, (u64, Instant)>,
     /// Observations not yet handed over.
     batch: Vec<Observation>,
+    /// When the oldest of them was made.
+    batch_since: Option<Instant>,
     /// A resync to request, once the channel has room.
     resync: Option<&'static str>,
     events: Vec<KernelEvent>,
@@ -261,8 +270,12 @@ impl Worker {
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let fork = self.pending.values().map(|p| p.due.saturating_duration_since(now)).min();
-        let owed = !self.batch.is_empty() || self.resync.is_some() || self.syncs_owed > 0;
-        let retry = owed.then_some(Duration::from_millis(5));
+        let owed = self.resync.is_some() || self.syncs_owed > 0;
+        let batch = self.batch_since.map(|since| (since + BATCH_WAIT).saturating_duration_since(now));
+        let retry = match (owed.then_some(Duration::from_millis(5)), batch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (fork, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -453,12 +466,21 @@ impl Worker {
         self.resync = Some(reason);
     }
 
-    /// Hands over what is held, then owed sync answers, never waiting.
+    /// Hands over what is held (once it is old or large enough, or a sync
+    /// is owed), then owed sync answers, never waiting.
     fn send(&mut self) {
-        if !self.batch.is_empty() {
+        if self.batch.is_empty() {
+            self.batch_since = None;
+        } else if self.batch_since.is_none() {
+            self.batch_since = Some(Instant::now());
+        }
+        let due = self.syncs_owed > 0
+            || self.batch.len() >= BATCH_MAX
+            || self.batch_since.is_some_and(|since| since.elapsed() >= BATCH_WAIT);
+        if due && !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
             match self.tx.try_send(KernelMessage::Batch(batch)) {
-                Ok(()) => {}
+                Ok(()) => self.batch_since = None,
                 Err(TrySendError::Full(KernelMessage::Batch(b))) => {
                     self.batch = b;
                     if self.batch.len() > self.cfg.max_batch {

@@ -362,6 +362,8 @@ fn open_kernel_events(
     }
     let source_cfg = KernelSourceConfig {
         receive_buffer_bytes: cfg.kernel_events.receive_buffer_bytes,
+        // Events carry the working directory only with enhanced metadata.
+        read_cwd: cfg.enhanced_metadata,
         ..KernelSourceConfig::default()
     };
     match KernelEventSource::open(source_cfg) {
