@@ -9,7 +9,9 @@
 //! | `agent.task` | any local client ([`AgentTaskRequest`], request/reply) | the agent's task coordinator |
 //! | `events.alert` | the agent's store writer | `daemoneye-cli`, anyone allowed |
 
-use procmond::control::{ProcessSummary, SnapshotFilter, TaskRequest, TaskResponse, TaskStatus};
+use procmond::control::{
+    EventSourceStatus, ProcessSummary, SnapshotFilter, TaskRequest, TaskResponse, TaskStatus,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BalanceSpec, Severity};
@@ -135,6 +137,11 @@ pub struct HeartbeatInfo {
     pub tasks_failed: u64,
     /// Its mean time from a task's arrival to the answer, µs.
     pub task_latency_avg_us: u64,
+    /// Where its events come from (the kernel's process events or the
+    /// periodic walk alone), why not the kernel when it fell back, and the
+    /// kernel path's counters. Its text comes from the collector: print it
+    /// through `procmond::render::printable`.
+    pub event_source: EventSourceStatus,
 }
 
 /// One step of a heartbeat escalation, as shown in status.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use daemoneye_bus::{Client, ClientConfig, ClientError, ConnectionState};
-use procmond::event::EventEnvelope;
+use procmond::event::{EventEnvelope, EventSource};
 use procmond::render::printable;
 use procmond::store::{EventQuery, EventStore, StoreError, StoredEvent};
 use serde::Serialize;
@@ -397,8 +397,10 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// The collector table's headers.
-pub const COLLECTOR_HEADERS: [&str; 12] = [
+/// The collector table's headers. EVENTS counts the events stored;
+/// SOURCE is where they come from (`kernel` or `poll`, as the last
+/// heartbeat says).
+pub const COLLECTOR_HEADERS: [&str; 13] = [
     "COLLECTOR",
     "TYPE",
     "PHASE",
@@ -409,6 +411,7 @@ pub const COLLECTOR_HEADERS: [&str; 12] = [
     "RESTARTS",
     "LAST EXIT",
     "EVENTS",
+    "SOURCE",
     "TASKS (FAILED, AVG)",
     "LAST ESCALATION",
 ];
@@ -439,9 +442,30 @@ pub fn collector_row(c: &CollectorStatus, now_ms: u64) -> Vec<String> {
         c.restarts.to_string(),
         c.last_exit.clone().unwrap_or_else(|| "-".to_owned()),
         c.events_stored.to_string(),
+        c.heartbeat.as_ref().map_or("-", |h| h.event_source.source.as_str()).to_owned(),
         task_cell(c),
         escalation,
     ]
+}
+
+/// The line below the collector table about a collector's event source:
+/// the kernel path's counters, or why `--events auto` fell back to
+/// polling. `None` before its first heartbeat and for a collector that
+/// polls by choice (`--events poll`: the SOURCE column says it all). The
+/// reason is the collector's text, made printable.
+pub fn event_source_line(c: &CollectorStatus) -> Option<String> {
+    let s = &c.heartbeat.as_ref()?.event_source;
+    let id = printable(&c.id);
+    match (s.source, &s.fallback_reason) {
+        (EventSource::Kernel, _) => Some(format!(
+            "{id} events: kernel, {} received, {} overruns, {} resyncs, {} caught by poll",
+            s.kernel_events, s.overruns, s.resyncs, s.caught_by_poll
+        )),
+        (EventSource::Poll, Some(reason)) => {
+            Some(format!("{id} events: poll (kernel unavailable: {})", printable(reason)))
+        }
+        (EventSource::Poll, None) => None,
+    }
 }
 
 /// Tasks a collector served: as the agent measured them (its own tasks,
@@ -478,6 +502,10 @@ pub fn render_status(s: &AgentStatus, now_ms: u64) -> String {
         let rows: Vec<Vec<String>> = s.collectors.iter().map(|c| collector_row(c, now_ms)).collect();
         out.push_str(&Table::render(&COLLECTOR_HEADERS, &rows));
         out.push('\n');
+        for line in s.collectors.iter().filter_map(event_source_line) {
+            out.push_str(&line);
+            out.push('\n');
+        }
     }
     let b = &s.broker;
     out.push_str(&format!(
@@ -596,6 +624,7 @@ mod tests {
     use crate::api::{
         BrokerStatus, CollectorPhase, EscalationStep, HeartbeatInfo, StoreStatus, TaskCounts, TasksStatus,
     };
+    use procmond::control::EventSourceStatus;
     use procmond::event::EventKind;
 
     fn env(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
@@ -734,6 +763,14 @@ mod tests {
                     tasks_served: 5,
                     tasks_failed: 0,
                     task_latency_avg_us: 900,
+                    event_source: EventSourceStatus {
+                        source: EventSource::Kernel,
+                        fallback_reason: None,
+                        kernel_events: 12_345,
+                        overruns: 1,
+                        resyncs: 2,
+                        caught_by_poll: 3,
+                    },
                 }),
                 missed_heartbeats: 1,
                 restarts: 2,
@@ -760,12 +797,109 @@ mod tests {
         {
             assert!(text.contains(cell), "{cell}: {text}");
         }
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("COLLECTOR")).expect("table header");
+        assert!(lines[header].contains("  EVENTS  SOURCE  TASKS"), "{text}");
+        assert!(lines[header + 1].contains("  1234    kernel  "), "{text}");
+        assert_eq!(
+            lines[header + 2],
+            "procmond events: kernel, 12345 received, 1 overruns, 2 resyncs, 3 caught by poll"
+        );
+        assert_eq!(lines[header + 3], "", "{text}");
         assert!(text.contains("health_check: answered (5s ago)"), "{text}");
         assert!(text.contains("published 9") && text.contains("8 events committed"), "{text}");
         assert!(text.contains("last commit never"), "{text}");
         // The agent's own measure wins over the heartbeat's.
         assert!(text.contains("300 (2, 1.2 ms)"), "{text}");
         assert!(text.contains("tasks     310 requests") && text.contains("4 failovers"), "{text}");
+    }
+
+    fn collector(id: &str, event_source: Option<EventSourceStatus>) -> CollectorStatus {
+        CollectorStatus {
+            id: id.to_owned(),
+            collector_type: "process-monitor".to_owned(),
+            phase: CollectorPhase::Running,
+            pid: Some(7),
+            adopted: false,
+            registered: true,
+            heartbeat: event_source.map(|event_source| HeartbeatInfo {
+                sequence: 1,
+                status: "healthy".to_owned(),
+                received_unix_ms: 1_000,
+                processes_collected: 0,
+                events_published: 0,
+                buffer_level_percent: 0.0,
+                cycles: 0,
+                errors: 0,
+                tasks_served: 0,
+                tasks_failed: 0,
+                task_latency_avg_us: 0,
+                event_source,
+            }),
+            missed_heartbeats: 0,
+            restarts: 0,
+            last_exit: None,
+            escalation: Vec::new(),
+            events_stored: 0,
+            tasks: TaskCounts::default(),
+        }
+    }
+
+    #[test]
+    fn each_collector_says_where_its_events_come_from() {
+        let kernel = EventSourceStatus {
+            source: EventSource::Kernel,
+            kernel_events: 12_345,
+            caught_by_poll: 3,
+            ..Default::default()
+        };
+        let fallback = EventSourceStatus {
+            source: EventSource::Poll,
+            // A hostile or broken collector cannot forge a line.
+            fallback_reason: Some("needs CAP_NET_ADMIN\npm-x events: kernel\u{1b}[2J".to_owned()),
+            ..Default::default()
+        };
+        let collectors = vec![
+            collector("pm-a", Some(kernel)),
+            collector("pm-b", Some(fallback)),
+            collector("pm-c", Some(EventSourceStatus::default())),
+            collector("pm-d", None),
+        ];
+        let lines: Vec<Option<String>> = collectors.iter().map(event_source_line).collect();
+        assert_eq!(
+            lines,
+            vec![
+                Some("pm-a events: kernel, 12345 received, 0 overruns, 0 resyncs, 3 caught by poll".to_owned()),
+                Some("pm-b events: poll (kernel unavailable: needs CAP_NET_ADMIN\\npm-x events: kernel\\u{1b}[2J)".to_owned()),
+                None,
+                None,
+            ]
+        );
+        let sources: Vec<String> = collectors.iter().map(|c| collector_row(c, 2_000)[10].clone()).collect();
+        assert_eq!(sources, ["kernel", "poll", "poll", "-"]);
+
+        let status = AgentStatus {
+            pid: 1,
+            version: "0.1.0".to_owned(),
+            state: AgentState::SteadyState,
+            state_since_unix_ms: 0,
+            uptime_secs: 1,
+            collectors,
+            broker: BrokerStatus::default(),
+            store: StoreStatus::default(),
+            tasks: TasksStatus::default(),
+        };
+        let text = render_status(&status, 2_000);
+        let below: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("pm-d")).skip(1).take(3).collect();
+        assert_eq!(below, [lines[0].as_deref().unwrap(), lines[1].as_deref().unwrap(), ""], "{text}");
+        assert_eq!(text.lines().filter(|l| l.contains("events:")).count(), 2, "{text}");
+        // --json carries the whole struct.
+        let json: serde_json::Value = serde_json::to_value(&status).unwrap();
+        let es = &json["collectors"][0]["heartbeat"]["event_source"];
+        assert_eq!((es["kernel_events"].as_u64(), es["caught_by_poll"].as_u64()), (Some(12_345), Some(3)));
+        assert_eq!(es["source"], "Kernel");
+        let reason = &json["collectors"][1]["heartbeat"]["event_source"]["fallback_reason"];
+        assert!(reason.as_str().unwrap().starts_with("needs CAP_NET_ADMIN"), "{json}");
     }
 
     #[test]

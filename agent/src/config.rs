@@ -662,6 +662,16 @@ mod tests {
     }
 
     #[test]
+    fn the_event_source_is_the_collectors_own_flag() {
+        let (dir, bin) = setup();
+        for args in [r#"["--events", "kernel"]"#, r#"["--interval", "30", "--events=poll"]"#] {
+            let text = format!("collectors:\n  - {{id: a, binary: {}, args: {args}}}\n", bin.display());
+            let cfg = AgentConfig::parse(&text, "agent.yaml", dir.path()).unwrap();
+            assert!(cfg.collectors[0].args.iter().any(|a| a.starts_with("--events")), "{args}");
+        }
+    }
+
+    #[test]
     fn the_packaged_sample_config_parses() {
         let (dir, bin) = setup();
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.yaml");

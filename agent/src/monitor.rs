@@ -450,6 +450,7 @@ impl State {
             tasks_served: hb.metrics.tasks_served,
             tasks_failed: hb.metrics.tasks_failed,
             task_latency_avg_us: hb.metrics.task_latency_avg_us,
+            event_source: hb.metrics.event_source.clone(),
         });
     }
 

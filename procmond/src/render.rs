@@ -31,8 +31,12 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// One readable line: `#<seq> <kind> pid=… ppid=… user=… name=… exe=…`
-/// (see [`crate::event::ProcessEvent::human_line`]), without a newline.
+/// One readable line: `#<seq> <kind> pid=… ppid=… user=… name=… exe=…`,
+/// then for a `stopped` event with its exit status `exit=<code>` or
+/// `signal=<n>` (`(core)` when a core was dumped), for a change that
+/// happened while the collector was down `late=<after>..<before>` (Unix
+/// milliseconds), and last `source=kernel|poll` (see
+/// [`crate::event::ProcessEvent::human_line`]); without a newline.
 pub fn human_line(env: &EventEnvelope) -> String {
     format!("#{:<6} {}", env.seq, env.event.human_line())
 }
@@ -46,8 +50,10 @@ pub fn json_line(env: &EventEnvelope) -> String {
 
 #[cfg(test)]
 mod tests {
+    use daemoneye_platform::ExitStatus;
+
     use super::*;
-    use crate::event::{EventKind, ProcessEvent};
+    use crate::event::{EventKind, EventSource, LateWindow, ProcessEvent};
 
     #[test]
     fn printable_escapes_control_characters_and_leaves_the_rest() {
@@ -84,5 +90,58 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(value["seq"], 42);
         assert_eq!(value["collector_id"], "c1");
+        assert!(human.ends_with(" source=poll"), "{human}");
+        assert!(!human.contains("exit=") && !human.contains("late="), "{human}");
+        assert_eq!(value["event"]["source"], "Poll");
+        assert!(value["event"]["exit"].is_null() && value["event"]["late"].is_null(), "{json}");
+    }
+
+    fn stopped(exit: Option<ExitStatus>, late: Option<LateWindow>, source: EventSource) -> EventEnvelope {
+        let mut env = crate::testing::envelope(
+            "c1",
+            7,
+            43,
+            EventKind::Stopped,
+            crate::testing::record(11, 5, "sleep"),
+            2_000,
+        );
+        env.event.exit = exit;
+        env.event.late = late;
+        env.event.source = source;
+        env
+    }
+
+    #[test]
+    fn both_formats_carry_the_source_exit_status_and_late_window() {
+        let code = stopped(Some(ExitStatus::Code(3)), None, EventSource::Kernel);
+        let human = human_line(&code);
+        assert!(human.starts_with("#43     stopped"), "{human}");
+        assert!(human.contains(" exit=3 ") && human.ends_with(" source=kernel"), "{human}");
+        let json: serde_json::Value = serde_json::from_str(&json_line(&code)).unwrap();
+        assert_eq!(json["event"]["source"], "Kernel");
+        assert_eq!(json["event"]["exit"], serde_json::json!({"Code": 3}));
+
+        let killed =
+            stopped(Some(ExitStatus::Signal { signal: 9, core_dumped: false }), None, EventSource::Kernel);
+        let human = human_line(&killed);
+        assert!(human.contains(" signal=9 ") && !human.contains("exit="), "{human}");
+        let dumped =
+            stopped(Some(ExitStatus::Signal { signal: 11, core_dumped: true }), None, EventSource::Kernel);
+        assert!(human_line(&dumped).contains(" signal=11(core) "), "{}", human_line(&dumped));
+        let json: serde_json::Value = serde_json::from_str(&json_line(&dumped)).unwrap();
+        assert_eq!(json["event"]["exit"], serde_json::json!({"Signal": {"signal": 11, "core_dumped": true}}));
+
+        // Found at a restart: the walk saw it gone, somewhere in the window.
+        let window = LateWindow { after_unix_ms: 1_700_000_000_000, before_unix_ms: 1_700_000_060_000 };
+        let late = stopped(None, Some(window), EventSource::Poll);
+        let human = human_line(&late);
+        assert!(human.contains(" late=1700000000000..1700000060000 "), "{human}");
+        assert!(human.ends_with(" source=poll") && !human.contains("exit="), "{human}");
+        let json: serde_json::Value = serde_json::from_str(&json_line(&late)).unwrap();
+        assert_eq!(
+            json["event"]["late"],
+            serde_json::json!({"after_unix_ms": 1_700_000_000_000u64, "before_unix_ms": 1_700_000_060_000u64})
+        );
+        assert!(json["event"]["exit"].is_null(), "{json}");
     }
 }

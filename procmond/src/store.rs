@@ -23,11 +23,21 @@
 //!   to decode is reported as [`StoreError::Corrupt`] naming its row id,
 //!   never a panic.
 //!
-//! # Schema (version 1, in `PRAGMA user_version`)
+//! # Schema (version 2, in `PRAGMA user_version`)
 //!
 //! Detection rules are written against this schema; changing a column is a
 //! schema version bump. A database with a newer version than
 //! [`SCHEMA_VERSION`] is refused ([`StoreError::SchemaVersion`]).
+//!
+//! A version 1 database is migrated by [`EventStore::open`], in the same
+//! immediate transaction that reads its version: version 2 appended the
+//! columns from `source` to `late_before_ms` to `process_events` (`ALTER
+//! TABLE … ADD COLUMN`, so the result is the table below, column for
+//! column) and nothing else. The rows it had read `source = 'poll'`,
+//! `late = 0` and NULL for the rest, which is what their `record` decodes
+//! to. [`EventStore::open_read_only`] does not migrate: it refuses a
+//! version 1 database until the agent (or standalone procmond) has opened
+//! it for writing.
 //!
 //! ```sql
 //! CREATE TABLE process_events (
@@ -58,6 +68,12 @@
 //!     rss_bytes      INTEGER NOT NULL,
 //!     sha256         TEXT,              -- lowercase hex, only when hashed
 //!     record         BLOB    NOT NULL,  -- postcard of the ProcessEvent
+//!     source         TEXT    NOT NULL DEFAULT 'poll' CHECK (source IN ('poll', 'kernel')),
+//!     exit_code      INTEGER,           -- stopped events of the kernel path
+//!     exit_signal    INTEGER,           -- stopped events of the kernel path
+//!     late           INTEGER NOT NULL DEFAULT 0,  -- 0 or 1
+//!     late_after_ms  INTEGER,           -- Unix milliseconds, only when late
+//!     late_before_ms INTEGER,           -- Unix milliseconds, only when late
 //!     UNIQUE (collector_id, stream_id, seq)
 //! );
 //! CREATE INDEX process_events_observed_ms ON process_events (observed_ms);
@@ -99,11 +115,24 @@
 //! - `stream_id` is the `u64` stored bit for bit in SQLite's signed 64-bit
 //!   integer, so ids above `i64::MAX` read as negative in SQL (the API
 //!   converts back). Counters and times (`observed_ms`, `start_time`,
-//!   `started_unix`, `rss_bytes`) beyond `i64::MAX` are clamped to it in
-//!   their columns; `seq` must fit (a WAL counts from 1).
+//!   `started_unix`, `rss_bytes`, `late_after_ms`, `late_before_ms`)
+//!   beyond `i64::MAX` are clamped to it in their columns; `seq` must fit
+//!   (a WAL counts from 1).
 //! - `id` is `AUTOINCREMENT` so it is never reused, not even after pruning
 //!   empties the table: a `--follow` reader that polls with `id > last`
 //!   would otherwise miss new rows.
+//! - `source` is [`EventSource::as_str`](crate::event::EventSource::as_str):
+//!   `kernel` for what the kernel's process events reported as it
+//!   happened, `poll` for what the periodic walk found (the first
+//!   snapshot, every event in poll mode, and in kernel mode what the
+//!   kernel path missed).
+//! - `exit_code` (0–255) and `exit_signal` say how a process ended: at
+//!   most one is set, and only on a `stopped` event that carries its exit
+//!   status (the kernel path's; the walk cannot know it). Whether a core
+//!   was dumped is in `record`.
+//! - `late` is 1 for a change that happened while the collector was not
+//!   running, found at its restart; it happened after `late_after_ms` and
+//!   before `late_before_ms`, which are NULL unless `late` is 1.
 //!
 //! # Watermarks
 //!
@@ -128,22 +157,22 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use daemoneye_platform::ProcessState;
+use daemoneye_platform::{ExitStatus, ProcessState};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap};
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How long a statement waits for another connection's lock before it
 /// fails with "database is locked".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Version 1 of the schema; documented in the module docs, keep both in
-/// step.
-const SCHEMA_V1: &str = "
+/// The schema a new database is created with (version 2); documented in
+/// the module docs, keep both in step (a test compares them).
+const SCHEMA: &str = "
 CREATE TABLE process_events (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     collector_id   TEXT    NOT NULL,
@@ -172,6 +201,12 @@ CREATE TABLE process_events (
     rss_bytes      INTEGER NOT NULL,
     sha256         TEXT,
     record         BLOB    NOT NULL,
+    source         TEXT    NOT NULL DEFAULT 'poll' CHECK (source IN ('poll', 'kernel')),
+    exit_code      INTEGER,
+    exit_signal    INTEGER,
+    late           INTEGER NOT NULL DEFAULT 0,
+    late_after_ms  INTEGER,
+    late_before_ms INTEGER,
     UNIQUE (collector_id, stream_id, seq)
 );
 CREATE INDEX process_events_observed_ms ON process_events (observed_ms);
@@ -195,6 +230,19 @@ CREATE TABLE stream_gaps (
 ) WITHOUT ROWID;
 ";
 
+/// From version 1 to 2: the columns version 2 appended to
+/// `process_events`, declared as in [`SCHEMA`] (whose table they complete
+/// column for column). The defaults give every version 1 row what its
+/// record decodes to: source `poll`, not late, no exit status.
+const MIGRATE_V1_TO_V2: &str = "
+ALTER TABLE process_events ADD COLUMN source TEXT NOT NULL DEFAULT 'poll' CHECK (source IN ('poll', 'kernel'));
+ALTER TABLE process_events ADD COLUMN exit_code INTEGER;
+ALTER TABLE process_events ADD COLUMN exit_signal INTEGER;
+ALTER TABLE process_events ADD COLUMN late INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE process_events ADD COLUMN late_after_ms INTEGER;
+ALTER TABLE process_events ADD COLUMN late_before_ms INTEGER;
+";
+
 /// The furthest end of a recorded gap that covers `?3`.
 const SELECT_GAP_COVERING: &str = "
 SELECT MAX(to_seq) FROM stream_gaps
@@ -213,10 +261,12 @@ INSERT INTO process_events (
     collector_id, stream_id, seq, kind, snapshot, changes, observed_ms,
     pid, ppid, start_time, started_unix, name, exe, exe_deleted, argv,
     argv_truncated, cwd, uid, euid, gid, egid, user, state, rss_bytes,
-    sha256, record
+    sha256, record, source, exit_code, exit_signal, late, late_after_ms,
+    late_before_ms
 ) VALUES (
     ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26
+    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30,
+    ?31, ?32
 ) ON CONFLICT (collector_id, stream_id, seq) DO NOTHING";
 
 const SELECT_WATERMARK: &str =
@@ -779,6 +829,11 @@ impl<'a> EventRow<'a> {
         let p = &event.process;
         let d = &p.details;
         let [uid, euid, gid, egid] = self.credentials;
+        let (exit_code, exit_signal) = match event.exit {
+            Some(ExitStatus::Code(code)) => (Some(code), None),
+            Some(ExitStatus::Signal { signal, .. }) => (None, Some(signal)),
+            None => (None, None),
+        };
         stmt.execute(params![
             env.collector_id,
             stream_to_sql(env.stream_id),
@@ -806,6 +861,12 @@ impl<'a> EventRow<'a> {
             clamp_i64(p.rss_bytes),
             self.sha256,
             self.record,
+            event.source.as_str(),
+            exit_code,
+            exit_signal,
+            event.late.is_some(),
+            event.late.map(|w| clamp_i64(w.after_unix_ms)),
+            event.late.map(|w| clamp_i64(w.before_unix_ms)),
         ])
     }
 }
@@ -944,19 +1005,30 @@ fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
     Ok(u32::try_from(v).unwrap_or(u32::MAX))
 }
 
-/// Creates the schema in an empty database, or checks the version of an
-/// existing one. Immediate, so two processes opening a new file at once do
-/// not both create it.
+/// Creates the schema in an empty database, migrates a version 1 one, or
+/// checks the version of an existing one. Immediate, so two processes
+/// opening a file at once do not both create (or migrate) it: the second
+/// reads the version the first committed.
 fn init_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx =
         conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| open_error(path, e))?;
     let found = user_version(&tx).map_err(|e| open_error(path, e))?;
     match found {
         0 => {
-            tx.execute_batch(SCHEMA_V1).map_err(|e| open_error(path, e))?;
+            tx.execute_batch(SCHEMA).map_err(|e| open_error(path, e))?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
             tx.commit().map_err(|e| open_error(path, e))?;
             log::info!("created event store {} (schema version {SCHEMA_VERSION})", path.display());
+            Ok(())
+        }
+        1 => {
+            // Invariant: the new columns and the version change commit
+            // together, so a crash leaves version 1 intact or version 2
+            // whole.
+            tx.execute_batch(MIGRATE_V1_TO_V2).map_err(|e| open_error(path, e))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
+            tx.commit().map_err(|e| open_error(path, e))?;
+            log::info!("migrated event store {} from schema 1 to 2", path.display());
             Ok(())
         }
         SCHEMA_VERSION => Ok(()),
@@ -974,7 +1046,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::event::Change;
+    use crate::event::{Change, EventSource, LateWindow};
 
     fn record(pid: u32, name: &str) -> ProcessRecord {
         ProcessRecord {
@@ -1425,6 +1497,275 @@ mod tests {
         assert_eq!(fk, 1);
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, i64::from(SCHEMA_VERSION));
+    }
+
+    /// The version 1 schema, as the previous release created it
+    /// (`git show d1c5f64:procmond/src/store.rs`).
+    const SCHEMA_V1: &str = "
+CREATE TABLE process_events (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    collector_id   TEXT    NOT NULL,
+    stream_id      INTEGER NOT NULL,
+    seq            INTEGER NOT NULL,
+    kind           TEXT    NOT NULL CHECK (kind IN ('started', 'stopped', 'modified')),
+    snapshot       INTEGER NOT NULL,
+    changes        TEXT    NOT NULL,
+    observed_ms    INTEGER NOT NULL,
+    pid            INTEGER NOT NULL,
+    ppid           INTEGER NOT NULL,
+    start_time     INTEGER NOT NULL,
+    started_unix   INTEGER,
+    name           TEXT    NOT NULL,
+    exe            TEXT,
+    exe_deleted    INTEGER,
+    argv           TEXT,
+    argv_truncated INTEGER NOT NULL,
+    cwd            TEXT,
+    uid            INTEGER,
+    euid           INTEGER,
+    gid            INTEGER,
+    egid           INTEGER,
+    user           TEXT,
+    state          TEXT    NOT NULL,
+    rss_bytes      INTEGER NOT NULL,
+    sha256         TEXT,
+    record         BLOB    NOT NULL,
+    UNIQUE (collector_id, stream_id, seq)
+);
+CREATE INDEX process_events_observed_ms ON process_events (observed_ms);
+CREATE INDEX process_events_pid ON process_events (pid);
+CREATE INDEX process_events_name ON process_events (name);
+CREATE INDEX process_events_kind ON process_events (kind);
+CREATE TABLE stream_watermarks (
+    collector_id TEXT    NOT NULL,
+    stream_id    INTEGER NOT NULL,
+    through      INTEGER NOT NULL,
+    PRIMARY KEY (collector_id, stream_id)
+) WITHOUT ROWID;
+CREATE TABLE stream_gaps (
+    collector_id TEXT    NOT NULL,
+    stream_id    INTEGER NOT NULL,
+    from_seq     INTEGER NOT NULL,
+    to_seq       INTEGER NOT NULL,
+    reason       TEXT    NOT NULL,
+    observed_ms  INTEGER NOT NULL,
+    PRIMARY KEY (collector_id, stream_id, from_seq)
+) WITHOUT ROWID;
+";
+
+    /// The SQL of the `sql` block in the module docs, comments dropped and
+    /// whitespace collapsed.
+    fn normalized(sql: &str) -> String {
+        let code: Vec<&str> = sql.lines().map(|l| l.split_once("--").map_or(l, |(code, _)| code)).collect();
+        code.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn the_documented_schema_is_the_one_created() {
+        let source = include_str!("store.rs");
+        let docs: Vec<&str> = source
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```sql")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .collect();
+        assert!(docs.len() > 40, "the sql block of the module docs was not found");
+        assert_eq!(normalized(&docs.join("\n")), normalized(SCHEMA));
+    }
+
+    /// `(name, type, notnull, default, pk)` of every column, in order.
+    type Columns = Vec<(String, String, bool, Option<String>, bool)>;
+
+    fn columns(conn: &Connection) -> Columns {
+        let mut stmt = conn.prepare("PRAGMA table_info(process_events)").unwrap();
+        stmt.query_map([], |r| Ok((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// An event row as version 1 wrote it: its record in the version 1
+    /// layout (the fields before `source`).
+    fn insert_v1_row(conn: &Connection, seq: u64, kind: EventKind, pid: u32) {
+        let e = event(kind, pid, "old", 1_000 * seq);
+        let record =
+            postcard::to_stdvec(&(e.kind, e.snapshot, &e.changes, e.observed_unix_ms, &e.process, &e.sha256))
+                .unwrap();
+        conn.execute(
+            "INSERT INTO process_events (collector_id, stream_id, seq, kind, snapshot, changes, \
+             observed_ms, pid, ppid, start_time, name, argv_truncated, state, rss_bytes, record) \
+             VALUES ('c1', 0, ?1, ?2, 0, '', ?3, ?4, 1, 7, 'old', 0, 'sleeping', 4096, ?5)",
+            params![seq as i64, kind.as_str(), (1_000 * seq) as i64, pid, record],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            insert_v1_row(&conn, 1, EventKind::Started, 500);
+            insert_v1_row(&conn, 2, EventKind::Stopped, 500);
+            conn.execute("INSERT INTO stream_watermarks VALUES ('c1', 0, 2)", []).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        // A reader does not migrate.
+        assert!(matches!(
+            EventStore::open_read_only(&path),
+            Err(StoreError::SchemaVersion { found: 1, supported: SCHEMA_VERSION })
+        ));
+
+        let mut store = EventStore::open(&path).unwrap();
+        let conn = store.connection();
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 2);
+        // The migrated table is the one a new database gets, column for
+        // column.
+        let (_fresh_dir, fresh) = temp_store();
+        assert_eq!(columns(conn), columns(fresh.connection()));
+        let check = conn.execute("UPDATE process_events SET source = 'ebpf' WHERE seq = 1", []);
+        assert!(check.unwrap_err().to_string().contains("CHECK"), "the migrated column keeps its CHECK");
+
+        // The old rows: decoded as poll events, not late, without an exit.
+        let old = all(&store);
+        assert_eq!(seqs(&old), vec![1, 2]);
+        for s in &old {
+            assert_eq!((s.event.source, s.event.late, s.event.exit), (EventSource::Poll, None, None));
+            assert_eq!(s.event.process.name, "old");
+        }
+        assert_eq!(old[1].event.kind, EventKind::Stopped);
+        let defaulted: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM process_events WHERE source = 'poll' AND late = 0 \
+                 AND exit_code IS NULL AND exit_signal IS NULL \
+                 AND late_after_ms IS NULL AND late_before_ms IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(defaulted, 2);
+
+        // New rows take the new columns; the stream goes on from its
+        // watermark.
+        let mut stopped = env("c1", 0, 3);
+        stopped.event.kind = EventKind::Stopped;
+        let outcome = store.insert_batch(&[env("c1", 0, 2), stopped]).unwrap();
+        assert_eq!((outcome.inserted, outcome.duplicates), (1, 1));
+        assert_eq!(outcome.watermarks, vec![wm("c1", 0, 3)]);
+        let (source, exit_code): (String, Option<i64>) = store
+            .connection()
+            .query_row("SELECT source, exit_code FROM process_events WHERE seq = 3", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((source.as_str(), exit_code), ("kernel", Some(3)));
+        drop(store);
+
+        // Opened again, it is simply version 2; a reader now opens it.
+        let store = EventStore::open(&path).unwrap();
+        assert_eq!(store.count().unwrap(), 3);
+        let reader = EventStore::open_read_only(&path).unwrap();
+        assert_eq!(seqs(&all(&reader)), vec![1, 2, 3]);
+        assert_eq!(all(&reader)[2].event.exit, Some(ExitStatus::Code(3)));
+    }
+
+    #[test]
+    fn a_failed_migration_leaves_version_1_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            insert_v1_row(&conn, 1, EventKind::Started, 500);
+            // A column the migration adds is already there: its ALTER
+            // fails half way through the script.
+            conn.execute("ALTER TABLE process_events ADD COLUMN late_after_ms INTEGER", []).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        match EventStore::open(&path) {
+            Err(e @ StoreError::Open { .. }) => assert!(e.to_string().contains("late_after_ms"), "{e}"),
+            other => panic!("expected Open, got {other:?}"),
+        }
+        let conn = Connection::open(&path).unwrap();
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 1);
+        let names: Vec<String> = columns(&conn).into_iter().map(|c| c.0).collect();
+        assert!(!names.iter().any(|n| n == "source" || n == "exit_code"), "{names:?}");
+    }
+
+    #[test]
+    fn source_exit_status_and_late_window_fill_their_columns() {
+        let (_dir, mut store) = temp_store();
+        let mut batch = envs("c1", 0, &[1, 2, 3, 4, 5]);
+        // 1: a kernel Stopped that exited with 3 (the helper's default).
+        batch[0].event.kind = EventKind::Stopped;
+        // 2: killed by a signal, core dumped.
+        batch[1].event.kind = EventKind::Stopped;
+        batch[1].event.exit = Some(ExitStatus::Signal { signal: 11, core_dumped: true });
+        // 3: the walk's Started: no exit status.
+        batch[2].event.source = EventSource::Poll;
+        batch[2].event.exit = None;
+        // 4: stopped while the collector was down.
+        batch[3].event.kind = EventKind::Stopped;
+        batch[3].event.source = EventSource::Poll;
+        batch[3].event.exit = None;
+        batch[3].event.late =
+            Some(LateWindow { after_unix_ms: 1_700_000_000_000, before_unix_ms: 1_700_000_060_000 });
+        // 5: a window beyond SQLite's integers is clamped.
+        batch[4].event.exit = Some(ExitStatus::Code(0));
+        batch[4].event.late = Some(LateWindow { after_unix_ms: 0, before_unix_ms: u64::MAX });
+        store.insert_batch(&batch).unwrap();
+
+        type Row = (String, String, Option<i64>, Option<i64>, bool, Option<i64>, Option<i64>);
+        let rows: Vec<Row> = store
+            .connection()
+            .prepare(
+                "SELECT kind, source, exit_code, exit_signal, late, late_after_ms, late_before_ms \
+                 FROM process_events ORDER BY seq",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let row = |kind: &str, source: &str, code, signal, late, after, before| -> Row {
+            (kind.to_owned(), source.to_owned(), code, signal, late, after, before)
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row("stopped", "kernel", Some(3), None, false, None, None),
+                row("stopped", "kernel", None, Some(11), false, None, None),
+                row("started", "poll", None, None, false, None, None),
+                row("stopped", "poll", None, None, true, Some(1_700_000_000_000), Some(1_700_000_060_000)),
+                row("started", "kernel", Some(0), None, true, Some(0), Some(i64::MAX)),
+            ]
+        );
+        // The record keeps what the columns flatten.
+        let stored = all(&store);
+        for (s, e) in stored.iter().zip(&batch) {
+            assert_eq!(s.event, e.event);
+        }
+        // Rules can select on them.
+        let kernel_exits: i64 = store
+            .connection()
+            .query_row(
+                "SELECT COUNT(*) FROM process_events WHERE source = 'kernel' AND kind = 'stopped' \
+                 AND exit_code IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kernel_exits, 1);
+        // The CHECK holds.
+        let bad = store.connection().execute("UPDATE process_events SET source = 'ebpf' WHERE seq = 1", []);
+        assert!(bad.unwrap_err().to_string().contains("CHECK"));
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct CollectorDef {
     pub startup_timeout_secs: u64,
     /// Its heartbeat period (3 missed start the escalation).
     pub heartbeat_interval_secs: u64,
+    /// Its `args` in agent.yaml (default: a 5 s interval, debug logs).
+    pub args: Vec<String>,
 }
 
 impl CollectorDef {
@@ -82,7 +84,19 @@ impl CollectorDef {
 
     /// Another binary (a wrapper script) with this id.
     pub fn with_binary(id: &str, binary: PathBuf) -> CollectorDef {
-        CollectorDef { id: id.to_owned(), binary, startup_timeout_secs: 20, heartbeat_interval_secs: 1 }
+        CollectorDef {
+            id: id.to_owned(),
+            binary,
+            startup_timeout_secs: 20,
+            heartbeat_interval_secs: 1,
+            args: ["--interval", "5", "--log-level", "debug"].map(String::from).to_vec(),
+        }
+    }
+
+    /// With these `args` instead of the default ones.
+    pub fn args(mut self, args: &[&str]) -> CollectorDef {
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+        self
     }
 
     /// With this heartbeat period (a test that stops a collector on
@@ -115,11 +129,15 @@ pub fn agent_yaml(data_dir: &Path, collectors: &[CollectorDef], extra: &str) -> 
         data_dir.display()
     );
     for c in collectors {
+        // A flow sequence of double-quoted scalars: the arguments are the
+        // test's own (no quote or backslash in them).
+        let args: Vec<String> = c.args.iter().map(|a| format!("\"{a}\"")).collect();
         y.push_str(&format!(
-            "  - id: {}\n    binary: {}\n    args: [\"--interval\", \"5\", \"--log-level\", \"debug\"]\n    \
+            "  - id: {}\n    binary: {}\n    args: [{}]\n    \
              heartbeat_interval_secs: {}\n    startup_timeout_secs: {}\n    max_restarts: 10\n",
             c.id,
             c.binary.display(),
+            args.join(", "),
             c.heartbeat_interval_secs,
             c.startup_timeout_secs
         ));
