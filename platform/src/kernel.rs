@@ -413,6 +413,26 @@ impl KernelEventSource {
     }
 }
 
+/// Raises the calling thread's scheduling priority by `by` nice levels
+/// (as auditd's `priority_boost` does), so a thread that must read each
+/// process before it exits is not kept waiting by busy ones. Needs
+/// CAP_SYS_NICE (root has it); returns the new nice value, or why not.
+pub fn raise_thread_priority(by: i32) -> Result<i32, String> {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        let now = rustix::process::getpriority_process(Some(tid)).map_err(|e| e.to_string())?;
+        let want = (now - by).max(-20);
+        rustix::process::setpriority_process(Some(tid), want).map_err(|e| e.to_string())?;
+        Ok(want)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = by;
+        Err("not supported on this OS".into())
+    }
+}
+
 /// Whether kernel process events can be had by this process, by opening
 /// and closing a subscription.
 pub fn kernel_events_availability() -> KernelEventsAvailability {

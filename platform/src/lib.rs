@@ -38,7 +38,7 @@ pub mod spawn;
 
 pub use crate::kernel::{
     KernelEvent, KernelEventKind, KernelEventSource, KernelEventsAvailability, KernelSourceConfig,
-    KernelWaker, ReadOutcome, Wakeup, kernel_events_availability,
+    KernelWaker, ReadOutcome, Wakeup, kernel_events_availability, raise_thread_priority,
 };
 #[cfg(unix)]
 pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};

@@ -27,6 +27,10 @@ use crate::{CycleStats, Error, ProcessSource};
 
 /// `PF_KTHREAD` in the `flags` field of `/proc/<pid>/stat`.
 const PF_KTHREAD: u64 = 0x0020_0000;
+/// `PF_EXITING` there: set as the process begins to exit, before its
+/// memory (command line included) is released, while it still shows
+/// running (`R`) until it is a zombie.
+const PF_EXITING: u64 = 0x0000_0004;
 /// Default cap on command-line bytes read per process.
 pub const DEFAULT_MAX_ARGV_BYTES: usize = 32 * 1024;
 
@@ -244,7 +248,9 @@ impl ProcFs {
         }
         match read_at(dir, "stat", 1024, &mut self.buf) {
             Ok(()) => match parse_stat(&self.buf) {
-                Some(st) if st.state != 'Z' && st.state != 'X' => Unavailable::NotApplicable,
+                Some(st) if st.state != 'Z' && st.state != 'X' && st.flags & PF_EXITING == 0 => {
+                    Unavailable::NotApplicable
+                }
                 _ => Unavailable::Vanished,
             },
             Err(_) => Unavailable::Vanished,
@@ -537,6 +543,28 @@ mod tests {
         assert_eq!((a.args, a.truncated), (vec!["ls".into(), "-l".into(), "/tmp".into()], false));
         let a = parse_cmdline(b"ls\0-l\0/tmp\0", 5);
         assert_eq!((a.args, a.truncated), (vec!["ls".into(), "-l".into()], true));
+    }
+
+    #[test]
+    fn an_empty_command_line_is_vanished_once_the_process_exits() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(root.path().join("self")).expect("self");
+        fs::create_dir(root.path().join("42")).expect("pid dir");
+        let mut procfs = ProcFs::with_root(root.path()).expect("a procfs tree");
+        // Exiting (PF_EXITING, 0x4) while still running: its memory, the
+        // command line with it, is released before it is a zombie.
+        for (state, flags, why) in [
+            ('S', 0x40_0100, Unavailable::NotApplicable),
+            ('R', 0x40_0104, Unavailable::Vanished),
+            ('Z', 0x40_0104, Unavailable::Vanished),
+        ] {
+            let stat = format!(
+                "42 (sleep) {state} 1 42 42 0 -1 {flags} 10 0 0 0 7 3 0 0 20 0 1 0 123456 1000000 250 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"
+            );
+            fs::write(root.path().join("42/stat"), stat).expect("stat");
+            let dir = procfs.open_dir(42).expect("open");
+            assert_eq!(procfs.empty_because(&dir, false), why, "state {state}, flags {flags:#x}");
+        }
     }
 
     #[test]

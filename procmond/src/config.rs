@@ -121,11 +121,15 @@ pub struct KernelEventsConfig {
     /// How long a forked child may take to exec before it is reported as
     /// it is, ms.
     pub fork_window_ms: u64,
+    /// Nice levels the kernel event thread raises its priority by (0..=19;
+    /// needs CAP_SYS_NICE, else it runs at procmond's): it must read each
+    /// process before it exits, also when busy processes fill the CPUs.
+    pub priority_boost: u8,
 }
 
 impl Default for KernelEventsConfig {
     fn default() -> Self {
-        KernelEventsConfig { receive_buffer_bytes: 4 << 20, fork_window_ms: 25 }
+        KernelEventsConfig { receive_buffer_bytes: 4 << 20, fork_window_ms: 25, priority_boost: 10 }
     }
 }
 
@@ -270,6 +274,12 @@ impl CollectorConfig {
             return Err(invalid(
                 "kernel_events.fork_window_ms",
                 format!("{} is out of range 0..=1000", self.kernel_events.fork_window_ms),
+            ));
+        }
+        if self.kernel_events.priority_boost > 19 {
+            return Err(invalid(
+                "kernel_events.priority_boost",
+                format!("{} is out of range 0..=19", self.kernel_events.priority_boost),
             ));
         }
         for word in &self.sanitize.extra_words {

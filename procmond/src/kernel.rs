@@ -54,6 +54,11 @@ const BATCH_MAX: usize = 1024;
 const SYNC_READS: usize = 16;
 /// How long a fork that could not be read waits for its exit event.
 const UNREAD_FORK_LIMIT: Duration = Duration::from_secs(5);
+/// How often the exited pids are pruned (each is kept [`EXITED_MEMORY`] to
+/// this much longer): not at every wake-up, where in a storm (thousands of
+/// exits within [`EXITED_MEMORY`]) walking them all took a quarter of the
+/// thread's time.
+const EXITED_PRUNE_EVERY: Duration = Duration::from_millis(250);
 
 /// Settings of the kernel thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,11 +69,13 @@ pub struct KernelConfig {
     /// Observations held while the actor takes no batch; past it they are
     /// dropped and a resync requested.
     pub max_batch: usize,
+    /// Nice levels to raise the thread's priority by (0: none).
+    pub priority_boost: u8,
 }
 
 impl Default for KernelConfig {
     fn default() -> Self {
-        KernelConfig { fork_window: Duration::from_millis(25), max_batch: 100_000 }
+        KernelConfig { fork_window: Duration::from_millis(25), max_batch: 100_000, priority_boost: 10 }
     }
 }
 
@@ -185,6 +192,7 @@ impl KernelHandle {
             pending: HashMap::new(),
             known: HashMap::new(),
             exited: HashMap::new(),
+            next_prune: Instant::now() + EXITED_PRUNE_EVERY,
             batch: Vec::new(),
             batch_since: None,
             resync: None,
@@ -232,6 +240,8 @@ struct Worker {
     known: HashMap<u32, (u64, u64)>,
     /// Recently exited pids and the instant of their exit.
     exited: HashMap<u32, (u64, Instant)>,
+    /// When `exited` is pruned next.
+    next_prune: Instant,
     /// Observations not yet handed over.
     batch: Vec<Observation>,
     /// When the oldest of them was made.
@@ -243,6 +253,12 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        if self.cfg.priority_boost > 0 {
+            match daemoneye_platform::raise_thread_priority(i32::from(self.cfg.priority_boost)) {
+                Ok(nice) => log::info!("kernel event thread runs at nice {nice}"),
+                Err(why) => log::info!("kernel event thread priority not raised ({why})"),
+            }
+        }
         log::info!(
             "kernel event thread started ({}, receive buffer {} bytes)",
             self.source.backend(),
@@ -438,7 +454,10 @@ impl Worker {
                 }
             }
         }
-        self.exited.retain(|_, (_, when)| now.duration_since(*when) < EXITED_MEMORY);
+        if now >= self.next_prune {
+            self.exited.retain(|_, (_, when)| now.duration_since(*when) < EXITED_MEMORY);
+            self.next_prune = now + EXITED_PRUNE_EVERY;
+        }
     }
 
     /// Drains the socket for each sync request (a bounded number of

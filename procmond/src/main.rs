@@ -376,6 +376,7 @@ fn open_kernel_events(
             );
             let kcfg = KernelConfig {
                 fork_window: Duration::from_millis(cfg.kernel_events.fork_window_ms),
+                priority_boost: cfg.kernel_events.priority_boost,
                 ..KernelConfig::default()
             };
             let (handle, link) =
