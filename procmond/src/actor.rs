@@ -295,8 +295,9 @@ impl Default for ActorOptions {
     }
 }
 
-/// How long a walk waits for the kernel thread to hand over what it holds.
-const SYNC_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a walk waits for the kernel thread to hand over what it holds
+/// (it may have a backlog to read first: at most 3 s of it).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(4);
 /// The soonest a resync follows the previous walk.
 const RESYNC_GAP: Duration = Duration::from_secs(1);
 

@@ -50,8 +50,8 @@ const EXITED_MEMORY: Duration = Duration::from_secs(2);
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 /// A batch this large goes at once.
 const BATCH_MAX: usize = 1024;
-/// Socket reads (of up to [`READ_CHUNK`] datagrams) a sync makes at most.
-const SYNC_READS: usize = 16;
+/// How long a sync may spend reading a backlog.
+const SYNC_READ_LIMIT: Duration = Duration::from_secs(3);
 /// How long a fork that could not be read waits for its exit event.
 const UNREAD_FORK_LIMIT: Duration = Duration::from_secs(5);
 /// How often the exited pids are pruned (each is kept [`EXITED_MEMORY`] to
@@ -116,8 +116,8 @@ pub struct KernelStats {
 pub struct KernelLink {
     /// Batches, resync requests and sync answers, in order.
     pub rx: Receiver<KernelMessage>,
-    /// Sync requests.
-    pub sync: Sender<()>,
+    /// Sync requests: the `CLOCK_MONOTONIC` instant each was made.
+    pub sync: Sender<u64>,
     /// Wakes the thread after a sync request.
     pub waker: KernelWaker,
     /// Counters.
@@ -142,7 +142,8 @@ impl KernelLink {
     /// and collects everything up to its answer (at most `timeout`).
     pub fn sync(&self, timeout: Duration) -> Synced {
         let mut out = Synced::default();
-        if self.sync.try_send(()).is_err() {
+        let now = daemoneye_platform::clock::monotonic_ns().unwrap_or(u64::MAX);
+        if self.sync.try_send(now).is_err() {
             return out;
         }
         self.waker.wake();
@@ -187,6 +188,7 @@ impl KernelHandle {
             tx,
             sync_rx,
             syncs_owed: 0,
+            last_at_ns: 0,
             stats: stats.clone(),
             stop: stop.clone(),
             pending: HashMap::new(),
@@ -228,9 +230,11 @@ struct Worker {
     source: KernelEventSource,
     cfg: KernelConfig,
     tx: Sender<KernelMessage>,
-    sync_rx: Receiver<()>,
+    sync_rx: Receiver<u64>,
     /// Sync requests not answered yet (the channel was full).
     syncs_owed: usize,
+    /// The latest event instant read so far.
+    last_at_ns: u64,
     stats: Arc<KernelStats>,
     stop: Arc<AtomicBool>,
     /// Forks waiting for an exec or their window's end, by pid.
@@ -267,7 +271,9 @@ impl Worker {
         while !self.stop.load(Ordering::Acquire) {
             let timeout = self.next_timeout();
             match self.source.wait(timeout) {
-                Ok(Wakeup::Readable) => self.read(),
+                Ok(Wakeup::Readable) => {
+                    self.read();
+                }
                 Ok(Wakeup::Woken | Wakeup::Timeout) => {}
                 Err(e) => {
                     log::error!("kernel event source failed: {e}; the poll alone reports from now on");
@@ -298,11 +304,15 @@ impl Worker {
         }
     }
 
-    fn read(&mut self) {
+    /// Reads a chunk of events and handles them; true when the socket
+    /// had no more.
+    fn read(&mut self) -> bool {
         let mut events = std::mem::take(&mut self.events);
         events.clear();
+        let mut drained = true;
         match self.source.read(&mut events, READ_CHUNK) {
             Ok(outcome) => {
+                drained = outcome.drained;
                 self.stats.malformed.fetch_add(outcome.malformed + outcome.foreign, Ordering::Relaxed);
                 if outcome.overruns > 0 {
                     self.stats.overruns.fetch_add(outcome.overruns, Ordering::Relaxed);
@@ -317,9 +327,15 @@ impl Worker {
         }
         self.stats.received.fetch_add(events.len() as u64, Ordering::Relaxed);
         for e in events.drain(..) {
+            self.last_at_ns = self.last_at_ns.max(e.at_ns);
             self.handle(e);
         }
         self.events = events;
+        if drained {
+            // Everything up to now has been read.
+            self.last_at_ns = self.last_at_ns.max(daemoneye_platform::clock::monotonic_ns().unwrap_or(0));
+        }
+        drained
     }
 
     fn handle(&mut self, event: KernelEvent) {
@@ -460,22 +476,23 @@ impl Worker {
         }
     }
 
-    /// Drains the socket for each sync request (a bounded number of
-    /// reads, so a storm cannot hold the answer back for ever); the answer
-    /// follows the batch in the channel, once there is room.
+    /// For each sync request, reads until every event from before the
+    /// request has been read: the socket is empty, or an event stamped
+    /// after the request came (the kernel queues them in time order, give
+    /// or take the microseconds between CPUs). Bounded in time, so a
+    /// thread far behind still answers. The answer follows the batch in the
+    /// channel, once there is room.
     fn answer_syncs(&mut self) {
-        let mut asked = false;
-        while self.sync_rx.try_recv().is_ok() {
+        let mut since = None;
+        while let Ok(at) = self.sync_rx.try_recv() {
             self.syncs_owed += 1;
-            asked = true;
+            since = since.max(Some(at));
         }
-        if asked {
-            for _ in 0..SYNC_READS {
-                let before = self.stats.received.load(Ordering::Relaxed);
-                self.read();
-                if self.stats.received.load(Ordering::Relaxed) == before {
-                    break;
-                }
+        let Some(since) = since else { return };
+        let give_up = Instant::now() + SYNC_READ_LIMIT;
+        while self.last_at_ns < since && Instant::now() < give_up {
+            if self.read() {
+                break;
             }
         }
     }
