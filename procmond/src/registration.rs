@@ -110,7 +110,15 @@ impl Registration {
                 let heartbeat = tick(m.cfg.heartbeat_interval);
                 let mut lifecycle_rx = lifecycle.messages().clone();
                 m.check();
+                // A deadline, not a fresh timer per wake-up: heartbeats (or
+                // any other message) arriving at least as often as the poll
+                // interval must not starve the check that re-registers.
+                let mut next_check = Instant::now() + m.poll_interval();
                 loop {
+                    if Instant::now() >= next_check {
+                        m.check();
+                        next_check = Instant::now() + m.poll_interval();
+                    }
                     select! {
                         recv(cmd_rx) -> cmd => match cmd {
                             Ok(Cmd::Deregister { reason, reply }) => {
@@ -136,7 +144,7 @@ impl Registration {
                         recv(heartbeat) -> _ => m.heartbeat(),
                         // Quick while (re)registering, slow once registered:
                         // each wake-up costs tens of microseconds.
-                        recv(after(m.poll_interval())) -> _ => m.check(),
+                        recv(after(next_check.saturating_duration_since(Instant::now()))) -> _ => {}
                     }
                 }
                 drop(lifecycle);
