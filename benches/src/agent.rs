@@ -130,11 +130,21 @@ impl Agent {
     /// a new temp dir named `prefix…` and starts the agent on it, its
     /// stderr to `agent.log` there.
     pub fn start(prefix: &str, bins: &Bins, top: &str, per_collector: &str) -> Result<Agent, String> {
+        Agent::start_with(prefix, bins, |data| agent_yaml(data, &bins.procmond, top, per_collector))
+    }
+
+    /// Like [`Agent::start`], with the whole agent.yaml written by `yaml`
+    /// from the data dir (`<temp dir>/data`, which it should name as
+    /// `data_dir`).
+    pub fn start_with(
+        prefix: &str,
+        bins: &Bins,
+        yaml: impl FnOnce(&Path) -> String,
+    ) -> Result<Agent, String> {
         let dir = tempfile::Builder::new().prefix(prefix).tempdir().map_err(|e| e.to_string())?;
         let data = dir.path().join("data");
         let cfg = dir.path().join("agent.yaml");
-        std::fs::write(&cfg, agent_yaml(&data, &bins.procmond, top, per_collector))
-            .map_err(|e| e.to_string())?;
+        std::fs::write(&cfg, yaml(&data)).map_err(|e| e.to_string())?;
         let log = dir.path().join("agent.log");
         let stderr = std::fs::File::create(&log).map_err(|e| e.to_string())?;
         let spawned_us = now_us();
@@ -176,8 +186,15 @@ impl Agent {
         Some(exited_with_log("daemoneye-agent", status, &self.log))
     }
 
-    /// Finds the agent's children that carry `--collector-id`.
+    /// Finds the agent's children that carry `--collector-id`: the two
+    /// [`COLLECTORS`].
     pub fn find_collectors(&mut self) -> Result<(), String> {
+        self.find_collectors_of(&COLLECTORS)
+    }
+
+    /// Finds the agent's children that carry `--collector-id`: exactly
+    /// `ids`, kept in that order.
+    pub fn find_collectors_of(&mut self, ids: &[&str]) -> Result<(), String> {
         let me = u64::from(self.pid());
         let mut found = Vec::new();
         let rd = std::fs::read_dir("/proc").map_err(|e| e.to_string())?;
@@ -197,9 +214,13 @@ impl Agent {
                 found.push(Collector { id: id.clone(), pid, start: f.get(19).copied().unwrap_or(0) });
             }
         }
-        found.sort_by_key(|c| COLLECTORS.iter().position(|id| *id == c.id).unwrap_or(usize::MAX));
-        if found.len() != COLLECTORS.len() {
-            return Err(format!("found {} collector processes under the agent, not 2", found.len()));
+        found.sort_by_key(|c| ids.iter().position(|id| *id == c.id).unwrap_or(usize::MAX));
+        if found.len() != ids.len() || found.iter().zip(ids).any(|(c, id)| c.id != *id) {
+            return Err(format!(
+                "found {} collector processes under the agent, not {}",
+                found.len(),
+                ids.len()
+            ));
         }
         self.collectors = found;
         Ok(())
