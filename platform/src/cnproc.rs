@@ -28,8 +28,6 @@
 //!   sender is counted as foreign and dropped.
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -365,7 +363,7 @@ impl Connector {
                     ack_wait.as_millis()
                 )));
             }
-            if !conn.wait_readable(None, Some(left)).map_err(|e| failed("poll", e))? {
+            if !conn.wait_readable(left).map_err(|e| failed("poll", e))? {
                 continue;
             }
             let mut events = Vec::new();
@@ -398,22 +396,12 @@ impl Connector {
         self.granted_rcvbuf
     }
 
-    /// Waits until the socket is readable (true), `wake` is readable, or
-    /// `timeout` passes (false for both). `None` waits forever.
-    pub(crate) fn wait_readable(
-        &self,
-        wake: Option<&OwnedFd>,
-        timeout: Option<Duration>,
-    ) -> std::io::Result<bool> {
+    /// Waits until the socket is readable (true) or `timeout` passes
+    /// (false).
+    fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        let timeout = match timeout {
-            None => PollTimeout::NONE,
-            Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-        };
-        let mut fds = vec![PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
-        if let Some(w) = wake {
-            fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
-        }
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
@@ -463,14 +451,27 @@ impl AsFd for Connector {
     }
 }
 
-/// Reads a whole small file opened relative to a directory descriptor.
+/// Reads a whole small proc file opened relative to a directory
+/// descriptor, at most `cap` bytes, into `buf`.
+///
+/// One `read` into a buffer of `cap` bytes: a proc file generates its
+/// whole text (up to what the buffer holds) on the first read, so a short
+/// read is its end and the usual second read that returns 0 is skipped.
+/// On the kernel event path this saves a system call per file per exec.
 pub(crate) fn read_at(dir: &OwnedFd, name: &str, cap: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::Mode;
     let fd = openat(dir, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
     buf.clear();
-    File::from(fd).take(cap as u64).read_to_end(buf)?;
-    Ok(())
+    buf.resize(cap, 0);
+    let n = loop {
+        match nix::unistd::read(&fd, buf) {
+            Err(Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    buf.truncate(*n.as_ref().unwrap_or(&0));
+    n.map(drop).map_err(std::io::Error::from)
 }
 
 /// Reads a symbolic link relative to a directory descriptor.

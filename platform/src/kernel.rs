@@ -23,7 +23,7 @@
 //!   credential events: those stay with the poll.
 //! - Elsewhere: [`KernelEventsAvailability::NotThisOs`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -258,6 +258,12 @@ pub struct KernelEventSource {
     wake_read: std::os::fd::OwnedFd,
     #[cfg(target_os = "linux")]
     waker: KernelWaker,
+    /// Wakes [`KernelEventSource::wait`] at its deadline.
+    #[cfg(target_os = "linux")]
+    timer: nix::sys::timerfd::TimerFd,
+    /// When `timer` fires, if it is set.
+    #[cfg(target_os = "linux")]
+    armed: Option<Instant>,
     /// Events that came with the subscription's acknowledgement.
     early: Vec<KernelEvent>,
 }
@@ -280,7 +286,11 @@ impl KernelEventSource {
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                     .map_err(|e| failed("pipe", &e))?;
             let waker = KernelWaker { write: std::sync::Arc::new(write) };
-            Ok(KernelEventSource { conn, reader, wake_read, waker, early })
+            use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+            let timer =
+                TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
+                    .map_err(|e| failed("timerfd", &e))?;
+            Ok(KernelEventSource { conn, reader, wake_read, waker, timer, armed: None, early })
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -318,28 +328,85 @@ impl KernelEventSource {
         }
     }
 
-    /// Blocks until events are queued, the waker is called, or `timeout`
-    /// passes (`None`: no timeout).
-    pub fn wait(&mut self, timeout: Option<Duration>) -> std::io::Result<Wakeup> {
+    /// Blocks until events are queued, the waker is called, or `deadline`
+    /// passes (`None`: no deadline).
+    ///
+    /// The deadline is kept by a timer descriptor that is set only when a
+    /// deadline earlier than the one it holds comes, not by `poll`'s
+    /// timeout: a timeout arms and cancels a kernel timer at every call,
+    /// which on a virtual machine (where programming the timer leaves the
+    /// guest) cost this thread 40% of its time in an exec storm of three
+    /// wake-ups per process. A later deadline leaves the timer as it is: it
+    /// fires early, and the caller simply waits again.
+    pub fn wait(&mut self, deadline: Option<Instant>) -> std::io::Result<Wakeup> {
         if !self.early.is_empty() {
             return Ok(Wakeup::Readable);
         }
         #[cfg(target_os = "linux")]
         {
-            if self.conn.wait_readable(Some(&self.wake_read), timeout)? {
-                return Ok(Wakeup::Readable);
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            use std::os::fd::AsFd;
+            let now = Instant::now();
+            let timeout = match deadline {
+                // Due already: a zero timeout arms no timer.
+                Some(d) if d <= now => PollTimeout::ZERO,
+                Some(d) => {
+                    self.arm(d, now)?;
+                    PollTimeout::NONE
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = [
+                PollFd::new(self.conn.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.wake_read.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.timer.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
-            let mut drained = [0u8; 64];
-            match nix::unistd::read(&self.wake_read, &mut drained) {
-                Ok(n) if n > 0 => Ok(Wakeup::Woken),
-                _ => Ok(Wakeup::Timeout),
+            let [socket, woken, timer] = fds.map(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+            if woken {
+                // Emptied so the next wait blocks.
+                let mut drained = [0u8; 64];
+                let _ = nix::unistd::read(&self.wake_read, &mut drained);
             }
+            if timer {
+                // Non-blocking: consumes the expiry.
+                let _ = self.timer.wait();
+                self.armed = None;
+            }
+            // A wake-up first: the pipe is emptied now, and queued events
+            // make the next wait return at once.
+            Ok(if woken {
+                Wakeup::Woken
+            } else if socket {
+                Wakeup::Readable
+            } else {
+                Wakeup::Timeout
+            })
         }
         #[cfg(not(target_os = "linux"))]
         {
-            let _ = timeout;
+            let _ = deadline;
             Ok(Wakeup::Timeout)
         }
+    }
+
+    /// Sets the timer to fire at `deadline` unless it fires no later
+    /// already.
+    #[cfg(target_os = "linux")]
+    fn arm(&mut self, deadline: Instant, now: Instant) -> std::io::Result<()> {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        if self.armed.is_some_and(|armed| armed <= deadline) {
+            return Ok(());
+        }
+        let after =
+            TimeSpec::from_duration(deadline.saturating_duration_since(now).max(Duration::from_nanos(1)));
+        self.timer.set(Expiration::OneShot(after), TimerSetTimeFlags::empty())?;
+        self.armed = Some(deadline);
+        Ok(())
     }
 
     /// Appends what is queued to `out` without blocking, reading at most

@@ -281,13 +281,11 @@ impl ProcFs {
         // was deleted or replaced (a name ending in " (deleted)" proves
         // nothing: a file may be called that).
         let meta = match &link {
-            Ok(_) => {
-                open_path_at(dir, "exe").and_then(|f| f.metadata()).map_err(|e| Unavailable::from_io(&e))
-            }
+            Ok(_) => stat_at(dir, "exe").map_err(|e| Unavailable::from_io(&e)),
             Err(why) => Err(*why),
         };
         let exe_deleted = match (&meta, &link) {
-            (Ok(m), _) => Ok(m.nlink() == 0),
+            (Ok(m), _) => Ok(m.nlink == 0),
             (Err(_), Ok(p)) => Ok(p.as_os_str().as_encoded_bytes().ends_with(b" (deleted)")),
             (Err(why), Err(_)) => Err(*why),
         };
@@ -299,7 +297,7 @@ impl ProcFs {
             }
             _ => p,
         });
-        let exe_file = meta.and_then(|m| crate::file_identity(&m));
+        let exe_file = meta.map(|m| m.identity);
         let credentials = self.read_credentials(dir);
         let user = match credentials {
             Ok(c) => self.user_name(c.uid),
@@ -496,11 +494,31 @@ impl ProcessSource for ProcFs {
     }
 }
 
-/// Opens a path relative to a directory with `O_PATH` (following a
-/// symbolic link), for its metadata.
-fn open_path_at(dir: &OwnedFd, name: &str) -> std::io::Result<File> {
-    use nix::fcntl::{OFlag, openat};
-    Ok(File::from(openat(dir, name, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())?))
+/// What `stat` says of a file: its identity and its link count.
+struct StatAt {
+    identity: crate::FileIdentity,
+    nlink: u64,
+}
+
+/// `stat`s a path relative to a directory, following a symbolic link (for
+/// `exe`, the executable itself, deleted or not): one system call where
+/// opening it with `O_PATH` took three.
+// The field types of `struct stat` differ between architectures (`nlink_t`
+// is 32 bits on aarch64): the casts widen, and are no-ops on some.
+#[allow(clippy::unnecessary_cast, clippy::cast_lossless)]
+fn stat_at(dir: &OwnedFd, name: &str) -> std::io::Result<StatAt> {
+    use nix::fcntl::AtFlags;
+    let st = nix::sys::stat::fstatat(dir, name, AtFlags::empty())?;
+    Ok(StatAt {
+        identity: crate::FileIdentity {
+            dev: st.st_dev as u64,
+            inode: st.st_ino as u64,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: st.st_mtime as i64,
+            ctime: st.st_ctime as i64,
+        },
+        nlink: st.st_nlink as u64,
+    })
 }
 
 /// Reads the `hidepid` option of the procfs mounted at `/proc`, if any.

@@ -34,7 +34,7 @@ fn collect(src: &mut KernelEventSource, mut done: impl FnMut(&[KernelEvent]) -> 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut all = Vec::new();
     while Instant::now() < deadline && !done(&all) {
-        if src.wait(Some(Duration::from_millis(100))).unwrap() == Wakeup::Readable {
+        if src.wait(Some(Instant::now() + Duration::from_millis(100))).unwrap() == Wakeup::Readable {
             let outcome = src.read(&mut all, 256).unwrap();
             assert_eq!(outcome.malformed, 0, "the kernel's own datagrams parse");
         }
@@ -120,7 +120,7 @@ fn the_waker_ends_a_wait() {
     // Other processes may exec meanwhile: wait until the wake-up is seen.
     let mut woke = false;
     while start.elapsed() < Duration::from_secs(10) && !woke {
-        match src.wait(Some(Duration::from_secs(10))).unwrap() {
+        match src.wait(Some(Instant::now() + Duration::from_secs(10))).unwrap() {
             Wakeup::Woken => woke = true,
             _ => {
                 let mut sink = Vec::new();
@@ -130,4 +130,55 @@ fn the_waker_ends_a_wait() {
     }
     t.join().unwrap();
     assert!(woke, "the waker ended the wait");
+}
+
+/// Waits until `wait` returns `Timeout` (events of other processes may
+/// come first: they are read and the wait goes on), with each wait's
+/// deadline from `deadline`; how long that took.
+fn until_timeout(src: &mut KernelEventSource, mut deadline: impl FnMut() -> Instant) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        match src.wait(Some(deadline())).unwrap() {
+            Wakeup::Timeout => return start.elapsed(),
+            _ => {
+                let mut sink = Vec::new();
+                src.read(&mut sink, 1024).unwrap();
+            }
+        }
+    }
+    panic!("no timeout within 20 s");
+}
+
+#[test]
+fn a_deadline_ends_a_wait_and_an_earlier_one_replaces_a_later() {
+    let Some(mut src) = open() else { return };
+    // A deadline 200 ms out: not before it.
+    let due = Instant::now() + Duration::from_millis(200);
+    let took = until_timeout(&mut src, || due);
+    assert!(took >= Duration::from_millis(190), "woke after {took:?}, before its deadline");
+    // A wait far out, ended by the waker, leaves the timer set for later;
+    // a nearer deadline after it must still be kept.
+    let waker = src.waker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        waker.wake();
+    });
+    let far = Instant::now() + Duration::from_secs(60);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        match src.wait(Some(far)).unwrap() {
+            Wakeup::Woken => break,
+            _ => {
+                let mut sink = Vec::new();
+                src.read(&mut sink, 1024).unwrap();
+            }
+        }
+    }
+    t.join().unwrap();
+    let near = Instant::now() + Duration::from_millis(100);
+    let took = until_timeout(&mut src, || near);
+    assert!(took < Duration::from_secs(5), "the nearer deadline was not kept: {took:?}");
+    // A deadline already past returns at once.
+    let took = until_timeout(&mut src, Instant::now);
+    assert!(took < Duration::from_secs(5), "a past deadline waited {took:?}");
 }

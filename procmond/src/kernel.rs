@@ -269,8 +269,7 @@ impl Worker {
             self.source.receive_buffer_bytes()
         );
         while !self.stop.load(Ordering::Acquire) {
-            let timeout = self.next_timeout();
-            match self.source.wait(timeout) {
+            match self.source.wait(self.next_deadline()) {
                 Ok(Wakeup::Readable) => {
                     self.read();
                 }
@@ -287,21 +286,14 @@ impl Worker {
         log::info!("kernel event thread stopped");
     }
 
-    /// Until the next fork falls due, or a short retry while the actor
-    /// has not taken what is held.
-    fn next_timeout(&self) -> Option<Duration> {
-        let now = Instant::now();
-        let fork = self.pending.values().map(|p| p.due.saturating_duration_since(now)).min();
+    /// When the next fork falls due, or a short retry while the actor has
+    /// not taken what is held.
+    fn next_deadline(&self) -> Option<Instant> {
+        let fork = self.pending.values().map(|p| p.due).min();
         let owed = self.resync.is_some() || self.syncs_owed > 0;
-        let batch = self.batch_since.map(|since| (since + BATCH_WAIT).saturating_duration_since(now));
-        let retry = match (owed.then_some(Duration::from_millis(5)), batch) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        match (fork, retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retry = owed.then(|| Instant::now() + Duration::from_millis(5));
+        let batch = self.batch_since.map(|since| since + BATCH_WAIT);
+        [fork, retry, batch].into_iter().flatten().min()
     }
 
     /// Reads a chunk of events and handles them; true when the socket
