@@ -735,13 +735,19 @@ fn an_overrun_is_counted_and_the_walk_recovers_every_process_once() {
     let mut ev = Events::of(&pm);
     wait_ready(&pm, &mut ev);
 
-    // Bursts of long-lived processes from parallel spawners until the
-    // kernel reports its queue for procmond overflowed.
+    // Bursts of long-lived processes from parallel spawners while procmond
+    // is stopped (a stalled collector on a loaded host): nothing reads its
+    // socket, so the kernel drops the events of most of them, forks and
+    // execs alike, and only the walk can find those. A collector fast
+    // enough to keep up with a burst would otherwise lose only some
+    // events, which its fork window may recover without the walk.
     let run = token();
     let since_ticks = boottime_ticks().saturating_sub(100);
     let mut children = Children(Vec::new());
     let (bursts, spawners, per_spawner) = (5, 4, 75);
+    let pm_pid = nix::unistd::Pid::from_raw(pm.child.id() as i32);
     for burst in 0..bursts {
+        nix::sys::signal::kill(pm_pid, nix::sys::signal::Signal::SIGSTOP).expect("procmond stops");
         let spawned: Vec<(String, Child)> = std::thread::scope(|s| {
             let run = &run;
             let handles: Vec<_> = (0..spawners)
@@ -765,6 +771,7 @@ fn an_overrun_is_counted_and_the_walk_recovers_every_process_once() {
             handles.into_iter().flat_map(|h| h.join().expect("spawner")).collect()
         });
         children.0.extend(spawned);
+        nix::sys::signal::kill(pm_pid, nix::sys::signal::Signal::SIGCONT).expect("procmond resumes");
         // The kernel thread meets the overflow at its next read.
         if wait_until(Duration::from_secs(2), || event_source(&agent).overruns > 0) {
             break;
