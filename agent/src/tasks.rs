@@ -174,6 +174,12 @@ impl Drop for TaskCoordinator {
                 log::error!("a task worker panicked");
             }
         }
+        // Requests the broker routed here before the stop may still be on
+        // the socket: a sync takes them into the subscription, so each is
+        // refused rather than left to the broker's "responder gone".
+        if let Err(e) = self.shared.client.sync() {
+            log::debug!("task coordinator: no sync with the broker before stopping: {e}");
+        }
         for msg in self.sub.messages().try_iter() {
             self.shared.refuse(&msg);
         }

@@ -184,6 +184,10 @@ enum Cmd {
     Unsubscribe {
         sid: u64,
     },
+    /// A `Ping` whose `Pong` answers `confirm`.
+    Sync {
+        confirm: Sender<Result<(), ClientError>>,
+    },
     Request {
         topic: String,
         payload: Vec<u8>,
@@ -426,6 +430,20 @@ impl Client {
         rx.recv_timeout(self.cfg.timeout).map_err(|_| ClientError::Timeout(self.cfg.timeout))?
     }
 
+    /// Waits until the broker has answered a ping: everything the broker
+    /// sent this client before it (deliveries of earlier publishes and
+    /// requests) has then been handed to the subscriptions. A barrier for
+    /// a responder that stops: after it, what is in its subscriptions is
+    /// all that was routed to it. `Disconnected` on no live connection.
+    pub fn sync(&self) -> Result<(), ClientError> {
+        if self.state() != ConnectionState::Connected {
+            return Err(ClientError::Disconnected);
+        }
+        let (tx, rx) = bounded(1);
+        self.send(Cmd::Sync { confirm: tx })?;
+        rx.recv_timeout(self.cfg.timeout).map_err(|_| ClientError::Timeout(self.cfg.timeout))?
+    }
+
     /// Answers a request message on its `reply_to` topic.
     pub fn reply(&self, request: &Message, payload: &[u8]) -> Result<(), ClientError> {
         match &request.reply_to {
@@ -602,7 +620,9 @@ struct ClientReactor {
     subs: HashMap<u64, SubEntry>,
     /// Encoded publishes made while away.
     outbox: VecDeque<Vec<u8>>,
-    /// Confirmations awaited, in the order their publishes were sent.
+    /// Confirmations awaited (publishes' `PubAck`s and syncs' `Pong`s,
+    /// numbered from one counter), in the order they were sent; the
+    /// broker answers in that order.
     acks: VecDeque<(u64, Sender<Result<(), ClientError>>)>,
     next_ack: u64,
     /// Pending requests by number: the reply channel, the deadline and the
@@ -795,6 +815,15 @@ impl ClientReactor {
                 if self.subs.remove(&sid).is_some() && self.welcomed {
                     let _ = frame::encode(&Frame::Unsubscribe { sid }, &mut self.wbuf, u32::MAX);
                 }
+            }
+            Cmd::Sync { confirm } => {
+                if !self.welcomed {
+                    let _ = confirm.send(Err(ClientError::Disconnected));
+                    return;
+                }
+                self.next_ack += 1;
+                self.acks.push_back((self.next_ack, confirm));
+                let _ = frame::encode(&Frame::Ping(self.next_ack), &mut self.wbuf, u32::MAX);
             }
             Cmd::Request { topic, payload, timeout, strategy, reply, many } => {
                 if !self.welcomed {
@@ -1032,7 +1061,7 @@ impl ClientReactor {
                     Err(TrySendError::Disconnected(_)) => {}
                 }
             }
-            Frame::PubAck { ack_id } => {
+            Frame::PubAck { ack_id } | Frame::Pong(ack_id) => {
                 while let Some((id, tx)) = self.acks.pop_front() {
                     if id == ack_id {
                         let _ = tx.send(Ok(()));

@@ -294,3 +294,31 @@ fn a_second_live_connection_cannot_take_a_client_id() {
     let tiny = BrokerConfig { queue_limit_msgs: 1, ..BrokerConfig::new(tmp.path().join("x.sock")) };
     assert!(matches!(Broker::start(tiny), Err(daemoneye_bus::BrokerError::Config(_))));
 }
+
+#[test]
+fn a_sync_returns_after_every_earlier_delivery_is_in_the_subscription() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bus.sock");
+    let _broker = Broker::start(BrokerConfig::new(&path)).expect("broker");
+    let mut cfg = ClientConfig::new(&path, "sub");
+    cfg.subscription_capacity = 4096;
+    let sub = Client::connect(cfg).expect("client");
+    assert!(sub.wait_connected(WAIT));
+    let pb = client(&path, "pub");
+    let s = sub.subscribe("load.#").expect("sub");
+    sub.sync().expect("the subscription is in place");
+
+    // Routed before the sync starts: the publisher's last is confirmed.
+    let payload = vec![7u8; 1024];
+    for _ in 0..1999 {
+        pb.publish("load.x", &payload).expect("publish");
+    }
+    pb.publish_confirmed("load.x", &payload).expect("confirm");
+    sub.sync().expect("sync");
+    assert_eq!(s.messages().try_iter().count(), 2000, "every delivery routed before the sync is there");
+
+    // No connection, no sync.
+    drop(_broker);
+    assert!(sub.wait_state(WAIT, |st| st != ConnectionState::Connected));
+    assert!(matches!(sub.sync(), Err(ClientError::Disconnected)), "{:?}", sub.sync());
+}
