@@ -37,6 +37,14 @@
 //!    such as `python app.py --api-key k`) is also sanitized word by word as
 //!    a nested command line, so `sh -c "app --password x"` loses `x`.
 //!
+//! 6. A command line cut at the platform's limit
+//!    ([`Sanitizer::sanitize_cut`]): the rules run on what was read, then
+//!    the last word of the last argument, which the cut may have split, is
+//!    replaced whole, whatever it looks like: half a token or the first
+//!    characters of a password match no rule, and a prefix of a secret is
+//!    still a secret. Only that word is lost (a long `sh -c` script keeps
+//!    everything before it).
+//!
 //! Not covered, by design or by ambiguity: plain words equal to a sensitive
 //! name (`grep password f` keeps `f`, so `aws configure set
 //! aws_secret_access_key X` keeps `X`), userinfo without a scheme
@@ -209,6 +217,21 @@ impl Sanitizer {
         }
         let args = args.iter().map(|a| self.process_arg(a, &mut state, &mut redacted)).collect();
         Sanitized { args, redacted }
+    }
+
+    /// Sanitizes a command line that was cut at a byte limit (`truncated`
+    /// in the platform's `Argv`): as [`Sanitizer::sanitize`], then the
+    /// last word of the last argument (after its last whitespace, or all
+    /// of it) becomes [`REDACTED`] unless it already is.
+    pub fn sanitize_cut(&self, args: &[String]) -> Sanitized {
+        let mut out = self.sanitize(args);
+        // With `strip_all_arguments` the cut argument is gone, unless it
+        // is the program.
+        let cut_kept = !self.strip_all || args.len() == 1;
+        if cut_kept && let Some(last) = out.args.last_mut() {
+            mask_last_word(last, &mut out.redacted);
+        }
+        out
     }
 
     /// Whether a flag or key name matches the word list.
@@ -441,6 +464,19 @@ fn redact(value: &str, n: &mut usize) -> String {
     }
     *n += 1;
     REDACTED.to_owned()
+}
+
+/// Replaces what follows the last whitespace of `arg` (all of it if it has
+/// none) with [`REDACTED`], counting it unless it was already redacted.
+fn mask_last_word(arg: &mut String, n: &mut usize) {
+    let start = arg.rfind(|c: char| c.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    let word = &arg[start..];
+    if word.is_empty() || word == REDACTED {
+        return;
+    }
+    *n += 1;
+    arg.truncate(start);
+    arg.push_str(REDACTED);
 }
 
 /// Splits `-flag`, `--flag`, `--flag=value`; `None` for anything else
@@ -739,6 +775,37 @@ mod tests {
 
     /// Input argv, expected argv, expected redaction count.
     type Case = (&'static [&'static str], &'static [&'static str], usize);
+
+    #[test]
+    fn a_cut_command_line_has_its_cut_word_masked_whole() {
+        let s = sanitizer();
+        let cut = |args: &[&str]| s.sanitize_cut(&argv(args));
+        // The two leaks found: the start of a URL's password and half a
+        // GitHub token, which no rule recognises once cut.
+        let out = cut(&["git", "clone", "https://alice:s3c"]);
+        assert_eq!((out.args, out.redacted), (argv(&["git", "clone", REDACTED]), 1));
+        let out = cut(&["sh", "-c", "echo start; gh auth login --with-token ghp_Z9y8X7w6V5u4T3s2"]);
+        assert_eq!(
+            out.args,
+            argv(&["sh", "-c", &format!("echo start; gh auth login --with-token {REDACTED}")])
+        );
+        // A value the rules redact anyway is not counted twice.
+        let out = cut(&["app", "--password", "hunt"]);
+        assert_eq!((out.args, out.redacted), (argv(&["app", "--password", REDACTED]), 1));
+        // Trailing whitespace: nothing was cut inside a word.
+        assert_eq!(cut(&["a", "b "]).args, argv(&["a", "b "]));
+        // Only the program: its last word goes.
+        assert_eq!(cut(&["python3 app.py --x=abc"]).args, argv(&[&format!("python3 app.py {REDACTED}")]));
+        // Stripped arguments: the cut one is gone already.
+        let strip = Sanitizer::new(&SanitizeConfig { strip_all_arguments: true, ..Default::default() });
+        assert_eq!(strip.sanitize_cut(&argv(&["app", "ghp_Z9y8"])).args, argv(&["app"]));
+        assert!(cut(&[]).args.is_empty());
+        // Not cut: unchanged.
+        assert_eq!(
+            run(&s, &["git", "clone", "https://alice:s3c"]).args,
+            argv(&["git", "clone", "https://alice:s3c"])
+        );
+    }
 
     const CASES: &[Case] = &[
         // Harmless short flags and values.

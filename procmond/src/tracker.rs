@@ -650,7 +650,11 @@ impl Tracker {
     fn clean(&mut self, raw: &Arc<ProcessDetails>) -> Arc<ProcessDetails> {
         self.sanitized += 1;
         let Ok(argv) = &raw.argv else { return raw.clone() };
-        let clean = self.sanitizer.sanitize(&argv.args).args;
+        let clean = if argv.truncated {
+            self.sanitizer.sanitize_cut(&argv.args).args
+        } else {
+            self.sanitizer.sanitize(&argv.args).args
+        };
         if clean == argv.args {
             return raw.clone();
         }
@@ -958,6 +962,21 @@ mod tests {
         // Without enhanced metadata, cwd and friends are not collected.
         assert_eq!(events[0].process.details.cwd, Err(Unavailable::NotCollected));
         assert_eq!(events[0].process.threads, Err(Unavailable::NotCollected));
+    }
+
+    #[test]
+    fn a_command_line_cut_at_the_limit_loses_its_cut_word_not_half_a_secret() {
+        let mut t = tracker(no_disk());
+        let cut = with_details(record(4, 40, "git"), |d| {
+            d.argv = Ok(Argv {
+                args: vec!["git".into(), "clone".into(), "https://alice:s3c".into()],
+                truncated: true,
+            })
+        });
+        let events = t.update(vec![cut], 0);
+        let argv = events[0].process.details.argv.clone().unwrap();
+        assert_eq!(argv.args, ["git", "clone", crate::sanitize::REDACTED]);
+        assert!(argv.truncated);
     }
 
     #[test]

@@ -383,6 +383,33 @@ fn foreground_prints_one_readable_line_or_json_object_per_event() {
 }
 
 #[test]
+fn a_command_line_cut_at_32_kib_keeps_no_part_of_the_secret_it_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("cut{}", rand_u64());
+    // `sh -c 'sleep 600; :' <filler> <url>`: the cmdline is cut at 32,768
+    // bytes, 17 bytes into the URL, after "https://alice:s3c".
+    let script = "sleep 600; :";
+    let head = "sh\0-c\0".len() + script.len() + 1;
+    let filler = format!("{token}{}", "x".repeat(32_768 - 17 - 1 - head - token.len()));
+    let url = "https://alice:s3cretpassword@example.com/repo.git";
+    let mut child = Command::new("sh").args(["-c", script, &filler, url]).spawn().unwrap();
+    let pm =
+        Procmond::start(dir.path(), None, &["--foreground", "--format", "json", "--collector-id", "cut"]);
+    let seen = wait_until(T, || pm.stdout().lines().any(|l| l.contains(&token)));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "{}", pm.log());
+    let out = pm.stdout();
+    let line = out.lines().find(|l| l.contains(&token)).unwrap();
+    assert!(!line.contains("s3c") && !line.contains("alice:"), "a prefix of the password leaked");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let argv = &v["event"]["process"]["details"]["argv"]["Ok"];
+    assert_eq!(argv["truncated"], true, "{argv}");
+    let args: Vec<&str> = argv["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(args, ["sh", "-c", script, filler.as_str(), procmond::sanitize::REDACTED]);
+}
+
+#[test]
 fn without_a_broker_it_retries_says_so_and_registers_once_one_appears() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_path(dir.path());
