@@ -81,6 +81,14 @@ pub enum Error {
         /// The directory that was asked for.
         dir: PathBuf,
     },
+    /// The directory holds none of a write-ahead log's files (no segment,
+    /// no `LOCK`, no `WATERMARK`): read-only inspection refuses it rather
+    /// than report an empty, healthy log.
+    #[error("{} is not a write-ahead log directory (no segment, LOCK or WATERMARK file)", dir.display())]
+    NotAWal {
+        /// The directory that was asked for.
+        dir: PathBuf,
+    },
     /// Another writer holds the directory's lock file.
     #[error("WAL directory {} is locked by another writer{}", dir.display(),
         holder_pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]

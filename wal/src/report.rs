@@ -340,10 +340,22 @@ fn survey_segment(
 /// Inspects a WAL directory without modifying it or taking its lock, as
 /// `daemoneye-wal verify` does. A torn tail is reported as it would be cut.
 pub fn inspect(dir: &Path) -> Result<RecoveryReport> {
+    require_wal(dir)?;
     let s = survey(dir)?;
     let mut report = s.report;
     for t in &s.temp_files {
         report.notes.push(format!("leftover temporary file {}", t.display()));
     }
     Ok(report)
+}
+
+/// Refuses a directory that holds none of a log's files: a log that was
+/// ever opened has its `LOCK` file and a segment.
+pub(crate) fn require_wal(dir: &Path) -> Result<()> {
+    let (segments, temps) = list_dir(dir)?;
+    let marker = |name: &str| fs::symlink_metadata(dir.join(name)).is_ok();
+    if segments.is_empty() && temps.is_empty() && !marker(LOCK_FILE) && !marker(WATERMARK_FILE) {
+        return Err(Error::NotAWal { dir: dir.to_path_buf() });
+    }
+    Ok(())
 }

@@ -742,6 +742,7 @@ impl Iterator for Replay {
 /// available from [`Replay::torn_tail`]; a segment deleted meanwhile by the
 /// writer's truncation is skipped.
 pub fn read_dir(dir: &Path, from: u64) -> Result<Replay> {
+    report::require_wal(dir)?;
     let (segs, _) = report::list_dir(dir)?;
     let segs = segs
         .into_iter()

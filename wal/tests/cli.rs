@@ -132,3 +132,29 @@ fn missing_directory_is_an_error_naming_it() {
     }
     assert!(!missing.exists(), "inspection must not create the directory");
 }
+
+#[test]
+fn a_directory_that_is_not_a_log_is_an_error_naming_the_logs_below_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A collector's data dir under the agent: the log is two levels down.
+    let data = tmp.path().join("collectors").join("pm");
+    let wal = data.join("wal").join("pm");
+    fixture(&wal);
+    fs::write(data.join("procmond.pid"), "1").expect("write");
+    for cmd in ["verify", "dump"] {
+        let out = tool(&[cmd, data.to_str().expect("utf8")]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        assert!(stderr.contains("is not a write-ahead log directory"), "{stderr}");
+        assert!(stderr.contains(&wal.display().to_string()), "{cmd} names the log below: {stderr}");
+        assert!(!text(&out.stdout).contains("status:      ok"), "{cmd}");
+    }
+    // Nothing like a log anywhere below: the error alone.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).expect("mkdir");
+    let out = tool(&["verify", empty.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("is not a write-ahead log directory"));
+    // The log itself is fine.
+    assert_eq!(tool(&["verify", wal.to_str().expect("utf8")]).status.code(), Some(0));
+}

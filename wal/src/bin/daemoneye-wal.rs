@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -55,10 +55,59 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    let (Command::Verify { dir } | Command::Dump { dir, .. }) = &cli.command;
+    let dir = dir.clone();
+    let result = match cli.command {
         Command::Verify { dir } => verify(dir),
         Command::Dump { dir, from } => dump(dir, from),
+    };
+    result.map_err(|e| match e.downcast_ref::<daemoneye_wal::Error>() {
+        Some(daemoneye_wal::Error::NotAWal { .. }) => match logs_below(&dir) {
+            found if found.is_empty() => e,
+            found => {
+                let list: Vec<String> = found.iter().map(|p| format!("  {}", p.display())).collect();
+                e.context(format!("write-ahead logs below it:\n{}", list.join("\n")))
+            }
+        },
+        _ => e,
+    })
+}
+
+/// Directories below `dir` (four levels at most: a collector's log is at
+/// `<data_dir>/wal/<id>`, under the agent at
+/// `<data_dir>/collectors/<id>/wal/<id>`) that hold a log's `LOCK` file or
+/// a segment.
+fn logs_below(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut level = vec![dir.to_path_buf()];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for d in level {
+            let Ok(entries) = std::fs::read_dir(&d) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                // Not followed: a link may lead anywhere.
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let is_log = std::fs::read_dir(&path).is_ok_and(|mut it| {
+                    it.any(|f| {
+                        f.is_ok_and(|f| {
+                            f.file_name() == "LOCK" || f.path().extension().is_some_and(|x| x == "seg")
+                        })
+                    })
+                });
+                if is_log {
+                    found.push(path);
+                } else {
+                    next.push(path);
+                }
+            }
+        }
+        level = next;
     }
+    found.sort();
+    found
 }
 
 fn verify(dir: PathBuf) -> anyhow::Result<ExitCode> {
