@@ -346,7 +346,19 @@ impl Worker {
             }
             KernelEventKind::Exec { pid, tgid } if pid == tgid => {
                 let pending = self.pending.remove(&pid);
-                let record = self.read_or_vanished(pid, pending.as_ref(), at);
+                let record = match self.read_or_brief(pid) {
+                    Some(r) => r,
+                    // Reported already (read when its fork window closed)
+                    // and gone before its exec could be read: its exit
+                    // reports it. A record made up from the exec's time
+                    // would be a second identity, and the first would be
+                    // left for the walk to stop.
+                    None if pending.is_none() && self.known.contains_key(&pid) => return,
+                    None => {
+                        let (ppid, born) = pending.as_ref().map_or((0, at), |p| (p.ppid, p.at_ns));
+                        self.unseen(pid, ppid, self.source.start_time_at(born))
+                    }
+                };
                 self.known.insert(pid, (record.start_time, at));
                 self.batch.push(Observation::Process { record, cause: Cause::Exec });
             }
@@ -398,27 +410,21 @@ impl Worker {
         }
     }
 
-    /// Reads `pid` now; if it is gone, what is known of it with every
-    /// detail `Vanished`.
-    fn read_or_vanished(&mut self, pid: u32, pending: Option<&Pending>, at: u64) -> ProcessRecord {
+    /// Reads `pid` now; if it has exited, its zombie's `stat` with every
+    /// detail `Vanished`; `None` if nothing of it is left.
+    fn read_or_brief(&mut self, pid: u32) -> Option<ProcessRecord> {
         match self.source.read_process(pid) {
             Ok(mut r) => {
                 if r.state == ProcessState::Zombie {
                     // Read after its exit: its details are gone.
                     r.details = Arc::new(ProcessDetails::vanished());
                 }
-                r
+                Some(r)
             }
-            Err(_) => match self.source.read_brief(pid) {
-                Ok(mut r) => {
-                    r.details = Arc::new(ProcessDetails::vanished());
-                    r
-                }
-                Err(_) => {
-                    let (ppid, born) = pending.map_or((0, at), |p| (p.ppid, p.at_ns));
-                    self.unseen(pid, ppid, self.source.start_time_at(born))
-                }
-            },
+            Err(_) => self.source.read_brief(pid).ok().map(|mut r| {
+                r.details = Arc::new(ProcessDetails::vanished());
+                r
+            }),
         }
     }
 

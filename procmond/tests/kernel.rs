@@ -641,6 +641,50 @@ fn start_gated(pm: &Procmond, ev: &mut Events, cmd: &mut Command, token: &str) -
 }
 
 #[test]
+fn a_child_reported_at_its_fork_and_gone_before_its_exec_is_read_stops_once_by_the_kernel() {
+    require_root();
+    let _beside = beside_others();
+    let dir = tempfile::tempdir().unwrap();
+    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
+    let mut ev = Events::of(&pm);
+    wait_ready(&pm, &mut ev);
+    let tok = format!("forkread-{}", token());
+    // A subshell that waits before its exec: procmond reports it from its
+    // fork (a copy of the parent's command line) once the window closes.
+    let (child, _) = start_gated(
+        &pm,
+        &mut ev,
+        Command::new("sh").args(["-c", "(read l; exec /bin/true) ; read m", &tok]),
+        &tok,
+    );
+    let mut child = Children(vec![(tok.clone(), child)]);
+    let sh = child.0[0].1.id();
+    let sub_of = |ev: &Events| {
+        ev.events().find(|e| e.process.ppid == sh && e.kind == EventKind::Started).map(|e| e.process.pid)
+    };
+    assert!(wait_until(T, || sub_of(ev.refresh()).is_some()), "the subshell reported: {}", pm.log());
+    let sub = sub_of(&ev).unwrap();
+
+    // procmond stopped while the subshell execs, exits and is reaped: the
+    // exec is read when nothing of the process is left.
+    let pm_pid = nix::unistd::Pid::from_raw(pm.child.id() as i32);
+    nix::sys::signal::kill(pm_pid, nix::sys::signal::Signal::SIGSTOP).expect("procmond stops");
+    writeln!(child.0[0].1.stdin.as_mut().unwrap(), "go").unwrap();
+    let gone = wait_until(T, || !Path::new(&format!("/proc/{sub}")).exists());
+    nix::sys::signal::kill(pm_pid, nix::sys::signal::Signal::SIGCONT).expect("procmond resumes");
+    assert!(gone, "the subshell exited");
+
+    let stopped = |ev: &Events| ev.of_pid(sub).iter().any(|e| e.kind == EventKind::Stopped);
+    assert!(wait_until(T, || stopped(ev.refresh())), "stopped: {}", pm.log());
+    wait_for_a_later_walk(&pm);
+    let evs = ev.refresh().of_pid(sub);
+    assert_eq!((count(&evs, EventKind::Started), count(&evs, EventKind::Stopped)), (1, 1), "{evs:#?}");
+    assert!(evs.iter().all(|e| e.source == EventSource::Kernel), "nothing left to the walk: {evs:#?}");
+    let stop = evs.iter().find(|e| e.kind == EventKind::Stopped).unwrap();
+    assert_eq!(stop.exit, Some(ExitStatus::Code(0)), "{stop:#?}");
+}
+
+#[test]
 fn an_exec_in_place_is_one_modification_not_a_new_process() {
     require_root();
     let _beside = beside_others();
