@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use daemoneye_bus::{Client, ClientConfig, ClientError, ConnectionState};
-use procmond::event::{EventEnvelope, EventSource};
-use procmond::render::printable;
-use procmond::store::{EventQuery, EventStore, StoreError, StoredEvent};
+use daemoneye_contract::event::{EventEnvelope, EventSource};
+use daemoneye_contract::render::printable;
+use daemoneye_store::{EventQuery, EventStore, StoreError, StoredEvent};
 use serde::Serialize;
 
 use crate::api::{self, AgentState, AgentStatus, Alert, CollectorStatus, STATUS_TOPIC};
@@ -624,12 +624,12 @@ mod tests {
     use crate::api::{
         BrokerStatus, CollectorPhase, EscalationStep, HeartbeatInfo, StoreStatus, TaskCounts, TasksStatus,
     };
-    use procmond::control::EventSourceStatus;
-    use procmond::event::EventKind;
+    use daemoneye_contract::control::EventSourceStatus;
+    use daemoneye_contract::event::EventKind;
 
     fn env(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
-        let process = procmond::testing::record(pid, seq, name);
-        procmond::testing::envelope(collector, 1, seq, kind, process, 1_000 * seq)
+        let process = daemoneye_contract::testing::record(pid, seq, name);
+        daemoneye_contract::testing::envelope(collector, 1, seq, kind, process, 1_000 * seq)
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use daemoneye_bus::{Client, ClientError};
-use procmond::control::{ProcessDetail, ProcessSummary, TaskResult, TaskStatus};
-use procmond::event::HashOutcome;
-use procmond::render::printable;
+use daemoneye_contract::control::{ProcessDetail, ProcessSummary, TaskResult, TaskStatus};
+use daemoneye_contract::event::HashOutcome;
+use daemoneye_contract::render::printable;
 
 use crate::api::{
     self, AgentTaskRequest, AgentTaskResponse, GatherOutcome, TASK_TOPIC, TASKS_CLIENT_ID, TaskOutcome,

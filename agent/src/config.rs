@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use daemoneye_contract::api::{Balance, BalanceSpec, Severity};
+
 /// A refused configuration: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {field}: {reason}")]
@@ -61,32 +63,6 @@ pub struct CollectorSpec {
     /// `--collector-id`; neither may appear in `args`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
-}
-
-/// Severity of a detection rule's alerts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Worth a look.
-    Low,
-    /// Suspicious.
-    Medium,
-    /// Likely malicious.
-    High,
-    /// Act now.
-    Critical,
-}
-
-impl Severity {
-    /// The lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Low => "low",
-            Severity::Medium => "medium",
-            Severity::High => "high",
-            Severity::Critical => "critical",
-        }
-    }
 }
 
 /// A detection rule: an SQL query over the event tables (see `rules`).
@@ -184,54 +160,6 @@ fn default_shutdown_timeout() -> u64 {
 }
 fn default_kill_timeout() -> u64 {
     5
-}
-
-/// How the broker picks one collector of a type for a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    /// Members in turn.
-    RoundRobin,
-    /// The member with the fewest unanswered requests and queued messages.
-    LeastLoaded,
-    /// A member at random.
-    Random,
-}
-
-impl Balance {
-    /// The bus's strategy.
-    pub fn strategy(self) -> daemoneye_bus::Strategy {
-        match self {
-            Balance::RoundRobin => daemoneye_bus::Strategy::RoundRobin,
-            Balance::LeastLoaded => daemoneye_bus::Strategy::LeastLoaded,
-            Balance::Random => daemoneye_bus::Strategy::Random,
-        }
-    }
-}
-
-/// The balancing strategy of each task type.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalanceSpec {
-    /// `snapshot` tasks sent to one collector (a gathered `ps` asks all).
-    #[serde(default = "default_balance")]
-    pub snapshot: Balance,
-    /// `inspect` tasks.
-    #[serde(default = "default_balance")]
-    pub inspect: Balance,
-    /// `hash` tasks.
-    #[serde(default = "default_balance")]
-    pub hash: Balance,
-}
-
-impl Default for BalanceSpec {
-    fn default() -> Self {
-        BalanceSpec { snapshot: default_balance(), inspect: default_balance(), hash: default_balance() }
-    }
-}
-
-fn default_balance() -> Balance {
-    Balance::LeastLoaded
 }
 
 /// Tasks the agent hands to collectors (`daemoneye-cli ps`, `inspect`,
@@ -408,7 +336,7 @@ impl AgentConfig {
         let mut ids = HashSet::new();
         for (i, c) in self.collectors.iter().enumerate() {
             let at = |f: &str| format!("collectors[{i}].{f}");
-            if let Err(e) = procmond::config::validate_collector_id(&c.id) {
+            if let Err(e) = daemoneye_contract::ids::validate_collector_id(&c.id) {
                 return Err(err(at("id"), e.to_string()));
             }
             if !ids.insert(c.id.as_str()) {
@@ -621,7 +549,7 @@ mod tests {
                 "at least 1",
             ),
             ("collectors:\n  - {id: a, binary: procmond, colour: red}\n", "line", "colour"),
-            ("collectors:\n  - {id: Bad, binary: procmond}\n", "collectors[0].id", "collector_id"),
+            ("collectors:\n  - {id: Bad, binary: procmond}\n", "collectors[0].id", "use 1-64 of a-z"),
             ("collectors:\n  - {id: registration, binary: procmond}\n", "collectors[0].id", "reserved"),
             ("collectors:\n  - {id: daemoneye-agent-x, binary: procmond}\n", "collectors[0].id", "reserved"),
             (

@@ -27,9 +27,9 @@ use std::time::Duration;
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Permissions};
+use daemoneye_contract::control::{self, RpcRequest, RpcResponse, RpcStatus};
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use parking_lot::Mutex;
-use procmond::control::{self, RpcRequest, RpcResponse, RpcStatus};
 
 use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 use crate::config::AgentConfig;
@@ -53,7 +53,7 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
     // A collector takes the tasks of its own type only.
     let collector = |collector_type: &str| Permissions {
         publish: strings(&[
-            procmond::event::EVENTS_PATTERN,
+            daemoneye_contract::event::EVENTS_PATTERN,
             "control.health.heartbeat.{client_id}",
             control::REGISTRATION_TOPIC,
         ]),

@@ -5,7 +5,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod api;
+/// The agent's status, task and alert messages live in the contract.
+pub use daemoneye_contract::api;
 pub mod cli;
 pub mod cli_tasks;
 pub mod config;

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, at, bounded, select};
 use daemoneye_bus::{Broker, Client, Message};
-use procmond::control::{
+use daemoneye_contract::control::{
     self, CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage,
     RegistrationResponse, RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
 };

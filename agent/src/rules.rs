@@ -5,7 +5,7 @@
 //!
 //! A rule's `sql` is one read-only statement that starts with `SELECT`,
 //! `WITH` or `VALUES` and takes no parameters. It runs against the event
-//! store's connection (schema in `procmond::store`), so it may read every
+//! store's connection (schema in `daemoneye_store`), so it may read every
 //! table: `process_events` (the whole stored history), `stream_watermarks`,
 //! `stream_gaps`, `alerts`. The rows of the batch being evaluated are in the
 //! temporary view `new_events`, which has the columns of `process_events`.
@@ -413,7 +413,7 @@ pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
         Err(reason) => return refuse_all(reason),
     };
     // Declared after `dir`, so closed before the directory is removed.
-    let store = match procmond::store::EventStore::open(&dir.path.join("events.db")) {
+    let store = match daemoneye_store::EventStore::open(&dir.path.join("events.db")) {
         Ok(store) => store,
         Err(e) => return refuse_all(format!("cannot create a scratch event store to check against: {e}")),
     };
@@ -634,9 +634,9 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::Arc;
 
+    use daemoneye_contract::event::{Change, EventEnvelope, EventKind, ProcessEvent};
     use daemoneye_platform::{Argv, Credentials};
-    use procmond::event::{Change, EventEnvelope, EventKind, ProcessEvent};
-    use procmond::store::EventStore;
+    use daemoneye_store::EventStore;
 
     use super::*;
 
@@ -648,11 +648,11 @@ mod tests {
 
     /// A `started` event of `/usr/bin/<name>`-like `exe` as uid 1000.
     fn event(seq: u64, pid: u32, name: &str, exe: &str) -> EventEnvelope {
-        let mut process = procmond::testing::record(pid, 1_000 + u64::from(pid), name);
+        let mut process = daemoneye_contract::testing::record(pid, 1_000 + u64::from(pid), name);
         let d = Arc::make_mut(&mut process.details);
         d.exe = Ok(PathBuf::from(exe));
         d.argv = Ok(Argv { args: vec![exe.to_owned(), "--flag".to_owned()], truncated: false });
-        procmond::testing::envelope("c1", 1, seq, EventKind::Started, process, 1_000 * seq)
+        daemoneye_contract::testing::envelope("c1", 1, seq, EventKind::Started, process, 1_000 * seq)
     }
 
     fn with(mut env: EventEnvelope, f: impl FnOnce(&mut ProcessEvent)) -> EventEnvelope {

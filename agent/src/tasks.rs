@@ -49,9 +49,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message, Subscription};
+use daemoneye_contract::control::{self, SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
 use daemoneye_platform::ProcessKey;
 use parking_lot::Mutex;
-use procmond::control::{self, SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
 
 use crate::api::{
     self, AgentStatus, AgentTaskRequest, AgentTaskResponse, Attempt, CollectorAnswer, CollectorPhase,

@@ -39,11 +39,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, at, bounded, never, select_biased, tick};
 use daemoneye_bus::{Client, ClientError, Message, Overflow, Subscription};
+use daemoneye_contract::control::{self, StoreAck};
+use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
+use daemoneye_contract::render::printable;
+use daemoneye_store::{BatchOutcome, EventStore, Retention, StoreError, StreamWatermark};
 use parking_lot::Mutex;
-use procmond::control::{self, StoreAck};
-use procmond::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
-use procmond::render::printable;
-use procmond::store::{BatchOutcome, EventStore, Retention, StoreError, StreamWatermark};
 
 use crate::api::{self, Alert, StoreStatus};
 use crate::config::{RuleSpec, StoreSpec};

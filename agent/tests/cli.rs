@@ -17,8 +17,8 @@ use daemoneye_agent::api::{
     STATUS_TOPIC, StoreStatus,
 };
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig};
-use procmond::event::{EventEnvelope, EventKind};
-use procmond::store::EventStore;
+use daemoneye_contract::event::{EventEnvelope, EventKind};
+use daemoneye_store::EventStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_daemoneye-cli");
 const WAIT: Duration = Duration::from_secs(10);
@@ -91,8 +91,8 @@ fn socket(dir: &Path) -> PathBuf {
 }
 
 fn envelope(collector: &str, seq: u64, kind: EventKind, pid: u32, name: &str) -> EventEnvelope {
-    let process = procmond::testing::record(pid, seq, name);
-    procmond::testing::envelope(collector, 1, seq, kind, process, api::now_unix_ms())
+    let process = daemoneye_contract::testing::record(pid, seq, name);
+    daemoneye_contract::testing::envelope(collector, 1, seq, kind, process, api::now_unix_ms())
 }
 
 /// A store with: sshd started (pid 10), bash started (11), bash stopped

@@ -10,7 +10,7 @@ use daemoneye_agent::api::{AGENT_CLIENT_ID, STATUS_TOPIC, TASK_TOPIC, TASKS_CLIE
 use daemoneye_agent::config::AgentConfig;
 use daemoneye_agent::daemon::permissions;
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientError, ErrorCode};
-use procmond::control;
+use daemoneye_contract::control;
 
 fn config(dir: &std::path::Path) -> AgentConfig {
     let bin = dir.join("procmond");

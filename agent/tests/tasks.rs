@@ -15,8 +15,8 @@ use daemoneye_agent::config::{AgentConfig, TasksSpec};
 use daemoneye_agent::daemon::permissions;
 use daemoneye_agent::tasks::{TaskCoordinator, TaskStats};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Strategy};
-use procmond::control::{self, FileHash, SnapshotFilter, TaskRequest, TaskResponse, TaskResult};
-use procmond::event::HashOutcome;
+use daemoneye_contract::control::{self, FileHash, SnapshotFilter, TaskRequest, TaskResponse, TaskResult};
+use daemoneye_contract::event::HashOutcome;
 
 const WAIT: Duration = Duration::from_secs(10);
 const TYPE: &str = "process-monitor";
@@ -222,7 +222,7 @@ fn passing_failures_fail_over_at_once_then_wait_before_the_next_attempt() {
     // No list for the first two tasks (a collector before its first cycle).
     member(&path, "pm-a", |n| match n {
         1 | 2 => TaskResponse::unavailable("pm-a", "no process list yet"),
-        _ => TaskResponse::status("pm-a", procmond::control::TaskStatus::NotFound, "no such pid"),
+        _ => TaskResponse::status("pm-a", daemoneye_contract::control::TaskStatus::NotFound, "no such pid"),
     });
     let _coord = coordinator(&path, TasksSpec::default(), members);
     let cli = client(&path, "cli-1");

@@ -13,9 +13,9 @@ use daemoneye_agent::config::{RuleSpec, StoreSpec};
 use daemoneye_agent::rules::{self, AlertQuery, RuleEngine};
 use daemoneye_agent::writer::{StoreWriter, WriterConfig};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message, Subscription};
-use procmond::control::{self, StoreAck};
-use procmond::event::{EventEnvelope, EventKind, GAP_TOPIC, StreamGap};
-use procmond::store::{EventQuery, EventStore};
+use daemoneye_contract::control::{self, StoreAck};
+use daemoneye_contract::event::{EventEnvelope, EventKind, GAP_TOPIC, StreamGap};
+use daemoneye_store::{EventQuery, EventStore};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -73,9 +73,16 @@ fn quick() -> StoreSpec {
 fn envelope(collector: &str, stream: u64, seq: u64, exe: &str) -> EventEnvelope {
     let name = Path::new(exe).file_name().unwrap().to_str().unwrap();
     let pid = 1_000 + u32::try_from(seq).unwrap();
-    let mut process = procmond::testing::record(pid, 5_000 + seq, name);
+    let mut process = daemoneye_contract::testing::record(pid, 5_000 + seq, name);
     Arc::make_mut(&mut process.details).exe = Ok(PathBuf::from(exe));
-    procmond::testing::envelope(collector, stream, seq, EventKind::Started, process, api::now_unix_ms())
+    daemoneye_contract::testing::envelope(
+        collector,
+        stream,
+        seq,
+        EventKind::Started,
+        process,
+        api::now_unix_ms(),
+    )
 }
 
 fn publish(c: &Client, env: &EventEnvelope) {

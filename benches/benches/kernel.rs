@@ -71,8 +71,8 @@ use daemoneye_benches::{
     now_us, pct, sleepers_or_skip, splitmix, stat_of, status_kib,
 };
 use daemoneye_bus::{Client, ClientConfig};
-use procmond::control::EventSourceStatus;
-use procmond::event::{Change, EventKind, EventSource, ProcessEvent};
+use daemoneye_contract::control::EventSourceStatus;
+use daemoneye_contract::event::{Change, EventKind, EventSource, ProcessEvent};
 use rusqlite::{Connection, OpenFlags};
 
 /// The agent's temp dirs.

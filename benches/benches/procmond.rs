@@ -38,12 +38,12 @@ use daemoneye_benches::{
     modified_secs, ms, now_ms, sleepers_or_skip, stat_only_walk, status_kib,
 };
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message};
-use daemoneye_platform::ProcessSource;
-use procmond::control::{
+use daemoneye_contract::control::{
     self, HealthData, RegistrationMessage, RegistrationResponse, RegistrationStatus, RpcRequest, RpcResponse,
     RpcStatus, StoreAck,
 };
-use procmond::event::{EVENTS_PATTERN, EventEnvelope};
+use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope};
+use daemoneye_platform::ProcessSource;
 
 /// procmond's collection interval in this benchmark, in seconds (the
 /// daemon's floor).

@@ -70,8 +70,8 @@ use daemoneye_benches::{
     now_ms, pct, sleepers_or_skip, splitmix,
 };
 use daemoneye_bus::{Client, ClientConfig};
-use procmond::control::{SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
-use procmond::event::HashOutcome;
+use daemoneye_contract::control::{SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
+use daemoneye_contract::event::HashOutcome;
 
 /// The collectors' type.
 const TYPE: &str = "process-monitor";

@@ -28,16 +28,16 @@ use crossbeam_channel::{
 use daemoneye_platform::ProcessSource;
 
 use crate::config::{CollectorConfig, ConfigError, ConfigUpdate};
-use crate::control::{
-    CollectorState, ConnectionStatus, EventSourceStatus, HealthData, RegistrationState, TaskRequest,
-    TaskResponse,
-};
-use crate::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
 use crate::hash::Hasher;
 use crate::kernel::{KernelLink, KernelMessage};
 use crate::sanitize::Sanitizer;
 use crate::task::{TaskContext, TaskCounters};
 use crate::tracker::{Observation, Tracker, Walk};
+use daemoneye_contract::control::{
+    CollectorState, ConnectionStatus, EventSourceStatus, HealthData, RegistrationState, TaskRequest,
+    TaskResponse,
+};
+use daemoneye_contract::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
 
 /// Capacity of the actor's inbox.
 pub const INBOX_CAPACITY: usize = 100;
@@ -811,7 +811,10 @@ impl Actor {
                 "the host rebooted since the checkpoint: the {} processes reported then all ended (late Stopped); the first walk is a snapshot",
                 processes.len()
             );
-            let window = crate::event::LateWindow { after_unix_ms: down_since, before_unix_ms: unix_ms() };
+            let window = daemoneye_contract::event::LateWindow {
+                after_unix_ms: down_since,
+                before_unix_ms: unix_ms(),
+            };
             return self.tracker.stopped_late(processes, window);
         }
         log::info!(

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use daemoneye_contract::control::{ConfigUpdate, LifecycleConfig};
+
 /// The allowed collection interval, in seconds.
 pub const INTERVAL_RANGE_SECS: std::ops::RangeInclusive<u64> = 5..=3600;
 /// The default collection interval, in seconds.
@@ -49,39 +51,6 @@ pub enum ConfigError {
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, reason: reason.into() }
-}
-
-/// What the lifecycle tracker reports as a modification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LifecycleConfig {
-    /// Publish the processes already running on the first cycle, marked as
-    /// a snapshot.
-    pub snapshot_on_start: bool,
-    /// Report uid/euid/gid/egid changes.
-    pub credentials: bool,
-    /// Report a changed parent.
-    pub reparent: bool,
-    /// Report an executable replaced or deleted under a running process.
-    pub exe_changes: bool,
-    /// Report command-line rewrites (setproctitle). Noisy: off by default.
-    pub command_line: bool,
-    /// Ignore processes younger than this many milliseconds when they
-    /// appear (0: report all). Their stop is then not reported either.
-    pub min_age_ms: u64,
-}
-
-impl Default for LifecycleConfig {
-    fn default() -> Self {
-        LifecycleConfig {
-            snapshot_on_start: true,
-            credentials: true,
-            reparent: true,
-            exe_changes: true,
-            command_line: false,
-            min_age_ms: 0,
-        }
-    }
 }
 
 /// Where events come from (`--events`).
@@ -333,12 +302,10 @@ impl CollectorConfig {
     }
 }
 
-/// A collector id is one bus topic segment.
+/// A collector id is one bus topic segment (see
+/// [`daemoneye_contract::ids::validate_collector_id`]).
 pub fn validate_collector_id(id: &str) -> Result<(), ConfigError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok { Ok(()) } else { Err(invalid("collector_id", format!("{id:?}: use 1-64 of a-z, 0-9, '-', '_'"))) }
+    daemoneye_contract::ids::validate_collector_id(id).map_err(|why| invalid("collector_id", why))
 }
 
 fn validate_interval(interval: Duration, floor: Duration) -> Result<(), ConfigError> {
@@ -355,33 +322,6 @@ fn validate_interval(interval: Duration, floor: Duration) -> Result<(), ConfigEr
         ));
     }
     Ok(())
-}
-
-/// A runtime change (RPC `UpdateConfig`, actor `UpdateConfig`). Fields left
-/// `None` keep their value. Restart-only fields may be present only with
-/// their current value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConfigUpdate {
-    /// New interval in seconds.
-    pub interval_secs: Option<u64>,
-    /// New interval in milliseconds (library users and tests; the daemon
-    /// still enforces its 5 s floor).
-    pub interval_ms: Option<u64>,
-    /// New in-flight limit.
-    pub max_events_in_flight: Option<usize>,
-    /// New lifecycle settings.
-    pub lifecycle: Option<LifecycleConfig>,
-    /// Hashing on or off.
-    pub compute_hashes: Option<bool>,
-    /// Restart-only.
-    pub collector_id: Option<String>,
-    /// Restart-only.
-    pub database: Option<PathBuf>,
-    /// Restart-only.
-    pub data_dir: Option<PathBuf>,
-    /// Restart-only.
-    pub excluded_pids: Option<Vec<u32>>,
 }
 
 /// The YAML file given with `--config`. Every key is optional; unknown

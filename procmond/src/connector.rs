@@ -38,8 +38,8 @@ use daemoneye_wal::{Durability, Wal, WalOptions};
 use parking_lot::Mutex;
 
 use crate::actor::{ActorSender, EventSink, IntervalAdjustment, SinkError, SinkStatus};
-use crate::control::{self, ConnectionStatus, StoreAck};
-use crate::event::{EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap};
+use daemoneye_contract::control::{self, ConnectionStatus, StoreAck};
+use daemoneye_contract::event::{EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap};
 
 /// File in the WAL directory holding the stream id. It lives and dies
 /// with the WAL's records, so a fresh WAL (sequence numbers from 1 again)

@@ -25,7 +25,7 @@ use daemoneye_platform::{Field, FileIdentity, Unavailable};
 use sha2::{Digest, Sha256};
 
 use crate::config::HashConfig;
-use crate::event::HashOutcome;
+use daemoneye_contract::event::HashOutcome;
 
 /// Bytes read from the file per call (the only buffer, reused).
 const CHUNK: usize = 64 * 1024;

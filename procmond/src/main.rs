@@ -15,13 +15,13 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use crossbeam_channel::{bounded, select, tick};
 use daemoneye_bus::{Client, ClientConfig};
+use daemoneye_contract::control::{self, RpcResponse};
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use daemoneye_platform::signals;
 use daemoneye_platform::{KernelEventSource, KernelSourceConfig};
 use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
 use procmond::config::{CollectorConfig, ConfigFile, EventsMode, INTERVAL_RANGE_SECS};
 use procmond::connector::{Connector, ConnectorConfig};
-use procmond::control::{self, RpcResponse};
 use procmond::kernel::{KernelConfig, KernelHandle};
 use procmond::registration::{Registration, RegistrationConfig};
 use procmond::rpc::{RpcService, ShutdownRequest};
@@ -199,8 +199,8 @@ fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
 fn printer(format: Format) -> EventObserver {
     Box::new(move |env| {
         let line = match format {
-            Format::Human => procmond::render::human_line(env),
-            Format::Json => procmond::render::json_line(env),
+            Format::Human => daemoneye_contract::render::human_line(env),
+            Format::Json => daemoneye_contract::render::json_line(env),
         };
         // A closed stdout (`procmond --foreground | head`) must not stop
         // collection.
@@ -327,7 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(msg) = &request.rpc {
         let response = match &flushed {
             Ok(()) => RpcResponse::ok(),
-            Err(e) => RpcResponse::status(procmond::control::RpcStatus::Timeout, format!("{e:#}")),
+            Err(e) => RpcResponse::status(daemoneye_contract::control::RpcStatus::Timeout, format!("{e:#}")),
         };
         // Confirmed, so the reply has left before the client closes.
         let sent = match &msg.reply_to {

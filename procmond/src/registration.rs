@@ -35,13 +35,12 @@ use crossbeam_channel::{Sender, after, bounded, never, select, tick};
 use daemoneye_bus::{Client, ClientError, ConnectionState};
 
 use crate::actor::{ActorSender, RegistrationCell, unix_ms};
-use crate::control::{
+use daemoneye_contract::control::{
     self, ConnectionStatus, HealthData, HealthStatus, Heartbeat, HeartbeatMetrics, LifecycleCommand,
     RegistrationMessage, RegistrationRequest, RegistrationResponse, RegistrationState, RegistrationStatus,
 };
 
-/// The collector type procmond registers as.
-pub const COLLECTOR_TYPE: &str = "process-monitor";
+pub use daemoneye_contract::ids::COLLECTOR_TYPE;
 
 /// Registration settings.
 #[derive(Debug, Clone)]

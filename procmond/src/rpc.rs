@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message};
 
 use crate::actor::{ActorError, ActorSender};
-use crate::control::{self, RpcRequest, RpcResponse, RpcStatus};
+use daemoneye_contract::control::{self, RpcRequest, RpcResponse, RpcStatus};
 
 /// How long the service waits for the actor.
 pub const ACTOR_TIMEOUT: Duration = Duration::from_secs(3);

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::actor::{EventSink, SinkError, SinkStatus};
-use crate::control::ConnectionStatus;
-use crate::event::{EventEnvelope, ProcessEvent};
-use crate::store::{EventStore, StoreError};
+use daemoneye_contract::control::ConnectionStatus;
+use daemoneye_contract::event::{EventEnvelope, ProcessEvent};
+use daemoneye_store::{EventStore, StoreError};
 
 /// The stream id of standalone events.
 pub const STANDALONE_STREAM: u64 = 0;
@@ -107,9 +107,9 @@ impl EventSink for StoreSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventKind;
-    use crate::store::Retention;
     use crate::testing::record;
+    use daemoneye_contract::event::EventKind;
+    use daemoneye_store::Retention;
 
     fn events(n: u32) -> Vec<ProcessEvent> {
         (0..n)
@@ -120,7 +120,7 @@ mod tests {
                 observed_unix_ms: 1,
                 process: record(i + 1, 1, "p"),
                 sha256: None,
-                source: crate::event::EventSource::Poll,
+                source: daemoneye_contract::event::EventSource::Poll,
                 late: None,
                 exit: None,
             })

@@ -51,13 +51,13 @@ use daemoneye_bus::{Client, ClientError, Message, Strategy};
 use daemoneye_platform::Unavailable;
 
 use crate::actor::{ActorError, ActorSender};
-use crate::control::{
+use crate::hash::Hasher;
+use crate::tracker::Tracker;
+use daemoneye_contract::control::{
     self, FileHash, ProcessDetail, ProcessList, ProcessSummary, SnapshotFilter, TASK_GROUP, TaskRequest,
     TaskResponse, TaskResult, TaskStatus,
 };
-use crate::event::HashOutcome;
-use crate::hash::Hasher;
-use crate::tracker::Tracker;
+use daemoneye_contract::event::HashOutcome;
 
 /// How long the service waits for the actor (which answers between
 /// cycles).

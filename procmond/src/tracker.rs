@@ -38,8 +38,8 @@ use daemoneye_platform::{
 };
 
 use crate::config::LifecycleConfig;
-use crate::event::{Change, EventKind, EventSource, LateWindow, ProcessEvent};
 use crate::sanitize::Sanitizer;
+use daemoneye_contract::event::{Change, EventKind, EventSource, LateWindow, ProcessEvent};
 
 /// Why the kernel path read a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

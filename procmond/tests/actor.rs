@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use daemoneye_contract::control::{CollectorState, ConnectionStatus};
+use daemoneye_contract::event::{EventEnvelope, EventKind, ProcessEvent};
 use parking_lot::Mutex;
 use procmond::actor::{
     ActorError, ActorHandle, ActorMessage, ActorOptions, ActorSender, EventSink, IntervalAdjustment,
@@ -16,8 +18,6 @@ use procmond::actor::{
 };
 use procmond::config::{CollectorConfig, ConfigUpdate};
 use procmond::connector::{Connector, ConnectorConfig};
-use procmond::control::{CollectorState, ConnectionStatus};
-use procmond::event::{EventEnvelope, EventKind, ProcessEvent};
 use procmond::testing::{FakeSource, record};
 use support::{FakeAgent, socket_path, wait_until};
 
@@ -362,7 +362,7 @@ fn hashing_reads_each_binary_once_and_nothing_in_steady_state() {
     assert_eq!(h.hashes_computed, 1, "the second process of the same binary came from the cache");
     let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
     for e in sink.events.lock().iter() {
-        assert_eq!(e.event.sha256, Some(procmond::event::HashOutcome::Sha256(sha.into())));
+        assert_eq!(e.event.sha256, Some(daemoneye_contract::event::HashOutcome::Sha256(sha.into())));
     }
     tx.graceful_shutdown(T).unwrap();
     actor.join();

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use daemoneye_contract::event::{EventKind, ProcessEvent};
+use daemoneye_contract::testing::record;
 use procmond::actor::{ActorHandle, EventSink};
 use procmond::connector::{Connector, ConnectorConfig};
-use procmond::event::{EventKind, ProcessEvent};
-use procmond::testing::record;
 use support::{FakeAgent, broker, socket_path, wait_until};
 
 fn event(pid: u32) -> ProcessEvent {
@@ -22,7 +22,7 @@ fn event(pid: u32) -> ProcessEvent {
         observed_unix_ms: 1,
         process: record(pid, u64::from(pid), "spill"),
         sha256: None,
-        source: procmond::event::EventSource::Poll,
+        source: daemoneye_contract::event::EventSource::Poll,
         late: None,
         exit: None,
     }
@@ -109,7 +109,7 @@ fn without_a_broker_events_wait_in_the_wal_and_health_says_disconnected() {
         Connector::start(cfg.clone(), &dir.path().join("wal"), client.clone(), actor_tx.clone()).unwrap();
     connector.submit((0..10).map(event).collect()).unwrap();
     let status = connector.status();
-    assert_eq!(status.connection, procmond::control::ConnectionStatus::Disconnected);
+    assert_eq!(status.connection, daemoneye_contract::control::ConnectionStatus::Disconnected);
     assert_eq!((status.unacknowledged, status.published), (10, 0));
     assert!(status.buffer_level_percent > 0.0);
     // A flush while disconnected returns at once; the WAL keeps them.
@@ -136,7 +136,7 @@ fn an_undecodable_wal_record_becomes_a_gap_and_delivery_goes_on() {
         // A WAL left by an earlier run: event 1, garbage 2, event 3.
         let (wal, _) = daemoneye_wal::Wal::open(&wal_dir, daemoneye_wal::WalOptions::default()).unwrap();
         std::fs::write(wal_dir.join("STREAM"), "77\n").unwrap();
-        let env = |seq| procmond::event::EventEnvelope {
+        let env = |seq| daemoneye_contract::event::EventEnvelope {
             collector_id: "pm".into(),
             stream_id: 77,
             seq,

@@ -11,8 +11,8 @@ use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use procmond::event::{EventKind, ProcessEvent};
-use procmond::store::{EventQuery, EventStore};
+use daemoneye_contract::event::{EventKind, ProcessEvent};
+use daemoneye_store::{EventQuery, EventStore};
 use support::{FakeAgent, Procmond, broker, rand_u64, socket_path, wait_until};
 
 const T: Duration = Duration::from_secs(20);

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use daemoneye_bus::{Client, ClientConfig};
+use daemoneye_contract::control::{self, CollectorState, RegistrationMessage, RpcRequest, RpcStatus};
+use daemoneye_contract::event::EventKind;
+use daemoneye_store::{EventQuery, EventStore};
 use procmond::config::ConfigUpdate;
-use procmond::control::{self, CollectorState, RegistrationMessage, RpcRequest, RpcStatus};
-use procmond::event::EventKind;
-use procmond::store::{EventQuery, EventStore};
 use support::{FakeAgent, Procmond, broker, rand_u64, socket_path, wait_until};
 
 const T: Duration = Duration::from_secs(10);
@@ -125,7 +125,8 @@ fn actor_mode_registers_waits_collects_heartbeats_answers_rpc_and_shuts_down() {
     );
     assert_eq!(ok.status, RpcStatus::Ok);
     let garbage = agent.client.request("control.collector.procmond", &[0xff, 0xff, 0xff, 0x07], T).unwrap();
-    let garbage: procmond::control::RpcResponse = procmond::control::decode(&garbage.payload).unwrap();
+    let garbage: daemoneye_contract::control::RpcResponse =
+        daemoneye_contract::control::decode(&garbage.payload).unwrap();
     assert_eq!(garbage.status, RpcStatus::InvalidRequest);
     assert_eq!(agent.rpc("procmond", &RpcRequest::HealthCheck, T).status, RpcStatus::Ok, "still serving");
 
@@ -419,8 +420,8 @@ fn without_a_broker_it_retries_says_so_and_registers_once_one_appears() {
     let agent = FakeAgent::start(&socket, &dir.path().join("agent.db"));
     assert!(wait_until(Duration::from_secs(20), || agent.registrations() >= 1), "{}", pm.log());
     let h = agent.rpc("procmond", &RpcRequest::HealthCheck, T).health.unwrap();
-    assert_eq!(h.connection, procmond::control::ConnectionStatus::Connected);
-    assert_eq!(h.registration, procmond::control::RegistrationState::Registered);
+    assert_eq!(h.connection, daemoneye_contract::control::ConnectionStatus::Connected);
+    assert_eq!(h.registration, daemoneye_contract::control::RegistrationState::Registered);
     assert!(pm.log().contains("broker reachable again"), "{}", pm.log());
 }
 

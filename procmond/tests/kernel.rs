@@ -27,9 +27,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use daemoneye_contract::control::{EventSourceStatus, RpcRequest};
+use daemoneye_contract::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
 use daemoneye_platform::ExitStatus;
-use procmond::control::{EventSourceStatus, RpcRequest};
-use procmond::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
 use support::{FakeAgent, Procmond, broker, rand_u64, socket_path, wait_until};
 
 const T: Duration = Duration::from_secs(20);
@@ -481,7 +481,7 @@ fn storm_complete(ev: &Events, storm: &Started) -> bool {
     storm.tally(ev).iter().all(|evs| count(evs, EventKind::Stopped) >= 1)
 }
 
-fn health(agent: &FakeAgent) -> procmond::control::HealthData {
+fn health(agent: &FakeAgent) -> daemoneye_contract::control::HealthData {
     agent.rpc("procmond", &RpcRequest::HealthCheck, T).health.expect("health data")
 }
 

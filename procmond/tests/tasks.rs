@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemoneye_bus::{Broker, Client, ClientConfig};
-use daemoneye_platform::{Argv, Credentials, ProcessDetails, ProcessRecord, Unavailable};
-use procmond::actor::{ActorHandle, ActorOptions, ActorSender, EventSink, SinkError, SinkStatus};
-use procmond::config::CollectorConfig;
-use procmond::control::{
+use daemoneye_contract::control::{
     self, ConnectionStatus, FileHash, HealthData, ProcessDetail, ProcessList, RpcRequest, SnapshotFilter,
     TaskRequest, TaskResponse, TaskResult, TaskStatus,
 };
-use procmond::event::{EventEnvelope, HashOutcome, ProcessEvent};
+use daemoneye_contract::event::{EventEnvelope, HashOutcome, ProcessEvent};
+use daemoneye_platform::{Argv, Credentials, ProcessDetails, ProcessRecord, Unavailable};
+use procmond::actor::{ActorHandle, ActorOptions, ActorSender, EventSink, SinkError, SinkStatus};
+use procmond::config::CollectorConfig;
 use procmond::registration::COLLECTOR_TYPE;
 use procmond::task::{TaskCounters, TaskService, TaskServiceConfig};
 use procmond::testing::{FakeSource, record};

@@ -13,9 +13,9 @@ use daemoneye_agent::api::{
     AgentState, AgentTaskRequest, AgentTaskResponse, CollectorPhase, GatherOutcome, TaskOutcome,
 };
 use daemoneye_bus::Client;
+use daemoneye_contract::control::{SnapshotFilter, TaskRequest, TaskStatus};
 use daemoneye_tests::{CollectorDef, System, ask_task, signal, wait_until, write_script};
 use nix::sys::signal::Signal;
-use procmond::control::{SnapshotFilter, TaskRequest, TaskStatus};
 
 const TYPE: &str = "process-monitor";
 const WAIT: Duration = Duration::from_secs(30);

@@ -26,10 +26,10 @@ use daemoneye_agent::cli_tasks;
 use daemoneye_agent::config::{AgentConfig, Severity};
 use daemoneye_agent::rules::{self, AlertQuery};
 use daemoneye_bus::{Client, ConnectionState, Message, Overflow, Subscription};
-use procmond::control::{SnapshotFilter, TaskRequest, TaskResult};
-use procmond::event::{EVENTS_PATTERN, EventEnvelope, EventKind, GAP_TOPIC};
-use procmond::render::printable;
-use procmond::store::EventQuery;
+use daemoneye_contract::control::{SnapshotFilter, TaskRequest, TaskResult};
+use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope, EventKind, GAP_TOPIC};
+use daemoneye_contract::render::printable;
+use daemoneye_store::EventQuery;
 
 /// DaemonEye's command-line tool.
 ///
@@ -135,7 +135,7 @@ enum Command {
         /// The process id.
         pid: u32,
         /// The collector type that serves it.
-        #[arg(long = "type", value_name = "TYPE", default_value = procmond::registration::COLLECTOR_TYPE)]
+        #[arg(long = "type", value_name = "TYPE", default_value = daemoneye_contract::ids::COLLECTOR_TYPE)]
         collector_type: String,
     },
     /// The SHA-256 of a file, through a collector's hash cache.
@@ -149,7 +149,7 @@ enum Command {
         /// The file.
         path: PathBuf,
         /// The collector type that serves it.
-        #[arg(long = "type", value_name = "TYPE", default_value = procmond::registration::COLLECTOR_TYPE)]
+        #[arg(long = "type", value_name = "TYPE", default_value = daemoneye_contract::ids::COLLECTOR_TYPE)]
         collector_type: String,
     },
 }
@@ -179,7 +179,7 @@ struct PsArgs {
     #[arg(long, value_name = "PATTERN")]
     name: Option<String>,
     /// The collector type to ask.
-    #[arg(long = "type", value_name = "TYPE", default_value = procmond::registration::COLLECTOR_TYPE)]
+    #[arg(long = "type", value_name = "TYPE", default_value = daemoneye_contract::ids::COLLECTOR_TYPE)]
     collector_type: String,
 }
 
@@ -405,7 +405,7 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
         AgentTaskResponse::Refused(why) => return Err(CliError::TaskRefused(why).into()),
         AgentTaskResponse::One(_) => return Err(CliError::BadReply("a single answer to ps".into()).into()),
     };
-    if g.answered.iter().all(|a| a.status != procmond::control::TaskStatus::Ok) {
+    if g.answered.iter().all(|a| a.status != daemoneye_contract::control::TaskStatus::Ok) {
         let why: Vec<String> =
             g.missing.iter().map(|m| format!("  {}: {}", m.collector_id, printable(&m.reason))).collect();
         let why = if why.is_empty() {
@@ -538,7 +538,11 @@ fn follow(
 }
 
 fn print_event(ctx: &Ctx, env: &EventEnvelope) -> io::Result<()> {
-    if ctx.json { out(&procmond::render::json_line(env)) } else { out(&procmond::render::human_line(env)) }
+    if ctx.json {
+        out(&daemoneye_contract::render::json_line(env))
+    } else {
+        out(&daemoneye_contract::render::human_line(env))
+    }
 }
 
 fn events(ctx: &Ctx, args: &EventsArgs) -> anyhow::Result<ExitCode> {

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select, tick, unbounded};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message};
-use parking_lot::Mutex;
-use procmond::control::{
+use daemoneye_contract::control::{
     self, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse, RegistrationStatus,
     RpcRequest, RpcResponse, StoreAck,
 };
-use procmond::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
-use procmond::store::{EventStore, StreamWatermark};
+use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
+use daemoneye_store::{EventStore, StreamWatermark};
+use parking_lot::Mutex;
 
 /// Starts a broker on `<dir>/bus/broker.sock`.
 pub fn broker(dir: &Path) -> Broker {

@@ -29,12 +29,11 @@
 //! agent sends the same request on [`task_broadcast_topic`], to which each
 //! collector subscribes on its own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use daemoneye_platform::{Field, ProcessKey, ProcessRecord, ProcessState};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigUpdate;
 use crate::event::HashOutcome;
 
 /// Lifecycle commands, broadcast by the agent.
@@ -707,6 +706,66 @@ pub struct FileHash {
     /// The digest (with `Ok`), or `TooLarge` / `Deferred` (with
     /// `Failed`).
     pub sha256: HashOutcome,
+}
+
+/// What the lifecycle tracker reports as a modification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Publish the processes already running on the first cycle, marked as
+    /// a snapshot.
+    pub snapshot_on_start: bool,
+    /// Report uid/euid/gid/egid changes.
+    pub credentials: bool,
+    /// Report a changed parent.
+    pub reparent: bool,
+    /// Report an executable replaced or deleted under a running process.
+    pub exe_changes: bool,
+    /// Report command-line rewrites (setproctitle). Noisy: off by default.
+    pub command_line: bool,
+    /// Ignore processes younger than this many milliseconds when they
+    /// appear (0: report all). Their stop is then not reported either.
+    pub min_age_ms: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            snapshot_on_start: true,
+            credentials: true,
+            reparent: true,
+            exe_changes: true,
+            command_line: false,
+            min_age_ms: 0,
+        }
+    }
+}
+
+/// A runtime change (RPC `UpdateConfig`, actor `UpdateConfig`). Fields left
+/// `None` keep their value. Restart-only fields may be present only with
+/// their current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigUpdate {
+    /// New interval in seconds.
+    pub interval_secs: Option<u64>,
+    /// New interval in milliseconds (library users and tests; the daemon
+    /// still enforces its 5 s floor).
+    pub interval_ms: Option<u64>,
+    /// New in-flight limit.
+    pub max_events_in_flight: Option<usize>,
+    /// New lifecycle settings.
+    pub lifecycle: Option<LifecycleConfig>,
+    /// Hashing on or off.
+    pub compute_hashes: Option<bool>,
+    /// Restart-only.
+    pub collector_id: Option<String>,
+    /// Restart-only.
+    pub database: Option<PathBuf>,
+    /// Restart-only.
+    pub data_dir: Option<PathBuf>,
+    /// Restart-only.
+    pub excluded_pids: Option<Vec<u32>>,
 }
 
 #[cfg(test)]

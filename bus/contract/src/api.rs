@@ -9,12 +9,12 @@
 //! | `agent.task` | any local client ([`AgentTaskRequest`], request/reply) | the agent's task coordinator |
 //! | `events.alert` | the agent's store writer | `daemoneye-cli`, anyone allowed |
 
-use procmond::control::{
+use crate::control::{
     EventSourceStatus, ProcessSummary, SnapshotFilter, TaskRequest, TaskResponse, TaskStatus,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BalanceSpec, Severity};
+pub use crate::ids::{AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 
 /// Request/reply: publish an empty payload with a `reply_to`; the answer
 /// is an [`AgentStatus`].
@@ -23,22 +23,9 @@ pub const STATUS_TOPIC: &str = "agent.status";
 /// Alerts, one [`Alert`] per message.
 pub const ALERT_TOPIC: &str = "events.alert";
 
-/// The agent's client id on the bus.
-pub const AGENT_CLIENT_ID: &str = "daemoneye-agent";
-
-/// The store writer's own client id: its connection stalls when a commit
-/// fails (the broker holds the collectors back through it), and must not
-/// take the agent's control traffic (heartbeats, registrations, RPC
-/// replies, status) down with it.
-pub const STORE_CLIENT_ID: &str = "daemoneye-agent-store";
-
 /// Request/reply: an [`AgentTaskRequest`]; the answer is an
 /// [`AgentTaskResponse`].
 pub const TASK_TOPIC: &str = "agent.task";
-
-/// The task coordinator's own client id: a task waits seconds for
-/// collectors, which must hold up neither control traffic nor the store.
-pub const TASKS_CLIENT_ID: &str = "daemoneye-agent-tasks";
 
 /// The loading state machine (design.md §8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,7 +127,7 @@ pub struct HeartbeatInfo {
     /// Where its events come from (the kernel's process events or the
     /// periodic walk alone), why not the kernel when it fell back, and the
     /// kernel path's counters. Its text comes from the collector: print it
-    /// through `procmond::render::printable`.
+    /// through `crate::render::printable`.
     pub event_source: EventSourceStatus,
 }
 
@@ -433,6 +420,80 @@ pub struct Alert {
     pub observed_unix_ms: u64,
     /// When the alert was raised (Unix milliseconds).
     pub raised_unix_ms: u64,
+}
+
+/// Severity of a detection rule's alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth a look.
+    Low,
+    /// Suspicious.
+    Medium,
+    /// Likely malicious.
+    High,
+    /// Act now.
+    Critical,
+}
+
+impl Severity {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// How the broker picks one collector of a type for a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Members in turn.
+    RoundRobin,
+    /// The member with the fewest unanswered requests and queued messages.
+    LeastLoaded,
+    /// A member at random.
+    Random,
+}
+
+impl Balance {
+    /// The bus's strategy.
+    pub fn strategy(self) -> daemoneye_bus::Strategy {
+        match self {
+            Balance::RoundRobin => daemoneye_bus::Strategy::RoundRobin,
+            Balance::LeastLoaded => daemoneye_bus::Strategy::LeastLoaded,
+            Balance::Random => daemoneye_bus::Strategy::Random,
+        }
+    }
+}
+
+/// The balancing strategy of each task type.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceSpec {
+    /// `snapshot` tasks sent to one collector (a gathered `ps` asks all).
+    #[serde(default = "default_balance")]
+    pub snapshot: Balance,
+    /// `inspect` tasks.
+    #[serde(default = "default_balance")]
+    pub inspect: Balance,
+    /// `hash` tasks.
+    #[serde(default = "default_balance")]
+    pub hash: Balance,
+}
+
+impl Default for BalanceSpec {
+    fn default() -> Self {
+        BalanceSpec { snapshot: default_balance(), inspect: default_balance(), hash: default_balance() }
+    }
+}
+
+fn default_balance() -> Balance {
+    Balance::LeastLoaded
 }
 
 /// Encodes a payload.

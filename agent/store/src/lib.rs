@@ -121,7 +121,7 @@
 //! - `id` is `AUTOINCREMENT` so it is never reused, not even after pruning
 //!   empties the table: a `--follow` reader that polls with `id > last`
 //!   would otherwise miss new rows.
-//! - `source` is [`EventSource::as_str`](crate::event::EventSource::as_str):
+//! - `source` is [`EventSource::as_str`](daemoneye_contract::event::EventSource::as_str):
 //!   `kernel` for what the kernel's process events reported as it
 //!   happened, `poll` for what the periodic walk found (the first
 //!   snapshot, every event in poll mode, and in kernel mode what the
@@ -161,7 +161,7 @@ use daemoneye_platform::{ExitStatus, ProcessState};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap};
+use daemoneye_contract::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap};
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -1046,7 +1046,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::event::{Change, EventSource, LateWindow};
+    use daemoneye_contract::event::{Change, EventSource, LateWindow};
 
     fn record(pid: u32, name: &str) -> ProcessRecord {
         ProcessRecord {
@@ -1082,7 +1082,7 @@ mod tests {
             observed_unix_ms: observed_ms,
             process: record(pid, name),
             sha256: Some(HashOutcome::Sha256("ab".repeat(32))),
-            source: crate::event::EventSource::Kernel,
+            source: daemoneye_contract::event::EventSource::Kernel,
             late: None,
             exit: Some(daemoneye_platform::ExitStatus::Code(3)),
         }
@@ -1562,7 +1562,7 @@ CREATE TABLE stream_gaps (
 
     #[test]
     fn the_documented_schema_is_the_one_created() {
-        let source = include_str!("store.rs");
+        let source = include_str!("lib.rs");
         let docs: Vec<&str> = source
             .lines()
             .map_while(|l| l.strip_prefix("//!"))
