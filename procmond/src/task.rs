@@ -254,13 +254,13 @@ impl Service {
     /// answer that says so. Returns the status sent.
     fn send(&self, msg: &Message, response: TaskResponse) -> TaskStatus {
         let id = self.cfg.collector_id.as_str();
-        let (status, bytes) = match postcard::to_stdvec(&response) {
-            Ok(bytes) => (response.status, bytes),
-            Err(e) => {
-                log::warn!("task answer could not be encoded: {e}");
-                let failed = TaskResponse::failed(id, format!("the result could not be encoded: {e}"));
-                (TaskStatus::Failed, control::encode(&failed))
-            }
+        let bytes = control::encode(&response);
+        let (status, bytes) = if bytes.is_empty() {
+            log::warn!("task answer could not be encoded");
+            let failed = TaskResponse::failed(id, "the result could not be encoded");
+            (TaskStatus::Failed, control::encode(&failed))
+        } else {
+            (response.status, bytes)
         };
         match self.client.reply(msg, &bytes) {
             Ok(()) => status,

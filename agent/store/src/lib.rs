@@ -17,13 +17,16 @@
 //! - Each `(collector_id, stream_id, seq)` is kept once: a replayed event
 //!   is counted as a duplicate and not stored again, even after its row was
 //!   pruned (see [Watermarks](#watermarks)).
-//! - The `record` column (postcard of the whole [`ProcessEvent`]) is the
+//! - The `record` column (the whole [`ProcessEvent`] in the contract's
+//!   encoding, `daemoneye_contract::codec`: a header with kind and
+//!   version, then postcard; rows from schema 1 and 2 hold headerless
+//!   version 1 blobs, read as they are) is the
 //!   source of truth and what [`EventStore::query`] decodes; the other
 //!   columns are a flat, indexed view of it for SQL. A record that fails
 //!   to decode is reported as [`StoreError::Corrupt`] naming its row id,
 //!   never a panic.
 //!
-//! # Schema (version 2, in `PRAGMA user_version`)
+//! # Schema (version 3, in `PRAGMA user_version`)
 //!
 //! Detection rules are written against this schema; changing a column is a
 //! schema version bump. A database with a newer version than
@@ -35,9 +38,12 @@
 //! TABLE … ADD COLUMN`, so the result is the table below, column for
 //! column) and nothing else. The rows it had read `source = 'poll'`,
 //! `late = 0` and NULL for the rest, which is what their `record` decodes
-//! to. [`EventStore::open_read_only`] does not migrate: it refuses a
-//! version 1 database until the agent (or standalone procmond) has opened
-//! it for writing.
+//! to. Version 3 changed no column: new `record` blobs carry the
+//! contract's header (kind, version); a version 2 database only has its
+//! version raised, and its headerless blobs are read as version 1 records.
+//! [`EventStore::open_read_only`] does not migrate: it refuses an older
+//! database until the agent (or standalone procmond) has opened it for
+//! writing.
 //!
 //! ```sql
 //! CREATE TABLE process_events (
@@ -164,13 +170,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use daemoneye_contract::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap};
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// How long a statement waits for another connection's lock before it
 /// fails with "database is locked".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The schema a new database is created with (version 2); documented in
+/// The schema a new database is created with (version 3); documented in
 /// the module docs, keep both in step (a test compares them).
 const SCHEMA: &str = "
 CREATE TABLE process_events (
@@ -788,8 +794,7 @@ impl<'a> EventRow<'a> {
             reason,
         };
         let seq = i64::try_from(env.seq).map_err(|_| unstorable("seq is beyond i64::MAX".to_owned()))?;
-        let record = postcard::to_stdvec(&env.event)
-            .map_err(|e| unstorable(format!("record does not encode: {e}")))?;
+        let record = env.event.encode();
         let event = &env.event;
         let d = &event.process.details;
         let changes: Vec<&str> = event.changes.iter().map(|c| c.as_str()).collect();
@@ -1005,7 +1010,7 @@ fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
     Ok(u32::try_from(v).unwrap_or(u32::MAX))
 }
 
-/// Creates the schema in an empty database, migrates a version 1 one, or
+/// Creates the schema in an empty database, migrates a version 1 or 2 one, or
 /// checks the version of an existing one. Immediate, so two processes
 /// opening a file at once do not both create (or migrate) it: the second
 /// reads the version the first committed.
@@ -1021,14 +1026,21 @@ fn init_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             log::info!("created event store {} (schema version {SCHEMA_VERSION})", path.display());
             Ok(())
         }
-        1 => {
+        1 | 2 => {
             // Invariant: the new columns and the version change commit
-            // together, so a crash leaves version 1 intact or version 2
-            // whole.
-            tx.execute_batch(MIGRATE_V1_TO_V2).map_err(|e| open_error(path, e))?;
+            // together, so a crash leaves the old version intact or
+            // version 3 whole.
+            if found == 1 {
+                tx.execute_batch(MIGRATE_V1_TO_V2).map_err(|e| open_error(path, e))?;
+            }
+            // Version 3 changed no column: its `record` blobs carry the
+            // contract's header. Rows written before (headerless version
+            // 1 blobs) are read as they are, so nothing is rewritten; the
+            // bump keeps a previous release, which cannot read the new
+            // blobs, from opening the file.
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
             tx.commit().map_err(|e| open_error(path, e))?;
-            log::info!("migrated event store {} from schema 1 to 2", path.display());
+            log::info!("migrated event store {} from schema {found} to {SCHEMA_VERSION}", path.display());
             Ok(())
         }
         SCHEMA_VERSION => Ok(()),
@@ -1622,7 +1634,7 @@ CREATE TABLE stream_gaps (
         let mut store = EventStore::open(&path).unwrap();
         let conn = store.connection();
         let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, SCHEMA_VERSION);
         // The migrated table is the one a new database gets, column for
         // column.
         let (_fresh_dir, fresh) = temp_store();

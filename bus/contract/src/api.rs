@@ -14,6 +14,8 @@ use crate::control::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{self, Kind, Message};
+
 pub use crate::ids::{AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 
 /// Request/reply: publish an empty payload with a `reply_to`; the answer
@@ -496,15 +498,35 @@ fn default_balance() -> Balance {
     Balance::LeastLoaded
 }
 
-/// Encodes a payload.
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // postcard into a Vec fails only on allocation failure.
-    postcard::to_stdvec(value).unwrap_or_default()
+/// The request of `agent.status`: no fields (version 1 sent an empty
+/// payload, which is what this encodes to without a header).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest;
+
+impl Message for StatusRequest {
+    const KIND: Kind = Kind::StatusRequest;
+}
+impl Message for AgentStatus {
+    const KIND: Kind = Kind::AgentStatus;
+}
+impl Message for AgentTaskRequest {
+    const KIND: Kind = Kind::AgentTaskRequest;
+}
+impl Message for AgentTaskResponse {
+    const KIND: Kind = Kind::AgentTaskResponse;
+}
+impl Message for Alert {
+    const KIND: Kind = Kind::Alert;
 }
 
-/// Decodes a payload.
-pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
+/// Encodes a payload in the current version ([`crate::codec`]).
+pub fn encode<T: Message>(value: &T) -> Vec<u8> {
+    codec::encode(value)
+}
+
+/// Decodes a payload of any version this build reads.
+pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, codec::Error> {
+    codec::decode(bytes)
 }
 
 /// Now, in Unix milliseconds.

@@ -34,6 +34,8 @@ use std::path::{Path, PathBuf};
 use daemoneye_platform::{Field, ProcessKey, ProcessRecord, ProcessState};
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{self, Kind, Message};
+
 use crate::event::HashOutcome;
 
 /// Lifecycle commands, broadcast by the agent.
@@ -72,16 +74,33 @@ pub fn task_broadcast_topic(collector_type: &str) -> String {
     format!("control.collector.task.{collector_type}.all")
 }
 
-/// Encodes a control message.
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    // Serializing plain data into a Vec cannot fail.
-    postcard::to_stdvec(msg).unwrap_or_default()
+/// Encodes a control message in the current version ([`crate::codec`]).
+pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
+    codec::encode(msg)
 }
 
-/// Decodes a control message; a malformed payload is an error, never a
-/// panic.
-pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
+/// Decodes a control message of any version this build reads; a
+/// malformed payload is an error, never a panic.
+pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, codec::Error> {
+    codec::decode(bytes)
+}
+
+macro_rules! messages {
+    ($($t:ty => $k:ident),* $(,)?) => {
+        $(impl Message for $t { const KIND: Kind = Kind::$k; })*
+    };
+}
+
+messages! {
+    LifecycleCommand => LifecycleCommand,
+    RegistrationMessage => RegistrationMessage,
+    RegistrationResponse => RegistrationResponse,
+    Heartbeat => Heartbeat,
+    RpcRequest => RpcRequest,
+    RpcResponse => RpcResponse,
+    StoreAck => StoreAck,
+    TaskRequest => TaskRequest,
+    TaskResponse => TaskResponse,
 }
 
 /// A broadcast (or direct) command from the agent.

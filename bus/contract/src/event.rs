@@ -1,15 +1,18 @@
 //! The process event model: what procmond publishes, appends to its WAL and
 //! writes to the event store.
 //!
-//! Wire format: an [`EventEnvelope`] encoded with postcard. The same bytes
-//! are the WAL record's payload and the bus message's payload, so a replay
-//! re-publishes exactly what was first published. The envelope's `seq` is
+//! Wire format: an [`EventEnvelope`] in the contract's encoding
+//! ([`crate::codec`]: a header with kind and version, then postcard). The
+//! same bytes are the WAL record's payload and the bus message's payload,
+//! so a replay re-publishes exactly what was first published. The envelope's `seq` is
 //! the WAL sequence number of the record that carries it.
 
 use std::fmt;
 
 use daemoneye_platform::{ExitStatus, Field, ProcessRecord, Unavailable};
 use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Kind, Message};
 
 /// Topic prefix of process events; the kind is the last segment.
 pub const EVENTS_TOPIC_PREFIX: &str = "events.process";
@@ -215,22 +218,49 @@ struct EventEnvelopeV1 {
     event: ProcessEventV1,
 }
 
-/// Decodes `bytes` as the current layout, else as the version 1 layout
-/// (which ends where version 2 appended its fields, so a version 1 record
-/// never decodes as the current one). The error is the current layout's.
-fn decode_either<T: serde::de::DeserializeOwned, V1: serde::de::DeserializeOwned + Into<T>>(
+/// Decodes a headerless body as the headerless layout of the previous
+/// release, else as the older one before it (which ends where the later
+/// appended its fields, so one never decodes as the other). Both strict.
+/// The error is the newer layout's.
+fn decode_either<T: serde::de::DeserializeOwned, Old: serde::de::DeserializeOwned + Into<T>>(
+    kind: Kind,
     bytes: &[u8],
-) -> Result<T, postcard::Error> {
-    match postcard::from_bytes::<T>(bytes) {
+) -> Result<T, codec::Error> {
+    match codec::strict::<T>(kind, codec::LEGACY_VERSION, bytes) {
         Ok(v) => Ok(v),
-        Err(e) => postcard::from_bytes::<V1>(bytes).map(Into::into).map_err(|_| e),
+        Err(e) => codec::strict::<Old>(kind, codec::LEGACY_VERSION, bytes).map(Into::into).map_err(|_| e),
     }
 }
 
+impl Message for ProcessEvent {
+    const KIND: Kind = Kind::ProcessEvent;
+
+    fn decode_v1(body: &[u8]) -> Result<ProcessEvent, codec::Error> {
+        decode_either::<ProcessEvent, ProcessEventV1>(Kind::ProcessEvent, body)
+    }
+}
+
+impl Message for EventEnvelope {
+    const KIND: Kind = Kind::EventEnvelope;
+
+    fn decode_v1(body: &[u8]) -> Result<EventEnvelope, codec::Error> {
+        decode_either::<EventEnvelope, EventEnvelopeV1>(Kind::EventEnvelope, body)
+    }
+}
+
+impl Message for StreamGap {
+    const KIND: Kind = Kind::StreamGap;
+}
+
 impl ProcessEvent {
-    /// Decodes a postcard-encoded event of either version.
-    pub fn decode(bytes: &[u8]) -> Result<ProcessEvent, postcard::Error> {
-        decode_either::<ProcessEvent, ProcessEventV1>(bytes)
+    /// Decodes an event of any version (the store's `record` column).
+    pub fn decode(bytes: &[u8]) -> Result<ProcessEvent, codec::Error> {
+        codec::decode(bytes)
+    }
+
+    /// Encodes in the current version (the store's `record` column).
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(self)
     }
 }
 
@@ -261,16 +291,15 @@ pub struct EventEnvelope {
 }
 
 impl EventEnvelope {
-    /// Encodes to the wire and WAL format.
+    /// Encodes to the wire and WAL format, in the current version.
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing plain data into a Vec cannot fail.
-        postcard::to_stdvec(self).unwrap_or_default()
+        codec::encode(self)
     }
 
-    /// Decodes [`EventEnvelope::encode`]'s bytes, of this version or
-    /// version 1 (a WAL written before the upgrade).
-    pub fn decode(bytes: &[u8]) -> Result<EventEnvelope, postcard::Error> {
-        decode_either::<EventEnvelope, EventEnvelopeV1>(bytes)
+    /// Decodes [`EventEnvelope::encode`]'s bytes, of any version this
+    /// build reads (a WAL written before the upgrade, an older collector).
+    pub fn decode(bytes: &[u8]) -> Result<EventEnvelope, codec::Error> {
+        codec::decode(bytes)
     }
 }
 
@@ -294,14 +323,14 @@ pub struct StreamGap {
 }
 
 impl StreamGap {
-    /// Encodes for the bus.
+    /// Encodes for the bus, in the current version.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).unwrap_or_default()
+        codec::encode(self)
     }
 
-    /// Decodes [`StreamGap::encode`]'s bytes.
-    pub fn decode(bytes: &[u8]) -> Result<StreamGap, postcard::Error> {
-        postcard::from_bytes(bytes)
+    /// Decodes [`StreamGap::encode`]'s bytes, of any version.
+    pub fn decode(bytes: &[u8]) -> Result<StreamGap, codec::Error> {
+        codec::decode(bytes)
     }
 }
 

@@ -5,6 +5,8 @@
 //! on nothing of each other's to talk: the agent and the CLI link no
 //! collector code.
 //!
+//! - [`codec`]: the header (magic, kind, version) every payload and
+//!   record carries, strict decoding, and reading the previous version.
 //! - [`event`]: the event envelope, the WAL record and the bus payload of
 //!   process events, and stream gap markers.
 //! - [`control`]: registration, heartbeats, lifecycle, RPC, store
@@ -12,13 +14,20 @@
 //! - [`api`]: the agent's status, task and alert messages.
 //! - [`ids`]: client ids and the collector type.
 //! - [`render`]: how an event is printed, and [`render::printable`].
+//! - [`topic`]: [`Topic<T>`] and [`Rpc<Q, A>`], each bus topic bound to
+//!   its payload type and publisher [`Role`], and the table of topics.
 //! - [`testing`]: plausible records and events for tests and benchmarks.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod codec;
 pub mod control;
 pub mod event;
 pub mod ids;
 pub mod render;
 pub mod testing;
+pub mod topic;
+
+pub use codec::{Error, Kind, Message, Version};
+pub use topic::{Role, Rpc, Topic};
