@@ -15,6 +15,7 @@ use std::time::Duration;
 use daemoneye_bus::{Client, ClientConfig, ClientError, ConnectionState};
 use daemoneye_contract::event::{EventEnvelope, EventSource};
 use daemoneye_contract::render::printable;
+use daemoneye_contract::topic;
 use daemoneye_store::{EventQuery, EventStore, StoreError, StoredEvent};
 use serde::Serialize;
 
@@ -205,12 +206,14 @@ pub fn connect(socket: &Path) -> Result<Client, CliError> {
 
 /// Asks the agent for its status.
 pub fn fetch_status(client: &Client) -> Result<AgentStatus, CliError> {
-    let reply = client.request(STATUS_TOPIC, b"", AGENT_TIMEOUT).map_err(|e| match e {
-        ClientError::Timeout(_) | ClientError::NoResponders { .. } | ClientError::ResponderGone { .. } => {
-            CliError::NoAnswer
-        }
-        other => CliError::Bus(other),
-    })?;
+    let reply = client
+        .request(STATUS_TOPIC, &topic::STATUS.encode_request(&api::StatusRequest), AGENT_TIMEOUT)
+        .map_err(|e| match e {
+            ClientError::Timeout(_)
+            | ClientError::NoResponders { .. }
+            | ClientError::ResponderGone { .. } => CliError::NoAnswer,
+            other => CliError::Bus(other),
+        })?;
     if reply.from != api::AGENT_CLIENT_ID {
         return Err(CliError::BadReply(format!("answered by {:?}, not the agent", reply.from)));
     }

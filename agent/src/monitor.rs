@@ -36,9 +36,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, at, bounded, select};
 use daemoneye_bus::{Broker, Client, Message};
 use daemoneye_contract::control::{
-    self, CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage,
-    RegistrationResponse, RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
+    CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse,
+    RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
 };
+use daemoneye_contract::{Version, topic};
 
 use crate::api::{
     self, AgentState, AgentStatus, BrokerStatus, CollectorPhase, CollectorStatus, EscalationStep,
@@ -84,6 +85,10 @@ struct Entry {
     /// Set when the process being escalated exits: its escalation thread
     /// then stops before its next step.
     cancel: Arc<AtomicBool>,
+    /// The contract version it registered in: what the agent sends it
+    /// (RPCs, lifecycle commands) is encoded in that version, so a
+    /// collector of the previous release reads it.
+    version: Version,
 }
 
 impl Entry {
@@ -147,8 +152,8 @@ impl Monitor {
     /// soon as the monitor decides the agent must stop (startup failure).
     pub fn start(parts: MonitorParts, ended: Sender<Outcome>) -> anyhow::Result<Monitor> {
         let client = parts.client.clone();
-        let regs = client.subscribe(control::REGISTRATION_TOPIC)?;
-        let hbs = client.subscribe(control::HEARTBEAT_PATTERN)?;
+        let regs = client.subscribe(topic::REGISTRATION.pattern())?;
+        let hbs = client.subscribe(topic::HEARTBEATS.pattern())?;
         let status = client.subscribe(api::STATUS_TOPIC)?;
         let (stop, stop_rx) = bounded(2);
         let thread = std::thread::Builder::new().name("agent-monitor".into()).spawn(move || {
@@ -257,6 +262,7 @@ impl State {
                 escalation: Vec::new(),
                 escalating: false,
                 cancel: Arc::new(AtomicBool::new(false)),
+                version: Version::CURRENT,
             })
             .collect();
         State {
@@ -322,7 +328,9 @@ impl State {
     /// A registration request: accepted from the collector itself, for a
     /// configured and enabled id.
     fn registration(&mut self, msg: &Message) {
-        let parsed: Result<RegistrationMessage, _> = control::decode(&msg.payload);
+        // Answered in the version it was asked in.
+        let version = Version::of(&msg.payload);
+        let parsed = topic::REGISTRATION.decode_request(msg).map(|(m, _)| m);
         let steady = self.state == AgentState::SteadyState;
         let (id, reply) = match parsed {
             Err(e) => {
@@ -344,6 +352,7 @@ impl State {
                     e.interval = Duration::from_millis(req.heartbeat_interval_ms.max(100));
                     e.last_seen = Instant::now();
                     e.missed = 0;
+                    e.version = version;
                     // The supervisor's pid stands; a collector claiming
                     // another one is logged.
                     if e.pid.is_some_and(|p| p != req.pid) {
@@ -403,20 +412,20 @@ impl State {
             }
         };
         let _ = id;
-        if let Err(e) = self.parts.client.reply(msg, &control::encode(&reply)) {
+        if let Err(e) = self.parts.client.reply(msg, &topic::REGISTRATION.encode_answer(version, &reply)) {
             log::warn!("cannot answer a registration: {e}");
         }
     }
 
     fn heartbeat(&mut self, msg: &Message) {
-        let hb: Heartbeat = match control::decode(&msg.payload) {
+        let hb: Heartbeat = match topic::HEARTBEATS.decode(msg) {
             Ok(hb) => hb,
             Err(e) => {
                 log::warn!("undecodable heartbeat on {} from {:?}: {e}", msg.topic, msg.from);
                 return;
             }
         };
-        if hb.collector_id != msg.from || msg.topic != control::heartbeat_topic(&hb.collector_id) {
+        if hb.collector_id != msg.from || msg.topic != topic::HEARTBEATS.at(&hb.collector_id) {
             log::warn!("heartbeat for {:?} from bus client {:?} ignored", hb.collector_id, msg.from);
             return;
         }
@@ -543,8 +552,15 @@ impl State {
                     self.set_state(AgentState::StartupFailed { reason: reason.clone() });
                     return Some(reason);
                 }
-                let cmd = control::encode(&LifecycleCommand::BeginMonitoring);
-                if let Err(e) = self.parts.client.publish_confirmed(control::LIFECYCLE_TOPIC, &cmd) {
+                // Every registered collector reads the oldest version
+                // among them.
+                let version = self
+                    .entries
+                    .iter()
+                    .filter(|e| e.registered)
+                    .fold(Version::CURRENT, |v, e| v.min(e.version));
+                let cmd = topic::LIFECYCLE.encode_as(version, &LifecycleCommand::BeginMonitoring);
+                if let Err(e) = self.parts.client.publish_confirmed(topic::LIFECYCLE.pattern(), &cmd) {
                     // The collectors are registered, so the broker is up;
                     // the next tick tries again.
                     log::warn!("cannot broadcast BeginMonitoring: {e}");
@@ -636,15 +652,17 @@ impl State {
         let client = self.parts.client.clone();
         let supervisor = self.parts.supervisor.clone();
         let esc: EscalationSpec = self.parts.config.escalation.clone();
+        let version = self.entries.iter().find(|e| e.spec.id == id).map_or(Version::CURRENT, |e| e.version);
         let spawned = std::thread::Builder::new().name(format!("agent-escalate-{id}")).spawn(move || {
             let report = |step: &'static str, outcome: String, done: bool| {
                 let _ = steps.send(StepReport { id: id.clone(), step, outcome, done });
             };
             let rpc = |req: &RpcRequest, secs: u64| -> Result<RpcResponse, String> {
+                let rpc = topic::COLLECTOR_RPC;
                 let reply = client
-                    .request(&control::rpc_topic(&id), &control::encode(req), Duration::from_secs(secs))
+                    .request(&rpc.at(&id), &rpc.request.encode_as(version, req), Duration::from_secs(secs))
                     .map_err(|e| e.to_string())?;
-                control::decode::<RpcResponse>(&reply.payload).map_err(|e| format!("undecodable reply: {e}"))
+                rpc.decode_answer(&reply).map(|(a, _)| a).map_err(|e| format!("undecodable reply: {e}"))
             };
             match rpc(&RpcRequest::HealthCheck, esc.health_check_timeout_secs) {
                 Ok(r) if r.status == RpcStatus::Ok => {
@@ -766,7 +784,8 @@ impl State {
             store: writer.status(),
             tasks: self.parts.tasks.totals(&self.parts.config.tasks),
         };
-        if let Err(e) = self.parts.client.reply(msg, &api::encode(&status)) {
+        let version = Version::of(&msg.payload);
+        if let Err(e) = self.parts.client.reply(msg, &topic::STATUS.encode_answer(version, &status)) {
             log::debug!("cannot answer a status request: {e}");
         }
     }

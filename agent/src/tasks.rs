@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message, Subscription};
 use daemoneye_contract::control::{self, SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
+use daemoneye_contract::{Version, topic};
 use daemoneye_platform::ProcessKey;
 use parking_lot::Mutex;
 
@@ -210,7 +211,7 @@ impl Worker {
     fn refuse(&self, msg: &Message) {
         let refused = AgentTaskResponse::Refused("the agent is shutting down".into());
         if msg.reply_to.is_some()
-            && let Err(e) = self.client.reply(msg, &api::encode(&refused))
+            && let Err(e) = self.client.reply(msg, &answer(msg, &refused))
         {
             log::debug!("cannot refuse a task request from {}: {e}", msg.from);
         }
@@ -238,7 +239,7 @@ impl Worker {
             return;
         }
         self.stats.update(|t| t.requests += 1);
-        let response = match api::decode::<AgentTaskRequest>(&msg.payload) {
+        let response = match topic::AGENT_TASKS.decode_request(msg).map(|(q, _)| q) {
             Err(e) => {
                 log::warn!("malformed task request from {} ({} bytes): {e}", msg.from, msg.payload.len());
                 AgentTaskResponse::Refused(format!("malformed task request: {e}"))
@@ -255,13 +256,13 @@ impl Worker {
                 AgentTaskResponse::All(self.all(&collector_type, &filter))
             }
         };
-        match self.client.reply(msg, &api::encode(&response)) {
+        match self.client.reply(msg, &answer(msg, &response)) {
             Err(ClientError::TooLarge { len, max }) => {
                 let refused = AgentTaskResponse::Refused(format!(
                     "the result of {len} bytes exceeds the bus's maximum message of {max} bytes; \
                      narrow the request (a user, a name pattern)"
                 ));
-                if let Err(e) = self.client.reply(msg, &api::encode(&refused)) {
+                if let Err(e) = self.client.reply(msg, &answer(msg, &refused)) {
                     log::warn!("cannot answer a task request from {}: {e}", msg.from);
                 }
             }
@@ -400,7 +401,7 @@ impl Worker {
         let mut known = false;
         match self
             .client
-            .request(STATUS_TOPIC, b"", STATUS_TIMEOUT)
+            .request(STATUS_TOPIC, &topic::STATUS.encode_request(&api::StatusRequest), STATUS_TIMEOUT)
             .map(|m| api::decode::<AgentStatus>(&m.payload))
         {
             Ok(Ok(status)) => {
@@ -565,4 +566,8 @@ fn describe(r: &TaskResponse) -> String {
         Some(m) => format!("{status}: {m}"),
         None => status.to_owned(),
     }
+}
+/// An answer to an `agent.task` request, in the version it was asked in.
+fn answer(msg: &Message, response: &AgentTaskResponse) -> Vec<u8> {
+    topic::AGENT_TASKS.encode_answer(Version::of(&msg.payload), response)
 }

@@ -39,9 +39,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, at, bounded, never, select_biased, tick};
 use daemoneye_bus::{Client, ClientError, Message, Overflow, Subscription};
-use daemoneye_contract::control::{self, StoreAck};
-use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope, GAP_TOPIC, StreamGap};
+use daemoneye_contract::Version;
+use daemoneye_contract::control::StoreAck;
+use daemoneye_contract::event::{EventEnvelope, StreamGap};
 use daemoneye_contract::render::printable;
+use daemoneye_contract::topic;
 use daemoneye_store::{BatchOutcome, EventStore, Retention, StoreError, StreamWatermark};
 use parking_lot::Mutex;
 
@@ -140,8 +142,8 @@ impl StoreWriter {
         let rule_cursor = RuleEngine::cursor(store.connection()).map_err(sqlite)?;
         let max_id = max_id(store.connection()).map_err(sqlite)?;
         let sub = client
-            .subscribe_with(EVENTS_PATTERN, None, Overflow::Block)
-            .map_err(|source| WriterError::Subscribe { pattern: EVENTS_PATTERN, source })?;
+            .subscribe_with(topic::EVENTS.pattern(), None, Overflow::Block)
+            .map_err(|source| WriterError::Subscribe { pattern: topic::EVENTS.pattern(), source })?;
         let counters = Arc::new(Mutex::new(Counters {
             status: StoreStatus {
                 path: cfg.database.display().to_string(),
@@ -170,6 +172,7 @@ impl StoreWriter {
             rule_cursor,
             max_id,
             rejections: HashMap::new(),
+            versions: HashMap::new(),
             bus_gone: false,
             retention: tick(RETENTION_PERIOD),
         };
@@ -271,6 +274,10 @@ struct WriterActor {
     /// The highest event id committed (0: none).
     max_id: i64,
     rejections: HashMap<String, RejectLog>,
+    /// The contract version each collector's events last came in: its
+    /// acknowledgements go out in the same one, so a collector of the
+    /// previous release reads them.
+    versions: HashMap<String, Version>,
     bus_gone: bool,
     retention: Receiver<Instant>,
 }
@@ -332,31 +339,46 @@ impl WriterActor {
 
     /// Decodes and checks one message and adds it to the batch.
     fn on_message(&mut self, msg: Message) {
-        if msg.topic == GAP_TOPIC {
-            match StreamGap::decode(&msg.payload) {
-                Ok(gap) if gap.collector_id == msg.from => self.gap = Some(gap),
-                Ok(gap) => {
+        if msg.topic == topic::GAPS.pattern() {
+            match topic::GAPS.decode_versioned(&msg) {
+                Ok((gap, version)) if gap.collector_id == msg.from => {
+                    self.versions.insert(msg.from.clone(), version);
+                    self.gap = Some(gap);
+                }
+                Ok((gap, _)) => {
                     self.reject(&msg, &format!("a gap marker for collector {:?}", gap.collector_id));
                 }
                 Err(e) => self.reject(&msg, &format!("a gap marker that does not decode ({e})")),
             }
             return;
         }
-        match EventEnvelope::decode(&msg.payload) {
-            Ok(env) if env.collector_id != msg.from => {
-                self.reject(&msg, &format!("an event of collector {:?}", env.collector_id));
+        match topic::EVENTS.decode_versioned(&msg) {
+            Ok((env, version)) => {
+                if env.collector_id == msg.from && self.versions.get(&msg.from) != Some(&version) {
+                    self.versions.insert(msg.from.clone(), version);
+                }
+                self.on_message_checked(&msg, env);
             }
-            Ok(env) if i64::try_from(env.seq).is_err() => {
-                self.reject(&msg, &format!("an event with seq {} (beyond the store's range)", env.seq));
+            Err(e) => self.reject(&msg, &format!("a payload that does not decode as an event ({e})")),
+        }
+    }
+
+    /// Checks a decoded event and adds it to the batch.
+    fn on_message_checked(&mut self, msg: &Message, env: EventEnvelope) {
+        match env {
+            env if env.collector_id != msg.from => {
+                self.reject(msg, &format!("an event of collector {:?}", env.collector_id));
             }
-            Ok(env) => {
+            env if i64::try_from(env.seq).is_err() => {
+                self.reject(msg, &format!("an event with seq {} (beyond the store's range)", env.seq));
+            }
+            env => {
                 if self.events.is_empty() {
                     self.batch_deadline =
                         Some(Instant::now() + Duration::from_millis(self.spec.batch_wait_ms));
                 }
                 self.events.push(env);
             }
-            Err(e) => self.reject(&msg, &format!("a payload that does not decode as an event ({e})")),
         }
     }
 
@@ -509,8 +531,9 @@ impl WriterActor {
     fn acknowledge(&self, watermarks: &[StreamWatermark]) {
         for w in watermarks {
             let ack = StoreAck { stream_id: w.stream_id, through: w.through };
-            if let Err(e) = self.client.publish(&control::ack_topic(&w.collector_id), &control::encode(&ack))
-            {
+            let version = self.versions.get(&w.collector_id).copied().unwrap_or(Version::CURRENT);
+            let bytes = topic::ACKS.encode_as(version, &ack);
+            if let Err(e) = self.client.publish(&topic::ACKS.at(&w.collector_id), &bytes) {
                 log::warn!(
                     "store writer: cannot acknowledge {}/{} through {}: {e}",
                     w.collector_id,
@@ -559,7 +582,7 @@ impl WriterActor {
                 printable(&a.name),
                 printable(a.exe.as_deref().unwrap_or("-"))
             );
-            if let Err(e) = self.client.publish(api::ALERT_TOPIC, &api::encode(&a)) {
+            if let Err(e) = topic::ALERTS.publish(&self.client, topic::ALERTS.pattern(), &a) {
                 log::warn!(
                     "store writer: cannot publish alert {} ({}): {e}; it is in the store",
                     a.id,

@@ -82,7 +82,7 @@ struct FakeAgent {
 
 impl FakeAgent {
     fn start(socket: &Path) -> Result<FakeAgent, String> {
-        let mut cfg = ClientConfig::new(socket, "agent");
+        let mut cfg = ClientConfig::new(socket, daemoneye_contract::ids::AGENT_CLIENT_ID);
         // A whole 10,000-process snapshot fits: no stall on the agent's side.
         cfg.subscription_capacity = 65_536;
         let client = Arc::new(Client::connect(cfg).map_err(|e| format!("agent connects: {e}"))?);

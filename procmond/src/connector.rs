@@ -40,6 +40,7 @@ use parking_lot::Mutex;
 use crate::actor::{ActorSender, EventSink, IntervalAdjustment, SinkError, SinkStatus};
 use daemoneye_contract::control::{self, ConnectionStatus, StoreAck};
 use daemoneye_contract::event::{EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap};
+use daemoneye_contract::{PeerVersion, Version, codec};
 
 /// File in the WAL directory holding the stream id. It lives and dies
 /// with the WAL's records, so a fresh WAL (sequence numbers from 1 again)
@@ -128,6 +129,11 @@ struct Shared {
     stop: AtomicBool,
     /// The WAL is never truncated past this (the last checkpoint).
     floor: AtomicU64,
+    /// The contract version of the agent, as registration found it: the
+    /// WAL holds current records, published as they are to a current
+    /// agent and re-encoded in version 1 for an agent of the previous
+    /// release.
+    peer: PeerVersion,
 }
 
 impl Shared {
@@ -185,6 +191,7 @@ impl Connector {
             max_in_flight: AtomicU64::new(cfg.max_in_flight.max(1) as u64),
             stop: AtomicBool::new(false),
             floor: AtomicU64::new(cfg.truncate_floor.unwrap_or(u64::MAX)),
+            peer: PeerVersion::default(),
         });
         let acks = client.subscribe(&control::ack_topic(&cfg.collector_id))?;
         let (cmds, cmd_rx) = bounded(16);
@@ -207,6 +214,12 @@ impl Connector {
             .spawn(move || flusher.run(cmd_rx, notify_rx, acks))
             .map_err(|source| ConnectorError::Io { what: "spawn procmond-flush".into(), source })?;
         Ok(Connector { shared, client, cmds, notify, thread: Some(thread) })
+    }
+
+    /// The agent's contract version, for registration to set and the
+    /// heartbeats to follow (see [`crate::registration`]).
+    pub fn peer_version(&self) -> PeerVersion {
+        self.shared.peer.clone()
     }
 
     /// The stream id of this collector's WAL.
@@ -672,7 +685,14 @@ impl Flusher {
                 break;
             }
             let Some(item) = self.take_next() else { break };
-            match self.client.publish(item.topic, &item.bytes) {
+            let legacy;
+            let bytes = if s.peer.get() == Version::V1 {
+                legacy = for_legacy_agent(item.topic, &item.bytes);
+                legacy.as_deref().unwrap_or(&item.bytes)
+            } else {
+                &item.bytes
+            };
+            match self.client.publish(item.topic, bytes) {
                 Ok(()) => {
                     self.next = item.last + 1;
                     self.max_sent = self.max_sent.max(item.last);
@@ -710,5 +730,15 @@ impl Flusher {
                 );
             }
         }
+    }
+}
+/// A WAL record (or gap marker) re-encoded in version 1, for an agent of
+/// the previous release; `None` if it does not decode (it goes out as it
+/// is, and that agent refuses it as it would any undecodable payload).
+fn for_legacy_agent(topic: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+    if topic == GAP_TOPIC {
+        StreamGap::decode(bytes).ok().map(|g| codec::encode_as(Version::V1, &g))
+    } else {
+        EventEnvelope::decode(bytes).ok().map(|e| codec::encode_as(Version::V1, &e))
     }
 }

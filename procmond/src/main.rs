@@ -301,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         backoff_max: Duration::from_secs(30),
         capabilities,
         stream_id: connector.stream_id(),
+        peer_version: connector.peer_version(),
     };
     let collector_id = cfg.collector_id.clone();
     let actor = ActorHandle::spawn(cfg, source, Box::new(connector), inbox, opts)?;

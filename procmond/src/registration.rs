@@ -39,6 +39,7 @@ use daemoneye_contract::control::{
     self, ConnectionStatus, HealthData, HealthStatus, Heartbeat, HeartbeatMetrics, LifecycleCommand,
     RegistrationMessage, RegistrationRequest, RegistrationResponse, RegistrationState, RegistrationStatus,
 };
+use daemoneye_contract::{PeerVersion, Version, topic};
 
 pub use daemoneye_contract::ids::COLLECTOR_TYPE;
 
@@ -59,6 +60,9 @@ pub struct RegistrationConfig {
     pub capabilities: Vec<String>,
     /// The connector's stream id.
     pub stream_id: u64,
+    /// The agent's contract version, shared with the connector: set by
+    /// each registration from the version the agent answers in.
+    pub peer_version: PeerVersion,
 }
 
 /// Something to call with an acknowledgement learnt from the agent's reply.
@@ -128,7 +132,8 @@ impl Registration {
                         },
                         recv(stop_rx) -> _ => break,
                         recv(lifecycle_rx) -> msg => match msg {
-                            Ok(msg) => match control::decode::<LifecycleCommand>(&msg.payload) {
+                            // Only the agent's word counts (the broker vouches for `from`).
+                            Ok(msg) => match topic::LIFECYCLE.decode(&msg) {
                                 Ok(LifecycleCommand::BeginMonitoring) => {
                                     log::info!("BeginMonitoring broadcast received");
                                     if let Err(e) = m.actor.begin_monitoring() {
@@ -234,8 +239,33 @@ impl Manager {
         }
     }
 
+    /// Registers in the current version; an agent of the previous release
+    /// cannot read it and answers a headerless rejection, so then it
+    /// registers again at once in version 1 and speaks version 1 to that
+    /// agent (events re-encoded by the connector, heartbeats here) until
+    /// the next registration, which tries the current version again.
     fn register(&mut self, conn: u64) {
         self.cell.set(RegistrationState::Registering);
+        let outcome = match self.request_registration(Version::CURRENT) {
+            Ok((resp, Version::V1)) if resp.status == RegistrationStatus::Rejected => {
+                log::warn!(
+                    "the agent speaks contract version 1 (an older release): registering in version 1 ({})",
+                    resp.message.as_deref().unwrap_or("no reason given")
+                );
+                self.request_registration(Version::V1)
+            }
+            other => other,
+        };
+        if let Ok((_, version)) = &outcome {
+            self.cfg.peer_version.set(*version);
+        }
+        let outcome = outcome.map(|(resp, _)| resp);
+        self.registered(conn, outcome);
+    }
+
+    /// One registration request in `version`; the answer and the version
+    /// it came in.
+    fn request_registration(&mut self, version: Version) -> Result<(RegistrationResponse, Version), String> {
         let request = RegistrationMessage::Register(RegistrationRequest {
             collector_id: self.cfg.collector_id.clone(),
             collector_type: COLLECTOR_TYPE.to_owned(),
@@ -245,11 +275,14 @@ impl Manager {
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             stream_id: self.cfg.stream_id,
         });
-        let outcome = self
-            .client
-            .request(control::REGISTRATION_TOPIC, &control::encode(&request), self.cfg.request_timeout)
+        let rpc = topic::REGISTRATION;
+        self.client
+            .request(rpc.pattern(), &rpc.request.encode_as(version, &request), self.cfg.request_timeout)
             .map_err(|e| e.to_string())
-            .and_then(|msg| control::decode::<RegistrationResponse>(&msg.payload).map_err(|e| e.to_string()));
+            .and_then(|msg| rpc.decode_answer(&msg).map_err(|e| e.to_string()))
+    }
+
+    fn registered(&mut self, conn: u64, outcome: Result<RegistrationResponse, String>) {
         match outcome {
             Ok(resp) if resp.status == RegistrationStatus::Accepted => {
                 self.cell.set(RegistrationState::Registered);
@@ -294,11 +327,8 @@ impl Manager {
             collector_id: self.cfg.collector_id.clone(),
             reason: reason.into(),
         };
-        match self.client.request(
-            control::REGISTRATION_TOPIC,
-            &control::encode(&msg),
-            self.cfg.request_timeout,
-        ) {
+        let bytes = topic::REGISTRATION.request.encode_as(self.cfg.peer_version.get(), &msg);
+        match self.client.request(topic::REGISTRATION.pattern(), &bytes, self.cfg.request_timeout) {
             Ok(_) => log::info!("deregistered from the agent"),
             Err(e) => log::warn!("deregistration not confirmed: {e}"),
         }
@@ -356,9 +386,8 @@ impl Manager {
             status,
             metrics,
         };
-        if let Err(e) =
-            self.client.publish(&control::heartbeat_topic(&self.cfg.collector_id), &control::encode(&hb))
-        {
+        let bytes = topic::HEARTBEATS.encode_as(self.cfg.peer_version.get(), &hb);
+        if let Err(e) = self.client.publish(&topic::HEARTBEATS.at(&self.cfg.collector_id), &bytes) {
             log::warn!("heartbeat {} not sent: {e}", self.sequence);
         }
     }

@@ -20,6 +20,7 @@ use daemoneye_bus::{Client, ClientError, Message};
 
 use crate::actor::{ActorError, ActorSender};
 use daemoneye_contract::control::{self, RpcRequest, RpcResponse, RpcStatus};
+use daemoneye_contract::{Version, topic};
 
 /// How long the service waits for the actor.
 pub const ACTOR_TIMEOUT: Duration = Duration::from_secs(3);
@@ -109,7 +110,9 @@ impl Service {
             log::warn!("RPC on {} without a reply inbox: ignored", msg.topic);
             return;
         }
-        let response = match control::decode::<RpcRequest>(&msg.payload) {
+        // Only the agent may ask; the answer goes out in the version the
+        // request came in (see `send`).
+        let response = match topic::COLLECTOR_RPC.decode_request(&msg).map(|(q, _)| q) {
             Err(e) => {
                 log::warn!("malformed RPC request on {} ({} bytes): {e}", msg.topic, msg.payload.len());
                 RpcResponse::status(RpcStatus::InvalidRequest, format!("malformed request: {e}"))
@@ -152,7 +155,8 @@ impl Service {
     }
 
     fn send(&self, msg: &Message, response: &RpcResponse) {
-        if let Err(e) = self.client.reply(msg, &control::encode(response)) {
+        let bytes = topic::COLLECTOR_RPC.encode_answer(Version::of(&msg.payload), response);
+        if let Err(e) = self.client.reply(msg, &bytes) {
             log::warn!("RPC reply on {:?} failed: {e}", msg.reply_to);
         }
     }

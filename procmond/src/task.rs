@@ -58,6 +58,7 @@ use daemoneye_contract::control::{
     TaskResponse, TaskResult, TaskStatus,
 };
 use daemoneye_contract::event::HashOutcome;
+use daemoneye_contract::{Version, codec};
 
 /// How long the service waits for the actor (which answers between
 /// cycles).
@@ -254,7 +255,8 @@ impl Service {
     /// answer that says so. Returns the status sent.
     fn send(&self, msg: &Message, response: TaskResponse) -> TaskStatus {
         let id = self.cfg.collector_id.as_str();
-        let bytes = control::encode(&response);
+        // Answered in the version the task came in.
+        let bytes = codec::encode_as(Version::of(&msg.payload), &response);
         let (status, bytes) = if bytes.is_empty() {
             log::warn!("task answer could not be encoded");
             let failed = TaskResponse::failed(id, "the result could not be encoded");

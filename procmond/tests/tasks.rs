@@ -120,7 +120,11 @@ impl Bus {
     fn start() -> Bus {
         let dir = tempfile::tempdir().unwrap();
         let broker = broker(dir.path());
-        let agent = Client::connect(ClientConfig::new(socket_path(dir.path()), "agent")).unwrap();
+        let agent = Client::connect(ClientConfig::new(
+            socket_path(dir.path()),
+            daemoneye_contract::ids::AGENT_CLIENT_ID,
+        ))
+        .unwrap();
         assert!(agent.wait_connected(T));
         Bus { dir, _broker: broker, agent }
     }

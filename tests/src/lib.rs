@@ -151,12 +151,19 @@ pub fn agent_yaml(data_dir: &Path, collectors: &[CollectorDef], extra: &str) -> 
 impl System {
     /// Writes agent.yaml (with `extra` YAML appended) and starts the agent.
     pub fn start(collectors: &[CollectorDef], extra: &str) -> System {
+        let mut s = System::create(collectors, extra);
+        s.start_agent();
+        s
+    }
+
+    /// Writes agent.yaml (with `extra` YAML appended) without starting the
+    /// agent, so a test can lay out its data dir first (an older release's
+    /// WAL or store); [`System::start_agent`] starts it.
+    pub fn create(collectors: &[CollectorDef], extra: &str) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let yaml = agent_yaml(&dir.path().join("data"), collectors, extra);
         std::fs::write(dir.path().join("agent.yaml"), yaml).expect("write agent.yaml");
-        let mut s = System { log: dir.path().join("agent.log"), dir, agent: None, asked: 0 };
-        s.start_agent();
-        s
+        System { log: dir.path().join("agent.log"), dir, agent: None, asked: 0 }
     }
 
     /// The data dir.

@@ -46,6 +46,9 @@
 //! version its events came in, and sends lifecycle commands, RPCs and
 //! tasks to a collector in the version that collector registered with.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -92,6 +95,30 @@ impl Version {
     /// The older of two versions: what both peers read.
     pub fn min(self, other: Version) -> Version {
         std::cmp::min(self, other)
+    }
+}
+
+/// The contract version a peer speaks, shared between the threads that
+/// talk to it (a collector's registration learns it, its connector and
+/// heartbeats write in it). Starts at [`Version::CURRENT`].
+#[derive(Debug, Clone)]
+pub struct PeerVersion(Arc<AtomicU16>);
+
+impl Default for PeerVersion {
+    fn default() -> Self {
+        PeerVersion(Arc::new(AtomicU16::new(CURRENT_VERSION)))
+    }
+}
+
+impl PeerVersion {
+    /// The version to write in.
+    pub fn get(&self) -> Version {
+        if self.0.load(Ordering::Acquire) == LEGACY_VERSION { Version::V1 } else { Version::V2 }
+    }
+
+    /// Records the version the peer was found to speak.
+    pub fn set(&self, version: Version) {
+        self.0.store(version.number(), Ordering::Release);
     }
 }
 

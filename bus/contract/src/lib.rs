@@ -29,5 +29,5 @@ pub mod render;
 pub mod testing;
 pub mod topic;
 
-pub use codec::{Error, Kind, Message, Version};
+pub use codec::{Error, Kind, Message, PeerVersion, Version};
 pub use topic::{Role, Rpc, Topic};
