@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use daemoneye_contract::api::{Balance, BalanceSpec, Severity};
+pub use daemoneye_store::rules::RuleSpec;
 
 /// A refused configuration: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,25 +64,6 @@ pub struct CollectorSpec {
     /// `--collector-id`; neither may appear in `args`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
-}
-
-/// A detection rule: an SQL query over the event tables (see `rules`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSpec {
-    /// Unique name (shown in alerts).
-    pub name: String,
-    /// How bad a match is.
-    pub severity: Severity,
-    /// What a match means, for the operator.
-    #[serde(default)]
-    pub description: String,
-    /// A read-only `SELECT` over `new_events` (this batch's rows) and the
-    /// other tables, returning the matching event's `id`.
-    pub sql: String,
-    /// Run at all.
-    #[serde(default = "yes")]
-    pub enabled: bool,
 }
 
 /// Event store settings.

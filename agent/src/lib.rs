@@ -12,7 +12,8 @@ pub mod cli_tasks;
 pub mod config;
 pub mod daemon;
 pub mod monitor;
-pub mod rules;
+/// Detection rules live with the event store.
+pub use daemoneye_store::rules;
 pub mod supervisor;
 pub mod tasks;
 pub mod writer;

@@ -6,6 +6,12 @@
 //! truncate its WAL), and the agent's detection rules run SQL over these
 //! tables through [`EventStore::connection`].
 //!
+//! This crate (`daemoneye-store`) holds the store, its retention
+//! ([`Retention`], [`EventStore::prune`]) and the detection rules
+//! ([`rules`]), so the agent, the CLI and procmond's standalone mode share
+//! them without the agent or the CLI linking any collector code. Records
+//! are the contract's (`daemoneye_contract::event`).
+//!
 //! # Guarantees
 //!
 //! - A batch is one transaction: after a crash it is wholly present or
@@ -158,6 +164,10 @@
 //! crashed before recording the acknowledgement), and is not stored twice.
 //! The consequence: a stream's sequence numbers are never reused, which the
 //! WAL guarantees.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod rules;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -48,8 +48,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::api::Alert;
-use crate::config::{RuleSpec, Severity};
+use daemoneye_contract::api::{Alert, Severity};
+use serde::Deserialize;
+
+/// A detection rule: an SQL query over the event tables (see `rules`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique name (shown in alerts).
+    pub name: String,
+    /// How bad a match is.
+    pub severity: Severity,
+    /// What a match means, for the operator.
+    #[serde(default)]
+    pub description: String,
+    /// A read-only `SELECT` over `new_events` (this batch's rows) and the
+    /// other tables, returning the matching event's `id`.
+    pub sql: String,
+    /// Run at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
 
 /// A rule shipped with the agent.
 #[derive(Debug, Clone, Copy)]
@@ -184,7 +207,7 @@ pub struct AlertQuery {
 
 /// Reads alerts, oldest first. A database without the alert tables (no
 /// agent has written to it yet) has no alerts.
-pub fn query_alerts(conn: &rusqlite::Connection, q: &AlertQuery) -> rusqlite::Result<Vec<crate::api::Alert>> {
+pub fn query_alerts(conn: &rusqlite::Connection, q: &AlertQuery) -> rusqlite::Result<Vec<Alert>> {
     let exists: bool = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alerts'",
         [],
@@ -214,7 +237,7 @@ pub fn query_alerts(conn: &rusqlite::Connection, q: &AlertQuery) -> rusqlite::Re
     let rows =
         stmt.query_map(rusqlite::params![since, q.rule, q.after_id.unwrap_or(0), sev_json, limit], |r| {
             let severity: String = r.get(2)?;
-            Ok(crate::api::Alert {
+            Ok(Alert {
                 id: r.get(0)?,
                 rule: r.get(1)?,
                 severity: match severity.as_str() {
@@ -413,7 +436,7 @@ pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
         Err(reason) => return refuse_all(reason),
     };
     // Declared after `dir`, so closed before the directory is removed.
-    let store = match daemoneye_store::EventStore::open(&dir.path.join("events.db")) {
+    let store = match crate::EventStore::open(&dir.path.join("events.db")) {
         Ok(store) => store,
         Err(e) => return refuse_all(format!("cannot create a scratch event store to check against: {e}")),
     };
@@ -634,9 +657,9 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::Arc;
 
+    use crate::EventStore;
     use daemoneye_contract::event::{Change, EventEnvelope, EventKind, ProcessEvent};
     use daemoneye_platform::{Argv, Credentials};
-    use daemoneye_store::EventStore;
 
     use super::*;
 
