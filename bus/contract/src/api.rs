@@ -20,14 +20,14 @@ pub use crate::ids::{AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 
 /// Request/reply: publish an empty payload with a `reply_to`; the answer
 /// is an [`AgentStatus`].
-pub const STATUS_TOPIC: &str = "agent.status";
+pub const STATUS_TOPIC: &str = crate::topic::STATUS.pattern();
 
 /// Alerts, one [`Alert`] per message.
-pub const ALERT_TOPIC: &str = "events.alert";
+pub const ALERT_TOPIC: &str = crate::topic::ALERTS.pattern();
 
 /// Request/reply: an [`AgentTaskRequest`]; the answer is an
 /// [`AgentTaskResponse`].
-pub const TASK_TOPIC: &str = "agent.task";
+pub const TASK_TOPIC: &str = crate::topic::AGENT_TASKS.pattern();
 
 /// The loading state machine (design.md §8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,19 +1,10 @@
 //! Control-plane messages between collectors and the agent: registration,
 //! heartbeats, RPC, lifecycle commands and store acknowledgements. procmond
 //! and the agent both use this module, so the two sides cannot drift. Every
-//! type here is a wire type (serde, postcard on the bus).
+//! type here is a wire type (serde; [`crate::codec`] on the bus).
 //!
-//! Topics (design.md §4):
-//!
-//! | topic | from | to |
-//! |---|---|---|
-//! | `control.collector.lifecycle` | agent ([`LifecycleCommand`], broadcast) | every collector |
-//! | `control.collector.registration` | collector ([`RegistrationMessage`], request/reply) | agent |
-//! | `control.collector.<id>` | agent ([`RpcRequest`], request/reply) | that collector |
-//! | `control.health.heartbeat.<id>` | that collector ([`Heartbeat`]) | agent |
-//! | `control.ack.<id>` | agent store ([`StoreAck`]) | that collector |
-//! | `control.collector.task.<type>` | agent ([`TaskRequest`], request/reply to queue group [`TASK_GROUP`]) | one collector of that type |
-//! | `control.collector.task.<type>.all` | agent ([`TaskRequest`], request/reply, broadcast) | every collector of that type |
+//! Topics (design.md §4): each with its payload type and publisher role
+//! in [`crate::topic`]; the helpers below name the concrete topics.
 //!
 //! Tasks: the agent publishes a [`TaskRequest`] as a request on
 //! [`task_topic`] of a collector type; every collector of that type is a
@@ -39,25 +30,25 @@ use crate::codec::{self, Kind, Message};
 use crate::event::HashOutcome;
 
 /// Lifecycle commands, broadcast by the agent.
-pub const LIFECYCLE_TOPIC: &str = "control.collector.lifecycle";
+pub const LIFECYCLE_TOPIC: &str = crate::topic::LIFECYCLE.pattern();
 /// Registration and deregistration requests.
-pub const REGISTRATION_TOPIC: &str = "control.collector.registration";
+pub const REGISTRATION_TOPIC: &str = crate::topic::REGISTRATION.pattern();
 /// Heartbeats of every collector (the agent's subscription).
-pub const HEARTBEAT_PATTERN: &str = "control.health.heartbeat.+";
+pub const HEARTBEAT_PATTERN: &str = crate::topic::HEARTBEATS.pattern();
 
 /// The RPC topic of one collector.
 pub fn rpc_topic(collector_id: &str) -> String {
-    format!("control.collector.{collector_id}")
+    crate::topic::COLLECTOR_RPC.at(collector_id)
 }
 
 /// The heartbeat topic of one collector.
 pub fn heartbeat_topic(collector_id: &str) -> String {
-    format!("control.health.heartbeat.{collector_id}")
+    crate::topic::HEARTBEATS.at(collector_id)
 }
 
 /// The topic on which the agent's store acknowledges one collector's events.
 pub fn ack_topic(collector_id: &str) -> String {
-    format!("control.ack.{collector_id}")
+    crate::topic::ACKS.at(collector_id)
 }
 
 /// The queue group every collector joins on its type's task topic.
@@ -65,13 +56,13 @@ pub const TASK_GROUP: &str = "collectors";
 
 /// The task topic of one collector type (`process-monitor` for procmond).
 pub fn task_topic(collector_type: &str) -> String {
-    format!("control.collector.task.{collector_type}")
+    crate::topic::TASKS.at(collector_type)
 }
 
 /// The topic on which every collector of a type gets a task (and each
 /// answers it).
 pub fn task_broadcast_topic(collector_type: &str) -> String {
-    format!("control.collector.task.{collector_type}.all")
+    crate::topic::TASKS_ALL.at(collector_type)
 }
 
 /// Encodes a control message in the current version ([`crate::codec`]).
@@ -709,6 +700,7 @@ pub struct ProcessDetail {
     pub observed_unix_ms: u64,
     /// The record as events carry it: command line sanitized; cwd,
     /// session, threads and CPU time only with enhanced metadata.
+    #[serde(with = "crate::record::process_record")]
     pub process: ProcessRecord,
     /// The executable's hash, or why there is none (`Deferred`: the
     /// task's time budget ran out, ask again to resume).

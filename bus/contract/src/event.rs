@@ -17,9 +17,9 @@ use crate::codec::{self, Kind, Message};
 /// Topic prefix of process events; the kind is the last segment.
 pub const EVENTS_TOPIC_PREFIX: &str = "events.process";
 /// The pattern that matches every process event (and gap markers).
-pub const EVENTS_PATTERN: &str = "events.process.+";
+pub const EVENTS_PATTERN: &str = crate::topic::EVENTS.pattern();
 /// The topic of [`StreamGap`] markers.
-pub const GAP_TOPIC: &str = "events.process.gap";
+pub const GAP_TOPIC: &str = crate::topic::GAPS.pattern();
 
 /// What happened to a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -116,7 +116,7 @@ pub enum HashOutcome {
     /// This cycle's hashing time budget ran out; a later cycle may hash it.
     Deferred,
     /// The file could not be read (or the process has no executable).
-    Unavailable(Unavailable),
+    Unavailable(#[serde(with = "crate::record::unavailable")] Unavailable),
 }
 
 /// Which path of the collector saw an event.
@@ -168,6 +168,7 @@ pub struct ProcessEvent {
     pub observed_unix_ms: u64,
     /// The process as last seen, with its command line sanitized. For
     /// `Stopped`, the last record seen before it exited.
+    #[serde(with = "crate::record::process_record")]
     pub process: ProcessRecord,
     /// SHA-256 of the executable; `None` when hashing is off (or, for
     /// `Stopped` and non-exec `Modified`, not recomputed).
@@ -179,6 +180,7 @@ pub struct ProcessEvent {
     pub late: Option<LateWindow>,
     /// How the process ended (`Stopped` from the kernel path only; the
     /// poll cannot know).
+    #[serde(with = "crate::record::exit_status")]
     pub exit: Option<ExitStatus>,
 }
 
@@ -190,6 +192,7 @@ struct ProcessEventV1 {
     snapshot: bool,
     changes: Vec<Change>,
     observed_unix_ms: u64,
+    #[serde(with = "crate::record::process_record")]
     process: ProcessRecord,
     sha256: Option<HashOutcome>,
 }

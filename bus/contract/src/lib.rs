@@ -11,6 +11,8 @@
 //!   process events, and stream gap markers.
 //! - [`control`]: registration, heartbeats, lifecycle, RPC, store
 //!   acknowledgements and tasks.
+//! - [`record`]: the persisted form of a process record (the contract's
+//!   own layout, converted from and to `platform::ProcessRecord`).
 //! - [`api`]: the agent's status, task and alert messages.
 //! - [`ids`]: client ids and the collector type.
 //! - [`render`]: how an event is printed, and [`render::printable`].
@@ -25,6 +27,7 @@ pub mod codec;
 pub mod control;
 pub mod event;
 pub mod ids;
+pub mod record;
 pub mod render;
 pub mod testing;
 pub mod topic;

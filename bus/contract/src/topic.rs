@@ -103,7 +103,7 @@ impl<T: Message> Topic<T> {
     }
 
     /// The pattern to subscribe to (the topic itself when it has no `+`).
-    pub fn pattern(&self) -> &'static str {
+    pub const fn pattern(&self) -> &'static str {
         self.pattern
     }
 
@@ -169,7 +169,7 @@ impl<Q: Message, A: Message> Rpc<Q, A> {
     }
 
     /// The pattern to subscribe to.
-    pub fn pattern(&self) -> &'static str {
+    pub const fn pattern(&self) -> &'static str {
         self.request.pattern
     }
 
