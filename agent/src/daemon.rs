@@ -27,7 +27,8 @@ use std::time::Duration;
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Permissions};
-use daemoneye_contract::control::{self, RpcRequest, RpcResponse, RpcStatus};
+use daemoneye_contract::control::{self, RpcRequest, RpcStatus};
+use daemoneye_contract::{PeerVersion, topic};
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use parking_lot::Mutex;
 
@@ -160,6 +161,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
     let supervisor = Arc::new(Supervisor::start(&cfg, sup_tx, pids)?);
     let (ended_tx, ended_rx) = bounded(1);
     let task_stats = Arc::new(TaskStats::default());
+    let collector_version = PeerVersion::default();
     let monitor = Monitor::start(
         MonitorParts {
             config: cfg.clone(),
@@ -169,12 +171,19 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
             supervisor: supervisor.clone(),
             supervisor_events: sup_rx,
             tasks: task_stats.clone(),
+            collector_version: collector_version.clone(),
         },
         ended_tx,
     )?;
     let members = cfg.collectors.iter().map(|c| (c.id.clone(), c.collector_type.clone())).collect();
-    let coordinator = TaskCoordinator::start(tasks_client.clone(), cfg.tasks.clone(), members, task_stats)
-        .context("cannot start the task coordinator")?;
+    let coordinator = TaskCoordinator::start(
+        tasks_client.clone(),
+        cfg.tasks.clone(),
+        members,
+        task_stats,
+        collector_version.clone(),
+    )
+    .context("cannot start the task coordinator")?;
     broker.open();
 
     let reason = select! {
@@ -200,14 +209,12 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
             .iter()
             .filter(|c| registered.contains(&c.id))
             .map(|c| {
-                let client = &client;
+                let (client, version) = (&client, collector_version.get());
                 s.spawn(move || {
-                    let reply = client.request(
-                        &control::rpc_topic(&c.id),
-                        &control::encode(&RpcRequest::GracefulShutdown),
-                        grace,
-                    );
-                    match reply.map(|m| control::decode::<RpcResponse>(&m.payload)) {
+                    let rpc = topic::COLLECTOR_RPC;
+                    let request = rpc.request.encode_as(version, &RpcRequest::GracefulShutdown);
+                    let reply = client.request(&rpc.at(&c.id), &request, grace);
+                    match reply.map(|m| rpc.decode_answer(&m).map(|(a, _)| a)) {
                         Ok(Ok(r)) if r.status == RpcStatus::Ok => {
                             log::info!("collector {}: shut down gracefully", c.id);
                             Some(c.id.clone())

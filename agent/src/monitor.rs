@@ -39,7 +39,7 @@ use daemoneye_contract::control::{
     CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse,
     RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
 };
-use daemoneye_contract::{Version, topic};
+use daemoneye_contract::{PeerVersion, Version, topic};
 
 use crate::api::{
     self, AgentState, AgentStatus, BrokerStatus, CollectorPhase, CollectorStatus, EscalationStep,
@@ -139,6 +139,10 @@ pub struct MonitorParts {
     pub supervisor_events: Receiver<SupervisorEvent>,
     /// The task coordinator's counters.
     pub tasks: Arc<TaskStats>,
+    /// The oldest contract version among the registered collectors, kept
+    /// by the monitor: the task coordinator and the shutdown RPCs write in
+    /// it, so a collector of the previous release reads them.
+    pub collector_version: PeerVersion,
 }
 
 /// Handle to the monitor thread.
@@ -321,6 +325,14 @@ impl State {
         self.state_since = api::now_unix_ms();
     }
 
+    /// The oldest version among the registered collectors (published to
+    /// the shared [`MonitorParts::collector_version`]).
+    fn collector_version(&self) -> Version {
+        let v = self.entries.iter().filter(|e| e.registered).fold(Version::CURRENT, |v, e| v.min(e.version));
+        self.parts.collector_version.set(v);
+        v
+    }
+
     fn entry(&mut self, id: &str) -> Option<&mut Entry> {
         self.entries.iter_mut().find(|e| e.spec.id == id)
     }
@@ -412,6 +424,7 @@ impl State {
             }
         };
         let _ = id;
+        self.collector_version();
         if let Err(e) = self.parts.client.reply(msg, &topic::REGISTRATION.encode_answer(version, &reply)) {
             log::warn!("cannot answer a registration: {e}");
         }
@@ -554,11 +567,7 @@ impl State {
                 }
                 // Every registered collector reads the oldest version
                 // among them.
-                let version = self
-                    .entries
-                    .iter()
-                    .filter(|e| e.registered)
-                    .fold(Version::CURRENT, |v, e| v.min(e.version));
+                let version = self.collector_version();
                 let cmd = topic::LIFECYCLE.encode_as(version, &LifecycleCommand::BeginMonitoring);
                 if let Err(e) = self.parts.client.publish_confirmed(topic::LIFECYCLE.pattern(), &cmd) {
                     // The collectors are registered, so the broker is up;

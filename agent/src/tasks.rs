@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message, Subscription};
 use daemoneye_contract::control::{self, SnapshotFilter, TaskRequest, TaskResponse, TaskResult, TaskStatus};
-use daemoneye_contract::{Version, topic};
+use daemoneye_contract::{PeerVersion, Version, topic};
 use daemoneye_platform::ProcessKey;
 use parking_lot::Mutex;
 
@@ -133,10 +133,11 @@ impl TaskCoordinator {
         cfg: TasksSpec,
         members: HashMap<String, String>,
         stats: Arc<TaskStats>,
+        collector_version: PeerVersion,
     ) -> anyhow::Result<TaskCoordinator> {
         let sub = client.subscribe(TASK_TOPIC)?;
         let (stop, stop_rx) = bounded::<()>(0);
-        let shared = Arc::new(Worker { client, cfg, members, stats, stop: stop_rx });
+        let shared = Arc::new(Worker { client, cfg, members, stats, stop: stop_rx, collector_version });
         let mut workers = Vec::new();
         for n in 0..shared.cfg.workers {
             let (w, requests) = (shared.clone(), sub.messages().clone());
@@ -195,6 +196,9 @@ struct Worker {
     stats: Arc<TaskStats>,
     /// Disconnected when the coordinator stops.
     stop: Receiver<()>,
+    /// Tasks are written in the oldest version among the registered
+    /// collectors (kept by the monitor).
+    collector_version: PeerVersion,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -279,7 +283,7 @@ impl Worker {
             TaskRequest::Hash { .. } => self.cfg.balance.hash,
         };
         let topic = control::task_topic(collector_type);
-        let payload = control::encode(task);
+        let payload = topic::TASKS.request.encode_as(self.collector_version.get(), task);
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.cfg.deadline_ms);
         let per_attempt = Duration::from_millis(self.cfg.attempt_timeout_ms);
@@ -423,7 +427,9 @@ impl Worker {
             }
         }
         let window = Duration::from_millis(self.cfg.gather_timeout_ms);
-        let payload = control::encode(&TaskRequest::Snapshot(filter.clone()));
+        let payload = topic::TASKS_ALL
+            .request
+            .encode_as(self.collector_version.get(), &TaskRequest::Snapshot(filter.clone()));
         let mut gather = Gather::default();
         let mut unsent = None;
         match self.client.request_all(&control::task_broadcast_topic(collector_type), &payload, window) {

@@ -88,8 +88,14 @@ fn fake_monitor(path: &std::path::Path, ids: &[&str]) {
 /// The task coordinator on its own client, its subscription in place.
 fn coordinator(path: &std::path::Path, cfg: TasksSpec, members: HashMap<String, String>) -> TaskCoordinator {
     let tasks = Arc::new(client(path, TASKS_CLIENT_ID));
-    let coord =
-        TaskCoordinator::start(tasks.clone(), cfg, members, Arc::new(TaskStats::default())).expect("start");
+    let coord = TaskCoordinator::start(
+        tasks.clone(),
+        cfg,
+        members,
+        Arc::new(TaskStats::default()),
+        Default::default(),
+    )
+    .expect("start");
     tasks.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
     coord
 }

@@ -43,8 +43,22 @@
 //! old store. Writers answer in the version they were spoken to
 //! ([`Version::of`] a request, then [`encode_as`]): the agent replies to
 //! a version 1 registration in version 1, acknowledges a stream in the
-//! version its events came in, and sends lifecycle commands, RPCs and
-//! tasks to a collector in the version that collector registered with.
+//! version its events came in, and sends lifecycle commands and RPCs to a
+//! collector in the version that collector registered with (broadcasts
+//! and tasks, which reach several collectors, in the oldest version among
+//! the registered ones).
+//!
+//! The other way round, a current collector and an agent of the previous
+//! release: the collector registers in the current version; the old agent
+//! cannot read it and rejects it with a headerless (version 1) answer, so
+//! the collector registers again at once in version 1 and from then on
+//! writes version 1 to that agent: heartbeats, answers, and its events,
+//! whose WAL records (always the current version) are re-encoded as they
+//! are published. Each registration (after a reconnection, say) tries the
+//! current version first, so an upgraded agent is spoken to in it. What
+//! the old agent sends (acknowledgements, commands) is version 1, which
+//! the collector reads. The cost is one refused registration per
+//! registration, logged by the old agent.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
