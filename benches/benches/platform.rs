@@ -45,15 +45,17 @@ fn bench_n(n: usize) {
     row("stat-only /proc walk (the limit)", limit, limit_min, seen);
 
     let rss0 = rss_kib();
+    // The OS's own backend (`/proc` on Linux) first, then sysinfo.
     let (cold, cold_min, seen) = measure(runs.min(5), || {
-        let mut s = daemoneye_platform::ProcFs::new().expect("procfs");
+        let mut s = daemoneye_platform::default_source().expect("default backend");
         s.refresh().expect("refresh").len()
     });
-    row("procfs backend, cold (first snapshot)", cold, cold_min, seen);
-    let mut procfs = daemoneye_platform::ProcFs::new().expect("procfs");
+    let mut procfs = daemoneye_platform::default_source().expect("default backend");
+    let name = procfs.backend();
+    row(&format!("{name} backend, cold (first snapshot)"), cold, cold_min, seen);
     procfs.refresh().expect("first");
     let (warm, warm_min, seen) = measure(runs, || procfs.refresh().expect("refresh").len());
-    row("procfs backend, warm (steady cycle)", warm, warm_min, seen);
+    row(&format!("{name} backend, warm (steady cycle)"), warm, warm_min, seen);
     let rss_procfs = rss_kib().saturating_sub(rss0);
     let reads = procfs.last_cycle().detail_reads;
 

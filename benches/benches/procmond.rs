@@ -43,7 +43,6 @@ use daemoneye_contract::control::{
     RpcStatus, StoreAck,
 };
 use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope};
-use daemoneye_platform::ProcessSource;
 
 /// procmond's collection interval in this benchmark, in seconds (the
 /// daemon's floor).
@@ -424,7 +423,7 @@ fn bench_n(bin: &Path, n: usize, steady: usize) -> Result<(), String> {
     } else {
         measure(runs, || stat_only_walk(&mut buf))
     };
-    let mut procfs = daemoneye_platform::ProcFs::new().map_err(|e| e.to_string())?;
+    let mut procfs = daemoneye_platform::default_source().map_err(|e| e.to_string())?;
     procfs.refresh().map_err(|e| e.to_string())?;
     let (warm, warm_min, _) = if steady > 0 {
         next_cycle(&agent, &h)?;

@@ -283,14 +283,7 @@ pub fn cpu_of(pid: u32) -> Cpu {
             Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0);
-    let ns = i32::try_from(pid)
-        .ok()
-        .and_then(|p| nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(p)).ok())
-        .and_then(|c| nix::time::clock_gettime(c).ok())
-        .and_then(|t| {
-            Some(u64::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(t.tv_nsec()).ok()?)
-        });
-    Cpu { ticks, ns }
+    Cpu { ticks, ns: daemoneye_platform::clock::process_cpu_ns(pid) }
 }
 
 /// Busy clock ticks of every CPU of the host (`/proc/stat`: user, nice,

@@ -38,6 +38,22 @@ pub fn boottime_ns() -> Option<u64> {
     }
 }
 
+/// The CPU time process `pid` has used so far, in nanoseconds, from its
+/// CPU clock (`clock_getcpuclockid`: Linux and FreeBSD; `None` elsewhere,
+/// or when the process is gone or not ours to read).
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+        read_ns(nix::time::clock_getcpuclockid(pid).ok()?)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
 /// How far `CLOCK_BOOTTIME` runs ahead of `CLOCK_MONOTONIC`: the time the
 /// machine spent suspended (0 where there is no boot clock).
 pub fn boottime_minus_monotonic_ns() -> u64 {

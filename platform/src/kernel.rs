@@ -23,7 +23,9 @@
 //!   credential events: those stay with the poll.
 //! - Elsewhere: [`KernelEventsAvailability::NotThisOs`].
 
-use std::time::{Duration, Instant};
+#[cfg(target_os = "linux")]
+use std::time::Duration;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 

@@ -25,6 +25,8 @@ mod cnproc;
 pub mod kernel;
 #[cfg(unix)]
 pub mod paths;
+// Unix sockets and user ids: the bus's side of the platform.
+#[cfg(unix)]
 mod peer;
 mod portable;
 pub mod privilege;
@@ -40,6 +42,7 @@ pub use crate::kernel::{
     KernelEvent, KernelEventKind, KernelEventSource, KernelEventsAvailability, KernelSourceConfig,
     KernelWaker, ReadOutcome, Wakeup, kernel_events_availability, raise_thread_priority,
 };
+#[cfg(unix)]
 #[cfg(unix)]
 pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};
 pub use crate::portable::SysinfoSource;
@@ -207,7 +210,7 @@ pub fn boot_id() -> Option<String> {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        Some(format!("boot-{}", sysinfo::System::boot_time()))
+        sysinfo::System::boot_time().ok().map(|t| format!("boot-{t}"))
     }
 }
 

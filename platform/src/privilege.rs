@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 
 /// Bit of `CAP_DAC_READ_SEARCH` in a Linux capability set.
+#[cfg(target_os = "linux")]
 const CAP_DAC_READ_SEARCH: u32 = 2;
 /// Bit of `CAP_SYS_PTRACE` in a Linux capability set.
+#[cfg(target_os = "linux")]
 const CAP_SYS_PTRACE: u32 = 19;
 
 /// The privileges that decide which fields of other users' processes can

@@ -1,15 +1,16 @@
 //! Process enumeration against real processes this test spawns (and kills
 //! by their own pid), and against a fake procfs tree for the cases a live
 //! system cannot stage on demand (pid reuse, a process vanishing between
-//! listing and reading).
+//! listing and reading). Unix only: it spawns `sleep` and checks uids.
+#![cfg(unix)]
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemoneye_platform::{ProcessKey, ProcessRecord, ProcessSource, SysinfoSource, Unavailable};
+use daemoneye_platform::{ProcessKey, ProcessRecord, ProcessSource, SysinfoSource};
 
 /// Kills and reaps the child on drop, by its own pid.
 struct Guard(Child);
@@ -57,8 +58,11 @@ fn wait_for(
 
 fn sources() -> Vec<Box<dyn ProcessSource>> {
     let mut v: Vec<Box<dyn ProcessSource>> = vec![Box::new(SysinfoSource::new().expect("sysinfo"))];
-    #[cfg(target_os = "linux")]
-    v.push(Box::new(daemoneye_platform::ProcFs::new().expect("procfs")));
+    // The OS's own backend too, where it is not sysinfo (`/proc` on Linux).
+    let native = daemoneye_platform::default_source().expect("default backend");
+    if native.backend() != v[0].backend() {
+        v.push(native);
+    }
     v
 }
 
@@ -306,7 +310,8 @@ mod fake_procfs {
     //! A fake `/proc` tree: the only way to stage pid reuse and a process
     //! that vanishes between listing and reading, deterministically.
     use super::*;
-    use daemoneye_platform::ProcFs;
+    use daemoneye_platform::{ProcFs, Unavailable};
+    use std::path::Path;
 
     fn stat_line(pid: u32, comm: &str, start: u64) -> String {
         format!("{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0 5 5 0 0 20 0 1 0 {start} 1000 10 0 0\n")
