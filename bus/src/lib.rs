@@ -59,10 +59,13 @@ pub mod topic;
 
 #[cfg(unix)]
 pub use crate::broker::{
-    Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Permissions, QueueDepth, STATS_TOPIC,
+    Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Identities, Permissions, QueueDepth,
+    STATS_TOPIC, Vouchers,
 };
 #[cfg(unix)]
-pub use crate::client::{Client, ClientConfig, ClientError, ConnectionState, Message, Subscription};
+pub use crate::client::{
+    BROKER_UID_ENV, Client, ClientConfig, ClientError, ConnectionState, Message, Subscription,
+};
 
 pub use crate::frame::{
     DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION,
