@@ -30,7 +30,7 @@ pub const AGENT_CLIENT_ID: &str = "daemoneye-agent";
 /// fails (the broker holds the collectors back through it), and must not
 /// take the agent's control traffic (heartbeats, registrations, RPC
 /// replies, status) down with it.
-pub const STORE_CLIENT_ID: &str = "daemoneye-agent-store";
+pub const STORE_CLIENT_ID: &str = procmond::control::STORE_CLIENT_ID;
 
 /// Request/reply: an [`AgentTaskRequest`]; the answer is an
 /// [`AgentTaskResponse`].

@@ -70,7 +70,7 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     pub fn start(socket: &Path, db: &Path) -> FakeAgent {
-        let client = Arc::new(Client::connect(ClientConfig::new(socket, "agent")).unwrap());
+        let client = Arc::new(Client::connect(ClientConfig::new(socket, control::STORE_CLIENT_ID)).unwrap());
         assert!(client.wait_connected(Duration::from_secs(10)), "fake agent connects");
         let store = Arc::new(Mutex::new(EventStore::open(db).unwrap()));
         let seen = Arc::new(Mutex::new(Seen::default()));
