@@ -60,6 +60,9 @@ fn collectors_cli_and_agent_get_exactly_their_rights() {
     assert!(forbidden(pm_a.publish_confirmed(&control::ack_topic("pm-a"), bytes)));
     assert!(forbidden(pm_a.publish_confirmed(&control::rpc_topic("pm-b"), bytes)));
     assert!(forbidden(pm_a.publish_confirmed("events.alert", bytes)));
+    // Nor the broker's counters (bus.stats obeys the permissions).
+    assert!(matches!(pm_a.broker_stats(Duration::from_secs(5)), Err(ClientError::Refused { .. })));
+    assert!(cli.broker_stats(Duration::from_secs(5)).is_ok());
     // It reads what is addressed to it, not another collector's acks: the
     // store publishes on pm-b's topic first, then on pm-a's, so once pm-a
     // has its own, the other would have arrived before it.

@@ -1615,11 +1615,32 @@ impl Reactor {
         }
     }
 
-    /// Recomputes the bytes held in buffers; below the limit, reads the
-    /// connections that waited for memory.
+    /// Recomputes the bytes held in buffers. Over the limit, the
+    /// connection that is not proven and holds the most is closed (a
+    /// subscriber that does not read, a half-sent frame), until the rest
+    /// fits: otherwise one hog would keep every other client that is not
+    /// proven from being read. Below the limit, reads the connections that
+    /// waited for memory.
     fn check_memory(&mut self) {
         let Some(limit) = self.cfg.memory_limit_bytes else { return };
         self.mem_used = self.conns.iter().map(|(_, c)| c.rlen + c.pending_bytes()).sum();
+        while self.mem_used >= limit {
+            let hog = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.proven)
+                .map(|(i, c)| (c.rlen + c.pending_bytes(), i))
+                .max()
+                .filter(|(held, _)| *held > 0);
+            let Some((held, idx)) = hog else { break };
+            log::warn!(
+                "bus: {} bytes buffered, over the limit of {limit}: closing connection {idx}, which held {held}",
+                self.mem_used
+            );
+            self.counters.slow_disconnects += 1;
+            self.close(idx);
+            self.mem_used = self.mem_used.saturating_sub(held);
+        }
         if self.mem_used < limit && !self.starved.is_empty() {
             for idx in std::mem::take(&mut self.starved) {
                 if let Some(c) = self.conns.get_mut(idx) {
@@ -1862,5 +1883,36 @@ fn kind(f: &Frame<'_>) -> &'static str {
         Frame::Request { .. } => "Request",
         Frame::NoReply { .. } => "NoReply",
         Frame::WelcomeAs { .. } => "WelcomeAs",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_voucher_names_one_process_not_its_pid() {
+        let v = Vouchers::default();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn");
+        let pid = child.id();
+        v.vouch("col", pid);
+        assert!(v.proves("col", pid));
+        assert!(v.vouched_pid(pid));
+        assert!(!v.proves("col", std::process::id()), "another process");
+        assert!(!v.proves("other", pid), "another id");
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        // Gone: whatever reuses the pid later has another start time (or
+        // none can be read now).
+        assert!(!v.proves("col", pid));
+        // A stale start time never matches a live process.
+        v.table.lock().insert("me".into(), Vouch { pid: std::process::id(), start_time: Some(u64::MAX) });
+        assert!(!v.proves("me", std::process::id()));
+        // Revoking takes only the vouched pid's entry.
+        v.vouch("me", std::process::id());
+        v.revoke("me", pid);
+        assert!(v.proves("me", std::process::id()));
+        v.revoke("me", std::process::id());
+        assert!(!v.proves("me", std::process::id()));
     }
 }

@@ -575,3 +575,44 @@ fn the_client_speaks_only_to_a_socket_served_by_an_expected_uid() {
     let fine = Client::connect(ClientConfig::new(&path, "fine")).expect("client");
     assert!(fine.wait_connected(WAIT), "the default expects this uid (or root)");
 }
+
+#[test]
+fn over_the_memory_limit_the_biggest_unproven_holder_is_cut_and_the_others_go_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = OtherProcess::start();
+    let (b, path) = broker(tmp.path(), |c| {
+        c.identities = Some(identities(host.pid()));
+        c.memory_limit_bytes = Some(2 << 20);
+        c.queue_limit_bytes = 64 << 20;
+    });
+    // A subscriber that never reads, its queue allowed to grow (by its
+    // own limit) far beyond the broker's memory limit.
+    let (mut hog, _) = Raw::welcomed(&path, "hog");
+    hog.send(&Frame::Subscribe {
+        sid: 1,
+        pattern: "flood",
+        mode: Mode::Broadcast,
+        overflow: Overflow::DropOldest,
+    });
+    hog.sync(1);
+    let (mut publisher, _) = Raw::welcomed(&path, "publisher");
+    let payload = vec![3u8; 64 * 1024];
+    let mut w = publisher.s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        for _ in 0..128 {
+            encode(
+                &Frame::Publish { topic: "flood", payload: &payload, reply_to: None, ack_id: None },
+                &mut bytes,
+                1 << 24,
+            )
+            .expect("encode");
+        }
+        encode(&Frame::Ping(77), &mut bytes, 1 << 24).expect("encode");
+        w.write_all(&bytes).expect("write");
+    });
+    assert!(hog.closed_within(Duration::from_secs(10)), "the hog is cut");
+    assert_eq!(publisher.recv(Duration::from_secs(10)), Some(Got::Pong(77)), "the publisher goes on");
+    writer.join().expect("writer");
+    assert!(b.stats().slow_disconnects >= 1, "{:?}", b.stats());
+}
