@@ -493,6 +493,13 @@ impl Drop for Broker {
     }
 }
 
+/// The level of the `n`th refusal of a kind: a warning for the 1st, 2nd,
+/// 4th, 8th…, debug for the others, so a hostile flood cannot flood the
+/// log (the counters keep the total).
+fn throttled(n: u64) -> log::Level {
+    if n.is_power_of_two() { log::Level::Warn } else { log::Level::Debug }
+}
+
 /// Best effort: tells a refused peer why, then drops the stream.
 fn refuse(stream: &mut UnixStream, code: ErrorCode, message: &str) {
     let mut buf = Vec::new();
@@ -780,9 +787,14 @@ impl Reactor {
                         pid.is_some_and(|p| p == ids.host_pid || self.vouchers.vouched_pid(p))
                     });
                     if !proven && let Some(why) = self.over_cap(uid, pid) {
-                        log::warn!("bus: refused a connection from uid {uid} pid {pid:?}: {why}");
                         self.counters.refused += 1;
                         self.counters.over_cap += 1;
+                        // A flood of these must not flood the log.
+                        log::log!(
+                            throttled(self.counters.over_cap),
+                            "bus: refused a connection from uid {uid} pid {pid:?}: {why} ({} so far)",
+                            self.counters.over_cap
+                        );
                         // Limit: a client retries (a collector started a
                         // moment before its vouching, a CLI after a burst).
                         refuse(&mut stream, ErrorCode::Limit, &why);
@@ -1102,8 +1114,10 @@ impl Reactor {
                     Err(why) => {
                         self.counters.refused += 1;
                         self.counters.unproven += 1;
-                        log::warn!(
-                            "bus: refused client id {client_id} from pid {pid_now:?} (uid {uid}): {why}"
+                        log::log!(
+                            throttled(self.counters.unproven),
+                            "bus: refused client id {client_id} from pid {pid_now:?} (uid {uid}): {why} ({} so far)",
+                            self.counters.unproven
                         );
                         return self.fatal(idx, ErrorCode::Unproven, &why);
                     }
@@ -1510,7 +1524,7 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(to) else { return false };
         let f = Frame::Deliver { sid, topic: topic_name, payload, reply_to: r.reply_to, from: r.sender };
         if c.queue_frame(&f, max) {
-            self.mem_used += c.frame_ends.back().map_or(0, |_| payload.len());
+            self.mem_used += payload.len();
             if r.follow
                 && let Some(inbox) = r.reply_to
                 && c.awaiting.len() < MAX_AWAITING
