@@ -1630,8 +1630,8 @@ impl Reactor {
     }
 
     /// Recomputes the bytes held in buffers. Over the limit, the
-    /// connection that is not proven and holds the most is closed (a
-    /// subscriber that does not read, a half-sent frame), until the rest
+    /// connection that is not proven and has the most queued is closed (a
+    /// subscriber that does not read; else the biggest half-read frame), until the rest
     /// fits: otherwise one hog would keep every other client that is not
     /// proven from being read. Below the limit, reads the connections that
     /// waited for memory.
@@ -1639,14 +1639,19 @@ impl Reactor {
         let Some(limit) = self.cfg.memory_limit_bytes else { return };
         self.mem_used = self.conns.iter().map(|(_, c)| c.rlen + c.pending_bytes()).sum();
         while self.mem_used >= limit {
+            // A write queue grows with a client that does not read; a read
+            // buffer is bounded by a frame and drained by handling it. So
+            // the biggest queue goes first, the biggest read buffer only
+            // when no queue is left.
             let hog = self
                 .conns
                 .iter()
                 .filter(|(_, c)| !c.proven)
-                .map(|(i, c)| (c.rlen + c.pending_bytes(), i))
+                .map(|(i, c)| ((c.pending_bytes(), c.rlen), i))
                 .max()
-                .filter(|(held, _)| *held > 0);
-            let Some((held, idx)) = hog else { break };
+                .filter(|((queued, read), _)| queued + read > 0);
+            let Some(((queued, read), idx)) = hog else { break };
+            let held = queued + read;
             log::warn!(
                 "bus: {} bytes buffered, over the limit of {limit}: closing connection {idx}, which held {held}",
                 self.mem_used
