@@ -363,7 +363,13 @@ fn forged_acks_gaps_and_replies_onto_control_topics_change_nothing() {
 
 #[test]
 fn a_non_reading_block_subscriber_holds_no_collector_back() {
-    let sys = steady(&[CollectorDef::procmond("pm-a"), CollectorDef::procmond("pm-b")], "");
+    // A small queue limit, so the stalled subscribers' queues fill with
+    // what the collectors send (a Block honoured for them would then hold
+    // the collectors' connections, heartbeats included).
+    let sys = steady(
+        &[CollectorDef::procmond("pm-a"), CollectorDef::procmond("pm-b")],
+        "bus: {queue_limit_mib: 1}\n",
+    );
     let socket = sys.socket();
     assert_exactly_once(&sys, &["pm-a", "pm-b"]);
     let before = store_summary(&sys.database());
@@ -389,6 +395,9 @@ fn a_non_reading_block_subscriber_holds_no_collector_back() {
     // Heartbeats kept coming: nobody missed three, nobody was escalated or
     // restarted.
     let status = cli_status(&sys).expect("status");
+    // Their queues did fill: what they could not take was dropped, not
+    // held against the publishers.
+    assert!(status.broker.dropped > 0, "{:?}", status.broker);
     for c in &status.collectors {
         assert!(c.registered && c.restarts == 0 && c.escalation.is_empty(), "{status:#?}\n{}", sys.tail());
         assert_eq!(c.phase, CollectorPhase::Running, "{status:#?}");
