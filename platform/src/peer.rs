@@ -83,11 +83,18 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {
-        let mut sys = sysinfo::System::new();
-        let p = sysinfo::Pid::from_u32(pid);
-        sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[p]), false);
-        sys.process(p).map(|p| p.start_time())
+        start_time_sysinfo(pid)
     }
+}
+
+/// The start time sysinfo reports (seconds since the epoch): the portable
+/// path, compiled on Linux for its test.
+#[cfg(any(test, not(any(target_os = "linux", target_os = "android"))))]
+fn start_time_sysinfo(pid: u32) -> Option<u64> {
+    let mut sys = sysinfo::System::new().ok()?;
+    let p = sysinfo::Pid::from_u32(pid);
+    sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[p]), false);
+    sys.process(p).map(sysinfo::Process::start_time)
 }
 
 /// The effective user id of this process.
@@ -120,5 +127,7 @@ mod tests {
         child.kill().expect("kill");
         child.wait().expect("wait");
         assert_eq!(process_start_time(u32::MAX), None);
+        assert!(start_time_sysinfo(std::process::id()).is_some_and(|t| t > 0));
+        assert_eq!(start_time_sysinfo(u32::MAX), None);
     }
 }
