@@ -24,7 +24,9 @@
 //! closed when idle, and are not read while the broker's memory is over
 //! its limit. Without `identities` (a broker with no host that can vouch,
 //! as in the bus's own tests) ids are first come, first served and these
-//! caps are off unless set: the behaviour of protocol 4.
+//! caps are off unless set: the behaviour of protocol 4. On an OS whose
+//! peer credentials carry no pid (FreeBSD with nix 0.31), nothing can be
+//! proven: `start` turns identities off and logs an error.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -370,7 +372,16 @@ pub struct Broker {
 impl Broker {
     /// Binds the socket and starts the reactor thread. A stale socket file
     /// left by a dead broker is replaced; a live broker is never displaced.
-    pub fn start(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+    pub fn start(mut cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        if cfg.identities.is_some() && !daemoneye_platform::PEER_PID_AVAILABLE {
+            // Nothing could be proven: every reserved id would be refused,
+            // the host's own included. Said loudly, not silently.
+            log::error!(
+                "bus: this OS does not report a peer's pid, so client ids cannot be proven: identities are \
+                 off (ids are first come, first served)"
+            );
+            cfg.identities = None;
+        }
         for p in cfg.permissions.iter().map(|c| &c.permissions).chain(cfg.default_permissions.as_ref()) {
             p.check().map_err(BrokerError::Config)?;
         }

@@ -66,6 +66,11 @@ pub fn peer_credentials<F: std::os::fd::AsFd>(_socket: &F) -> std::io::Result<Pe
     ))
 }
 
+/// Whether [`peer_credentials`] reports the peer's pid on this OS (Linux,
+/// Android, macOS, iOS): without it no connection can be tied to a process.
+pub const PEER_PID_AVAILABLE: bool =
+    cfg!(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios"));
+
 /// When the process `pid` started, in an OS-specific unit that only has to
 /// be comparable with itself (Linux: clock ticks since boot, field 22 of
 /// `/proc/<pid>/stat`). With the pid it names one process: a pid reused
