@@ -199,6 +199,84 @@ fn default_task_workers() -> usize {
     4
 }
 
+/// The broker's limits (`bus:` in agent.yaml): connections and memory.
+/// The agent's own clients and the collectors it started are outside the
+/// connection caps (their processes are proven); every other client (the
+/// CLI, anything else of an allowed uid) is inside them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusSpec {
+    /// Connections of other clients at once (room is kept beyond it for
+    /// the agent's clients and the collectors, and within it for a few
+    /// processes that hold no connection yet: a CLI).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections of other clients one uid may hold.
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Connections of other clients one process may hold.
+    #[serde(default = "default_max_connections_per_pid")]
+    pub max_connections_per_pid: usize,
+    /// A connection of another client that neither subscribes nor
+    /// publishes for this long is closed, seconds.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// A frame begun and not finished for this long closes its
+    /// connection, seconds.
+    #[serde(default = "default_frame_timeout")]
+    pub frame_timeout_secs: u64,
+    /// The largest message another client may send, KiB (the agent's own
+    /// clients and the collectors: 16 MiB, for task answers).
+    #[serde(default = "default_client_max_frame")]
+    pub client_max_frame_kib: u32,
+    /// Bytes the broker buffers for all connections together, MiB.
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit_mib: usize,
+    /// Bytes queued for one connection, MiB.
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit_mib: usize,
+}
+
+impl Default for BusSpec {
+    fn default() -> Self {
+        BusSpec {
+            max_connections: default_max_connections(),
+            max_connections_per_uid: default_max_connections_per_uid(),
+            max_connections_per_pid: default_max_connections_per_pid(),
+            idle_timeout_secs: default_idle_timeout(),
+            frame_timeout_secs: default_frame_timeout(),
+            client_max_frame_kib: default_client_max_frame(),
+            memory_limit_mib: default_memory_limit(),
+            queue_limit_mib: default_queue_limit(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    128
+}
+fn default_max_connections_per_uid() -> usize {
+    64
+}
+fn default_max_connections_per_pid() -> usize {
+    16
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_frame_timeout() -> u64 {
+    10
+}
+fn default_client_max_frame() -> u32 {
+    1024
+}
+fn default_memory_limit() -> usize {
+    64
+}
+fn default_queue_limit() -> usize {
+    8
+}
+
 fn default_type() -> String {
     "process-monitor".to_owned()
 }
@@ -259,6 +337,9 @@ pub struct AgentConfig {
     /// Tasks handed to collectors.
     #[serde(default)]
     pub tasks: TasksSpec,
+    /// The broker's connection and memory limits.
+    #[serde(default)]
+    pub bus: BusSpec,
 }
 
 fn default_log_level() -> String {
@@ -385,6 +466,38 @@ impl AgentConfig {
                 ),
             ));
         }
+        let bus = &self.bus;
+        for (field, v, max) in [
+            ("bus.max_connections", bus.max_connections as u64, 4096),
+            ("bus.max_connections_per_uid", bus.max_connections_per_uid as u64, 4096),
+            ("bus.max_connections_per_pid", bus.max_connections_per_pid as u64, 4096),
+            ("bus.idle_timeout_secs", bus.idle_timeout_secs, DAY_SECS),
+            ("bus.frame_timeout_secs", bus.frame_timeout_secs, 3600),
+            ("bus.client_max_frame_kib", u64::from(bus.client_max_frame_kib), 16 * 1024),
+            ("bus.memory_limit_mib", bus.memory_limit_mib as u64, 64 * 1024),
+            ("bus.queue_limit_mib", bus.queue_limit_mib as u64, 4096),
+        ] {
+            check_range(v, max).map_err(|reason| err(field.into(), reason))?;
+        }
+        if bus.queue_limit_mib > bus.memory_limit_mib {
+            return Err(err(
+                "bus.queue_limit_mib".into(),
+                format!(
+                    "{} MiB for one connection is more than the broker's whole memory limit \
+                     (bus.memory_limit_mib: {})",
+                    bus.queue_limit_mib, bus.memory_limit_mib
+                ),
+            ));
+        }
+        if bus.max_connections_per_uid > bus.max_connections {
+            return Err(err(
+                "bus.max_connections_per_uid".into(),
+                format!(
+                    "{} is more than bus.max_connections ({})",
+                    bus.max_connections_per_uid, bus.max_connections
+                ),
+            ));
+        }
         if store.retention_days > 100 * 365 {
             return Err(err("store.retention_days".into(), "must be at most 36500 (0 keeps events)".into()));
         }
@@ -451,8 +564,9 @@ const DAY_SECS: u64 = 86_400;
 /// Collector ids that would collide with the agent's own bus clients or
 /// with control topics (`control.collector.<id>` is a collector's RPC
 /// topic); `*` ends a prefix.
-const RESERVED_IDS: [&str; 7] =
-    ["daemoneye-agent*", "bus", "cli-*", "registration", "lifecycle", "config", "task"];
+/// `bus-*` is the broker's for the ids it assigns.
+const RESERVED_IDS: [&str; 8] =
+    ["daemoneye-agent*", "bus", "bus-*", "cli-*", "registration", "lifecycle", "config", "task"];
 
 /// A duration setting: at least 1, at most `max`.
 fn check_range(v: u64, max: u64) -> Result<(), String> {
@@ -512,7 +626,7 @@ mod tests {
         let (dir, _) = setup();
         let noexec = dir.path().join("plain");
         std::fs::write(&noexec, "x").unwrap();
-        let cases: [(&str, &str, &str); 16] = [
+        let cases: [(&str, &str, &str); 21] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -553,6 +667,11 @@ mod tests {
                 "shorter than one attempt",
             ),
             ("tasks: {balance: {inspect: fastest}}\n", "line", "unknown variant `fastest`"),
+            ("collectors:\n  - {id: bus-1-x, binary: procmond}\n", "collectors[0].id", "reserved"),
+            ("bus: {max_connections: 0}\n", "bus.max_connections", "at least 1"),
+            ("bus: {memory_limit_mib: 4, queue_limit_mib: 8}\n", "bus.queue_limit_mib", "memory limit"),
+            ("bus: {max_connections: 10}\n", "bus.max_connections_per_uid", "more than bus.max_connections"),
+            ("bus: {idle_secs: 3}\n", "line", "idle_secs"),
         ];
         for (text, field, reason) in cases {
             let e = AgentConfig::parse(text, "agent.yaml", dir.path()).unwrap_err();

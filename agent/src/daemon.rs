@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
-use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Permissions};
+use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Identities, Permissions};
 use daemoneye_contract::control::{self, RpcRequest, RpcStatus};
 use daemoneye_contract::{PeerVersion, topic};
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
@@ -42,13 +42,17 @@ use crate::writer::{StoreWriter, WriterConfig};
 /// The broker's permissions: each configured collector may publish only
 /// process events, its own heartbeat and registration requests, and
 /// subscribe only to what is addressed to it (the tasks of its type
-/// included); the agent
-/// and its store writer may do anything; the task coordinator may take
-/// task requests, ask for status and send tasks to collectors; every other
-/// local client (`daemoneye-cli`) may ask for the agent's status, tasks and
-/// the broker's counters and follow events and alerts. Replies to a
+/// included); the agent's clients get only the topics they use: the
+/// monitor's client takes registrations, heartbeats and status requests
+/// and publishes the lifecycle broadcast and the collectors' RPCs, the
+/// store writer takes events and publishes the collectors' acks and
+/// alerts; the task coordinator may take task requests, ask for status
+/// and send tasks to collectors; every other local client
+/// (`daemoneye-cli`) may ask for the agent's status, tasks and the
+/// broker's counters and follow events and alerts. Replies to a
 /// requester's inbox are always allowed (bus rule). Who may connect at all
-/// is decided by peer uid: the agent's own and root.
+/// is decided by peer uid: the agent's own and root; who may hold an id,
+/// by [`identities`].
 pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
     let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     // A collector takes the tasks of its own type only.
@@ -70,11 +74,31 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
         .map(|s| (*s).to_owned())
         .collect(),
     };
-    let everything = Permissions { publish: strings(&["#"]), subscribe: strings(&["#"]) };
-    let mut rules: Vec<ClientPermissions> = [AGENT_CLIENT_ID, STORE_CLIENT_ID]
-        .iter()
-        .map(|id| ClientPermissions { client: (*id).to_owned(), permissions: everything.clone() })
-        .collect();
+    let each = |topic: fn(&str) -> String| cfg.collectors.iter().map(|c| topic(&c.id)).collect::<Vec<_>>();
+    let mut monitor_publish = each(control::rpc_topic);
+    monitor_publish.push(control::LIFECYCLE_TOPIC.to_owned());
+    let mut store_publish = each(control::ack_topic);
+    store_publish.push(api::ALERT_TOPIC.to_owned());
+    let mut rules = vec![
+        ClientPermissions {
+            client: AGENT_CLIENT_ID.to_owned(),
+            permissions: Permissions {
+                publish: monitor_publish,
+                subscribe: strings(&[
+                    control::REGISTRATION_TOPIC,
+                    control::HEARTBEAT_PATTERN,
+                    api::STATUS_TOPIC,
+                ]),
+            },
+        },
+        ClientPermissions {
+            client: STORE_CLIENT_ID.to_owned(),
+            permissions: Permissions {
+                publish: store_publish,
+                subscribe: strings(&[daemoneye_contract::event::EVENTS_PATTERN]),
+            },
+        },
+    ];
     rules.push(ClientPermissions {
         client: TASKS_CLIENT_ID.to_owned(),
         permissions: Permissions {
@@ -92,6 +116,47 @@ pub fn permissions(cfg: &AgentConfig) -> (Vec<ClientPermissions>, Permissions) {
         subscribe: strings(&["events.#"]),
     };
     (rules, others)
+}
+
+/// Who may hold which id on the bus: the agent's own ids
+/// (`daemoneye-agent*`) only this process; a configured collector's id,
+/// enabled or not, only the process the supervisor started (or adopted)
+/// for it and vouched for; any other client gets an id the broker assigns.
+pub fn identities(cfg: &AgentConfig) -> Identities {
+    Identities {
+        host_pid: std::process::id(),
+        own: vec![format!("{AGENT_CLIENT_ID}*")],
+        vouched: cfg.collectors.iter().map(|c| c.id.clone()).collect(),
+    }
+}
+
+/// The broker's settings for `cfg`: permissions, identities, the store
+/// writer as the only subscriber whose `Block` holds publishers back, and
+/// the `bus:` limits.
+pub fn broker_config(cfg: &AgentConfig) -> BrokerConfig {
+    let mut bcfg = BrokerConfig::new(cfg.broker_socket());
+    bcfg.max_frame = MAX_MESSAGE;
+    let (rules, others) = permissions(cfg);
+    bcfg.permissions = rules;
+    bcfg.default_permissions = Some(others);
+    bcfg.identities = Some(identities(cfg));
+    bcfg.block_allowed = Some(vec![STORE_CLIENT_ID.to_owned()]);
+    let bus = &cfg.bus;
+    bcfg.max_connections = bus.max_connections;
+    bcfg.max_connections_per_uid = bus.max_connections_per_uid;
+    bcfg.max_connections_per_pid = bus.max_connections_per_pid;
+    bcfg.idle_timeout = Some(Duration::from_secs(bus.idle_timeout_secs));
+    bcfg.frame_timeout = Duration::from_secs(bus.frame_timeout_secs);
+    bcfg.unproven_max_frame = bus.client_max_frame_kib.saturating_mul(1024).min(MAX_MESSAGE);
+    bcfg.memory_limit_bytes = Some(bus.memory_limit_mib << 20);
+    bcfg.queue_limit_bytes = bus.queue_limit_mib << 20;
+    // Collectors (an adopted one reconnects at once) are welcomed only
+    // once the store writer and the monitor have subscribed: what they
+    // published before would reach nobody.
+    // The task coordinator's client too: nobody else may take its id.
+    bcfg.first_clients =
+        Some([AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID].iter().map(|s| (*s).to_owned()).collect());
+    bcfg
 }
 
 /// The broker's largest message: a merged snapshot of tens of thousands of
@@ -121,17 +186,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         cfg.collectors.iter().filter(|c| c.enabled).count()
     );
 
-    let mut bcfg = BrokerConfig::new(&socket);
-    bcfg.max_frame = MAX_MESSAGE;
-    (bcfg.permissions, _) = permissions(&cfg);
-    bcfg.default_permissions = Some(permissions(&cfg).1);
-    // Collectors (an adopted one reconnects at once) are welcomed only
-    // once the store writer and the monitor have subscribed: what they
-    // published before would reach nobody.
-    // The task coordinator's client too: nobody else may take its id.
-    bcfg.first_clients =
-        Some([AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID].iter().map(|s| (*s).to_owned()).collect());
-    let broker = Arc::new(Broker::start(bcfg).context("cannot start the broker")?);
+    let broker = Arc::new(Broker::start(broker_config(&cfg)).context("cannot start the broker")?);
     let client = Arc::new(Client::connect(ClientConfig::new(&socket, AGENT_CLIENT_ID))?);
     anyhow::ensure!(
         client.wait_connected(Duration::from_secs(10)),
@@ -158,7 +213,7 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         .context("cannot start the event store")?,
     );
     let (sup_tx, sup_rx) = bounded(256);
-    let supervisor = Arc::new(Supervisor::start(&cfg, sup_tx, pids)?);
+    let supervisor = Arc::new(Supervisor::start(&cfg, sup_tx, pids, broker.vouchers())?);
     let (ended_tx, ended_rx) = bounded(1);
     let task_stats = Arc::new(TaskStats::default());
     let collector_version = PeerVersion::default();

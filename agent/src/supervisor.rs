@@ -2,8 +2,13 @@
 //! processes.
 //!
 //! - **Spawn.** Each enabled collector runs as a child with
-//!   `DAEMONEYE_BROKER_SOCKET`, `--collector-id`, `--data-dir` and
-//!   `--heartbeat-interval` set by the agent.
+//!   `DAEMONEYE_BROKER_SOCKET`, `DAEMONEYE_BROKER_UID` (the uid its client
+//!   expects the broker's socket to be served by), `--collector-id`,
+//!   `--data-dir` and `--heartbeat-interval` set by the agent.
+//! - **Vouch.** The broker welcomes a collector's id only from the
+//!   process vouched for it: the supervisor vouches for each process it
+//!   spawns or adopts (pid and start time) and revokes at its exit, so
+//!   nobody can take the id in a restart window.
 //! - **Adopt.** A collector found running at start (its lock file
 //!   `<data dir>/procmond-<id>.pid` is held: an agent that died without
 //!   stopping it) is taken over rather than spawned twice. It reconnects
@@ -28,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
+use daemoneye_bus::Vouchers;
 use daemoneye_platform::paths::PidLock;
 use daemoneye_platform::spawn::{Spawned, spawn as spawn_process};
 use nix::sys::signal::Signal;
@@ -189,6 +195,8 @@ struct Slot {
 
 struct Inner {
     slots: Vec<Slot>,
+    /// The broker's table of vouched processes.
+    vouchers: Vouchers,
     socket: PathBuf,
     events: Sender<SupervisorEvent>,
     pids: Arc<Mutex<Vec<u32>>>,
@@ -199,11 +207,13 @@ struct Inner {
 impl Supervisor {
     /// Starts the thread and the enabled collectors.
     /// `pids` is kept up to date with the collectors' pids (for a
-    /// last-resort kill from the signal thread).
+    /// last-resort kill from the signal thread); `vouchers` is the broker's
+    /// table of the processes that may hold a collector's id.
     pub fn start(
         cfg: &AgentConfig,
         events: Sender<SupervisorEvent>,
         pids: Arc<Mutex<Vec<u32>>>,
+        vouchers: Vouchers,
     ) -> std::io::Result<Supervisor> {
         let slots = cfg
             .collectors
@@ -221,6 +231,7 @@ impl Supervisor {
         let closing = Arc::new(AtomicBool::new(false));
         let mut inner = Inner {
             slots,
+            vouchers,
             socket: cfg.broker_socket(),
             events,
             pids: pids.clone(),
@@ -343,6 +354,7 @@ impl Inner {
             let s = &mut self.slots[i];
             if let Some(p) = &mut s.proc {
                 if let Some(status) = p.poll() {
+                    self.vouchers.revoke(&s.spec.id, p.pid());
                     s.proc = None;
                     s.stopping = None;
                     self.exited(i, status);
@@ -422,12 +434,15 @@ impl Inner {
                 lock.display()
             );
             s.proc = Some(Proc::Adopted { pid, lock });
+            self.vouchers.vouch(&id, pid);
             let _ = self.events.try_send(SupervisorEvent::Started { id, pid, adopted: true });
             return;
         }
         match spawn(&s.spec, &s.data_dir, &self.socket) {
             Ok(child) => {
                 let pid = child.id();
+                // Not reaped yet, so the pid cannot be reused before this.
+                self.vouchers.vouch(&id, pid);
                 log::info!("collector {id}: started {} as pid {pid}", s.spec.binary.display());
                 s.proc = Some(Proc::Child(child));
                 let _ = self.events.try_send(SupervisorEvent::Started { id, pid, adopted: false });
@@ -452,6 +467,7 @@ impl Inner {
     fn kill_all(&mut self) {
         for s in &mut self.slots {
             if let Some(mut p) = s.proc.take() {
+                self.vouchers.revoke(&s.spec.id, p.pid());
                 log::warn!("collector {}: killing pid {}", s.spec.id, p.pid());
                 p.kill();
                 // Reaped within 5 s; a process stuck in the kernel (it
@@ -490,5 +506,11 @@ fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path) -> std::io::Resul
         "--heartbeat-interval".into(),
         spec.heartbeat_interval_secs.to_string().into(),
     ]);
-    spawn_process(&spec.binary, &args, &[(BROKER_ENV, socket.as_os_str())], true)
+    let uid = daemoneye_platform::effective_uid().to_string();
+    spawn_process(
+        &spec.binary,
+        &args,
+        &[(BROKER_ENV, socket.as_os_str()), (daemoneye_bus::BROKER_UID_ENV, std::ffi::OsStr::new(&uid))],
+        true,
+    )
 }

@@ -49,7 +49,9 @@ fn broker(dir: &std::path::Path, yaml: &str) -> (std::path::PathBuf, Broker, Has
 fn fake_monitor(path: &std::path::Path, ids: &[&str]) {
     let c = client(path, api::AGENT_CLIENT_ID);
     let sub = c.subscribe(STATUS_TOPIC).expect("sub");
-    c.publish_confirmed(STATUS_TOPIC, b"").expect("sync");
+    // The agent's client publishes only what the monitor does (nobody
+    // here listens to the lifecycle broadcast).
+    c.publish_confirmed(control::LIFECYCLE_TOPIC, b"").expect("sync");
     let status = AgentStatus {
         pid: 1,
         version: "x".into(),

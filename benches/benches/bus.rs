@@ -216,7 +216,7 @@ impl RawBus {
             pid: std::process::id(),
         })?;
         b.flush()?;
-        match b.next(|f| matches!(f, Frame::Welcome { .. }))? {
+        match b.next(|f| matches!(f, Frame::WelcomeAs { .. }))? {
             true => Ok(b),
             false => Err(other("no Welcome")),
         }

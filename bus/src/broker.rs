@@ -9,6 +9,24 @@
 //! during an iteration and flushed once at its end (one `write` for many
 //! messages). Readiness is drained until `WouldBlock`; write interest is
 //! registered only while a write buffer is non-empty.
+//!
+//! Identities (protocol 5): with [`BrokerConfig::identities`] set, the
+//! broker knows each connection's pid and uid from the kernel and welcomes
+//! an id reserved for its host (`own`) only from the host's own process,
+//! and an id reserved for a collector (`vouched`) only from the process
+//! its supervisor vouched for ([`Vouchers::vouch`]: pid and start time, so
+//! a reused pid proves nothing). Any other id asked for is replaced by one
+//! the broker assigns, `bus-<n>-<asked>`, which `WelcomeAs` tells the
+//! client. Proven connections (the host's and vouched processes) are
+//! outside the connection caps and get the full `max_frame`; the others
+//! are capped in total, per uid and per pid (with room kept for a process
+//! that holds no connection yet: a CLI), get `unproven_max_frame`, are
+//! closed when idle, and are not read while the broker's memory is over
+//! its limit. Without `identities` (a broker with no host that can vouch,
+//! as in the bus's own tests) ids are first come, first served and these
+//! caps are off unless set: the behaviour of protocol 4. On an OS whose
+//! peer credentials carry no pid (FreeBSD with nix 0.31), nothing can be
+//! proven: `start` turns identities off and logs an error.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -77,7 +95,114 @@ pub struct BrokerConfig {
     /// own subscriptions in place before anyone can publish (a message
     /// published before its subscriber exists is gone).
     pub first_clients: Option<Vec<String>>,
+    /// Who may hold which client id; `None`: any id, first come, first
+    /// served (no host that can vouch for processes).
+    pub identities: Option<Identities>,
+    /// Subscribers (exact ids or `prefix*`) whose `Overflow::Block` is
+    /// honoured; anyone else asking for `Block` gets `DropOldest` (and the
+    /// slow-consumer deadline), so no such subscriber ever pauses a
+    /// publisher. `None`: everyone may block.
+    pub block_allowed: Option<Vec<String>>,
+    /// Connections one uid may hold, besides proven ones.
+    pub max_connections_per_uid: usize,
+    /// Connections one process may hold, besides proven ones (where the OS
+    /// reports the peer's pid).
+    pub max_connections_per_pid: usize,
+    /// A welcomed connection that is not proven and has neither
+    /// subscribed nor published for this long is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// A frame begun and not completed for this long (the broker waiting
+    /// for its bytes) closes its connection: a half-sent frame must not
+    /// pin its buffer forever.
+    pub frame_timeout: Duration,
+    /// The largest frame body accepted from a connection that is not
+    /// proven (only with `identities`).
+    pub unproven_max_frame: u32,
+    /// The bytes buffered by the broker for every connection together
+    /// (read and write buffers); above it, connections that are not proven
+    /// are not read and deliveries that could be dropped are. `None`: no
+    /// limit besides the per-connection ones.
+    pub memory_limit_bytes: Option<usize>,
 }
+
+/// Which client ids the broker welcomes only from processes it can prove
+/// (see the module docs). Ids match exactly or by prefix when they end in
+/// `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identities {
+    /// The host's pid (the agent: its own `std::process::id()`): ids in
+    /// `own` are accepted only from this process.
+    pub host_pid: u32,
+    /// Ids only the host process may hold (the agent's clients).
+    pub own: Vec<String>,
+    /// Ids only the process vouched for them may hold (configured
+    /// collectors, enabled or not: an id nobody is vouched for is
+    /// refused).
+    pub vouched: Vec<String>,
+}
+
+/// The processes vouched for collector ids: shared between the broker and
+/// its host's supervisor, which vouches for each process it starts or
+/// adopts and revokes at its exit.
+#[derive(Debug, Clone, Default)]
+pub struct Vouchers {
+    table: Arc<Mutex<HashMap<String, Vouch>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Vouch {
+    pid: u32,
+    start_time: Option<u64>,
+}
+
+impl Vouchers {
+    /// From now on `client_id` is accepted from the process `pid` (as it
+    /// is now: its start time is read here, so a process that later reuses
+    /// the pid is not accepted), and from no other.
+    pub fn vouch(&self, client_id: &str, pid: u32) {
+        let start_time = daemoneye_platform::process_start_time(pid);
+        if start_time.is_none() {
+            log::warn!("bus: cannot read the start time of pid {pid} (vouched for {client_id})");
+        }
+        self.table.lock().insert(client_id.to_owned(), Vouch { pid, start_time });
+    }
+
+    /// `client_id` is no longer vouched for, if it was for `pid`.
+    pub fn revoke(&self, client_id: &str, pid: u32) {
+        let mut t = self.table.lock();
+        if t.get(client_id).is_some_and(|v| v.pid == pid) {
+            t.remove(client_id);
+        }
+    }
+
+    /// Whether `pid` is, right now, the process vouched for `client_id`.
+    fn proves(&self, client_id: &str, pid: u32) -> bool {
+        let Some(v) = self.table.lock().get(client_id).copied() else { return false };
+        v.pid == pid && v.start_time.is_some() && daemoneye_platform::process_start_time(pid) == v.start_time
+    }
+
+    /// Whether `pid` is vouched for some id (it is then outside the caps).
+    fn vouched_pid(&self, pid: u32) -> bool {
+        let found = self.table.lock().iter().find(|(_, v)| v.pid == pid).map(|(id, _)| id.clone());
+        found.is_some_and(|id| self.proves(&id, pid))
+    }
+}
+
+/// Whether `id` is `pattern` or starts with its prefix (`prefix*`).
+fn id_matches(pattern: &str, id: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => id.starts_with(prefix),
+        None => pattern == id,
+    }
+}
+
+/// Connections proven processes may hold beyond `max_connections`.
+const PROVEN_ROOM: usize = 64;
+/// With identities, room kept in every cap for a process that holds no
+/// connection yet (a CLI): a process cannot take the last few itself.
+const FRESH_ROOM: usize = 4;
+/// The longest asked-for id kept in an assigned one.
+const MAX_ASKED_ID: usize = 64;
 
 /// What a client may publish and subscribe to: topic patterns, in which
 /// `{client_id}` stands for the client's own id (so one entry can give
@@ -104,10 +229,7 @@ pub struct ClientPermissions {
 
 impl ClientPermissions {
     fn applies_to(&self, client_id: &str) -> bool {
-        match self.client.strip_suffix('*') {
-            Some(prefix) => client_id.starts_with(prefix),
-            None => self.client == client_id,
-        }
+        id_matches(&self.client, client_id)
     }
 }
 
@@ -140,6 +262,14 @@ impl BrokerConfig {
             permissions: Vec::new(),
             default_permissions: None,
             first_clients: None,
+            identities: None,
+            block_allowed: None,
+            max_connections_per_uid: usize::MAX,
+            max_connections_per_pid: usize::MAX,
+            idle_timeout: None,
+            frame_timeout: Duration::from_secs(10),
+            unproven_max_frame: frame::DEFAULT_MAX_FRAME,
+            memory_limit_bytes: None,
         }
     }
 }
@@ -192,6 +322,13 @@ pub struct BrokerStats {
     pub slow_disconnects: u64,
     /// Every connection's outbound queue, as of the last poll iteration.
     pub queues: Vec<QueueDepth>,
+    /// `Hello`s refused because the id is reserved for a process this one
+    /// is not (protocol 5).
+    pub unproven: u64,
+    /// Connections closed for idling or for a frame left half-sent.
+    pub timeouts: u64,
+    /// Connections refused by the per-uid, per-pid or total caps.
+    pub over_cap: u64,
 }
 
 /// Why the broker could not start.
@@ -224,6 +361,7 @@ pub enum BrokerError {
 /// thread.
 pub struct Broker {
     socket: PathBuf,
+    vouchers: Vouchers,
     stats: Arc<Mutex<BrokerStats>>,
     stop: Arc<AtomicBool>,
     open: Arc<AtomicBool>,
@@ -234,7 +372,16 @@ pub struct Broker {
 impl Broker {
     /// Binds the socket and starts the reactor thread. A stale socket file
     /// left by a dead broker is replaced; a live broker is never displaced.
-    pub fn start(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+    pub fn start(mut cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        if cfg.identities.is_some() && !daemoneye_platform::PEER_PID_AVAILABLE {
+            // Nothing could be proven: every reserved id would be refused,
+            // the host's own included. Said loudly, not silently.
+            log::error!(
+                "bus: this OS does not report a peer's pid, so client ids cannot be proven: identities are \
+                 off (ids are first come, first served)"
+            );
+            cfg.identities = None;
+        }
         for p in cfg.permissions.iter().map(|c| &c.permissions).chain(cfg.default_permissions.as_ref()) {
             p.check().map_err(BrokerError::Config)?;
         }
@@ -277,6 +424,7 @@ impl Broker {
         let stats = Arc::new(Mutex::new(BrokerStats::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let open = Arc::new(AtomicBool::new(cfg.first_clients.is_none()));
+        let vouchers = Vouchers::default();
         let mut reactor = Reactor {
             poll,
             listener,
@@ -296,19 +444,29 @@ impl Broker {
             targets: Vec::new(),
             holders: HashMap::new(),
             rng: 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()),
+            vouchers: vouchers.clone(),
+            assigned: 0,
+            mem_used: 0,
+            starved: Vec::new(),
             cfg,
         };
         let thread = std::thread::Builder::new()
             .name("bus-broker".into())
             .spawn(move || reactor.run())
             .map_err(io_err("spawn broker thread", &path))?;
-        Ok(Broker { socket: path, stats, stop, open, waker, thread: Some(thread) })
+        Ok(Broker { socket: path, vouchers, stats, stop, open, waker, thread: Some(thread) })
     }
 
     /// Welcomes every client from now on (see
     /// [`BrokerConfig::first_clients`]).
     pub fn open(&self) {
         self.open.store(true, Ordering::Release);
+    }
+
+    /// The table through which the host vouches for the processes it
+    /// starts (see [`Identities::vouched`]).
+    pub fn vouchers(&self) -> Vouchers {
+        self.vouchers.clone()
     }
 
     /// A copy of the counters (queue depths as of the last 100 ms).
@@ -344,6 +502,20 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.stop_and_join();
     }
+}
+
+/// The level of the `n`th refusal of a kind: a warning for the 1st, 2nd,
+/// 4th, 8th…, debug for the others, so a hostile flood cannot flood the
+/// log (the counters keep the total).
+fn throttled(n: u64) -> log::Level {
+    if n.is_power_of_two() { log::Level::Warn } else { log::Level::Debug }
+}
+
+/// Best effort: tells a refused peer why, then drops the stream.
+fn refuse(stream: &mut UnixStream, code: ErrorCode, message: &str) {
+    let mut buf = Vec::new();
+    let _ = frame::encode(&Frame::Error { code, message, ack_id: None }, &mut buf, 4096);
+    let _ = stream.write(&buf);
 }
 
 fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
@@ -413,6 +585,24 @@ struct Conn {
     stream: UnixStream,
     state: ConnState,
     uid: u32,
+    /// The peer's pid from the kernel, where the OS reports it.
+    pid: Option<u32>,
+    /// The host's process or one vouched for (at accept), or welcomed
+    /// with a proven id: outside the caps and the memory limit.
+    proven: bool,
+    /// The largest frame body accepted from it.
+    max_frame: u32,
+    /// Its `Overflow::Block` is honoured (`BrokerConfig::block_allowed`).
+    may_block: bool,
+    /// It has subscribed or published since its `Hello` (not idle).
+    active: bool,
+    /// When it was welcomed.
+    welcomed_at: Option<Instant>,
+    /// Since when the read buffer holds an incomplete frame (reset by
+    /// each frame completed).
+    partial_since: Option<Instant>,
+    /// Not read because the broker's memory is over its limit.
+    starved: bool,
     /// Read buffer; bytes `..rlen` are data, the rest is room.
     rbuf: Vec<u8>,
     rlen: usize,
@@ -532,6 +722,14 @@ struct Reactor {
     /// anyone else may still answer.
     holders: HashMap<Box<str>, u32>,
     rng: u64,
+    vouchers: Vouchers,
+    /// Ids assigned so far (the `<n>` of `bus-<n>-<asked>`).
+    assigned: u64,
+    /// Bytes held in every connection's buffers, recomputed once per
+    /// iteration and raised by each read in between.
+    mem_used: usize,
+    /// Connections not read while memory was over its limit.
+    starved: Vec<usize>,
     cfg: BrokerConfig,
 }
 
@@ -573,6 +771,7 @@ impl Reactor {
             self.publish_stats(false);
             self.flush_dirty();
             self.check_slow_consumers();
+            self.check_memory();
         }
         self.shutdown();
     }
@@ -581,8 +780,8 @@ impl Reactor {
         while self.accepting {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
-                    let uid = match daemoneye_platform::peer_credentials(&stream) {
-                        Ok(c) => c.uid,
+                    let (uid, pid) = match daemoneye_platform::peer_credentials(&stream) {
+                        Ok(c) => (c.uid, c.pid),
                         Err(e) => {
                             log::warn!("bus: cannot read peer credentials, refusing: {e}");
                             self.counters.refused += 1;
@@ -592,16 +791,31 @@ impl Reactor {
                     if uid != self.own_uid && uid != 0 && !self.cfg.allowed_uids.contains(&uid) {
                         log::warn!("bus: refused a connection from uid {uid}");
                         self.counters.refused += 1;
-                        let mut buf = Vec::new();
-                        let msg = format!("uid {uid} may not connect");
-                        let _ = frame::encode(
-                            &Frame::Error { code: ErrorCode::Forbidden, message: &msg, ack_id: None },
-                            &mut buf,
-                            4096,
-                        );
-                        let _ = stream.write(&buf);
+                        refuse(&mut stream, ErrorCode::Forbidden, &format!("uid {uid} may not connect"));
                         continue;
                     }
+                    let proven = self.cfg.identities.as_ref().is_some_and(|ids| {
+                        pid.is_some_and(|p| p == ids.host_pid || self.vouchers.vouched_pid(p))
+                    });
+                    if !proven && let Some(why) = self.over_cap(uid, pid) {
+                        self.counters.refused += 1;
+                        self.counters.over_cap += 1;
+                        // A flood of these must not flood the log.
+                        log::log!(
+                            throttled(self.counters.over_cap),
+                            "bus: refused a connection from uid {uid} pid {pid:?}: {why} ({} so far)",
+                            self.counters.over_cap
+                        );
+                        // Limit: a client retries (a collector started a
+                        // moment before its vouching, a CLI after a burst).
+                        refuse(&mut stream, ErrorCode::Limit, &why);
+                        continue;
+                    }
+                    let max_frame = if self.cfg.identities.is_some() {
+                        self.cfg.unproven_max_frame.min(self.cfg.max_frame)
+                    } else {
+                        self.cfg.max_frame
+                    };
                     let entry = self.conns.vacant_entry();
                     let idx = entry.key();
                     if let Err(e) = self.poll.registry().register(
@@ -616,6 +830,14 @@ impl Reactor {
                         stream,
                         state: ConnState::AwaitingHello,
                         uid,
+                        pid,
+                        proven,
+                        max_frame,
+                        may_block: self.cfg.block_allowed.is_none(),
+                        active: false,
+                        welcomed_at: None,
+                        partial_since: None,
+                        starved: false,
                         rbuf: Vec::new(),
                         rlen: 0,
                         wbuf: Vec::new(),
@@ -634,7 +856,14 @@ impl Reactor {
                     });
                     // A peer may have written before we registered.
                     self.read(idx);
-                    if self.conns.len() >= self.cfg.max_connections {
+                    // The hard ceiling (file descriptors): proven
+                    // processes have room beyond the cap of the others.
+                    let ceiling = if self.cfg.identities.is_some() {
+                        self.cfg.max_connections + PROVEN_ROOM
+                    } else {
+                        self.cfg.max_connections
+                    };
+                    if self.conns.len() >= ceiling {
                         log::warn!("bus: {} connections, not accepting more for now", self.conns.len());
                         self.accepting = false;
                         let _ = self.poll.registry().deregister(&mut self.listener);
@@ -648,6 +877,65 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// The id a `Hello` gets: `Ok(None)` the one asked for (no identities
+    /// configured, or a reserved id this process proves), `Ok(Some(id))`
+    /// one the broker assigns (an id nobody reserves), `Err` when the id
+    /// is reserved for a process this one is not.
+    fn identity(&mut self, asked: &str, pid: Option<u32>) -> Result<Option<String>, String> {
+        let Some(ids) = &self.cfg.identities else { return Ok(None) };
+        if ids.own.iter().any(|p| id_matches(p, asked)) {
+            return if pid == Some(ids.host_pid) {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "client id {asked} is reserved for the broker's host process (pid {}); this process cannot \
+                     prove it",
+                    ids.host_pid
+                ))
+            };
+        }
+        if ids.vouched.iter().any(|p| id_matches(p, asked)) {
+            return if pid.is_some_and(|p| self.vouchers.proves(asked, p)) {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "client id {asked} is reserved for the process its supervisor started; this process \
+                     (pid {}) is not it",
+                    pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+                ))
+            };
+        }
+        self.assigned += 1;
+        let keep = asked.char_indices().nth(MAX_ASKED_ID).map_or(asked.len(), |(i, _)| i);
+        Ok(Some(format!("bus-{}-{}", self.assigned, &asked[..keep])))
+    }
+
+    /// Why a connection that is not proven may not be accepted now: the
+    /// total, per-uid and per-pid caps over connections that are not
+    /// proven. With identities, a process that holds no connection yet
+    /// finds `FRESH_ROOM` more in the total and per-uid caps, so one
+    /// process cannot lock a CLI out.
+    fn over_cap(&self, uid: u32, pid: Option<u32>) -> Option<String> {
+        let (mut total, mut same_uid, mut same_pid) = (0, 0, 0);
+        for (_, c) in self.conns.iter().filter(|(_, c)| !c.proven) {
+            total += 1;
+            same_uid += usize::from(c.uid == uid);
+            same_pid += usize::from(pid.is_some() && c.pid == pid);
+        }
+        let room = if self.cfg.identities.is_some() && same_pid > 0 { FRESH_ROOM } else { 0 };
+        let cap = |n: usize| n.saturating_sub(room).max(1);
+        if total >= cap(self.cfg.max_connections) {
+            return Some(format!("connection limit reached ({total} connections)"));
+        }
+        if same_uid >= cap(self.cfg.max_connections_per_uid) {
+            return Some(format!("connection limit of uid {uid} reached ({same_uid} connections)"));
+        }
+        if same_pid >= self.cfg.max_connections_per_pid {
+            return Some(format!("connection limit of one process reached ({same_pid} connections)"));
+        }
+        None
     }
 
     /// Reads until `WouldBlock` and handles every whole frame. Readiness
@@ -680,10 +968,20 @@ impl Reactor {
     }
 
     fn read_some(&mut self, idx: usize) -> ReadOutcome {
-        let max = self.cfg.max_frame;
         let (lim_b, lim_m) = (self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
+        let over_memory = self.cfg.memory_limit_bytes.is_some_and(|m| self.mem_used >= m);
         let Some(c) = self.conns.get_mut(idx) else { return ReadOutcome::Skipped };
+        let max = c.max_frame;
         if c.paused || c.closing {
+            return ReadOutcome::Skipped;
+        }
+        // Over the memory limit, only proven connections are read; the
+        // others wait (their bytes stay in the kernel) until it frees.
+        if over_memory && !c.proven {
+            if !c.starved {
+                c.starved = true;
+                self.starved.push(idx);
+            }
             return ReadOutcome::Skipped;
         }
         // A client that does not read what it is sent (replies, PubAcks,
@@ -706,7 +1004,10 @@ impl Reactor {
             }
             match c.stream.read(&mut c.rbuf[c.rlen..]) {
                 Ok(0) => return ReadOutcome::Closed,
-                Ok(n) => c.rlen += n,
+                Ok(n) => {
+                    c.rlen += n;
+                    self.mem_used += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return ReadOutcome::Closed,
@@ -715,10 +1016,12 @@ impl Reactor {
     }
 
     fn process_frames(&mut self, idx: usize) {
-        let (max, lim_b, lim_m) = (self.cfg.max_frame, self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
+        let (lim_b, lim_m) = (self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
         let mut used = 0;
         loop {
             let Some(c) = self.conns.get_mut(idx) else { return };
+            // Per connection: a `Hello` may raise it (a proven id).
+            let max = c.max_frame;
             if c.paused || c.closing {
                 break;
             }
@@ -751,6 +1054,13 @@ impl Reactor {
             let used = used.min(c.rlen);
             c.rbuf.copy_within(used..c.rlen, 0);
             c.rlen -= used;
+            // The clock of a half-sent frame starts with its first bytes
+            // held and restarts with every frame completed.
+            if c.rlen == 0 {
+                c.partial_since = None;
+            } else if used > 0 || c.partial_since.is_none() {
+                c.partial_since = Some(Instant::now());
+            }
             // Do not pin the memory of one big frame.
             if c.rbuf.len() > 4 * READ_CHUNK && c.rlen < READ_CHUNK {
                 c.rbuf.truncate(2 * READ_CHUNK);
@@ -808,9 +1118,24 @@ impl Reactor {
                     self.counters.refused += 1;
                     return self.fatal(idx, ErrorCode::Forbidden, "client id \"bus\" is the broker's own");
                 }
+                let (pid_now, uid) = self.conns.get(idx).map_or((None, 0), |c| (c.pid, c.uid));
+                let (client_id, proven): (String, bool) = match self.identity(client_id, pid_now) {
+                    Ok(Some(id)) => (id, false),
+                    Ok(None) => (client_id.to_owned(), self.cfg.identities.is_some()),
+                    Err(why) => {
+                        self.counters.refused += 1;
+                        self.counters.unproven += 1;
+                        log::log!(
+                            throttled(self.counters.unproven),
+                            "bus: refused client id {client_id} from pid {pid_now:?} (uid {uid}): {why} ({} so far)",
+                            self.counters.unproven
+                        );
+                        return self.fatal(idx, ErrorCode::Unproven, &why);
+                    }
+                };
                 let taken = self.conns.iter().any(|(i, c)| {
                     i != idx
-                        && matches!(&c.state, ConnState::Ready { client_id: id, .. } if &**id == client_id)
+                        && matches!(&c.state, ConnState::Ready { client_id: id, .. } if **id == *client_id)
                 });
                 if taken {
                     // Another live connection has this id: its inbox and
@@ -821,31 +1146,69 @@ impl Reactor {
                     // broker notices its old connection's close retries.
                     return self.fatal(idx, ErrorCode::Limit, "client id in use by a live connection");
                 }
+                let max_frame = self.cfg.max_frame;
+                let may_block = self
+                    .cfg
+                    .block_allowed
+                    .as_ref()
+                    .is_none_or(|ids| ids.iter().any(|p| id_matches(p, &client_id)));
                 if let Some(c) = self.conns.get_mut(idx) {
-                    log::info!("bus: {client_id} connected (pid {pid}, uid {})", c.uid);
+                    log::info!("bus: {client_id} connected (pid {:?}, uid {})", c.pid, c.uid);
                     let acl = self
                         .cfg
                         .permissions
                         .iter()
-                        .find(|p| p.applies_to(client_id))
+                        .find(|p| p.applies_to(&client_id))
                         .map(|p| &p.permissions)
                         .or(self.cfg.default_permissions.as_ref())
-                        .map(|p| p.resolve(client_id));
-                    c.state = ConnState::Ready { client_id: Arc::from(client_id), acl };
+                        .map(|p| p.resolve(&client_id));
+                    c.state = ConnState::Ready { client_id: Arc::from(client_id.as_str()), acl };
+                    c.welcomed_at = Some(Instant::now());
+                    c.may_block = may_block;
+                    if proven {
+                        c.proven = true;
+                        c.max_frame = max_frame;
+                    }
                 }
-                let max_frame = self.cfg.max_frame;
-                self.reply(idx, &Frame::Welcome { protocol_version: PROTOCOL_VERSION, max_frame });
+                let max_frame = self.conns.get(idx).map_or(max_frame, |c| c.max_frame);
+                self.reply(
+                    idx,
+                    &Frame::WelcomeAs {
+                        protocol_version: PROTOCOL_VERSION,
+                        max_frame,
+                        max_deliver: self.cfg.max_frame,
+                        client_id: &client_id,
+                    },
+                );
             }
             (false, _) => {
                 self.counters.protocol_errors += 1;
                 self.fatal(idx, ErrorCode::Protocol, "the first frame must be Hello");
             }
             (true, Frame::Subscribe { sid, pattern, mode, overflow }) => {
+                self.mark_active(idx);
                 self.subscribe(idx, sid, pattern, mode, overflow)
             }
             (true, Frame::Unsubscribe { sid }) => self.unsubscribe(idx, sid),
             (true, Frame::Publish { topic, payload, reply_to, ack_id }) => {
+                self.mark_active(idx);
+                // Every frame kind: an answer goes only to the publisher's
+                // own inbox, never onto a topic its receiver would then
+                // publish to with its own (larger) rights.
+                if let Some(to) = reply_to
+                    && (topic::validate_topic(to).is_err() || !self.own_inbox(idx, to))
+                {
+                    self.counters.forbidden += 1;
+                    let message = "reply_to must be in the publisher's own inbox (direct.<client id>.…)";
+                    return self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id });
+                }
                 if topic == STATS_TOPIC {
+                    if !self.may_publish(idx, STATS_TOPIC) {
+                        self.counters.forbidden += 1;
+                        let message = "may not publish to bus.stats";
+                        return self
+                            .reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id });
+                    }
                     return self.answer_stats(idx, reply_to, ack_id);
                 }
                 // A PubAck means routed: a refused publish gets its Error instead.
@@ -856,6 +1219,7 @@ impl Reactor {
                 }
             }
             (true, Frame::Request { topic, payload, reply_to, strategy }) => {
+                self.mark_active(idx);
                 if topic::validate_topic(reply_to).is_err() || !self.own_inbox(idx, reply_to) {
                     self.counters.forbidden += 1;
                     let message = "a request's reply_to must be in the requester's own inbox";
@@ -873,6 +1237,13 @@ impl Reactor {
                     return self.reply(idx, &Frame::NoReply { reply_to, reason, responder: "" });
                 }
                 if topic == STATS_TOPIC {
+                    if !self.may_publish(idx, STATS_TOPIC) {
+                        self.counters.forbidden += 1;
+                        let message = "may not publish to bus.stats";
+                        self.reply(idx, &Frame::Error { code: ErrorCode::Forbidden, message, ack_id: None });
+                        let reason = NoReplyReason::Refused;
+                        return self.reply(idx, &Frame::NoReply { reply_to, reason, responder: "" });
+                    }
                     return self.answer_stats(idx, Some(reply_to), None);
                 }
                 // The requester hears at once when nobody can answer.
@@ -952,6 +1323,11 @@ impl Reactor {
             }
         };
         if let Some(c) = self.conns.get_mut(idx) {
+            // Block is a privilege: anyone else's full queue drops its
+            // oldest (and the slow-consumer deadline applies), never
+            // pausing a publisher.
+            let overflow =
+                if overflow == Overflow::Block && !c.may_block { Overflow::DropOldest } else { overflow };
             c.subs.insert(sid, SubInfo { pattern: pattern.to_owned(), group, overflow });
         }
     }
@@ -1107,9 +1483,14 @@ impl Reactor {
     fn deliver(&mut self, from: usize, to: usize, sid: u64, r: &Route<'_>) -> bool {
         let (topic_name, payload) = (r.topic, r.payload);
         let (max, lim_b, lim_m) = (self.cfg.max_frame, self.cfg.queue_limit_bytes, self.cfg.queue_limit_msgs);
+        let over_memory = self.cfg.memory_limit_bytes.is_some_and(|m| self.mem_used >= m);
         let Some(c) = self.conns.get_mut(to) else { return false };
         let overflow = c.subs.get(&sid).map_or(Overflow::DropNewest, |s| s.overflow);
-        let full = c.pending_bytes() >= lim_b || c.frame_ends.len() >= lim_m;
+        // Over the broker's memory limit every queue that may drop counts
+        // as full; a (trusted) Block subscriber pushes back instead.
+        let full = c.pending_bytes() >= lim_b
+            || c.frame_ends.len() >= lim_m
+            || (over_memory && overflow != Overflow::Block);
         if full {
             // Whatever the strategy, the slow-consumer clock starts now.
             if c.over_since.is_none() {
@@ -1154,6 +1535,7 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(to) else { return false };
         let f = Frame::Deliver { sid, topic: topic_name, payload, reply_to: r.reply_to, from: r.sender };
         if c.queue_frame(&f, max) {
+            self.mem_used += payload.len();
             if r.follow
                 && let Some(inbox) = r.reply_to
                 && c.awaiting.len() < MAX_AWAITING
@@ -1252,7 +1634,83 @@ impl Reactor {
         }
     }
 
+    fn mark_active(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.active = true;
+        }
+    }
+
+    /// Recomputes the bytes held in buffers. Over the limit, the
+    /// connection that is not proven and has the most queued is closed (a
+    /// subscriber that does not read; else the biggest half-read frame), until the rest
+    /// fits: otherwise one hog would keep every other client that is not
+    /// proven from being read. Below the limit, reads the connections that
+    /// waited for memory.
+    fn check_memory(&mut self) {
+        let Some(limit) = self.cfg.memory_limit_bytes else { return };
+        self.mem_used = self.conns.iter().map(|(_, c)| c.rlen + c.pending_bytes()).sum();
+        while self.mem_used >= limit {
+            // A write queue grows with a client that does not read; a read
+            // buffer is bounded by a frame and drained by handling it. So
+            // the biggest queue goes first, the biggest read buffer only
+            // when no queue is left.
+            let hog = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.proven)
+                .map(|(i, c)| ((c.pending_bytes(), c.rlen), i))
+                .max()
+                .filter(|((queued, read), _)| queued + read > 0);
+            let Some(((queued, read), idx)) = hog else { break };
+            let held = queued + read;
+            log::warn!(
+                "bus: {} bytes buffered, over the limit of {limit}: closing connection {idx}, which held {held}",
+                self.mem_used
+            );
+            self.counters.slow_disconnects += 1;
+            self.close(idx);
+            self.mem_used = self.mem_used.saturating_sub(held);
+        }
+        if self.mem_used < limit && !self.starved.is_empty() {
+            for idx in std::mem::take(&mut self.starved) {
+                if let Some(c) = self.conns.get_mut(idx) {
+                    c.starved = false;
+                }
+                self.read(idx);
+            }
+        }
+    }
+
     fn check_slow_consumers(&mut self) {
+        // Idle connections and half-sent frames hold a slot and memory
+        // for nothing.
+        let (idle, frame_timeout) = (self.cfg.idle_timeout, self.cfg.frame_timeout);
+        let timed_out: Vec<(usize, &'static str)> = self
+            .conns
+            .iter()
+            .filter_map(|(i, c)| {
+                let waiting_on_us = c.paused || c.self_paused || c.starved || c.closing;
+                if !waiting_on_us && c.partial_since.is_some_and(|t| t.elapsed() > frame_timeout) {
+                    return Some((i, "a frame was left half-sent"));
+                }
+                let idle_since = c.welcomed_at.filter(|_| !c.active && !c.proven);
+                if idle.is_some_and(|d| idle_since.is_some_and(|t| t.elapsed() > d)) {
+                    return Some((i, "idle (it neither subscribed nor published)"));
+                }
+                None
+            })
+            .collect();
+        for (idx, why) in timed_out {
+            log::warn!("bus: connection {idx} timed out: {why}; closing it");
+            self.counters.timeouts += 1;
+            let message = format!("timed out: {why}");
+            self.fatal(idx, ErrorCode::Limit, &message);
+            self.flush(idx);
+            // A peer that does not read its error is closed all the same.
+            if self.conns.contains(idx) {
+                self.close(idx);
+            }
+        }
         // A connection that does not say Hello in time holds a slot for
         // nothing: with the cap, silent sockets could lock clients out.
         let mute: Vec<usize> = self
@@ -1454,5 +1912,37 @@ fn kind(f: &Frame<'_>) -> &'static str {
         Frame::Pong(_) => "Pong",
         Frame::Request { .. } => "Request",
         Frame::NoReply { .. } => "NoReply",
+        Frame::WelcomeAs { .. } => "WelcomeAs",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_voucher_names_one_process_not_its_pid() {
+        let v = Vouchers::default();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn");
+        let pid = child.id();
+        v.vouch("col", pid);
+        assert!(v.proves("col", pid));
+        assert!(v.vouched_pid(pid));
+        assert!(!v.proves("col", std::process::id()), "another process");
+        assert!(!v.proves("other", pid), "another id");
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        // Gone: whatever reuses the pid later has another start time (or
+        // none can be read now).
+        assert!(!v.proves("col", pid));
+        // A stale start time never matches a live process.
+        v.table.lock().insert("me".into(), Vouch { pid: std::process::id(), start_time: Some(u64::MAX) });
+        assert!(!v.proves("me", std::process::id()));
+        // Revoking takes only the vouched pid's entry.
+        v.vouch("me", std::process::id());
+        v.revoke("me", pid);
+        assert!(v.proves("me", std::process::id()));
+        v.revoke("me", std::process::id());
+        assert!(!v.proves("me", std::process::id()));
     }
 }

@@ -10,6 +10,13 @@
 //! never unbounded memory); publishes made while connected go straight to
 //! the write buffer, and when the broker applies backpressure the reactor
 //! stops taking commands, so `publish` blocks up to its timeout.
+//!
+//! Before saying `Hello` the client checks that the socket is served by
+//! an expected uid (the kernel's peer credentials of the listening
+//! process; [`ClientConfig::server_uids`]), so a socket put in the
+//! broker's place by someone else gets nothing. The broker's `WelcomeAs`
+//! names the client's id on the bus, which may be one the broker assigned
+//! ([`Client::id`]); the inbox and request topics use it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -45,6 +52,12 @@ const PARK_LIMIT: usize = 1024;
 /// logged) while the caller does not take them.
 const MAX_REPLIES: usize = 1024;
 
+/// The environment variable naming the uid the broker runs as: a
+/// supervisor passes it to the processes it starts, and
+/// [`ClientConfig::new`] then expects that uid (or root) to serve the
+/// socket.
+pub const BROKER_UID_ENV: &str = "DAEMONEYE_BROKER_UID";
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -65,6 +78,11 @@ pub struct ClientConfig {
     pub subscription_capacity: usize,
     /// How long `publish` and the other calls wait at most.
     pub timeout: Duration,
+    /// The uids the broker may run as: a socket served by another uid is
+    /// not spoken to (the client retries, as for a broker that is not
+    /// there). Default: `$DAEMONEYE_BROKER_UID` when set, else this
+    /// process's effective uid; root always.
+    pub server_uids: Vec<u32>,
 }
 
 impl ClientConfig {
@@ -79,8 +97,18 @@ impl ClientConfig {
             write_limit_bytes: 4 << 20,
             subscription_capacity: 1024,
             timeout: Duration::from_secs(5),
+            server_uids: default_server_uids(),
         }
     }
+}
+
+/// `$DAEMONEYE_BROKER_UID` (or this process's effective uid) and root.
+fn default_server_uids() -> Vec<u32> {
+    let expected = std::env::var(BROKER_UID_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or_else(daemoneye_platform::effective_uid);
+    if expected == 0 { vec![0] } else { vec![expected, 0] }
 }
 
 /// Where the client stands with the broker.
@@ -211,6 +239,10 @@ struct Shared {
     connects: AtomicU64,
     /// The broker's maximum frame body, from its last `Welcome`.
     max_frame: AtomicU32,
+    /// The largest frame the broker may send (its `WelcomeAs`).
+    max_deliver: AtomicU32,
+    /// The client's id on the bus (the broker's `WelcomeAs`).
+    id: Mutex<String>,
     /// Set by `close`/drop: the reactor stops even if its command queue is
     /// not being drained.
     closing: AtomicBool,
@@ -288,6 +320,8 @@ impl Client {
             dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             max_frame: AtomicU32::new(frame::DEFAULT_MAX_FRAME),
+            max_deliver: AtomicU32::new(frame::DEFAULT_MAX_FRAME),
+            id: Mutex::new(cfg.client_id.clone()),
             closing: AtomicBool::new(false),
         });
         let mut reactor = ClientReactor {
@@ -295,6 +329,7 @@ impl Client {
             cmds: rx,
             shared: shared.clone(),
             stream: None,
+            id: cfg.client_id.clone(),
             welcomed: false,
             rbuf: Vec::new(),
             rlen: 0,
@@ -319,6 +354,13 @@ impl Client {
             .spawn(move || reactor.run())
             .map_err(|e| ClientError::Start(e.to_string()))?;
         Ok(Client { shared, cmds, waker, cfg, thread: Some(thread) })
+    }
+
+    /// This client's id on the bus: the one the broker's last `WelcomeAs`
+    /// gave (an id the broker assigned, `bus-<n>-<asked>`, unless this
+    /// process proved the id it asked for), the asked one before.
+    pub fn id(&self) -> String {
+        self.shared.id.lock().clone()
     }
 
     /// The connection state now.
@@ -609,6 +651,8 @@ struct ClientReactor {
     cmds: Receiver<Cmd>,
     shared: Arc<Shared>,
     stream: Option<UnixStream>,
+    /// The id the broker welcomed this client as (asked for, until then).
+    id: String,
     welcomed: bool,
     /// Read buffer; bytes `..rlen` are data.
     rbuf: Vec<u8>,
@@ -702,6 +746,28 @@ impl ClientReactor {
             Ok(s)
         }) {
             Ok(std_stream) => {
+                // Who serves the socket, from the kernel: an unexpected
+                // uid gets no Hello (and none of our publishes).
+                match daemoneye_platform::peer_credentials(&std_stream) {
+                    Ok(c) if self.cfg.server_uids.contains(&c.uid) => {}
+                    Ok(c) => {
+                        log::error!(
+                            "bus client {}: {} is served by uid {}, not by {:?}; not connecting",
+                            self.cfg.client_id,
+                            self.cfg.socket.display(),
+                            c.uid,
+                            self.cfg.server_uids
+                        );
+                        return self.schedule_retry();
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "bus client {}: cannot read the broker's credentials: {e}",
+                            self.cfg.client_id
+                        );
+                        return self.schedule_retry();
+                    }
+                }
                 let mut s = UnixStream::from_std(std_stream);
                 if let Err(e) =
                     self.poll.registry().register(&mut s, STREAM, Interest::READABLE | Interest::WRITABLE)
@@ -833,7 +899,7 @@ impl ClientReactor {
                 let n = self.next_req;
                 self.next_req += 1;
                 let token = std::hash::BuildHasher::hash_one(&self.inbox_keys, n);
-                let inbox = format!("direct.{}.r{n}x{token:016x}", self.cfg.client_id);
+                let inbox = format!("direct.{}.r{n}x{token:016x}", self.id);
                 let f = Frame::Request { topic: &topic, payload: &payload, reply_to: &inbox, strategy };
                 let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
                 let deadline = Instant::now() + timeout;
@@ -864,7 +930,7 @@ impl ClientReactor {
         self.pending_read = false;
         let parked_full = self.unpark();
         let mut closed = None;
-        let cap = READ_CAP.max(self.shared.max_frame.load(Ordering::Acquire) as usize + 4 + READ_CHUNK);
+        let cap = READ_CAP.max(self.shared.max_deliver.load(Ordering::Acquire) as usize + 4 + READ_CHUNK);
         if parked_full || !self.process_rbuf(&mut closed) {
             self.pending_read = true;
         } else if let Some(s) = self.stream.as_mut() {
@@ -928,7 +994,7 @@ impl ClientReactor {
     /// because a `Block` subscription reached its parking limit.
     fn process_rbuf(&mut self, closed: &mut Option<String>) -> bool {
         let rbuf = std::mem::take(&mut self.rbuf);
-        let max = self.shared.max_frame.load(Ordering::Acquire);
+        let max = self.shared.max_deliver.load(Ordering::Acquire);
         let mut used = 0;
         let mut all = true;
         loop {
@@ -958,11 +1024,20 @@ impl ClientReactor {
 
     fn handle(&mut self, f: Frame<'_>) {
         match f {
-            Frame::Welcome { max_frame, .. } => {
+            Frame::WelcomeAs { max_frame, max_deliver, client_id, .. } => {
                 self.welcomed = true;
                 self.shared.max_frame.store(max_frame, Ordering::Release);
+                self.shared.max_deliver.store(max_deliver.max(max_frame), Ordering::Release);
+                if client_id != self.cfg.client_id {
+                    log::info!(
+                        "bus client {}: the broker knows this client as {client_id}",
+                        self.cfg.client_id
+                    );
+                }
+                self.id = client_id.to_owned();
+                *self.shared.id.lock() = client_id.to_owned();
                 self.backoff = self.cfg.backoff_min;
-                let inbox = format!("direct.{}.#", self.cfg.client_id);
+                let inbox = format!("direct.{}.#", self.id);
                 let _ = frame::encode(
                     &Frame::Subscribe {
                         sid: INBOX_SID,

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Default maximum frame size (body bytes), a broker setting.
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Bytes of the length prefix.
@@ -75,6 +75,11 @@ pub enum ErrorCode {
     Limit,
     /// The broker is shutting down.
     ShuttingDown,
+    /// The client asked for an id that only a process the broker can
+    /// prove may hold (the agent's own, a collector's), and it is not that
+    /// process (protocol version 5). A collector started a moment before
+    /// its supervisor vouched for it retries.
+    Unproven,
 }
 
 /// One message on the wire. Kinds are postcard enum variants, numbered in
@@ -190,6 +195,22 @@ pub enum Frame<'a> {
         /// The subscriber that left (`ResponderGone`, `ResponderLeft`), or
         /// empty.
         responder: &'a str,
+    },
+    /// The broker accepted the `Hello` (protocol version 5, replacing
+    /// `Welcome`): the client's id on the bus may differ from the one it
+    /// asked for. A client that cannot prove an id reserved for the agent
+    /// or a collector gets one the broker assigns, `bus-<n>-<asked>`; its
+    /// inbox is `direct.<client_id>`, and `Deliver.from` names it so.
+    WelcomeAs {
+        /// The broker's protocol version.
+        protocol_version: u16,
+        /// The largest frame body the broker accepts from this client.
+        max_frame: u32,
+        /// The largest frame body the broker may send it (its own
+        /// maximum), which the client's reads must hold.
+        max_deliver: u32,
+        /// The client's id on the bus from now on.
+        client_id: &'a str,
     },
 }
 

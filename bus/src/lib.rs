@@ -1,7 +1,7 @@
 //! The local event bus that connects the agent and every collector. It
 //! knows nothing about processes: topics and bytes.
 //!
-//! # Protocol (version 4)
+//! # Protocol (version 5)
 //!
 //! A Unix domain stream socket carries frames: a `u32` little-endian body
 //! length, then the body, a postcard-encoded [`Frame`]. The broker's
@@ -9,11 +9,26 @@
 //! prefix closes that one connection with a logged protocol error before
 //! anything is allocated for it.
 //!
+//! 0. Before it says anything, the client checks who serves the socket:
+//!    the kernel's credentials of the listening process must name an
+//!    expected uid (`DAEMONEYE_BROKER_UID`, else the client's own, or
+//!    root).
 //! 1. The client's first frame is `Hello { protocol_version, client_id,
-//!    pid }`. The broker answers `Welcome { protocol_version, max_frame }`
-//!    or `Error` and closes. Who the peer is comes from the socket's peer
-//!    credentials, never from the frame. Any other frame first is a
-//!    protocol error.
+//!    pid }`. The broker answers `WelcomeAs { protocol_version, max_frame,
+//!    max_deliver, client_id }` or `Error` and closes. Who the peer is
+//!    comes from the socket's peer credentials (uid, gid, pid), never from
+//!    the frame. Any other frame first is a protocol error.
+//!    Identities (a broker configured with them): an id reserved for the
+//!    broker's host is welcomed only from the host's own pid; an id
+//!    reserved for a collector only from the process its supervisor
+//!    vouched for (pid and start time); either, asked for by another
+//!    process, gets `Error { code: Unproven }` (retried: a collector may
+//!    connect a moment before it is vouched for). Any other id is replaced
+//!    by one the broker assigns, `bus-<n>-<asked>`: `WelcomeAs` names it,
+//!    the client's inbox is `direct.<that id>`, and deliveries name it as
+//!    `from`. `max_frame` is what the broker accepts from this client
+//!    (1 MiB for one it cannot prove, when so configured), `max_deliver`
+//!    the largest frame it may send.
 //! 2. Then, in any order: `Subscribe { sid, pattern, mode, overflow }`
 //!    (broadcast or a queue group), `Unsubscribe { sid }`, `Publish { topic,
 //!    payload, reply_to, ack_id }` (a `PubAck { ack_id }` follows once it is
@@ -22,7 +37,9 @@
 //!    message }` for refusals.
 //! 3. Requests are `Request { topic, payload, reply_to, strategy }` with
 //!    `reply_to` a topic in the requester's inbox; the responder publishes
-//!    its answer there. Every client may subscribe to its own inbox,
+//!    its answer there. A `Publish` with a `reply_to` obeys the same rule
+//!    (protocol 5): no client can make another answer onto a topic it may
+//!    not publish to itself. Every client may subscribe to its own inbox,
 //!    `direct.<client_id>` and the topics under it, and nobody else's.
 //!    The broker remembers, per connection, the requests delivered to it
 //!    and not answered yet: that is the load `LeastLoaded` balances on, and
@@ -35,6 +52,19 @@
 //!    nobody subscribes to gets `NoReply { reason: NoResponders }` at once,
 //!    a refused one `NoReply { reason: Refused }` besides the `Error`.
 //!    `strategy` overrides the queue groups' own for that request.
+//!
+//! 4. Limits (protocol 5, where configured): a `bus.stats` request obeys
+//!    the publish permissions; `Overflow::Block` is honoured only for
+//!    allowed subscribers (anyone else gets `DropOldest`, so no such
+//!    subscriber pauses a publisher); connections of clients the broker
+//!    cannot prove are capped in total, per uid and per pid, closed when
+//!    idle, and cut over the broker's memory limit; a frame left
+//!    half-sent closes its connection.
+//!
+//! Version 5 on the wire: `WelcomeAs` (appended) replaces `Welcome`,
+//! `ErrorCode::Unproven` is appended; a broker and a client of version 4
+//! refuse each other with `Error { code: Version }` (the client then
+//! stays `Refused`): both sides are built and upgraded together.
 //!
 //! Topics: see [`topic`]. Evolution: frame kinds are postcard enum
 //! variants numbered in declaration order, which is not self-describing.
@@ -59,10 +89,13 @@ pub mod topic;
 
 #[cfg(unix)]
 pub use crate::broker::{
-    Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Permissions, QueueDepth, STATS_TOPIC,
+    Broker, BrokerConfig, BrokerError, BrokerStats, ClientPermissions, Identities, Permissions, QueueDepth,
+    STATS_TOPIC, Vouchers,
 };
 #[cfg(unix)]
-pub use crate::client::{Client, ClientConfig, ClientError, ConnectionState, Message, Subscription};
+pub use crate::client::{
+    BROKER_UID_ENV, Client, ClientConfig, ClientError, ConnectionState, Message, Subscription,
+};
 
 pub use crate::frame::{
     DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION,

@@ -82,7 +82,7 @@ impl Raw {
             match decode(&self.buf, 1 << 24) {
                 Ok(Some((f, n))) => {
                     let got = match f {
-                        Frame::Welcome { .. } => Got::Welcome,
+                        Frame::WelcomeAs { .. } => Got::Welcome,
                         Frame::Deliver { sid, topic, payload, reply_to, from } => Got::Deliver {
                             sid,
                             topic: topic.to_owned(),

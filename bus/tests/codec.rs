@@ -10,6 +10,12 @@ fn samples() -> Vec<Frame<'static>> {
     vec![
         Frame::Hello { protocol_version: daemoneye_bus::PROTOCOL_VERSION, client_id: "procmond-1", pid: 42 },
         Frame::Welcome { protocol_version: daemoneye_bus::PROTOCOL_VERSION, max_frame: 1 << 20 },
+        Frame::WelcomeAs {
+            protocol_version: daemoneye_bus::PROTOCOL_VERSION,
+            max_frame: 1 << 20,
+            max_deliver: 16 << 20,
+            client_id: "bus-1-cli-42",
+        },
         Frame::Subscribe {
             sid: 7,
             pattern: "events.process.+",

@@ -111,7 +111,7 @@ fn raw_hello(socket: &Path) -> ExitCode {
     let mut got = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut got);
     match decode(&got, 1 << 20) {
-        Ok(Some((Frame::Welcome { .. }, _))) => say("welcomed"),
+        Ok(Some((Frame::WelcomeAs { .. }, _))) => say("welcomed"),
         Ok(Some((Frame::Error { code, .. }, _))) => say(&format!("refused {code:?}")),
         _ => say("closed"),
     }

@@ -236,7 +236,8 @@ fn refused_requests_fail_at_once_and_an_inbox_takes_no_requests() {
     let path = tmp.path().join("bus.sock");
     let mut cfg = BrokerConfig::new(&path);
     cfg.default_permissions = Some(daemoneye_bus::Permissions {
-        publish: vec!["allowed.#".into()],
+        // bus.stats obeys the permissions too (protocol 5).
+        publish: vec!["allowed.#".into(), daemoneye_bus::STATS_TOPIC.into()],
         subscribe: vec!["allowed.#".into()],
     });
     let _broker = Broker::start(cfg).expect("broker");

@@ -43,8 +43,9 @@ pub use crate::kernel::{
     KernelWaker, ReadOutcome, Wakeup, kernel_events_availability, raise_thread_priority,
 };
 #[cfg(unix)]
-#[cfg(unix)]
-pub use crate::peer::{PeerCredentials, effective_uid, peer_credentials};
+pub use crate::peer::{
+    PEER_PID_AVAILABLE, PeerCredentials, effective_uid, peer_credentials, process_start_time,
+};
 pub use crate::portable::SysinfoSource;
 pub use crate::privilege::{PrivilegeReport, drop_privileges};
 #[cfg(target_os = "linux")]

@@ -14,8 +14,10 @@
 //!   acknowledgement; it takes records from the buffer, or from the WAL
 //!   when they were spilled or must be sent again.
 //! - Acknowledgements arrive on `control.ack.<collector_id>`
-//!   ([`StoreAck`]): the WAL is truncated through that watermark. A
-//!   broker's PubAck never truncates anything.
+//!   ([`StoreAck`]) from the store's client (`control::STORE_CLIENT_ID`,
+//!   as the broker names the sender; any other is ignored): the WAL is
+//!   truncated through that watermark. A broker's PubAck never truncates
+//!   anything.
 //! - After every (re)connection, and when acknowledgements stop while
 //!   events are in flight, publishing restarts at the first unacknowledged
 //!   record: only those are re-sent, in order. The store drops duplicates
@@ -208,6 +210,7 @@ impl Connector {
             slowed: false,
             last_progress: Instant::now(),
             ack_timeout: cfg.ack_timeout,
+            foreign_acks: 0,
         };
         let thread = std::thread::Builder::new()
             .name("procmond-flush".into())
@@ -438,6 +441,8 @@ struct Flusher {
     /// Last time an acknowledgement advanced (or nothing was in flight).
     last_progress: Instant,
     ack_timeout: Duration,
+    /// Acknowledgements ignored because the store did not send them.
+    foreign_acks: u64,
 }
 
 impl Flusher {
@@ -453,7 +458,21 @@ impl Flusher {
                 },
                 recv(notify) -> _ => {}
                 recv(ack_rx) -> msg => match msg {
-                    Ok(msg) => match control::decode::<StoreAck>(&msg.payload) {
+                    // Only the store truncates the WAL: an acknowledgement
+                    // from anyone else (the broker names the sender) is
+                    // ignored, whatever it says.
+                    Ok(msg) if msg.from != control::STORE_CLIENT_ID => {
+                        self.foreign_acks += 1;
+                        if self.foreign_acks.is_power_of_two() {
+                            log::warn!(
+                                "ignored a store acknowledgement on {} from {:?}, not the store ({} so far)",
+                                msg.topic,
+                                msg.from,
+                                self.foreign_acks
+                            );
+                        }
+                    }
+                    Ok(msg) => match daemoneye_contract::topic::ACKS.decode(&msg) {
                         Ok(ack) => self.on_ack(ack),
                         Err(e) => log::warn!("malformed store acknowledgement on {}: {e}", msg.topic),
                     },

@@ -190,3 +190,47 @@ fn an_ack_above_what_was_sent_is_refused() {
     (connector.ack_hook())(5);
     assert!(wait_until(Duration::from_secs(5), || connector.status().unacknowledged == 5));
 }
+
+/// Only the store truncates the WAL: a `StoreAck` from any other bus
+/// client (the broker names the sender) changes nothing, even one that is
+/// allowed to publish on the ack topic.
+#[test]
+fn a_store_ack_from_anyone_but_the_store_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let _broker = broker(dir.path());
+    let (client, actor_tx, _inbox, cfg) = parts(dir.path());
+    assert!(client.wait_connected(Duration::from_secs(5)));
+    let mut connector =
+        Connector::start(cfg, &dir.path().join("wal"), client.clone(), actor_tx.clone()).unwrap();
+    connector.submit((0..10).map(event).collect()).unwrap();
+    connector.flush(Duration::from_secs(5)).unwrap();
+    assert_eq!(connector.status().unacknowledged, 10);
+    let ack = daemoneye_contract::control::encode(&daemoneye_contract::control::StoreAck {
+        stream_id: connector.stream_id(),
+        through: 10,
+    });
+    let topic = daemoneye_contract::control::ack_topic("pm");
+    let intruder =
+        daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(socket_path(dir.path()), "intruder"))
+            .unwrap();
+    assert!(intruder.wait_connected(Duration::from_secs(5)));
+    intruder.publish_confirmed(&topic, &ack).unwrap();
+    // Routed before the store's (one broker, one subscription, in order):
+    // had the intruder's ack through 10 been taken, the store's through 4
+    // would change nothing and nothing would be left unacknowledged.
+    let store = daemoneye_bus::Client::connect(daemoneye_bus::ClientConfig::new(
+        socket_path(dir.path()),
+        daemoneye_contract::ids::STORE_CLIENT_ID,
+    ))
+    .unwrap();
+    assert!(store.wait_connected(Duration::from_secs(5)));
+    let partial = daemoneye_contract::control::encode(&daemoneye_contract::control::StoreAck {
+        stream_id: connector.stream_id(),
+        through: 4,
+    });
+    store.publish_confirmed(&topic, &partial).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || connector.status().unacknowledged != 10));
+    assert_eq!(connector.status().unacknowledged, 6, "an intruder's ack was taken");
+    connector.shutdown().unwrap();
+    assert_eq!(daemoneye_wal::inspect(&dir.path().join("wal")).unwrap().watermark, 4);
+}

@@ -46,6 +46,11 @@ pub fn heartbeat_topic(collector_id: &str) -> String {
     crate::topic::HEARTBEATS.at(collector_id)
 }
 
+/// The bus client id of the agent's store writer: the only sender whose
+/// [`StoreAck`]s a collector takes (the broker vouches for `from`, and
+/// welcomes this id only from the agent's own process).
+pub use crate::ids::STORE_CLIENT_ID;
+
 /// The topic on which the agent's store acknowledges one collector's events.
 pub fn ack_topic(collector_id: &str) -> String {
     crate::topic::ACKS.at(collector_id)

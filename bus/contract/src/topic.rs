@@ -53,7 +53,8 @@ pub enum Role {
     /// The agent's task coordinator ([`TASKS_CLIENT_ID`]).
     Tasks,
     /// A collector: any client id that is none of the agent's, not the
-    /// CLI's and not the broker's own.
+    /// CLI's, not the broker's own and not one it assigned (`bus-<n>-…`,
+    /// given to clients that cannot prove the id they asked for).
     Collector,
     /// The command-line tool (`cli-<pid>`).
     Cli,
@@ -73,6 +74,7 @@ impl Role {
                 !agents.contains(&from)
                     && !from.starts_with(CLI_CLIENT_PREFIX)
                     && from != "bus"
+                    && !from.starts_with("bus-")
                     && !from.is_empty()
             }
             Role::Cli => from.starts_with(CLI_CLIENT_PREFIX),
@@ -268,6 +270,7 @@ mod tests {
             assert!(!Role::Collector.admits(id), "{id}");
         }
         assert!(Role::Cli.admits("cli-42") && Role::Anyone.admits("x"));
+        assert!(!Role::Collector.admits("bus-7-procmond"), "an id the broker assigned is nobody's");
     }
 
     #[test]

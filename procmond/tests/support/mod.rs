@@ -73,6 +73,10 @@ impl FakeAgent {
         let client = Arc::new(
             Client::connect(ClientConfig::new(socket, daemoneye_contract::ids::AGENT_CLIENT_ID)).unwrap(),
         );
+        // Acknowledgements are the store's word: its own client.
+        let acker =
+            Client::connect(ClientConfig::new(socket, daemoneye_contract::ids::STORE_CLIENT_ID)).unwrap();
+        assert!(acker.wait_connected(Duration::from_secs(10)), "fake store connects");
         assert!(client.wait_connected(Duration::from_secs(10)), "fake agent connects");
         let store = Arc::new(Mutex::new(EventStore::open(db).unwrap()));
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -129,7 +133,7 @@ impl FakeAgent {
                     watermarks.extend(commit(&store, &seen, &stored, &mut batch));
                     for w in watermarks {
                         let ack = StoreAck { stream_id: w.stream_id, through: w.through };
-                        let _ = client.publish(&control::ack_topic(&w.collector_id), &control::encode(&ack));
+                        let _ = acker.publish(&control::ack_topic(&w.collector_id), &control::encode(&ack));
                     }
                 }
                 drop((regs, events, hbs));
