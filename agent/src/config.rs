@@ -432,6 +432,9 @@ impl AgentConfig {
                 check_executable(&c.binary).map_err(|reason| err(at("binary"), reason))?;
             }
         }
+        daemoneye_platform::paths::check_socket_path(&self.broker_socket()).map_err(|reason| {
+            err(if self.broker_socket.is_some() { "broker_socket" } else { "data_dir" }.into(), reason)
+        })?;
         let store = &self.store;
         if store.batch_max == 0 {
             return Err(err("store.batch_max".into(), "must be at least 1".into()));
@@ -626,7 +629,10 @@ mod tests {
         let (dir, _) = setup();
         let noexec = dir.path().join("plain");
         std::fs::write(&noexec, "x").unwrap();
-        let cases: [(&str, &str, &str); 21] = [
+        let long = format!("/{}", "d".repeat(120));
+        let long_dir = format!("data_dir: {long}\n");
+        let long_socket = format!("broker_socket: {long}/b.sock\n");
+        let cases: [(&str, &str, &str); 23] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -672,6 +678,8 @@ mod tests {
             ("bus: {memory_limit_mib: 4, queue_limit_mib: 8}\n", "bus.queue_limit_mib", "memory limit"),
             ("bus: {max_connections: 10}\n", "bus.max_connections_per_uid", "more than bus.max_connections"),
             ("bus: {idle_secs: 3}\n", "line", "idle_secs"),
+            (&long_dir, "data_dir", "this OS allows at most"),
+            (&long_socket, "broker_socket", "this OS allows at most"),
         ];
         for (text, field, reason) in cases {
             let e = AgentConfig::parse(text, "agent.yaml", dir.path()).unwrap_err();

@@ -76,6 +76,26 @@ fn writable(dir: &Path) -> bool {
     }
 }
 
+/// The longest Unix socket path this OS takes, in bytes: the size of
+/// `sockaddr_un.sun_path` less its terminating NUL (108 on Linux, 104 on
+/// the BSDs and macOS).
+pub const MAX_SOCKET_PATH: usize =
+    if cfg!(any(target_os = "linux", target_os = "android")) { 107 } else { 103 };
+
+/// Refuses a Unix socket path the OS cannot bind or connect to, with a
+/// message naming the path, its length and the limit (binding one fails
+/// with an obscure "path must be shorter than SUN_LEN" or `ENAMETOOLONG`).
+pub fn check_socket_path(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "socket path {} is {len} bytes; this OS allows at most {MAX_SOCKET_PATH}: use a shorter data_dir or set broker_socket",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +106,27 @@ mod tests {
         // here (tests touch nothing outside their temp dirs).
         assert!(system_data_dir().is_absolute());
         assert!(user_data_dir().is_none_or(|d| d.is_absolute()));
+    }
+
+    #[test]
+    fn a_socket_path_over_the_limit_is_refused_with_its_length() {
+        let at_limit = PathBuf::from(format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1)));
+        assert_eq!(check_socket_path(&at_limit), Ok(()));
+        let over = PathBuf::from(format!("/{}", "s".repeat(MAX_SOCKET_PATH)));
+        let e = check_socket_path(&over).unwrap_err();
+        assert!(e.contains(&format!("{} bytes", MAX_SOCKET_PATH + 1)) && e.contains("at most"), "{e}");
+        // The limit is the OS's: one byte more cannot be bound.
+        #[cfg(unix)]
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let mut name = dir.path().to_path_buf();
+            let room = MAX_SOCKET_PATH - name.as_os_str().len() - 1;
+            name.push("s".repeat(room));
+            assert!(std::os::unix::net::UnixListener::bind(&name).is_ok(), "at the limit it binds");
+            name.set_file_name("s".repeat(room + 1));
+            assert!(check_socket_path(&name).is_err());
+            assert!(std::os::unix::net::UnixListener::bind(&name).is_err(), "one more byte does not");
+        }
     }
 
     #[test]
