@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// The system-wide data directory of this OS.
+/// The system-wide data directory of this OS (`/var/lib/daemoneye`;
+/// `/var/db/daemoneye` on the BSDs, `/Library/Application Support/DaemonEye`
+/// on macOS, `%ProgramData%\\DaemonEye` on Windows).
 pub fn system_data_dir() -> PathBuf {
     #[cfg(target_os = "windows")]
     {
@@ -15,8 +17,13 @@ pub fn system_data_dir() -> PathBuf {
     {
         PathBuf::from("/var/db/daemoneye")
     }
+    #[cfg(target_os = "macos")]
+    {
+        PathBuf::from("/Library/Application Support/DaemonEye")
+    }
     #[cfg(not(any(
         target_os = "windows",
+        target_os = "macos",
         target_os = "freebsd",
         target_os = "openbsd",
         target_os = "netbsd",

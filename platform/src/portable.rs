@@ -119,6 +119,13 @@ fn state(s: ProcessStatus) -> ProcessState {
     }
 }
 
+/// A start time in Unix seconds as sysinfo gives it: 0 is what it says
+/// when the OS would not tell (macOS, another user's process without
+/// root), not 1970.
+fn started_unix(secs: u64) -> Result<u64, Unavailable> {
+    if secs > 0 { Ok(secs) } else { Err(Unavailable::NotPermitted) }
+}
+
 impl ProcessSource for SysinfoSource {
     fn backend(&self) -> &'static str {
         "sysinfo"
@@ -188,7 +195,7 @@ impl ProcessSource for SysinfoSource {
                 pid,
                 ppid: p.parent().map_or(0, |pp| pp.as_u32()),
                 start_time: p.start_time(),
-                started_unix: Ok(p.start_time()),
+                started_unix: started_unix(p.start_time()),
                 name: known.name.clone(),
                 state: state(p.status()),
                 session: p.session_id().map(|s| s.as_u32()).ok_or(Unavailable::NotSupported),
@@ -207,5 +214,16 @@ impl ProcessSource for SysinfoSource {
 
     fn last_cycle(&self) -> CycleStats {
         self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_time_of_zero_is_not_permitted_not_1970() {
+        assert_eq!(started_unix(0), Err(Unavailable::NotPermitted));
+        assert_eq!(started_unix(1_700_000_000), Ok(1_700_000_000));
     }
 }

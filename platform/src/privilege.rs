@@ -142,12 +142,11 @@ pub(crate) fn from_linux(euid: u32, cap_eff: Option<u64>, hidepid: Option<String
 ///
 /// If the final probe finds that root can be regained, the process aborts
 /// rather than return as root.
-#[cfg(unix)]
+#[cfg(all(unix, not(any(target_os = "macos", target_os = "ios"))))]
 pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
     use nix::unistd::{Gid, Uid};
     let fail = |op: &'static str| move |e: nix::Error| Error::Privilege { op, source: e.into() };
     let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
-    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
     nix::unistd::setgroups(&[g]).map_err(fail("setgroups"))?;
     set_ids(u, g).map_err(|(op, e)| fail(op)(e))?;
     verify_dropped(u, g)?;
@@ -158,6 +157,18 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
         std::process::abort();
     }
     Ok(())
+}
+
+/// On Apple systems the drop is refused: their `setgroups` is not in nix
+/// (its group semantics differ), and keeping root's supplementary groups
+/// would not be a drop. Start the daemon as the user instead.
+#[cfg(any(target_os = "macos", target_os = "ios"))]
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
+    log::error!(
+        "run_as (uid {uid}, gid {gid}) is not supported on macOS: root's supplementary groups cannot be \
+         cleared; start the agent as that user instead"
+    );
+    Err(Error::Privilege { op: "setgroups", source: std::io::Error::from(std::io::ErrorKind::Unsupported) })
 }
 
 #[cfg(any(
@@ -172,8 +183,8 @@ fn set_ids(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), (&'static str
     nix::unistd::setresuid(u, u, u).map_err(|e| ("setresuid", e))
 }
 
-/// Without `setres*id` (macOS, NetBSD): as root, `setgid`/`setuid` set
-/// the real, effective and saved ids together.
+/// Without `setres*id` (NetBSD): as root, `setgid`/`setuid` set the
+/// real, effective and saved ids together.
 #[cfg(all(
     unix,
     not(any(
@@ -181,7 +192,9 @@ fn set_ids(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), (&'static str
         target_os = "android",
         target_os = "freebsd",
         target_os = "dragonfly",
-        target_os = "openbsd"
+        target_os = "openbsd",
+        target_os = "macos",
+        target_os = "ios"
     ))
 ))]
 fn set_ids(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), (&'static str, nix::Error)> {
@@ -189,7 +202,7 @@ fn set_ids(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), (&'static str
     nix::unistd::setuid(u).map_err(|e| ("setuid", e))
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(any(target_os = "macos", target_os = "ios"))))]
 fn verify_dropped(u: nix::unistd::Uid, g: nix::unistd::Gid) -> Result<(), Error> {
     let bad = |what: String| Err(Error::Privilege { op: "verify", source: std::io::Error::other(what) });
     if (nix::unistd::getuid(), nix::unistd::geteuid()) != (u, u)
