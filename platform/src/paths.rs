@@ -248,6 +248,13 @@ mod lock_tests {
             other => panic!("second lock: {other:?}"),
         }
         drop(lock);
+        // A child another test forks at this moment holds a copy of the
+        // descriptor (and so the lock) until its exec closes it: wait for
+        // that, briefly.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while PidLock::holder(&path).is_some() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(PidLock::holder(&path), None, "released with its holder");
         assert!(PidLock::acquire(&path).is_ok(), "taken over");
     }
