@@ -215,6 +215,46 @@ pub fn boot_id() -> Option<String> {
     }
 }
 
+/// Whether process `pid` exists and has not exited (a zombie has). For
+/// tests and tools that watch processes they started; Linux reads
+/// `/proc/<pid>/stat`, elsewhere sysinfo asks the kernel.
+pub fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        one_process(pid, |p| {
+            !matches!(p.status(), sysinfo::ProcessStatus::Zombie | sysinfo::ProcessStatus::Dead)
+        })
+        .unwrap_or(false)
+    }
+}
+
+/// The executable of process `pid`, where this process may read it.
+pub fn process_exe(pid: u32) -> Option<std::path::PathBuf> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        one_process(pid, |p| p.exe().map(std::path::Path::to_path_buf)).flatten()
+    }
+}
+
+/// `f` of process `pid` as sysinfo sees it now; `None` when it is gone.
+#[cfg(not(target_os = "linux"))]
+fn one_process<T>(pid: u32, f: impl FnOnce(&sysinfo::Process) -> T) -> Option<T> {
+    let mut sys = sysinfo::System::new().ok()?;
+    let p = sysinfo::Pid::from_u32(pid);
+    let kind = sysinfo::ProcessRefreshKind::nothing().with_exe(sysinfo::UpdateKind::Always);
+    sys.refresh_processes_specifics(sysinfo::ProcessesToUpdate::Some(&[p]), false, kind);
+    sys.process(p).map(f)
+}
+
 /// What this host and process can do, for registration and health data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformReport {

@@ -56,16 +56,10 @@ pub fn detect() -> PrivilegeReport {
     #[cfg(all(unix, not(target_os = "linux")))]
     {
         let euid = nix::unistd::geteuid().as_raw();
-        let root = euid == 0;
-        let missing = if root { Vec::new() } else { vec!["exe", "exe_file", "cwd", "argv", "user"] };
-        let summary = if root {
-            "running as root: all fields of all processes are readable".to_owned()
-        } else {
-            format!("running as uid {euid}: other users' exe, cwd and command lines may be missing")
-        };
+        let (missing, summary) = unprivileged_bsd(euid);
         PrivilegeReport {
             euid: Some(euid),
-            root,
+            root: euid == 0,
             cap_sys_ptrace: None,
             cap_dac_read_search: None,
             proc_hidepid: None,
@@ -85,6 +79,37 @@ pub fn detect() -> PrivilegeReport {
             summary: "administrator detection is not implemented on this OS; assuming unprivileged"
                 .to_owned(),
         }
+    }
+}
+
+/// What a non-root process cannot read of other users' processes on the
+/// BSDs and macOS, and the sentence saying so (nothing missing for root).
+/// FreeBSD hands out other users' executable paths, command lines and
+/// credentials through sysctl `kern.proc`; only the working directory
+/// needs root (and with `security.bsd.see_other_uids=0` their processes
+/// are not listed at all). macOS gives a non-root process no path,
+/// arguments, working directory or start time of another user's process.
+#[cfg(all(unix, not(target_os = "linux")))]
+fn unprivileged_bsd(euid: u32) -> (Vec<&'static str>, String) {
+    if euid == 0 {
+        return (Vec::new(), "running as root: all fields of all processes are readable".to_owned());
+    }
+    if cfg!(any(target_os = "macos", target_os = "ios")) {
+        (
+            vec!["exe", "exe_file", "cwd", "argv", "started_unix"],
+            format!(
+                "running as uid {euid}: other users' executables, command lines, working directories and \
+                 start times are not readable"
+            ),
+        )
+    } else {
+        (
+            vec!["cwd"],
+            format!(
+                "running as uid {euid}: other users' working directories need root (and their processes are \
+                 not listed at all with security.bsd.see_other_uids=0)"
+            ),
+        )
     }
 }
 

@@ -58,10 +58,7 @@ pub fn signal(pid: u32, sig: Signal) {
 
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
+    daemoneye_platform::process_alive(pid)
 }
 
 /// One collector in a test's agent.yaml.
@@ -344,8 +341,8 @@ pub fn ask_task(client: &Client, req: &AgentTaskRequest, timeout: Duration) -> A
 /// Whether `pid` runs procmond (so a test never kills a stranger that
 /// reused a pid from a stale lock file).
 fn is_procmond(pid: u32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe"))
-        .is_ok_and(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("procmond")))
+    daemoneye_platform::process_exe(pid)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("procmond")))
 }
 
 /// Per collector: (events stored, distinct streams, whether each stream's
