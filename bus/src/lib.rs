@@ -76,7 +76,8 @@
 //!
 //! Built so far: topics, the frame codec, the [`Broker`] (a mio reactor on
 //! one thread, see [`broker`]) and the blocking [`Client`] (see
-//! [`client`]).
+//! [`client`]); for tests and probes, a hand-driven connection (see
+//! [`testing`]).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -85,6 +86,8 @@ pub mod broker;
 #[cfg(unix)]
 pub mod client;
 pub mod frame;
+#[cfg(unix)]
+pub mod testing;
 pub mod topic;
 
 #[cfg(unix)]

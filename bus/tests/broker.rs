@@ -2,14 +2,12 @@
 //! that speak the frame codec directly: routing modes, overflow accounting,
 //! hostile input, socket safety and shutdown.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use daemoneye_bus::{
-    Broker, BrokerConfig, BrokerError, ErrorCode, Frame, Mode, Overflow, Strategy, decode, encode,
-};
+use daemoneye_bus::testing::RawConnection;
+use daemoneye_bus::{Broker, BrokerConfig, BrokerError, ErrorCode, Frame, Mode, Overflow, Strategy, encode};
 
 /// An owned copy of the frames a test client receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,16 +20,29 @@ enum Got {
     Other(String),
 }
 
-struct Raw {
-    s: UnixStream,
-    buf: Vec<u8>,
+/// The owned copy of a received frame.
+fn got(f: Frame<'_>) -> Got {
+    match f {
+        Frame::WelcomeAs { .. } => Got::Welcome,
+        Frame::Deliver { sid, topic, payload, reply_to, from } => Got::Deliver {
+            sid,
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            reply_to: reply_to.map(str::to_owned),
+            from: from.to_owned(),
+        },
+        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
+        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
+        Frame::Pong(n) => Got::Pong(n),
+        other => Got::Other(format!("{other:?}")),
+    }
 }
+
+struct Raw(RawConnection);
 
 impl Raw {
     fn connect(path: &Path) -> Raw {
-        let s = UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-        Raw { s, buf: Vec::new() }
+        Raw(RawConnection::connect(path).expect("connect"))
     }
 
     /// Connects and completes the handshake.
@@ -47,9 +58,7 @@ impl Raw {
     }
 
     fn send(&mut self, f: &Frame<'_>) {
-        let mut out = Vec::new();
-        encode(f, &mut out, 1 << 20).expect("encode");
-        self.s.write_all(&out).expect("write");
+        self.0.send(f).expect("write");
     }
 
     fn sub(&mut self, sid: u64, pattern: &str, mode: Mode<'_>, overflow: Overflow) {
@@ -60,59 +69,14 @@ impl Raw {
         self.send(&Frame::Publish { topic, payload, reply_to: None, ack_id: None });
     }
 
-    /// Sends a Ping and waits for its Pong: the broker handles a
-    /// connection's frames in order, so everything sent before has been
-    /// handled (routed or refused). Returns what came before the Pong.
+    /// Everything sent before has been handled; what came back first.
     fn sync(&mut self, n: u64) -> Vec<Got> {
-        self.send(&Frame::Ping(n));
-        let mut before = Vec::new();
-        loop {
-            match self.recv(Duration::from_secs(5)) {
-                Some(Got::Pong(a)) if a == n => return before,
-                Some(g) => before.push(g),
-                None => panic!("no Pong {n}"),
-            }
-        }
+        self.0.sync(n, Duration::from_secs(5), got).unwrap_or_else(|_| panic!("no Pong {n}"))
     }
 
     /// The next frame, or `None` at timeout or end of stream.
     fn recv(&mut self, timeout: Duration) -> Option<Got> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match decode(&self.buf, 1 << 24) {
-                Ok(Some((f, n))) => {
-                    let got = match f {
-                        Frame::WelcomeAs { .. } => Got::Welcome,
-                        Frame::Deliver { sid, topic, payload, reply_to, from } => Got::Deliver {
-                            sid,
-                            topic: topic.to_owned(),
-                            payload: payload.to_vec(),
-                            reply_to: reply_to.map(str::to_owned),
-                            from: from.to_owned(),
-                        },
-                        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
-                        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
-                        Frame::Pong(n) => Got::Pong(n),
-                        other => Got::Other(format!("{other:?}")),
-                    };
-                    self.buf.drain(..n);
-                    return Some(got);
-                }
-                Ok(None) => {}
-                Err(e) => panic!("broker sent a bad frame: {e}"),
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(_) => return None,
-            }
-        }
+        self.0.recv(timeout, got)
     }
 
     /// Every delivery until `quiet` passes with nothing new.
@@ -121,19 +85,7 @@ impl Raw {
     }
 
     fn closed_by_broker(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            // Error frames may come first; then the stream must end.
-            if self.recv(Duration::from_millis(200)).is_none() {
-                let mut b = [0u8; 1];
-                match self.s.read(&mut b) {
-                    Ok(0) => return true,
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => return true,
-                    _ => {}
-                }
-            }
-        }
-        false
+        self.0.closed_within(Duration::from_secs(5))
     }
 }
 
@@ -308,7 +260,7 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
     let mut sent = 0u8;
     for (name, bytes) in &cases {
         let mut evil = Raw::connect(&path);
-        evil.s.write_all(bytes).expect("write hostile bytes");
+        evil.0.get_mut().write_all(bytes).expect("write hostile bytes");
         assert!(evil.closed_by_broker(), "{name}: the broker must close the connection");
         // The good pair keeps working between attacks.
         good_pub.publish("events.ok", &[sent]);
@@ -316,7 +268,7 @@ fn hostile_clients_are_cut_off_and_a_good_client_loses_nothing() {
     }
     // A truncated frame followed by a hang-up.
     let mut evil = Raw::connect(&path);
-    evil.s.write_all(&hello[..hello.len() - 1]).expect("write");
+    evil.0.get_mut().write_all(&hello[..hello.len() - 1]).expect("write");
     drop(evil);
     // Forbidden and malformed topics get an error, not a close.
     let mut rude = Raw::hello(&path, "rude");

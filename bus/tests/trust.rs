@@ -8,14 +8,15 @@
 //! (a `sleep` child it starts and kills) as the broker's host, and a
 //! proven one by vouching for itself.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use daemoneye_bus::testing::RawConnection;
 use daemoneye_bus::{
     Broker, BrokerConfig, Client, ClientConfig, ConnectionState, ErrorCode, Frame, Identities, Mode,
-    Overflow, Permissions, decode, encode,
+    Overflow, Permissions, encode,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -30,21 +31,24 @@ enum Got {
     Other(String),
 }
 
-struct Raw {
-    s: UnixStream,
-    buf: Vec<u8>,
+/// The owned copy of a received frame.
+fn got(f: Frame<'_>) -> Got {
+    match f {
+        Frame::WelcomeAs { client_id, max_frame, .. } => Got::Welcome { id: client_id.to_owned(), max_frame },
+        Frame::Deliver { topic, from, .. } => Got::Deliver { topic: topic.to_owned(), from: from.to_owned() },
+        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
+        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
+        Frame::Pong(n) => Got::Pong(n),
+        other => Got::Other(format!("{other:?}")),
+    }
 }
 
-impl Raw {
-    fn connect(path: &Path) -> Raw {
-        let s = UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
-        Raw { s, buf: Vec::new() }
-    }
+struct Raw(RawConnection);
 
+impl Raw {
     /// Connects, says Hello as `id` and returns the broker's first answer.
     fn hello(path: &Path, id: &str) -> (Raw, Got) {
-        let mut r = Raw::connect(path);
+        let mut r = Raw(RawConnection::connect(path).expect("connect"));
         r.send(&Frame::Hello { protocol_version: daemoneye_bus::PROTOCOL_VERSION, client_id: id, pid: 1 });
         let got = r.recv(WAIT).expect("an answer to Hello");
         (r, got)
@@ -58,87 +62,50 @@ impl Raw {
         }
     }
 
+    /// A write error is left for the next receive to show.
     fn send(&mut self, f: &Frame<'_>) {
-        let mut out = Vec::new();
-        encode(f, &mut out, 1 << 24).expect("encode");
-        let _ = self.s.write_all(&out);
+        let _ = self.0.send(f);
+    }
+
+    fn sub(&mut self, sid: u64, pattern: &str, overflow: Overflow) {
+        self.send(&Frame::Subscribe { sid, pattern, mode: Mode::Broadcast, overflow });
     }
 
     /// Handles everything sent before, returning what came back first.
     fn sync(&mut self, n: u64) -> Vec<Got> {
-        self.send(&Frame::Ping(n));
-        let mut before = Vec::new();
-        loop {
-            match self.recv(WAIT) {
-                Some(Got::Pong(a)) if a == n => return before,
-                Some(g) => before.push(g),
-                None => panic!("no Pong {n}; got {before:?}"),
-            }
-        }
+        self.0.sync(n, WAIT, got).unwrap_or_else(|before| panic!("no Pong {n}; got {before:?}"))
     }
 
     fn recv(&mut self, timeout: Duration) -> Option<Got> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match decode(&self.buf, 1 << 24) {
-                Ok(Some((f, n))) => {
-                    let got = match f {
-                        Frame::WelcomeAs { client_id, max_frame, .. } => {
-                            Got::Welcome { id: client_id.to_owned(), max_frame }
-                        }
-                        Frame::Deliver { topic, from, .. } => {
-                            Got::Deliver { topic: topic.to_owned(), from: from.to_owned() }
-                        }
-                        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
-                        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
-                        Frame::Pong(n) => Got::Pong(n),
-                        other => Got::Other(format!("{other:?}")),
-                    };
-                    self.buf.drain(..n);
-                    return Some(got);
-                }
-                Ok(None) => {}
-                Err(e) => panic!("bad frame from the broker: {e}"),
+        self.0.recv(timeout, got)
+    }
+
+    /// Writes `n` publishes of `payload` to `topic`, then `Ping(ping)`, all
+    /// at once from a thread through a clone of the stream: when the
+    /// broker's push-back holds the writes up, it holds up only that thread.
+    fn flood_from_thread(
+        &self,
+        topic: &'static str,
+        payload: Vec<u8>,
+        n: usize,
+        ping: u64,
+    ) -> JoinHandle<()> {
+        let mut w = self.0.get_ref().try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let publish = Frame::Publish { topic, payload: &payload, reply_to: None, ack_id: None };
+            for _ in 0..n {
+                encode(&publish, &mut bytes, 1 << 24).expect("encode");
             }
-            if Instant::now() > deadline {
-                return None;
-            }
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => return None,
-            }
-        }
+            encode(&Frame::Ping(ping), &mut bytes, 1 << 24).expect("encode");
+            w.write_all(&bytes).expect("write");
+        })
     }
 
     /// Whether the broker closed the connection within `timeout` (frames
     /// before the end are skipped).
     fn closed_within(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let mut chunk = [0u8; 4096];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => return true,
-            }
-        }
-        false
+        self.0.closed_within(timeout)
     }
 }
 
@@ -238,24 +205,9 @@ fn reserved_ids_need_proof_and_other_ids_are_assigned() {
     assert!(id1.starts_with("bus-") && id1.ends_with("-cli-7"), "{id1}");
     assert_ne!(id1, id2);
     // Its inbox is the assigned id's, and deliveries name it so.
-    cli.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: &format!("direct.{id1}.#"),
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
-    cli.send(&Frame::Subscribe {
-        sid: 2,
-        pattern: "direct.cli-7.#",
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
-    cli.send(&Frame::Subscribe {
-        sid: 3,
-        pattern: "news",
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
+    cli.sub(1, &format!("direct.{id1}.#"), Overflow::DropNewest);
+    cli.sub(2, "direct.cli-7.#", Overflow::DropNewest);
+    cli.sub(3, "news", Overflow::DropNewest);
     let got = cli.sync(2);
     assert!(
         matches!(got.as_slice(), [Got::Error(ErrorCode::Forbidden, m)] if m.contains("direct.cli-7")),
@@ -305,18 +257,8 @@ fn reply_to_must_be_in_the_publishers_own_inbox_on_every_frame_kind() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (b, path) = broker(tmp.path(), |_| {});
     let (mut victim, _) = Raw::welcomed(&path, "victim");
-    victim.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: "control.lifecycle",
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
-    victim.send(&Frame::Subscribe {
-        sid: 2,
-        pattern: "status",
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
+    victim.sub(1, "control.lifecycle", Overflow::DropNewest);
+    victim.sub(2, "status", Overflow::DropNewest);
     victim.sync(1);
     let (mut evil, _) = Raw::welcomed(&path, "evil");
     let forbidden_before = b.stats().forbidden;
@@ -394,12 +336,7 @@ fn block_is_honoured_only_for_allowed_subscribers_and_never_pauses_a_publisher_o
     });
     // A hostile Block subscriber that never reads.
     let (mut hostile, _) = Raw::welcomed(&path, "hostile");
-    hostile.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: "events.#",
-        mode: Mode::Broadcast,
-        overflow: Overflow::Block,
-    });
+    hostile.sub(1, "events.#", Overflow::Block);
     hostile.sync(1);
     let (mut publisher, _) = Raw::welcomed(&path, "publisher");
     let payload = vec![7u8; 32 * 1024];
@@ -429,30 +366,12 @@ fn block_is_honoured_only_for_allowed_subscribers_and_never_pauses_a_publisher_o
 
     // The allowed subscriber's Block does push back.
     let (mut store, _) = Raw::welcomed(&path, "store");
-    store.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: "events.#",
-        mode: Mode::Broadcast,
-        overflow: Overflow::Block,
-    });
+    store.sub(1, "events.#", Overflow::Block);
     store.sync(1);
     // More than the kernel's socket buffers on both sides hold: the
     // writes happen on a thread, which the push-back holds up.
     const N: usize = 256;
-    let mut w = publisher.s.try_clone().expect("clone");
-    let writer = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        for _ in 0..N {
-            encode(
-                &Frame::Publish { topic: "events.x", payload: &payload, reply_to: None, ack_id: None },
-                &mut bytes,
-                1 << 24,
-            )
-            .expect("encode");
-        }
-        encode(&Frame::Ping(999), &mut bytes, 1 << 24).expect("encode");
-        w.write_all(&bytes).expect("write");
-    });
+    let writer = publisher.flood_from_thread("events.x", payload, N, 999);
     assert_eq!(publisher.recv(Duration::from_secs(1)), None, "paused behind the store");
     // The store drains: the publisher goes on, nothing dropped for it.
     let dropped = b.stats().dropped;
@@ -516,23 +435,13 @@ fn idle_connections_and_half_sent_frames_time_out() {
     });
     let (mut idle, _) = Raw::welcomed(&path, "idle");
     let (mut busy, busy_id) = Raw::welcomed(&path, "busy");
-    busy.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: &format!("direct.{busy_id}.#"),
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
+    busy.sub(1, &format!("direct.{busy_id}.#"), Overflow::DropNewest);
     assert!(idle.closed_within(Duration::from_secs(5)), "an idle connection is closed");
     assert_eq!(busy.sync(1), Vec::new(), "one that subscribed stays");
 
     // Half a frame, then silence (from a connection that is not idle).
     let (mut half, half_id) = Raw::welcomed(&path, "half");
-    half.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: &format!("direct.{half_id}.#"),
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
+    half.sub(1, &format!("direct.{half_id}.#"), Overflow::DropNewest);
     assert_eq!(half.sync(1), Vec::new());
     let mut bytes = Vec::new();
     encode(
@@ -541,7 +450,7 @@ fn idle_connections_and_half_sent_frames_time_out() {
         1 << 20,
     )
     .expect("encode");
-    half.s.write_all(&bytes[..2000]).expect("write");
+    half.0.get_mut().write_all(&bytes[..2000]).expect("write");
     let started = Instant::now();
     assert!(half.closed_within(Duration::from_secs(5)), "a half-sent frame is closed");
     assert!(started.elapsed() >= Duration::from_millis(400), "not before the timeout");
@@ -550,7 +459,7 @@ fn idle_connections_and_half_sent_frames_time_out() {
     // An unproven client's frames are capped at 1 MiB, whatever the
     // broker's own maximum: a 16 MiB prefix is refused from its 4 bytes.
     let (mut big, _) = Raw::welcomed(&path, "big");
-    big.s.write_all(&(16u32 << 20).to_le_bytes()).expect("write");
+    big.0.get_mut().write_all(&(16u32 << 20).to_le_bytes()).expect("write");
     match big.recv(WAIT) {
         Some(Got::Error(ErrorCode::Protocol, m)) => assert!(m.contains("exceeds"), "{m}"),
         other => panic!("oversize prefix: {other:?}"),
@@ -588,29 +497,11 @@ fn over_the_memory_limit_the_biggest_unproven_holder_is_cut_and_the_others_go_on
     // A subscriber that never reads, its queue allowed to grow (by its
     // own limit) far beyond the broker's memory limit.
     let (mut hog, _) = Raw::welcomed(&path, "hog");
-    hog.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: "flood",
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropOldest,
-    });
+    hog.sub(1, "flood", Overflow::DropOldest);
     hog.sync(1);
     let (mut publisher, _) = Raw::welcomed(&path, "publisher");
     let payload = vec![3u8; 64 * 1024];
-    let mut w = publisher.s.try_clone().expect("clone");
-    let writer = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        for _ in 0..128 {
-            encode(
-                &Frame::Publish { topic: "flood", payload: &payload, reply_to: None, ack_id: None },
-                &mut bytes,
-                1 << 24,
-            )
-            .expect("encode");
-        }
-        encode(&Frame::Ping(77), &mut bytes, 1 << 24).expect("encode");
-        w.write_all(&bytes).expect("write");
-    });
+    let writer = publisher.flood_from_thread("flood", payload, 128, 77);
     // The hog reads nothing meanwhile (reading would make room).
     assert_eq!(publisher.recv(Duration::from_secs(10)), Some(Got::Pong(77)), "the publisher goes on");
     writer.join().expect("writer");

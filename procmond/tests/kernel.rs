@@ -31,6 +31,7 @@ use daemoneye_contract::control::{EventSourceStatus, RpcRequest};
 use daemoneye_contract::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
 use daemoneye_platform::ExitStatus;
 use support::{FakeAgent, Procmond, broker, rand_u64, socket_path, wait_until};
+use tempfile::TempDir;
 
 const T: Duration = Duration::from_secs(20);
 /// The unprivileged user (`nobody`).
@@ -169,6 +170,19 @@ fn wait_ready(pm: &Procmond, ev: &mut Events) {
         "procmond's first walk: {}",
         pm.log()
     );
+}
+
+/// A root procmond on the kernel's events, beside the other tests, with
+/// its first walk out. Bound as `let (_beside, dir, pm, ev)`, it is
+/// dropped in reverse: procmond stops before its directory goes.
+fn kernel_procmond() -> (RwLockReadGuard<'static, ()>, TempDir, Procmond, Events) {
+    require_root();
+    let beside = beside_others();
+    let dir = tempfile::tempdir().unwrap();
+    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
+    let mut ev = Events::of(&pm);
+    wait_ready(&pm, &mut ev);
+    (beside, dir, pm, ev)
 }
 
 /// When the walk a `cycle N: … processes in U us` log line ends began,
@@ -592,12 +606,7 @@ fn without_cap_net_admin_auto_falls_back_to_polling_and_kernel_refuses_to_start(
 
 #[test]
 fn stops_carry_the_exit_code_or_the_signal() {
-    require_root();
-    let _beside = beside_others();
-    let dir = tempfile::tempdir().unwrap();
-    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
-    let mut ev = Events::of(&pm);
-    wait_ready(&pm, &mut ev);
+    let (_beside, _dir, pm, mut ev) = kernel_procmond();
     let tok = token();
 
     let exit3 = format!("exit-{tok}");
@@ -653,12 +662,7 @@ fn start_gated(pm: &Procmond, ev: &mut Events, cmd: &mut Command, token: &str) -
 
 #[test]
 fn a_child_reported_at_its_fork_and_gone_before_its_exec_is_read_stops_once_by_the_kernel() {
-    require_root();
-    let _beside = beside_others();
-    let dir = tempfile::tempdir().unwrap();
-    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
-    let mut ev = Events::of(&pm);
-    wait_ready(&pm, &mut ev);
+    let (_beside, _dir, pm, mut ev) = kernel_procmond();
     let tok = format!("forkread-{}", token());
     // A subshell that waits before its exec: procmond reports it from its
     // fork (a copy of the parent's command line) once the window closes.
@@ -697,12 +701,7 @@ fn a_child_reported_at_its_fork_and_gone_before_its_exec_is_read_stops_once_by_t
 
 #[test]
 fn an_exec_in_place_is_one_modification_not_a_new_process() {
-    require_root();
-    let _beside = beside_others();
-    let dir = tempfile::tempdir().unwrap();
-    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
-    let mut ev = Events::of(&pm);
-    wait_ready(&pm, &mut ev);
+    let (_beside, _dir, pm, mut ev) = kernel_procmond();
     let tok = format!("exec-{}", token());
     let (child, before) =
         start_gated(&pm, &mut ev, Command::new("sh").args(["-c", "read l; exec sleep 30", &tok]), &tok);
@@ -733,12 +732,7 @@ fn an_exec_in_place_is_one_modification_not_a_new_process() {
 
 #[test]
 fn a_uid_change_is_one_credentials_modification() {
-    require_root();
-    let _beside = beside_others();
-    let dir = tempfile::tempdir().unwrap();
-    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
-    let mut ev = Events::of(&pm);
-    wait_ready(&pm, &mut ev);
+    let (_beside, _dir, pm, mut ev) = kernel_procmond();
     let tok = format!("setuid-{}", token());
     // One setuid(2) as root: real, effective and saved uid at once.
     let script = "<STDIN>; POSIX::setuid(65534) or die qq(setuid: $!); sleep 30";
@@ -769,12 +763,7 @@ fn a_uid_change_is_one_credentials_modification() {
 
 #[test]
 fn a_deleted_executable_is_reported_once() {
-    require_root();
-    let _beside = beside_others();
-    let dir = tempfile::tempdir().unwrap();
-    let pm = start(dir.path(), User::Root, None, &["--events", "kernel"]);
-    let mut ev = Events::of(&pm);
-    wait_ready(&pm, &mut ev);
+    let (_beside, dir, pm, mut ev) = kernel_procmond();
     let exe = dir.path().join(format!("doomed-{}", token()));
     std::fs::copy("/usr/bin/sleep", &exe).unwrap();
     // Open, delete, then run what is open: the new program's file is gone.

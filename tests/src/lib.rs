@@ -51,6 +51,47 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Long enough for a 5 s collection cycle, its commit and some slack on a
+/// loaded 2-core CI machine.
+pub const CYCLE: Duration = Duration::from_secs(30);
+
+/// Every collector's events are in the store exactly once, with every
+/// sequence number from 1 to the highest, and acknowledged (within
+/// [`CYCLE`]).
+pub fn assert_exactly_once(sys: &System, ids: &[&str]) {
+    let db = sys.database();
+    let ok = wait_until(CYCLE, || {
+        let s = store_summary(&db);
+        let w = watermarks(&db);
+        ids.iter().all(|id| {
+            s.iter().any(|(c, n, exact)| c == id && *n > 0 && *exact)
+                && w.iter().any(|(c, t)| c == id && s.iter().any(|(c2, n, _)| c2 == id && n == t))
+        })
+    });
+    assert!(
+        ok,
+        "store (collector, events, exact): {:?}; watermarks {:?}\n{}",
+        store_summary(&db),
+        watermarks(&db),
+        sys.tail()
+    );
+}
+
+/// Polls `status` until what it returns satisfies `pred` or `timeout`
+/// passes: whether it did, and the last status seen (if any).
+pub fn poll_status(
+    timeout: Duration,
+    mut status: impl FnMut() -> Option<AgentStatus>,
+    pred: impl Fn(&AgentStatus) -> bool,
+) -> (bool, Option<AgentStatus>) {
+    let mut last = None;
+    let ok = wait_until(timeout, || {
+        last = status();
+        last.as_ref().is_some_and(&pred)
+    });
+    (ok, last)
+}
+
 /// Sends `sig` to a process this test started (by its own pid).
 pub fn signal(pid: u32, sig: Signal) {
     let _ = nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).expect("pid")), sig);
@@ -227,11 +268,7 @@ impl System {
         what: &str,
         pred: impl Fn(&AgentStatus) -> bool,
     ) -> AgentStatus {
-        let mut last = None;
-        let ok = wait_until(timeout, || {
-            last = self.status();
-            last.as_ref().is_some_and(&pred)
-        });
+        let (ok, last) = poll_status(timeout, || self.status(), pred);
         assert!(
             ok,
             "{what}: not reached within {timeout:?}; last status {last:#?}\n--- log ---\n{}",

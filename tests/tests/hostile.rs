@@ -11,8 +11,7 @@
 //! Status is read through `daemoneye-cli status --json` (its own process),
 //! so the probe's connections never stand in its way.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -20,14 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use daemoneye_agent::api::{AgentState, AgentStatus, CollectorPhase, STORE_CLIENT_ID};
-use daemoneye_bus::{ErrorCode, Frame, Mode, Overflow, decode, encode};
+use daemoneye_bus::testing::RawConnection;
+use daemoneye_bus::{ErrorCode, Frame, Mode, Overflow};
 use daemoneye_contract::control::{self, StoreAck};
-use daemoneye_tests::{CollectorDef, System, bin, signal, store_summary, wait_until, watermarks};
+use daemoneye_tests::{
+    CYCLE, CollectorDef, System, assert_exactly_once, bin, poll_status, signal, store_summary, wait_until,
+    watermarks,
+};
 use nix::sys::signal::Signal;
-
-/// Long enough for a 5 s collection cycle, its commit and some slack on a
-/// loaded 2-core machine.
-const CYCLE: Duration = Duration::from_secs(30);
 
 /// What the broker answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,25 +39,34 @@ enum Got {
     Other(String),
 }
 
-/// One raw connection of the probe.
-struct Raw {
-    s: UnixStream,
-    buf: Vec<u8>,
+/// The owned copy of a received frame.
+fn got(f: Frame<'_>) -> Got {
+    match f {
+        Frame::WelcomeAs { client_id, .. } => Got::Welcome(client_id.to_owned()),
+        Frame::Deliver { topic, from, .. } => Got::Deliver { topic: topic.to_owned(), from: from.to_owned() },
+        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
+        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
+        Frame::Pong(n) => Got::Pong(n),
+        other => Got::Other(format!("{other:?}")),
+    }
 }
+
+/// One raw connection of the probe.
+struct Raw(RawConnection);
 
 impl Raw {
     fn connect(path: &Path) -> Option<Raw> {
-        let s = UnixStream::connect(path).ok()?;
-        s.set_read_timeout(Some(Duration::from_millis(50))).ok()?;
-        s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
-        Some(Raw { s, buf: Vec::new() })
+        let r = RawConnection::connect(path).ok()?;
+        // A broker that stops reading must not hang the probe.
+        r.get_ref().set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+        Some(Raw(r))
     }
 
     /// Connects and says Hello as `id`; the broker's first answer.
     fn hello(path: &Path, id: &str) -> (Option<Raw>, Option<Got>) {
         let Some(mut r) = Raw::connect(path) else { return (None, None) };
         r.send(&Frame::Hello { protocol_version: daemoneye_bus::PROTOCOL_VERSION, client_id: id, pid: 1 });
-        let got = r.recv(Duration::from_secs(5));
+        let got = r.0.recv(Duration::from_secs(5), got);
         (Some(r), got)
     }
 
@@ -70,84 +78,20 @@ impl Raw {
         }
     }
 
+    /// A write error is left for the next receive to show.
     fn send(&mut self, f: &Frame<'_>) {
-        let mut out = Vec::new();
-        encode(f, &mut out, 1 << 25).expect("encode");
-        let _ = self.s.write_all(&out);
+        let _ = self.0.send(f);
+    }
+
+    fn sub(&mut self, pattern: &str, overflow: Overflow) {
+        self.send(&Frame::Subscribe { sid: 1, pattern, mode: Mode::Broadcast, overflow });
     }
 
     /// Everything answered before the Pong to a Ping sent now.
     fn sync(&mut self, n: u64) -> Vec<Got> {
-        self.send(&Frame::Ping(n));
-        let mut before = Vec::new();
-        loop {
-            match self.recv(Duration::from_secs(10)) {
-                Some(Got::Pong(a)) if a == n => return before,
-                Some(g) => before.push(g),
-                None => panic!("no Pong {n}; got {before:?}"),
-            }
-        }
-    }
-
-    fn recv(&mut self, timeout: Duration) -> Option<Got> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match decode(&self.buf, 1 << 25) {
-                Ok(Some((f, n))) => {
-                    let got = match f {
-                        Frame::WelcomeAs { client_id, .. } => Got::Welcome(client_id.to_owned()),
-                        Frame::Deliver { topic, from, .. } => {
-                            Got::Deliver { topic: topic.to_owned(), from: from.to_owned() }
-                        }
-                        Frame::PubAck { ack_id } => Got::PubAck(ack_id),
-                        Frame::Error { code, message, .. } => Got::Error(code, message.to_owned()),
-                        Frame::Pong(n) => Got::Pong(n),
-                        other => Got::Other(format!("{other:?}")),
-                    };
-                    self.buf.drain(..n);
-                    return Some(got);
-                }
-                Ok(None) => {}
-                Err(e) => panic!("bad frame from the broker: {e}"),
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// Whether the broker closed the connection within `timeout`.
-    fn closed_within(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => return true,
-            }
-        }
-        false
+        self.0
+            .sync(n, Duration::from_secs(10), got)
+            .unwrap_or_else(|before| panic!("no Pong {n}; got {before:?}"))
     }
 }
 
@@ -166,28 +110,9 @@ fn wait_cli_status(
     what: &str,
     pred: impl Fn(&AgentStatus) -> bool,
 ) -> AgentStatus {
-    let mut last = None;
-    let ok = wait_until(timeout, || {
-        last = cli_status(sys);
-        last.as_ref().is_some_and(&pred)
-    });
+    let (ok, last) = poll_status(timeout, || cli_status(sys), pred);
     assert!(ok, "{what}: not reached within {timeout:?}; last status {last:#?}\n{}", sys.tail());
     last.expect("status")
-}
-
-/// Every collector's events are in the store exactly once (1..=max, no
-/// gap, no duplicate) and acknowledged.
-fn assert_exactly_once(sys: &System, ids: &[&str]) {
-    let db = sys.database();
-    let ok = wait_until(CYCLE, || {
-        let s = store_summary(&db);
-        let w = watermarks(&db);
-        ids.iter().all(|id| {
-            s.iter().any(|(c, n, exact)| c == id && *n > 0 && *exact)
-                && w.iter().any(|(c, t)| c == id && s.iter().any(|(c2, n, _)| c2 == id && n == t))
-        })
-    });
-    assert!(ok, "store {:?}; watermarks {:?}\n{}", store_summary(&db), watermarks(&db), sys.tail());
 }
 
 /// The collector's WAL watermark (what it has truncated through).
@@ -289,12 +214,7 @@ fn forged_acks_gaps_and_replies_onto_control_topics_change_nothing() {
     assert!(probe_id.starts_with("bus-") && probe_id.ends_with("-probe"), "{probe_id}");
     // It may follow alerts: an answer forged onto events.alert would show.
     let (mut watcher, _) = Raw::welcomed(&socket, "watcher").expect("watcher");
-    watcher.send(&Frame::Subscribe {
-        sid: 1,
-        pattern: "events.alert",
-        mode: Mode::Broadcast,
-        overflow: Overflow::DropNewest,
-    });
+    watcher.sub("events.alert", Overflow::DropNewest);
     assert_eq!(watcher.sync(1), Vec::new());
 
     let stored_before = watermarks(&sys.database()).iter().find(|(c, _)| c == "pm-a").map_or(0, |w| w.1);
@@ -379,12 +299,7 @@ fn a_non_reading_block_subscriber_holds_no_collector_back() {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(15) {
         if let Some((mut r, _)) = Raw::welcomed(&socket, "stall") {
-            r.send(&Frame::Subscribe {
-                sid: 1,
-                pattern: "events.#",
-                mode: Mode::Broadcast,
-                overflow: Overflow::Block,
-            });
+            r.sub("events.#", Overflow::Block);
             stalled.push(r);
         }
         let round = Instant::now();
@@ -468,19 +383,14 @@ fn idle_connections_and_half_sent_frames_neither_lock_out_nor_bloat_the_agent() 
             });
             let mut r = r.expect("a connection within the per-process cap");
             // Not idle: it subscribed.
-            r.send(&Frame::Subscribe {
-                sid: 1,
-                pattern: "events.#",
-                mode: Mode::Broadcast,
-                overflow: Overflow::DropOldest,
-            });
+            r.sub("events.#", Overflow::DropOldest);
             let len: u32 = if round % 2 == 0 { 16 << 20 } else { (1 << 20) - 16 };
-            let _ = r.s.write_all(&len.to_le_bytes());
-            let _ = r.s.write_all(&vec![0xa5u8; 512 << 10]);
+            let _ = r.0.get_mut().write_all(&len.to_le_bytes());
+            let _ = r.0.get_mut().write_all(&vec![0xa5u8; 512 << 10]);
             half.push(r);
         }
         for r in &mut half {
-            if r.closed_within(Duration::from_secs(10)) {
+            if r.0.closed_within(Duration::from_secs(10)) {
                 cut += 1;
             }
         }

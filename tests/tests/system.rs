@@ -8,35 +8,10 @@ use std::time::Duration;
 
 use daemoneye_agent::api::{AgentState, CollectorPhase};
 use daemoneye_tests::{
-    CollectorDef, System, alive, bin, copy_executable, signal, store_summary, wait_until, watermarks, which,
-    write_script,
+    CYCLE, CollectorDef, System, alive, assert_exactly_once, bin, copy_executable, signal, store_summary,
+    wait_until, which, write_script,
 };
 use nix::sys::signal::Signal;
-
-/// Long enough for a 5 s collection cycle, its commit and some slack on a
-/// loaded 2-core CI machine.
-const CYCLE: Duration = Duration::from_secs(30);
-
-/// Every collector's events are in the store exactly once, with every
-/// sequence number from 1 to the highest, and acknowledged.
-fn assert_exactly_once(sys: &System, ids: &[&str]) {
-    let db = sys.database();
-    let ok = wait_until(CYCLE, || {
-        let s = store_summary(&db);
-        let w = watermarks(&db);
-        ids.iter().all(|id| {
-            s.iter().any(|(c, n, exact)| c == id && *n > 0 && *exact)
-                && w.iter().any(|(c, t)| c == id && s.iter().any(|(c2, n, _)| c2 == id && n == t))
-        })
-    });
-    assert!(
-        ok,
-        "store (collector, events, exact): {:?}; watermarks {:?}\n{}",
-        store_summary(&db),
-        watermarks(&db),
-        sys.tail()
-    );
-}
 
 #[test]
 fn two_collectors_register_before_begin_monitoring_and_both_store_events() {
