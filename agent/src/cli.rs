@@ -19,7 +19,7 @@ use daemoneye_contract::topic;
 use daemoneye_store::{EventQuery, EventStore, StoreError, StoredEvent};
 use serde::Serialize;
 
-use crate::api::{self, AgentState, AgentStatus, Alert, CollectorStatus, STATUS_TOPIC};
+use crate::api::{self, AgentState, AgentStatus, Alert, CollectorDelivery, CollectorStatus, STATUS_TOPIC};
 use crate::config::{AgentConfig, ConfigError, EMBEDDED_DEFAULT, Severity};
 use crate::rules::AlertQuery;
 
@@ -266,6 +266,7 @@ pub fn envelope(stored: StoredEvent) -> EventEnvelope {
         stream_id: stored.stream_id,
         seq: stored.seq,
         event: stored.event,
+        position: None,
     }
 }
 
@@ -471,6 +472,36 @@ pub fn event_source_line(c: &CollectorStatus) -> Option<String> {
     }
 }
 
+/// The line below the collector table about a collector's delivery lag
+/// and WAL, as its last heartbeat stated them.
+pub fn delivery_line(d: &CollectorDelivery) -> String {
+    let s = &d.status;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut line = format!(
+        "{} delivery: {} unacknowledged, oldest {} (stall after {}s){}; stream {} base {} next {}; \
+         WAL {:.1} of {:.1} MiB",
+        printable(&d.collector_id),
+        s.unacknowledged,
+        format_age(Duration::from_millis(s.oldest_unacknowledged_ms)),
+        d.ack_stall_secs,
+        if d.stalled { " STALLED" } else { "" },
+        s.stream_id,
+        s.base,
+        s.next,
+        mib(s.wal_bytes),
+        mib(s.wal_cap_bytes),
+    );
+    if s.wal_full || s.wal_full_times > 0 {
+        line.push_str(&format!(
+            "{}, cap reached {} time(s), {} events refused",
+            if s.wal_full { " FULL" } else { "" },
+            s.wal_full_times,
+            s.events_refused
+        ));
+    }
+    line
+}
+
 /// Tasks a collector served: as the agent measured them (its own tasks,
 /// round trip), else as the collector's heartbeat counts them.
 fn task_cell(c: &CollectorStatus) -> String {
@@ -507,6 +538,10 @@ pub fn render_status(s: &AgentStatus, now_ms: u64) -> String {
         out.push('\n');
         for line in s.collectors.iter().filter_map(event_source_line) {
             out.push_str(&line);
+            out.push('\n');
+        }
+        for d in &s.delivery {
+            out.push_str(&delivery_line(d));
             out.push('\n');
         }
     }
@@ -789,6 +824,23 @@ mod tests {
             broker: BrokerStatus { socket: "/s".to_owned(), published: 9, ..Default::default() },
             store: StoreStatus { path: "/db".to_owned(), events_committed: 8, ..Default::default() },
             tasks: TasksStatus { requests: 310, failovers: 4, ..Default::default() },
+            delivery: vec![CollectorDelivery {
+                collector_id: "procmond".to_owned(),
+                status: daemoneye_contract::control::DeliveryStatus {
+                    stream_id: 5,
+                    base: 10,
+                    next: 20,
+                    unacknowledged: 10,
+                    oldest_unacknowledged_ms: 130_000,
+                    wal_bytes: 3 << 20,
+                    wal_cap_bytes: 4 << 20,
+                    wal_full: true,
+                    wal_full_times: 2,
+                    events_refused: 17,
+                },
+                ack_stall_secs: 120,
+                stalled: true,
+            }],
         };
         let text = render_status(&status, 60_000);
         assert!(
@@ -808,7 +860,12 @@ mod tests {
             lines[header + 2],
             "procmond events: kernel, 12345 received, 1 overruns, 2 resyncs, 3 caught by poll"
         );
-        assert_eq!(lines[header + 3], "", "{text}");
+        assert_eq!(
+            lines[header + 3],
+            "procmond delivery: 10 unacknowledged, oldest 2m10s (stall after 120s) STALLED; stream 5 base 10 \
+             next 20; WAL 3.0 of 4.0 MiB FULL, cap reached 2 time(s), 17 events refused"
+        );
+        assert_eq!(lines[header + 4], "", "{text}");
         assert!(text.contains("health_check: answered (5s ago)"), "{text}");
         assert!(text.contains("published 9") && text.contains("8 events committed"), "{text}");
         assert!(text.contains("last commit never"), "{text}");
@@ -891,6 +948,7 @@ mod tests {
             broker: BrokerStatus::default(),
             store: StoreStatus::default(),
             tasks: TasksStatus::default(),
+            delivery: Vec::new(),
         };
         let text = render_status(&status, 2_000);
         let below: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("pm-d")).skip(1).take(3).collect();

@@ -340,6 +340,32 @@ pub struct AgentConfig {
     /// The broker's connection and memory limits.
     #[serde(default)]
     pub bus: BusSpec,
+    /// Delivery liveness.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+}
+
+/// Delivery liveness: when a collector's unacknowledged events count as a
+/// failure.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySpec {
+    /// A collector whose oldest unacknowledged event is older than this
+    /// (no acknowledgement progress while events wait) has failed: an
+    /// alert, and an escalation that ends when the collector answers its
+    /// health check (the stall is then the store's or the bus's).
+    #[serde(default = "default_ack_stall")]
+    pub ack_stall_secs: u64,
+}
+
+impl Default for DeliverySpec {
+    fn default() -> Self {
+        DeliverySpec { ack_stall_secs: default_ack_stall() }
+    }
+}
+
+fn default_ack_stall() -> u64 {
+    120
 }
 
 fn default_log_level() -> String {
@@ -450,6 +476,8 @@ impl AgentConfig {
         }
         check_range(store.batch_wait_ms, 60_000)
             .map_err(|reason| err("store.batch_wait_ms".into(), reason))?;
+        check_range(self.delivery.ack_stall_secs, 7 * DAY_SECS)
+            .map_err(|reason| err("delivery.ack_stall_secs".into(), reason))?;
         let t = &self.tasks;
         for (field, v, max) in [
             ("tasks.attempt_timeout_ms", t.attempt_timeout_ms, 60_000),

@@ -36,24 +36,81 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, at, bounded, select};
 use daemoneye_bus::{Broker, Client, Message};
 use daemoneye_contract::control::{
-    CollectorState, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage, RegistrationResponse,
-    RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
+    CollectorState, DeliveryStatus, HealthStatus, Heartbeat, LifecycleCommand, RegistrationMessage,
+    RegistrationResponse, RegistrationStatus, RpcRequest, RpcResponse, RpcStatus,
 };
 use daemoneye_contract::{PeerVersion, Version, topic};
 
 use crate::api::{
-    self, AgentState, AgentStatus, BrokerStatus, CollectorPhase, CollectorStatus, EscalationStep,
-    HeartbeatInfo,
+    self, AgentState, AgentStatus, BrokerStatus, CollectorDelivery, CollectorPhase, CollectorStatus,
+    EscalationStep, HeartbeatInfo,
 };
 use crate::config::{AgentConfig, CollectorSpec, EscalationSpec};
 use crate::supervisor::{Supervisor, SupervisorEvent};
 use crate::tasks::TaskStats;
 use crate::writer::StoreWriter;
 
+/// The rule name of the alert raised when a collector's WAL is full.
+pub const WAL_FULL_RULE: &str = "collector_wal_full";
+/// The rule name of the alert raised when a collector's acknowledgements
+/// stall.
+pub const ACK_STALL_RULE: &str = "collector_ack_stall";
+
+/// Why an escalation started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Heartbeats missed.
+    Heartbeats,
+    /// Events unacknowledged past `delivery.ack_stall_secs`: an answer to
+    /// the health check ends it (the collector lives; the store or the bus
+    /// is where delivery stalls, and restarting the collector would not
+    /// help).
+    AckStall,
+    /// The collector said `Unhealthy` in consecutive heartbeats: an answer
+    /// does not end it; the collector is restarted.
+    Unhealthy,
+}
+
 /// Heartbeats missed before a collector counts as failed.
 const MISSES_TO_FAIL: u32 = 3;
 /// Steps kept per collector.
 const STEPS_KEPT: usize = 12;
+
+/// Whether a collector's delivery is a failure now: its acknowledgements
+/// stalled (the oldest unacknowledged event, aged since the heartbeat
+/// that stated it, is older than `stall`) or it said `Unhealthy` in
+/// [`MISSES_TO_FAIL`] heartbeats in a row. A stall is raised once and
+/// cleared when acknowledgements move again.
+fn delivery_failure(e: &mut Entry, now: Instant, stall: Duration) -> Option<Failure> {
+    if e.unhealthy >= MISSES_TO_FAIL {
+        log::error!("collector {}: unhealthy in {} heartbeats; failed, escalating", e.spec.id, e.unhealthy);
+        e.unhealthy = 0;
+        return Some(Failure::Unhealthy);
+    }
+    let d = e.delivery.as_ref()?;
+    let age = Duration::from_millis(d.oldest_unacknowledged_ms) + now.saturating_duration_since(e.last_seen);
+    let stalled = d.unacknowledged > 0 && age >= stall;
+    if !stalled {
+        if e.stalled {
+            log::info!("collector {}: acknowledgements move again", e.spec.id);
+            e.stalled = false;
+        }
+        return None;
+    }
+    if e.stalled {
+        return None;
+    }
+    e.stalled = true;
+    log::error!(
+        "collector {}: {} events unacknowledged, the oldest for {:?} (delivery.ack_stall_secs is {}); \
+         failed, escalating",
+        e.spec.id,
+        d.unacknowledged,
+        age,
+        stall.as_secs()
+    );
+    Some(Failure::AckStall)
+}
 
 /// Why the monitor ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +146,15 @@ struct Entry {
     /// (RPCs, lifecycle commands) is encoded in that version, so a
     /// collector of the previous release reads it.
     version: Version,
+    /// Its delivery as the last heartbeat stated it.
+    delivery: Option<DeliveryStatus>,
+    /// Its acknowledgements stall (see `delivery.ack_stall_secs`); set
+    /// when the failure is raised, cleared when they move again.
+    stalled: bool,
+    /// Consecutive heartbeats that said `Unhealthy`.
+    unhealthy: u32,
+    /// The WAL-cap count of the last heartbeat: a rise is an alert.
+    wal_full_seen: u64,
 }
 
 impl Entry {
@@ -267,6 +333,10 @@ impl State {
                 escalating: false,
                 cancel: Arc::new(AtomicBool::new(false)),
                 version: Version::CURRENT,
+                delivery: None,
+                stalled: false,
+                unhealthy: 0,
+                wal_full_seen: 0,
             })
             .collect();
         State {
@@ -443,6 +513,7 @@ impl State {
             return;
         }
         let steady = self.state == AgentState::SteadyState;
+        let writer = self.parts.writer.clone();
         let Some(e) = self.entry(&hb.collector_id) else {
             log::debug!("heartbeat from unconfigured collector {:?}", hb.collector_id);
             return;
@@ -452,8 +523,26 @@ impl State {
         }
         e.missed = 0;
         e.last_seen = Instant::now();
-        if e.registered && !e.escalating {
+        if e.registered && !e.escalating && !e.stalled {
             e.phase = if steady { CollectorPhase::Running } else { CollectorPhase::Registered };
+        }
+        e.unhealthy = if hb.status == HealthStatus::Unhealthy { e.unhealthy.saturating_add(1) } else { 0 };
+        let mut wal_full = None;
+        if let Some(d) = &hb.delivery {
+            if d.wal_full_times > e.wal_full_seen {
+                wal_full = Some(d.clone());
+            }
+            e.wal_full_seen = d.wal_full_times;
+        }
+        e.delivery = hb.delivery.clone();
+        if let Some(d) = wal_full {
+            let text = format!(
+                "the WAL of collector {} reached its cap ({} of {} bytes, {} time(s) since it started): \
+                 new events are refused ({} so far) and recorded as a gap once the store acknowledges",
+                hb.collector_id, d.wal_bytes, d.wal_cap_bytes, d.wal_full_times, d.events_refused
+            );
+            log::error!("{text}");
+            writer.system_alert(&hb.collector_id, WAL_FULL_RULE, &text);
         }
         e.heartbeat = Some(HeartbeatInfo {
             sequence: hb.sequence,
@@ -548,8 +637,8 @@ impl State {
         }
     }
 
-    /// Loading progress and heartbeat deadlines; `Some(reason)` when
-    /// startup failed.
+    /// Loading progress, heartbeat deadlines and delivery stalls;
+    /// `Some(reason)` when startup failed.
     fn check(&mut self, steps: &Sender<StepReport>) -> Option<String> {
         let now = Instant::now();
         if self.state == AgentState::Loading {
@@ -605,6 +694,7 @@ impl State {
             return None;
         }
         let kill_wait = Duration::from_secs(self.parts.config.escalation.kill_timeout_secs);
+        let stall = Duration::from_secs(self.parts.config.delivery.ack_stall_secs);
         for i in 0..self.entries.len() {
             let e = &mut self.entries[i];
             // A (re)started collector that never registers is stopped and
@@ -629,6 +719,22 @@ impl State {
             if !e.registered || e.escalating {
                 continue;
             }
+            if let Some(failure) = delivery_failure(e, now, stall) {
+                e.phase = CollectorPhase::Failed;
+                e.escalating = true;
+                e.escalation.clear();
+                e.cancel = Arc::new(AtomicBool::new(false));
+                let (id, cancel) = (e.spec.id.clone(), e.cancel.clone());
+                if failure == Failure::AckStall {
+                    let text = format!("collector {id}: events unacknowledged for more than {stall:?}");
+                    self.parts.writer.system_alert(&id, ACK_STALL_RULE, &text);
+                }
+                match e.pid {
+                    Some(pid) => self.escalate(id, pid, cancel, steps.clone(), failure),
+                    None => log::error!("collector {id}: no pid to escalate"),
+                }
+                continue;
+            }
             // Late after the interval plus 10% grace, per heartbeat.
             let late = e.interval + e.interval / 10;
             let missed = u32::try_from(now.duration_since(e.last_seen).as_millis() / late.as_millis().max(1))
@@ -648,7 +754,7 @@ impl State {
                 e.cancel = Arc::new(AtomicBool::new(false));
                 let (id, cancel) = (e.spec.id.clone(), e.cancel.clone());
                 match e.pid {
-                    Some(pid) => self.escalate(id, pid, cancel, steps.clone()),
+                    Some(pid) => self.escalate(id, pid, cancel, steps.clone(), Failure::Heartbeats),
                     None => log::error!("collector {id}: no pid to escalate"),
                 }
             }
@@ -657,7 +763,14 @@ impl State {
     }
 
     /// Starts an escalation thread for a failed collector.
-    fn escalate(&mut self, id: String, pid: u32, cancel: Arc<AtomicBool>, steps: Sender<StepReport>) {
+    fn escalate(
+        &mut self,
+        id: String,
+        pid: u32,
+        cancel: Arc<AtomicBool>,
+        steps: Sender<StepReport>,
+        failure: Failure,
+    ) {
         let client = self.parts.client.clone();
         let supervisor = self.parts.supervisor.clone();
         let esc: EscalationSpec = self.parts.config.escalation.clone();
@@ -673,7 +786,34 @@ impl State {
                     .map_err(|e| e.to_string())?;
                 rpc.decode_answer(&reply).map(|(a, _)| a).map_err(|e| format!("undecodable reply: {e}"))
             };
+            match failure {
+                Failure::Heartbeats => {}
+                Failure::AckStall => report(
+                    "ack_stall",
+                    "events unacknowledged past delivery.ack_stall_secs; health check".into(),
+                    false,
+                ),
+                Failure::Unhealthy => {
+                    report("unhealthy", "the collector says it is unhealthy; health check".into(), false)
+                }
+            }
             match rpc(&RpcRequest::HealthCheck, esc.health_check_timeout_secs) {
+                Ok(r) if r.status == RpcStatus::Ok && failure == Failure::Unhealthy => report(
+                    "health_check",
+                    format!("answered, unhealthy ({:?}); restarting it", r.health.map(|h| h.state)),
+                    false,
+                ),
+                Ok(r) if r.status == RpcStatus::Ok && failure == Failure::AckStall => {
+                    let unacked = r.health.map_or(0, |h| h.unacknowledged_events);
+                    return report(
+                        "health_check",
+                        format!(
+                            "answered ({unacked} events unacknowledged): the collector lives, so delivery \
+                             stalls at the store or on the bus; escalation ends (see the store's status)"
+                        ),
+                        true,
+                    );
+                }
                 Ok(r) if r.status == RpcStatus::Ok => {
                     let state = r.health.map(|h| h.state);
                     // Alive but not collecting: it missed BeginMonitoring.
@@ -792,6 +932,18 @@ impl State {
             },
             store: writer.status(),
             tasks: self.parts.tasks.totals(&self.parts.config.tasks),
+            delivery: self
+                .entries
+                .iter()
+                .filter_map(|e| {
+                    Some(CollectorDelivery {
+                        collector_id: e.spec.id.clone(),
+                        status: e.delivery.clone()?,
+                        ack_stall_secs: self.parts.config.delivery.ack_stall_secs,
+                        stalled: e.stalled,
+                    })
+                })
+                .collect(),
         };
         let version = Version::of(&msg.payload);
         if let Err(e) = self.parts.client.reply(msg, &topic::STATUS.encode_answer(version, &status)) {

@@ -30,6 +30,14 @@
 //! Gap markers (`events.process.gap`, [`StreamGap`]) close the batch being
 //! gathered: the events before a marker are committed before it is
 //! settled, as the collector published them.
+//!
+//! Nothing a collector publishes blocks its stream: an event whose body
+//! does not decode (a newer collector's, say) but whose head
+//! (`collector_id`, `stream_id`, `seq`) does, and an event the store cannot
+//! take, are settled as a gap with the reason (on the store's own
+//! authority, [`EventStore::settle`]), so acknowledgements move past them.
+//! What the store records itself (a stream's base, a store behind its
+//! collector, a refuted gap) and what it refuses as implausible are logged.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,6 +58,22 @@ use parking_lot::Mutex;
 use crate::api::{self, Alert, StoreStatus};
 use crate::config::{RuleSpec, StoreSpec};
 use crate::rules::{RuleEngine, RuleError};
+
+/// Logs the gaps the store recorded on its own.
+fn log_gaps(gaps: &[(daemoneye_store::StreamGapKey, String)]) {
+    for (g, reason) in gaps {
+        log::warn!(
+            "store writer: {}/{} events {}..={} recorded as a gap: {reason}",
+            g.collector_id,
+            g.stream_id,
+            g.from,
+            g.to
+        );
+    }
+}
+
+/// Agent alerts queued for the writer thread before more are only logged.
+const SYSTEM_ALERTS: usize = 16;
 
 /// How often retention runs (and once at start).
 const RETENTION_PERIOD: Duration = Duration::from_secs(60);
@@ -124,6 +148,9 @@ struct Counters {
 /// like [`StoreWriter::shutdown`].
 pub struct StoreWriter {
     counters: Arc<Mutex<Counters>>,
+    /// Alerts the agent raises itself (a collector's WAL full, its
+    /// acknowledgements stalled), stored and published by the thread.
+    alerts: Sender<SystemAlert>,
     // Field order: the stop sender is dropped before the thread is joined
     // (`Drop` sends on it first anyway).
     stop: Sender<()>,
@@ -181,16 +208,34 @@ impl StoreWriter {
         }
         actor.evaluate();
         let (stop, stop_rx) = bounded(1);
+        let (alerts, alerts_rx) = bounded(SYSTEM_ALERTS);
         let thread = std::thread::Builder::new()
             .name("agent-store".to_owned())
-            .spawn(move || actor.run(stop_rx))
+            .spawn(move || actor.run(stop_rx, alerts_rx))
             .map_err(WriterError::Thread)?;
-        Ok(StoreWriter { counters, stop, thread: Some(thread) })
+        Ok(StoreWriter { counters, alerts, stop, thread: Some(thread) })
     }
 
     /// The writer's counters now.
     pub fn status(&self) -> StoreStatus {
         self.counters.lock().status.clone()
+    }
+
+    /// Raises an alert about a collector (rule `rule`, severity high): the
+    /// thread stores it in `alerts` (with `event_id` 0 minus the time it
+    /// was raised, since no event matches) and publishes it. Never blocks:
+    /// with the thread's queue full the alert is logged here only.
+    pub fn system_alert(&self, collector_id: &str, rule: &str, description: &str) {
+        let alert = SystemAlert {
+            collector_id: collector_id.to_owned(),
+            rule: rule.to_owned(),
+            description: description.to_owned(),
+        };
+        if self.alerts.try_send(alert).is_err() {
+            log::error!(
+                "alert {rule} for collector {collector_id} not stored (the store writer is busy): {description}"
+            );
+        }
     }
 
     /// Events of `collector_id` committed since start.
@@ -222,6 +267,22 @@ impl Drop for StoreWriter {
     }
 }
 
+/// What closes a batch: settled after its events.
+enum Pending {
+    /// A collector's gap marker.
+    Marker(StreamGap),
+    /// A number the store settles itself (an event it cannot take).
+    Settle { collector_id: String, stream_id: u64, seq: u64, reason: String },
+}
+
+/// An alert the agent raises about a collector, not about an event.
+#[derive(Debug, Clone)]
+struct SystemAlert {
+    collector_id: String,
+    rule: String,
+    description: String,
+}
+
 /// A failing commit waiting for its next attempt.
 #[derive(Debug, Clone, Copy)]
 struct Retry {
@@ -247,6 +308,8 @@ enum Event {
     Timer,
     /// Time to apply retention.
     Retention,
+    /// An alert the agent raises.
+    Alert(SystemAlert),
     /// Stop (or the handle is gone).
     Stop,
 }
@@ -263,8 +326,9 @@ struct WriterActor {
     counters: Arc<Mutex<Counters>>,
     /// The batch being gathered (or, with `retry` set, failing to commit).
     events: Vec<EventEnvelope>,
-    /// A gap marker that closed the batch; settled after its events.
-    gap: Option<StreamGap>,
+    /// A gap marker (or a number to settle) that closed the batch; settled
+    /// after its events.
+    gap: Option<Pending>,
     /// When the batch being gathered is committed at the latest.
     batch_deadline: Option<Instant>,
     /// Set while the batch fails to commit.
@@ -283,10 +347,11 @@ struct WriterActor {
 }
 
 impl WriterActor {
-    fn run(mut self, stop: Receiver<()>) {
+    fn run(mut self, stop: Receiver<()>, alerts: Receiver<SystemAlert>) {
         self.prune();
         loop {
-            match self.next_event(&stop) {
+            match self.next_event(&stop, &alerts) {
+                Event::Alert(a) => self.system_alert(a),
                 Event::Stop => break,
                 Event::Message(msg) => {
                     self.on_message(msg);
@@ -313,7 +378,7 @@ impl WriterActor {
         !self.bus_gone && self.retry.is_none() && self.gap.is_none() && self.events.len() < self.batch_max
     }
 
-    fn next_event(&self, stop: &Receiver<()>) -> Event {
+    fn next_event(&self, stop: &Receiver<()>, alerts: &Receiver<SystemAlert>) -> Event {
         let none = never();
         let messages = if self.accepting() { self.sub.messages() } else { &none };
         let wake = match (self.retry, self.batch_deadline) {
@@ -332,6 +397,7 @@ impl WriterActor {
                 Event::Stop
             }
             recv(timer) -> _ => Event::Timer,
+            recv(alerts) -> a => a.map_or(Event::Stop, Event::Alert),
             recv(messages) -> m => m.map_or(Event::BusGone, Event::Message),
             recv(self.retention) -> _ => Event::Retention,
         }
@@ -343,7 +409,7 @@ impl WriterActor {
             match topic::GAPS.decode_versioned(&msg) {
                 Ok((gap, version)) if gap.collector_id == msg.from => {
                     self.versions.insert(msg.from.clone(), version);
-                    self.gap = Some(gap);
+                    self.gap = Some(Pending::Marker(gap));
                 }
                 Ok((gap, _)) => {
                     self.reject(&msg, &format!("a gap marker for collector {:?}", gap.collector_id));
@@ -359,7 +425,23 @@ impl WriterActor {
                 }
                 self.on_message_checked(&msg, env);
             }
-            Err(e) => self.reject(&msg, &format!("a payload that does not decode as an event ({e})")),
+            Err(e) => {
+                self.reject(&msg, &format!("a payload that does not decode as an event ({e})"));
+                // Its own number is settled, so its stream goes on.
+                if let Some((collector_id, stream_id, seq)) =
+                    daemoneye_contract::event::envelope_head(&msg.payload)
+                    && collector_id == msg.from
+                    && seq > 0
+                    && i64::try_from(seq).is_ok()
+                {
+                    self.gap = Some(Pending::Settle {
+                        collector_id,
+                        stream_id,
+                        seq,
+                        reason: format!("the store could not decode the event: {e}"),
+                    });
+                }
+            }
         }
     }
 
@@ -421,14 +503,28 @@ impl WriterActor {
                     self.committed(&outcome, before);
                 }
                 // One event the store can never take (it does not encode):
-                // drop it, or the batch would fail forever.
+                // settled as a gap with the reason, or the batch would fail
+                // forever.
                 Err(StoreError::Unstorable { collector_id, stream_id, seq, reason }) => {
-                    log::error!("store writer: dropped event {collector_id}/{stream_id}/{seq}: {reason}");
+                    log::error!(
+                        "store writer: cannot store event {collector_id}/{stream_id}/{seq}: {reason}"
+                    );
                     self.counters.lock().status.rejected += 1;
                     self.events.retain(|e| {
                         (e.collector_id.as_str(), e.stream_id, e.seq)
                             != (collector_id.as_str(), stream_id, seq)
                     });
+                    if let Err(e) = self.store.settle(
+                        &collector_id,
+                        stream_id,
+                        seq,
+                        seq,
+                        &format!("the store refused it: {reason}"),
+                    ) {
+                        log::error!(
+                            "store writer: cannot record {collector_id}/{stream_id}/{seq} as a gap: {e}"
+                        );
+                    }
                 }
                 Err(e) => {
                     let n = self.events.len();
@@ -437,26 +533,46 @@ impl WriterActor {
                 }
             }
         }
-        if let Some(gap) = &self.gap {
-            match self.store.insert_gap(gap) {
+        if let Some(pending) = &self.gap {
+            let result = match pending {
+                Pending::Marker(gap) => self.store.insert_gap(gap).map(|out| {
+                    match &out.refused {
+                        Some(why) => log::warn!(
+                            "store writer: refused a gap marker of {}/{}: {why}",
+                            gap.collector_id,
+                            gap.stream_id
+                        ),
+                        None => log::warn!(
+                            "collector {} lost events {}..={} of stream {} ({}); recorded in stream_gaps",
+                            gap.collector_id,
+                            gap.from,
+                            gap.to,
+                            gap.stream_id,
+                            printable(&gap.reason)
+                        ),
+                    }
+                    log_gaps(&out.gaps);
+                    if out.refused.is_some() {
+                        self.counters.lock().status.rejected += 1;
+                    }
+                    Some(out.watermark)
+                }),
+                Pending::Settle { collector_id, stream_id, seq, reason } => {
+                    self.store.settle(collector_id, *stream_id, *seq, *seq, reason).inspect(|_| {
+                        log::warn!(
+                            "store writer: event {collector_id}/{stream_id}/{seq} settled as a gap: {}",
+                            printable(reason)
+                        );
+                    })
+                }
+            };
+            match result {
                 Ok(watermark) => {
-                    log::warn!(
-                        "collector {} lost events {}..={} of stream {} ({}); recorded in stream_gaps",
-                        gap.collector_id,
-                        gap.from,
-                        gap.to,
-                        gap.stream_id,
-                        gap.reason
-                    );
                     self.gap = None;
-                    self.acknowledge(&[watermark]);
+                    self.acknowledge(watermark.as_slice());
                 }
                 Err(e) => {
-                    let what = format!(
-                        "recording the gap {}..={} of {}/{} failed: {e}",
-                        gap.from, gap.to, gap.collector_id, gap.stream_id
-                    );
-                    self.failed(&what);
+                    self.failed(&format!("recording a gap failed: {e}"));
                     return;
                 }
             }
@@ -501,6 +617,13 @@ impl WriterActor {
             }
         }
         log::debug!("store writer: committed {} events, {} duplicates", outcome.inserted, outcome.duplicates);
+        log_gaps(&outcome.gaps);
+        if !outcome.refused.is_empty() {
+            self.counters.lock().status.rejected += outcome.refused.len() as u64;
+            for (seq, why) in outcome.refused.iter().take(3) {
+                log::warn!("store writer: refused event seq {seq}: {why}");
+            }
+        }
         self.acknowledge(&outcome.watermarks);
         self.evaluate();
     }
@@ -590,6 +713,41 @@ impl WriterActor {
                 );
             }
         }
+    }
+
+    /// Stores and publishes an alert the agent raised about a collector.
+    fn system_alert(&mut self, a: SystemAlert) {
+        let now = api::now_unix_ms();
+        let raised = i64::try_from(now).unwrap_or(i64::MAX);
+        let inserted = self.store.connection().execute(
+            "INSERT INTO alerts (rule, severity, description, event_id, collector_id, pid, name, exe,
+                                 command_line, observed_ms, raised_ms)
+             VALUES (?1, 'high', ?2, ?3, ?4, 0, ?4, NULL, NULL, ?5, ?5)
+             ON CONFLICT (rule, event_id) DO NOTHING",
+            rusqlite::params![a.rule, a.description, -raised, a.collector_id, raised],
+        );
+        let id = match inserted {
+            Ok(_) => self.store.connection().last_insert_rowid(),
+            Err(e) => {
+                self.counters.lock().status.errors += 1;
+                log::error!("store writer: cannot store alert {} for {}: {e}", a.rule, a.collector_id);
+                0
+            }
+        };
+        self.raise(vec![Alert {
+            id,
+            rule: a.rule,
+            severity: api::Severity::High,
+            description: a.description,
+            event_id: -raised,
+            collector_id: a.collector_id.clone(),
+            pid: 0,
+            name: a.collector_id,
+            exe: None,
+            command_line: None,
+            observed_unix_ms: now,
+            raised_unix_ms: now,
+        }]);
     }
 
     /// Applies retention (`retention_days` and `max_events`, 0 for none).

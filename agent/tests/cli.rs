@@ -247,6 +247,7 @@ fn status_shows_what_the_agent_answers() {
         broker: BrokerStatus { socket: socket(dir.path()).display().to_string(), ..Default::default() },
         store: StoreStatus { events_committed: 1234, ..Default::default() },
         tasks: Default::default(),
+        delivery: Vec::new(),
     };
     let _agent = FakeAgent::start(dir.path(), status);
 

@@ -79,6 +79,7 @@ fn fake_monitor(path: &std::path::Path, ids: &[&str]) {
         broker: BrokerStatus::default(),
         store: StoreStatus::default(),
         tasks: TasksStatus::default(),
+        delivery: Vec::new(),
     };
     std::thread::spawn(move || {
         while let Ok(m) = sub.messages().recv() {

@@ -174,7 +174,14 @@ fn a_collector_cannot_speak_for_another_and_garbage_is_refused() {
 
     // Client c1 claims to be c2, twice, then sends garbage.
     publish(&c1, &envelope("c2", 1, 1, "/usr/bin/sleep"));
-    let gap = StreamGap { collector_id: "c2".into(), stream_id: 1, from: 1, to: 9, reason: "forged".into() };
+    let gap = StreamGap {
+        collector_id: "c2".into(),
+        stream_id: 1,
+        from: 1,
+        to: 9,
+        reason: "forged".into(),
+        position: None,
+    };
     c1.publish(GAP_TOPIC, &gap.encode()).unwrap();
     c1.publish("events.process.started", b"\xff\xff\xff not an envelope").unwrap();
     c1.publish(GAP_TOPIC, b"").unwrap();
@@ -199,7 +206,14 @@ fn a_gap_is_settled_in_order_and_acknowledged() {
 
     publish(&c1, &envelope("c1", 3, 1, "/usr/bin/sleep"));
     publish(&c1, &envelope("c1", 3, 2, "/usr/bin/sleep"));
-    let gap = StreamGap { collector_id: "c1".into(), stream_id: 3, from: 3, to: 5, reason: "crc".into() };
+    let gap = StreamGap {
+        collector_id: "c1".into(),
+        stream_id: 3,
+        from: 3,
+        to: 5,
+        reason: "crc".into(),
+        position: None,
+    };
     c1.publish(GAP_TOPIC, &gap.encode()).unwrap();
     publish(&c1, &envelope("c1", 3, 6, "/usr/bin/sleep"));
 

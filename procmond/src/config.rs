@@ -20,6 +20,8 @@ pub const INTERVAL_RANGE_SECS: std::ops::RangeInclusive<u64> = 5..=3600;
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
 /// The default in-memory send buffer: 10 MiB.
 pub const DEFAULT_BUFFER_BYTES: usize = 10 << 20;
+/// The WAL's default size cap: 256 MiB.
+pub const DEFAULT_WAL_MAX_BYTES: u64 = 256 << 20;
 
 /// A configuration value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -165,6 +167,10 @@ pub struct CollectorConfig {
     pub heartbeat_interval: Duration,
     /// In-memory send buffer. Restart-only.
     pub buffer_bytes: usize,
+    /// The WAL's size cap in bytes: at it, new events are refused
+    /// (counted, alerted, and recorded as a gap once the store's
+    /// acknowledgements free space). Restart-only.
+    pub wal_max_bytes: u64,
     /// Where events come from. Restart-only.
     pub events: EventsMode,
     /// The kernel event source. Restart-only.
@@ -190,6 +196,7 @@ impl CollectorConfig {
             sanitize: SanitizeConfig::default(),
             heartbeat_interval: Duration::from_secs(30),
             buffer_bytes: DEFAULT_BUFFER_BYTES,
+            wal_max_bytes: DEFAULT_WAL_MAX_BYTES,
             events: EventsMode::Auto,
             kernel_events: KernelEventsConfig::default(),
         }
@@ -213,6 +220,9 @@ impl CollectorConfig {
             || self.heartbeat_interval > Duration::from_secs(3600)
         {
             return Err(invalid("heartbeat_interval_ms", "must be between 100 and 3600000"));
+        }
+        if self.wal_max_bytes < 1 << 20 {
+            return Err(invalid("wal_max_bytes", "must be at least 1048576"));
         }
         if self.buffer_bytes < 64 << 10 {
             return Err(invalid("buffer_bytes", "must be at least 65536"));
@@ -357,6 +367,8 @@ pub struct ConfigFile {
     pub heartbeat_interval_ms: Option<u64>,
     /// See [`CollectorConfig::buffer_bytes`].
     pub buffer_bytes: Option<usize>,
+    /// See [`CollectorConfig::wal_max_bytes`].
+    pub wal_max_bytes: Option<u64>,
     /// See [`CollectorConfig::events`].
     pub events: Option<EventsMode>,
     /// See [`CollectorConfig::kernel_events`].
@@ -426,6 +438,9 @@ impl ConfigFile {
         }
         if let Some(v) = self.buffer_bytes {
             cfg.buffer_bytes = v;
+        }
+        if let Some(v) = self.wal_max_bytes {
+            cfg.wal_max_bytes = v;
         }
         if let Some(v) = self.events {
             cfg.events = v;

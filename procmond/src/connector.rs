@@ -25,6 +25,22 @@
 //! - Backpressure: at 70% buffer fill the thread asks the actor to slow
 //!   down 1.5x (`AdjustInterval`); below 50% it asks it to restore. A
 //!   spilled buffer counts as full until the backlog is published.
+//! - Every event and gap marker states where the stream stands
+//!   ([`StreamPosition`]: `base`, the first unacknowledged number, and
+//!   `next`), set as it is published (a re-sent record states the current
+//!   base), so the store never guesses a stream's base (see
+//!   `daemoneye_store`'s Watermarks). The WAL keeps records without it.
+//! - A fresh WAL (no number ever assigned) always gets a fresh stream id,
+//!   even where a `STREAM` file survived: a WAL wiped under it must not
+//!   restart at 1 in a stream the store already holds (its events would be
+//!   duplicates there).
+//! - The WAL has a size cap (`wal_max_bytes`, checked before each batch).
+//!   At the cap new events are refused, never silently: counted
+//!   ([`DeliveryStatus::events_refused`], `wal_full_times`, in every
+//!   heartbeat, which the agent turns into an alert) and, once the store's
+//!   acknowledgements free space, recorded in the WAL as one gap marker
+//!   (its own sequence number) saying how many events were refused and
+//!   when, which the store keeps in `stream_gaps`.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher as _};
@@ -40,9 +56,41 @@ use daemoneye_wal::{Durability, Wal, WalOptions};
 use parking_lot::Mutex;
 
 use crate::actor::{ActorSender, EventSink, IntervalAdjustment, SinkError, SinkStatus};
-use daemoneye_contract::control::{self, ConnectionStatus, StoreAck};
-use daemoneye_contract::event::{EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap};
+use daemoneye_contract::control::{self, ConnectionStatus, DeliveryStatus, StoreAck};
+use daemoneye_contract::event::{
+    EventEnvelope, EventKind, GAP_TOPIC, ProcessEvent, StreamGap, StreamPosition,
+};
 use daemoneye_contract::{PeerVersion, Version, codec};
+
+/// Reads the delivery state of the connector's stream (for registration
+/// and heartbeats).
+#[derive(Clone)]
+pub struct DeliveryProbe(Arc<dyn Fn() -> DeliveryStatus + Send + Sync>);
+
+impl DeliveryProbe {
+    /// A probe that calls `f`.
+    pub fn new(f: impl Fn() -> DeliveryStatus + Send + Sync + 'static) -> DeliveryProbe {
+        DeliveryProbe(Arc::new(f))
+    }
+
+    /// Where delivery stands now.
+    pub fn read(&self) -> DeliveryStatus {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for DeliveryProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeliveryProbe")
+    }
+}
+
+/// Batches whose append time is kept for the age of the oldest
+/// unacknowledged event; past it newer batches are not noted (the age
+/// then reads high, never low).
+const AGES_KEPT: usize = 4096;
+/// Bytes a WAL record takes besides its payload (length, CRC, seq).
+const RECORD_OVERHEAD: u64 = 16;
 
 /// File in the WAL directory holding the stream id. It lives and dies
 /// with the WAL's records, so a fresh WAL (sequence numbers from 1 again)
@@ -72,6 +120,8 @@ pub struct ConnectorConfig {
     /// events after the collector's last checkpoint stay readable for a
     /// restart (see [`crate::checkpoint`]). The daemon passes `Some(0)`.
     pub truncate_floor: Option<u64>,
+    /// The WAL's size cap in bytes (see the module docs).
+    pub wal_max_bytes: u64,
 }
 
 /// Why the connector could not start or accept events.
@@ -136,6 +186,22 @@ struct Shared {
     /// agent and re-encoded in version 1 for an agent of the previous
     /// release.
     peer: PeerVersion,
+    /// The WAL's size cap.
+    cap: u64,
+    /// The WAL's segment bytes on disk (measured at open and after each
+    /// truncation, counted up by appends).
+    wal_bytes: AtomicU64,
+    /// At the cap now.
+    full: AtomicBool,
+    /// Times the cap was reached.
+    full_times: AtomicU64,
+    /// Events refused at the cap.
+    refused: AtomicU64,
+    /// Refused events not yet recorded as a gap: count, first and last
+    /// time (Unix ms).
+    lost: Mutex<Option<(u64, u64, u64)>>,
+    /// `(first seq, append time)` of each batch not yet acknowledged.
+    ages: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 impl Shared {
@@ -143,6 +209,60 @@ impl Shared {
         let b = self.buffer.lock();
         if b.spilled { 1.0 } else { b.bytes as f64 / self.limit as f64 }
     }
+
+    /// Where the stream stands: the first unacknowledged number and the
+    /// next to be assigned.
+    fn position(&self) -> StreamPosition {
+        let next = self.wal.next_seq();
+        let base = self.acked.load(Ordering::Acquire).saturating_add(1).min(next);
+        StreamPosition { base, next }
+    }
+
+    fn delivery(&self) -> DeliveryStatus {
+        let StreamPosition { base, next } = self.position();
+        let unacknowledged = next - base;
+        let oldest = {
+            let mut ages = self.ages.lock();
+            while ages.len() >= 2 && ages[1].0 <= base {
+                ages.pop_front();
+            }
+            match ages.front() {
+                Some(&(first, at)) if unacknowledged > 0 && first <= base => at.elapsed(),
+                _ => Duration::ZERO,
+            }
+        };
+        DeliveryStatus {
+            stream_id: self.stream_id,
+            base,
+            next,
+            unacknowledged,
+            oldest_unacknowledged_ms: oldest.as_millis() as u64,
+            wal_bytes: self.wal_bytes.load(Ordering::Acquire),
+            wal_cap_bytes: self.cap,
+            wal_full: self.full.load(Ordering::Acquire),
+            wal_full_times: self.full_times.load(Ordering::Acquire),
+            events_refused: self.refused.load(Ordering::Acquire),
+        }
+    }
+
+    /// Measures the WAL's segments on disk again.
+    fn measure(&self) {
+        self.wal_bytes.store(segment_bytes(self.wal.dir()), Ordering::Release);
+    }
+}
+
+/// The bytes of the WAL segments in `dir`.
+fn segment_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 enum Cmd {
@@ -172,7 +292,9 @@ impl Connector {
         let (wal, report) =
             Wal::open(wal_dir, WalOptions { durability: Durability::Always, ..Default::default() })?;
         log::info!("WAL {}: {report}", wal_dir.display());
-        let stream_id = stream_id(wal_dir)?;
+        // Invariant: a WAL that never assigned a number is a new stream.
+        let fresh = wal.next_seq() == 1 && wal.watermark() == 0;
+        let stream_id = stream_id(wal_dir, fresh)?;
         let acked = wal.watermark();
         let pending = wal.next_seq().saturating_sub(acked + 1);
         if pending > 0 {
@@ -194,6 +316,18 @@ impl Connector {
             stop: AtomicBool::new(false),
             floor: AtomicU64::new(cfg.truncate_floor.unwrap_or(u64::MAX)),
             peer: PeerVersion::default(),
+            cap: cfg.wal_max_bytes,
+            wal_bytes: AtomicU64::new(segment_bytes(wal_dir)),
+            full: AtomicBool::new(false),
+            full_times: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            lost: Mutex::new(None),
+            // What the WAL holds unacknowledged at startup is counted from now.
+            ages: Mutex::new(if pending > 0 {
+                VecDeque::from([(acked + 1, Instant::now())])
+            } else {
+                VecDeque::new()
+            }),
         });
         let acks = client.subscribe(&control::ack_topic(&cfg.collector_id))?;
         let (cmds, cmd_rx) = bounded(16);
@@ -228,6 +362,12 @@ impl Connector {
     /// The stream id of this collector's WAL.
     pub fn stream_id(&self) -> u64 {
         self.shared.stream_id
+    }
+
+    /// Reads where delivery stands, for registration and heartbeats.
+    pub fn delivery_probe(&self) -> DeliveryProbe {
+        let shared = self.shared.clone();
+        DeliveryProbe::new(move || shared.delivery())
     }
 
     /// A hook for acknowledgements learnt elsewhere (a registration reply).
@@ -277,7 +417,52 @@ impl EventSink for Connector {
         // never sees a record in the WAL that is neither buffered nor
         // marked spilled.
         let mut buf = s.buffer.lock();
-        let first = s.wal.next_seq();
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Invariant: at the cap nothing is appended, and nothing refused
+        // goes unrecorded (counted now, a gap marker once there is room).
+        if s.wal_bytes.load(Ordering::Acquire) >= s.cap {
+            let now = crate::actor::unix_ms();
+            let n = events.len() as u64;
+            s.refused.fetch_add(n, Ordering::AcqRel);
+            let mut lost = s.lost.lock();
+            let (count, first_ms, _) = lost.unwrap_or((0, now, now));
+            *lost = Some((count + n, first_ms, now));
+            if !s.full.swap(true, Ordering::AcqRel) {
+                s.full_times.fetch_add(1, Ordering::AcqRel);
+                log::error!(
+                    "WAL at its cap ({} of {} bytes, the store has not acknowledged): new events are refused \
+                     and counted until it acknowledges",
+                    s.wal_bytes.load(Ordering::Acquire),
+                    s.cap
+                );
+            }
+            return Ok(Vec::new());
+        }
+        let mut first = s.wal.next_seq();
+        let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(events.len() + 1);
+        let mut gap_seq = None;
+        let lost = *s.lost.lock();
+        if let Some((count, first_ms, last_ms)) = lost {
+            // The events refused at the cap, as one record of their own.
+            let reason = format!(
+                "{count} events refused: the WAL was at its cap ({} bytes) between Unix ms {first_ms} and \
+                 {last_ms}",
+                s.cap
+            );
+            let gap = StreamGap {
+                collector_id: s.collector_id.clone(),
+                stream_id: s.stream_id,
+                from: first,
+                to: first,
+                reason,
+                position: None,
+            };
+            payloads.push(gap.encode());
+            gap_seq = Some(first);
+            first += 1;
+        }
         let envelopes: Vec<EventEnvelope> = events
             .into_iter()
             .enumerate()
@@ -286,9 +471,11 @@ impl EventSink for Connector {
                 stream_id: s.stream_id,
                 seq: first + i as u64,
                 event,
+                position: None,
             })
             .collect();
-        let payloads: Vec<Vec<u8>> = envelopes.iter().map(EventEnvelope::encode).collect();
+        payloads.extend(envelopes.iter().map(EventEnvelope::encode));
+        let first = gap_seq.unwrap_or(first);
         let range = s.wal.append_batch(&payloads).map_err(|e| SinkError {
             fatal: matches!(e, daemoneye_wal::Error::Poisoned { .. }),
             message: format!("WAL append: {e}"),
@@ -299,6 +486,29 @@ impl EventSink for Connector {
                 message: format!("WAL assigned {range:?}, expected {first}"),
                 fatal: true,
             });
+        }
+        s.wal_bytes
+            .fetch_add(payloads.iter().map(|p| p.len() as u64 + RECORD_OVERHEAD).sum(), Ordering::AcqRel);
+        {
+            let mut ages = s.ages.lock();
+            if ages.len() < AGES_KEPT {
+                ages.push_back((first, Instant::now()));
+            }
+        }
+        let mut payloads = payloads.into_iter();
+        if let Some(seq) = gap_seq {
+            *s.lost.lock() = None;
+            s.full.store(false, Ordering::Release);
+            let bytes = payloads.next().unwrap_or_default();
+            log::warn!("WAL below its cap again: the refused events are recorded as gap {seq}");
+            if !buf.spilled && buf.bytes + bytes.len() <= s.limit {
+                buf.bytes += bytes.len();
+                buf.items.push_back(Item { seq, last: seq, topic: GAP_TOPIC, bytes });
+            } else {
+                buf.spilled = true;
+            }
+        } else if s.full.swap(false, Ordering::AcqRel) {
+            log::warn!("WAL below its cap again");
         }
         for (env, bytes) in envelopes.iter().zip(payloads) {
             if !buf.spilled && buf.bytes + bytes.len() <= s.limit {
@@ -382,10 +592,17 @@ impl EventSink for Connector {
 }
 
 /// Reads the stream id of a WAL directory, creating it for a fresh WAL.
-fn stream_id(dir: &Path) -> Result<u64, ConnectorError> {
+fn stream_id(dir: &Path, fresh: bool) -> Result<u64, ConnectorError> {
     let path = dir.join(STREAM_FILE);
     let io = |what: &str, source| ConnectorError::Io { what: format!("{what} {}", path.display()), source };
-    match std::fs::read_to_string(&path) {
+    let read = if fresh {
+        // A WAL that never assigned a number: whatever stream the file
+        // names is not this WAL's (its records are gone, or there were none).
+        Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+    } else {
+        std::fs::read_to_string(&path)
+    };
+    match read {
         Ok(text) => text.trim().parse().map_err(|_| {
             io(
                 "parse",
@@ -417,7 +634,14 @@ fn stream_id(dir: &Path) -> Result<u64, ConnectorError> {
 /// A gap marker for events `from..=to` that the WAL cannot give back.
 fn gap(s: &Shared, from: u64, to: u64, reason: String) -> Item {
     log::error!("events {from}..={to} of stream {} are lost: {reason}; publishing a gap marker", s.stream_id);
-    let gap = StreamGap { collector_id: s.collector_id.clone(), stream_id: s.stream_id, from, to, reason };
+    let gap = StreamGap {
+        collector_id: s.collector_id.clone(),
+        stream_id: s.stream_id,
+        from,
+        to,
+        reason,
+        position: None,
+    };
     Item { seq: from, last: to, topic: GAP_TOPIC, bytes: gap.encode() }
 }
 
@@ -536,6 +760,7 @@ impl Flusher {
         match truncated {
             Ok(()) => {
                 s.acked.store(through, Ordering::Release);
+                s.measure();
                 self.last_progress = Instant::now();
                 if self.next <= through {
                     // The store has them already (sent before a restart).
@@ -674,6 +899,19 @@ impl Flusher {
                             "lost to WAL damage".into(),
                         ));
                     }
+                    if rec.payload.get(4) == Some(&codec::Kind::StreamGap.byte())
+                        && let Ok(gap) = StreamGap::decode(&rec.payload)
+                        && (gap.from, gap.to) == (rec.seq, rec.seq)
+                    {
+                        // A gap record of the WAL's own (events refused at its cap).
+                        self.reread.push_back(Item {
+                            seq: rec.seq,
+                            last: rec.seq,
+                            topic: GAP_TOPIC,
+                            bytes: rec.payload,
+                        });
+                        continue;
+                    }
                     match EventEnvelope::decode(&rec.payload) {
                         Ok(env) => self.reread.push_back(Item::event(rec.seq, env.event.kind, rec.payload)),
                         Err(e) => self.reread.push_back(gap(
@@ -704,13 +942,8 @@ impl Flusher {
                 break;
             }
             let Some(item) = self.take_next() else { break };
-            let legacy;
-            let bytes = if s.peer.get() == Version::V1 {
-                legacy = for_legacy_agent(item.topic, &item.bytes);
-                legacy.as_deref().unwrap_or(&item.bytes)
-            } else {
-                &item.bytes
-            };
+            let stated = restate(item.topic, &item.bytes, s.position(), s.peer.get());
+            let bytes = stated.as_deref().unwrap_or(&item.bytes);
             match self.client.publish(item.topic, bytes) {
                 Ok(()) => {
                     self.next = item.last + 1;
@@ -751,13 +984,16 @@ impl Flusher {
         }
     }
 }
-/// A WAL record (or gap marker) re-encoded in version 1, for an agent of
-/// the previous release; `None` if it does not decode (it goes out as it
-/// is, and that agent refuses it as it would any undecodable payload).
-fn for_legacy_agent(topic: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+/// A WAL record (or gap marker) as it goes out: with the stream's
+/// position, in the agent's version (version 1 and 2 agents get their own
+/// layout, without the position). `None` if it does not decode: it goes
+/// out as it is, and the store settles its number as a gap.
+fn restate(topic: &str, bytes: &[u8], position: StreamPosition, version: Version) -> Option<Vec<u8>> {
     if topic == GAP_TOPIC {
-        StreamGap::decode(bytes).ok().map(|g| codec::encode_as(Version::V1, &g))
+        let gap = StreamGap { position: Some(position), ..StreamGap::decode(bytes).ok()? };
+        Some(codec::encode_as(version, &gap))
     } else {
-        EventEnvelope::decode(bytes).ok().map(|e| codec::encode_as(Version::V1, &e))
+        let env = EventEnvelope { position: Some(position), ..EventEnvelope::decode(bytes).ok()? };
+        Some(codec::encode_as(version, &env))
     }
 }

@@ -85,6 +85,11 @@ struct Cli {
     /// --interval only: short-lived processes are missed) [default: auto].
     #[arg(long, value_enum, value_name = "SOURCE")]
     events: Option<EventsMode>,
+    /// The WAL's size cap in bytes (at least 1 MiB) [default: 268435456]:
+    /// at the cap new events are refused, counted in the heartbeat (the
+    /// agent raises an alert) and recorded as a gap once space frees up.
+    #[arg(long, value_name = "BYTES")]
+    wal_max_bytes: Option<u64>,
     /// Stay in the terminal: log to stderr and print each event on stdout.
     #[arg(long)]
     foreground: bool,
@@ -169,6 +174,7 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
         enhanced_metadata: cli.enhanced_metadata.then_some(true),
         compute_hashes: cli.compute_hashes.then_some(true),
         events: cli.events,
+        wal_max_bytes: cli.wal_max_bytes,
         ..ConfigFile::default()
     };
     flags.apply(&mut cfg);
@@ -274,6 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_in_flight: cfg.max_events_in_flight,
             ack_timeout: Duration::from_secs(30),
             truncate_floor: Some(0),
+            wal_max_bytes: cfg.wal_max_bytes,
         },
         &cfg.wal_dir(),
         client.clone(),
@@ -302,6 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         capabilities,
         stream_id: connector.stream_id(),
         peer_version: connector.peer_version(),
+        delivery: Some(connector.delivery_probe()),
     };
     let collector_id = cfg.collector_id.clone();
     let actor = ActorHandle::spawn(cfg, source, Box::new(connector), inbox, opts)?;

@@ -63,6 +63,9 @@ pub struct RegistrationConfig {
     /// The agent's contract version, shared with the connector: set by
     /// each registration from the version the agent answers in.
     pub peer_version: PeerVersion,
+    /// Where the connector's stream stands: stated in the registration
+    /// (base and next) and in every heartbeat (the lag, the WAL's cap).
+    pub delivery: Option<crate::connector::DeliveryProbe>,
 }
 
 /// Something to call with an acknowledgement learnt from the agent's reply.
@@ -239,20 +242,22 @@ impl Manager {
         }
     }
 
-    /// Registers in the current version; an agent of the previous release
-    /// cannot read it and answers a headerless rejection, so then it
-    /// registers again at once in version 1 and speaks version 1 to that
-    /// agent (events re-encoded by the connector, heartbeats here) until
-    /// the next registration, which tries the current version again.
+    /// Registers in the current version; an agent of an earlier release
+    /// cannot read it and answers a rejection in its own version (version
+    /// 1: headerless; version 2: headed), so then it registers again at
+    /// once in that version and speaks it to that agent (events re-encoded
+    /// by the connector, heartbeats here) until the next registration,
+    /// which tries the current version again.
     fn register(&mut self, conn: u64) {
         self.cell.set(RegistrationState::Registering);
         let outcome = match self.request_registration(Version::CURRENT) {
-            Ok((resp, Version::V1)) if resp.status == RegistrationStatus::Rejected => {
+            Ok((resp, older)) if resp.status == RegistrationStatus::Rejected && older < Version::CURRENT => {
                 log::warn!(
-                    "the agent speaks contract version 1 (an older release): registering in version 1 ({})",
+                    "the agent speaks contract version {} (an older release): registering in it ({})",
+                    older.number(),
                     resp.message.as_deref().unwrap_or("no reason given")
                 );
-                self.request_registration(Version::V1)
+                self.request_registration(older)
             }
             other => other,
         };
@@ -274,6 +279,10 @@ impl Manager {
             pid: std::process::id(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             stream_id: self.cfg.stream_id,
+            position: self.cfg.delivery.as_ref().map(|probe| {
+                let d = probe.read();
+                daemoneye_contract::event::StreamPosition { base: d.base, next: d.next }
+            }),
         });
         let rpc = topic::REGISTRATION;
         self.client
@@ -385,6 +394,7 @@ impl Manager {
             timestamp_unix_ms: unix_ms(),
             status,
             metrics,
+            delivery: self.cfg.delivery.as_ref().map(|probe| probe.read()),
         };
         let bytes = topic::HEARTBEATS.encode_as(self.cfg.peer_version.get(), &hb);
         if let Err(e) = self.client.publish(&topic::HEARTBEATS.at(&self.cfg.collector_id), &bytes) {

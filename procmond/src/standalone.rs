@@ -47,6 +47,9 @@ impl EventSink for StoreSink {
                 stream_id: STANDALONE_STREAM,
                 seq: first + i as u64,
                 event,
+                // The store is this process's own: it never guesses, it
+                // is the stream's only writer.
+                position: None,
             })
             .collect();
         let outcome = self.store.insert_batch(&envelopes).map_err(|e| SinkError::retry(e.to_string()))?;

@@ -43,6 +43,7 @@ impl EventSink for VecSink {
                 stream_id: 0,
                 seq: first + i as u64,
                 event,
+                position: None,
             })
             .collect();
         all.extend(envs.iter().cloned());
@@ -261,6 +262,7 @@ fn a_stalled_consumer_slows_collection_and_draining_restores_it() {
             max_in_flight: 1_000_000,
             ack_timeout: Duration::from_secs(60),
             truncate_floor: None,
+            wal_max_bytes: procmond::config::DEFAULT_WAL_MAX_BYTES,
         },
         &dir.path().join("wal"),
         client.clone(),

@@ -44,6 +44,7 @@ fn parts(
         max_in_flight: 100,
         ack_timeout: Duration::from_secs(600),
         truncate_floor: None,
+        wal_max_bytes: procmond::config::DEFAULT_WAL_MAX_BYTES,
     };
     (Arc::new(client), actor_tx, actor_rx, cfg)
 }
@@ -68,6 +69,7 @@ fn a_spilled_backlog_is_reread_from_the_wal_in_order_and_once() {
             max_in_flight: 1_000_000,
             ack_timeout: Duration::from_secs(600),
             truncate_floor: None,
+            wal_max_bytes: procmond::config::DEFAULT_WAL_MAX_BYTES,
         },
         &dir.path().join("wal"),
         client.clone(),
@@ -141,6 +143,7 @@ fn an_undecodable_wal_record_becomes_a_gap_and_delivery_goes_on() {
             stream_id: 77,
             seq,
             event: event(seq as u32),
+            position: None,
         };
         wal.append_batch(&[env(1).encode(), vec![0xff; 7], env(3).encode()]).unwrap();
         wal.close().unwrap();

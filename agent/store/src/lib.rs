@@ -149,13 +149,41 @@
 //! # Watermarks
 //!
 //! `stream_watermarks.through` is the highest `seq` such that every `seq`
-//! from the stream's base up to it has been committed. The base of a stream
-//! the store has never seen is the lowest `seq` of the first batch that
-//! carries it, minus 1: collectors replay in order from their last
-//! acknowledged `seq`, so a wiped store still makes progress instead of
-//! waiting forever for records the collector already deleted. A gap (an
-//! event lost on the bus) holds the watermark back until the collector's
-//! replay fills it.
+//! up to it is settled: committed, or recorded in `stream_gaps` with a
+//! reason. The store never guesses where a stream starts: a collector
+//! states its base with every event, gap marker and registration
+//! ([`StreamPosition`]: the lowest `seq` it still holds, and the next it
+//! will assign), and
+//!
+//! - a stream the store has never seen starts at that base: everything
+//!   below it is recorded as a gap ([`REASON_BEFORE_BASE`]) and the
+//!   watermark waits for the base itself. So a stream's first events lost
+//!   on the way (the broker cut the store's client while they were
+//!   queued) hold the watermark back until the collector's replay brings
+//!   them; they are never skipped.
+//! - a store behind its collector (restored from an older backup: its
+//!   watermark is below `base - 1`) records the numbers in between as a
+//!   gap ([`REASON_BEHIND`]) and moves on, so acknowledgements advance
+//!   and the collector's WAL stops growing.
+//! - a store ahead of its collector (a watermark at or above the
+//!   collector's `next`: the collector cannot have produced what the store
+//!   settled) refuses the collector's events loudly instead of dropping
+//!   them as duplicates. A collector makes a fresh stream id with every
+//!   fresh WAL, so only a confused or forged collector gets here.
+//! - an event or gap marker outside `base..next` is refused: a collector
+//!   can neither settle numbers it has not produced nor send back numbers
+//!   it no longer holds.
+//! - an event that arrives at a number a recorded gap covers, with no row
+//!   there, refutes the gap (a collector never sends a number it declared
+//!   lost): the gap is cut before it, the watermark falls back below it and
+//!   the event is stored. A forged far gap (to 2^62, say) therefore never
+//!   makes the store drop the real events that follow.
+//!
+//! A collector of an earlier release states no position: a stream it
+//! starts is based on the lowest `seq` of the first batch that carries it,
+//! minus 1 (that release's behaviour), and its gap markers are taken as
+//! they come. A gap (an event lost on the bus) holds the watermark back
+//! until the collector's replay fills it.
 //!
 //! Pruning deletes rows but never watermarks, and [`EventStore::insert_batch`]
 //! treats any `seq <= through` as a duplicate without looking for its row.
@@ -177,7 +205,9 @@ use daemoneye_platform::{ExitStatus, ProcessState};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use daemoneye_contract::event::{EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap};
+use daemoneye_contract::event::{
+    EventEnvelope, EventKind, HashOutcome, ProcessEvent, StreamGap, StreamPosition,
+};
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: u32 = 3;
@@ -258,6 +288,19 @@ ALTER TABLE process_events ADD COLUMN late INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE process_events ADD COLUMN late_after_ms INTEGER;
 ALTER TABLE process_events ADD COLUMN late_before_ms INTEGER;
 ";
+
+/// The reason recorded for the numbers below a new stream's base.
+pub const REASON_BEFORE_BASE: &str =
+    "before the collector's base: acknowledged to another store or lost before this store saw the stream";
+/// The reason recorded when the store is behind its collector.
+pub const REASON_BEHIND: &str = "the collector no longer holds these: acknowledged to another store or lost \
+     (was this store restored from an older backup?)";
+
+/// The recorded gap that covers `?3`, if any: its start and end.
+const SELECT_GAP_AT: &str = "
+SELECT from_seq, to_seq FROM stream_gaps
+WHERE collector_id = ?1 AND stream_id = ?2 AND from_seq <= ?3 AND to_seq >= ?3
+ORDER BY to_seq DESC LIMIT 1";
 
 /// The furthest end of a recorded gap that covers `?3`.
 const SELECT_GAP_COVERING: &str = "
@@ -388,6 +431,37 @@ pub struct BatchOutcome {
     /// The watermark of every stream the batch touched, changed or not, in
     /// order of first appearance in the batch: what to acknowledge.
     pub watermarks: Vec<StreamWatermark>,
+    /// Events refused as implausible (outside the position their collector
+    /// stated, or a stream the store is ahead of), with the reason: not
+    /// stored, not settled.
+    pub refused: Vec<(u64, String)>,
+    /// Gaps the store recorded itself (a base, a store behind, a refuted
+    /// gap), with their reasons, for the log.
+    pub gaps: Vec<(StreamGapKey, String)>,
+}
+
+/// A range of one stream's sequence numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamGapKey {
+    /// The collector.
+    pub collector_id: String,
+    /// The stream.
+    pub stream_id: u64,
+    /// First number.
+    pub from: u64,
+    /// Last number (inclusive).
+    pub to: u64,
+}
+
+/// What [`EventStore::insert_gap`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapOutcome {
+    /// The stream's watermark: what to acknowledge.
+    pub watermark: StreamWatermark,
+    /// Why the gap was refused, if it was (nothing changed).
+    pub refused: Option<String>,
+    /// Gaps the store recorded itself on the way (a base, a store behind).
+    pub gaps: Vec<(StreamGapKey, String)>,
 }
 
 /// A filter for [`EventStore::query`]; every set field must match.
@@ -452,6 +526,11 @@ struct Touched<'a> {
     stored: Option<u64>,
     /// The lowest `seq` of this stream in the batch.
     min_seq: u64,
+    /// The latest position the batch states for it (bases only rise).
+    position: Option<StreamPosition>,
+    /// The watermark this batch starts from (after base gaps, refuted
+    /// gaps), set once placed.
+    through: u64,
 }
 
 /// The `WHERE` conditions of an [`EventQuery`] and their values.
@@ -550,13 +629,14 @@ impl EventStore {
     }
 
     /// Stores a batch in one transaction and advances the watermark of
-    /// every stream it touches.
+    /// every stream it touches (see [Watermarks](#watermarks) for where a
+    /// stream starts and what is refused).
     ///
     /// An event whose `(collector_id, stream_id, seq)` is already stored,
     /// or whose `seq` is at or below its stream's watermark (even if its
-    /// row was pruned), is ignored and counted in
-    /// [`BatchOutcome::duplicates`]. On error nothing of the batch is
-    /// committed.
+    /// row was pruned) and not inside a recorded gap, is ignored and
+    /// counted in [`BatchOutcome::duplicates`]. On error nothing of the
+    /// batch is committed.
     pub fn insert_batch(&mut self, batch: &[EventEnvelope]) -> Result<BatchOutcome, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcome = BatchOutcome::default();
@@ -567,7 +647,11 @@ impl EventStore {
             for env in batch {
                 let key = (env.collector_id.as_str(), env.stream_id);
                 match index.get(&key) {
-                    Some(&i) => touched[i].min_seq = touched[i].min_seq.min(env.seq),
+                    Some(&i) => {
+                        let t = &mut touched[i];
+                        t.min_seq = t.min_seq.min(env.seq);
+                        t.position = latest(t.position, env.position);
+                    }
                     None => {
                         let stored: Option<i64> = select_watermark
                             .query_row(params![env.collector_id, stream_to_sql(env.stream_id)], |row| {
@@ -581,18 +665,71 @@ impl EventStore {
                             stream_id: env.stream_id,
                             stored,
                             min_seq: env.seq,
+                            position: env.position,
+                            through: 0,
                         });
                     }
                 }
             }
+            for t in &mut touched {
+                t.through = place(
+                    &tx,
+                    t.collector_id,
+                    t.stream_id,
+                    t.stored,
+                    t.position,
+                    t.min_seq,
+                    &mut outcome.gaps,
+                )?;
+            }
 
             let mut insert = tx.prepare_cached(INSERT_EVENT)?;
             for env in batch {
-                let stream = &touched[index[&(env.collector_id.as_str(), env.stream_id)]];
-                // Invariant: seq <= watermark was committed once, even if
-                // pruning has since deleted its row.
-                if stream.stored.is_some_and(|w| env.seq <= w) {
-                    outcome.duplicates += 1;
+                let t = &mut touched[index[&(env.collector_id.as_str(), env.stream_id)]];
+                if let Some(p) = env.position
+                    && !p.covers(env.seq, env.seq)
+                {
+                    outcome.refused.push((
+                        env.seq,
+                        format!("seq {} outside what its collector holds ({}..{})", env.seq, p.base, p.next),
+                    ));
+                    continue;
+                }
+                if env.seq <= t.through {
+                    // Invariant: seq <= watermark was settled once, even
+                    // if pruning has since deleted its row, unless a
+                    // recorded gap says it was lost and here it is.
+                    let stream_sql = stream_to_sql(env.stream_id);
+                    let covering = gap_at(&tx, &env.collector_id, stream_sql, env.seq)?;
+                    let covered = covering.is_some();
+                    if let Some((from, to, reason)) = covering
+                        && EventRow::new(env)?.insert(&mut insert)? > 0
+                    {
+                        refute(&tx, &env.collector_id, stream_sql, from, to, env.seq, &reason)?;
+                        outcome.gaps.push((
+                            StreamGapKey {
+                                collector_id: env.collector_id.clone(),
+                                stream_id: env.stream_id,
+                                from,
+                                to,
+                            },
+                            format!("refuted by event {} (the gap is cut before it): {reason}", env.seq),
+                        ));
+                        t.through = t.through.min(env.seq - 1);
+                        outcome.inserted += 1;
+                        continue;
+                    }
+                    let ahead = t.position.zip(t.stored).is_some_and(|(p, w)| w >= p.next);
+                    if ahead && !covered {
+                        outcome.refused.push((
+                            env.seq,
+                            "the store is ahead of its collector (it settled numbers the collector has not \
+                             produced): a collector that reuses a stream id?"
+                                .to_owned(),
+                        ));
+                    } else {
+                        outcome.duplicates += 1;
+                    }
                     continue;
                 }
                 let row = EventRow::new(env)?;
@@ -606,8 +743,7 @@ impl EventStore {
             let mut upsert = tx.prepare_cached(UPSERT_WATERMARK)?;
             for stream in &touched {
                 let stream_sql = stream_to_sql(stream.stream_id);
-                let base = stream.stored.unwrap_or(stream.min_seq.saturating_sub(1));
-                let through = advance(&tx, stream.collector_id, stream_sql, base)?;
+                let through = advance(&tx, stream.collector_id, stream_sql, stream.through)?;
                 if stream.stored != Some(through) {
                     upsert.execute(params![stream.collector_id, stream_sql, seq_floor(through)])?;
                 }
@@ -623,10 +759,11 @@ impl EventStore {
     }
 
     /// Records that a collector lost events `gap.from..=gap.to` (its WAL
-    /// was damaged): they count as settled, so the stream's watermark moves
-    /// past them, and the loss stays on record in `stream_gaps`. Returns
-    /// the stream's watermark.
-    pub fn insert_gap(&mut self, gap: &StreamGap) -> Result<StreamWatermark, StoreError> {
+    /// was damaged, or its WAL was full): they count as settled, so the
+    /// stream's watermark moves past them, and the loss stays on record in
+    /// `stream_gaps`. A gap outside the position its collector states is
+    /// refused (nothing changes). Returns the stream's watermark.
+    pub fn insert_gap(&mut self, gap: &StreamGap) -> Result<GapOutcome, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stream_sql = stream_to_sql(gap.stream_id);
         let stored: Option<i64> = tx
@@ -634,18 +771,32 @@ impl EventStore {
             .query_row(params![gap.collector_id, stream_sql], |row| row.get(0))
             .optional()?;
         let stored = stored.map(|w| to_u64(w, 0)).transpose()?;
-        let observed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        if gap.from <= gap.to && gap.from > 0 {
-            tx.prepare_cached(INSERT_GAP)?.execute(params![
-                gap.collector_id,
-                stream_sql,
-                seq_floor(gap.from),
-                seq_floor(gap.to),
-                gap.reason,
-                observed
-            ])?;
+        let mut outcome = GapOutcome {
+            watermark: StreamWatermark {
+                collector_id: gap.collector_id.clone(),
+                stream_id: gap.stream_id,
+                through: stored.unwrap_or(0),
+            },
+            refused: None,
+            gaps: Vec::new(),
+        };
+        if let Some(p) = gap.position
+            && !p.covers(gap.from, gap.to)
+        {
+            outcome.refused = Some(format!(
+                "gap {}..={} outside what its collector holds ({}..{})",
+                gap.from, gap.to, p.base, p.next
+            ));
+            return Ok(outcome);
         }
-        let base = stored.unwrap_or(gap.from.saturating_sub(1));
+        if gap.from > gap.to || gap.from == 0 || i64::try_from(gap.to).is_err() {
+            outcome.refused =
+                Some(format!("gap {}..={} is not a range of sequence numbers", gap.from, gap.to));
+            return Ok(outcome);
+        }
+        let base =
+            place(&tx, &gap.collector_id, gap.stream_id, stored, gap.position, gap.from, &mut outcome.gaps)?;
+        record_gap(&tx, &gap.collector_id, stream_sql, gap.from, gap.to, &gap.reason)?;
         let through = advance(&tx, &gap.collector_id, stream_sql, base)?;
         if stored != Some(through) {
             tx.prepare_cached(UPSERT_WATERMARK)?.execute(params![
@@ -655,7 +806,63 @@ impl EventStore {
             ])?;
         }
         tx.commit()?;
-        Ok(StreamWatermark { collector_id: gap.collector_id.clone(), stream_id: gap.stream_id, through })
+        outcome.watermark.through = through;
+        Ok(outcome)
+    }
+
+    /// Settles `from..=to` of a stream as lost with `reason`, on the
+    /// store's own authority: an event its collector published that the
+    /// store refused or could not decode, so it never blocks its stream.
+    /// Returns the stream's watermark, or `None` for a stream the store
+    /// has not placed yet (the gap is recorded; the watermark starts with
+    /// the first event that states its base).
+    pub fn settle(
+        &mut self,
+        collector_id: &str,
+        stream_id: u64,
+        from: u64,
+        to: u64,
+        reason: &str,
+    ) -> Result<Option<StreamWatermark>, StoreError> {
+        if from == 0 || from > to || i64::try_from(to).is_err() {
+            return Ok(None);
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stream_sql = stream_to_sql(stream_id);
+        let stored: Option<i64> = tx
+            .prepare_cached(SELECT_WATERMARK)?
+            .query_row(params![collector_id, stream_sql], |row| row.get(0))
+            .optional()?;
+        let stored = stored.map(|w| to_u64(w, 0)).transpose()?;
+        record_gap(&tx, collector_id, stream_sql, from, to, reason)?;
+        let through = match stored {
+            Some(w) => {
+                let through = advance(&tx, collector_id, stream_sql, w)?;
+                if through != w {
+                    tx.prepare_cached(UPSERT_WATERMARK)?.execute(params![
+                        collector_id,
+                        stream_sql,
+                        seq_floor(through)
+                    ])?;
+                }
+                Some(StreamWatermark { collector_id: collector_id.to_owned(), stream_id, through })
+            }
+            None => None,
+        };
+        tx.commit()?;
+        Ok(through)
+    }
+
+    /// The recorded gaps of a stream, `(from, to, reason)`, in order.
+    pub fn gaps(&self, collector_id: &str, stream_id: u64) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT from_seq, to_seq, reason FROM stream_gaps
+             WHERE collector_id = ?1 AND stream_id = ?2 ORDER BY from_seq",
+        )?;
+        let rows = stmt.query_map(params![collector_id, stream_to_sql(stream_id)], |r| {
+            Ok((to_u64(r.get(0)?, 0)?, to_u64(r.get(1)?, 1)?, r.get::<_, String>(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The committed watermark of a stream, or `None` if the store has
@@ -903,6 +1110,120 @@ fn state_name(state: ProcessState) -> String {
 }
 
 /// A stream id as stored: the same 64 bits, read as signed.
+/// The later of two stated positions (bases and next numbers only rise).
+fn latest(a: Option<StreamPosition>, b: Option<StreamPosition>) -> Option<StreamPosition> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if (b.base, b.next) >= (a.base, a.next) { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Where a stream's watermark starts for what a collector sends now (see
+/// [Watermarks](#watermarks)): its stored watermark, with what lies below
+/// the collector's stated base recorded as a gap.
+fn place(
+    tx: &rusqlite::Transaction<'_>,
+    collector_id: &str,
+    stream_id: u64,
+    stored: Option<u64>,
+    position: Option<StreamPosition>,
+    min_seq: u64,
+    gaps: &mut Vec<(StreamGapKey, String)>,
+) -> Result<u64, StoreError> {
+    let stream_sql = stream_to_sql(stream_id);
+    let mut record = |from: u64, to: u64, reason: &str| -> Result<(), StoreError> {
+        record_gap(tx, collector_id, stream_sql, from, to, reason)?;
+        gaps.push((
+            StreamGapKey { collector_id: collector_id.to_owned(), stream_id, from, to },
+            reason.to_owned(),
+        ));
+        Ok(())
+    };
+    match (stored, position) {
+        // A collector of an earlier release: its first seq, minus 1.
+        (None, None) => Ok(min_seq.saturating_sub(1)),
+        (None, Some(p)) => {
+            if p.base > 1 {
+                record(1, p.base - 1, REASON_BEFORE_BASE)?;
+            }
+            Ok(0)
+        }
+        (Some(w), Some(p)) if p.base <= p.next && w.saturating_add(1) < p.base => {
+            record(w + 1, p.base - 1, REASON_BEHIND)?;
+            Ok(w)
+        }
+        (Some(w), _) => Ok(w),
+    }
+}
+
+/// Records `from..=to` as lost with `reason` (kept once per start).
+fn record_gap(
+    tx: &rusqlite::Transaction<'_>,
+    collector_id: &str,
+    stream_sql: i64,
+    from: u64,
+    to: u64,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let observed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    tx.prepare_cached(INSERT_GAP)?.execute(params![
+        collector_id,
+        stream_sql,
+        seq_floor(from),
+        seq_floor(to),
+        reason,
+        observed
+    ])?;
+    Ok(())
+}
+
+/// The recorded gap that covers `seq`: start, end, reason.
+fn gap_at(
+    tx: &rusqlite::Transaction<'_>,
+    collector_id: &str,
+    stream_sql: i64,
+    seq: u64,
+) -> Result<Option<(u64, u64, String)>, StoreError> {
+    let found: Option<(i64, i64)> = tx
+        .prepare_cached(SELECT_GAP_AT)?
+        .query_row(params![collector_id, stream_sql, seq_floor(seq)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((from, to)) = found else { return Ok(None) };
+    let reason: String = tx.query_row(
+        "SELECT reason FROM stream_gaps WHERE collector_id = ?1 AND stream_id = ?2 AND from_seq = ?3",
+        params![collector_id, stream_sql, from],
+        |r| r.get(0),
+    )?;
+    Ok(Some((to_u64(from, 0)?, to_u64(to, 1)?, reason)))
+}
+
+/// Cuts the gap `from..=to` before `seq`, which an event just proved was
+/// not lost: what lay below stays recorded, the rest goes (an event above
+/// will refute it again, or the watermark walks over stored rows).
+fn refute(
+    tx: &rusqlite::Transaction<'_>,
+    collector_id: &str,
+    stream_sql: i64,
+    from: u64,
+    to: u64,
+    seq: u64,
+    reason: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM stream_gaps WHERE collector_id = ?1 AND stream_id = ?2 AND from_seq = ?3",
+        params![collector_id, stream_sql, seq_floor(from)],
+    )?;
+    if from < seq {
+        record_gap(tx, collector_id, stream_sql, from, seq - 1, reason)?;
+    }
+    let _ = to;
+    tx.execute(
+        "UPDATE stream_watermarks SET through = MIN(through, ?3) WHERE collector_id = ?1 AND stream_id = ?2",
+        params![collector_id, stream_sql, seq_floor(seq - 1)],
+    )?;
+    Ok(())
+}
+
 /// Walks a stream's watermark up from `through` over contiguous stored
 /// sequence numbers and recorded gaps.
 fn advance(
@@ -1116,7 +1437,107 @@ mod tests {
             stream_id: stream,
             seq,
             event: event(EventKind::Started, 100 + (seq % 1_000) as u32, "proc", seq.saturating_mul(1_000)),
+            position: None,
         }
+    }
+
+    /// An event of a current collector that holds `base..next`.
+    fn placed(stream: u64, seq: u64, base: u64, next: u64) -> EventEnvelope {
+        EventEnvelope { position: Some(StreamPosition { base, next }), ..env("c", stream, seq) }
+    }
+
+    fn placed_gap(stream: u64, from: u64, to: u64, base: u64, next: u64) -> StreamGap {
+        StreamGap {
+            collector_id: "c".into(),
+            stream_id: stream,
+            from,
+            to,
+            reason: "damage".into(),
+            position: Some(StreamPosition { base, next }),
+        }
+    }
+
+    #[test]
+    fn a_new_stream_starts_at_its_stated_base_and_never_skips_what_it_missed() {
+        let (_dir, mut store) = temp_store();
+        // The store's first sight of the stream is seq 7, but the collector
+        // still holds 4..: 4..6 were lost on the way (a cut subscription).
+        let out = store.insert_batch(&[placed(1, 7, 4, 9), placed(1, 8, 4, 9)]).unwrap();
+        assert_eq!(out.inserted, 2);
+        assert_eq!(out.watermarks, vec![wm("c", 1, 3)], "waits for 4, never acknowledges past it");
+        assert_eq!(store.gaps("c", 1).unwrap(), vec![(1, 3, REASON_BEFORE_BASE.to_owned())]);
+        // The replay brings them.
+        let out = store.insert_batch(&[placed(1, 4, 4, 9), placed(1, 5, 4, 9), placed(1, 6, 4, 9)]).unwrap();
+        assert_eq!(out.watermarks, vec![wm("c", 1, 8)]);
+        // A base of 1: no gap at all.
+        store.insert_batch(&[placed(2, 1, 1, 2)]).unwrap();
+        assert!(store.gaps("c", 2).unwrap().is_empty());
+        assert_eq!(store.watermark("c", 2).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_store_behind_its_collector_records_the_gap_and_moves_on() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&[placed(1, 1, 1, 3), placed(1, 2, 1, 3)]).unwrap();
+        // Restored from a backup taken at 2; the collector has moved on to
+        // 50 (49 acknowledged to the store as it was before the restore).
+        let out = store.insert_batch(&[placed(1, 50, 50, 52), placed(1, 51, 50, 52)]).unwrap();
+        assert_eq!(out.watermarks, vec![wm("c", 1, 51)]);
+        assert_eq!(store.gaps("c", 1).unwrap(), vec![(3, 49, REASON_BEHIND.to_owned())]);
+        // A gap marker states the base as well.
+        let out = store.insert_gap(&placed_gap(1, 60, 60, 60, 61)).unwrap();
+        assert_eq!(out.watermark.through, 60);
+        assert_eq!(out.gaps[0].0.from, 52);
+    }
+
+    #[test]
+    fn implausible_events_and_gaps_are_refused() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&[placed(1, 1, 1, 3)]).unwrap();
+        // Beyond what the collector says it produced, below what it holds.
+        let out = store.insert_batch(&[placed(1, 9, 1, 3)]).unwrap();
+        assert_eq!((out.inserted, out.refused.len()), (0, 1), "{out:?}");
+        let out = store.insert_batch(&[placed(1, 1, 2, 4)]).unwrap();
+        assert_eq!((out.inserted, out.duplicates, out.refused.len()), (0, 0, 1), "{out:?}");
+        let out = store.insert_gap(&placed_gap(1, 2, 1 << 62, 1, 3)).unwrap();
+        assert!(out.refused.is_some());
+        assert_eq!(out.watermark.through, 1);
+        assert!(store.gaps("c", 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_forged_far_gap_does_not_blind_the_stream() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&[placed(1, 1, 1, 5), placed(1, 2, 1, 5)]).unwrap();
+        // A forger states a position that covers its gap; so does an
+        // older collector without a position.
+        let forged = placed_gap(1, 3, 1 << 62, 1, (1 << 62) + 1);
+        assert_eq!(store.insert_gap(&forged).unwrap().watermark.through, 1 << 62);
+        let old = StreamGap { position: None, ..placed_gap(2, 1, 1 << 62, 0, 0) };
+        assert_eq!(store.insert_gap(&old).unwrap().watermark.through, 1 << 62);
+        // The real events that follow are stored, not dropped as duplicates.
+        let out = store.insert_batch(&[placed(1, 3, 1, 5), placed(1, 4, 1, 5)]).unwrap();
+        assert_eq!((out.inserted, out.duplicates), (2, 0), "{out:?}");
+        assert_eq!(out.watermarks, vec![wm("c", 1, 4)]);
+        assert!(store.gaps("c", 1).unwrap().is_empty(), "the gap is refuted");
+        let out = store.insert_batch(&envs("c", 2, &[1, 2])).unwrap();
+        assert_eq!((out.inserted, out.watermarks[0].through), (2, 2));
+        assert_eq!(seqs(&all(&store)), vec![1, 2, 3, 4, 1, 2]);
+        // A replay of what is stored stays a duplicate.
+        let out = store.insert_batch(&[placed(1, 3, 1, 5)]).unwrap();
+        assert_eq!((out.inserted, out.duplicates), (0, 1));
+    }
+
+    #[test]
+    fn settled_numbers_unblock_a_stream() {
+        let (_dir, mut store) = temp_store();
+        assert_eq!(store.settle("c", 1, 1, 1, "undecodable").unwrap(), None, "not placed yet");
+        store.insert_batch(&[placed(1, 2, 1, 3)]).unwrap();
+        assert_eq!(store.watermark("c", 1).unwrap(), Some(2), "the settled 1 counts");
+        store.insert_batch(&[placed(1, 4, 1, 5)]).unwrap();
+        assert_eq!(store.settle("c", 1, 3, 3, "refused").unwrap(), Some(wm("c", 1, 4)));
+        let gaps = store.gaps("c", 1).unwrap();
+        assert_eq!(gaps.iter().map(|g| g.2.as_str()).collect::<Vec<_>>(), ["undecodable", "refused"]);
     }
 
     fn envs(collector: &str, stream: u64, seqs: &[u64]) -> Vec<EventEnvelope> {
@@ -1151,19 +1572,25 @@ mod tests {
             from,
             to,
             reason: "damage".into(),
+            position: None,
         };
         store.insert_batch(&envs("c", 1, &[1, 2, 5])).unwrap();
         assert_eq!(store.watermark("c", 1).unwrap(), Some(2));
-        assert_eq!(store.insert_gap(&gap(3, 4)).unwrap().through, 5, "the gap bridges to the stored 5");
-        let out = store.insert_batch(&envs("c", 1, &[4, 6])).unwrap();
-        assert_eq!((out.inserted, out.duplicates), (1, 1), "a seq inside a settled gap is a duplicate");
+        assert_eq!(
+            store.insert_gap(&gap(3, 4)).unwrap().watermark.through,
+            5,
+            "the gap bridges to the stored 5"
+        );
+        let out = store.insert_batch(&envs("c", 1, &[5, 6])).unwrap();
+        assert_eq!((out.inserted, out.duplicates), (1, 1));
         assert_eq!(out.watermarks[0].through, 6);
-        // A gap first on a new stream sets its base; events then follow.
-        let g2 = StreamGap { collector_id: "c".into(), stream_id: 2, from: 10, to: 12, reason: "x".into() };
-        assert_eq!(store.insert_gap(&g2).unwrap().through, 12);
+        // A gap first on a new stream of an older collector sets its base;
+        // events then follow.
+        let g2 = StreamGap { stream_id: 2, ..gap(10, 12) };
+        assert_eq!(store.insert_gap(&g2).unwrap().watermark.through, 12);
         assert_eq!(store.insert_batch(&envs("c", 2, &[13])).unwrap().watermarks[0].through, 13);
         // An out-of-order gap is kept until the watermark reaches it.
-        assert_eq!(store.insert_gap(&gap(8, 9)).unwrap().through, 6);
+        assert_eq!(store.insert_gap(&gap(8, 9)).unwrap().watermark.through, 6);
         assert_eq!(store.insert_batch(&envs("c", 1, &[7])).unwrap().watermarks[0].through, 9);
         let rows: i64 =
             store.connection().query_row("SELECT COUNT(*) FROM stream_gaps", [], |r| r.get(0)).unwrap();
@@ -1178,7 +1605,15 @@ mod tests {
         batch[1].event.changes = vec![Change::Exec, Change::Credentials];
         batch[1].event.sha256 = Some(HashOutcome::TooLarge { size: 10, cap: 5 });
         let outcome = store.insert_batch(&batch).unwrap();
-        assert_eq!(outcome, BatchOutcome { inserted: 2, duplicates: 0, watermarks: vec![wm("c1", 7, 2)] });
+        assert_eq!(
+            outcome,
+            BatchOutcome {
+                inserted: 2,
+                duplicates: 0,
+                watermarks: vec![wm("c1", 7, 2)],
+                ..BatchOutcome::default()
+            }
+        );
 
         let stored = all(&store);
         assert_eq!(stored.len(), 2);

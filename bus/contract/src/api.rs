@@ -14,7 +14,7 @@ use crate::control::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, Kind, Message};
+use crate::codec::{self, Kind, Message, Version};
 
 pub use crate::ids::{AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 
@@ -282,6 +282,70 @@ pub struct AgentStatus {
     pub store: StoreStatus,
     /// Tasks.
     pub tasks: TasksStatus,
+    /// Each collector's delivery lag and WAL, from its last heartbeat
+    /// (version 3; empty from an older agent), in agent.yaml's order.
+    pub delivery: Vec<CollectorDelivery>,
+}
+
+/// One collector's delivery as its last heartbeat stated it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectorDelivery {
+    /// The collector.
+    pub collector_id: String,
+    /// What it stated.
+    pub status: crate::control::DeliveryStatus,
+    /// The acknowledgement stall threshold (agent.yaml
+    /// `delivery.ack_stall_secs`): an oldest unacknowledged event older
+    /// than this is a failure.
+    pub ack_stall_secs: u64,
+    /// The collector is stalled now (see `ack_stall_secs`).
+    pub stalled: bool,
+}
+
+/// The version 1 and 2 layout of [`AgentStatus`], written from a borrowed
+/// status.
+#[derive(Serialize)]
+struct AgentStatusV2Ref<'a> {
+    pid: u32,
+    version: &'a str,
+    state: &'a AgentState,
+    state_since_unix_ms: u64,
+    uptime_secs: u64,
+    collectors: &'a [CollectorStatus],
+    broker: &'a BrokerStatus,
+    store: &'a StoreStatus,
+    tasks: &'a TasksStatus,
+}
+
+/// The version 1 and 2 layout of [`AgentStatus`], read.
+#[derive(Deserialize)]
+struct AgentStatusV2 {
+    pid: u32,
+    version: String,
+    state: AgentState,
+    state_since_unix_ms: u64,
+    uptime_secs: u64,
+    collectors: Vec<CollectorStatus>,
+    broker: BrokerStatus,
+    store: StoreStatus,
+    tasks: TasksStatus,
+}
+
+impl From<AgentStatusV2> for AgentStatus {
+    fn from(v2: AgentStatusV2) -> AgentStatus {
+        AgentStatus {
+            pid: v2.pid,
+            version: v2.version,
+            state: v2.state,
+            state_since_unix_ms: v2.state_since_unix_ms,
+            uptime_secs: v2.uptime_secs,
+            collectors: v2.collectors,
+            broker: v2.broker,
+            store: v2.store,
+            tasks: v2.tasks,
+            delivery: Vec::new(),
+        }
+    }
 }
 
 /// A task for the agent to hand to collectors, on [`TASK_TOPIC`].
@@ -508,6 +572,34 @@ impl Message for StatusRequest {
 }
 impl Message for AgentStatus {
     const KIND: Kind = Kind::AgentStatus;
+
+    fn decode_v1(body: &[u8]) -> Result<AgentStatus, codec::Error> {
+        codec::strict::<AgentStatusV2>(Kind::AgentStatus, codec::LEGACY_VERSION, body).map(Into::into)
+    }
+
+    fn decode_v2(body: &[u8]) -> Result<AgentStatus, codec::Error> {
+        codec::strict::<AgentStatusV2>(Kind::AgentStatus, codec::V2_VERSION, body).map(Into::into)
+    }
+
+    fn encode_body(&self, version: Version, out: Vec<u8>) -> Vec<u8> {
+        if version == Version::V3 {
+            return codec::body(self, out);
+        }
+        codec::body(
+            &AgentStatusV2Ref {
+                pid: self.pid,
+                version: &self.version,
+                state: &self.state,
+                state_since_unix_ms: self.state_since_unix_ms,
+                uptime_secs: self.uptime_secs,
+                collectors: &self.collectors,
+                broker: &self.broker,
+                store: &self.store,
+                tasks: &self.tasks,
+            },
+            out,
+        )
+    }
 }
 impl Message for AgentTaskRequest {
     const KIND: Kind = Kind::AgentTaskRequest;

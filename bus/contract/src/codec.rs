@@ -7,7 +7,8 @@
 //! never panics and never reads one kind as another.
 //!
 //! ```text
-//! version 2 (current):  FF 44 45 FF | kind: u8 | version: u16 LE | postcard body
+//! version 3 (current):  FF 44 45 FF | kind: u8 | version: u16 LE | postcard body
+//! version 2:            the same header, version 2's bodies
 //! version 1 (legacy):   postcard body, no header
 //! ```
 //!
@@ -22,18 +23,27 @@
 //!   is refused ([`Error::WrongKind`]), so a registration reply cannot be
 //!   read as a lifecycle command, nor a gap marker as an acknowledgement.
 //! - `version` is the layout of the body. Version 2's bodies have version
-//!   1's layouts: the header is the only change. A version newer than
+//!   1's layouts: the header is the only change. Version 3 appended the
+//!   delivery base ([`crate::event::StreamPosition`]) to the event
+//!   envelope, the gap marker and the registration, the delivery lag to
+//!   the heartbeat and to the agent's status; every other kind's body is
+//!   version 2's. A version newer than
 //!   [`CURRENT_VERSION`] is refused with [`Error::UnknownVersion`], which
 //!   says so (a newer peer or a downgrade), never a garbled value.
 //! - Without the magic the payload is version 1: decoded with the layouts
 //!   of the previous release, which are frozen ([`Message::decode_v1`];
 //!   [`crate::event`] keeps the even older event layout it already read).
+//!   A headed version 2 body is read with [`Message::decode_v2`] (the
+//!   frozen version 2 layout of the kinds version 3 changed); what version
+//!   3 added is then absent (`None`, empty), and each reader documents
+//!   what it does without it.
 //! - The body is postcard, and decoding is strict: bytes left over after
 //!   the value are an error ([`Error::TrailingBytes`]), for both versions.
 //!
 //! Changing a body's layout is a version bump: the old layout is copied
-//! into a frozen struct that [`Message::decode_v1`] (or its successor)
-//! converts from, and `tests/src/frozen_v1.rs` keeps the previous
+//! into a frozen struct that [`Message::decode_v1`] (or its successor,
+//! [`Message::decode_v2`]) converts from, and [`Message::encode_body`]
+//! converts to for an older peer, and `tests/src/frozen_v1.rs` keeps the previous
 //! release's types verbatim for the skew tests.
 //!
 //! # Peers one version apart
@@ -73,7 +83,10 @@ pub const MAGIC: [u8; 4] = [0xFF, 0x44, 0x45, 0xFF];
 pub const HEADER_LEN: usize = 7;
 
 /// The version this build writes.
-pub const CURRENT_VERSION: u16 = 2;
+pub const CURRENT_VERSION: u16 = 3;
+
+/// The first headed version (bodies of version 1's layouts).
+pub const V2_VERSION: u16 = 2;
 
 /// The headerless layouts of the previous release.
 pub const LEGACY_VERSION: u16 = 1;
@@ -83,27 +96,47 @@ pub const LEGACY_VERSION: u16 = 1;
 pub enum Version {
     /// Headerless postcard of the previous release.
     V1,
-    /// Header, then postcard.
+    /// Header, then postcard: version 1's layouts.
     V2,
+    /// Header, then postcard: the delivery base and lag appended.
+    V3,
 }
 
 impl Version {
     /// The version this build writes by default.
-    pub const CURRENT: Version = Version::V2;
+    pub const CURRENT: Version = Version::V3;
 
     /// The number on the wire.
     pub fn number(self) -> u16 {
         match self {
             Version::V1 => LEGACY_VERSION,
-            Version::V2 => CURRENT_VERSION,
+            Version::V2 => V2_VERSION,
+            Version::V3 => CURRENT_VERSION,
+        }
+    }
+
+    /// The version of a number, if this build knows it.
+    pub fn from_number(n: u16) -> Option<Version> {
+        match n {
+            LEGACY_VERSION => Some(Version::V1),
+            V2_VERSION => Some(Version::V2),
+            CURRENT_VERSION => Some(Version::V3),
+            _ => None,
         }
     }
 
     /// The version a payload was written in, as far as its first bytes
-    /// tell: `V1` without the magic, `V2` with it (the rest is checked by
-    /// [`decode`]). Used to answer a peer in its own version.
+    /// tell: `V1` without the magic, else the header's number (an unknown
+    /// or cut one reads as the current version; [`decode`] checks the
+    /// rest). Used to answer a peer in its own version.
     pub fn of(bytes: &[u8]) -> Version {
-        if bytes.starts_with(&MAGIC) { Version::V2 } else { Version::V1 }
+        if !bytes.starts_with(&MAGIC) {
+            return Version::V1;
+        }
+        match bytes.get(5..7) {
+            Some(&[lo, hi]) => Version::from_number(u16::from_le_bytes([lo, hi])).unwrap_or(Version::CURRENT),
+            _ => Version::CURRENT,
+        }
     }
 
     /// The older of two versions: what both peers read.
@@ -127,7 +160,7 @@ impl Default for PeerVersion {
 impl PeerVersion {
     /// The version to write in.
     pub fn get(&self) -> Version {
-        if self.0.load(Ordering::Acquire) == LEGACY_VERSION { Version::V1 } else { Version::V2 }
+        Version::from_number(self.0.load(Ordering::Acquire)).unwrap_or(Version::CURRENT)
     }
 
     /// Records the version the peer was found to speak.
@@ -259,6 +292,27 @@ pub trait Message: Serialize + DeserializeOwned {
     fn decode_v1(body: &[u8]) -> Result<Self, Error> {
         strict(Self::KIND, LEGACY_VERSION, body)
     }
+
+    /// Decodes a headed version 2 body. Version 2's layout is version 3's
+    /// for every kind version 3 did not change; a kind it changed
+    /// overrides this with its frozen layout.
+    fn decode_v2(body: &[u8]) -> Result<Self, Error> {
+        strict(Self::KIND, V2_VERSION, body)
+    }
+
+    /// Appends the body in `version`'s layout to `out` (the header is
+    /// written by [`encode_as`]). A kind whose layout changed overrides
+    /// this to write its frozen layout for an older peer.
+    fn encode_body(&self, version: Version, out: Vec<u8>) -> Vec<u8> {
+        let _ = version;
+        body(self, out)
+    }
+}
+
+/// Appends `value` as postcard to `out`.
+pub fn body<T: Serialize>(value: &T, out: Vec<u8>) -> Vec<u8> {
+    // Serializing plain data into a Vec fails only on allocation failure.
+    postcard::to_extend(value, out).unwrap_or_default()
 }
 
 /// Decodes one `T` from all of `body`: leftovers are an error.
@@ -278,13 +332,12 @@ pub fn encode<T: Message>(value: &T) -> Vec<u8> {
 /// Encodes `value` in `version` (an older peer's, see the module docs).
 pub fn encode_as<T: Message>(version: Version, value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    if version == Version::V2 {
+    if version != Version::V1 {
         out.extend_from_slice(&MAGIC);
         out.push(T::KIND.byte());
-        out.extend_from_slice(&CURRENT_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.number().to_le_bytes());
     }
-    // Serializing plain data into a Vec fails only on allocation failure.
-    postcard::to_extend(value, out).unwrap_or_default()
+    value.encode_body(version, out)
 }
 
 /// Decodes a `T` of either version (see the module docs).
@@ -310,7 +363,8 @@ pub fn decode_versioned<T: Message>(bytes: &[u8]) -> Result<(T, Version), Error>
     }
     let version = u16::from_le_bytes([header[5], header[6]]);
     match version {
-        CURRENT_VERSION => strict(T::KIND, version, &bytes[HEADER_LEN..]).map(|v| (v, Version::V2)),
+        CURRENT_VERSION => strict(T::KIND, version, &bytes[HEADER_LEN..]).map(|v| (v, Version::V3)),
+        V2_VERSION => T::decode_v2(&bytes[HEADER_LEN..]).map(|v| (v, Version::V2)),
         // A headed payload is never version 1 (or 0): refused as unknown.
         _ => Err(Error::UnknownVersion { kind: T::KIND, version }),
     }
@@ -323,19 +377,39 @@ mod tests {
     use crate::event::StreamGap;
 
     fn gap() -> StreamGap {
-        StreamGap { collector_id: "c1".into(), stream_id: 9, from: 3, to: 4, reason: "damaged".into() }
+        StreamGap {
+            collector_id: "c1".into(),
+            stream_id: 9,
+            from: 3,
+            to: 4,
+            reason: "damaged".into(),
+            position: None,
+        }
     }
 
     #[test]
     fn both_versions_round_trip_and_say_which_they_are() {
         let g = gap();
         let v2 = encode(&g);
-        assert_eq!(&v2[..HEADER_LEN], &[0xFF, 0x44, 0x45, 0xFF, 3, 2, 0]);
-        assert_eq!(decode_versioned::<StreamGap>(&v2).unwrap(), (g.clone(), Version::V2));
+        assert_eq!(&v2[..HEADER_LEN], &[0xFF, 0x44, 0x45, 0xFF, 3, 3, 0]);
+        assert_eq!(decode_versioned::<StreamGap>(&v2).unwrap(), (g.clone(), Version::V3));
         let v1 = encode_as(Version::V1, &g);
-        assert_eq!(v1, postcard::to_stdvec(&g).unwrap(), "version 1 is plain postcard");
-        assert_eq!(decode_versioned::<StreamGap>(&v1).unwrap(), (g, Version::V1));
-        assert_eq!((Version::of(&v2), Version::of(&v1)), (Version::V2, Version::V1));
+        let current = postcard::to_stdvec(&g).unwrap();
+        assert_eq!(v1, current[..current.len() - 1], "version 1 is plain postcard, without the position");
+        assert_eq!(decode_versioned::<StreamGap>(&v1).unwrap(), (g.clone(), Version::V1));
+        assert_eq!((Version::of(&v2), Version::of(&v1)), (Version::V3, Version::V1));
+        // Version 2 has no position; it reads as `None`.
+        let old = encode_as(Version::V2, &g);
+        assert_eq!(Version::of(&old), Version::V2);
+        assert_eq!(decode_versioned::<StreamGap>(&old).unwrap(), (g.clone(), Version::V2));
+        let placed =
+            StreamGap { position: Some(crate::event::StreamPosition { base: 3, next: 5 }), ..g.clone() };
+        assert_eq!(
+            decode::<StreamGap>(&encode_as(Version::V2, &placed)).unwrap(),
+            g,
+            "dropped for version 2"
+        );
+        assert_eq!(decode::<StreamGap>(&encode(&placed)).unwrap(), placed);
     }
 
     #[test]
@@ -375,9 +449,9 @@ mod tests {
     #[test]
     fn a_future_version_is_a_clear_error() {
         let mut bytes = encode(&gap());
-        bytes[5..7].copy_from_slice(&3u16.to_le_bytes());
+        bytes[5..7].copy_from_slice(&4u16.to_le_bytes());
         let e = decode::<StreamGap>(&bytes).unwrap_err();
-        assert!(matches!(e, Error::UnknownVersion { kind: Kind::StreamGap, version: 3 }));
+        assert!(matches!(e, Error::UnknownVersion { kind: Kind::StreamGap, version: 4 }));
         assert!(e.to_string().contains("newer release"), "{e}");
         // A headed version 1 does not exist either.
         bytes[5..7].copy_from_slice(&1u16.to_le_bytes());
@@ -395,7 +469,7 @@ mod tests {
         }
         for len in HEADER_LEN..bytes.len() {
             assert!(
-                matches!(decode::<StreamGap>(&bytes[..len]), Err(Error::Body { version: 2, .. })),
+                matches!(decode::<StreamGap>(&bytes[..len]), Err(Error::Body { version: 3, .. })),
                 "{len}"
             );
         }

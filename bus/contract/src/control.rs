@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 use daemoneye_platform::{Field, ProcessKey, ProcessRecord, ProcessState};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, Kind, Message};
+use crate::codec::{self, Kind, Message, Version};
 
-use crate::event::HashOutcome;
+use crate::event::{HashOutcome, StreamPosition};
 
 /// Lifecycle commands, broadcast by the agent.
 pub const LIFECYCLE_TOPIC: &str = crate::topic::LIFECYCLE.pattern();
@@ -89,9 +89,7 @@ macro_rules! messages {
 
 messages! {
     LifecycleCommand => LifecycleCommand,
-    RegistrationMessage => RegistrationMessage,
     RegistrationResponse => RegistrationResponse,
-    Heartbeat => Heartbeat,
     RpcRequest => RpcRequest,
     RpcResponse => RpcResponse,
     StoreAck => StoreAck,
@@ -141,6 +139,83 @@ pub struct RegistrationRequest {
     /// The event stream its WAL carries (so the store can report its
     /// watermark).
     pub stream_id: u64,
+    /// Where that stream stands (version 3): its base and next sequence
+    /// number. `None` from an older collector.
+    pub position: Option<StreamPosition>,
+}
+
+/// The version 1 and 2 layout of [`RegistrationRequest`].
+#[derive(Serialize, Deserialize)]
+struct RegistrationRequestV2 {
+    collector_id: String,
+    collector_type: String,
+    version: String,
+    capabilities: Vec<String>,
+    pid: u32,
+    heartbeat_interval_ms: u64,
+    stream_id: u64,
+}
+
+/// The version 1 and 2 layout of [`RegistrationMessage`].
+#[derive(Serialize, Deserialize)]
+enum RegistrationMessageV2 {
+    Register(RegistrationRequestV2),
+    Deregister { collector_id: String, reason: String },
+}
+
+impl From<RegistrationMessageV2> for RegistrationMessage {
+    fn from(v2: RegistrationMessageV2) -> RegistrationMessage {
+        match v2 {
+            RegistrationMessageV2::Register(r) => RegistrationMessage::Register(RegistrationRequest {
+                collector_id: r.collector_id,
+                collector_type: r.collector_type,
+                version: r.version,
+                capabilities: r.capabilities,
+                pid: r.pid,
+                heartbeat_interval_ms: r.heartbeat_interval_ms,
+                stream_id: r.stream_id,
+                position: None,
+            }),
+            RegistrationMessageV2::Deregister { collector_id, reason } => {
+                RegistrationMessage::Deregister { collector_id, reason }
+            }
+        }
+    }
+}
+
+impl Message for RegistrationMessage {
+    const KIND: Kind = Kind::RegistrationMessage;
+
+    fn decode_v1(body: &[u8]) -> Result<RegistrationMessage, codec::Error> {
+        codec::strict::<RegistrationMessageV2>(Kind::RegistrationMessage, codec::LEGACY_VERSION, body)
+            .map(Into::into)
+    }
+
+    fn decode_v2(body: &[u8]) -> Result<RegistrationMessage, codec::Error> {
+        codec::strict::<RegistrationMessageV2>(Kind::RegistrationMessage, codec::V2_VERSION, body)
+            .map(Into::into)
+    }
+
+    fn encode_body(&self, version: Version, out: Vec<u8>) -> Vec<u8> {
+        if version == Version::V3 {
+            return codec::body(self, out);
+        }
+        let old = match self.clone() {
+            RegistrationMessage::Register(r) => RegistrationMessageV2::Register(RegistrationRequestV2 {
+                collector_id: r.collector_id,
+                collector_type: r.collector_type,
+                version: r.version,
+                capabilities: r.capabilities,
+                pid: r.pid,
+                heartbeat_interval_ms: r.heartbeat_interval_ms,
+                stream_id: r.stream_id,
+            }),
+            RegistrationMessage::Deregister { collector_id, reason } => {
+                RegistrationMessageV2::Deregister { collector_id, reason }
+            }
+        };
+        codec::body(&old, out)
+    }
 }
 
 /// The agent's answer to a registration message.
@@ -180,6 +255,86 @@ pub struct Heartbeat {
     pub status: HealthStatus,
     /// Counters.
     pub metrics: HeartbeatMetrics,
+    /// How delivery of its stream stands (version 3; `None` from an older
+    /// collector or in standalone mode).
+    pub delivery: Option<DeliveryStatus>,
+}
+
+/// How a collector's delivery to the store stands: the lag the agent
+/// watches (an acknowledgement stall is a failure) and the WAL's cap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryStatus {
+    /// The stream.
+    pub stream_id: u64,
+    /// Its base and next sequence number.
+    pub base: u64,
+    /// The next sequence number the collector will assign.
+    pub next: u64,
+    /// Events appended and not yet acknowledged by the store.
+    pub unacknowledged: u64,
+    /// How long the oldest of them has waited (ms; 0 when none). Records
+    /// found in the WAL at startup count from the collector's start.
+    pub oldest_unacknowledged_ms: u64,
+    /// Bytes of WAL segments on disk.
+    pub wal_bytes: u64,
+    /// The WAL's size cap in bytes.
+    pub wal_cap_bytes: u64,
+    /// The WAL is at its cap now: new events are refused (and counted).
+    pub wal_full: bool,
+    /// Times the WAL reached its cap since the collector started.
+    pub wal_full_times: u64,
+    /// Events refused at the cap since the collector started; each run of
+    /// them is recorded as a gap (with the count) once space frees up.
+    pub events_refused: u64,
+}
+
+/// The version 1 and 2 layout of [`Heartbeat`].
+#[derive(Serialize, Deserialize)]
+struct HeartbeatV2 {
+    collector_id: String,
+    sequence: u64,
+    timestamp_unix_ms: u64,
+    status: HealthStatus,
+    metrics: HeartbeatMetrics,
+}
+
+impl From<HeartbeatV2> for Heartbeat {
+    fn from(v2: HeartbeatV2) -> Heartbeat {
+        Heartbeat {
+            collector_id: v2.collector_id,
+            sequence: v2.sequence,
+            timestamp_unix_ms: v2.timestamp_unix_ms,
+            status: v2.status,
+            metrics: v2.metrics,
+            delivery: None,
+        }
+    }
+}
+
+impl Message for Heartbeat {
+    const KIND: Kind = Kind::Heartbeat;
+
+    fn decode_v1(body: &[u8]) -> Result<Heartbeat, codec::Error> {
+        codec::strict::<HeartbeatV2>(Kind::Heartbeat, codec::LEGACY_VERSION, body).map(Into::into)
+    }
+
+    fn decode_v2(body: &[u8]) -> Result<Heartbeat, codec::Error> {
+        codec::strict::<HeartbeatV2>(Kind::Heartbeat, codec::V2_VERSION, body).map(Into::into)
+    }
+
+    fn encode_body(&self, version: Version, out: Vec<u8>) -> Vec<u8> {
+        if version == Version::V3 {
+            return codec::body(self, out);
+        }
+        let old = HeartbeatV2 {
+            collector_id: self.collector_id.clone(),
+            sequence: self.sequence,
+            timestamp_unix_ms: self.timestamp_unix_ms,
+            status: self.status,
+            metrics: self.metrics.clone(),
+        };
+        codec::body(&old, out)
+    }
 }
 
 /// A collector's verdict on its own health.

@@ -12,7 +12,7 @@ use std::fmt;
 use daemoneye_platform::{ExitStatus, Field, ProcessRecord, Unavailable};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, Kind, Message};
+use crate::codec::{self, Kind, Message, Version};
 
 /// Topic prefix of process events; the kind is the last segment.
 pub const EVENTS_TOPIC_PREFIX: &str = "events.process";
@@ -243,16 +243,165 @@ impl Message for ProcessEvent {
     }
 }
 
+/// The version 1 and 2 layout of [`EventEnvelope`] (no position).
+#[derive(Deserialize)]
+struct EventEnvelopeV2 {
+    collector_id: String,
+    stream_id: u64,
+    seq: u64,
+    event: ProcessEvent,
+}
+
+impl From<EventEnvelopeV2> for EventEnvelope {
+    fn from(v2: EventEnvelopeV2) -> EventEnvelope {
+        EventEnvelope {
+            collector_id: v2.collector_id,
+            stream_id: v2.stream_id,
+            seq: v2.seq,
+            event: v2.event,
+            position: None,
+        }
+    }
+}
+
+/// [`EventEnvelopeV2`] written from a borrowed envelope.
+#[derive(Serialize)]
+struct EventEnvelopeV2Ref<'a> {
+    collector_id: &'a str,
+    stream_id: u64,
+    seq: u64,
+    event: &'a ProcessEvent,
+}
+
 impl Message for EventEnvelope {
     const KIND: Kind = Kind::EventEnvelope;
 
     fn decode_v1(body: &[u8]) -> Result<EventEnvelope, codec::Error> {
-        decode_either::<EventEnvelope, EventEnvelopeV1>(Kind::EventEnvelope, body)
+        decode_either::<EventEnvelopeV2, EventEnvelopeV1>(Kind::EventEnvelope, body).map(Into::into)
+    }
+
+    fn decode_v2(body: &[u8]) -> Result<EventEnvelope, codec::Error> {
+        codec::strict::<EventEnvelopeV2>(Kind::EventEnvelope, codec::V2_VERSION, body).map(Into::into)
+    }
+
+    fn encode_body(&self, version: Version, out: Vec<u8>) -> Vec<u8> {
+        match version {
+            Version::V1 | Version::V2 => codec::body(
+                &EventEnvelopeV2Ref {
+                    collector_id: &self.collector_id,
+                    stream_id: self.stream_id,
+                    seq: self.seq,
+                    event: &self.event,
+                },
+                out,
+            ),
+            Version::V3 => codec::body(self, out),
+        }
+    }
+}
+
+impl From<EventEnvelopeV1> for EventEnvelopeV2 {
+    fn from(v1: EventEnvelopeV1) -> EventEnvelopeV2 {
+        EventEnvelopeV2 {
+            collector_id: v1.collector_id,
+            stream_id: v1.stream_id,
+            seq: v1.seq,
+            event: v1.event.into(),
+        }
+    }
+}
+
+/// The version 1 and 2 layout of [`StreamGap`] (no position).
+#[derive(Serialize, Deserialize)]
+struct StreamGapV2 {
+    collector_id: String,
+    stream_id: u64,
+    from: u64,
+    to: u64,
+    reason: String,
+}
+
+impl From<StreamGapV2> for StreamGap {
+    fn from(v2: StreamGapV2) -> StreamGap {
+        StreamGap {
+            collector_id: v2.collector_id,
+            stream_id: v2.stream_id,
+            from: v2.from,
+            to: v2.to,
+            reason: v2.reason,
+            position: None,
+        }
     }
 }
 
 impl Message for StreamGap {
     const KIND: Kind = Kind::StreamGap;
+
+    fn decode_v1(body: &[u8]) -> Result<StreamGap, codec::Error> {
+        codec::strict::<StreamGapV2>(Kind::StreamGap, codec::LEGACY_VERSION, body).map(Into::into)
+    }
+
+    fn decode_v2(body: &[u8]) -> Result<StreamGap, codec::Error> {
+        codec::strict::<StreamGapV2>(Kind::StreamGap, codec::V2_VERSION, body).map(Into::into)
+    }
+
+    fn encode_body(&self, version: Version, out: Vec<u8>) -> Vec<u8> {
+        match version {
+            Version::V1 | Version::V2 => codec::body(
+                &StreamGapV2 {
+                    collector_id: self.collector_id.clone(),
+                    stream_id: self.stream_id,
+                    from: self.from,
+                    to: self.to,
+                    reason: self.reason.clone(),
+                },
+                out,
+            ),
+            Version::V3 => codec::body(self, out),
+        }
+    }
+}
+
+/// Where a collector's stream stands, as the collector states it (version
+/// 3): the store takes its base from here and never guesses it.
+///
+/// Invariant: `base <= next`; a collector holds (or will publish, in
+/// order) every sequence number in `base..next`, and none below `base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StreamPosition {
+    /// The lowest sequence number the collector still holds: its WAL's
+    /// first unacknowledged record, or `next` when it holds none. Every
+    /// number below it was acknowledged by a store or lost before any
+    /// store saw it; the collector will never send it again.
+    pub base: u64,
+    /// The next sequence number the collector will assign: it has produced
+    /// nothing at or above it, so nothing there can be settled yet.
+    pub next: u64,
+}
+
+impl StreamPosition {
+    /// Whether `from..=to` lies within what the collector can have
+    /// produced and still holds (`base..next`).
+    pub fn covers(&self, from: u64, to: u64) -> bool {
+        self.base <= from && from <= to && to < self.next
+    }
+}
+
+/// The `(collector_id, stream_id, seq)` at the head of an envelope whose
+/// whole body does not decode (a newer collector's, or damaged), so the
+/// store can settle its sequence number as a gap instead of leaving its
+/// stream blocked. Every version's envelope begins with these three
+/// fields; `None` if even they do not decode.
+pub fn envelope_head(bytes: &[u8]) -> Option<(String, u64, u64)> {
+    let body = if bytes.starts_with(&codec::MAGIC) {
+        if bytes.get(4) != Some(&Kind::EventEnvelope.byte()) {
+            return None;
+        }
+        bytes.get(codec::HEADER_LEN..)?
+    } else {
+        bytes
+    };
+    postcard::take_from_bytes::<(String, u64, u64)>(body).ok().map(|(head, _)| head)
 }
 
 impl ProcessEvent {
@@ -264,17 +413,6 @@ impl ProcessEvent {
     /// Encodes in the current version (the store's `record` column).
     pub fn encode(&self) -> Vec<u8> {
         codec::encode(self)
-    }
-}
-
-impl From<EventEnvelopeV1> for EventEnvelope {
-    fn from(v1: EventEnvelopeV1) -> EventEnvelope {
-        EventEnvelope {
-            collector_id: v1.collector_id,
-            stream_id: v1.stream_id,
-            seq: v1.seq,
-            event: v1.event.into(),
-        }
     }
 }
 
@@ -291,6 +429,12 @@ pub struct EventEnvelope {
     pub seq: u64,
     /// The event.
     pub event: ProcessEvent,
+    /// Where the collector's stream stood when this was published
+    /// (version 3; set at each publish, so a re-sent record states the
+    /// current base). `None` from an older collector, whose new streams
+    /// the store then starts below the first seq it sees (the previous
+    /// release's behaviour); and in the WAL, where it is not kept.
+    pub position: Option<StreamPosition>,
 }
 
 impl EventEnvelope {
@@ -323,6 +467,11 @@ pub struct StreamGap {
     pub to: u64,
     /// Why, for the record.
     pub reason: String,
+    /// Where the collector's stream stood (version 3; see
+    /// [`EventEnvelope::position`]). A store settles a gap only within
+    /// it (`from >= base`, `to < next`); without it (an older collector)
+    /// only up to what that collector has published.
+    pub position: Option<StreamPosition>,
 }
 
 impl StreamGap {
@@ -429,7 +578,13 @@ mod tests {
             late: Some(LateWindow { after_unix_ms: 1, before_unix_ms: 2 }),
             exit: Some(ExitStatus::Signal { signal: 9, core_dumped: false }),
         };
-        let env = EventEnvelope { collector_id: "c".into(), stream_id: 3, seq: 4, event: event.clone() };
+        let env = EventEnvelope {
+            collector_id: "c".into(),
+            stream_id: 3,
+            seq: 4,
+            event: event.clone(),
+            position: None,
+        };
         assert_eq!(EventEnvelope::decode(&env.encode()).unwrap(), env);
         // Version 1 bytes: the same fields without the three appended ones.
         #[derive(Serialize)]

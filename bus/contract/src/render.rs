@@ -81,6 +81,7 @@ mod tests {
                 late: None,
                 exit: None,
             },
+            position: None,
         };
         let human = human_line(&env);
         assert!(human.starts_with("#42     started"), "{human}");

@@ -33,6 +33,7 @@ pub fn envelope(
             late: None,
             exit: None,
         },
+        position: None,
     }
 }
 

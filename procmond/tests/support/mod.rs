@@ -125,7 +125,7 @@ impl FakeAgent {
                             watermarks.extend(commit(&store, &seen, &stored, &mut batch));
                             let gap = StreamGap::decode(&m.payload).expect("gap decodes");
                             seen.lock().gaps.push(gap.clone());
-                            watermarks.push(store.lock().insert_gap(&gap).expect("gap commits"));
+                            watermarks.push(store.lock().insert_gap(&gap).expect("gap commits").watermark);
                         } else {
                             batch.push(EventEnvelope::decode(&m.payload).expect("events decode"));
                         }
