@@ -27,6 +27,20 @@
 //! exit, SIGKILLs, waits again; the exit is then restarted by the
 //! supervisor's policy. Each step, with its outcome, is logged and kept in
 //! the collector's status.
+//!
+//! **Delivery liveness.** Each heartbeat (version 3) states the stream's
+//! [`DeliveryStatus`]: unacknowledged events, the age of the oldest, the
+//! base, the WAL's size and cap. Two more failures start the escalation:
+//! an acknowledgement stall (events unacknowledged, the oldest older than
+//! `delivery.ack_stall_secs`, and the base not moved for as long by the
+//! agent's clock; an alert `collector_ack_stall`, step `ack_stall`; a
+//! health check answer ends it, since a living collector is not what
+//! stalls: restarting it would not help), raised once until the base
+//! moves; and `Unhealthy` in three heartbeats in a row (step `unhealthy`;
+//! an answer does not end it: the collector is restarted). A rise of the
+//! heartbeat's `wal_full_times` raises the alert `collector_wal_full`
+//! (logged at ERROR, stored by the store writer). A collector of an
+//! earlier release sends no delivery status: none of this applies to it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,10 +91,12 @@ const MISSES_TO_FAIL: u32 = 3;
 const STEPS_KEPT: usize = 12;
 
 /// Whether a collector's delivery is a failure now: its acknowledgements
-/// stalled (the oldest unacknowledged event, aged since the heartbeat
-/// that stated it, is older than `stall`) or it said `Unhealthy` in
+/// stalled (events are unacknowledged, the oldest of them, aged since the
+/// heartbeat that stated it, is older than `stall`, and its base has not
+/// moved for `stall` by the agent's clock) or it said `Unhealthy` in
 /// [`MISSES_TO_FAIL`] heartbeats in a row. A stall is raised once and
-/// cleared when acknowledgements move again.
+/// cleared when acknowledgements move again (the base moves, or nothing
+/// is left unacknowledged).
 fn delivery_failure(e: &mut Entry, now: Instant, stall: Duration) -> Option<Failure> {
     if e.unhealthy >= MISSES_TO_FAIL {
         log::error!("collector {}: unhealthy in {} heartbeats; failed, escalating", e.spec.id, e.unhealthy);
@@ -88,18 +104,19 @@ fn delivery_failure(e: &mut Entry, now: Instant, stall: Duration) -> Option<Fail
         return Some(Failure::Unhealthy);
     }
     let d = e.delivery.as_ref()?;
-    let age = Duration::from_millis(d.oldest_unacknowledged_ms) + now.saturating_duration_since(e.last_seen);
-    let stalled = d.unacknowledged > 0 && age >= stall;
-    if !stalled {
-        if e.stalled {
+    let (base, since) = e.base_since?;
+    if e.stalled {
+        if d.unacknowledged == 0 || base != e.stalled_base {
             log::info!("collector {}: acknowledgements move again", e.spec.id);
             e.stalled = false;
         }
         return None;
     }
-    if e.stalled {
+    let age = Duration::from_millis(d.oldest_unacknowledged_ms) + now.saturating_duration_since(e.last_seen);
+    if d.unacknowledged == 0 || age < stall || now.saturating_duration_since(since) < stall {
         return None;
     }
+    e.stalled_base = base;
     e.stalled = true;
     log::error!(
         "collector {}: {} events unacknowledged, the oldest for {:?} (delivery.ack_stall_secs is {}); \
@@ -151,6 +168,11 @@ struct Entry {
     /// Its acknowledgements stall (see `delivery.ack_stall_secs`); set
     /// when the failure is raised, cleared when they move again.
     stalled: bool,
+    /// The base its heartbeats last stated, and since when (the agent's
+    /// own clock): acknowledgements progress when the base moves.
+    base_since: Option<(u64, Instant)>,
+    /// The base when the stall was raised.
+    stalled_base: u64,
     /// Consecutive heartbeats that said `Unhealthy`.
     unhealthy: u32,
     /// The WAL-cap count of the last heartbeat: a rise is an alert.
@@ -335,6 +357,8 @@ impl State {
                 version: Version::CURRENT,
                 delivery: None,
                 stalled: false,
+                base_since: None,
+                stalled_base: 0,
                 unhealthy: 0,
                 wal_full_seen: 0,
             })
@@ -533,6 +557,11 @@ impl State {
                 wal_full = Some(d.clone());
             }
             e.wal_full_seen = d.wal_full_times;
+        }
+        if let Some(d) = &hb.delivery
+            && e.base_since.is_none_or(|(base, _)| base != d.base)
+        {
+            e.base_since = Some((d.base, Instant::now()));
         }
         e.delivery = hb.delivery.clone();
         if let Some(d) = wal_full {

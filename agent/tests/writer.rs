@@ -352,3 +352,77 @@ fn a_bad_rule_stops_the_writer_from_starting() {
     let text = e.to_string();
     assert!(text.contains("rule broken") && text.contains("no such column: nope"), "{text}");
 }
+
+/// `envelope` as a current collector holding `base..next` states it.
+fn placed(collector: &str, stream: u64, seq: u64, base: u64, next: u64) -> EventEnvelope {
+    EventEnvelope {
+        position: Some(daemoneye_contract::event::StreamPosition { base, next }),
+        ..envelope(collector, stream, seq, "/usr/bin/sleep")
+    }
+}
+
+#[test]
+fn an_undecodable_event_is_settled_as_a_gap_and_does_not_block_its_stream() {
+    let h = Harness::new();
+    let (_obs, acks, _alerts) = h.observer();
+    let (_wc, writer) = h.writer(quick(), Vec::new());
+    let c1 = h.client("c1");
+
+    publish(&c1, &placed("c1", 4, 1, 1, 4));
+    // Seq 2: a body this build cannot read (a newer collector's, say):
+    // its head (collector, stream, seq) decodes, the rest is garbage.
+    let mut bad = daemoneye_contract::codec::MAGIC.to_vec();
+    bad.push(daemoneye_contract::codec::Kind::EventEnvelope.byte());
+    bad.extend_from_slice(&3u16.to_le_bytes());
+    bad.extend(postcard::to_stdvec(&("c1", 4u64, 2u64)).unwrap());
+    bad.extend_from_slice(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff");
+    c1.publish("events.process.started", &bad).unwrap();
+    publish(&c1, &placed("c1", 4, 3, 1, 4));
+
+    acks_until(&acks, "control.ack.c1", 3).expect("acknowledged past the undecodable event");
+    let seqs: Vec<u64> = stored(&h.db()).into_iter().map(|(_, _, s)| s).collect();
+    assert_eq!(seqs, [1, 3]);
+    let gaps = EventStore::open_read_only(&h.db()).unwrap().gaps("c1", 4).unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!((gaps[0].0, gaps[0].1), (2, 2));
+    assert!(gaps[0].2.contains("could not decode"), "{gaps:?}");
+    assert_eq!(writer.status().rejected, 1);
+}
+
+#[test]
+fn a_forged_far_gap_does_not_make_the_store_drop_later_events() {
+    let h = Harness::new();
+    let (_obs, acks, _alerts) = h.observer();
+    let (_wc, writer) = h.writer(quick(), Vec::new());
+    let c1 = h.client("c1");
+
+    publish(&c1, &placed("c1", 5, 1, 1, 3));
+    publish(&c1, &placed("c1", 5, 2, 1, 3));
+    // Outside what the collector states it produced: refused outright.
+    let far = StreamGap {
+        collector_id: "c1".into(),
+        stream_id: 5,
+        from: 3,
+        to: 1 << 62,
+        reason: "forged".into(),
+        position: Some(daemoneye_contract::event::StreamPosition { base: 1, next: 3 }),
+    };
+    c1.publish(GAP_TOPIC, &far.encode()).unwrap();
+    // With a position forged to cover it (or none, as an older collector
+    // sends): recorded, and refuted by the real events that follow.
+    let covered = StreamGap {
+        position: Some(daemoneye_contract::event::StreamPosition { base: 1, next: (1 << 62) + 1 }),
+        ..far.clone()
+    };
+    c1.publish(GAP_TOPIC, &covered.encode()).unwrap();
+    for seq in 3..=6 {
+        publish(&c1, &placed("c1", 5, seq, 3, 7));
+    }
+    acks_until(&acks, "control.ack.c1", 6).expect("the real events are acknowledged");
+    let seqs: Vec<u64> = stored(&h.db()).into_iter().map(|(_, _, s)| s).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "no real event dropped as a duplicate");
+    let store = EventStore::open_read_only(&h.db()).unwrap();
+    assert_eq!(store.watermark("c1", 5).unwrap(), Some(6));
+    assert!(store.gaps("c1", 5).unwrap().is_empty(), "the forged gap is refuted");
+    assert!(writer.status().rejected >= 1, "the implausible gap is counted");
+}

@@ -289,8 +289,13 @@ impl Connector {
         client: Arc<Client>,
         actor: ActorSender,
     ) -> Result<Connector, ConnectorError> {
-        let (wal, report) =
-            Wal::open(wal_dir, WalOptions { durability: Durability::Always, ..Default::default() })?;
+        // Only whole sealed segments are deleted: segments of an eighth of
+        // the cap let acknowledgements bring a full WAL back under it.
+        let segment_size = (cfg.wal_max_bytes / 8).clamp(64 << 10, 16 << 20);
+        let (wal, report) = Wal::open(
+            wal_dir,
+            WalOptions { durability: Durability::Always, segment_size, ..Default::default() },
+        )?;
         log::info!("WAL {}: {report}", wal_dir.display());
         // Invariant: a WAL that never assigned a number is a new stream.
         let fresh = wal.next_seq() == 1 && wal.watermark() == 0;

@@ -255,7 +255,10 @@ impl System {
             client.close();
             return None;
         }
-        let reply = client.request(api::STATUS_TOPIC, &[], Duration::from_secs(3));
+        // In the current version, as the CLI asks (an empty request is
+        // version 1's, answered without what later versions added).
+        let request = daemoneye_contract::topic::STATUS.encode_request(&api::StatusRequest);
+        let reply = client.request(api::STATUS_TOPIC, &request, Duration::from_secs(3));
         client.close();
         api::decode(&reply.ok()?.payload).ok()
     }

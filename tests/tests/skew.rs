@@ -80,7 +80,7 @@ fn a_collector_of_the_previous_release_is_registered_and_its_events_are_stored()
             r.get(0)
         })
         .unwrap();
-    assert_eq!(Version::of(&blob), Version::V2);
+    assert_eq!(Version::of(&blob), Version::CURRENT);
 }
 
 /// An agent of the previous release, as procmond sees it: it reads only
@@ -361,7 +361,7 @@ fn a_store_with_version_1_blobs_is_migrated_and_read() {
         stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
     };
     assert_eq!(blobs.iter().map(|b| Version::of(b)).filter(|v| *v == Version::V1).count(), 8);
-    assert_eq!(Version::of(&blobs[8]), Version::V2);
+    assert_eq!(Version::of(&blobs[8]), Version::CURRENT);
     let all = store.query(&EventQuery::default()).unwrap();
     assert_eq!(all.last().map(|e| e.event.clone()), Some(new.event));
     // And the strict reader refuses a damaged old blob instead of reading
