@@ -471,8 +471,12 @@ impl State {
                     }
                     e.pid = e.pid.or(Some(req.pid));
                     e.phase = if steady { CollectorPhase::Running } else { CollectorPhase::Registered };
+                    let position = match req.position {
+                        Some(p) => format!("stream {} from seq {} to {}", req.stream_id, p.base, p.next),
+                        None => format!("stream {}, no delivery base (an earlier release)", req.stream_id),
+                    };
                     log::info!(
-                        "collector {} registered (pid {}, {} {}, heartbeat every {:?}){}",
+                        "collector {} registered (pid {}, {} {}, heartbeat every {:?}, {position}){}",
                         req.collector_id,
                         req.pid,
                         req.collector_type,

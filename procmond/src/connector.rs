@@ -428,6 +428,9 @@ impl EventSink for Connector {
         // Invariant: at the cap nothing is appended, and nothing refused
         // goes unrecorded (counted now, a gap marker once there is room).
         if s.wal_bytes.load(Ordering::Acquire) >= s.cap {
+            s.measure();
+        }
+        if s.wal_bytes.load(Ordering::Acquire) >= s.cap {
             let now = crate::actor::unix_ms();
             let n = events.len() as u64;
             s.refused.fetch_add(n, Ordering::AcqRel);
@@ -592,7 +595,18 @@ impl EventSink for Connector {
     }
 
     fn checkpointed(&mut self, seq: u64) {
-        self.shared.floor.fetch_max(seq, Ordering::AcqRel);
+        let s = &*self.shared;
+        let floor = s.floor.fetch_max(seq, Ordering::AcqRel).max(seq);
+        // What the store acknowledged before this checkpoint can go now:
+        // with a full WAL no new event (so no new acknowledgement) may come
+        // to do it.
+        let truncate = s.acked.load(Ordering::Acquire).min(floor);
+        if truncate > s.wal.watermark() {
+            match s.wal.truncate_through(truncate) {
+                Ok(()) => s.measure(),
+                Err(e) => log::error!("WAL truncation through {truncate} failed: {e}"),
+            }
+        }
     }
 }
 

@@ -388,13 +388,19 @@ impl Manager {
                 event_source: h.event_source.clone(),
             },
         );
+        let delivery = self.cfg.delivery.as_ref().map(|probe| probe.read());
+        // A full WAL refuses events: working, but not well.
+        let status = match (&delivery, status) {
+            (Some(d), HealthStatus::Healthy) if d.wal_full => HealthStatus::Degraded,
+            (_, status) => status,
+        };
         let hb = Heartbeat {
             collector_id: self.cfg.collector_id.clone(),
             sequence: self.sequence,
             timestamp_unix_ms: unix_ms(),
             status,
             metrics,
-            delivery: self.cfg.delivery.as_ref().map(|probe| probe.read()),
+            delivery,
         };
         let bytes = topic::HEARTBEATS.encode_as(self.cfg.peer_version.get(), &hb);
         if let Err(e) = self.client.publish(&topic::HEARTBEATS.at(&self.cfg.collector_id), &bytes) {

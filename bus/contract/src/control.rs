@@ -945,6 +945,61 @@ mod tests {
     use crate::testing::record;
 
     #[test]
+    fn version_3_fields_are_left_out_for_older_peers_and_read_as_absent() {
+        let hb = Heartbeat {
+            collector_id: "c".into(),
+            sequence: 3,
+            timestamp_unix_ms: 4,
+            status: HealthStatus::Degraded,
+            metrics: HeartbeatMetrics {
+                processes_collected: 1,
+                events_published: 2,
+                buffer_level_percent: 0.5,
+                connection_status: ConnectionStatus::Connected,
+                cycles: 3,
+                errors: 0,
+                tasks_served: 0,
+                tasks_failed: 0,
+                task_latency_avg_us: 0,
+                event_source: EventSourceStatus::default(),
+            },
+            delivery: Some(DeliveryStatus {
+                stream_id: 9,
+                base: 5,
+                next: 7,
+                unacknowledged: 2,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(decode::<Heartbeat>(&encode(&hb)).unwrap(), hb);
+        for version in [Version::V1, Version::V2] {
+            let old = decode::<Heartbeat>(&codec::encode_as(version, &hb)).unwrap();
+            assert_eq!(old, Heartbeat { delivery: None, ..hb.clone() }, "{version:?}");
+        }
+        let reg = RegistrationMessage::Register(RegistrationRequest {
+            collector_id: "c".into(),
+            collector_type: "t".into(),
+            version: "1".into(),
+            capabilities: vec!["x".into()],
+            pid: 7,
+            heartbeat_interval_ms: 1000,
+            stream_id: 9,
+            position: Some(StreamPosition { base: 5, next: 7 }),
+        });
+        assert_eq!(decode::<RegistrationMessage>(&encode(&reg)).unwrap(), reg);
+        for version in [Version::V1, Version::V2] {
+            match decode::<RegistrationMessage>(&codec::encode_as(version, &reg)).unwrap() {
+                RegistrationMessage::Register(r) => {
+                    assert_eq!((r.pid, r.stream_id, r.position), (7, 9, None))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let bye = RegistrationMessage::Deregister { collector_id: "c".into(), reason: "r".into() };
+        assert_eq!(decode::<RegistrationMessage>(&codec::encode_as(Version::V2, &bye)).unwrap(), bye);
+    }
+
+    #[test]
     fn globs_match_like_a_shell() {
         let cases: &[(&str, &str, bool)] = &[
             ("sshd", "sshd", true),
