@@ -225,6 +225,7 @@ fn forged_acks_gaps_and_replies_onto_control_topics_change_nothing() {
         from: 1,
         to: 1 << 62,
         reason: "forged".into(),
+        position: None,
     };
     probe.send(&Frame::Publish {
         topic: &control::ack_topic("pm-a"),
