@@ -12,7 +12,10 @@
 //!
 //! **The first column of its result is the matching event's row id**
 //! (`new_events.id`, which is its `process_events.id`); the other columns
-//! are ignored, whatever their names. A first-column value that is not an
+//! are ignored, whatever their names. A rule whose first column comes from
+//! anywhere else (`SELECT pid …`, `SELECT name …`, an expression) is
+//! refused: SQLite says where each result column comes from, through
+//! views, subqueries and common table expressions. A first-column value that is not an
 //! integer id inside the batch being evaluated is ignored (logged at
 //! debug), so a rule that returns an older event's id (a parent's, say)
 //! raises nothing: every alert is about a new event, and rows outside the
@@ -485,6 +488,24 @@ fn check(conn: &Connection, spec: &RuleSpec, trial: bool) -> Result<(), String> 
     if stmt.column_count() == 0 {
         return Err("returns no columns; the first must be the event id".to_owned());
     }
+    // Where the first column comes from, through views, subqueries and
+    // common table expressions: it must be an event's id.
+    let hint =
+        "the first column must be the event id (new_events.id), e.g. SELECT id FROM new_events WHERE …";
+    match stmt.column_metadata(0) {
+        Ok(Some((_, table, column, ..))) => {
+            let (table, column) = (table.to_string_lossy(), column.to_string_lossy());
+            if table != "process_events" || column != "id" {
+                let shown = if table == "process_events" {
+                    format!("new_events.{column}")
+                } else {
+                    format!("{table}.{column}")
+                };
+                return Err(format!("its first column is {shown}; {hint}"));
+            }
+        }
+        _ => return Err(format!("its first column is computed, not a table's column; {hint}")),
+    }
     if stmt.parameter_count() > 0 {
         return Err(format!("has {} parameters; a rule takes none", stmt.parameter_count()));
     }
@@ -915,8 +936,8 @@ mod tests {
         let specs = [
             // Compiles, fails on the first row: a malformed JSON path.
             rule("broken", "SELECT id FROM new_events WHERE json_extract(argv, '$[') IS NULL"),
-            // A first column that is not an id is ignored.
-            rule("names", "SELECT name FROM new_events"),
+            // An id outside the batch is ignored.
+            rule("older", "SELECT id FROM process_events WHERE id NOT IN (SELECT id FROM new_events)"),
             default_rules().remove(0),
         ];
         let mut engine = RuleEngine::compile(conn, &specs).unwrap();
@@ -925,6 +946,34 @@ mod tests {
         assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(&store));
         let failures: Vec<u64> = engine.rules.iter().map(|r| r.failures).collect();
         assert_eq!(failures, [1, 0, 0]);
+    }
+
+    #[test]
+    fn a_rule_whose_first_column_is_not_the_event_id_is_refused() {
+        let (_dir, store) = store();
+        let conn = store.connection();
+        for (name, sql, says) in [
+            // The two a new user wrote: alerts on whichever events had
+            // id == pid, and none at all.
+            ("pid", "SELECT pid FROM new_events WHERE name = 'nc'", "new_events.pid"),
+            ("name", "SELECT name FROM new_events WHERE name = 'nc'", "new_events.name"),
+            ("watermark", "SELECT through FROM stream_watermarks", "stream_watermarks.through"),
+            ("computed", "SELECT id + 0 FROM new_events", "computed"),
+            ("constant", "SELECT 1", "computed"),
+        ] {
+            let e = RuleEngine::compile(conn, &[rule(name, sql)]).unwrap_err();
+            assert!(e.reason.contains(says) && e.reason.contains("must be the event id"), "{name}: {e}");
+            let verdict = validate(&[rule(name, sql)]).remove(0).1;
+            assert!(verdict.is_err_and(|r| r.contains(says)), "validate {name}");
+        }
+        // The id through an alias, a join, a subquery and a CTE is the id.
+        let ok = [
+            rule("alias", "SELECT n.id AS event FROM new_events n"),
+            rule("join", "SELECT n.id FROM new_events n JOIN process_events p ON p.pid = n.ppid"),
+            rule("sub", "SELECT x.id FROM (SELECT id, name FROM new_events) x WHERE x.name = 'nc'"),
+            rule("cte", "WITH x AS (SELECT id FROM new_events) SELECT id FROM x"),
+        ];
+        assert_eq!(RuleEngine::compile(conn, &ok).unwrap().len(), 4);
     }
 
     #[test]
