@@ -253,6 +253,36 @@ fn bad_configurations_are_refused_with_the_field_named() {
 }
 
 #[test]
+fn the_packaged_configuration_checks_as_readme_says_from_a_checkout() {
+    // The sample names `procmond` beside the agent, as built here.
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.yaml");
+    // Its data_dir is the default: a temp dir instead, so nothing outside
+    // it is touched.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().to_str().expect("utf-8");
+    for args in [vec!["--check-config", sample], vec!["--config", sample, "--check-config"]] {
+        let out = Command::new(bin("daemoneye-agent"))
+            .args(&args)
+            .args(["--data-dir", data])
+            .output()
+            .expect("agent");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains("configuration ok") && stdout.contains("rule netcat-started: ok"),
+            "{stdout}"
+        );
+    }
+    // Two different files is a usage error.
+    let out = Command::new(bin("daemoneye-agent"))
+        .args(["--config", "/nonexistent.yaml", "--check-config", sample])
+        .output()
+        .expect("agent");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name two files"));
+}
+
+#[test]
 fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
     // A "collector" that runs but never speaks on the bus.
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -33,16 +33,17 @@ struct Cli {
     /// Overrides the file's log_level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
-    /// Check the configuration and the rules, print the result and exit.
-    #[arg(long)]
-    check_config: bool,
+    /// Check the configuration (FILE, or --config's) and the rules, print
+    /// the result and exit.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    check_config: Option<Option<PathBuf>>,
 }
 
 const AFTER_HELP: &str = "\
 Examples:
   daemoneye-agent                               one procmond, default paths, foreground
   daemoneye-agent --config /etc/daemoneye/agent.yaml
-  daemoneye-agent --config agent.yaml --check-config
+  daemoneye-agent --check-config agent.yaml        (or --config agent.yaml --check-config)
 Then, in another terminal:
   daemoneye-cli status
   daemoneye-cli events --follow
@@ -59,6 +60,21 @@ fn main() -> ExitCode {
         eprintln!("daemoneye-agent: error: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
+    // `--check-config FILE` names the file to check, as --config would.
+    let mut cli = cli;
+    if let Some(Some(file)) = cli.check_config.clone() {
+        match &cli.config {
+            Some(c) if *c != file => {
+                eprintln!(
+                    "daemoneye-agent: --config {} and --check-config {} name two files; give one",
+                    c.display(),
+                    file.display()
+                );
+                return ExitCode::from(2);
+            }
+            _ => cli.config = Some(file),
+        }
+    }
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(PathBuf::from))
@@ -72,6 +88,10 @@ fn main() -> ExitCode {
     };
     if let Some(dir) = cli.data_dir {
         cfg.data_dir = Some(dir);
+        if let Err(e) = daemoneye_platform::paths::check_socket_path(&cfg.broker_socket()) {
+            eprintln!("daemoneye-agent: --data-dir: {e}");
+            return ExitCode::from(2);
+        }
     }
     let level = cli.log_level.unwrap_or_else(|| cfg.log_level.clone());
     let Ok(filter) = level.parse::<log::LevelFilter>() else {
@@ -88,7 +108,7 @@ fn main() -> ExitCode {
         .iter()
         .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{file}: rules: rule {name}: {e}")))
         .collect();
-    if cli.check_config {
+    if cli.check_config.is_some() {
         for (name, r) in &checked {
             match r {
                 Ok(()) => println!("rule {name}: ok"),
