@@ -538,7 +538,7 @@ impl Tracker {
     ) -> Option<ProcessEvent> {
         let same_details = Arc::ptr_eq(&t.raw, &raw.details);
         let details = if same_details { t.record.details.clone() } else { self.clean(&raw.details) };
-        let record = self.strip(raw.clone(), details);
+        let mut record = self.strip(raw.clone(), details);
         let mut out = None;
         if !t.reported {
             if old_enough {
@@ -558,6 +558,14 @@ impl Tracker {
                 if !t.exe_change_reported
                     && let Some(c) = exe_on_disk_change(&record, on_disk)
                 {
+                    if c == Change::ExeDeleted {
+                        // The platform read the details before the file
+                        // went: this event, the tracked record (and so the
+                        // Stopped event and `inspect`) say it is deleted.
+                        let mut d = ProcessDetails::clone(&record.details);
+                        d.exe_deleted = Ok(true);
+                        record.details = Arc::new(d);
+                    }
                     changes.push(c);
                     t.exe_change_reported = true;
                 }
@@ -939,10 +947,15 @@ mod tests {
         });
         t.update(vec![running.clone(), other.clone()], 4);
         std::fs::remove_file(&exe).unwrap();
-        assert_eq!(
-            kinds(&t.update(vec![running.clone(), other], 5)),
-            vec![(EventKind::Modified, 12, vec![Change::ExeDeleted])]
-        );
+        let events = t.update(vec![running.clone(), other.clone()], 5);
+        assert_eq!(kinds(&events), vec![(EventKind::Modified, 12, vec![Change::ExeDeleted])]);
+        // The platform read `exe_deleted: false` before the file went; the
+        // event, the later cycles and the stop say what the change says.
+        assert_eq!(events[0].process.details.exe_deleted, Ok(true));
+        assert!(t.update(vec![running.clone(), other], 6).is_empty(), "reported once");
+        let stopped = t.update(vec![running.clone()], 7);
+        assert_eq!(kinds(&stopped), vec![(EventKind::Stopped, 12, vec![])]);
+        assert_eq!(stopped[0].process.details.exe_deleted, Ok(true));
     }
 
     #[test]
