@@ -273,6 +273,17 @@ fn the_packaged_configuration_checks_as_readme_says_from_a_checkout() {
             "{stdout}"
         );
     }
+    // An empty file is valid, and said to do nothing.
+    let empty = tmp.path().join("empty.yaml");
+    std::fs::write(&empty, "").expect("write");
+    let out = Command::new(bin("daemoneye-agent"))
+        .arg("--check-config")
+        .arg(&empty)
+        .args(["--data-dir", data])
+        .output()
+        .expect("agent");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("enables no collector"), "{out:?}");
     // Two different files is a usage error.
     let out = Command::new(bin("daemoneye-agent"))
         .args(["--config", "/nonexistent.yaml", "--check-config", sample])

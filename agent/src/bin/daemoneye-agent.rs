@@ -101,6 +101,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     env_logger::Builder::new().filter_level(filter).format_timestamp_millis().init();
+    if cfg.collectors.iter().all(|c| !c.enabled) {
+        let file = cli.config.as_ref().map_or("the embedded default".to_owned(), |p| p.display().to_string());
+        log::warn!(
+            "{file} enables no collector (an empty file sets nothing): the agent will store and check nothing \
+             until one is added under collectors:"
+        );
+    }
     let rules = cfg.active_rules();
     let checked = daemoneye_agent::rules::validate(&rules);
     let file = cli.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
