@@ -189,11 +189,16 @@ pub fn probe_socket(socket: &Path) -> Result<(), CliError> {
 }
 
 /// Probes the socket, then connects as `cli-<pid>` and waits up to
-/// [`AGENT_TIMEOUT`] for the broker's welcome.
-pub fn connect(socket: &Path) -> Result<Client, CliError> {
+/// [`AGENT_TIMEOUT`] for the broker's welcome. `run_as` (the
+/// configuration's) is a uid the broker may be served by besides the
+/// usual ones (root, this user): the agent's unprivileged worker.
+pub fn connect(socket: &Path, run_as: Option<&str>) -> Result<Client, CliError> {
     probe_socket(socket)?;
     let mut cfg = ClientConfig::new(socket, format!("cli-{}", std::process::id()));
     cfg.timeout = AGENT_TIMEOUT;
+    if let Some(Ok(Some(user))) = run_as.map(nix::unistd::User::from_name) {
+        cfg.server_uids.push(user.uid.as_raw());
+    }
     let client = Client::connect(cfg)?;
     client.wait_state(AGENT_TIMEOUT, |s| s != ConnectionState::Disconnected);
     match client.state() {

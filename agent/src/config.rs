@@ -325,10 +325,10 @@ pub struct AgentConfig {
     /// Heartbeat escalation timeouts.
     #[serde(default)]
     pub escalation: EscalationSpec,
-    /// When started as root, switch to this user once every collector has
-    /// registered (the Ready state). Collectors keep their own privileges;
-    /// refused unless every enabled collector has `auto_restart: false`
-    /// (the agent could not restart them with privileges).
+    /// When started as root, run the broker, store, rules and monitor as
+    /// this user (privilege separation, `privsep.rs`): a small part stays
+    /// root to start, signal and reap the collectors, which keep root.
+    /// The user's files are in `<data_dir>/agent/`.
     #[serde(default)]
     pub run_as: Option<String>,
     /// Seconds SIGTERM waits for the collectors' graceful shutdown.
@@ -538,16 +538,6 @@ impl AgentConfig {
         if store.retention_days > 100 * 365 {
             return Err(err("store.retention_days".into(), "must be at most 36500 (0 keeps events)".into()));
         }
-        if self.run_as.is_some()
-            && let Some(i) = self.collectors.iter().position(|c| c.enabled && c.auto_restart)
-        {
-            return Err(err(
-                format!("collectors[{i}].auto_restart"),
-                "cannot be used with run_as: after the agent drops its privileges it can no longer \
-                 start a collector with them (set auto_restart: false, or remove run_as)"
-                    .into(),
-            ));
-        }
         let mut names = HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
             if r.name.trim().is_empty() {
@@ -572,14 +562,22 @@ impl AgentConfig {
         self.data_dir.clone().unwrap_or_else(daemoneye_platform::paths::default_data_dir)
     }
 
-    /// The broker socket: configured, or `<data_dir>/run/broker.sock`.
-    pub fn broker_socket(&self) -> PathBuf {
-        self.broker_socket.clone().unwrap_or_else(|| self.data_dir().join("run").join("broker.sock"))
+    /// Where the agent's own files are (the event store, the broker's run
+    /// dir, its lock): the data dir, or with `run_as` its `agent/`
+    /// subdirectory, owned by that user while the data dir stays root's.
+    pub fn agent_dir(&self) -> PathBuf {
+        let dir = self.data_dir();
+        if self.run_as.is_some() { dir.join("agent") } else { dir }
     }
 
-    /// The event store: `<data_dir>/events.db`.
+    /// The broker socket: configured, or `<agent_dir>/run/broker.sock`.
+    pub fn broker_socket(&self) -> PathBuf {
+        self.broker_socket.clone().unwrap_or_else(|| self.agent_dir().join("run").join("broker.sock"))
+    }
+
+    /// The event store: `<agent_dir>/events.db`.
     pub fn database(&self) -> PathBuf {
-        self.data_dir().join("events.db")
+        self.agent_dir().join("events.db")
     }
 
     /// A collector's data dir.
@@ -666,7 +664,7 @@ mod tests {
         let long = format!("/{}", "d".repeat(120));
         let long_dir = format!("data_dir: {long}\n");
         let long_socket = format!("broker_socket: {long}/b.sock\n");
-        let cases: [(&str, &str, &str); 23] = [
+        let cases: [(&str, &str, &str); 22] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -694,11 +692,6 @@ mod tests {
                 "maximum",
             ),
             ("escalation: {kill_timeout_secs: 99999}\n", "escalation.kill_timeout_secs", "maximum"),
-            (
-                "run_as: nobody\ncollectors:\n  - {id: a, binary: procmond}\n",
-                "collectors[0].auto_restart",
-                "run_as",
-            ),
             ("tasks: {max_attempts: 0}\n", "tasks.max_attempts", "at least 1"),
             ("tasks: {workers: 65}\n", "tasks.workers", "maximum of 64"),
             (

@@ -163,14 +163,29 @@ pub fn broker_config(cfg: &AgentConfig) -> BrokerConfig {
 /// processes must fit in one answer (the bus's default is 1 MiB).
 pub const MAX_MESSAGE: u32 = 16 << 20;
 
+/// Who runs the collectors' processes.
+pub enum Collectors {
+    /// This process (the agent runs with one set of privileges).
+    Spawn,
+    /// The privileged part, over the privsep link: this process is the
+    /// unprivileged worker of `run_as` (`privsep.rs`).
+    Privileged(crate::privsep::WorkerLink),
+}
+
 /// Runs the agent until `shutdown` receives (or startup fails); returns
 /// the process exit status: 0 after a clean shutdown, 1 after a failed
 /// startup. `pids` follows the collectors' pids, for a last-resort kill.
-pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>) -> anyhow::Result<i32> {
-    let data_dir = cfg.data_dir();
+pub fn run(
+    cfg: AgentConfig,
+    shutdown: Receiver<()>,
+    pids: Arc<Mutex<Vec<u32>>>,
+    collectors: Collectors,
+) -> anyhow::Result<i32> {
+    let data_dir = cfg.agent_dir();
     create_private_dir(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    // One agent per data dir.
+    // One agent per data dir (under privsep, the privileged part holds the
+    // data dir's lock and the worker this one, in its own directory).
     let _lock = PidLock::acquire(&data_dir.join("daemoneye-agent.pid")).map_err(|e| match e {
         PidLockError::Held { .. } => {
             anyhow::anyhow!("another daemoneye-agent is running with data dir {}: {e}", data_dir.display())
@@ -213,7 +228,13 @@ pub fn run(cfg: AgentConfig, shutdown: Receiver<()>, pids: Arc<Mutex<Vec<u32>>>)
         .context("cannot start the event store")?,
     );
     let (sup_tx, sup_rx) = bounded(256);
-    let supervisor = Arc::new(Supervisor::start(&cfg, sup_tx, pids, broker.vouchers())?);
+    let supervisor = Arc::new(match collectors {
+        Collectors::Spawn => {
+            let uid = daemoneye_platform::effective_uid();
+            Supervisor::start(&cfg, sup_tx, pids, Box::new(broker.vouchers()), uid)?
+        }
+        Collectors::Privileged(link) => Supervisor::remote(link, sup_tx, broker.vouchers())?,
+    });
     let (ended_tx, ended_rx) = bounded(1);
     let task_stats = Arc::new(TaskStats::default());
     let collector_version = PeerVersion::default();

@@ -12,6 +12,7 @@ pub mod cli_tasks;
 pub mod config;
 pub mod daemon;
 pub mod monitor;
+pub mod privsep;
 /// Detection rules live with the event store.
 pub use daemoneye_store::rules;
 pub mod supervisor;

@@ -5,11 +5,9 @@
 //!
 //! **Loading.** `Loading` (collectors spawned; waiting until every enabled
 //! collector has registered, at most its `startup_timeout_secs`) →
-//! `Ready` (the agent drops to `run_as` when configured and started as
-//! root) → `BeginMonitoring` broadcast on `control.collector.lifecycle` →
-//! `SteadyState`. A collector that misses the deadline, or a failed
-//! privilege drop, gives `StartupFailed { reason }`, and the agent shuts
-//! down with exit status 1. A collector that registers later (after a
+//! `Ready` → `BeginMonitoring` broadcast on `control.collector.lifecycle` →
+//! `SteadyState`. A collector that misses the deadline gives
+//! `StartupFailed { reason }`, and the agent shuts down with exit status 1. A collector that registers later (after a
 //! restart, or re-registering after a reconnection) gets
 //! `begin_monitoring: true` in its registration reply. Every transition is
 //! logged.
@@ -683,10 +681,6 @@ impl State {
                 .collect();
             if waiting.is_empty() {
                 self.set_state(AgentState::Ready);
-                if let Err(reason) = self.drop_privileges() {
-                    self.set_state(AgentState::StartupFailed { reason: reason.clone() });
-                    return Some(reason);
-                }
                 // Every registered collector reads the oldest version
                 // among them.
                 let version = self.collector_version();
@@ -903,22 +897,6 @@ impl State {
         for t in self.escalations.drain(..) {
             let _ = t.join();
         }
-    }
-
-    /// Drops to `run_as` when configured and running as root.
-    fn drop_privileges(&self) -> Result<(), String> {
-        let Some(name) = &self.parts.config.run_as else { return Ok(()) };
-        if !nix::unistd::geteuid().is_root() {
-            log::info!("run_as {name:?} ignored: not running as root");
-            return Ok(());
-        }
-        let user = nix::unistd::User::from_name(name)
-            .map_err(|e| format!("run_as: cannot look up user {name:?}: {e}"))?
-            .ok_or_else(|| format!("run_as: no user {name:?}"))?;
-        daemoneye_platform::drop_privileges(user.uid.as_raw(), user.gid.as_raw())
-            .map_err(|e| format!("run_as {name:?}: {e}"))?;
-        log::info!("privileges dropped to {name} (uid {}, gid {})", user.uid, user.gid);
-        Ok(())
     }
 
     fn answer_status(&mut self, msg: &Message) {

@@ -23,7 +23,13 @@
 //! - **Stop.** On the monitor's request (escalation) or at shutdown: wait
 //!   for the exit up to a grace period, then SIGKILL by the process's own
 //!   pid, then wait again. Children still running when the supervisor is
-//!   dropped are killed and reaped (kill-on-drop).
+//!   dropped are killed and reaped (kill-on-drop). A signal that fails is
+//!   logged as a failure.
+//! - **Privilege separation.** With `run_as`, this thread runs in the
+//!   privileged part (root) and the worker's [`Supervisor::remote`]
+//!   forwards the same requests to it over the privsep link
+//!   (`privsep.rs`); the vouchers then travel over that link to the
+//!   worker's broker ([`Voucher`]).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -36,6 +42,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
 use daemoneye_bus::Vouchers;
 use daemoneye_platform::paths::PidLock;
 use daemoneye_platform::spawn::{Spawned, spawn as spawn_process};
+use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
 
@@ -51,6 +58,28 @@ const POLL: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest delay before a restart.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The names of [`SupervisorEvent::Step`]'s steps.
+pub const STEPS: &[&str] = &["kill", "restart"];
+
+/// Who learns which process may hold a collector's id: the broker's
+/// [`Vouchers`], or, in the privileged part, the worker's over the link.
+pub trait Voucher: Send {
+    /// `id` is to be accepted from `pid` only.
+    fn vouch(&self, id: &str, pid: u32);
+    /// `id` is no longer held by `pid`.
+    fn revoke(&self, id: &str, pid: u32);
+}
+
+impl Voucher for Vouchers {
+    fn vouch(&self, id: &str, pid: u32) {
+        Vouchers::vouch(self, id, pid);
+    }
+
+    fn revoke(&self, id: &str, pid: u32) {
+        Vouchers::revoke(self, id, pid);
+    }
+}
 
 /// What the supervisor tells the monitor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +123,7 @@ pub enum SupervisorEvent {
 }
 
 /// Requests to the supervisor.
-enum Request {
+pub(crate) enum Request {
     /// Stop one collector if it still runs as `pid`: wait `grace` for its
     /// exit, then SIGKILL and wait `kill_wait`; then the restart policy
     /// applies.
@@ -103,6 +132,9 @@ enum Request {
     /// `stopping` (already asked over RPC), SIGKILL after `grace`; the
     /// reply comes when all are gone.
     StopAll { stopping: Vec<String>, grace: Duration, kill_wait: Duration, done: Sender<()> },
+    /// No more restarts (the flag is set already; this tells the
+    /// privileged part).
+    BeginShutdown,
 }
 
 /// Handle to the supervisor thread.
@@ -143,34 +175,34 @@ impl Proc {
         }
     }
 
-    fn kill(&mut self) {
-        match self {
-            Proc::Child(c) => c.kill(),
-            Proc::Adopted { pid, lock } => {
-                // Only while its lock is still held by that pid: never a
-                // process that merely reuses the number.
-                if lock_holder(lock) == Some(*pid)
-                    && let Ok(p) = i32::try_from(*pid)
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
+    /// SIGKILL; `Err` says why it was not delivered.
+    fn kill(&mut self) -> Result<(), String> {
+        self.signal(Signal::SIGKILL)
     }
 
-    fn terminate(&mut self) {
-        match self {
-            Proc::Child(c) => c.signal(Signal::SIGTERM),
-            Proc::Adopted { pid, lock } => {
-                if lock_holder(lock) == Some(*pid)
-                    && let Ok(p) = i32::try_from(*pid)
-                {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGTERM);
+    fn terminate(&mut self) -> Result<(), String> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    fn signal(&mut self, sig: Signal) -> Result<(), String> {
+        let pid = self.pid();
+        let sent = match self {
+            Proc::Child(c) => c.signal(sig),
+            Proc::Adopted { lock, .. } => {
+                // Only while its lock is still held by that pid: never a
+                // process that merely reuses the number.
+                if lock_holder(lock) != Some(pid) {
+                    return Err(format!("pid {pid} no longer holds {}", lock.display()));
                 }
+                let p = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig)
             }
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            // Gone already (an exit the next poll reaps): nothing to do.
+            Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(format!("{sig} to pid {pid} failed: {e}")),
         }
     }
 }
@@ -195,9 +227,11 @@ struct Slot {
 
 struct Inner {
     slots: Vec<Slot>,
-    /// The broker's table of vouched processes.
-    vouchers: Vouchers,
+    /// The broker's table of vouched processes (or the link to it).
+    vouchers: Box<dyn Voucher>,
     socket: PathBuf,
+    /// The uid serving the broker's socket, for the collectors' check.
+    broker_uid: u32,
     events: Sender<SupervisorEvent>,
     pids: Arc<Mutex<Vec<u32>>>,
     /// Shutting down: no restarts.
@@ -208,12 +242,14 @@ impl Supervisor {
     /// Starts the thread and the enabled collectors.
     /// `pids` is kept up to date with the collectors' pids (for a
     /// last-resort kill from the signal thread); `vouchers` is the broker's
-    /// table of the processes that may hold a collector's id.
+    /// table of the processes that may hold a collector's id; `broker_uid`
+    /// the uid that serves the broker's socket.
     pub fn start(
         cfg: &AgentConfig,
         events: Sender<SupervisorEvent>,
         pids: Arc<Mutex<Vec<u32>>>,
-        vouchers: Vouchers,
+        vouchers: Box<dyn Voucher>,
+        broker_uid: u32,
     ) -> std::io::Result<Supervisor> {
         let slots = cfg
             .collectors
@@ -233,6 +269,7 @@ impl Supervisor {
             slots,
             vouchers,
             socket: cfg.broker_socket(),
+            broker_uid,
             events,
             pids: pids.clone(),
             closing: closing.clone(),
@@ -247,9 +284,25 @@ impl Supervisor {
         Ok(Supervisor { tx, pids, closing, thread: Some(thread) })
     }
 
+    /// The worker's supervisor under privilege separation: the same
+    /// requests, served by the privileged part's supervisor over `link`
+    /// (which it asks to start the collectors now); its events arrive on
+    /// `events` and its vouches go to `vouchers`.
+    pub fn remote(
+        link: crate::privsep::WorkerLink,
+        events: Sender<SupervisorEvent>,
+        vouchers: Vouchers,
+    ) -> std::io::Result<Supervisor> {
+        let (tx, rx) = bounded(16);
+        let thread = crate::privsep::remote(link, rx, events, vouchers)?;
+        let pids = Arc::new(Mutex::new(Vec::new()));
+        Ok(Supervisor { tx, pids, closing: Arc::new(AtomicBool::new(false)), thread: Some(thread) })
+    }
+
     /// From now on, exits are not restarted (the agent is shutting down).
     pub fn begin_shutdown(&self) {
         self.closing.store(true, Ordering::Release);
+        let _ = self.tx.try_send(Request::BeginShutdown);
     }
 
     /// Pids of the collectors' processes now.
@@ -310,14 +363,17 @@ impl Inner {
                             s.stopping = Some((now + grace, Some(now + grace + kill_wait)));
                         }
                     }
+                    Ok(Request::BeginShutdown) => self.closing.store(true, Ordering::Release),
                     Ok(Request::StopAll { stopping, grace, kill_wait, done }) => {
                         self.closing.store(true, Ordering::Release);
                         let now = Instant::now();
                         for s in &mut self.slots {
                             s.restart_at = None;
                             if let Some(p) = &mut s.proc {
-                                if !stopping.contains(&s.spec.id) {
-                                    p.terminate();
+                                if !stopping.contains(&s.spec.id)
+                                    && let Err(e) = p.terminate()
+                                {
+                                    log::error!("collector {}: {e}", s.spec.id);
                                 }
                                 s.stopping = Some((now + grace, None));
                             }
@@ -363,11 +419,21 @@ impl Inner {
                 if let Some((kill_at, give_up)) = s.stopping
                     && now >= kill_at
                 {
-                    p.kill();
                     let id = s.spec.id.clone();
-                    log::warn!("collector {id}: did not exit in time; SIGKILL sent to pid {}", p.pid());
+                    let outcome = match p.kill() {
+                        Ok(()) => {
+                            log::warn!(
+                                "collector {id}: did not exit in time; SIGKILL sent to pid {}",
+                                p.pid()
+                            );
+                            format!("SIGKILL sent to pid {}", p.pid())
+                        }
+                        Err(e) => {
+                            log::error!("collector {id}: did not exit in time; {e}");
+                            format!("FAILED: {e}")
+                        }
+                    };
                     s.stopping = give_up.map(|g| (g, None));
-                    let outcome = format!("SIGKILL sent to pid {}", p.pid());
                     let _ = self.events.try_send(SupervisorEvent::Step { id, step: "kill", outcome });
                 }
             } else if s.restart_at.is_some_and(|at| now >= at) {
@@ -438,7 +504,7 @@ impl Inner {
             let _ = self.events.try_send(SupervisorEvent::Started { id, pid, adopted: true });
             return;
         }
-        match spawn(&s.spec, &s.data_dir, &self.socket) {
+        match spawn(&s.spec, &s.data_dir, &self.socket, self.broker_uid) {
             Ok(child) => {
                 let pid = child.id();
                 // Not reaped yet, so the pid cannot be reused before this.
@@ -469,7 +535,9 @@ impl Inner {
             if let Some(mut p) = s.proc.take() {
                 self.vouchers.revoke(&s.spec.id, p.pid());
                 log::warn!("collector {}: killing pid {}", s.spec.id, p.pid());
-                p.kill();
+                if let Err(e) = p.kill() {
+                    log::error!("collector {}: {e}", s.spec.id);
+                }
                 // Reaped within 5 s; a process stuck in the kernel (it
                 // cannot die before its I/O returns) is left to init
                 // rather than hang the agent's exit.
@@ -495,8 +563,8 @@ impl Drop for Inner {
 /// SIGTERM and SIGINT for its signal thread; a collector must see them),
 /// in its own process group (a Ctrl-C in the agent's terminal reaches the
 /// agent only, which then stops the collectors in order).
-fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path) -> std::io::Result<Spawned> {
-    std::fs::create_dir_all(data_dir)?;
+fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path, broker_uid: u32) -> std::io::Result<Spawned> {
+    daemoneye_platform::paths::create_private_dir(data_dir)?;
     let mut args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
     args.extend([
         "--collector-id".into(),
@@ -506,7 +574,7 @@ fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path) -> std::io::Resul
         "--heartbeat-interval".into(),
         spec.heartbeat_interval_secs.to_string().into(),
     ]);
-    let uid = daemoneye_platform::effective_uid().to_string();
+    let uid = broker_uid.to_string();
     spawn_process(
         &spec.binary,
         &args,

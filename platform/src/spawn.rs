@@ -72,16 +72,18 @@ impl Spawned {
     }
 
     /// Sends it a signal, unless it was already reaped (its pid may then
-    /// belong to someone else).
-    pub fn signal(&mut self, sig: Signal) {
+    /// belong to someone else: `Ok`, nothing sent). An error is the OS's
+    /// refusal (`EPERM`), for the caller to report.
+    pub fn signal(&mut self, sig: Signal) -> nix::Result<()> {
         if self.exit.is_none() {
-            let _ = nix::sys::signal::kill(self.pid, sig);
+            return nix::sys::signal::kill(self.pid, sig);
         }
+        Ok(())
     }
 
     /// SIGKILL.
-    pub fn kill(&mut self) {
-        self.signal(Signal::SIGKILL);
+    pub fn kill(&mut self) -> nix::Result<()> {
+        self.signal(Signal::SIGKILL)
     }
 }
 
@@ -216,7 +218,7 @@ mod tests {
         assert_eq!(blocked.split_whitespace().nth(1), Some("0000000000000000"), "{blocked}");
         let pgid = nix::unistd::getpgid(Some(Pid::from_raw(child.id() as i32))).expect("pgid");
         assert_eq!(pgid.as_raw().unsigned_abs(), child.id(), "its own process group");
-        child.signal(Signal::SIGTERM);
+        child.signal(Signal::SIGTERM).expect("SIGTERM");
         assert_eq!(child.wait().expect("wait"), Exit::Signal(15));
         assert_eq!(Exit::Signal(15).to_string(), "signal 15 (SIGTERM)");
         assert_eq!(child.try_wait().expect("again"), Some(Exit::Signal(15)), "reaped once, remembered");

@@ -158,6 +158,9 @@ pub struct System {
     pub log: PathBuf,
     /// Client id counter for status requests.
     asked: u32,
+    /// The `run_as` user's uid when the YAML sets one: the agent's files
+    /// are then in `data/agent/`, and its broker is served by that uid.
+    run_as: Option<u32>,
 }
 
 /// The YAML of a test agent: short heartbeats and escalation timeouts.
@@ -201,7 +204,12 @@ impl System {
         let dir = tempfile::tempdir().expect("tempdir");
         let yaml = agent_yaml(&dir.path().join("data"), collectors, extra);
         std::fs::write(dir.path().join("agent.yaml"), yaml).expect("write agent.yaml");
-        System { log: dir.path().join("agent.log"), dir, agent: None, asked: 0 }
+        let run_as = extra.lines().find_map(|l| l.strip_prefix("run_as:")).map(|name| {
+            let user =
+                nix::unistd::User::from_name(name.trim()).expect("look up run_as").expect("run_as user");
+            user.uid.as_raw()
+        });
+        System { log: dir.path().join("agent.log"), dir, agent: None, asked: 0, run_as }
     }
 
     /// The data dir.
@@ -209,14 +217,26 @@ impl System {
         self.dir.path().join("data")
     }
 
+    /// The agent's own files: the data dir, or its `agent/` with `run_as`.
+    pub fn agent_dir(&self) -> PathBuf {
+        if self.run_as.is_some() { self.data_dir().join("agent") } else { self.data_dir() }
+    }
+
     /// The broker socket.
     pub fn socket(&self) -> PathBuf {
-        self.data_dir().join("run").join("broker.sock")
+        self.agent_dir().join("run").join("broker.sock")
     }
 
     /// The event store.
     pub fn database(&self) -> PathBuf {
-        self.data_dir().join("events.db")
+        self.agent_dir().join("events.db")
+    }
+
+    /// A bus client configuration for this system's broker.
+    fn client_config(&self, id: String) -> ClientConfig {
+        let mut cfg = ClientConfig::new(self.socket(), id);
+        cfg.server_uids.extend(self.run_as);
+        cfg
     }
 
     /// Starts (or restarts) the agent; its stderr is appended to `log`.
@@ -250,7 +270,7 @@ impl System {
         }
         self.asked += 1;
         let id = format!("e2e-{}-{}", std::process::id(), self.asked);
-        let client = Client::connect(ClientConfig::new(self.socket(), id)).ok()?;
+        let client = Client::connect(self.client_config(id)).ok()?;
         if !client.wait_connected(Duration::from_secs(3)) {
             client.close();
             return None;
@@ -319,7 +339,7 @@ impl System {
     pub fn client(&mut self) -> Client {
         self.asked += 1;
         let id = format!("e2e-{}-{}", std::process::id(), self.asked);
-        let client = Client::connect(ClientConfig::new(self.socket(), id)).expect("client");
+        let client = Client::connect(self.client_config(id)).expect("client");
         assert!(client.wait_connected(Duration::from_secs(10)), "no connection\n{}", self.tail());
         client
     }

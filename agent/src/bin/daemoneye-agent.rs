@@ -10,6 +10,8 @@ use std::sync::Arc;
 use clap::Parser;
 use crossbeam_channel::bounded;
 use daemoneye_agent::config::AgentConfig;
+use daemoneye_agent::daemon::{self, Collectors};
+use daemoneye_agent::privsep;
 use daemoneye_platform::signals;
 use parking_lot::Mutex;
 
@@ -37,6 +39,10 @@ struct Cli {
     /// the result and exit.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     check_config: Option<Option<PathBuf>>,
+    /// Internal: run as the unprivileged worker of `run_as`, configured by
+    /// the privileged part over stdin.
+    #[arg(long = "privsep-worker", hide = true)]
+    privsep_worker: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -60,6 +66,9 @@ fn main() -> ExitCode {
         eprintln!("daemoneye-agent: error: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
+    if cli.privsep_worker {
+        return worker();
+    }
     // `--check-config FILE` names the file to check, as --config would.
     let mut cli = cli;
     if let Some(Some(file)) = cli.check_config.clone() {
@@ -79,14 +88,27 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|p| p.parent().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("."));
-    let mut cfg = match AgentConfig::load(cli.config.as_deref(), &exe_dir) {
+    // Read once: the privileged part hands this text to its worker.
+    let file = cli.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
+    let text = match cli.config.as_deref().map(std::fs::read_to_string).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("daemoneye-agent: invalid configuration: {file}: (file): {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let loaded = match &text {
+        Some(t) => AgentConfig::parse(t, &file, &exe_dir),
+        None => AgentConfig::load(None, &exe_dir),
+    };
+    let mut cfg = match loaded {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("daemoneye-agent: invalid configuration: {e}");
             return ExitCode::FAILURE;
         }
     };
-    if let Some(dir) = cli.data_dir {
+    if let Some(dir) = cli.data_dir.clone() {
         cfg.data_dir = Some(dir);
         if let Err(e) = daemoneye_platform::paths::check_socket_path(&cfg.broker_socket()) {
             eprintln!("daemoneye-agent: --data-dir: {e}");
@@ -110,7 +132,6 @@ fn main() -> ExitCode {
     }
     let rules = cfg.active_rules();
     let checked = daemoneye_agent::rules::validate(&rules);
-    let file = cli.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
     let bad: Vec<String> = checked
         .iter()
         .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{file}: rules: rule {name}: {e}")))
@@ -141,8 +162,75 @@ fn main() -> ExitCode {
 
     let pids = Arc::new(Mutex::new(Vec::<u32>::new()));
     let (stop_tx, stop_rx) = bounded::<()>(1);
-    let doomed = pids.clone();
-    let _signals = match signals::ShutdownSignals::start(
+    let _signals = match signal_thread(stop_tx, pids.clone()) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = match &cfg.run_as {
+        Some(name) if nix::unistd::geteuid().is_root() => privsep::account(name).and_then(|account| {
+            let hello =
+                privsep::Hello { config: text, file, exe_dir, data_dir: cli.data_dir, log_level: level };
+            privsep::run_privileged(cfg, hello, account, stop_rx, pids)
+        }),
+        Some(name) => {
+            log::info!("run_as {name:?} ignored: not running as root");
+            daemon::run(cfg, stop_rx, pids, Collectors::Spawn)
+        }
+        None => daemon::run(cfg, stop_rx, pids, Collectors::Spawn),
+    };
+    exit(result)
+}
+
+/// The unprivileged worker of `run_as` (`privsep.rs`): configured by the
+/// privileged part over stdin, it runs the broker, store and monitor and
+/// asks the privileged part for everything done to a collector.
+fn worker() -> ExitCode {
+    let (stop_tx, stop_rx) = bounded::<()>(1);
+    let (hello, link) = match privsep::worker_start(stop_tx.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("daemoneye-agent: worker: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = match hello.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("daemoneye-agent: worker: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = hello.log_level.parse::<log::LevelFilter>().unwrap_or(log::LevelFilter::Info);
+    env_logger::Builder::new().filter_level(filter).format_timestamp_millis().init();
+    // Its own signals (it is in its own process group: someone sent them
+    // to it alone); the collectors are not its to kill.
+    let _signals = match signal_thread(stop_tx, Arc::new(Mutex::new(Vec::new()))) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    exit(daemon::run(cfg, stop_rx, Arc::new(Mutex::new(Vec::new())), Collectors::Privileged(link)))
+}
+
+fn exit(result: anyhow::Result<i32>) -> ExitCode {
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("daemoneye-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM/SIGINT: a graceful stop through `stop`; a second one: SIGKILL
+/// to `pids` (the collectors), then exit.
+fn signal_thread(
+    stop_tx: crossbeam_channel::Sender<()>,
+    pids: Arc<Mutex<Vec<u32>>>,
+) -> Result<signals::ShutdownSignals, ExitCode> {
+    let doomed = pids;
+    match signals::ShutdownSignals::start(
         "agent-signals",
         move |_| {
             let _ = stop_tx.try_send(());
@@ -159,19 +247,10 @@ fn main() -> ExitCode {
             }
         },
     ) {
-        Ok(s) => s,
+        Ok(s) => Ok(s),
         Err(e) => {
             eprintln!("daemoneye-agent: error: cannot start the signal thread: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match daemoneye_agent::daemon::run(cfg, stop_rx, pids) {
-        Ok(0) => ExitCode::SUCCESS,
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        Err(e) => {
-            log::error!("{e:#}");
-            eprintln!("daemoneye-agent: error: {e:#}");
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
     }
 }

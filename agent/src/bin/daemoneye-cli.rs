@@ -390,7 +390,7 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
 
 /// Sends a task request to the agent and waits as long as its limits say.
 fn ask(ctx: &Ctx, req: &AgentTaskRequest) -> anyhow::Result<AgentTaskResponse> {
-    let client = cli::connect(&ctx.socket())?;
+    let client = cli::connect(&ctx.socket(), ctx.cfg.run_as.as_deref())?;
     let resp = cli_tasks::ask(&client, req, cli_tasks::answer_timeout(req, &ctx.cfg.tasks))?;
     client.close();
     Ok(resp)
@@ -463,7 +463,7 @@ fn json_line<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let client = cli::connect(&ctx.socket())?;
+    let client = cli::connect(&ctx.socket(), ctx.cfg.run_as.as_deref())?;
     let status = cli::fetch_status(&client)?;
     client.close();
     if ctx.json {
@@ -479,7 +479,7 @@ fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
 /// `DropOldest`: a slow terminal loses lines instead of pushing back on
 /// the collectors.
 fn subscribe(ctx: &Ctx, pattern: &str) -> anyhow::Result<(Client, Subscription)> {
-    let client = cli::connect(&ctx.socket())?;
+    let client = cli::connect(&ctx.socket(), ctx.cfg.run_as.as_deref())?;
     let sub = client.subscribe_with(pattern, None, Overflow::DropOldest).map_err(CliError::Bus)?;
     // The broker handles one connection's frames in order: once it answers
     // this request, the subscription is in place.
