@@ -476,6 +476,21 @@ fn the_units_agent_reaches_steady_state_and_stores_events_under_its_file_system_
     );
     assert!(steady, "SteadyState not reached; last status {last:#?}\n--- log ---\n{}", sys.tail());
     assert_exactly_once(&sys, &["procmond"]);
+    // The capabilities the unit keeps are the ones procmond uses: it reads
+    // every process, has the kernel's process events and raises its event
+    // thread's priority (each falls back, with a log line, without them).
+    let log = sys.log();
+    for (said, needs) in [
+        ("all fields of all processes are readable", "CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"),
+        ("event source: kernel", "CAP_NET_ADMIN"),
+        ("kernel event thread runs at nice", "CAP_SYS_NICE"),
+    ] {
+        assert!(
+            log.contains(said),
+            "procmond did not log {said:?}: does the unit keep {needs}?\n{}",
+            sys.tail()
+        );
+    }
     let data_dir = sys.data_dir();
     let events =
         sys.cli(&["--data-dir", data_dir.to_str().expect("UTF-8"), "events", "--json", "--limit", "3"]);
@@ -492,8 +507,11 @@ fn the_units_agent_reaches_steady_state_and_stores_events_under_its_file_system_
     let mut open = Vec::new();
     let mut dirs = vec![data_dir];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read the data dir").flatten() {
-            let meta = entry.metadata().expect("stat");
+        // A file or directory removed meanwhile (a WAL segment, SQLite's
+        // journal) is skipped.
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
             if meta.permissions().mode() & sandbox.umask != 0 {
                 open.push(format!("{} {:o}", entry.path().display(), meta.permissions().mode() & 0o7777));
             }
