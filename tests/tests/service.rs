@@ -551,7 +551,7 @@ fn systemd_analyze_verify_passes_the_unit_and_fails_broken_copies() {
     }
     let text = std::fs::read_to_string(unit_path()).expect("read the unit");
     let (program, _) = exec_start(&Unit::parse(&text));
-    // verify wants ExecStart='s program to exist: the built one, under the
+    // verify wants the program of ExecStart= to exist: the built one, under the
     // same name.
     let exec = format!("ExecStart={}", program.display());
     assert_eq!(text.matches(&exec).count(), 1, "one {exec} line");
