@@ -458,6 +458,16 @@ fn rules_are_listed_and_validated_from_the_config() {
     assert!(run.stdout.contains("OK     exe-in-temp-dir"), "{}", run.describe());
     assert!(!run.stdout.contains(" off"), "{}", run.describe());
 
+    // Checked in memory: a temporary directory that does not exist (or is
+    // read-only, as under systemd's ProtectSystem=strict) is not needed.
+    let out = command(dir.path(), &["--config", config_arg, "rules", "validate"])
+        .env("TMPDIR", dir.path().join("no-such-tmp"))
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("OK     shells"), "{said}");
+
     std::fs::write(
         &config,
         "default_rules: false\n\

@@ -241,15 +241,23 @@ impl System {
 
     /// Starts (or restarts) the agent; its stderr is appended to `log`.
     pub fn start_agent(&mut self) {
+        let mut agent = Command::new(bin("daemoneye-agent"));
+        agent.arg("--config").arg(self.dir.path().join("agent.yaml"));
+        self.spawn_agent(agent);
+    }
+
+    /// Starts the agent with this command line instead, e.g. under a
+    /// wrapper that ends by exec'ing the agent (so the child's pid, which
+    /// [`System::stop`] and the drop signal, is the agent's); its stdout
+    /// and stderr are appended to `log`.
+    pub fn spawn_agent(&mut self, mut command: Command) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(bin("daemoneye-agent"))
-            .arg("--config")
-            .arg(self.dir.path().join("agent.yaml"))
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("agent starts");
+            .unwrap_or_else(|e| panic!("{command:?} does not start: {e}"));
         self.agent = Some(child);
     }
 

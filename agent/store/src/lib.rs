@@ -595,6 +595,23 @@ impl EventStore {
         Ok(EventStore { conn, path: path.to_owned() })
     }
 
+    /// An empty store of the current schema held in memory (SQLite's
+    /// `:memory:`, temporary tables and sorts in memory too), gone when it
+    /// is dropped: what rules are checked against ([`rules::validate`]).
+    /// It touches no file, so it needs no writable (or trustworthy)
+    /// temporary directory. [`EventStore::path`] is `:memory:`.
+    pub fn open_in_memory() -> Result<EventStore, StoreError> {
+        let path = Path::new(":memory:");
+        let mut conn = Connection::open_in_memory().map_err(|e| open_error(path, e))?;
+        conn.execute_batch("PRAGMA temp_store = MEMORY; PRAGMA foreign_keys = ON;")
+            .map_err(|e| open_error(path, e))?;
+        let tx = conn.transaction().map_err(|e| open_error(path, e))?;
+        tx.execute_batch(SCHEMA).map_err(|e| open_error(path, e))?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
+        tx.commit().map_err(|e| open_error(path, e))?;
+        Ok(EventStore { conn, path: path.to_owned() })
+    }
+
     /// Opens an existing store read-only (the CLI). Fails with
     /// [`StoreError::NotFound`] if the file does not exist, and with
     /// [`StoreError::SchemaVersion`] if it is not an event store of this

@@ -45,8 +45,6 @@
 //! (`id`, `pid`, `name`, `kind`, `observed_ms`).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -419,8 +417,9 @@ impl RuleEngine {
     }
 
     /// Checks each rule on its own, disabled ones too, against an empty
-    /// event store of the real schema made for the purpose (in the system's
-    /// temporary directory, removed afterwards): what [`RuleEngine::compile`]
+    /// event store of the real schema made for the purpose, in memory
+    /// ([`crate::EventStore::open_in_memory`]: no file, no temporary
+    /// directory): what [`RuleEngine::compile`]
     /// checks, plus one run over an empty window. Returns every rule's name
     /// with its verdict, in order (`daemoneye-cli rules`).
     pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
@@ -434,14 +433,12 @@ pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
         log::warn!("cannot check rules: {reason}");
         specs.iter().map(|s| (s.name.clone(), Err(reason.clone()))).collect()
     };
-    let dir = match ScratchDir::create() {
-        Ok(dir) => dir,
-        Err(reason) => return refuse_all(reason),
-    };
-    // Declared after `dir`, so closed before the directory is removed.
-    let store = match crate::EventStore::open(&dir.path.join("events.db")) {
+    // In memory: nothing on disk, so no temporary directory to need or to
+    // be raced for (under systemd's ProtectSystem=strict /tmp is
+    // read-only; any local user can pre-create names in it).
+    let store = match crate::EventStore::open_in_memory() {
         Ok(store) => store,
-        Err(e) => return refuse_all(format!("cannot create a scratch event store to check against: {e}")),
+        Err(e) => return refuse_all(format!("cannot create an in-memory event store to check against: {e}")),
     };
     let conn = store.connection();
     if let Err(e) = install(conn) {
@@ -626,50 +623,6 @@ fn insert_alert(
         observed_unix_ms: observed_ms.max(0).cast_unsigned(),
         raised_unix_ms: now_ms,
     }))
-}
-
-/// A private directory of its own under the system's temporary directory,
-/// removed (with what is in it) on drop.
-struct ScratchDir {
-    path: PathBuf,
-}
-
-impl ScratchDir {
-    fn create() -> Result<ScratchDir, String> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir();
-        let mut builder = std::fs::DirBuilder::new();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            builder.mode(0o700);
-        }
-        // A fresh name: never reuse (or follow) a directory someone else
-        // made.
-        let mut last = None;
-        for _ in 0..16 {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = base.join(format!("daemoneye-rules-{}-{n}", std::process::id()));
-            match builder.create(&path) {
-                Ok(()) => return Ok(ScratchDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
-            }
-        }
-        Err(format!(
-            "cannot create a scratch directory in {}: {}",
-            base.display(),
-            last.map_or_else(|| "no free name".to_owned(), |e| e.to_string())
-        ))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            log::warn!("cannot remove {}: {e}", self.path.display());
-        }
-    }
 }
 
 #[cfg(test)]
@@ -996,6 +949,56 @@ mod tests {
         assert_eq!(verdicts[4].1, Ok(()));
         assert_eq!(verdicts[5].1, Err("duplicate rule name".to_owned()));
         assert_eq!(RuleEngine::validate(&specs[..1]), vec![("exe-in-temp-dir".to_owned(), Ok(()))]);
+    }
+
+    /// Validation runs in memory: with `TMPDIR` naming a directory that
+    /// does not exist, or a read-only one (systemd's `ProtectSystem=strict`),
+    /// it still judges every rule, and creates nothing there. Runs this
+    /// test binary again as a child with that `TMPDIR` (the variable is
+    /// process-wide; the other tests' temporary directories need it).
+    #[test]
+    fn validation_needs_no_temporary_directory() {
+        const CHILD: &str = "DAEMONEYE_TEST_VALIDATE_TMPDIR";
+        const NAME: &str = "rules::tests::validation_needs_no_temporary_directory";
+        if std::env::var_os(CHILD).is_some() {
+            let mut specs = default_rules();
+            specs.push(rule("typo", "SELECT id FROM no_such_table"));
+            let verdicts = validate(&specs);
+            assert_eq!(verdicts.len(), specs.len());
+            for (name, verdict) in &verdicts[..specs.len() - 1] {
+                assert_eq!(verdict, &Ok(()), "{name}");
+            }
+            let typo = verdicts[specs.len() - 1].1.as_ref().unwrap_err();
+            assert!(typo.contains("no such table: no_such_table"), "{typo}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let read_only = dir.path().join("read-only");
+        std::fs::create_dir(&read_only).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        for tmp in [dir.path().join("missing"), read_only.clone()] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .env("TMPDIR", &tmp)
+                .output()
+                .unwrap();
+            let said = format!(
+                "TMPDIR={}\n--- stdout\n{}--- stderr\n{}",
+                tmp.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{said}");
+            assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{said}");
+        }
+        // Nothing was created there (root can write a 0555 directory).
+        assert_eq!(std::fs::read_dir(&read_only).unwrap().count(), 0);
+        assert!(!dir.path().join("missing").exists());
     }
 
     #[test]
