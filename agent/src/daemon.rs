@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use crossbeam_channel::{Receiver, bounded, select};
+use crossbeam_channel::{Receiver, bounded, select, tick};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Identities, Permissions};
 use daemoneye_contract::control::{self, RpcRequest, RpcStatus};
 use daemoneye_contract::{PeerVersion, topic};
@@ -159,6 +159,19 @@ pub fn broker_config(cfg: &AgentConfig) -> BrokerConfig {
     bcfg
 }
 
+/// How often the main thread checks that every long-lived thread lives.
+const WATCHDOG: Duration = Duration::from_secs(1);
+
+/// The test hook: `DAEMONEYE_TEST_PANIC=<thread>` makes that thread panic
+/// at its hook point (the store writer after its first commit), for the
+/// tests of the watchdog. Unset in production: one environment read per
+/// call, at points that run rarely.
+pub fn test_panic_point(thread: &str) {
+    if std::env::var_os("DAEMONEYE_TEST_PANIC").is_some_and(|v| v == thread) {
+        panic!("DAEMONEYE_TEST_PANIC={thread}: the test hook panics this thread");
+    }
+}
+
 /// The broker's largest message: a merged snapshot of tens of thousands of
 /// processes must fit in one answer (the bus's default is 1 MiB).
 pub const MAX_MESSAGE: u32 = 16 << 20;
@@ -262,14 +275,37 @@ pub fn run(
     .context("cannot start the task coordinator")?;
     broker.open();
 
-    let reason = select! {
-        recv(shutdown) -> _ => None,
-        recv(ended_rx) -> o => match o {
-            Ok(Outcome::StartupFailed(r)) => Some(r),
-            Ok(_) => None,
-            // The monitor is gone without a word: it panicked.
-            Err(_) => Some("the monitor thread stopped unexpectedly".to_owned()),
-        },
+    // The watchdog: a long-lived thread that ends before the shutdown (a
+    // panic: nothing else ends them) stops the agent with status 1, so the
+    // service manager restarts it rather than leave it half alive.
+    let watchdog = tick(WATCHDOG);
+    let reason = loop {
+        select! {
+            recv(shutdown) -> _ => break None,
+            recv(ended_rx) -> o => break match o {
+                Ok(Outcome::StartupFailed(r)) => Some(r),
+                Ok(_) => None,
+                // The monitor is gone without a word: it panicked.
+                Err(_) => Some("the monitor thread stopped unexpectedly".to_owned()),
+            },
+            recv(watchdog) -> _ => {
+                let threads: [(&str, bool); 8] = [
+                    ("bus-broker", broker.thread_ended()),
+                    ("the agent's bus client", client.thread_ended()),
+                    ("the store writer's bus client", store_client.thread_ended()),
+                    ("the task coordinator's bus client", tasks_client.thread_ended()),
+                    ("agent-store", writer.thread_ended()),
+                    ("agent-supervisor", supervisor.thread_ended()),
+                    ("agent-monitor", monitor.thread_ended()),
+                    ("agent-tasks", coordinator.thread_ended()),
+                ];
+                if let Some((name, _)) = threads.iter().find(|(_, ended)| *ended) {
+                    let why = format!("thread {name} ended unexpectedly (a panic; see above)");
+                    log::error!("{why}: stopping the agent");
+                    break Some(why);
+                }
+            }
+        }
     };
     drop(coordinator);
     let registered = monitor.begin_shutdown();

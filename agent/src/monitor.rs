@@ -231,6 +231,12 @@ pub struct MonitorParts {
     pub collector_version: PeerVersion,
 }
 
+/// A channel whose sender ended: logged once, then never ready.
+fn gone<T>(what: &str) -> Receiver<T> {
+    log::error!("monitor: {what} stopped sending; ignoring it from now on");
+    crossbeam_channel::never()
+}
+
 /// Handle to the monitor thread.
 pub struct Monitor {
     stop: Sender<Control>,
@@ -251,6 +257,12 @@ impl Monitor {
             let (steps_tx, steps_rx) = bounded::<StepReport>(64);
             log::info!("agent state: Loading (waiting for {} collector(s) to register)", m.enabled());
             let mut failed = None;
+            // A channel whose sender is gone (its thread ended: the
+            // agent's watchdog stops the agent) is replaced by `never`, so
+            // the loop never spins on it.
+            let mut supervised = m.supervisor_events.clone();
+            let (mut regs_rx, mut hbs_rx, mut status_rx) =
+                (regs.messages().clone(), hbs.messages().clone(), status.messages().clone());
             let outcome = loop {
                 select! {
                     recv(stop_rx) -> c => match c {
@@ -261,10 +273,22 @@ impl Monitor {
                         }
                         _ => break Outcome::Shutdown,
                     },
-                    recv(regs.messages()) -> msg => if let Ok(msg) = msg { m.registration(&msg) },
-                    recv(hbs.messages()) -> msg => if let Ok(msg) = msg { m.heartbeat(&msg) },
-                    recv(status.messages()) -> msg => if let Ok(msg) = msg { m.answer_status(&msg) },
-                    recv(m.supervisor_events.clone()) -> ev => if let Ok(ev) = ev { m.supervised(ev) },
+                    recv(regs_rx) -> msg => match msg {
+                        Ok(msg) => m.registration(&msg),
+                        Err(_) => regs_rx = gone("the bus client (registrations)"),
+                    },
+                    recv(hbs_rx) -> msg => match msg {
+                        Ok(msg) => m.heartbeat(&msg),
+                        Err(_) => hbs_rx = gone("the bus client (heartbeats)"),
+                    },
+                    recv(status_rx) -> msg => match msg {
+                        Ok(msg) => m.answer_status(&msg),
+                        Err(_) => status_rx = gone("the bus client (status)"),
+                    },
+                    recv(supervised) -> ev => match ev {
+                        Ok(ev) => m.supervised(ev),
+                        Err(_) => supervised = gone("the supervisor"),
+                    },
                     recv(steps_rx) -> r => if let Ok(r) = r { m.escalation_step(r) },
                     // Wakes up only for the next deadline (heartbeat
                     // lateness, a startup timeout), not on a fixed tick.
@@ -298,6 +322,11 @@ impl Monitor {
             return Vec::new();
         }
         rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+    }
+
+    /// Whether the monitor thread has ended before being told to.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Stops the thread and returns why it ended.

@@ -402,7 +402,7 @@ pub fn run_privileged(
     let link = Link::new(&mine)?;
     let served = serve(&cfg, &hello, account, &link, mine, &shutdown, &pids);
     if let Err(e) = &served {
-        log::error!("privsep: {e:#}; stopping the worker");
+        log::error!("privileged part: {e:#}; stopping the worker");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(worker.id()).unwrap_or(i32::MAX)),
             nix::sys::signal::Signal::SIGKILL,
@@ -451,8 +451,17 @@ fn serve(
     let mut supervisor: Option<Arc<Supervisor>> = None;
     let mut stopping = None;
     let mut signalled = false;
+    let mut dead = None;
+    let watchdog = crossbeam_channel::tick(Duration::from_secs(1));
     loop {
         select! {
+            recv(watchdog) -> _ => {
+                if dead.is_none() && supervisor.as_ref().is_some_and(|s| s.thread_ended()) {
+                    log::error!("thread agent-supervisor ended unexpectedly (a panic; see above): stopping the agent");
+                    dead = Some("agent-supervisor");
+                    let _ = link.send(&ToWorker::Shutdown);
+                }
+            }
             recv(shutdown) -> _ => {
                 if !signalled {
                     signalled = true;
@@ -501,7 +510,10 @@ fn serve(
     drop(ev_tx);
     let _ = forward.join();
     let _ = read_thread.join();
-    Ok(())
+    match dead {
+        Some(thread) => anyhow::bail!("thread {thread} ended unexpectedly"),
+        None => Ok(()),
+    }
 }
 
 /// The worker's side of the link.

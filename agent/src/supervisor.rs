@@ -299,6 +299,12 @@ impl Supervisor {
         Ok(Supervisor { tx, pids, closing: Arc::new(AtomicBool::new(false)), thread: Some(thread) })
     }
 
+    /// Whether the supervisor thread (or, in the worker, the privsep
+    /// link's) has ended before being told to.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// From now on, exits are not restarted (the agent is shutting down).
     pub fn begin_shutdown(&self) {
         self.closing.store(true, Ordering::Release);

@@ -125,6 +125,11 @@ pub struct TaskCoordinator {
 }
 
 impl TaskCoordinator {
+    /// Whether a worker thread has ended before the stop (a panic).
+    pub fn thread_ended(&self) -> bool {
+        self.workers.iter().any(JoinHandle::is_finished)
+    }
+
     /// Subscribes to [`TASK_TOPIC`] and starts `cfg.workers` workers.
     /// `members` maps each configured collector id to its type: only
     /// those answer a task of their type.

@@ -243,6 +243,12 @@ impl StoreWriter {
         self.counters.lock().per_collector.get(collector_id).copied().unwrap_or(0)
     }
 
+    /// Whether the writer thread has ended (only a panic ends it before
+    /// [`StoreWriter::shutdown`]): the agent's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops the thread: it commits and acknowledges the events already
     /// received (without waiting for more), then exits; this joins it.
     pub fn shutdown(self) {
@@ -501,6 +507,7 @@ impl WriterActor {
                 Ok(outcome) => {
                     self.events.clear();
                     self.committed(&outcome, before);
+                    crate::daemon::test_panic_point("agent-store");
                 }
                 // One event the store can never take (it does not encode):
                 // settled as a gap with the reason, or the batch would fail

@@ -468,6 +468,12 @@ impl Broker {
         self.open.store(true, Ordering::Release);
     }
 
+    /// Whether the reactor thread has ended (it panicked, or it was
+    /// stopped): the host's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// The table through which the host vouches for the processes it
     /// starts (see [`Identities::vouched`]).
     pub fn vouchers(&self) -> Vouchers {

@@ -363,6 +363,12 @@ impl Client {
         self.shared.id.lock().clone()
     }
 
+    /// Whether the client's reactor thread has ended (it panicked, or
+    /// the client was closed): the host's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// The connection state now.
     pub fn state(&self) -> ConnectionState {
         *self.shared.state.lock()

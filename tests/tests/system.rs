@@ -325,3 +325,30 @@ fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
     assert!(log.contains("collector mute: signal 15 (SIGTERM)"), "stopped by SIGTERM\n{}", sys.tail());
     assert!(!sys.socket().exists(), "the broker is gone");
 }
+
+#[test]
+fn a_panicking_store_writer_stops_the_agent_with_a_failure_naming_the_thread() {
+    // The test hook panics the store writer after its first commit.
+    let mut sys = System::create(&[CollectorDef::procmond("pm-panic")], "");
+    let mut agent = Command::new(bin("daemoneye-agent"));
+    agent.arg("--config").arg(sys.dir.path().join("agent.yaml")).env("DAEMONEYE_TEST_PANIC", "agent-store");
+    sys.spawn_agent(agent);
+    let mut child = sys.agent.take().expect("agent");
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        }),
+        "the agent kept running with a dead store writer\n{}",
+        sys.tail()
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", sys.tail());
+    let log = sys.log();
+    assert!(log.contains("the test hook panics this thread"), "{}", sys.tail());
+    assert!(log.contains("thread agent-store ended unexpectedly"), "{}", sys.tail());
+    // It stopped its collector on the way out.
+    for pid in sys.collector_pids() {
+        assert!(!alive(pid), "collector {pid} outlived the agent\n{}", sys.tail());
+    }
+}
