@@ -357,7 +357,15 @@ struct State {
     started: Instant,
     entries: Vec<Entry>,
     escalations: Vec<JoinHandle<()>>,
+    /// A collector was adopted at start (the agent restarted while its
+    /// collectors ran): a warm start waits for nobody.
+    warm: bool,
+    /// When Loading last named the collectors it waits for.
+    waiting_logged: Instant,
 }
+
+/// How often Loading names the collectors it still waits for.
+const WAITING_LOG: Duration = Duration::from_secs(5);
 
 impl State {
     fn new(parts: MonitorParts) -> State {
@@ -398,6 +406,8 @@ impl State {
             started: now,
             entries,
             escalations: Vec::new(),
+            warm: false,
+            waiting_logged: now,
         }
     }
 
@@ -464,7 +474,7 @@ impl State {
         // Answered in the version it was asked in.
         let version = Version::of(&msg.payload);
         let parsed = topic::REGISTRATION.decode_request(msg).map(|(m, _)| m);
-        let steady = self.state == AgentState::SteadyState;
+        let in_steady_state = self.state == AgentState::SteadyState;
         let (id, reply) = match parsed {
             Err(e) => {
                 log::warn!("undecodable registration from bus client {:?}: {e}", msg.from);
@@ -479,6 +489,9 @@ impl State {
                     );
                     (None, reject("a collector may register only itself".into()))
                 } else if let Some(e) = self.entry(&req.collector_id).filter(|e| e.spec.enabled) {
+                    // An adopted collector monitored before this agent
+                    // started: it goes on at once.
+                    let steady = in_steady_state || e.adopted;
                     let first = !e.registered;
                     e.registered = true;
                     e.escalating = false;
@@ -628,6 +641,7 @@ impl State {
     fn supervised(&mut self, ev: SupervisorEvent) {
         match ev {
             SupervisorEvent::Started { id, pid, adopted } => {
+                self.warm |= adopted && self.state == AgentState::Loading;
                 if let Some(e) = self.entry(&id) {
                     e.pid = Some(pid);
                     e.adopted = adopted;
@@ -702,13 +716,34 @@ impl State {
     fn check(&mut self, steps: &Sender<StepReport>) -> Option<String> {
         let now = Instant::now();
         if self.state == AgentState::Loading {
+            // A cold start waits for every collector to register, so they
+            // all begin together; a warm one (collectors were adopted:
+            // they monitored before this agent started) holds nobody back:
+            // a collector that never registers is then stopped after its
+            // startup timeout like any restarted one, not the whole start.
             let waiting: Vec<String> = self
                 .entries
                 .iter()
-                .filter(|e| e.spec.enabled && !e.registered)
-                .map(|e| e.spec.id.clone())
+                .filter(|e| !self.warm && e.spec.enabled && !e.registered)
+                .map(|e| match e.pid {
+                    Some(pid) => format!("{} (pid {pid})", e.spec.id),
+                    None => format!("{} (not started)", e.spec.id),
+                })
                 .collect();
+            if !waiting.is_empty() && now.duration_since(self.waiting_logged) >= WAITING_LOG {
+                self.waiting_logged = now;
+                log::warn!(
+                    "Loading for {} s: waiting for {} to register (the start fails at its startup_timeout_secs)",
+                    now.duration_since(self.started).as_secs(),
+                    waiting.join(", ")
+                );
+            }
             if waiting.is_empty() {
+                if self.warm {
+                    log::info!(
+                        "warm start (collectors adopted): monitoring begins without waiting for registrations"
+                    );
+                }
                 self.set_state(AgentState::Ready);
                 // Every registered collector reads the oldest version
                 // among them.
