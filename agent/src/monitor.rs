@@ -689,7 +689,7 @@ impl State {
                 if let Some(e) = self.entry(&id)
                     && e.escalating
                 {
-                    e.step(step, outcome);
+                    e.step(&step, outcome);
                     if step == "restart" {
                         e.escalating = false;
                     }

@@ -66,7 +66,7 @@ pub enum ToWorker {
     /// and checked it.
     Hello(Hello),
     /// A collector started, failed to start, exited or took a stop step.
-    Event(WireEvent),
+    Event(SupervisorEvent),
     /// `id` is to be accepted from this process only.
     Vouch {
         /// The collector.
@@ -117,78 +117,6 @@ impl Hello {
             cfg.data_dir = Some(dir.clone());
         }
         Ok(cfg)
-    }
-}
-
-/// [`SupervisorEvent`] on the wire (its step names are `'static`).
-#[derive(Debug, Serialize, Deserialize)]
-pub enum WireEvent {
-    /// [`SupervisorEvent::Started`].
-    Started {
-        /// The collector.
-        id: String,
-        /// Its pid.
-        pid: u32,
-        /// Found running.
-        adopted: bool,
-    },
-    /// [`SupervisorEvent::SpawnFailed`].
-    SpawnFailed {
-        /// The collector.
-        id: String,
-        /// Why.
-        reason: String,
-    },
-    /// [`SupervisorEvent::Exited`].
-    Exited {
-        /// The collector.
-        id: String,
-        /// How.
-        status: String,
-        /// When it starts again.
-        restart_in: Option<Duration>,
-        /// Why not.
-        not_restarted: Option<String>,
-    },
-    /// [`SupervisorEvent::Step`].
-    Step {
-        /// The collector.
-        id: String,
-        /// kill, restart.
-        step: String,
-        /// What happened.
-        outcome: String,
-    },
-}
-
-impl From<SupervisorEvent> for WireEvent {
-    fn from(e: SupervisorEvent) -> Self {
-        match e {
-            SupervisorEvent::Started { id, pid, adopted } => WireEvent::Started { id, pid, adopted },
-            SupervisorEvent::SpawnFailed { id, reason } => WireEvent::SpawnFailed { id, reason },
-            SupervisorEvent::Exited { id, status, restart_in, not_restarted } => {
-                WireEvent::Exited { id, status, restart_in, not_restarted }
-            }
-            SupervisorEvent::Step { id, step, outcome } => {
-                WireEvent::Step { id, step: step.to_owned(), outcome }
-            }
-        }
-    }
-}
-
-impl From<WireEvent> for SupervisorEvent {
-    fn from(e: WireEvent) -> Self {
-        match e {
-            WireEvent::Started { id, pid, adopted } => SupervisorEvent::Started { id, pid, adopted },
-            WireEvent::SpawnFailed { id, reason } => SupervisorEvent::SpawnFailed { id, reason },
-            WireEvent::Exited { id, status, restart_in, not_restarted } => {
-                SupervisorEvent::Exited { id, status, restart_in, not_restarted }
-            }
-            WireEvent::Step { id, step, outcome } => {
-                let step = crate::supervisor::STEPS.iter().find(|s| **s == step).copied().unwrap_or("step");
-                SupervisorEvent::Step { id, step, outcome }
-            }
-        }
     }
 }
 
@@ -442,7 +370,7 @@ fn serve(
         std::thread::Builder::new().name("agent-privsep-events".into()).spawn(move || {
             // Ends when the supervisor (every sender) is gone.
             for ev in ev_rx {
-                if link.send(&ToWorker::Event(ev.into())).is_err() {
+                if link.send(&ToWorker::Event(ev)).is_err() {
                     return;
                 }
             }
@@ -611,7 +539,7 @@ pub(crate) fn remote(
                     Ok(ToWorker::Event(e)) => {
                         // Bounded, as the local supervisor's; the monitor
                         // drains it.
-                        let _ = events.send(e.into());
+                        let _ = events.send(e);
                     }
                     Ok(ToWorker::Vouch { id, pid, start_time }) => vouchers.vouch_as(&id, pid, start_time),
                     Ok(ToWorker::Revoke { id, pid }) => vouchers.revoke(&id, pid),
@@ -670,15 +598,6 @@ mod tests {
         assert!(read_frame::<ToWorker>(&mut torn).is_err());
         let mut empty: &[u8] = &[];
         assert!(read_frame::<ToWorker>(&mut empty).unwrap().is_none());
-    }
-
-    #[test]
-    fn every_step_name_survives_the_wire() {
-        for step in crate::supervisor::STEPS {
-            let ev = SupervisorEvent::Step { id: "c".into(), step, outcome: "o".into() };
-            let back: SupervisorEvent = WireEvent::from(ev.clone()).into();
-            assert_eq!(back, ev);
-        }
     }
 
     #[test]

@@ -59,9 +59,6 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest delay before a restart.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The names of [`SupervisorEvent::Step`]'s steps.
-pub const STEPS: &[&str] = &["kill", "restart"];
-
 /// Who learns which process may hold a collector's id: the broker's
 /// [`Vouchers`], or, in the privileged part, the worker's over the link.
 pub trait Voucher: Send {
@@ -81,8 +78,9 @@ impl Voucher for Vouchers {
     }
 }
 
-/// What the supervisor tells the monitor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the supervisor tells the monitor (and, under privilege
+/// separation, the privileged part tells the worker over the link).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SupervisorEvent {
     /// A process runs for the collector.
     Started {
@@ -116,7 +114,7 @@ pub enum SupervisorEvent {
         /// The collector.
         id: String,
         /// kill, restart.
-        step: &'static str,
+        step: String,
         /// What happened.
         outcome: String,
     },
@@ -440,14 +438,14 @@ impl Inner {
                         }
                     };
                     s.stopping = give_up.map(|g| (g, None));
-                    let _ = self.events.try_send(SupervisorEvent::Step { id, step: "kill", outcome });
+                    let _ = self.events.try_send(SupervisorEvent::Step { id, step: "kill".into(), outcome });
                 }
             } else if s.restart_at.is_some_and(|at| now >= at) {
                 s.restart_at = None;
                 s.restarts.push_back(now);
                 let _ = self.events.try_send(SupervisorEvent::Step {
                     id: s.spec.id.clone(),
-                    step: "restart",
+                    step: "restart".into(),
                     outcome: "starting again".into(),
                 });
                 self.launch(i);
