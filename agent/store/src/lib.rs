@@ -645,6 +645,12 @@ impl EventStore {
         &self.conn
     }
 
+    /// The connection, mutably: [`rules::RuleEngine::run`] installs
+    /// SQLite's progress handler on it for the rules' time budget.
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     /// Stores a batch in one transaction and advances the watermark of
     /// every stream it touches (see [Watermarks](#watermarks) for where a
     /// stream starts and what is refused).
