@@ -33,6 +33,13 @@
 //! - Shutdown commits and acknowledges what the subscription already
 //!   holds; it does not wait for the bus, which may be gone.
 //!
+//! Retention (`retention_days`, `max_events`) runs every 60 s and at start,
+//! in chunks of at most [`daemoneye_store::PRUNE_CHUNK`] rows, each its own
+//! transaction ([`Pruning`]): one chunk after each committed batch and
+//! whenever nothing else is waiting, so a large prune never holds the
+//! batches (and the collectors' acknowledgements) back for longer than one
+//! chunk.
+//!
 //! Gap markers (`events.process.gap`, [`StreamGap`]) close the batch being
 //! gathered: the events before a marker are committed before it is
 //! settled, as the collector published them.
@@ -58,7 +65,7 @@ use daemoneye_contract::control::StoreAck;
 use daemoneye_contract::event::{EventEnvelope, StreamGap};
 use daemoneye_contract::render::printable;
 use daemoneye_contract::topic;
-use daemoneye_store::{BatchOutcome, EventStore, Retention, StoreError, StreamWatermark};
+use daemoneye_store::{BatchOutcome, EventStore, Pruning, Retention, StoreError, StreamWatermark};
 use parking_lot::Mutex;
 
 use crate::api::{self, Alert, StoreStatus};
@@ -215,6 +222,8 @@ impl StoreWriter {
             versions: HashMap::new(),
             bus_gone: false,
             retention: tick(RETENTION_PERIOD),
+            pruning: None,
+            prune_due: false,
         };
         if max_id > rule_cursor {
             log::info!("evaluating events ({rule_cursor}, {max_id}] committed before the agent stopped");
@@ -325,6 +334,8 @@ enum Event {
     Timer,
     /// Time to apply retention.
     Retention,
+    /// Nothing waits: delete the next chunk of the retention pass.
+    Prune,
     /// An alert the agent raises.
     Alert(SystemAlert),
     /// Stop (or the handle is gone).
@@ -363,11 +374,15 @@ struct WriterActor {
     versions: HashMap<String, Version>,
     bus_gone: bool,
     retention: Receiver<Instant>,
+    /// The retention pass in progress.
+    pruning: Option<Pruning>,
+    /// A batch committed since the last chunk of `pruning`.
+    prune_due: bool,
 }
 
 impl WriterActor {
     fn run(mut self, stop: Receiver<()>, alerts: Receiver<SystemAlert>) {
-        self.prune();
+        self.start_prune();
         loop {
             match self.next_event(&stop, &alerts) {
                 Event::Alert(a) => self.system_alert(a),
@@ -379,12 +394,18 @@ impl WriterActor {
                     }
                 }
                 Event::Timer => self.commit(),
-                Event::Retention => self.prune(),
+                Event::Retention => self.start_prune(),
+                Event::Prune => self.prune_step(),
                 Event::BusGone => {
                     log::error!("store writer: the bus client is gone; no more events will arrive");
                     self.bus_gone = true;
                     self.commit();
                 }
+            }
+            // One chunk per committed batch: a steady stream of events,
+            // which leaves no idle moment, does not stall retention.
+            if self.prune_due {
+                self.prune_step();
             }
         }
         self.drain();
@@ -406,6 +427,9 @@ impl WriterActor {
             (None, None) => None,
         };
         let timer = wake.map_or_else(never, at);
+        // Ready at once while a retention pass is in progress; last, so it
+        // runs only when nothing else waits.
+        let prune = if self.pruning.is_some() { at(Instant::now()) } else { never() };
         // Stop first; the timer before messages, so a steady stream of
         // events cannot hold a batch past its deadline.
         select_biased! {
@@ -419,6 +443,7 @@ impl WriterActor {
             recv(alerts) -> a => a.map_or(Event::Stop, Event::Alert),
             recv(messages) -> m => m.map_or(Event::BusGone, Event::Message),
             recv(self.retention) -> _ => Event::Retention,
+            recv(prune) -> _ => Event::Prune,
         }
     }
 
@@ -645,6 +670,7 @@ impl WriterActor {
         }
         self.acknowledge(&outcome.watermarks);
         self.evaluate();
+        self.prune_due = self.pruning.is_some();
     }
 
     /// Rows with an id above `before`, counted per collector, and the
@@ -804,8 +830,13 @@ impl WriterActor {
         }]);
     }
 
-    /// Applies retention (`retention_days` and `max_events`, 0 for none).
-    fn prune(&mut self) {
+    /// Starts a retention pass (`retention_days` and `max_events`, 0 for
+    /// none) and deletes its first chunk; a pass still in progress goes on
+    /// instead.
+    fn start_prune(&mut self) {
+        if self.pruning.is_some() {
+            return;
+        }
         let retention = Retention {
             max_age: (self.spec.retention_days > 0)
                 .then(|| Duration::from_secs(self.spec.retention_days.saturating_mul(86_400))),
@@ -814,15 +845,37 @@ impl WriterActor {
         if retention.max_age.is_none() && retention.max_events.is_none() {
             return;
         }
-        match self.store.prune(&retention) {
-            Ok(0) => {}
+        self.pruning = Some(Pruning::new(&retention));
+        self.prune_step();
+    }
+
+    /// Deletes the next chunk of the retention pass (one transaction).
+    fn prune_step(&mut self) {
+        self.prune_due = false;
+        let Some(pruning) = &mut self.pruning else {
+            return;
+        };
+        match self.store.prune_step(pruning) {
             Ok(n) => {
                 self.counters.lock().status.pruned += n;
-                log::info!("store writer: pruned {n} events");
+                if pruning.is_done() {
+                    if pruning.deleted() > 0 {
+                        log::info!(
+                            "store writer: pruned {} events ({} transactions)",
+                            pruning.deleted(),
+                            pruning.transactions()
+                        );
+                    }
+                    self.pruning = None;
+                }
             }
             Err(e) => {
                 self.counters.lock().status.errors += 1;
-                log::warn!("store writer: pruning failed: {e}; trying again in {RETENTION_PERIOD:?}");
+                log::warn!(
+                    "store writer: pruning failed after {} events: {e}; trying again in {RETENTION_PERIOD:?}",
+                    pruning.deleted()
+                );
+                self.pruning = None;
             }
         }
     }

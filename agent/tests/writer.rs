@@ -353,6 +353,42 @@ fn a_bad_rule_stops_the_writer_from_starting() {
     assert!(text.contains("rule broken") && text.contains("no such column: nope"), "{text}");
 }
 
+#[test]
+fn retention_prunes_more_than_a_chunk_and_the_writer_keeps_committing() {
+    let h = Harness::new();
+    let total = 25_000u64;
+    {
+        let mut store = EventStore::open(&h.db()).unwrap();
+        let all: Vec<u64> = (1..=total).collect();
+        for batch in all.chunks(5_000) {
+            let envs: Vec<EventEnvelope> =
+                batch.iter().map(|s| envelope("c1", 1, *s, "/usr/bin/x")).collect();
+            store.insert_batch(&envs).unwrap();
+        }
+    }
+    let (_obs, acks, _alerts) = h.observer();
+    let spec = StoreSpec { max_events: 1_000, ..quick() };
+    let (_wc, writer) = h.writer(spec, Vec::new());
+    // Acknowledged while (or after) the pass runs, chunk by chunk.
+    let c1 = h.client("c1");
+    publish(&c1, &envelope("c1", 1, total + 1, "/usr/bin/x"));
+    acks_until(&acks, "control.ack.c1", total + 1).expect("acknowledged during the prune");
+    assert!(
+        wait_until(WAIT, || writer.status().pruned >= total - 1_000),
+        "pruned {}",
+        writer.status().pruned
+    );
+    let seqs: Vec<u64> = stored(&h.db()).into_iter().map(|(_, _, seq)| seq).collect();
+    // The oldest beyond 1_000 at the boundary went; the new event stayed,
+    // whether it came before the boundary was fixed (then seq total - 999
+    // went too) or after.
+    let pruned = writer.status().pruned;
+    assert!(pruned == total - 1_000 || pruned == total - 999, "{pruned}");
+    assert_eq!(seqs.len() as u64, total + 1 - pruned);
+    assert_eq!(seqs.last(), Some(&(total + 1)));
+    assert_eq!(seqs.first(), Some(&(pruned + 1)));
+}
+
 /// Every WARN and ERROR line logged in this test binary (by any test:
 /// look for your own names).
 fn captured_logs() -> &'static Mutex<Vec<(log::Level, String)>> {
