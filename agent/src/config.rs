@@ -83,6 +83,19 @@ pub struct StoreSpec {
     /// How long the writer gathers a batch, in milliseconds.
     #[serde(default = "default_batch_wait")]
     pub batch_wait_ms: u64,
+    /// How long one rule may run over one batch, in milliseconds: over it,
+    /// the rule is interrupted and skips that batch; over it in 3
+    /// consecutive batches, it is disabled until the agent restarts
+    /// (`daemoneye_store::rules`, "Time budget"). At least 1.
+    #[serde(default = "default_rule_budget")]
+    pub rule_budget_ms: u64,
+}
+
+impl StoreSpec {
+    /// [`StoreSpec::rule_budget_ms`] as a duration.
+    pub fn rule_budget(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.rule_budget_ms)
+    }
 }
 
 impl Default for StoreSpec {
@@ -92,6 +105,7 @@ impl Default for StoreSpec {
             max_events: default_max_events(),
             batch_max: default_batch_max(),
             batch_wait_ms: default_batch_wait(),
+            rule_budget_ms: default_rule_budget(),
         }
     }
 }
@@ -107,6 +121,9 @@ fn default_batch_max() -> usize {
 }
 fn default_batch_wait() -> u64 {
     20
+}
+fn default_rule_budget() -> u64 {
+    u64::try_from(daemoneye_store::rules::DEFAULT_BUDGET.as_millis()).unwrap_or(1000)
 }
 
 /// Timeouts of the heartbeat escalation and of shutdown.
@@ -482,6 +499,9 @@ impl AgentConfig {
         }
         check_range(store.batch_wait_ms, 60_000)
             .map_err(|reason| err("store.batch_wait_ms".into(), reason))?;
+        check_range(store.rule_budget_ms, 60_000).map_err(|reason| {
+            err("store.rule_budget_ms".into(), format!("{reason} (a rule's time budget per batch)"))
+        })?;
         check_range(self.delivery.ack_stall_secs, 7 * DAY_SECS)
             .map_err(|reason| err("delivery.ack_stall_secs".into(), reason))?;
         let t = &self.tasks;
@@ -664,7 +684,7 @@ mod tests {
         let long = format!("/{}", "d".repeat(120));
         let long_dir = format!("data_dir: {long}\n");
         let long_socket = format!("broker_socket: {long}/b.sock\n");
-        let cases: [(&str, &str, &str); 22] = [
+        let cases: [(&str, &str, &str); 24] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -705,6 +725,8 @@ mod tests {
             ("bus: {memory_limit_mib: 4, queue_limit_mib: 8}\n", "bus.queue_limit_mib", "memory limit"),
             ("bus: {max_connections: 10}\n", "bus.max_connections_per_uid", "more than bus.max_connections"),
             ("bus: {idle_secs: 3}\n", "line", "idle_secs"),
+            ("store: {rule_budget_ms: 0}\n", "store.rule_budget_ms", "must be at least 1"),
+            ("store: {rule_budget_ms: 60001}\n", "store.rule_budget_ms", "maximum of 60000"),
             (&long_dir, "data_dir", "this OS allows at most"),
             (&long_socket, "broker_socket", "this OS allows at most"),
         ];

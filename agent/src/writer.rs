@@ -23,9 +23,22 @@
 //!   in `rejected` and logged at most once a minute per publisher.
 //! - Every committed event is evaluated by the rules once: after each
 //!   commit the rules run over the ids above `rule_cursor`, and at start
-//!   over what a crash left unevaluated (see [`crate::rules`]).
+//!   over what a crash left unevaluated (see [`crate::rules`]). Each rule
+//!   has a time budget per batch (`store.rule_budget_ms`): a rule over it
+//!   is interrupted and skips that batch, which still commits, is
+//!   acknowledged and is evaluated by the other rules; a rule over it in
+//!   three consecutive batches is disabled until the agent restarts, and
+//!   the writer raises an [`RULE_DISABLED_RULE`] alert naming it. A rule
+//!   never holds the writer longer than its budget.
 //! - Shutdown commits and acknowledges what the subscription already
 //!   holds; it does not wait for the bus, which may be gone.
+//!
+//! Retention (`retention_days`, `max_events`) runs every 60 s and at start,
+//! in chunks of at most [`daemoneye_store::PRUNE_CHUNK`] rows, each its own
+//! transaction ([`Pruning`]): one chunk after each committed batch and
+//! whenever nothing else is waiting, so a large prune never holds the
+//! batches (and the collectors' acknowledgements) back for longer than one
+//! chunk.
 //!
 //! Gap markers (`events.process.gap`, [`StreamGap`]) close the batch being
 //! gathered: the events before a marker are committed before it is
@@ -52,7 +65,7 @@ use daemoneye_contract::control::StoreAck;
 use daemoneye_contract::event::{EventEnvelope, StreamGap};
 use daemoneye_contract::render::printable;
 use daemoneye_contract::topic;
-use daemoneye_store::{BatchOutcome, EventStore, Retention, StoreError, StreamWatermark};
+use daemoneye_store::{BatchOutcome, EventStore, Pruning, Retention, StoreError, StreamWatermark};
 use parking_lot::Mutex;
 
 use crate::api::{self, Alert, StoreStatus};
@@ -74,6 +87,10 @@ fn log_gaps(gaps: &[(daemoneye_store::StreamGapKey, String)]) {
 
 /// Agent alerts queued for the writer thread before more are only logged.
 const SYSTEM_ALERTS: usize = 16;
+
+/// The rule of the alert raised when a detection rule is disabled for
+/// running over its time budget (its name is the alert's `name`).
+pub const RULE_DISABLED_RULE: &str = "agent_rule_disabled";
 
 /// How often retention runs (and once at start).
 const RETENTION_PERIOD: Duration = Duration::from_secs(60);
@@ -164,7 +181,7 @@ impl StoreWriter {
     /// process events and starts the thread `agent-store`.
     pub fn start(client: Arc<Client>, cfg: WriterConfig) -> Result<StoreWriter, WriterError> {
         let store = EventStore::open(&cfg.database)?;
-        let rules = RuleEngine::compile(store.connection(), &cfg.rules)?;
+        let rules = RuleEngine::compile(store.connection(), &cfg.rules)?.with_budget(cfg.store.rule_budget());
         let sqlite = |source| WriterError::Sqlite { path: cfg.database.clone(), source };
         let rule_cursor = RuleEngine::cursor(store.connection()).map_err(sqlite)?;
         let max_id = max_id(store.connection()).map_err(sqlite)?;
@@ -180,9 +197,11 @@ impl StoreWriter {
             per_collector: HashMap::new(),
         }));
         log::info!(
-            "event store {}: {} rules, rules evaluated through event {rule_cursor}, last event {max_id}",
+            "event store {}: {} rules (time budget {} ms each per batch), rules evaluated through event \
+             {rule_cursor}, last event {max_id}",
             cfg.database.display(),
-            rules.len()
+            rules.len(),
+            rules.budget().as_millis()
         );
         let mut actor = WriterActor {
             client,
@@ -198,10 +217,13 @@ impl StoreWriter {
             retry: None,
             rule_cursor,
             max_id,
+            disabled_rules: 0,
             rejections: HashMap::new(),
             versions: HashMap::new(),
             bus_gone: false,
             retention: tick(RETENTION_PERIOD),
+            pruning: None,
+            prune_due: false,
         };
         if max_id > rule_cursor {
             log::info!("evaluating events ({rule_cursor}, {max_id}] committed before the agent stopped");
@@ -229,6 +251,7 @@ impl StoreWriter {
         let alert = SystemAlert {
             collector_id: collector_id.to_owned(),
             rule: rule.to_owned(),
+            name: collector_id.to_owned(),
             description: description.to_owned(),
         };
         if self.alerts.try_send(alert).is_err() {
@@ -281,11 +304,14 @@ enum Pending {
     Settle { collector_id: String, stream_id: u64, seq: u64, reason: String },
 }
 
-/// An alert the agent raises about a collector, not about an event.
+/// An alert the agent raises about a collector (or a rule), not about an
+/// event.
 #[derive(Debug, Clone)]
 struct SystemAlert {
     collector_id: String,
     rule: String,
+    /// The alert's `name`: the collector's id, or the disabled rule's name.
+    name: String,
     description: String,
 }
 
@@ -314,6 +340,8 @@ enum Event {
     Timer,
     /// Time to apply retention.
     Retention,
+    /// Nothing waits: delete the next chunk of the retention pass.
+    Prune,
     /// An alert the agent raises.
     Alert(SystemAlert),
     /// Stop (or the handle is gone).
@@ -343,6 +371,8 @@ struct WriterActor {
     rule_cursor: i64,
     /// The highest event id committed (0: none).
     max_id: i64,
+    /// Disabled rules already reported (alerted).
+    disabled_rules: usize,
     rejections: HashMap<String, RejectLog>,
     /// The contract version each collector's events last came in: its
     /// acknowledgements go out in the same one, so a collector of the
@@ -350,11 +380,15 @@ struct WriterActor {
     versions: HashMap<String, Version>,
     bus_gone: bool,
     retention: Receiver<Instant>,
+    /// The retention pass in progress.
+    pruning: Option<Pruning>,
+    /// A batch committed since the last chunk of `pruning`.
+    prune_due: bool,
 }
 
 impl WriterActor {
     fn run(mut self, stop: Receiver<()>, alerts: Receiver<SystemAlert>) {
-        self.prune();
+        self.start_prune();
         loop {
             match self.next_event(&stop, &alerts) {
                 Event::Alert(a) => self.system_alert(a),
@@ -366,12 +400,18 @@ impl WriterActor {
                     }
                 }
                 Event::Timer => self.commit(),
-                Event::Retention => self.prune(),
+                Event::Retention => self.start_prune(),
+                Event::Prune => self.prune_step(),
                 Event::BusGone => {
                     log::error!("store writer: the bus client is gone; no more events will arrive");
                     self.bus_gone = true;
                     self.commit();
                 }
+            }
+            // One chunk per committed batch: a steady stream of events,
+            // which leaves no idle moment, does not stall retention.
+            if self.prune_due {
+                self.prune_step();
             }
         }
         self.drain();
@@ -393,6 +433,9 @@ impl WriterActor {
             (None, None) => None,
         };
         let timer = wake.map_or_else(never, at);
+        // Ready at once while a retention pass is in progress; last, so it
+        // runs only when nothing else waits.
+        let prune = if self.pruning.is_some() { at(Instant::now()) } else { never() };
         // Stop first; the timer before messages, so a steady stream of
         // events cannot hold a batch past its deadline.
         select_biased! {
@@ -406,6 +449,7 @@ impl WriterActor {
             recv(alerts) -> a => a.map_or(Event::Stop, Event::Alert),
             recv(messages) -> m => m.map_or(Event::BusGone, Event::Message),
             recv(self.retention) -> _ => Event::Retention,
+            recv(prune) -> _ => Event::Prune,
         }
     }
 
@@ -633,6 +677,7 @@ impl WriterActor {
         }
         self.acknowledge(&outcome.watermarks);
         self.evaluate();
+        self.prune_due = self.pruning.is_some();
     }
 
     /// Rows with an id above `before`, counted per collector, and the
@@ -679,7 +724,10 @@ impl WriterActor {
     fn evaluate(&mut self) {
         while self.rule_cursor < self.max_id {
             let through = self.max_id.min(self.rule_cursor.saturating_add(RULE_CHUNK));
-            match self.rules.run(self.store.connection(), self.rule_cursor, through, api::now_unix_ms()) {
+            let result =
+                self.rules.run(self.store.connection_mut(), self.rule_cursor, through, api::now_unix_ms());
+            self.report_disabled_rules();
+            match result {
                 Ok(alerts) => {
                     self.rule_cursor = through;
                     self.raise(alerts);
@@ -694,6 +742,27 @@ impl WriterActor {
                     return;
                 }
             }
+        }
+    }
+
+    /// Raises an alert for each rule disabled since the last call (the
+    /// engine logged it at ERROR).
+    fn report_disabled_rules(&mut self) {
+        let disabled: Vec<String> =
+            self.rules.disabled_rules().iter().skip(self.disabled_rules).map(|n| (*n).to_owned()).collect();
+        self.disabled_rules += disabled.len();
+        let budget = self.rules.budget().as_millis();
+        for name in disabled {
+            self.system_alert(SystemAlert {
+                collector_id: api::AGENT_CLIENT_ID.to_owned(),
+                rule: RULE_DISABLED_RULE.to_owned(),
+                description: format!(
+                    "rule {name} disabled: it ran over its time budget of {budget} ms (store.rule_budget_ms) \
+                     in {} consecutive batches; it is not run until the agent restarts",
+                    crate::rules::MAX_OVERRUNS
+                ),
+                name,
+            });
         }
     }
 
@@ -726,30 +795,41 @@ impl WriterActor {
     fn system_alert(&mut self, a: SystemAlert) {
         let now = api::now_unix_ms();
         let raised = i64::try_from(now).unwrap_or(i64::MAX);
-        let inserted = self.store.connection().execute(
-            "INSERT INTO alerts (rule, severity, description, event_id, collector_id, pid, name, exe,
-                                 command_line, observed_ms, raised_ms)
-             VALUES (?1, 'high', ?2, ?3, ?4, 0, ?4, NULL, NULL, ?5, ?5)
-             ON CONFLICT (rule, event_id) DO NOTHING",
-            rusqlite::params![a.rule, a.description, -raised, a.collector_id, raised],
-        );
-        let id = match inserted {
-            Ok(_) => self.store.connection().last_insert_rowid(),
-            Err(e) => {
-                self.counters.lock().status.errors += 1;
-                log::error!("store writer: cannot store alert {} for {}: {e}", a.rule, a.collector_id);
-                0
+        // `(rule, event_id)` is unique: a second alert of the same rule in
+        // the same millisecond (two rules disabled by one batch) takes the
+        // next id down.
+        let mut event_id = -raised;
+        let mut id = 0;
+        for _ in 0..SYSTEM_ALERTS {
+            let inserted = self.store.connection().execute(
+                "INSERT INTO alerts (rule, severity, description, event_id, collector_id, pid, name, exe,
+                                     command_line, observed_ms, raised_ms)
+                 VALUES (?1, 'high', ?2, ?3, ?4, 0, ?5, NULL, NULL, ?6, ?6)
+                 ON CONFLICT (rule, event_id) DO NOTHING",
+                rusqlite::params![a.rule, a.description, event_id, a.collector_id, a.name, raised],
+            );
+            match inserted {
+                Ok(0) => event_id = event_id.saturating_sub(1),
+                Ok(_) => {
+                    id = self.store.connection().last_insert_rowid();
+                    break;
+                }
+                Err(e) => {
+                    self.counters.lock().status.errors += 1;
+                    log::error!("store writer: cannot store alert {} for {}: {e}", a.rule, a.collector_id);
+                    break;
+                }
             }
-        };
+        }
         self.raise(vec![Alert {
             id,
             rule: a.rule,
             severity: api::Severity::High,
             description: a.description,
-            event_id: -raised,
-            collector_id: a.collector_id.clone(),
+            event_id,
+            collector_id: a.collector_id,
             pid: 0,
-            name: a.collector_id,
+            name: a.name,
             exe: None,
             command_line: None,
             observed_unix_ms: now,
@@ -757,8 +837,13 @@ impl WriterActor {
         }]);
     }
 
-    /// Applies retention (`retention_days` and `max_events`, 0 for none).
-    fn prune(&mut self) {
+    /// Starts a retention pass (`retention_days` and `max_events`, 0 for
+    /// none) and deletes its first chunk; a pass still in progress goes on
+    /// instead.
+    fn start_prune(&mut self) {
+        if self.pruning.is_some() {
+            return;
+        }
         let retention = Retention {
             max_age: (self.spec.retention_days > 0)
                 .then(|| Duration::from_secs(self.spec.retention_days.saturating_mul(86_400))),
@@ -767,15 +852,37 @@ impl WriterActor {
         if retention.max_age.is_none() && retention.max_events.is_none() {
             return;
         }
-        match self.store.prune(&retention) {
-            Ok(0) => {}
+        self.pruning = Some(Pruning::new(&retention));
+        self.prune_step();
+    }
+
+    /// Deletes the next chunk of the retention pass (one transaction).
+    fn prune_step(&mut self) {
+        self.prune_due = false;
+        let Some(pruning) = &mut self.pruning else {
+            return;
+        };
+        match self.store.prune_step(pruning) {
             Ok(n) => {
                 self.counters.lock().status.pruned += n;
-                log::info!("store writer: pruned {n} events");
+                if pruning.is_done() {
+                    if pruning.deleted() > 0 {
+                        log::info!(
+                            "store writer: pruned {} events ({} transactions)",
+                            pruning.deleted(),
+                            pruning.transactions()
+                        );
+                    }
+                    self.pruning = None;
+                }
             }
             Err(e) => {
                 self.counters.lock().status.errors += 1;
-                log::warn!("store writer: pruning failed: {e}; trying again in {RETENTION_PERIOD:?}");
+                log::warn!(
+                    "store writer: pruning failed after {} events: {e}; trying again in {RETENTION_PERIOD:?}",
+                    pruning.deleted()
+                );
+                self.pruning = None;
             }
         }
     }

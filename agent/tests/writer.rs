@@ -4,7 +4,7 @@
 //! crash, store failures and shutdown.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::tick;
@@ -269,7 +269,7 @@ fn a_restarted_writer_evaluates_what_was_committed_but_not_evaluated() {
         let first: i64 =
             store.connection().query_row("SELECT max(id) FROM process_events", [], |r| r.get(0)).unwrap();
         let mut engine = RuleEngine::compile(store.connection(), &rules::default_rules()).unwrap();
-        assert_eq!(engine.run(store.connection(), 0, first, 1).unwrap().len(), 1);
+        assert_eq!(engine.run(store.connection_mut(), 0, first, 1).unwrap().len(), 1);
         store
             .insert_batch(&[envelope("c1", 1, 2, "/usr/bin/sleep"), envelope("c1", 1, 3, "/dev/shm/new")])
             .unwrap();
@@ -351,6 +351,141 @@ fn a_bad_rule_stops_the_writer_from_starting() {
     let e = StoreWriter::start(client, cfg).err().expect("refused");
     let text = e.to_string();
     assert!(text.contains("rule broken") && text.contains("no such column: nope"), "{text}");
+}
+
+#[test]
+fn retention_prunes_more_than_a_chunk_and_the_writer_keeps_committing() {
+    let h = Harness::new();
+    let total = 25_000u64;
+    {
+        let mut store = EventStore::open(&h.db()).unwrap();
+        let all: Vec<u64> = (1..=total).collect();
+        for batch in all.chunks(5_000) {
+            let envs: Vec<EventEnvelope> =
+                batch.iter().map(|s| envelope("c1", 1, *s, "/usr/bin/x")).collect();
+            store.insert_batch(&envs).unwrap();
+        }
+    }
+    let (_obs, acks, _alerts) = h.observer();
+    let spec = StoreSpec { max_events: 1_000, ..quick() };
+    let (_wc, writer) = h.writer(spec, Vec::new());
+    // Acknowledged while (or after) the pass runs, chunk by chunk.
+    let c1 = h.client("c1");
+    publish(&c1, &envelope("c1", 1, total + 1, "/usr/bin/x"));
+    acks_until(&acks, "control.ack.c1", total + 1).expect("acknowledged during the prune");
+    assert!(
+        wait_until(WAIT, || writer.status().pruned >= total - 1_000),
+        "pruned {}",
+        writer.status().pruned
+    );
+    let seqs: Vec<u64> = stored(&h.db()).into_iter().map(|(_, _, seq)| seq).collect();
+    // The oldest beyond 1_000 at the boundary went; the new event stayed,
+    // whether it came before the boundary was fixed (then seq total - 999
+    // went too) or after.
+    let pruned = writer.status().pruned;
+    assert!(pruned == total - 1_000 || pruned == total - 999, "{pruned}");
+    assert_eq!(seqs.len() as u64, total + 1 - pruned);
+    assert_eq!(seqs.last(), Some(&(total + 1)));
+    assert_eq!(seqs.first(), Some(&(pruned + 1)));
+}
+
+/// Every WARN and ERROR line logged in this test binary (by any test:
+/// look for your own names).
+fn captured_logs() -> &'static Mutex<Vec<(log::Level, String)>> {
+    struct Capture;
+    static LINES: OnceLock<Mutex<Vec<(log::Level, String)>>> = OnceLock::new();
+    impl log::Log for Capture {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= log::Level::Warn
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                let lines = LINES.get_or_init(Mutex::default);
+                lines.lock().unwrap().push((r.level(), r.args().to_string()));
+            }
+        }
+        fn flush(&self) {}
+    }
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        log::set_boxed_logger(Box::new(Capture)).expect("the only logger");
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    LINES.get_or_init(Mutex::default)
+}
+
+#[test]
+fn an_endless_rule_is_stopped_at_its_budget_named_and_disabled_while_the_writer_keeps_committing() {
+    let logs = captured_logs();
+    let h = Harness::new();
+    let (_obs, acks, alerts) = h.observer();
+    let endless = RuleSpec {
+        name: "endless-cte".into(),
+        severity: daemoneye_agent::config::Severity::Low,
+        description: String::new(),
+        sql: "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+              SELECT n.id FROM new_events n, c WHERE c.x < 0"
+            .into(),
+        enabled: true,
+    };
+    let mut rules = rules::default_rules();
+    rules.insert(0, endless);
+    let budget = Duration::from_millis(100);
+    let (_wc, writer) = h.writer(StoreSpec { rule_budget_ms: 100, ..quick() }, rules);
+    let c1 = h.client("c1");
+    for seq in 1..=5u64 {
+        let started = Instant::now();
+        publish(&c1, &envelope("c1", 1, seq, "/tmp/dropper"));
+        // Stored and acknowledged (before the rules run).
+        acks_until(&acks, "control.ack.c1", seq).expect("acknowledged");
+        // The other rules still fire: the batch's alert, and at the third
+        // overrun the alert saying the rule is disabled.
+        let mut got: Vec<(String, String)> = Vec::new();
+        let expected = if seq == 3 { 2 } else { 1 };
+        while got.len() < expected {
+            let a = decode_alert(&alerts.recv_timeout(WAIT).expect("an alert"));
+            got.push((a.rule, a.name));
+        }
+        got.sort();
+        let mut want = vec![("exe-in-temp-dir".to_owned(), "dropper".to_owned())];
+        if seq == 3 {
+            want.insert(0, ("agent_rule_disabled".to_owned(), "endless-cte".to_owned()));
+        }
+        assert_eq!(got, want, "batch {seq}");
+        let took = started.elapsed();
+        if seq <= 3 {
+            assert!(took >= budget, "batch {seq}: {took:?}");
+        }
+        assert!(took < budget + Duration::from_secs(5), "batch {seq}: {took:?}");
+    }
+    assert_eq!(stored(&h.db()).len(), 5);
+    assert_eq!(writer.status().events_committed, 5);
+
+    let ours: Vec<(log::Level, String)> =
+        logs.lock().unwrap().iter().filter(|(_, l)| l.contains("endless-cte")).cloned().collect();
+    let warns = ours.iter().filter(|(lvl, l)| {
+        *lvl == log::Level::Warn
+            && l.contains("rule endless-cte: interrupted")
+            && l.contains("time budget of 100 ms")
+    });
+    assert_eq!(warns.count(), 2, "{ours:#?}");
+    let errors = ours.iter().filter(|(lvl, l)| {
+        *lvl == log::Level::Error
+            && l.contains("rule endless-cte: disabled")
+            && l.contains("time budget of 100 ms")
+    });
+    assert_eq!(errors.count(), 1, "{ours:#?}");
+
+    // On record: the agent's alert names the rule.
+    let store = EventStore::open_read_only(&h.db()).unwrap();
+    let q = AlertQuery { rule: Some("agent_rule_disabled".into()), ..AlertQuery::default() };
+    let stored_alerts = rules::query_alerts(store.connection(), &q).unwrap();
+    assert_eq!(stored_alerts.len(), 1);
+    assert_eq!(
+        (stored_alerts[0].name.as_str(), stored_alerts[0].collector_id.as_str()),
+        ("endless-cte", api::AGENT_CLIENT_ID)
+    );
+    assert!(stored_alerts[0].description.contains("rule endless-cte disabled"), "{stored_alerts:?}");
 }
 
 /// `envelope` as a current collector holding `base..next` states it.

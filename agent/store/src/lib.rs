@@ -7,10 +7,11 @@
 //! tables through [`EventStore::connection`].
 //!
 //! This crate (`daemoneye-store`) holds the store, its retention
-//! ([`Retention`], [`EventStore::prune`]) and the detection rules
-//! ([`rules`]), so the agent, the CLI and procmond's standalone mode share
-//! them without the agent or the CLI linking any collector code. Records
-//! are the contract's (`daemoneye_contract::event`).
+//! ([`Retention`], [`EventStore::prune`], in bounded chunks: [`Pruning`])
+//! and the detection rules ([`rules`]), so the agent, the CLI and
+//! procmond's standalone mode share them without the agent or the CLI
+//! linking any collector code. Records are the contract's
+//! (`daemoneye_contract::event`).
 //!
 //! # Guarantees
 //!
@@ -645,6 +646,12 @@ impl EventStore {
         &self.conn
     }
 
+    /// The connection, mutably: [`rules::RuleEngine::run`] installs
+    /// SQLite's progress handler on it for the rules' time budget.
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     /// Stores a batch in one transaction and advances the watermark of
     /// every stream it touches (see [Watermarks](#watermarks) for where a
     /// stream starts and what is refused).
@@ -970,36 +977,191 @@ impl EventStore {
     /// `max_age` ago, then the oldest (lowest ids) beyond `max_events`.
     /// Returns the number of rows deleted. Watermarks are kept, so a
     /// pruned event replayed by its collector is still a duplicate.
+    ///
+    /// Deletes in chunks of at most [`PRUNE_CHUNK`] rows, each its own
+    /// transaction (see [`Pruning`]); [`EventStore::prune_step`] does one
+    /// chunk, for a caller with other writes to make between them.
     pub fn prune(&mut self, retention: &Retention) -> Result<u64, StoreError> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.prune_at(retention, now_ms)
+        let mut pruning = Pruning::new(retention);
+        self.prune_all(&mut pruning)
     }
 
     /// [`EventStore::prune`] with the current time given.
+    #[cfg(test)]
     fn prune_at(&mut self, retention: &Retention, now_ms: u64) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut deleted = 0usize;
-        if let Some(max_age) = retention.max_age {
+        let mut pruning = Pruning::at(retention, now_ms);
+        self.prune_all(&mut pruning)
+    }
+
+    fn prune_all(&mut self, pruning: &mut Pruning) -> Result<u64, StoreError> {
+        while !pruning.is_done() {
+            self.prune_step(pruning)?;
+        }
+        if pruning.deleted > 0 {
+            log::debug!(
+                "pruned {} events from {} in {} transactions",
+                pruning.deleted,
+                self.path.display(),
+                pruning.transactions
+            );
+        }
+        Ok(pruning.deleted)
+    }
+
+    /// Deletes the next chunk of `pruning` (at most its chunk size, in one
+    /// immediate transaction) and returns how many rows it deleted; with
+    /// [`Pruning::is_done`] nothing is left. A phase with nothing to delete
+    /// may end with a step that deletes nothing. On error nothing of the
+    /// chunk is deleted and `pruning` is where it was.
+    pub fn prune_step(&mut self, pruning: &mut Pruning) -> Result<u64, StoreError> {
+        let chunk = clamp_i64(pruning.chunk as u64);
+        // A limit not set is no phase.
+        if pruning.phase == PrunePhase::Age && pruning.cutoff_ms.is_none() {
+            pruning.phase = PrunePhase::Count(None);
+        }
+        if matches!(pruning.phase, PrunePhase::Count(_)) && pruning.max_events.is_none() {
+            pruning.phase = PrunePhase::Done;
+        }
+        let deleted = match pruning.phase {
+            PrunePhase::Done => return Ok(0),
+            PrunePhase::Age => {
+                let Some(cutoff) = pruning.cutoff_ms else {
+                    return Ok(0);
+                };
+                // Through the observed_ms index: a chunk reads what it
+                // deletes, not the table.
+                let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let n = tx.execute(
+                    "DELETE FROM process_events WHERE id IN \
+                     (SELECT id FROM process_events WHERE observed_ms < ?1 LIMIT ?2)",
+                    params![cutoff, chunk],
+                )?;
+                tx.commit()?;
+                if n < pruning.chunk {
+                    pruning.phase = PrunePhase::Count(None);
+                }
+                n
+            }
+            PrunePhase::Count(boundary) => {
+                let Some(max_events) = pruning.max_events else {
+                    return Ok(0);
+                };
+                let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                // The id of the newest row that must go, if there are more
+                // than max_events rows (fixed once the age phase is over,
+                // so rows committed between chunks are not counted in).
+                let boundary = match boundary {
+                    Some(b) => b,
+                    None => {
+                        let found: Option<i64> = tx
+                            .query_row(
+                                "SELECT id FROM process_events ORDER BY id DESC LIMIT 1 OFFSET ?1",
+                                params![clamp_i64(max_events)],
+                                |r| r.get(0),
+                            )
+                            .optional()?;
+                        let Some(b) = found else {
+                            tx.commit()?;
+                            pruning.phase = PrunePhase::Done;
+                            return Ok(0);
+                        };
+                        b
+                    }
+                };
+                let n = tx.execute(
+                    "DELETE FROM process_events WHERE id IN \
+                     (SELECT id FROM process_events WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                    params![boundary, chunk],
+                )?;
+                tx.commit()?;
+                pruning.phase =
+                    if n < pruning.chunk { PrunePhase::Done } else { PrunePhase::Count(Some(boundary)) };
+                n
+            }
+        };
+        pruning.transactions += 1;
+        let n = u64::try_from(deleted).unwrap_or(u64::MAX);
+        pruning.deleted = pruning.deleted.saturating_add(n);
+        Ok(n)
+    }
+}
+
+/// Rows [`EventStore::prune`] deletes per transaction.
+pub const PRUNE_CHUNK: usize = 10_000;
+
+/// A retention pass in progress ([`EventStore::prune_step`]). It deletes in
+/// chunks of at most [`PRUNE_CHUNK`] rows, each its own transaction, so a
+/// large prune (the first after an upgrade, a lowered `max_events`) never
+/// holds the write lock long, and the store writer commits batches between
+/// chunks. First the events observed before the cutoff (now minus
+/// `max_age`, fixed when the pass starts), through the `observed_ms` index;
+/// then, by id ranges from the lowest, the oldest beyond `max_events`, the
+/// boundary id fixed when the age phase is over: what one prune at that
+/// moment would keep. Rows committed during the pass are newer than that
+/// boundary; the next pass counts them.
+#[derive(Debug, Clone)]
+pub struct Pruning {
+    cutoff_ms: Option<i64>,
+    max_events: Option<u64>,
+    phase: PrunePhase,
+    chunk: usize,
+    deleted: u64,
+    transactions: u64,
+}
+
+/// Where a [`Pruning`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrunePhase {
+    /// Deleting events older than the cutoff.
+    Age,
+    /// Deleting the oldest ids up to the boundary (`None`: not found yet).
+    Count(Option<i64>),
+    Done,
+}
+
+impl Pruning {
+    /// A pass of `retention` from now.
+    pub fn new(retention: &Retention) -> Pruning {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Pruning::at(retention, now_ms)
+    }
+
+    /// A pass of `retention` at `now_ms` (Unix milliseconds).
+    fn at(retention: &Retention, now_ms: u64) -> Pruning {
+        let cutoff_ms = retention.max_age.map(|max_age| {
             let age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
-            let cutoff = clamp_i64(now_ms.saturating_sub(age_ms));
-            deleted += tx.execute("DELETE FROM process_events WHERE observed_ms < ?1", params![cutoff])?;
+            clamp_i64(now_ms.saturating_sub(age_ms))
+        });
+        let phase = if cutoff_ms.is_none() && retention.max_events.is_none() {
+            PrunePhase::Done
+        } else {
+            PrunePhase::Age
+        };
+        Pruning {
+            cutoff_ms,
+            max_events: retention.max_events,
+            phase,
+            chunk: PRUNE_CHUNK,
+            deleted: 0,
+            transactions: 0,
         }
-        if let Some(max_events) = retention.max_events {
-            // The id of the newest row that must go, if there are more than
-            // max_events rows; NULL (nothing deleted) otherwise.
-            deleted += tx.execute(
-                "DELETE FROM process_events WHERE id <= \
-                 (SELECT id FROM process_events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-                params![clamp_i64(max_events)],
-            )?;
-        }
-        tx.commit()?;
-        if deleted > 0 {
-            log::debug!("pruned {deleted} events from {}", self.path.display());
-        }
-        Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+    }
+
+    /// Nothing is left to delete.
+    pub fn is_done(&self) -> bool {
+        self.phase == PrunePhase::Done
+    }
+
+    /// Rows deleted so far.
+    pub fn deleted(&self) -> u64 {
+        self.deleted
+    }
+
+    /// Transactions (chunks) committed so far.
+    pub fn transactions(&self) -> u64 {
+        self.transactions
     }
 }
 
@@ -1914,6 +2076,102 @@ mod tests {
         // Ids are never reused, even after the table was emptied.
         store.insert_batch(&envs("c1", 0, &[6])).unwrap();
         assert!(all(&store)[0].id > 5);
+    }
+
+    #[test]
+    fn a_prune_larger_than_a_chunk_deletes_exactly_its_rows_in_several_transactions() {
+        let (_dir, mut store) = temp_store();
+        let total = 25_000u64;
+        let seqs_all: Vec<u64> = (1..=total).collect();
+        for batch in seqs_all.chunks(5_000) {
+            store.insert_batch(&envs("c1", 0, batch)).unwrap();
+        }
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = commits.clone();
+        store
+            .connection_mut()
+            .commit_hook(Some(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }))
+            .unwrap();
+        // Observed at seq seconds; now is 20 s past the last: the age
+        // phase deletes seqs 1..=12_345 (two chunks), the count phase the
+        // oldest beyond 1_000 of what is left (11_655 rows: two chunks).
+        let retention =
+            Retention { max_age: Some(Duration::from_secs(total - 12_345 + 20)), max_events: Some(1_000) };
+        let now_ms = (total + 20) * 1_000;
+        assert_eq!(store.prune_at(&retention, now_ms).unwrap(), total - 1_000);
+        assert_eq!(commits.load(std::sync::atomic::Ordering::Relaxed), 4);
+        assert_eq!(seqs(&all(&store)), (total - 999..=total).collect::<Vec<_>>());
+        assert_eq!(store.watermark("c1", 0).unwrap(), Some(total));
+
+        // Step by step: no chunk over PRUNE_CHUNK, each its own transaction.
+        store.connection_mut().commit_hook(None::<fn() -> bool>).unwrap();
+        let mut pruning = Pruning::at(&Retention { max_age: None, max_events: Some(0) }, now_ms);
+        let mut steps = Vec::new();
+        while !pruning.is_done() {
+            steps.push(store.prune_step(&mut pruning).unwrap());
+        }
+        assert_eq!(steps, [1_000]);
+        assert_eq!((pruning.deleted(), pruning.transactions()), (1_000, 1));
+        assert_eq!(store.count().unwrap(), 0);
+    }
+
+    #[test]
+    fn chunked_pruning_keeps_the_semantics_of_one_delete() {
+        let (_dir, mut store) = temp_store();
+        // Observed out of id order (late events, several collectors).
+        let observed = |seq: u64| (seq * 7_919 % 50) * 1_000;
+        let batch: Vec<EventEnvelope> = (1..=40)
+            .map(|seq| {
+                let mut e = env("c1", 0, seq);
+                e.event.observed_unix_ms = observed(seq);
+                e
+            })
+            .collect();
+        store.insert_batch(&batch).unwrap();
+        let ids: Vec<(i64, u64)> = all(&store).iter().map(|e| (e.id, e.seq)).collect();
+        // Now 30 s, keep 10 s: observed before 20 s goes, then all but
+        // the newest 9 ids of what is left.
+        let retention = Retention { max_age: Some(Duration::from_secs(10)), max_events: Some(9) };
+        let young: Vec<(i64, u64)> =
+            ids.iter().copied().filter(|(_, seq)| observed(*seq) >= 20_000).collect();
+        let expected: Vec<u64> = young[young.len() - 9..].iter().map(|(_, seq)| *seq).collect();
+
+        let mut pruning = Pruning::at(&retention, 30_000);
+        pruning.chunk = 3;
+        let mut steps = Vec::new();
+        let mut later = 41;
+        while !pruning.is_done() {
+            steps.push(store.prune_step(&mut pruning).unwrap());
+            // The writer commits between chunks: rows committed during the
+            // count phase are newer than its boundary and stay.
+            if matches!(pruning.phase, PrunePhase::Count(Some(_))) && later < 43 {
+                let mut e = env("c1", 0, later);
+                e.event.observed_unix_ms = 25_000;
+                store.insert_batch(&[e]).unwrap();
+                later += 1;
+            }
+        }
+        assert!(steps.iter().all(|n| *n <= 3), "{steps:?}");
+        assert!(steps.len() > 5, "{steps:?}");
+        assert_eq!(pruning.deleted(), 40 - 9);
+        assert_eq!(pruning.deleted(), steps.iter().sum::<u64>());
+        let mut kept = expected.clone();
+        kept.extend([41, 42]);
+        assert_eq!(seqs(&all(&store)), kept);
+
+        // The same rows as one delete (a single chunk) would keep.
+        let (_dir2, mut other) = temp_store();
+        other.insert_batch(&batch).unwrap();
+        let mut pruning = Pruning::at(&retention, 30_000);
+        pruning.chunk = usize::MAX / 2;
+        other.prune_step(&mut pruning).unwrap();
+        other.prune_step(&mut pruning).unwrap();
+        assert!(pruning.is_done());
+        assert_eq!(pruning.transactions(), 2);
+        assert_eq!(seqs(&all(&other)), expected);
     }
 
     #[test]

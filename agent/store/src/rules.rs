@@ -43,8 +43,31 @@
 //! the next batch (and the collectors' acknowledgements), so a rule should
 //! read `new_events` and reach older rows only through indexed columns
 //! (`id`, `pid`, `name`, `kind`, `observed_ms`).
+//!
+//! # Time budget
+//!
+//! Each rule's query over a batch has a time budget
+//! ([`RuleEngine::with_budget`], agent.yaml's `store.rule_budget_ms`,
+//! [`DEFAULT_BUDGET`] unless set), enforced by SQLite's progress handler,
+//! which looks at the clock every [`PROGRESS_STEPS`] virtual machine steps.
+//! A rule over its budget is interrupted and logged at WARN with its name,
+//! its budget and the window; that window is **skipped** for that rule
+//! (the batch is stored and acknowledged, the other rules' alerts and the
+//! cursor commit as usual, and the window is never evaluated by that rule
+//! again, so an endless rule is not re-run forever on the same rows). A
+//! rule over its budget in [`MAX_OVERRUNS`] consecutive batches is
+//! disabled: logged at ERROR with its name, listed by
+//! [`RuleEngine::disabled_rules`], and not run again until the engine is
+//! compiled again (the agent restarts). A batch it finishes in time resets
+//! its count. [`validate`] runs each rule once over an empty store within
+//! [`DEFAULT_BUDGET`], so an endless rule (a recursive CTE without a
+//! bound) is refused before it is ever loaded.
 
 use std::collections::HashSet;
+use std::ffi::c_int;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -299,12 +322,28 @@ pub struct RuleError {
     pub reason: String,
 }
 
+/// How long one rule may run over one batch unless configured otherwise
+/// (`store.rule_budget_ms`); also the limit of [`validate`]'s trial run.
+pub const DEFAULT_BUDGET: Duration = Duration::from_millis(1000);
+
+/// A rule over its time budget in this many consecutive batches is
+/// disabled.
+pub const MAX_OVERRUNS: u32 = 3;
+
+/// SQLite virtual machine steps between two looks at the clock (a step is
+/// well under a microsecond; reading the clock costs tens of nanoseconds).
+pub const PROGRESS_STEPS: i32 = 1000;
+
 /// A rule as the engine runs it.
 #[derive(Debug)]
 struct Rule {
     spec: RuleSpec,
     /// Runs that failed, for the log line.
     failures: u64,
+    /// Consecutive batches it ran over its time budget.
+    overruns: u32,
+    /// Off for running over its budget [`MAX_OVERRUNS`] times in a row.
+    disabled: bool,
 }
 
 /// The compiled detection rules. It keeps the SQL, not prepared
@@ -313,6 +352,75 @@ struct Rule {
 #[derive(Debug)]
 pub struct RuleEngine {
     rules: Vec<Rule>,
+    /// Each rule's time budget per batch.
+    budget: Duration,
+    clock: Clock,
+}
+
+/// The deadline of the query running on a connection, enforced by SQLite's
+/// progress handler ([`Clock::install`]): while armed, the handler
+/// interrupts the statement once the deadline has passed, and remembers it
+/// did (so an interruption is told from another failure).
+#[derive(Debug, Clone)]
+struct Clock {
+    base: Instant,
+    /// Nanoseconds after `base`; 0: not armed.
+    deadline: Arc<AtomicU64>,
+    expired: Arc<AtomicBool>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock { base: Instant::now(), deadline: Arc::default(), expired: Arc::default() }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Sets the progress handler of `conn` to this clock.
+    fn install(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        let clock = self.clone();
+        conn.progress_handler(c_int::from(PROGRESS_STEPS), Some(move || clock.over()))
+    }
+
+    /// Removes the progress handler of `conn`.
+    fn uninstall(conn: &mut Connection) {
+        if let Err(e) = conn.progress_handler(0, None::<fn() -> bool>) {
+            log::warn!("cannot remove the rules' progress handler: {e}");
+        }
+    }
+
+    /// The handler: past an armed deadline, interrupt.
+    fn over(&self) -> bool {
+        let deadline = self.deadline.load(Ordering::Relaxed);
+        if deadline != 0 && self.now() >= deadline {
+            self.expired.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Starts a budget of `budget` from now.
+    fn arm(&self, budget: Duration) {
+        self.expired.store(false, Ordering::Relaxed);
+        let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+        self.deadline.store(self.now().saturating_add(budget).max(1), Ordering::Relaxed);
+    }
+
+    fn disarm(&self) {
+        self.deadline.store(0, Ordering::Relaxed);
+    }
+
+    /// The handler interrupted the query since the last [`Clock::arm`].
+    fn expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
+    }
+}
+
+/// The budget in milliseconds, for log lines and reasons.
+fn millis(d: Duration) -> u128 {
+    d.as_millis()
 }
 
 impl RuleEngine {
@@ -329,10 +437,30 @@ impl RuleEngine {
             if !names.insert(spec.name.as_str()) {
                 return Err(RuleError { name: spec.name.clone(), reason: "duplicate rule name".to_owned() });
             }
-            check(conn, spec, false).map_err(|reason| RuleError { name: spec.name.clone(), reason })?;
-            rules.push(Rule { spec: spec.clone(), failures: 0 });
+            check(conn, spec, None).map_err(|reason| RuleError { name: spec.name.clone(), reason })?;
+            rules.push(Rule { spec: spec.clone(), failures: 0, overruns: 0, disabled: false });
         }
-        Ok(RuleEngine { rules })
+        Ok(RuleEngine { rules, budget: DEFAULT_BUDGET, clock: Clock::new() })
+    }
+
+    /// Sets each rule's time budget per batch (see [Time
+    /// budget](self#time-budget)); at least 1 ms.
+    #[must_use]
+    pub fn with_budget(mut self, budget: Duration) -> RuleEngine {
+        self.budget = budget.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Each rule's time budget per batch.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// The rules disabled for running over their time budget
+    /// [`MAX_OVERRUNS`] batches in a row, in order. They stay off until the
+    /// rules are compiled again (the agent restarts).
+    pub fn disabled_rules(&self) -> Vec<&str> {
+        self.rules.iter().filter(|r| r.disabled).map(|r| r.spec.name.as_str()).collect()
     }
 
     /// The number of rules run.
@@ -351,19 +479,22 @@ impl RuleEngine {
     }
 
     /// Evaluates the events with ids in `(after_id, through_id]`: runs
-    /// every rule, stores each new alert, and moves `rule_cursor` to
-    /// `through_id` (never back), all in one transaction. Returns the
-    /// alerts raised now, with their row ids, in rule order; a (rule,
-    /// event) pair raised before is not raised again. A rule that fails is
-    /// logged and skipped. An error (the transaction, the alert tables)
-    /// leaves nothing of the run behind.
+    /// every rule (but the disabled ones), each within its time budget,
+    /// stores each new alert, and moves `rule_cursor` to `through_id`
+    /// (never back), all in one transaction. Returns the alerts raised now,
+    /// with their row ids, in rule order; a (rule, event) pair raised
+    /// before is not raised again. A rule that fails, or runs over its
+    /// budget, is logged and skipped for this window (see [Time
+    /// budget](self#time-budget)). An error (the transaction, the alert
+    /// tables) leaves nothing of the run behind.
     ///
     /// `conn` is the store's connection (the one given to
     /// [`RuleEngine::compile`]; any other gets the temporary objects
-    /// created first). It must not be inside a transaction.
+    /// created first). It must not be inside a transaction. Its progress
+    /// handler is set for the run and removed after it.
     pub fn run(
         &mut self,
-        conn: &Connection,
+        conn: &mut Connection,
         after_id: i64,
         through_id: i64,
         now_ms: u64,
@@ -371,14 +502,67 @@ impl RuleEngine {
         if through_id <= after_id {
             return Ok(Vec::new());
         }
+        self.clock.install(conn)?;
+        let result = self.run_window(conn, after_id, through_id, now_ms);
+        self.clock.disarm();
+        Clock::uninstall(conn);
+        result
+    }
+
+    /// [`RuleEngine::run`] with the progress handler in place.
+    fn run_window(
+        &mut self,
+        conn: &Connection,
+        after_id: i64,
+        through_id: i64,
+        now_ms: u64,
+    ) -> rusqlite::Result<Vec<Alert>> {
         conn.execute_batch(WINDOW_SCHEMA)?;
         let tx = conn.unchecked_transaction()?;
         tx.execute("DELETE FROM temp.rule_window", [])?;
         tx.execute("INSERT INTO temp.rule_window (lo, hi) VALUES (?1, ?2)", params![after_id, through_id])?;
         let mut alerts = Vec::new();
-        for rule in &mut self.rules {
-            let ids = match matching_ids(&tx, &rule.spec, after_id, through_id) {
-                Ok(ids) => ids,
+        let (clock, budget) = (&self.clock, self.budget);
+        for rule in self.rules.iter_mut().filter(|r| !r.disabled) {
+            let started = Instant::now();
+            clock.arm(budget);
+            let found = matching_ids(&tx, &rule.spec, after_id, through_id);
+            clock.disarm();
+            let ids = match found {
+                Ok(ids) => {
+                    rule.overruns = 0;
+                    ids
+                }
+                Err(e) if clock.expired() => {
+                    rule.overruns += 1;
+                    let took = started.elapsed();
+                    if rule.overruns >= MAX_OVERRUNS {
+                        rule.disabled = true;
+                        log::error!(
+                            "rule {}: disabled: it ran over its time budget of {} ms in {MAX_OVERRUNS} \
+                             consecutive batches (the last over events ({after_id}, {through_id}], \
+                             interrupted after {took:?}); it is not run again until the agent restarts",
+                            rule.spec.name,
+                            millis(budget)
+                        );
+                    } else {
+                        log::warn!(
+                            "rule {}: interrupted after {took:?}, over its time budget of {} ms; events \
+                             ({after_id}, {through_id}] are skipped by this rule ({} of {MAX_OVERRUNS} \
+                             consecutive overruns before it is disabled)",
+                            rule.spec.name,
+                            millis(budget),
+                            rule.overruns
+                        );
+                    }
+                    // An interrupted read leaves the transaction open; were
+                    // it rolled back, the alerts below would each commit
+                    // on their own.
+                    if tx.is_autocommit() {
+                        return Err(e);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     rule.failures += 1;
                     log::warn!(
@@ -436,10 +620,14 @@ pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
     // In memory: nothing on disk, so no temporary directory to need or to
     // be raced for (under systemd's ProtectSystem=strict /tmp is
     // read-only; any local user can pre-create names in it).
-    let store = match crate::EventStore::open_in_memory() {
+    let mut store = match crate::EventStore::open_in_memory() {
         Ok(store) => store,
         Err(e) => return refuse_all(format!("cannot create an in-memory event store to check against: {e}")),
     };
+    let clock = Clock::new();
+    if let Err(e) = clock.install(store.connection_mut()) {
+        return refuse_all(format!("cannot set the time budget of the check: {e}"));
+    }
     let conn = store.connection();
     if let Err(e) = install(conn) {
         return refuse_all(format!("cannot create the alert tables to check against: {e}"));
@@ -449,7 +637,7 @@ pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
         .iter()
         .map(|spec| {
             let verdict = if names.insert(spec.name.as_str()) {
-                check(conn, spec, true)
+                check(conn, spec, Some(&clock))
             } else {
                 Err("duplicate rule name".to_owned())
             };
@@ -464,9 +652,10 @@ fn install(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(WINDOW_SCHEMA)
 }
 
-/// Why a rule cannot run, or `Ok`. With `trial`, it also runs once (the
-/// window must be empty, as in a scratch store).
-fn check(conn: &Connection, spec: &RuleSpec, trial: bool) -> Result<(), String> {
+/// Why a rule cannot run, or `Ok`. With a `trial` clock (installed on
+/// `conn`), it also runs once within [`DEFAULT_BUDGET`] (the window must be
+/// empty, as in the in-memory store).
+fn check(conn: &Connection, spec: &RuleSpec, trial: Option<&Clock>) -> Result<(), String> {
     if spec.name.trim().is_empty() {
         return Err("the name is empty".to_owned());
     }
@@ -506,9 +695,25 @@ fn check(conn: &Connection, spec: &RuleSpec, trial: bool) -> Result<(), String> 
     if stmt.parameter_count() > 0 {
         return Err(format!("has {} parameters; a rule takes none", stmt.parameter_count()));
     }
-    if trial {
-        let mut rows = stmt.query([]).map_err(|e| format!("fails to run: {e}"))?;
-        while rows.next().map_err(|e| format!("fails to run: {e}"))?.is_some() {}
+    if let Some(clock) = trial {
+        clock.arm(DEFAULT_BUDGET);
+        let ran = (|| {
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            Ok::<_, rusqlite::Error>(())
+        })();
+        clock.disarm();
+        ran.map_err(|e| {
+            if clock.expired() {
+                format!(
+                    "does not finish within the time budget of {} ms even over an empty store \
+                     (an unbounded recursive CTE?)",
+                    millis(DEFAULT_BUDGET)
+                )
+            } else {
+                format!("fails to run: {e}")
+            }
+        })?;
     }
     Ok(())
 }
@@ -671,8 +876,8 @@ mod tests {
             .unwrap()
     }
 
-    fn max_id(store: &EventStore) -> i64 {
-        store.connection().query_row("SELECT max(id) FROM process_events", [], |r| r.get(0)).unwrap()
+    fn max_id(conn: &Connection) -> i64 {
+        conn.query_row("SELECT max(id) FROM process_events", [], |r| r.get(0)).unwrap()
     }
 
     fn rule(name: &str, sql: &str) -> RuleSpec {
@@ -750,9 +955,9 @@ mod tests {
         ];
         store.insert_batch(&batch).unwrap();
         let id = ids(&store);
-        let conn = store.connection();
+        let conn = store.connection_mut();
         let mut engine = RuleEngine::compile(conn, &default_rules()).unwrap();
-        let alerts = engine.run(conn, 0, max_id(&store), 99_000).unwrap();
+        let alerts = engine.run(conn, 0, max_id(conn), 99_000).unwrap();
         let expected = |v: &[(&str, u64)]| {
             let mut v: Vec<(String, i64)> = v.iter().map(|(r, seq)| ((*r).to_owned(), id[seq])).collect();
             v.sort();
@@ -784,7 +989,7 @@ mod tests {
             stored.sort_by_key(|a| a.id);
             stored
         });
-        assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(&store));
+        assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(conn));
     }
 
     #[test]
@@ -792,7 +997,7 @@ mod tests {
         let (_dir, mut store) = store();
         store.insert_batch(&[1, 2, 3].map(|s| event(s, 10 + s as u32, "x", "/tmp/x"))).unwrap();
         let id = ids(&store);
-        let conn = store.connection();
+        let conn = store.connection_mut();
         // A rule that returns every stored id, not only the batch's.
         let specs = [rule("everything", "SELECT id FROM process_events"), default_rules().remove(0)];
         let mut engine = RuleEngine::compile(conn, &specs).unwrap();
@@ -810,8 +1015,8 @@ mod tests {
     fn a_window_evaluated_twice_raises_each_alert_once() {
         let (_dir, mut store) = store();
         store.insert_batch(&[event(1, 10, "x", "/tmp/x"), event(2, 11, "y", "/usr/bin/y")]).unwrap();
-        let conn = store.connection();
-        let through = max_id(&store);
+        let conn = store.connection_mut();
+        let through = max_id(conn);
         let mut engine = RuleEngine::compile(conn, &default_rules()).unwrap();
         assert_eq!(engine.run(conn, 0, through, 1).unwrap().len(), 1);
         assert_eq!(engine.run(conn, 0, through, 2).unwrap(), Vec::new());
@@ -885,7 +1090,7 @@ mod tests {
     fn a_rule_failing_at_run_time_does_not_stop_the_others() {
         let (_dir, mut store) = store();
         store.insert_batch(&[event(1, 10, "x", "/tmp/x")]).unwrap();
-        let conn = store.connection();
+        let conn = store.connection_mut();
         let specs = [
             // Compiles, fails on the first row: a malformed JSON path.
             rule("broken", "SELECT id FROM new_events WHERE json_extract(argv, '$[') IS NULL"),
@@ -894,9 +1099,9 @@ mod tests {
             default_rules().remove(0),
         ];
         let mut engine = RuleEngine::compile(conn, &specs).unwrap();
-        let alerts = engine.run(conn, 0, max_id(&store), 1).unwrap();
-        assert_eq!(pairs(&alerts), vec![("exe-in-temp-dir".to_owned(), max_id(&store))]);
-        assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(&store));
+        let alerts = engine.run(conn, 0, max_id(conn), 1).unwrap();
+        assert_eq!(pairs(&alerts), vec![("exe-in-temp-dir".to_owned(), max_id(conn))]);
+        assert_eq!(RuleEngine::cursor(conn).unwrap(), max_id(conn));
         let failures: Vec<u64> = engine.rules.iter().map(|r| r.failures).collect();
         assert_eq!(failures, [1, 0, 0]);
     }
@@ -999,6 +1204,120 @@ mod tests {
         // Nothing was created there (root can write a 0555 directory).
         assert_eq!(std::fs::read_dir(&read_only).unwrap().count(), 0);
         assert!(!dir.path().join("missing").exists());
+    }
+
+    /// Never ends: an unbounded recursive CTE joined to the batch.
+    const ENDLESS: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+                           SELECT n.id FROM new_events n, c WHERE c.x < 0";
+
+    /// Runs `(after, through]`, returning the alerts' (rule, seq) pairs and
+    /// how long it took.
+    fn timed_run(
+        engine: &mut RuleEngine,
+        conn: &mut Connection,
+        after: i64,
+        through: i64,
+    ) -> (Vec<Alert>, Duration) {
+        let started = Instant::now();
+        let alerts = engine.run(conn, after, through, 7).unwrap();
+        (alerts, started.elapsed())
+    }
+
+    #[test]
+    fn an_endless_rule_is_stopped_within_its_budget_and_disabled_after_three_batches() {
+        let (_dir, mut store) = store();
+        let budget = Duration::from_millis(100);
+        let specs = [rule("endless", ENDLESS), default_rules().remove(0)];
+        let mut engine = RuleEngine::compile(store.connection(), &specs).unwrap().with_budget(budget);
+        assert_eq!(engine.budget(), budget);
+        let mut after = 0;
+        for batch in 1..=4u64 {
+            store.insert_batch(&[event(batch, 10 + batch as u32, "x", "/tmp/x")]).unwrap();
+            let conn = store.connection_mut();
+            let through = max_id(conn);
+            let (alerts, took) = timed_run(&mut engine, conn, after, through);
+            // The other rule ran after the interrupted one, in the same
+            // transaction, and the window is done (cursor moved).
+            assert_eq!(pairs(&alerts), vec![("exe-in-temp-dir".to_owned(), through)], "batch {batch}");
+            assert_eq!(RuleEngine::cursor(conn).unwrap(), through);
+            assert_eq!(alert_rows(conn), i64::try_from(batch).unwrap());
+            assert!(conn.is_autocommit(), "batch {batch}: the transaction is over");
+            if batch <= 3 {
+                // Stopped at its budget (checked every PROGRESS_STEPS
+                // steps), not at the end of time.
+                assert!(took >= budget, "batch {batch}: {took:?}");
+                assert!(took < budget + Duration::from_secs(2), "batch {batch}: {took:?}");
+                assert_eq!(engine.rules[0].overruns, u32::try_from(batch).unwrap());
+            } else {
+                // Disabled: not run at all.
+                assert!(took < budget, "batch {batch}: {took:?}");
+            }
+            let expected: Vec<&str> = if batch >= 3 { vec!["endless"] } else { vec![] };
+            assert_eq!(engine.disabled_rules(), expected, "batch {batch}");
+            after = through;
+        }
+        // The progress handler is gone: a long query outside a run is not
+        // interrupted.
+        let n: i64 = store
+            .connection()
+            .query_row(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) \
+                 SELECT count(*) FROM c",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 300_000);
+    }
+
+    #[test]
+    fn only_consecutive_overruns_disable_a_rule() {
+        let (_dir, mut store) = store();
+        // Slow (a billion steps) only over a batch holding a process named
+        // `slow`.
+        let slow = rule(
+            "slow-sometimes",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c \
+             WHERE x < (SELECT count(*) FROM new_events WHERE name = 'slow') * 1000000000) \
+             SELECT id FROM new_events WHERE (SELECT max(x) FROM c) > 0",
+        );
+        let mut engine =
+            RuleEngine::compile(store.connection(), &[slow]).unwrap().with_budget(Duration::from_millis(50));
+        let mut after = 0;
+        for (batch, name) in ["slow", "slow", "fast", "slow", "slow", "fast", "slow", "slow", "slow", "fast"]
+            .into_iter()
+            .enumerate()
+        {
+            let seq = batch as u64 + 1;
+            store.insert_batch(&[event(seq, 10 + seq as u32, name, "/usr/bin/x")]).unwrap();
+            let conn = store.connection_mut();
+            let through = max_id(conn);
+            let (alerts, _) = timed_run(&mut engine, conn, after, through);
+            after = through;
+            // A fast batch raises its alert (while the rule is enabled).
+            let expect_alert = name == "fast" && batch < 9;
+            assert_eq!(alerts.len(), usize::from(expect_alert), "batch {batch}");
+            let disabled = batch >= 8;
+            assert_eq!(engine.disabled_rules().len(), usize::from(disabled), "batch {batch}");
+        }
+    }
+
+    #[test]
+    fn validate_refuses_a_rule_that_does_not_end_over_an_empty_store() {
+        let started = Instant::now();
+        let endless = rule(
+            "endless",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+             SELECT id FROM new_events WHERE id IN (SELECT x FROM c WHERE x < 0)",
+        );
+        let verdicts = validate(&[endless, default_rules().remove(0)]);
+        let reason = verdicts[0].1.as_ref().unwrap_err();
+        assert!(reason.contains("time budget of 1000 ms"), "{reason}");
+        assert_eq!(verdicts[1].1, Ok(()));
+        assert!(started.elapsed() < DEFAULT_BUDGET + Duration::from_secs(3), "{:?}", started.elapsed());
+        // Joined to the (empty) batch: SQLite still computes the CTE.
+        let reason = validate(&[rule("endless", ENDLESS)]).remove(0).1.unwrap_err();
+        assert!(reason.contains("time budget"), "{reason}");
     }
 
     #[test]
