@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub mod clock;
 #[cfg(target_os = "linux")]
 mod cnproc;
+pub mod files;
 pub mod kernel;
 #[cfg(unix)]
 pub mod paths;
