@@ -1,4 +1,5 @@
-//! Files the daemons keep, made safe against the other users of the host.
+//! Files the daemons keep and files they open on behalf of process data,
+//! made safe against the other users of the host.
 //!
 //! # Private state: [`ensure_private_dir`], [`open_private_file`], [`create_private_file`], [`replace_private_file`]
 //!
@@ -23,6 +24,40 @@
 //!
 //! Elsewhere (Windows) these create and open files and directories plainly:
 //! there is no mode to set, and the checks are Unix's.
+//!
+//! # Opening what a path names: [`open_regular_file`], [`open_process_exe`]
+//!
+//! A path that comes from process data or a task (an executable's path,
+//! a path to hash) may be changed by its owner at any moment, and the open
+//! runs as root. Opening a FIFO blocks until a writer comes; opening a
+//! device runs its driver (a tape rewinds, a watchdog arms). So such a path
+//! is opened only if it names a regular file, decided before anything is
+//! opened where the OS allows it:
+//!
+//! - Linux: `open(O_PATH | O_NOFOLLOW)` resolves the path to an inode
+//!   without opening the file (no driver runs, nothing blocks); `fstat` of
+//!   that descriptor must show a regular file; only then is the file
+//!   opened for reading, through `/proc/self/fd/<n>`, which reopens that
+//!   very inode whatever the path names by now. A symbolic link in place
+//!   of the file is refused (not followed), and a directory of the path
+//!   swapped for a link to `/dev` cannot make it open a device either.
+//! - Other Unix: `open(O_NOFOLLOW | O_NONBLOCK | O_NOCTTY)`, then `fstat`
+//!   must show a regular file. A FIFO opens without blocking and is then
+//!   refused; a final symbolic link is refused by the OS.
+//!
+//! A refusal is an `io::Error` of kind `InvalidInput` whose inner error is
+//! a [`NotRegularFile`] (`get_ref()` + `downcast_ref`), saying what the
+//! path named instead.
+//!
+//! The executable of a process is read through `/proc/<pid>/exe` on Linux
+//! ([`crate::exe_read_path`]): a link the kernel makes (no user controls
+//! it), which leads to the very file the process runs even after it was
+//! deleted or replaced. It is opened by following that link, as it must
+//! be (`O_NOFOLLOW` refuses it, with `ELOOP`): [`open_process_exe`]. What
+//! it leads to was a regular file when the process executed it (`execve`
+//! takes nothing else) and a file's type never changes, so this open
+//! cannot reach a device or a FIFO; the result is still checked with
+//! `fstat`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -36,7 +71,7 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Why a path was not opened: it names something other than a regular
 /// file. The inner error of the `InvalidInput` error that
-/// [`open_private_file`] returns for it.
+/// [`open_regular_file`] and [`open_process_exe`] return.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{} is {what}, not a regular file", path.display())]
 pub struct NotRegularFile {
@@ -90,6 +125,100 @@ fn require_regular(path: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
     }
     let what = describe(&meta.file_type());
     Err(io::Error::new(io::ErrorKind::InvalidInput, NotRegularFile { path: path.to_owned(), what }))
+}
+
+/// Opens `path` for reading if, and only if, it names a regular file; a
+/// final symbolic link is not followed. Never blocks and never opens a
+/// device, a FIFO or a socket (see the module docs). Compare the open
+/// file's identity (`File::metadata`) with an earlier `stat` where there
+/// was one: the path may have named another file then.
+///
+/// Errors: the OS's (`NotFound`, `PermissionDenied`, ...), or
+/// `InvalidInput` with a [`NotRegularFile`] inside.
+pub fn open_regular_file(path: &Path) -> io::Result<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::fcntl::OFlag;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        // O_PATH: the inode, not an open file; O_NOFOLLOW: a final link
+        // is that inode (then refused as a link), not what it points to.
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_PATH | OFlag::O_NOFOLLOW).bits())
+            .open(path)?;
+        let meta = handle.metadata()?;
+        require_regular(path, &meta)?;
+        let file = match reopen(&handle) {
+            Ok(file) => file,
+            // No /proc: open the path, and keep it only if it is still
+            // the inode checked above.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new("/proc/self/fd").exists() => {
+                nonblocking_nofollow(path)?
+            }
+            Err(e) => return Err(e),
+        };
+        let opened = file.metadata()?;
+        if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+            return Err(io::Error::other(format!("{} changed while it was being opened", path.display())));
+        }
+        require_regular(path, &opened)?;
+        Ok(file)
+    }
+    #[cfg(all(unix, not(target_os = "linux")))]
+    {
+        let file = nonblocking_nofollow(path)?;
+        require_regular(path, &file.metadata()?)?;
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    {
+        let file = File::open(path)?;
+        require_regular(path, &file.metadata()?)?;
+        Ok(file)
+    }
+}
+
+/// Opens the inode an `O_PATH` descriptor holds, for reading.
+#[cfg(target_os = "linux")]
+fn reopen(handle: &File) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+}
+
+#[cfg(unix)]
+fn nonblocking_nofollow(path: &Path) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+}
+
+/// Opens the executable of process `pid`, whose record names it `exe`,
+/// for reading: on Linux `/proc/<pid>/exe` (the kernel's link, followed:
+/// see the module docs), elsewhere `exe` through [`open_regular_file`].
+/// Either way the result is a regular file (else `InvalidInput` with a
+/// [`NotRegularFile`]), opened without blocking; compare its identity
+/// with the record's.
+pub fn open_process_exe(pid: u32, exe: &Path) -> io::Result<File> {
+    #[cfg(target_os = "linux")]
+    {
+        let path = crate::exe_read_path(pid, exe);
+        let file = crate::open_for_reading(&path)?;
+        require_regular(&path, &file.metadata()?)?;
+        Ok(file)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        open_regular_file(exe)
+    }
 }
 
 /// Makes `dir` a private directory: creates it and any missing parent with
@@ -333,6 +462,7 @@ pub fn tighten_private_file(path: &Path) -> io::Result<bool> {
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -436,5 +566,56 @@ mod tests {
         assert_eq!(mode(&target), 0o644);
         assert!(tighten_private_file(&target).unwrap());
         assert_eq!(mode(&target), 0o600);
+    }
+
+    #[test]
+    fn open_regular_file_refuses_links_fifos_devices_and_directories_without_opening_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"abc").unwrap();
+        let opened = open_regular_file(&file).unwrap();
+        assert_eq!(opened.metadata().unwrap().ino(), std::fs::metadata(&file).unwrap().ino());
+
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let link_to_fifo = tmp.path().join("to-fifo");
+        std::os::unix::fs::symlink(&fifo, &link_to_fifo).unwrap();
+        let link_to_file = tmp.path().join("to-file");
+        std::os::unix::fs::symlink(&file, &link_to_file).unwrap();
+        let cases: [(&Path, &str); 5] = [
+            (&fifo, "a FIFO"),
+            (&link_to_fifo, "a symbolic link"),
+            (&link_to_file, "a symbolic link"),
+            (Path::new("/dev/null"), "a character device"),
+            (tmp.path(), "a directory"),
+        ];
+        for (path, what) in cases {
+            let started = Instant::now();
+            let e = open_regular_file(path).unwrap_err();
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{} took {:?}",
+                path.display(),
+                started.elapsed()
+            );
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{}: {e}", path.display());
+            assert_eq!(NotRegularFile::of(&e).map(|n| n.what), Some(what), "{}: {e}", path.display());
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        assert_eq!(open_regular_file(&tmp.path().join("nope")).unwrap_err().kind(), io::ErrorKind::NotFound);
+
+        // A directory of the path swapped for a link to /dev: still no
+        // device is opened (Linux: refused by type before any open).
+        let swapped = tmp.path().join("d");
+        std::os::unix::fs::symlink("/dev", &swapped).unwrap();
+        let e = open_regular_file(&swapped.join("null")).unwrap_err();
+        assert_eq!(NotRegularFile::of(&e).map(|n| n.what), Some("a character device"), "{e}");
+    }
+
+    #[test]
+    fn a_process_executable_opens_through_the_kernel_link() {
+        let exe = std::env::current_exe().unwrap();
+        let file = open_process_exe(std::process::id(), &exe).unwrap();
+        assert_eq!(file.metadata().unwrap().ino(), std::fs::metadata(&exe).unwrap().ino());
     }
 }
