@@ -62,7 +62,9 @@ struct Cli {
     /// source (--events) sees them all, and the cycle reconciles.
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     interval: Option<u64>,
-    /// Process at most this many processes per cycle (0 = unlimited).
+    /// Compare at most this many processes per cycle (0 = unlimited); new
+    /// processes first, stops from the whole list; a cut cycle counts as
+    /// an error and is logged.
     #[arg(long, value_name = "N")]
     max_processes: Option<usize>,
     /// Also collect cwd, session, threads and CPU time.
