@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub mod clock;
 #[cfg(target_os = "linux")]
 mod cnproc;
+pub mod files;
 pub mod kernel;
 #[cfg(unix)]
 pub mod paths;
@@ -185,6 +186,10 @@ pub fn exe_read_path(pid: u32, exe: &std::path::Path) -> std::path::PathBuf {
 /// changes nothing for reading a regular file; callers still compare the
 /// open file's identity (`File::metadata`) with what they expect. Elsewhere
 /// a plain `File::open`.
+///
+/// This follows symbolic links and opens whatever the path names, a
+/// device included: for a path a user may control (process data, a task)
+/// use [`files::open_regular_file`] instead.
 pub fn open_for_reading(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     #[cfg(unix)]
     {

@@ -68,13 +68,14 @@ pub fn default_data_dir() -> PathBuf {
     user_data_dir().unwrap_or(system)
 }
 
-/// Whether a directory exists and accepts a new file, or can be created.
+/// Whether a directory exists and accepts a new file, or can be created
+/// (mode 0700, as [`create_private_dir`] makes it).
 fn writable(dir: &Path) -> bool {
     if !dir.exists() {
-        return std::fs::create_dir_all(dir).is_ok();
+        return create_private_dir(dir).is_ok();
     }
     let probe = dir.join(format!(".write-test-{}", std::process::id()));
-    match std::fs::File::create(&probe) {
+    match crate::files::create_private_file(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
             true
@@ -145,18 +146,13 @@ mod tests {
     }
 }
 
-/// Creates a directory (and its parents) with mode 0700 on Unix: the
-/// daemons' data holds command lines and the bus socket.
+/// Creates a directory (and its missing parents) with mode 0700 on Unix,
+/// whatever the umask: the daemons' data holds command lines and the bus
+/// socket. An existing directory is left as it is; to also refuse one
+/// that is another user's or that others may write to, and tighten a
+/// readable one, use [`crate::files::ensure_private_dir`].
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
-    }
-    #[cfg(not(unix))]
-    {
-        std::fs::create_dir_all(dir)
-    }
+    crate::files::create_missing_dirs(dir)
 }
 
 /// A pid file held with an exclusive lock for the life of the process:
@@ -193,17 +189,15 @@ pub enum PidLockError {
 }
 
 impl PidLock {
-    /// Takes the lock at `path` and writes this process's pid into it.
+    /// Takes the lock at `path` and writes this process's pid into it. The
+    /// file is made with [`crate::files::open_private_file`]: mode 0600
+    /// (another user can neither read it nor open it to hold its lock),
+    /// never through a symbolic link, and one left with a looser mode is
+    /// tightened.
     pub fn acquire(path: &Path) -> Result<PidLock, PidLockError> {
         use std::io::Write;
         let io = |source| PidLockError::Io { path: path.to_owned(), source };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
+        let mut file = crate::files::open_private_file(path).map_err(io)?;
         if file.try_lock().is_err() {
             return Err(PidLockError::Held { pid: read_pid(path), path: path.to_owned() });
         }

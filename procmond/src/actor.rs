@@ -76,7 +76,7 @@ pub enum ActorMessage {
     /// Report health.
     HealthCheck {
         /// Where the report goes.
-        reply: Sender<HealthData>,
+        reply: Sender<HealthReport>,
     },
     /// Validate now, apply at the next cycle boundary.
     UpdateConfig {
@@ -101,6 +101,18 @@ pub enum ActorMessage {
         /// The answer, whatever its status.
         reply: Sender<TaskResponse>,
     },
+}
+
+/// The actor's health: the contract's [`HealthData`], and what it has no
+/// field for (contract version 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthReport {
+    /// What the RPC answers and the heartbeat is made of.
+    pub data: HealthData,
+    /// The last walk listed more than `max_processes` processes and was
+    /// cut (each such walk also counts in `data.errors`): the heartbeat
+    /// then says `Degraded`.
+    pub walk_truncated: bool,
 }
 
 /// Where events go: the EventBusConnector (WAL, then bus) or, standalone,
@@ -224,6 +236,11 @@ impl ActorSender {
 
     /// Asks for a health report.
     pub fn health(&self, timeout: Duration) -> Result<HealthData, ActorError> {
+        self.health_report(timeout).map(|r| r.data)
+    }
+
+    /// Asks for a health report, with what [`HealthData`] cannot carry.
+    pub fn health_report(&self, timeout: Duration) -> Result<HealthReport, ActorError> {
         self.ask(timeout, |reply| ActorMessage::HealthCheck { reply })
     }
 
@@ -376,14 +393,26 @@ struct Actor {
     unsent: Vec<ProcessEvent>,
     opts: ActorOptions,
     n: Counters,
-    own_pid: u32,
     /// The kernel event link, taken out of `opts` (none: poll only).
     kernel: Option<KernelLink>,
     /// When the last walk started.
     last_walk: Option<Instant>,
     /// Events produced when the last checkpoint was written (none yet).
     checkpointed_at_events: Option<u64>,
+    /// Walks cut at `max_processes`.
+    cuts: Cuts,
 }
+
+/// Walks cut at `max_processes`, and their rate-limited warning.
+#[derive(Default)]
+struct Cuts {
+    total: u64,
+    since_warning: u64,
+    last_warning: Option<Instant>,
+}
+
+/// The warning about walks cut at `max_processes` comes at most this often.
+const CUT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Events per sink submission (one WAL append each).
 const SUBMIT_CHUNK: usize = 1024;
@@ -427,10 +456,10 @@ impl Actor {
                 last_cycle_us: 0,
                 last_collection_unix_ms: None,
             },
-            own_pid: std::process::id(),
             kernel,
             last_walk: None,
             checkpointed_at_events: None,
+            cuts: Cuts::default(),
         }
     }
 
@@ -538,7 +567,9 @@ impl Actor {
     fn handle(&mut self, msg: ActorMessage) {
         match msg {
             ActorMessage::HealthCheck { reply } => {
-                let _ = reply.try_send(self.health());
+                let report =
+                    HealthReport { data: self.health(), walk_truncated: self.tracker.last_cut().is_some() };
+                let _ = reply.try_send(report);
             }
             ActorMessage::UpdateConfig { update, reply } => {
                 let result = self.stage(&update);
@@ -723,19 +754,10 @@ impl Actor {
         if !self.cfg.excluded_pids.is_empty() {
             records.retain(|r| !self.cfg.excluded_pids.contains(&r.pid));
         }
-        let complete = !(self.cfg.max_processes > 0 && records.len() > self.cfg.max_processes);
-        if !complete {
-            log::warn!(
-                "{} processes, over max_processes {}: the rest is ignored",
-                records.len(),
-                self.cfg.max_processes
-            );
-            // Keep our own process and the lowest pids: stable across cycles.
-            records.sort_by_key(|r| (r.pid != self.own_pid, r.pid));
-            records.truncate(self.cfg.max_processes);
-        }
-        self.n.processes = records.len() as u64;
-        let walk = Walk { complete, kernel: self.kernel.is_some(), cutoff };
+        let records_len = records.len();
+        // Over max_processes the tracker compares the newest unreported
+        // processes first and still stops only what the whole list lacks.
+        let walk = Walk { max_processes: self.cfg.max_processes, kernel: self.kernel.is_some(), cutoff };
         let during = if self.kernel.is_some() { self.kernel_sync().0 } else { Vec::new() };
         if first {
             // The snapshot first, then what happened during the walk.
@@ -746,6 +768,8 @@ impl Actor {
             events.extend(self.tracker.reconcile(records, unix_ms(), walk));
         }
         self.n.cycles += 1;
+        self.n.processes = self.tracker.last_cut().map_or(records_len, |c| c.compared) as u64;
+        self.note_cut();
         self.deliver(events);
         self.checkpoint();
         self.n.last_cycle_us = start.elapsed().as_micros() as u64;
@@ -757,6 +781,43 @@ impl Actor {
             self.n.last_cycle_us,
             self.tracker.len()
         );
+    }
+
+    /// Counts a walk cut at `max_processes` (an error in health reports;
+    /// the heartbeat says Degraded while the last walk was cut) and warns,
+    /// at most once a minute with the count since the last warning; says
+    /// when the list fits again.
+    fn note_cut(&mut self) {
+        let Some(cut) = self.tracker.last_cut() else {
+            if self.cuts.since_warning > 0 || self.cuts.last_warning.is_some() {
+                log::info!(
+                    "the process list fits in max_processes {} again ({} processes)",
+                    self.cfg.max_processes,
+                    self.n.processes
+                );
+                self.cuts.since_warning = 0;
+                self.cuts.last_warning = None;
+            }
+            return;
+        };
+        self.n.errors += 1;
+        self.cuts.total += 1;
+        self.cuts.since_warning += 1;
+        let due = self.cuts.last_warning.is_none_or(|at| at.elapsed() >= CUT_WARNING_EVERY);
+        if due {
+            log::warn!(
+                "walk truncated: {} processes listed, over max_processes {}: {} were not compared this cycle \
+                 ({} truncated cycle(s) since the last warning, {} since start); new processes are compared \
+                 first, and only processes the whole list lacks are reported Stopped",
+                cut.listed,
+                self.cfg.max_processes,
+                cut.listed - cut.compared,
+                self.cuts.since_warning,
+                self.cuts.total
+            );
+            self.cuts.since_warning = 0;
+            self.cuts.last_warning = Some(Instant::now());
+        }
     }
 
     /// Rebuilds what a previous run reported from the checkpoint and the

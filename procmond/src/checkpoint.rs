@@ -8,6 +8,10 @@
 //!   file, fsynced, renamed over the old one, and the directory fsynced.
 //!   A damaged file (wrong magic, length, checksum, or body) is reported
 //!   and ignored: procmond then starts as on an empty data dir (a snapshot).
+//! - It is private (the processes' command lines): mode 0600 whatever the
+//!   umask, and its temporary file is created anew (`O_EXCL`, after
+//!   removing a leftover), so a link planted in its place is never written
+//!   through (`daemoneye_platform::files::replace_private_file`).
 //! - A checkpoint names the last event of the stream it reflects
 //!   (`through_seq`). The sink keeps every event after it (the WAL is
 //!   truncated no further than the checkpoint), so the state at a restart
@@ -26,8 +30,8 @@
 //! The body length is checked against [`MAX_BODY`] before anything is
 //! allocated for it.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use daemoneye_platform::ProcessRecord;
@@ -117,29 +121,11 @@ pub fn write(path: &Path, cp: &Checkpoint) -> Result<(), CheckpointError> {
     bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     bytes.extend_from_slice(&body);
-    let tmp = path.with_extension("checkpoint.tmp");
-    {
-        let mut f = private_file(&tmp).map_err(|e| io("create", e))?;
-        f.write_all(&bytes).map_err(|e| io("write", e))?;
-        f.sync_all().map_err(|e| io("fsync", e))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
-    if let Some(dir) = path.parent() {
-        // The rename is durable once the directory is.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync directory", e))?;
-    }
+    // `<name>.tmp` (mode 0600 whatever the umask, O_EXCL after removing a
+    // leftover, so a planted link is never written through), fsync,
+    // rename, directory fsync.
+    daemoneye_platform::files::replace_private_file(path, &bytes).map_err(|e| io("write", e))?;
     Ok(())
-}
-
-#[cfg(unix)]
-fn private_file(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
-}
-
-#[cfg(not(unix))]
-fn private_file(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().write(true).create(true).truncate(true).open(path)
 }
 
 /// Reads the checkpoint at `path`: `None` when there is none.
@@ -184,6 +170,8 @@ pub fn read(path: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::testing::record;
 
@@ -211,6 +199,11 @@ mod tests {
         assert_eq!(read(&p).unwrap(), Some(second));
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600, "private");
+        }
     }
 
     #[test]

@@ -151,7 +151,11 @@ pub struct CollectorConfig {
     /// Events published but not yet acknowledged by the store before
     /// publishing pauses. Hot.
     pub max_events_in_flight: usize,
-    /// Stop enumerating after this many processes per cycle (0: no limit).
+    /// Compare at most this many processes per walk (0: no limit). Over
+    /// it, processes not reported yet come first, newest first, then the
+    /// reported ones; a process is reported Stopped only when the whole
+    /// list lacks it; each cut walk is counted (health `errors`, a
+    /// `Degraded` heartbeat) and warned about (at most once a minute).
     pub max_processes: usize,
     /// Include cwd, session, threads and CPU time. Restart-only.
     pub enhanced_metadata: bool,

@@ -638,11 +638,10 @@ fn stream_id(dir: &Path, fresh: bool) -> Result<u64, ConnectorError> {
                     .as_nanos(),
             );
             let id = h.finish() >> 1; // fits SQLite's signed INTEGER
-            let tmp = dir.join("STREAM.tmp");
-            std::fs::write(&tmp, format!("{id}\n")).map_err(|e| io("write", e))?;
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io("fsync", e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io("fsync dir of", e))?;
+            // Mode 0600, never through a planted link; tmp, fsync, rename,
+            // directory fsync.
+            daemoneye_platform::files::replace_private_file(&path, format!("{id}\n").as_bytes())
+                .map_err(|e| io("write", e))?;
             log::info!("new event stream {id}");
             Ok(id)
         }

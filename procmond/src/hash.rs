@@ -13,6 +13,29 @@
 //! Identity times are whole seconds (as the backends fill them): a rewrite
 //! that keeps the inode, the size and both times to the second goes
 //! unnoticed, a limit of the identity, not of this module.
+//!
+//! # Opening
+//!
+//! The opens run as root on paths other users control (an executable's
+//! path can be swapped for a link to a device or a FIFO between the
+//! record and the open), so nothing but a regular file is ever opened:
+//!
+//! - A process's executable: first `/proc/<pid>/exe` on Linux
+//!   ([`daemoneye_platform::files::open_process_exe`]). That is a link the
+//!   kernel makes, not a user's, and it must be followed (`O_NOFOLLOW`
+//!   refuses it with `ELOOP`): it leads to the very file the process
+//!   executed, which was a regular file then (`execve` takes nothing else)
+//!   and still is (a file's type never changes), so following it cannot
+//!   reach a device or a FIFO. When that is refused or gone, the recorded
+//!   path is opened with [`daemoneye_platform::files::open_regular_file`]:
+//!   a final symbolic link is not followed, and anything but a regular
+//!   file is refused before it is opened (Linux: `O_PATH` + `fstat`, then
+//!   the inode is reopened), never waited on. A refusal there means the
+//!   path no longer holds the recorded file: `Unavailable(Vanished)`.
+//! - A task's path ([`Hasher::hash_open`]): the task opens it with
+//!   `open_regular_file` and hashes the descriptor it opened, whose
+//!   identity comes from its own `fstat`; refusals are answered with their
+//!   reason (a symbolic link, a FIFO, a device, a directory).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -21,6 +44,7 @@ use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use daemoneye_platform::files::{self, NotRegularFile};
 use daemoneye_platform::{Field, FileIdentity, Unavailable};
 use sha2::{Digest, Sha256};
 
@@ -214,11 +238,12 @@ impl Hasher {
     ///   read.
     /// - The cycle's budget spent: `Deferred`; nothing is read. Ask again
     ///   in a later cycle.
-    /// - Otherwise the file is opened (see
-    ///   [`daemoneye_platform::exe_read_path`]; if that fails or holds
-    ///   another file, the recorded path) and must have the record's
-    ///   identity, or the answer is `Unavailable(Vanished)`: the path now
-    ///   holds another file, or the pid was reused. It is read in 64 KiB
+    /// - Otherwise the file is opened (see "Opening" in the module docs:
+    ///   `/proc/<pid>/exe`; if that fails or holds another file, the
+    ///   recorded path, never through a link and only if it is a regular
+    ///   file) and must have the record's identity, or the answer is
+    ///   `Unavailable(Vanished)`: the path now holds another file (or a
+    ///   link, a FIFO, a device), or the pid was reused. It is read in 64 KiB
     ///   chunks; the budget is checked after each, and when it runs out the
     ///   partial digest is kept, the answer is `Deferred`, and the next
     ///   call for the same identity resumes where this one stopped (so a
@@ -238,15 +263,15 @@ impl Hasher {
         self.hash_with(id, |id| open_file(pid, path, id))
     }
 
-    /// Hash of the file at `path`, whose identity the caller took with a
-    /// `stat` (a task naming a file rather than a process). The same rules
-    /// as [`Hasher::hash`]: the cache by identity, the size cap, the
-    /// budget; the file opened must still have `identity`
-    /// (`Unavailable(Vanished)` otherwise), and it is opened without
-    /// blocking (see [`daemoneye_platform::open_for_reading`]), so a path
-    /// swapped for a FIFO cannot stall the caller.
-    pub fn hash_path(&mut self, path: &Path, identity: &FileIdentity) -> HashOutcome {
-        self.hash_with(*identity, |id| open_checked(path, id).map_err(OpenError::into_unavailable))
+    /// Hash of a file the caller opened (a task naming a file rather than
+    /// a process), with `identity` from that descriptor's `fstat`: open it
+    /// with [`daemoneye_platform::files::open_regular_file`], so it is a
+    /// regular file and no link was followed. The same rules as
+    /// [`Hasher::hash`]: the cache by identity (a cached digest reads
+    /// nothing), the size cap, the budget, and the identity checked again
+    /// after reading.
+    pub fn hash_open(&mut self, file: File, identity: &FileIdentity) -> HashOutcome {
+        self.hash_with(*identity, |_| Ok(file))
     }
 
     /// The cache, the cap and the budget, then `open` and read.
@@ -353,28 +378,35 @@ fn identity_of(file: &File) -> Result<FileIdentity, OpenError> {
     daemoneye_platform::file_identity(&meta).map_err(OpenError::Io)
 }
 
-/// Opens `path` if it holds the file `id` describes. The open never
-/// blocks: a FIFO put in a binary's place must not stall the actor.
-fn open_checked(path: &Path, id: &FileIdentity) -> Result<File, OpenError> {
-    let file =
-        daemoneye_platform::open_for_reading(path).map_err(|e| OpenError::Io(Unavailable::from_io(&e)))?;
+/// Keeps an opened file only if it is the file `id` describes. A path
+/// that named something other than a regular file (refused unopened) does
+/// not hold the recorded file either.
+fn checked(opened: std::io::Result<File>, id: &FileIdentity) -> Result<File, OpenError> {
+    let file = opened.map_err(|e| {
+        if NotRegularFile::of(&e).is_some() {
+            OpenError::Mismatch
+        } else {
+            OpenError::Io(Unavailable::from_io(&e))
+        }
+    })?;
     if identity_of(&file)? == *id { Ok(file) } else { Err(OpenError::Mismatch) }
 }
 
-/// Opens the executable of `pid` with identity `id`: through the platform's
-/// read path first (on Linux the very file the process runs), then, if that
-/// is refused, gone, or another file, through the recorded path. Any file
-/// with the recorded identity is the same file, whoever runs it.
+/// Opens the executable of `pid` with identity `id`: through the kernel's
+/// link first (on Linux the very file the process runs), then, if that is
+/// refused, gone, or another file, through the recorded path, never
+/// following a link there (see the module docs). Any file with the
+/// recorded identity is the same file, whoever runs it.
 fn open_file(pid: u32, path: &Path, id: &FileIdentity) -> Result<File, Unavailable> {
-    let primary = daemoneye_platform::exe_read_path(pid, path);
-    let first = match open_checked(&primary, id) {
+    let first = match checked(files::open_process_exe(pid, path), id) {
         Ok(file) => return Ok(file),
         Err(e) => e,
     };
-    if primary == path {
+    if daemoneye_platform::exe_read_path(pid, path) == path {
+        // Not Linux: that was the recorded path already.
         return Err(first.into_unavailable());
     }
-    match (first, open_checked(path, id)) {
+    match (first, checked(files::open_regular_file(path), id)) {
         (_, Ok(file)) => Ok(file),
         (OpenError::Mismatch, _) | (_, Err(OpenError::Mismatch)) => Err(Unavailable::Vanished),
         (OpenError::Io(why), Err(OpenError::Io(_))) => Err(why),
@@ -600,22 +632,40 @@ mod tests {
     }
 
     #[test]
-    fn a_path_is_read_once_and_a_fifo_in_its_place_is_not_waited_on() {
+    fn an_open_file_is_read_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (exe, id) = write(&dir, "abc", b"abc");
         let (path, id) = (exe.expect("path"), id.expect("identity"));
         let mut h = Hasher::new(&big());
-        assert_eq!(h.hash_path(&path, &id), HashOutcome::Sha256(ABC.into()));
-        assert_eq!(h.hash_path(&path, &id), HashOutcome::Sha256(ABC.into()));
+        for _ in 0..2 {
+            let file = files::open_regular_file(&path).expect("open");
+            assert_eq!(h.hash_open(file, &id), HashOutcome::Sha256(ABC.into()));
+        }
         assert_eq!((h.files_read(), h.cache_len()), (1, 1));
-        // Checked, then swapped for a FIFO with no writer: the open does
-        // not wait for one, and the FIFO is not the file that was checked.
-        let (other, other_id) = write(&dir, "other", b"abcd");
-        let (other, other_id) = (other.expect("path"), other_id.expect("identity"));
-        std::fs::remove_file(&other).expect("remove");
-        nix::unistd::mkfifo(&other, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
-        assert_eq!(h.hash_path(&other, &other_id), HashOutcome::Unavailable(Unavailable::Vanished));
-        assert_eq!(h.files_read(), 1);
+    }
+
+    /// The recorded path swapped for a link (even to the very file the
+    /// record describes), a FIFO or a device: refused, never followed or
+    /// waited on.
+    #[test]
+    fn a_link_fifo_or_device_in_an_executables_place_is_not_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, id) = write(&dir, "prog", b"abc");
+        let path = exe.clone().expect("path");
+        let kept = dir.path().join("kept");
+        std::fs::rename(&path, &kept).expect("rename");
+        std::os::unix::fs::symlink(&kept, &path).expect("symlink");
+        let mut h = Hasher::new(&big());
+        assert_eq!(h.hash(NO_PID, &exe, &id), HashOutcome::Unavailable(Unavailable::Vanished));
+        std::fs::remove_file(&path).expect("rm");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        assert_eq!(h.hash(NO_PID, &exe, &id), HashOutcome::Unavailable(Unavailable::Vanished));
+        let null = Ok(PathBuf::from("/dev/null"));
+        let null_id = identity(Path::new("/dev/null"));
+        assert_eq!(h.hash(NO_PID, &null, &null_id), HashOutcome::Unavailable(Unavailable::Vanished));
+        assert_eq!((h.files_read(), h.cache_len()), (0, 0));
+        // Through the link's target itself it is the recorded file.
+        assert_eq!(h.hash(NO_PID, &Ok(kept), &id), HashOutcome::Sha256(ABC.into()));
     }
 
     #[test]

@@ -16,7 +16,8 @@ use clap::{Parser, ValueEnum};
 use crossbeam_channel::{bounded, select, tick};
 use daemoneye_bus::{Client, ClientConfig};
 use daemoneye_contract::control::{self, RpcResponse};
-use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
+use daemoneye_platform::files::{self, ensure_private_dir};
+use daemoneye_platform::paths::{PidLock, PidLockError};
 use daemoneye_platform::signals;
 use daemoneye_platform::{KernelEventSource, KernelSourceConfig};
 use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
@@ -61,7 +62,9 @@ struct Cli {
     /// source (--events) sees them all, and the cycle reconciles.
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     interval: Option<u64>,
-    /// Process at most this many processes per cycle (0 = unlimited).
+    /// Compare at most this many processes per cycle (0 = unlimited); new
+    /// processes first, stops from the whole list; a cut cycle counts as
+    /// an error and is logged.
     #[arg(long, value_name = "N")]
     max_processes: Option<usize>,
     /// Also collect cwd, session, threads and CPU time.
@@ -189,9 +192,16 @@ fn configure(cli: &Cli) -> anyhow::Result<CollectorConfig> {
 /// The per-collector lock (`<data dir>/procmond-<id>.pid`): one procmond
 /// per collector id and data dir. The agent reads it to find a collector
 /// left running by an agent that died.
+///
+/// The data dir is made private first (`files::ensure_private_dir`): created
+/// mode 0700 whatever the umask; an existing one that belongs to another
+/// user or that others may write to is refused, naming its path, owner and
+/// mode; one others may read (an older release made it 0755) is tightened.
+/// The lock file is mode 0600 (`PidLock`), so no other user can open it to
+/// hold its lock.
 fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
-    create_private_dir(&cfg.data_dir)
-        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    ensure_private_dir(&cfg.data_dir)
+        .with_context(|| format!("cannot use data directory {}", cfg.data_dir.display()))?;
     let path = cfg.data_dir.join(format!("procmond-{}.pid", cfg.collector_id));
     PidLock::acquire(&path).map_err(|e| match e {
         PidLockError::Held { .. } => {
@@ -239,10 +249,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         |_| {},
     )?;
+    let checkpoint = procmond::checkpoint::path(&cfg.data_dir, &cfg.collector_id);
+    // One an older release left readable by others (0644).
+    files::tighten_private_file(&checkpoint)
+        .with_context(|| format!("cannot make the checkpoint {} private", checkpoint.display()))?;
     let mut opts = ActorOptions {
         kernel: kernel_link,
         kernel_fallback,
-        checkpoint: Some(procmond::checkpoint::path(&cfg.data_dir, &cfg.collector_id)),
+        checkpoint: Some(checkpoint),
         ..ActorOptions::default()
     };
     if cli.foreground {
@@ -254,6 +268,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let broker = std::env::var_os(BROKER_ENV).filter(|s| !s.is_empty());
     let Some(socket) = broker else {
         log::info!("standalone mode ({BROKER_ENV} unset): events go to {}", cfg.database.display());
+        // A new database is private (SQLite makes its -wal and -shm files
+        // with the database file's mode); an existing one keeps its mode.
+        if let Some(parent) = cfg.database.parent().filter(|p| !p.as_os_str().is_empty()) {
+            daemoneye_platform::paths::create_private_dir(parent)
+                .with_context(|| format!("cannot create the directory of {}", cfg.database.display()))?;
+        }
+        match files::create_private_file(&cfg.database) {
+            Ok(_) => log::info!("created the event store {} (mode 0600)", cfg.database.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create the event store {}", cfg.database.display()));
+            }
+        }
         let sink = StoreSink::open(&cfg.database, &cfg.collector_id)
             .with_context(|| format!("cannot open the event store {}", cfg.database.display()))?;
         opts.start_running = true;
@@ -273,6 +301,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     client_cfg.timeout = Duration::from_millis(250);
     client_cfg.backoff_max = Duration::from_secs(10);
     let client = Arc::new(Client::connect(client_cfg).context("cannot start the bus client")?);
+    // The WAL's parent (`<data dir>/wal`), which an older release made
+    // 0755; the WAL makes its own directory private.
+    if let Some(parent) = cfg.wal_dir().parent() {
+        ensure_private_dir(parent)
+            .with_context(|| format!("cannot use the WAL directory {}", parent.display()))?;
+    }
     let connector = Connector::start(
         ConnectorConfig {
             collector_id: cfg.collector_id.clone(),

@@ -350,9 +350,15 @@ impl Manager {
         {
             return;
         }
-        let (status, health) = match self.actor.health(Duration::from_secs(1)) {
-            Ok(h) => {
-                let status = h.status();
+        let (status, health) = match self.actor.health_report(Duration::from_secs(1)) {
+            Ok(report) => {
+                let h = report.data;
+                // A walk cut at max_processes: working, but not seeing
+                // everything (each such walk counts in `errors` too).
+                let status = match h.status() {
+                    HealthStatus::Healthy if report.walk_truncated => HealthStatus::Degraded,
+                    status => status,
+                };
                 self.last_health = Some(h.clone());
                 (status, Some(h))
             }

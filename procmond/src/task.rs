@@ -21,9 +21,13 @@
 //!   answer is `Failed`.
 //! - `Inspect`: the last cycle's record of the pid (`NotFound` if it had
 //!   none) and the hash of its executable through the hasher.
-//! - `Hash`: a `stat` of the path (`NotFound`, `NotPermitted`), which must
-//!   be a regular file, then the hasher by file identity: a file hashed
-//!   before is answered from the cache without a read.
+//! - `Hash`: the path is opened (`NotFound`, `NotPermitted`) only if it
+//!   names a regular file: a final symbolic link is refused, not followed
+//!   (the answer names its target), and a FIFO, a device or a directory
+//!   is refused before it is opened
+//!   (`daemoneye_platform::files::open_regular_file`); then the hasher by
+//!   the opened file's identity: a file hashed before is answered from the
+//!   cache without a read.
 //!
 //! Hashing for a task follows the hasher's rules (size cap, LRU cache,
 //! identity checks), with a fresh time budget per task (the hashing budget
@@ -49,6 +53,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message, Strategy};
 use daemoneye_platform::Unavailable;
+use daemoneye_platform::files::NotRegularFile;
 
 use crate::actor::{ActorError, ActorSender};
 use crate::hash::Hasher;
@@ -350,30 +355,21 @@ fn hash(path: String, cx: TaskContext<'_>) -> TaskResponse {
     if !p.is_absolute() {
         return TaskResponse::failed(id, format!("the path must be absolute: {path:?}"));
     }
-    let meta = match std::fs::metadata(p) {
-        Ok(meta) => meta,
-        Err(e) => {
-            return match e.kind() {
-                ErrorKind::NotFound | ErrorKind::NotADirectory => {
-                    TaskResponse::status(id, TaskStatus::NotFound, format!("no such file: {path}"))
-                }
-                ErrorKind::PermissionDenied => {
-                    TaskResponse::status(id, TaskStatus::NotPermitted, format!("{path}: permission denied"))
-                }
-                _ => TaskResponse::failed(id, format!("{path}: {e}")),
-            };
-        }
+    // Opened before anything is read about it, never through a final link
+    // and only if it is a regular file: a FIFO or a device is refused
+    // unopened (Linux), so nothing blocks and no driver runs. Its identity
+    // is the opened descriptor's own.
+    let file = match daemoneye_platform::files::open_regular_file(p) {
+        Ok(file) => file,
+        Err(e) => return refused(id, &path, &e),
     };
-    // Reading a FIFO or a device could block or never end.
-    if !meta.is_file() {
-        return TaskResponse::failed(id, format!("{path} is not a regular file"));
-    }
-    let identity = match daemoneye_platform::file_identity(&meta) {
-        Ok(identity) => identity,
-        Err(why) => return TaskResponse::failed(id, format!("{path}: no file identity ({why})")),
+    let identity = match file.metadata().map(|m| daemoneye_platform::file_identity(&m)) {
+        Ok(Ok(identity)) => identity,
+        Ok(Err(why)) => return TaskResponse::failed(id, format!("{path}: no file identity ({why})")),
+        Err(e) => return TaskResponse::failed(id, format!("{path}: {e}")),
     };
     cx.hasher.start_cycle();
-    let outcome = cx.hasher.hash_path(p, &identity);
+    let outcome = cx.hasher.hash_open(file, &identity);
     let (status, message) = match &outcome {
         HashOutcome::Sha256(_) => (TaskStatus::Ok, None),
         HashOutcome::TooLarge { size, cap } => {
@@ -395,4 +391,35 @@ fn hash(path: String, cx: TaskContext<'_>) -> TaskResponse {
     };
     let result = TaskResult::Hash(FileHash { path, size: identity.size, sha256: outcome });
     TaskResponse { collector_id: id.to_owned(), status, message, result: Some(result), retry: false }
+}
+
+/// The answer when a hash task's path could not be opened.
+fn refused(id: &str, path: &str, e: &std::io::Error) -> TaskResponse {
+    let p = Path::new(path);
+    let link = NotRegularFile::of(e).map(|n| n.what == "a symbolic link").unwrap_or_else(|| {
+        // Where the OS refuses a final link itself (ELOOP; EMLINK on
+        // FreeBSD).
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+    });
+    if link {
+        let target = std::fs::read_link(p).map_or_else(|_| "?".to_owned(), |t| t.display().to_string());
+        return TaskResponse::failed(
+            id,
+            format!("{path} is a symbolic link (to {target}), not followed: ask for the file itself"),
+        );
+    }
+    if let Some(n) = NotRegularFile::of(e) {
+        // Reading a FIFO or a device could block or never end; opening one
+        // runs its driver: refused before either.
+        return TaskResponse::failed(id, format!("{path} is {}, not a regular file", n.what));
+    }
+    match e.kind() {
+        ErrorKind::NotFound | ErrorKind::NotADirectory => {
+            TaskResponse::status(id, TaskStatus::NotFound, format!("no such file: {path}"))
+        }
+        ErrorKind::PermissionDenied => {
+            TaskResponse::status(id, TaskStatus::NotPermitted, format!("{path}: permission denied"))
+        }
+        _ => TaskResponse::failed(id, format!("{path}: {e}")),
+    }
 }

@@ -87,9 +87,10 @@ pub struct ExitObservation {
 /// How a process list is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Walk {
-    /// The list is whole (not cut at `max_processes`): a process missing
-    /// from it has stopped.
-    pub complete: bool,
+    /// At most this many processes of the list are compared (0: all); see
+    /// [`Tracker::reconcile`] for which, and why stops still come from the
+    /// whole list.
+    pub max_processes: usize,
     /// The kernel path is on: what it touched since [`Tracker::begin_walk`]
     /// is newer than the list, what it stopped stays stopped, and an
     /// unknown zombie is its to report.
@@ -101,7 +102,7 @@ pub struct Walk {
 
 impl Walk {
     /// A whole list in poll mode.
-    pub const POLL: Walk = Walk { complete: true, kernel: false, cutoff: None };
+    pub const POLL: Walk = Walk { max_processes: 0, kernel: false, cutoff: None };
 }
 
 /// What the tracker remembers of one live process.
@@ -137,6 +138,18 @@ pub struct Tracker {
     /// Set by [`Tracker::restore`]: the next list is compared with the
     /// restored state, its events marked late with this window's start.
     restored_since: Option<u64>,
+    /// How the last list was cut at `max_processes`.
+    last_cut: Option<Cut>,
+}
+
+/// A process list longer than `max_processes`, and how much of it was
+/// compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Processes the list held (after excluded pids).
+    pub listed: usize,
+    /// Processes compared (the cap).
+    pub compared: usize,
 }
 
 impl Tracker {
@@ -154,6 +167,7 @@ impl Tracker {
             tombstones: HashMap::new(),
             caught_by_poll: 0,
             restored_since: None,
+            last_cut: None,
         }
     }
 
@@ -179,8 +193,8 @@ impl Tracker {
 
     /// The last cycle's record of `pid`, as an event would carry it
     /// (sanitized; cwd only with enhanced metadata). Should the tracker
-    /// hold two identities with that pid (a cut list keeps a missing one),
-    /// the newest.
+    /// hold two identities with that pid (a reused pid the kernel path
+    /// started before a walk stopped the old one), the newest.
     pub fn find(&self, pid: u32) -> Option<ProcessRecord> {
         let newest =
             self.live.values().filter(|t| t.record.pid == pid).max_by_key(|t| t.record.start_time)?;
@@ -199,16 +213,20 @@ impl Tracker {
         self.reconcile(records, now_unix_ms, Walk::POLL)
     }
 
-    /// Like [`Tracker::update`]; with `complete` false (the list was cut
-    /// at `max_processes`) a process missing from it is not taken for
-    /// stopped: its Stopped waits for a complete list.
+    /// Like [`Tracker::update`], comparing at most `max_processes` of the
+    /// list (0: all; see [`Tracker::reconcile`]).
     pub fn update_with(
         &mut self,
         records: Vec<ProcessRecord>,
         now_unix_ms: u64,
-        complete: bool,
+        max_processes: usize,
     ) -> Vec<ProcessEvent> {
-        self.reconcile(records, now_unix_ms, Walk { complete, kernel: false, cutoff: None })
+        self.reconcile(records, now_unix_ms, Walk { max_processes, kernel: false, cutoff: None })
+    }
+
+    /// How the last list was cut at `max_processes` (`None`: it was not).
+    pub fn last_cut(&self) -> Option<Cut> {
+        self.last_cut
     }
 
     /// Marks the start of a walk over the process table: kernel
@@ -279,12 +297,36 @@ impl Tracker {
     /// Compares a process list with what is tracked (see the module docs
     /// for what `walk.cutoff` changes). Stopped events come first, then
     /// Started, then Modified, each ordered by pid; all with source `poll`.
+    ///
+    /// With `walk.max_processes` set and a longer list, only that many of
+    /// its processes are compared (sanitized, started, diffed), chosen so a
+    /// flood of processes cannot hide new ones: first those not reported
+    /// yet (new, or waiting for `min_age_ms`), then those reported already;
+    /// within each, the newest first (start time, then pid, descending).
+    /// Under a flood, what starts after it is still reported; what was
+    /// reported before is kept, not refreshed until the list fits again.
+    /// Stops still come from the whole list: a tracked process is stopped
+    /// only if the list does not show it at all, never because the cap
+    /// left it out. [`Tracker::last_cut`] tells how many were left out.
     pub fn reconcile(
         &mut self,
-        records: Vec<ProcessRecord>,
+        mut records: Vec<ProcessRecord>,
         now_unix_ms: u64,
         walk: Walk,
     ) -> Vec<ProcessEvent> {
+        let listed = records.len();
+        let present: Option<HashSet<ProcessKey>> = if walk.max_processes > 0 && listed > walk.max_processes {
+            let present = records.iter().map(ProcessRecord::key).collect();
+            let reported = |r: &ProcessRecord| self.live.get(&r.key()).is_some_and(|t| t.reported);
+            records.sort_by_cached_key(|r| {
+                (reported(r), std::cmp::Reverse(r.start_time), std::cmp::Reverse(r.pid))
+            });
+            records.truncate(walk.max_processes);
+            Some(present)
+        } else {
+            None
+        };
+        self.last_cut = present.as_ref().map(|_| Cut { listed, compared: records.len() });
         let late = self
             .restored_since
             .take()
@@ -362,15 +404,14 @@ impl Tracker {
             }
         }
 
-        let gone: Vec<ProcessKey> = if walk.complete {
-            self.live
-                .iter()
-                .filter(|(k, t)| !(seen.contains(k) || kernels(k) || (kernel && t.touched == self.walk)))
-                .map(|(k, _)| *k)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Gone: in neither the compared part nor (when cut) the rest.
+        let listed = |k: &ProcessKey| seen.contains(k) || present.as_ref().is_some_and(|p| p.contains(k));
+        let gone: Vec<ProcessKey> = self
+            .live
+            .iter()
+            .filter(|(k, t)| !(listed(k) || kernels(k) || (kernel && t.touched == self.walk)))
+            .map(|(k, _)| *k)
+            .collect();
         for key in gone {
             if let Some(t) = self.live.remove(&key)
                 && t.reported
@@ -875,11 +916,45 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_list_reports_no_stops() {
+    fn a_cut_list_stops_only_what_it_does_not_show_and_starts_the_newest() {
         let mut t = tracker(no_disk());
-        t.update(vec![record(1, 1, "a"), record(2, 2, "b")], 0);
-        assert!(t.update_with(vec![record(1, 1, "a")], 1, false).is_empty());
-        assert_eq!(kinds(&t.update(vec![record(1, 1, "a")], 2)), vec![(EventKind::Stopped, 2, vec![])]);
+        let old = [record(1, 1, "init"), record(2, 2, "sshd"), record(3, 3, "cron")];
+        t.update(old.to_vec(), 0);
+        assert_eq!(t.last_cut(), None);
+        // A flood of 5 (start times 10..14) and, after it, a new process
+        // (start time 20, a low reused pid), with a cap of 4; cron is gone.
+        let flood: Vec<ProcessRecord> = (0..5).map(|i| record(100 + i, 10 + u64::from(i), "flood")).collect();
+        let mut list = vec![old[0].clone(), old[1].clone(), record(7, 20, "newcomer")];
+        list.extend(flood.iter().cloned());
+        let events = t.update_with(list.clone(), 1, 4);
+        assert_eq!(t.last_cut(), Some(Cut { listed: 8, compared: 4 }));
+        // cron stopped (the list does not show it); init and sshd, left
+        // out by the cap, were not; the newest new ones started.
+        assert_eq!(
+            kinds(&events),
+            vec![
+                (EventKind::Stopped, 3, vec![]),
+                (EventKind::Started, 7, vec![]),
+                (EventKind::Started, 102, vec![]),
+                (EventKind::Started, 103, vec![]),
+                (EventKind::Started, 104, vec![])
+            ]
+        );
+        // Next cycle: the rest of the flood, then the reported ones.
+        let events = t.update_with(list.clone(), 2, 4);
+        assert_eq!(
+            kinds(&events),
+            vec![(EventKind::Started, 100, vec![]), (EventKind::Started, 101, vec![])]
+        );
+        assert_eq!(t.len(), 8);
+        // The list fits again: nothing more, nothing stopped.
+        assert!(t.update_with(list.clone(), 3, 0).is_empty());
+        assert_eq!(t.last_cut(), None);
+        // A tracked process left out by the cap that then exits: stopped,
+        // since the whole list no longer shows it.
+        list.retain(|r| r.pid != 1);
+        let events = t.update_with(list, 4, 2);
+        assert_eq!(kinds(&events), vec![(EventKind::Stopped, 1, vec![])]);
     }
 
     #[test]
@@ -1088,7 +1163,7 @@ mod tests {
     #[test]
     fn reconciliation_reports_only_what_the_kernel_path_missed() {
         let mut t = tracker(no_disk());
-        let walk = |cutoff| Walk { complete: true, kernel: true, cutoff: Some(cutoff) };
+        let walk = |cutoff| Walk { max_processes: 0, kernel: true, cutoff: Some(cutoff) };
         t.begin_walk();
         t.reconcile(vec![record(1, 1, "init"), record(2, 2, "cron")], 0, Walk { cutoff: None, ..walk(0) });
         // The kernel saw 10 start and 2 exit.
@@ -1125,7 +1200,7 @@ mod tests {
     #[test]
     fn what_the_kernel_saw_during_a_walk_is_newer_than_the_walk() {
         let mut t = tracker(no_disk());
-        let walk = Walk { complete: true, kernel: true, cutoff: Some(1_000) };
+        let walk = Walk { max_processes: 0, kernel: true, cutoff: Some(1_000) };
         t.reconcile(vec![record(5, 50, "sh")], 0, Walk { cutoff: None, ..walk });
         t.begin_walk();
         // The walk read sh; then sh exec'd sleep (applied at the barrier).

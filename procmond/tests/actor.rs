@@ -230,7 +230,7 @@ fn messages_sent_raw_are_handled_one_at_a_time() {
     let (actor, tx, _source, _sink) = spawn(Duration::from_millis(100));
     let (reply, rx) = crossbeam_channel::bounded(1);
     tx.try_send(ActorMessage::HealthCheck { reply }).unwrap();
-    assert_eq!(rx.recv_timeout(T).unwrap().state, CollectorState::WaitingForAgent);
+    assert_eq!(rx.recv_timeout(T).unwrap().data.state, CollectorState::WaitingForAgent);
     tx.graceful_shutdown(T).unwrap();
     actor.join();
 }

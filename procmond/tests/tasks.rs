@@ -7,6 +7,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use daemoneye_bus::{Broker, Client, ClientConfig};
@@ -366,6 +367,52 @@ fn hash_answers_from_the_cache_and_says_why_it_cannot() {
     assert_eq!(piped.status, TaskStatus::Failed);
     assert!(piped.message.as_deref().unwrap_or("").contains("not a regular file"), "{piped:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A symbolic link swapped in for the file, to a FIFO whose writer
+    // waits in `open` for a reader: refused at once, and the FIFO is never
+    // opened (the writer still waits).
+    let fifo2 = dir.path().join("fifo2");
+    nix::unistd::mkfifo(&fifo2, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let opened = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (fifo2, opened) = (fifo2.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&fifo2).unwrap();
+            opened.store(true, Ordering::SeqCst);
+            drop(f);
+        })
+    };
+    let swapped = dir.path().join("swapped");
+    std::fs::write(&swapped, b"innocent").unwrap();
+    std::fs::remove_file(&swapped).unwrap();
+    std::os::unix::fs::symlink(&fifo2, &swapped).unwrap();
+    let started = Instant::now();
+    let linked = ask_hash(&swapped);
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at once");
+    assert_eq!(linked.status, TaskStatus::Failed, "{linked:?}");
+    let text = linked.message.clone().unwrap_or_default();
+    assert!(text.contains("symbolic link") && text.contains(&fifo2.display().to_string()), "{linked:?}");
+    assert!(linked.result.is_none(), "{linked:?}");
+    // And straight at the FIFO: refused by type, still never opened.
+    assert!(ask_hash(&fifo2).message.as_deref().unwrap_or("").contains("is a FIFO, not a regular file"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!opened.load(Ordering::SeqCst), "the FIFO was opened for reading");
+    drop(std::fs::File::open(&fifo2).unwrap()); // lets the writer go
+    writer.join().unwrap();
+    // A link to a regular file is not followed either; devices are refused.
+    let to_file = dir.path().join("to-file");
+    std::os::unix::fs::symlink(&file, &to_file).unwrap();
+    let linked = ask_hash(&to_file);
+    assert_eq!(linked.status, TaskStatus::Failed, "{linked:?}");
+    assert!(linked.message.as_deref().unwrap_or("").contains("symbolic link"), "{linked:?}");
+    for dev in ["/dev/zero", "/dev/null"] {
+        let d = bus.ask(&TaskRequest::Hash { path: dev.into() });
+        assert_eq!(d.status, TaskStatus::Failed, "{d:?}");
+        assert!(
+            d.message.as_deref().unwrap_or("").contains("is a character device, not a regular file"),
+            "{d:?}"
+        );
+    }
 
     // Unreadable: only meaningful without root's override.
     if !nix::unistd::geteuid().is_root() {

@@ -89,6 +89,16 @@ pub enum Error {
         /// The directory that was asked for.
         dir: PathBuf,
     },
+    /// The directory or one of its files is not private to this
+    /// process's user: another user's, or writable by group or others
+    /// (see the crate docs). Nothing was changed.
+    #[error("refusing WAL path {}: {reason}", path.display())]
+    NotPrivate {
+        /// The directory or file.
+        path: PathBuf,
+        /// Whose it is and its mode.
+        reason: String,
+    },
     /// Another writer holds the directory's lock file.
     #[error("WAL directory {} is locked by another writer{}", dir.display(),
         holder_pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]

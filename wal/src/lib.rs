@@ -27,6 +27,13 @@
 //!   where the framing allows.
 //! - One writer per directory, enforced with an exclusive lock on `LOCK`
 //!   (std's `File::try_lock`); the lock dies with its process.
+//! - The log is private to the user that writes it (Unix): the directory
+//!   (and every parent [`Wal::open`] creates) is mode 0700 and every file
+//!   0600 whatever the umask, files are created without following
+//!   symbolic links, and a directory that belongs to another user or that
+//!   others may write to is refused ([`Error::NotPrivate`]); one others
+//!   may read, and files with looser modes, are tightened. Another user
+//!   can neither read the records nor open `LOCK` to hold its lock.
 //!
 //! # On-disk format (version 1)
 //!
@@ -71,6 +78,7 @@
 
 mod error;
 pub mod format;
+mod private;
 mod report;
 mod scan;
 mod writer;

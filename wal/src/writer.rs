@@ -7,7 +7,7 @@
 //! the next segment exists).
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{CorruptionKind, Error, Result, io_err};
 use crate::format::{self, MAX_RECORD_LIMIT, SEGMENT_HEADER_LEN, SegmentHeader};
+use crate::private;
 use crate::report::{self, LOCK_FILE, RecoveryReport, WATERMARK_FILE};
 use crate::scan::{Item, SegmentScanner};
 
@@ -167,14 +168,19 @@ impl Wal {
     pub fn open(dir: impl AsRef<Path>, opts: WalOptions) -> Result<(Wal, RecoveryReport)> {
         opts.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        if !dir.is_dir() {
-            fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        if private::create_dirs(&dir)? {
             // The new directory's own entry must survive a power loss too.
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 sync_dir(parent)?;
             }
         }
+        private::check_dir(&dir)?;
         let lock = take_lock(&dir)?;
+        // Files an older release made readable by others (0644).
+        for entry in fs::read_dir(&dir).map_err(io_err("read directory", &dir))? {
+            let entry = entry.map_err(io_err("read directory", &dir))?;
+            private::tighten(&entry.path())?;
+        }
         let survey = report::survey(&dir)?;
         let mut report = survey.report;
         let mut dir_changed = false;
@@ -207,7 +213,7 @@ impl Wal {
                 continue;
             }
             if is_last {
-                let f = OpenOptions::new().write(true).open(&seg.path).map_err(io_err("open", &seg.path))?;
+                let f = private::open_existing(&seg.path, false).map_err(io_err("open", &seg.path))?;
                 if let Some((offset, bytes, _)) = seg.bad_tail {
                     f.set_len(offset).map_err(io_err("truncate", &seg.path))?;
                     log::warn!(
@@ -236,7 +242,7 @@ impl Wal {
         let next_seq = report.next_seq;
         let (active, salt, active_first, len) = match active {
             Some((header, path, valid_end)) => {
-                let file = OpenOptions::new().append(true).open(&path).map_err(io_err("open", &path))?;
+                let file = private::open_existing(&path, true).map_err(io_err("open", &path))?;
                 (Active { file, path }, header.salt, header.first_seq, valid_end)
             }
             None => {
@@ -753,13 +759,7 @@ pub fn read_dir(dir: &Path, from: u64) -> Result<Replay> {
 
 fn take_lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io_err("open", &path))?;
+    let mut f = private::open_lock(&path)?;
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
@@ -797,13 +797,8 @@ fn create_segment(dir: &Path, first_seq: u64, max_record_size: u32) -> Result<(A
         // Never replace a segment: it may hold unacknowledged records.
         return Err(io_err("create", &path)(io::Error::from(io::ErrorKind::AlreadyExists)));
     }
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .truncate(false)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    file.set_len(0).map_err(io_err("truncate", &tmp))?;
+    private::remove_leftover(&tmp)?;
+    let file = private::create_new(&tmp, true)?;
     (&file).write_all(&header.encode()).map_err(io_err("write", &tmp))?;
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
@@ -814,7 +809,8 @@ fn create_segment(dir: &Path, first_seq: u64, max_record_size: u32) -> Result<(A
 fn write_watermark(dir: &Path, seq: u64) -> Result<()> {
     let path = dir.join(WATERMARK_FILE);
     let tmp = dir.join("WATERMARK.tmp");
-    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    private::remove_leftover(&tmp)?;
+    let mut f = private::create_new(&tmp, false)?;
     f.write_all(&format::encode_watermark(seq)).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("fsync", &tmp))?;
     fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
