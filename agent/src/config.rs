@@ -635,7 +635,9 @@ fn check_range(v: u64, max: u64) -> Result<(), String> {
 /// Arguments the agent sets itself for every collector.
 const MANAGED_ARGS: [&str; 3] = ["--collector-id", "--data-dir", "--heartbeat-interval"];
 
-/// A binary must exist, be a file, and be executable by someone.
+/// A binary must exist, be a file, and be executable by someone; root
+/// runs only one that root alone can change
+/// ([`daemoneye_platform::files::trusted_executable`]).
 fn check_executable(path: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() {
@@ -648,6 +650,7 @@ fn check_executable(path: &Path) -> Result<(), String> {
             return Err(format!("{} is not executable", path.display()));
         }
     }
+    daemoneye_platform::files::trusted_executable(path).map_err(|e| e.to_string())?;
     Ok(())
 }
 

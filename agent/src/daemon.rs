@@ -29,7 +29,8 @@ use crossbeam_channel::{Receiver, bounded, select, tick};
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, ClientPermissions, Identities, Permissions};
 use daemoneye_contract::control::{self, RpcRequest, RpcStatus};
 use daemoneye_contract::{PeerVersion, topic};
-use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
+use daemoneye_platform::files::ensure_private_dir;
+use daemoneye_platform::paths::{PidLock, PidLockError};
 use parking_lot::Mutex;
 
 use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
@@ -195,8 +196,8 @@ pub fn run(
     collectors: Collectors,
 ) -> anyhow::Result<i32> {
     let data_dir = cfg.agent_dir();
-    create_private_dir(&data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    // 0700, ours, and writable by nobody else (else refused).
+    ensure_private_dir(&data_dir).with_context(|| format!("data dir {}", data_dir.display()))?;
     // One agent per data dir (under privsep, the privileged part holds the
     // data dir's lock and the worker this one, in its own directory).
     let _lock = PidLock::acquire(&data_dir.join("daemoneye-agent.pid")).map_err(|e| match e {

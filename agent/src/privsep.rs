@@ -44,6 +44,7 @@ use std::time::Duration;
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 use daemoneye_bus::Vouchers;
+use daemoneye_platform::files::ensure_owned_dir;
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
@@ -294,11 +295,9 @@ pub fn run_privileged(
     pids: Arc<Mutex<Vec<u32>>>,
 ) -> anyhow::Result<i32> {
     let data_dir = cfg.data_dir();
-    create_private_dir(&data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    // The worker goes through it to its own directory; nobody lists it.
-    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711))
-        .with_context(|| format!("cannot set the mode of {}", data_dir.display()))?;
+    // Root's and writable by nobody else (else refused); 0711: the worker
+    // goes through it to its own directory, nobody lists it.
+    ensure_owned_dir(&data_dir, 0o711).with_context(|| format!("data dir {}", data_dir.display()))?;
     let _lock = PidLock::acquire(&data_dir.join("daemoneye-agent.pid")).map_err(|e| match e {
         PidLockError::Held { .. } => {
             anyhow::anyhow!("another daemoneye-agent is running with data dir {}: {e}", data_dir.display())

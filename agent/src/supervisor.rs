@@ -568,7 +568,10 @@ impl Drop for Inner {
 /// in its own process group (a Ctrl-C in the agent's terminal reaches the
 /// agent only, which then stops the collectors in order).
 fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path, broker_uid: u32) -> std::io::Result<Spawned> {
-    daemoneye_platform::paths::create_private_dir(data_dir)?;
+    daemoneye_platform::files::ensure_private_dir(data_dir)?;
+    // Root runs only what root alone can change; the path checked is the
+    // path run.
+    let program = daemoneye_platform::files::trusted_executable(&spec.binary)?;
     let mut args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
     args.extend([
         "--collector-id".into(),
@@ -580,7 +583,7 @@ fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path, broker_uid: u32) 
     ]);
     let uid = broker_uid.to_string();
     spawn_process(
-        &spec.binary,
+        &program,
         &args,
         &[(BROKER_ENV, socket.as_os_str()), (daemoneye_bus::BROKER_UID_ENV, std::ffi::OsStr::new(&uid))],
         true,

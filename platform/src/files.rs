@@ -25,6 +25,11 @@
 //! Elsewhere (Windows) these create and open files and directories plainly:
 //! there is no mode to set, and the checks are Unix's.
 //!
+//! # Programs root runs: [`trusted_executable`]
+//!
+//! Root runs a collector's binary only when the binary, its directory
+//! and every directory above it can be changed by root alone.
+//!
 //! # Opening what a path names: [`open_regular_file`], [`open_process_exe`]
 //!
 //! A path that comes from process data or a task (an executable's path,
@@ -271,6 +276,22 @@ pub(crate) fn create_missing_dirs(dir: &Path) -> io::Result<()> {
 /// searchable by others (0755) is tightened to 0700, with a warning.
 /// Elsewhere only checks that it is a directory.
 pub fn check_private_dir(dir: &Path) -> io::Result<()> {
+    check_owned_dir(dir, PRIVATE_DIR_MODE)
+}
+
+/// Like [`ensure_private_dir`], but the directory ends with `mode`, which
+/// may let others search it (0711: they pass through to a subdirectory
+/// given to another user, but cannot list it); it must not let them
+/// write (`mode & 0o022 == 0`). Bits beyond `mode` are taken away with a
+/// warning, missing ones added.
+pub fn ensure_owned_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    debug_assert_eq!(mode & 0o022, 0, "a shared directory is not owned");
+    create_missing_dirs(dir)?;
+    check_owned_dir(dir, mode)
+}
+
+/// [`check_private_dir`] with the wanted `mode`.
+fn check_owned_dir(dir: &Path, wanted: u32) -> io::Result<()> {
     let meta = std::fs::metadata(dir)?;
     if !meta.is_dir() {
         return Err(io::Error::new(
@@ -283,14 +304,15 @@ pub fn check_private_dir(dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let (owner, mode) = (meta.uid(), meta.mode() & 0o7777);
         check_dir_owner_and_mode(dir, owner, mode)?;
-        if mode & 0o077 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
-            log::warn!(
-                "{} was mode {mode:04o}, readable by other users: now {PRIVATE_DIR_MODE:04o}",
-                dir.display()
-            );
+        if mode != wanted {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))?;
+            if mode & !wanted & 0o077 != 0 {
+                log::warn!("{} was mode {mode:04o}, open to other users: now {wanted:04o}", dir.display());
+            }
         }
     }
+    #[cfg(not(unix))]
+    let _ = wanted;
     Ok(())
 }
 
@@ -459,6 +481,62 @@ pub fn tighten_private_file(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// The program root may run for `binary`: its canonical path (links
+/// resolved), once that path is shown to be changeable by root alone.
+/// Exec the returned path, not `binary`: a link on the way, or a
+/// directory of it, may belong to someone else. Refused
+/// (`PermissionDenied`, naming the path, owner and mode) when the file or
+/// its directory belongs to another uid than root or may be written by
+/// group or others, or when a directory above it belongs to another uid
+/// or may be written by others without the sticky bit (which, as on
+/// `/tmp`, keeps them from renaming root's entries). Whoever can change
+/// any of them could run code as root. A process that is not root gets
+/// `binary` back unchecked: it runs nothing with more rights than its
+/// user. Elsewhere (Windows) `binary` is returned.
+pub fn trusted_executable(binary: &Path) -> io::Result<PathBuf> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(binary.to_owned());
+        }
+        let program = std::fs::canonicalize(binary)?;
+        let mut at = Some(program.as_path());
+        let mut depth = 0;
+        while let Some(path) = at {
+            let meta = std::fs::metadata(path)?;
+            let (owner, mode) = (meta.uid(), meta.mode() & 0o7777);
+            // The file (depth 0) and its directory (1): nobody else
+            // writes them at all.
+            let sticky_ok = depth >= 2 && mode & 0o1000 != 0;
+            let why = if owner != 0 {
+                Some(format!("{} belongs to uid {owner}", path.display()))
+            } else if mode & 0o022 != 0 && !sticky_ok {
+                Some(format!("{} may be written by group or others (mode {mode:04o})", path.display()))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "refusing to run {} as root: {why}, so another user could change what runs; it and \
+                         its directories must belong to root and be writable by root alone",
+                        binary.display()
+                    ),
+                ));
+            }
+            at = path.parent();
+            depth += 1;
+        }
+        Ok(program)
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(binary.to_owned())
+    }
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -497,6 +575,15 @@ mod tests {
             assert!(text.contains("owner uid"), "{text}");
             assert_eq!(mode(&deep), loose);
         }
+        // One others pass through (0711): search bits added or kept, read
+        // bits taken, write still refused.
+        for (before, after) in [(0o700, 0o711), (0o755, 0o711), (0o711, 0o711)] {
+            chmod(&deep, before);
+            ensure_owned_dir(&deep, 0o711).unwrap();
+            assert_eq!(mode(&deep), after);
+        }
+        chmod(&deep, 0o733);
+        assert_eq!(ensure_owned_dir(&deep, 0o711).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
         chmod(&deep, 0o700);
         // A file where the directory should be.
         let file = tmp.path().join("file");
@@ -509,6 +596,64 @@ mod tests {
             assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
             assert!(e.to_string().contains("owner uid 65534, mode 0700"), "{e}");
         }
+    }
+
+    #[test]
+    fn root_runs_only_a_binary_that_root_alone_can_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("bin");
+        std::fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let bin = dir.join("collector");
+        std::fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        chmod(&bin, 0o755);
+        if !nix::unistd::geteuid().is_root() {
+            // Nothing to guard: the path comes back as given, links and all.
+            let link = tmp.path().join("link");
+            std::os::unix::fs::symlink(&bin, &link).unwrap();
+            assert_eq!(trusted_executable(&link).unwrap(), link);
+            return;
+        }
+        let canonical = std::fs::canonicalize(&bin).unwrap();
+        assert_eq!(trusted_executable(&bin).unwrap(), canonical);
+        // A link is resolved: what runs is the file that was checked.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&bin, &link).unwrap();
+        assert_eq!(trusted_executable(&link).unwrap(), canonical);
+        // A sticky, world-writable directory above (like /tmp) is fine; as
+        // the binary's own directory it is not.
+        let sticky = tmp.path().join("sticky");
+        std::fs::create_dir_all(sticky.join("bin")).unwrap();
+        chmod(&sticky, 0o1777);
+        chmod(&sticky.join("bin"), 0o755);
+        std::fs::copy(&bin, sticky.join("bin/collector")).unwrap();
+        assert!(trusted_executable(&sticky.join("bin/collector")).is_ok());
+        std::fs::copy(&bin, sticky.join("collector")).unwrap();
+        let refused = |path: &Path, said: &str| {
+            let e = trusted_executable(path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+            let text = e.to_string();
+            assert!(text.contains(&format!("refusing to run {} as root", path.display())), "{text}");
+            assert!(text.contains(said), "{said:?} not in {text}");
+        };
+        refused(&sticky.join("collector"), "(mode 1777)");
+        // Writable by group or others: the file, its directory, one above.
+        for (path, loose) in [(&bin, 0o775), (&bin, 0o757), (&dir, 0o775), (&tmp.path().to_owned(), 0o777)] {
+            let before = mode(path);
+            chmod(path, loose);
+            refused(
+                &link,
+                &format!("{} may be written by group or others (mode {loose:04o})", path.display()),
+            );
+            chmod(path, before);
+        }
+        // Another user's file or directory.
+        for path in [&bin, &dir] {
+            std::os::unix::fs::chown(path, Some(65534), None).unwrap();
+            refused(&bin, &format!("{} belongs to uid 65534", path.display()));
+            std::os::unix::fs::chown(path, Some(0), None).unwrap();
+        }
+        assert_eq!(trusted_executable(&bin).unwrap(), canonical);
     }
 
     #[test]
