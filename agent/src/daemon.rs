@@ -31,6 +31,7 @@ use daemoneye_contract::control::{self, RpcRequest, RpcStatus};
 use daemoneye_contract::{PeerVersion, topic};
 use daemoneye_platform::files::ensure_private_dir;
 use daemoneye_platform::paths::{PidLock, PidLockError};
+use daemoneye_platform::threads::{ended_unexpectedly, first_ended};
 use parking_lot::Mutex;
 
 use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
@@ -163,16 +164,6 @@ pub fn broker_config(cfg: &AgentConfig) -> BrokerConfig {
 /// How often the main thread checks that every long-lived thread lives.
 const WATCHDOG: Duration = Duration::from_secs(1);
 
-/// The test hook: `DAEMONEYE_TEST_PANIC=<thread>` makes that thread panic
-/// at its hook point (the store writer after its first commit), for the
-/// tests of the watchdog. Unset in production: one environment read per
-/// call, at points that run rarely.
-pub fn test_panic_point(thread: &str) {
-    if std::env::var_os("DAEMONEYE_TEST_PANIC").is_some_and(|v| v == thread) {
-        panic!("DAEMONEYE_TEST_PANIC={thread}: the test hook panics this thread");
-    }
-}
-
 /// The broker's largest message: a merged snapshot of tens of thousands of
 /// processes must fit in one answer (the bus's default is 1 MiB).
 pub const MAX_MESSAGE: u32 = 16 << 20;
@@ -282,7 +273,15 @@ pub fn run(
     let watchdog = tick(WATCHDOG);
     let reason = loop {
         select! {
-            recv(shutdown) -> _ => break None,
+            // Disconnected: the signal thread ended, and its sender with it.
+            recv(shutdown) -> r => match r {
+                Ok(()) => break None,
+                Err(_) => {
+                    let why = ended_unexpectedly("agent-signals");
+                    log::error!("{why}: stopping the agent");
+                    break Some(why);
+                }
+            },
             recv(ended_rx) -> o => break match o {
                 Ok(Outcome::StartupFailed(r)) => Some(r),
                 Ok(_) => None,
@@ -300,8 +299,7 @@ pub fn run(
                     ("agent-monitor", monitor.thread_ended()),
                     ("agent-tasks", coordinator.thread_ended()),
                 ];
-                if let Some((name, _)) = threads.iter().find(|(_, ended)| *ended) {
-                    let why = format!("thread {name} ended unexpectedly (a panic; see above)");
+                if let Some(why) = first_ended(&threads) {
                     log::error!("{why}: stopping the agent");
                     break Some(why);
                 }

@@ -46,6 +46,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select};
 use daemoneye_bus::Vouchers;
 use daemoneye_platform::files::ensure_owned_dir;
 use daemoneye_platform::paths::{PidLock, PidLockError, create_private_dir};
+use daemoneye_platform::threads::ended_unexpectedly;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -380,17 +381,21 @@ fn serve(
     let mut signalled = false;
     let mut dead = None;
     let watchdog = crossbeam_channel::tick(Duration::from_secs(1));
+    // Disconnected when the signal thread ended (its sender is gone).
+    let mut shutdown = shutdown.clone();
     loop {
+        let mut ended = None;
         select! {
             recv(watchdog) -> _ => {
-                if dead.is_none() && supervisor.as_ref().is_some_and(|s| s.thread_ended()) {
-                    log::error!("thread agent-supervisor ended unexpectedly (a panic; see above): stopping the agent");
-                    dead = Some("agent-supervisor");
-                    let _ = link.send(&ToWorker::Shutdown);
+                if supervisor.as_ref().is_some_and(|s| s.thread_ended()) {
+                    ended = Some("agent-supervisor");
                 }
             }
-            recv(shutdown) -> _ => {
-                if !signalled {
+            recv(shutdown) -> r => {
+                if r.is_err() {
+                    shutdown = crossbeam_channel::never();
+                    ended = Some("agent-signals");
+                } else if !signalled {
                     signalled = true;
                     log::info!("signal: asking the worker to shut down");
                     let _ = link.send(&ToWorker::Shutdown);
@@ -428,6 +433,11 @@ fn serve(
                 Err(_) => break,
             }
         }
+        if let Some(thread) = ended.filter(|_| dead.is_none()) {
+            log::error!("{}: stopping the agent", ended_unexpectedly(thread));
+            dead = Some(thread);
+            let _ = link.send(&ToWorker::Shutdown);
+        }
     }
     if let Some(t) = stopping {
         let _ = t.join();
@@ -438,7 +448,7 @@ fn serve(
     let _ = forward.join();
     let _ = read_thread.join();
     match dead {
-        Some(thread) => anyhow::bail!("thread {thread} ended unexpectedly"),
+        Some(thread) => anyhow::bail!("{}", ended_unexpectedly(thread)),
         None => Ok(()),
     }
 }

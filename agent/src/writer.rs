@@ -551,7 +551,7 @@ impl WriterActor {
                 Ok(outcome) => {
                     self.events.clear();
                     self.committed(&outcome, before);
-                    crate::daemon::test_panic_point("agent-store");
+                    daemoneye_platform::threads::test_panic_point("agent-store");
                 }
                 // One event the store can never take (it does not encode):
                 // settled as a gap with the reason, or the batch would fail

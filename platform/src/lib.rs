@@ -38,6 +38,7 @@ mod record;
 pub mod signals;
 #[cfg(unix)]
 pub mod spawn;
+pub mod threads;
 
 pub use crate::kernel::{
     KernelEvent, KernelEventKind, KernelEventSource, KernelEventsAvailability, KernelSourceConfig,

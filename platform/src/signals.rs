@@ -39,6 +39,12 @@ pub struct ShutdownSignals {
 }
 
 impl ShutdownSignals {
+    /// Whether the thread has ended (a failed `sigwait`, a panic): the
+    /// host's watchdog asks, since the blocked signals now go unheard.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Starts the thread `name`. `on_first` runs on the first SIGTERM or
     /// SIGINT; `on_second` runs on the next one, just before the process
     /// exits with 128 + its number.
@@ -50,7 +56,9 @@ impl ShutdownSignals {
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         let set = set();
+        let hook = name.to_owned();
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            crate::threads::test_panic_point(&hook);
             let mut requested = false;
             loop {
                 let sig = match set.wait() {

@@ -278,6 +278,30 @@ pub struct Connector {
     cmds: Sender<Cmd>,
     notify: Sender<()>,
     thread: Option<JoinHandle<()>>,
+    /// Set when the flush thread ends, however (see [`Connector::flush_watch`]).
+    flush_ended: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped: at the end of the thread that holds it,
+/// a panic's unwinding included.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Whether the flush thread has ended, for the main thread's watchdog
+/// once the connector itself belongs to the actor.
+#[derive(Clone)]
+pub struct FlushWatch(Arc<AtomicBool>);
+
+impl FlushWatch {
+    /// Whether the flush thread has ended.
+    pub fn thread_ended(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl Connector {
@@ -351,17 +375,28 @@ impl Connector {
             ack_timeout: cfg.ack_timeout,
             foreign_acks: 0,
         };
+        let flush_ended = Arc::new(AtomicBool::new(false));
+        let ended = SetOnDrop(flush_ended.clone());
         let thread = std::thread::Builder::new()
             .name("procmond-flush".into())
-            .spawn(move || flusher.run(cmd_rx, notify_rx, acks))
+            .spawn(move || {
+                let _ended = ended;
+                daemoneye_platform::threads::test_panic_point("procmond-flush");
+                flusher.run(cmd_rx, notify_rx, acks);
+            })
             .map_err(|source| ConnectorError::Io { what: "spawn procmond-flush".into(), source })?;
-        Ok(Connector { shared, client, cmds, notify, thread: Some(thread) })
+        Ok(Connector { shared, client, cmds, notify, thread: Some(thread), flush_ended })
     }
 
     /// The agent's contract version, for registration to set and the
     /// heartbeats to follow (see [`crate::registration`]).
     pub fn peer_version(&self) -> PeerVersion {
         self.shared.peer.clone()
+    }
+
+    /// Tells whether the flush thread has ended.
+    pub fn flush_watch(&self) -> FlushWatch {
+        FlushWatch(self.flush_ended.clone())
     }
 
     /// The stream id of this collector's WAL.

@@ -171,6 +171,12 @@ pub struct KernelHandle {
 }
 
 impl KernelHandle {
+    /// Whether the thread has ended (a panic, before a shutdown): the
+    /// main thread's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Starts `procmond-kernel` over an opened source; returns the handle
     /// and the actor's side of the link.
     pub fn start(
@@ -257,6 +263,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        daemoneye_platform::threads::test_panic_point("procmond-kernel");
         if self.cfg.priority_boost > 0 {
             match daemoneye_platform::raise_thread_priority(i32::from(self.cfg.priority_boost)) {
                 Ok(nice) => log::info!("kernel event thread runs at nice {nice}"),

@@ -239,10 +239,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let source = daemoneye_platform::default_source().context("cannot open the process table")?;
     // Subscribed before anything is enumerated, so nothing falls between
     // the first walk and the first kernel event.
-    let (_kernel, kernel_link, kernel_fallback) = open_kernel_events(&cfg)?;
+    let (kernel, kernel_link, kernel_fallback) = open_kernel_events(&cfg)?;
     let (shutdown_tx, shutdown_rx) = bounded::<ShutdownRequest>(4);
     let signal_tx = shutdown_tx.clone();
-    let _signals = signals::ShutdownSignals::start(
+    let signals = signals::ShutdownSignals::start(
         "procmond-signals",
         move |sig| {
             let _ = signal_tx.try_send(ShutdownRequest { reason: format!("{sig}"), rpc: None });
@@ -286,7 +286,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open the event store {}", cfg.database.display()))?;
         opts.start_running = true;
         let actor = ActorHandle::spawn(cfg, source, Box::new(sink), inbox, opts)?;
-        let request = wait_for_shutdown(&shutdown_rx, &actor, None)?;
+        let threads = |t: &mut Vec<(&str, bool)>| {
+            t.extend([
+                ("procmond-actor", actor.is_finished()),
+                ("procmond-signals", signals.thread_ended()),
+                ("procmond-kernel", kernel.as_ref().is_some_and(KernelHandle::thread_ended)),
+            ]);
+        };
+        let request = wait_for_shutdown(&shutdown_rx, threads, None)?;
         log::info!("shutting down: {}", request.reason);
         stop_actor(&actor_tx, actor)?;
         log::info!("stopped");
@@ -346,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         delivery: Some(connector.delivery_probe()),
     };
     let collector_id = cfg.collector_id.clone();
+    let flush = connector.flush_watch();
     let actor = ActorHandle::spawn(cfg, source, Box::new(connector), inbox, opts)?;
     let rpc = RpcService::start(client.clone(), &collector_id, actor_tx.clone(), shutdown_tx.clone())?;
     let tasks = TaskService::start(
@@ -356,7 +364,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     )?;
     let registration = Registration::start(reg_cfg, client.clone(), actor_tx.clone(), cell, on_ack)?;
 
-    let request = wait_for_shutdown(&shutdown_rx, &actor, Some(&client))?;
+    let threads = |t: &mut Vec<(&str, bool)>| {
+        t.extend([
+            ("procmond-actor", actor.is_finished()),
+            ("procmond-signals", signals.thread_ended()),
+            ("procmond-kernel", kernel.as_ref().is_some_and(KernelHandle::thread_ended)),
+            ("procmond-flush", flush.thread_ended()),
+            ("procmond-rpc", rpc.thread_ended()),
+            ("procmond-tasks", tasks.thread_ended()),
+            ("procmond-registration", registration.thread_ended()),
+            ("the bus client", client.thread_ended()),
+        ]);
+    };
+    let request = wait_for_shutdown(&shutdown_rx, threads, Some(&client))?;
     log::info!("shutting down: {}", request.reason);
     rpc.refuse_new_requests();
     // Leave the task group first, so the agent's tasks go to the other
@@ -472,20 +492,26 @@ fn stop_actor(actor_tx: &procmond::actor::ActorSender, actor: ActorHandle) -> an
     Ok(())
 }
 
-/// Waits for a signal or an RPC asking for shutdown; an actor that died on
-/// its own is an error.
+/// Waits for a signal or an RPC asking for shutdown. The watchdog: once a
+/// second, `threads` lists each long-lived thread and whether it ended;
+/// one that ended (a panic: nothing else ends them before a shutdown) is
+/// an error, so procmond exits non-zero and the agent or the service
+/// manager restarts it rather than leave it half alive.
 fn wait_for_shutdown(
     requests: &crossbeam_channel::Receiver<ShutdownRequest>,
-    actor: &ActorHandle,
+    threads: impl Fn(&mut Vec<(&str, bool)>),
     client: Option<&Client>,
 ) -> anyhow::Result<ShutdownRequest> {
-    let check = tick(Duration::from_secs(2));
+    let check = tick(Duration::from_secs(1));
+    let mut listed = Vec::new();
     loop {
         select! {
             recv(requests) -> req => return req.context("shutdown channel closed"),
             recv(check) -> _ => {
-                if actor.is_finished() {
-                    bail!("the collector actor stopped (see the log above); exiting so a restart can recover");
+                listed.clear();
+                threads(&mut listed);
+                if let Some(why) = daemoneye_platform::threads::first_ended(&listed) {
+                    bail!("{why}; exiting so a restart can recover");
                 }
                 if client.is_some_and(|c| c.state() == daemoneye_bus::ConnectionState::Refused) {
                     bail!("the broker refused this collector (uid, protocol version or id); see the log above");

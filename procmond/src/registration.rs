@@ -84,6 +84,12 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// Whether the thread has ended (a panic, before a shutdown): the
+    /// main thread's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Subscribes to the lifecycle topic and starts the thread.
     pub fn start(
         cfg: RegistrationConfig,
@@ -98,6 +104,7 @@ impl Registration {
         let thread = std::thread::Builder::new()
             .name("procmond-registration".into())
             .spawn(move || {
+                daemoneye_platform::threads::test_panic_point("procmond-registration");
                 let mut m = Manager {
                     backoff: cfg.backoff_min,
                     cfg,

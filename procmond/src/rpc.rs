@@ -43,6 +43,12 @@ pub struct RpcService {
 }
 
 impl RpcService {
+    /// Whether the thread has ended (a panic, before a shutdown): the
+    /// main thread's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Subscribes to this collector's RPC topic and starts the thread.
     /// Shutdown requests go to `shutdown`.
     pub fn start(
@@ -58,6 +64,7 @@ impl RpcService {
         let thread = std::thread::Builder::new()
             .name("procmond-rpc".into())
             .spawn(move || {
+                daemoneye_platform::threads::test_panic_point("procmond-rpc");
                 let service = Service { client, actor, shutdown, shutting_down: flag };
                 service.run(sub.messages(), stop_rx);
                 drop(sub);

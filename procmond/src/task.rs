@@ -147,6 +147,12 @@ pub struct TaskService {
 }
 
 impl TaskService {
+    /// Whether the thread has ended (a panic, before a shutdown): the
+    /// main thread's watchdog asks.
+    pub fn thread_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Joins the task group of `cfg.collector_type` and starts the thread.
     pub fn start(
         client: Arc<Client>,
@@ -163,6 +169,7 @@ impl TaskService {
         let thread = std::thread::Builder::new()
             .name("procmond-tasks".into())
             .spawn(move || {
+                daemoneye_platform::threads::test_panic_point("procmond-tasks");
                 let service = Service { client, cfg, actor, counters, shutting_down: flag };
                 service.run(sub.messages(), all.messages(), &stop_rx);
                 // Leave the group first, so new tasks go to other members,

@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -393,11 +394,20 @@ fn a_command_line_cut_at_32_kib_keeps_no_part_of_the_secret_it_cut() {
     let head = "sh\0-c\0".len() + script.len() + 1;
     let filler = format!("{token}{}", "x".repeat(32_768 - 17 - 1 - head - token.len()));
     let url = "https://alice:s3cretpassword@example.com/repo.git";
-    let mut child = Command::new("sh").args(["-c", script, &filler, url]).spawn().unwrap();
+    // In its own process group, killed whole: `sleep` is sh's child, and
+    // an orphaned one would hold the test's stdout (cargo's pipe) open.
+    let mut child = Command::new("sh")
+        .args(["-c", script, &filler, url])
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let pm =
         Procmond::start(dir.path(), None, &["--foreground", "--format", "json", "--collector-id", "cut"]);
     let seen = wait_until(T, || pm.stdout().lines().any(|l| l.contains(&token)));
-    let _ = child.kill();
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::SIGKILL);
     let _ = child.wait();
     assert!(seen, "{}", pm.log());
     let out = pm.stdout();
@@ -455,4 +465,38 @@ fn a_second_signal_exits_at_once() {
     assert!(sent.elapsed() < Duration::from_millis(1500), "took {:?}", sent.elapsed());
     assert_eq!(status.code(), Some(130), "128 + SIGINT: {}", pm.log());
     assert!(pm.log().contains("second SIGINT: exiting now"), "{}", pm.log());
+}
+
+#[test]
+fn a_thread_that_dies_stops_procmond_with_status_1_naming_it() {
+    // Kernel events need root (CAP_NET_ADMIN), as in CI.
+    let threads = [
+        ("procmond-flush", "auto"),
+        ("procmond-rpc", "auto"),
+        ("procmond-tasks", "auto"),
+        ("procmond-registration", "auto"),
+        ("procmond-signals", "auto"),
+        ("procmond-kernel", "kernel"),
+    ];
+    for (thread, events) in threads {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = socket_path(dir.path());
+        let _broker = broker(dir.path());
+        let _agent = FakeAgent::start(&socket, &dir.path().join("agent.db"));
+        let mut pm = Procmond::start_with_env(
+            dir.path(),
+            Some(&socket),
+            &["--events", events],
+            &[("DAEMONEYE_TEST_PANIC", thread)],
+        );
+        let status = pm.wait_exit(T);
+        let log = pm.log();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{thread}: {log}");
+        assert!(log.contains(&format!("DAEMONEYE_TEST_PANIC={thread}")), "{thread} did not panic: {log}");
+        assert!(
+            log.contains(&format!("thread {thread} ended unexpectedly"))
+                && log.contains("a restart can recover"),
+            "{thread}: {log}"
+        );
+    }
 }

@@ -327,28 +327,31 @@ fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
 }
 
 #[test]
-fn a_panicking_store_writer_stops_the_agent_with_a_failure_naming_the_thread() {
-    // The test hook panics the store writer after its first commit.
-    let mut sys = System::create(&[CollectorDef::procmond("pm-panic")], "");
-    let mut agent = Command::new(bin("daemoneye-agent"));
-    agent.arg("--config").arg(sys.dir.path().join("agent.yaml")).env("DAEMONEYE_TEST_PANIC", "agent-store");
-    sys.spawn_agent(agent);
-    let mut child = sys.agent.take().expect("agent");
-    let mut status = None;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        }),
-        "the agent kept running with a dead store writer\n{}",
-        sys.tail()
-    );
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", sys.tail());
-    let log = sys.log();
-    assert!(log.contains("the test hook panics this thread"), "{}", sys.tail());
-    assert!(log.contains("thread agent-store ended unexpectedly"), "{}", sys.tail());
-    // It stopped its collector on the way out.
-    for pid in sys.collector_pids() {
-        assert!(!alive(pid), "collector {pid} outlived the agent\n{}", sys.tail());
+fn a_dead_thread_stops_the_agent_with_a_failure_naming_it() {
+    // The test hook panics the store writer after its first commit, the
+    // signal thread as it starts.
+    for thread in ["agent-store", "agent-signals"] {
+        let mut sys = System::create(&[CollectorDef::procmond("pm-panic")], "");
+        let mut agent = Command::new(bin("daemoneye-agent"));
+        agent.arg("--config").arg(sys.dir.path().join("agent.yaml")).env("DAEMONEYE_TEST_PANIC", thread);
+        sys.spawn_agent(agent);
+        let mut child = sys.agent.take().expect("agent");
+        let mut status = None;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                status = child.try_wait().ok().flatten();
+                status.is_some()
+            }),
+            "the agent kept running with a dead {thread}\n{}",
+            sys.tail()
+        );
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{thread}: {}", sys.tail());
+        let log = sys.log();
+        assert!(log.contains(&format!("DAEMONEYE_TEST_PANIC={thread}")), "{}", sys.tail());
+        assert!(log.contains(&format!("thread {thread} ended unexpectedly")), "{}", sys.tail());
+        // It stopped its collector on the way out.
+        for pid in sys.collector_pids() {
+            assert!(!alive(pid), "collector {pid} outlived the agent\n{}", sys.tail());
+        }
     }
 }

@@ -247,6 +247,16 @@ pub struct Procmond {
 impl Procmond {
     /// Starts procmond in actor mode (socket given) or standalone.
     pub fn start(dir: &Path, socket: Option<&Path>, extra: &[&str]) -> Procmond {
+        Procmond::start_with_env(dir, socket, extra, &[])
+    }
+
+    /// [`Procmond::start`] with these environment variables set too.
+    pub fn start_with_env(
+        dir: &Path,
+        socket: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Procmond {
         let stderr_path = dir.join(format!("procmond-{:016x}.log", rand_u64()));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let stdout = std::fs::File::create(stderr_path.with_extension("out")).unwrap();
@@ -257,6 +267,7 @@ impl Procmond {
         if let Some(s) = socket {
             cmd.env("DAEMONEYE_BROKER_SOCKET", s);
         }
+        cmd.envs(env.iter().copied());
         Procmond { child: cmd.spawn().expect("procmond starts"), stderr_path }
     }
 
