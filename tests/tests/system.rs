@@ -355,3 +355,36 @@ fn a_dead_thread_stops_the_agent_with_a_failure_naming_it() {
         }
     }
 }
+
+#[test]
+fn a_walk_cut_by_max_processes_shows_in_the_status_and_raises_an_alert() {
+    // Far fewer than any machine runs (this test alone runs more).
+    let mut sys =
+        System::start(&[CollectorDef::procmond("pm-cap").args(&["--max-processes", "3"]).heartbeat(1)], "");
+    let status = sys.wait_status(Duration::from_secs(30), "a Degraded heartbeat", |s| {
+        s.collectors.iter().any(|c| c.heartbeat.as_ref().is_some_and(|h| h.status == "degraded"))
+    });
+    let hb = status.collectors[0].heartbeat.clone().expect("heartbeat");
+    assert!(hb.errors > 0, "a cut walk counts as an error: {hb:?}");
+    let db = sys.database();
+    let alerts = || -> Vec<String> {
+        let Ok(conn) = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return Vec::new();
+        };
+        let Ok(mut stmt) = conn.prepare(
+            "SELECT description FROM alerts WHERE rule = 'collector_degraded' AND collector_id = 'pm-cap'",
+        ) else {
+            return Vec::new();
+        };
+        stmt.query_map([], |r| r.get(0)).map(|it| it.filter_map(Result::ok).collect()).unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(30), || !alerts().is_empty()), "no alert\n{}", sys.tail());
+    // Once, although every heartbeat since says Degraded.
+    std::thread::sleep(Duration::from_secs(3));
+    let raised = alerts();
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert!(raised[0].contains("--max-processes"), "{}", raised[0]);
+    assert!(sys.log().contains("walk truncated"), "{}", sys.tail());
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0), "{}", sys.tail());
+}
