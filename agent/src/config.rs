@@ -448,6 +448,17 @@ impl AgentConfig {
             if !ids.insert(c.id.as_str()) {
                 return Err(err(at("id"), format!("duplicate id {:?}", c.id)));
             }
+            // The one type the agent knows how to serve (tasks, status).
+            if c.collector_type != daemoneye_contract::ids::COLLECTOR_TYPE {
+                return Err(err(
+                    at("type"),
+                    format!(
+                        "unknown collector type {:?}: the only type is {}",
+                        c.collector_type,
+                        daemoneye_contract::ids::COLLECTOR_TYPE
+                    ),
+                ));
+            }
             for (field, v, max) in [
                 ("startup_timeout_secs", c.startup_timeout_secs, DAY_SECS),
                 ("heartbeat_interval_secs", c.heartbeat_interval_secs, 3600),
@@ -687,7 +698,7 @@ mod tests {
         let long = format!("/{}", "d".repeat(120));
         let long_dir = format!("data_dir: {long}\n");
         let long_socket = format!("broker_socket: {long}/b.sock\n");
-        let cases: [(&str, &str, &str); 24] = [
+        let cases: [(&str, &str, &str); 25] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -706,6 +717,11 @@ mod tests {
                 "at least 1",
             ),
             ("collectors:\n  - {id: a, binary: procmond, colour: red}\n", "line", "colour"),
+            (
+                "collectors:\n  - {id: a, type: network-monitor, binary: procmond}\n",
+                "collectors[0].type",
+                "unknown collector type \"network-monitor\"",
+            ),
             ("collectors:\n  - {id: Bad, binary: procmond}\n", "collectors[0].id", "use 1-64 of a-z"),
             ("collectors:\n  - {id: registration, binary: procmond}\n", "collectors[0].id", "reserved"),
             ("collectors:\n  - {id: daemoneye-agent-x, binary: procmond}\n", "collectors[0].id", "reserved"),

@@ -15,6 +15,13 @@
 //!   to the new broker by itself and replays what the store has not
 //!   acknowledged. Its liveness is the lock: when the lock can be taken,
 //!   it is gone.
+//! - **Log.** A collector's stdout and stderr go to its own
+//!   `<data dir>/collector.log` (0600; rotated to `collector.log.1` past
+//!   8 MiB), which outlives the agent; an exit other than status 0 is
+//!   reported with the last line it wrote there.
+//! - **Check.** [`check_args`] runs the collector with `--check-args`
+//!   before the agent starts (and for `--check-config`), so arguments it
+//!   refuses are refused as configuration errors, in its own words.
 //! - **Reap and restart.** Children are polled with `try_wait` every
 //!   250 ms; an exit is logged with its status and reported to the
 //!   monitor, and, with `auto_restart`, the collector is started again
@@ -353,6 +360,7 @@ impl Inner {
         // Exits are polled (SIGCHLD is blocked for the signal thread):
         // 4 times a second.
         let ticker = tick(POLL);
+        let logs = tick(LOG_CHECK);
         let mut all_done: Option<(Sender<()>, Instant)> = None;
         loop {
             select! {
@@ -390,6 +398,11 @@ impl Inner {
                     }
                 },
                 recv(ticker) -> _ => {}
+                recv(logs) -> _ => {
+                    for s in self.slots.iter().filter(|s| s.proc.is_some()) {
+                        rotate_running_log(&s.data_dir);
+                    }
+                }
             }
             self.poll();
             if let Some((done, give_up)) = &all_done {
@@ -413,7 +426,13 @@ impl Inner {
         for i in 0..self.slots.len() {
             let s = &mut self.slots[i];
             if let Some(p) = &mut s.proc {
-                if let Some(status) = p.poll() {
+                if let Some(mut status) = p.poll() {
+                    // Why, in its own words: the last line it wrote.
+                    if status != "exit status 0"
+                        && let Some(line) = last_line(&log_path(&s.data_dir))
+                    {
+                        status = format!("{status}; its last words: {line}");
+                    }
                     self.vouchers.revoke(&s.spec.id, p.pid());
                     s.proc = None;
                     s.stopping = None;
@@ -500,8 +519,10 @@ impl Inner {
         let lock = s.data_dir.join(format!("procmond-{id}.pid"));
         if let Some(pid) = lock_holder(&lock).filter(|p| *p != 0) {
             log::warn!(
-                "collector {id}: already running as pid {pid} (lock {}); adopting it: it reconnects and replays",
-                lock.display()
+                "collector {id}: already running as pid {pid} (lock {}); adopting it: it reconnects and \
+                 replays, logging to {}",
+                lock.display(),
+                log_path(&s.data_dir).display()
             );
             s.proc = Some(Proc::Adopted { pid, lock });
             self.vouchers.vouch(&id, pid);
@@ -513,7 +534,11 @@ impl Inner {
                 let pid = child.id();
                 // Not reaped yet, so the pid cannot be reused before this.
                 self.vouchers.vouch(&id, pid);
-                log::info!("collector {id}: started {} as pid {pid}", s.spec.binary.display());
+                log::info!(
+                    "collector {id}: started {} as pid {pid}, logging to {}",
+                    s.spec.binary.display(),
+                    log_path(&s.data_dir).display()
+                );
                 s.proc = Some(Proc::Child(child));
                 let _ = self.events.try_send(SupervisorEvent::Started { id, pid, adopted: false });
             }
@@ -572,6 +597,24 @@ fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path, broker_uid: u32) 
     // Root runs only what root alone can change; the path checked is the
     // path run.
     let program = daemoneye_platform::files::trusted_executable(&spec.binary)?;
+    let mut log = open_log(data_dir)?;
+    {
+        use std::io::Write;
+        // Where this run begins, so its last words are never an earlier run's.
+        writeln!(log, "{RUN_MARK}{} ---", program.display())?;
+    }
+    let uid = broker_uid.to_string();
+    spawn_process(
+        &program,
+        &collector_args(spec, data_dir),
+        &[(BROKER_ENV, socket.as_os_str()), (daemoneye_bus::BROKER_UID_ENV, std::ffi::OsStr::new(&uid))],
+        true,
+        Some(&log),
+    )
+}
+
+/// The collector's command line: its own `args`, then what the agent sets.
+fn collector_args(spec: &CollectorSpec, data_dir: &Path) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = spec.args.iter().map(Into::into).collect();
     args.extend([
         "--collector-id".into(),
@@ -581,11 +624,190 @@ fn spawn(spec: &CollectorSpec, data_dir: &Path, socket: &Path, broker_uid: u32) 
         "--heartbeat-interval".into(),
         spec.heartbeat_interval_secs.to_string().into(),
     ]);
-    let uid = broker_uid.to_string();
-    spawn_process(
-        &program,
-        &args,
-        &[(BROKER_ENV, socket.as_os_str()), (daemoneye_bus::BROKER_UID_ENV, std::ffi::OsStr::new(&uid))],
-        true,
-    )
+    args
+}
+
+/// A collector's log: its stdout and stderr, `<data dir>/collector.log`.
+/// It is the collector's own file, not the agent's stderr, so it outlives
+/// the agent (an adopted collector keeps writing it).
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("collector.log")
+}
+
+/// The agent's line in a collector's log before each start.
+const RUN_MARK: &str = "--- daemoneye-agent starts ";
+
+/// A log past this size is rotated to `collector.log.1` (one kept).
+const LOG_MAX_BYTES: u64 = 8 << 20;
+/// How often the logs of running collectors are measured.
+const LOG_CHECK: Duration = Duration::from_secs(30);
+
+/// Opens the collector's log for appending (0600, never through a link),
+/// rotating it first when it is over [`LOG_MAX_BYTES`].
+fn open_log(data_dir: &Path) -> std::io::Result<std::fs::File> {
+    let path = log_path(data_dir);
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() > LOG_MAX_BYTES) {
+        std::fs::rename(&path, path.with_extension("log.1"))?;
+    }
+    daemoneye_platform::files::open_private_log(&path)
+}
+
+/// While the collector runs, its log is rotated in place: copied to
+/// `collector.log.1`, then truncated (it writes with `O_APPEND`, so it
+/// goes on at the new end). A line written between the copy and the
+/// truncation is lost: the price of not asking the collector to reopen.
+fn rotate_running_log(data_dir: &Path) {
+    let path = log_path(data_dir);
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() > LOG_MAX_BYTES) {
+        return;
+    }
+    let old = path.with_extension("log.1");
+    let rotated = daemoneye_platform::files::open_private_file(&path).and_then(|mut from| {
+        let _ = std::fs::remove_file(&old);
+        let mut to = daemoneye_platform::files::create_private_file(&old)?;
+        std::io::copy(&mut from, &mut to)?;
+        from.set_len(0)
+    });
+    if let Err(e) = rotated {
+        log::warn!("cannot rotate {}: {e}", path.display());
+    }
+}
+
+/// The last non-empty line the current run wrote to a log (from its last
+/// 4 KiB), made printable and cut to 300 characters.
+fn last_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = daemoneye_platform::files::open_regular_file(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    if line.starts_with(RUN_MARK) {
+        return None;
+    }
+    let line: String = line.chars().take(300).collect();
+    Some(daemoneye_contract::render::printable(&line).into_owned())
+}
+
+/// How long a collector may take to answer `--check-args`.
+const CHECK_ARGS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the collector itself whether it takes its command line: runs
+/// `<binary> <args> <what the agent sets> --check-args` (it checks its
+/// flags and config file, creates nothing, exits). `Err` says why not, in
+/// the collector's words (its first `error:` line, else its last line);
+/// `Ok(Some(note))` when it does not know `--check-args` (a collector of
+/// an earlier release): its arguments could not be checked.
+pub fn check_args(spec: &CollectorSpec, data_dir: &Path) -> Result<Option<String>, String> {
+    use std::os::unix::process::CommandExt;
+    let mut args = collector_args(spec, data_dir);
+    args.push("--check-args".into());
+    // As at a spawn: root runs only what root alone can change.
+    let program = daemoneye_platform::files::trusted_executable(&spec.binary)
+        .map_err(|e| format!("{}: {e}", spec.binary.display()))?;
+    let child = std::process::Command::new(&program)
+        .args(&args)
+        // Its own group, so a timeout kills whatever it started too (a
+        // child left holding the pipes would keep the wait from ending).
+        .process_group(0)
+        .env_remove(BROKER_ENV)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {} --check-args: {e}", spec.binary.display()))?;
+    let pid = child.id();
+    let (tx, rx) = bounded(1);
+    let waiter = std::thread::Builder::new()
+        .name("agent-check-args".into())
+        .spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+    let out = match rx.recv_timeout(CHECK_ARGS_TIMEOUT) {
+        Ok(out) => out,
+        Err(_) => {
+            if let Ok(p) = i32::try_from(pid) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+            }
+            let _ = waiter.join();
+            return Err(format!(
+                "{} did not answer --check-args within {CHECK_ARGS_TIMEOUT:?} (is it a DaemonEye collector?)",
+                spec.binary.display()
+            ));
+        }
+    };
+    let _ = waiter.join();
+    let out = out.map_err(|e| format!("{} --check-args: {e}", spec.binary.display()))?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said = stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains("error:"))
+        .or_else(|| stderr.lines().map(str::trim).rfind(|l| !l.is_empty()))
+        .unwrap_or("(nothing on stderr)");
+    if said.contains("--check-args") {
+        return Ok(Some(format!(
+            "{} does not know --check-args (an earlier release?): its arguments are not checked",
+            spec.binary.display()
+        )));
+    }
+    Err(format!(
+        "{} refuses them ({}): {}",
+        spec.binary.display(),
+        out.status,
+        daemoneye_contract::render::printable(said)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_words_are_the_current_runs_only_and_printable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_path(dir.path());
+        assert_eq!(last_line(&log), None, "no log, no words");
+        std::fs::write(&log, format!("{RUN_MARK}/bin/a ---\nfirst run's end\n\n{RUN_MARK}/bin/a ---\n  \n"))
+            .expect("write");
+        assert_eq!(last_line(&log), None, "the run wrote nothing: not the earlier run's words");
+        std::fs::write(&log, format!("{RUN_MARK}/bin/a ---\nstarting\nerror: bad \x1b[31mthing\n\n"))
+            .expect("write");
+        let said = last_line(&log).expect("words");
+        assert!(said.starts_with("error: bad ") && !said.contains('\x1b'), "{said:?}");
+    }
+
+    #[test]
+    fn a_running_collectors_log_is_rotated_in_place_past_its_limit() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = open_log(dir.path()).expect("open");
+        log.write_all(b"small\n").expect("write");
+        rotate_running_log(dir.path());
+        assert!(!dir.path().join("collector.log.1").exists(), "under the limit: left alone");
+        let big = vec![b'x'; usize::try_from(LOG_MAX_BYTES).expect("size")];
+        log.write_all(&big).expect("write");
+        rotate_running_log(dir.path());
+        let old = std::fs::metadata(dir.path().join("collector.log.1")).expect("rotated");
+        assert_eq!(old.len(), LOG_MAX_BYTES + 6);
+        // The writer goes on at the new end (O_APPEND), not at its old offset.
+        log.write_all(b"after\n").expect("write");
+        assert_eq!(std::fs::read_to_string(log_path(dir.path())).expect("read"), "after\n");
+        // A log found too big at a start is renamed away before the open.
+        drop(log);
+        std::fs::write(log_path(dir.path()), &big).expect("write");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(log_path(dir.path()))
+            .and_then(|mut f| f.write_all(b"!"))
+            .expect("grow");
+        let fresh = open_log(dir.path()).expect("open");
+        assert_eq!(fresh.metadata().expect("stat").len(), 0);
+    }
 }

@@ -366,8 +366,18 @@ fn check_owner(path: &Path, owner: u32, mode: u32) -> io::Result<()> {
 /// [`NotRegularFile`]) owned by this process's user (else
 /// `PermissionDenied`), and is tightened to 0600.
 pub fn open_private_file(path: &Path) -> io::Result<File> {
+    open_private(path, false)
+}
+
+/// [`open_private_file`] for appending (`O_APPEND`): a log that another
+/// process writes too, or that is truncated while it writes.
+pub fn open_private_log(path: &Path) -> io::Result<File> {
+    open_private(path, true)
+}
+
+fn open_private(path: &Path, append: bool) -> io::Result<File> {
     let mut opts = OpenOptions::new();
-    opts.read(true).write(true).create(true).truncate(false);
+    opts.read(true).write(true).append(append).create(true).truncate(false);
     #[cfg(unix)]
     {
         use nix::fcntl::OFlag;

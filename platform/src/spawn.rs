@@ -98,15 +98,16 @@ fn reap(pid: Pid, flags: Option<WaitPidFlag>) -> std::io::Result<Option<Exit>> {
 }
 
 /// Starts `program` with `args`, the current environment plus `env`, stdin
-/// on `/dev/null` and stdout/stderr inherited; in a new process group when
-/// `own_group` is set.
+/// on `/dev/null`, stdout and stderr on `output` (inherited without it);
+/// in a new process group when `own_group` is set.
 pub fn spawn(
     program: &Path,
     args: &[OsString],
     env: &[(&str, &OsStr)],
     own_group: bool,
+    output: Option<&std::fs::File>,
 ) -> std::io::Result<Spawned> {
-    imp::spawn(program, args, env, own_group)
+    imp::spawn(program, args, env, own_group, output)
 }
 
 #[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "macos"))]
@@ -137,6 +138,7 @@ mod imp {
         args: &[OsString],
         env: &[(&str, &OsStr)],
         own_group: bool,
+        output: Option<&std::fs::File>,
     ) -> std::io::Result<Spawned> {
         let mut argv = vec![cstring(program.as_os_str())?];
         for a in args {
@@ -155,6 +157,10 @@ mod imp {
         let devnull = std::fs::File::open("/dev/null")?;
         let mut actions = PosixSpawnFileActions::init()?;
         actions.add_dup2(devnull.as_raw_fd(), 0)?;
+        if let Some(out) = output {
+            actions.add_dup2(out.as_raw_fd(), 1)?;
+            actions.add_dup2(out.as_raw_fd(), 2)?;
+        }
         let mut attr = PosixSpawnAttr::init()?;
         let mut flags = PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF;
         if own_group {
@@ -186,9 +192,13 @@ mod imp {
         args: &[OsString],
         env: &[(&str, &OsStr)],
         own_group: bool,
+        output: Option<&std::fs::File>,
     ) -> std::io::Result<Spawned> {
         let mut cmd = std::process::Command::new(program);
         cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(std::process::Stdio::null());
+        if let Some(out) = output {
+            cmd.stdout(out.try_clone()?).stderr(out.try_clone()?);
+        }
         if own_group {
             cmd.process_group(0);
         }
@@ -210,7 +220,7 @@ mod tests {
         let mut set = nix::sys::signal::SigSet::empty();
         set.add(Signal::SIGTERM);
         let old = set.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK).expect("mask");
-        let spawned = spawn(Path::new("/bin/sh"), &["-c".into(), "exec sleep 30".into()], &[], true);
+        let spawned = spawn(Path::new("/bin/sh"), &["-c".into(), "exec sleep 30".into()], &[], true, None);
         old.thread_set_mask().expect("restore");
         let mut child = spawned.expect("spawn");
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
@@ -225,21 +235,23 @@ mod tests {
     }
 
     #[test]
-    fn the_environment_is_passed_with_the_additions() {
+    fn the_environment_is_passed_with_the_additions_and_the_output_goes_to_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("env");
-        let script = format!("echo \"$DE_TEST_VAR\" > {}", out.display());
+        let out = dir.path().join("out");
+        let file = std::fs::File::create(&out).expect("create");
+        let script = "echo \"$DE_TEST_VAR\"; echo on-stderr >&2";
         let mut child = spawn(
             Path::new("/bin/sh"),
             &["-c".into(), script.into()],
             &[("DE_TEST_VAR", OsStr::new("x y"))],
             false,
+            Some(&file),
         )
         .expect("spawn");
         assert_eq!(child.wait().expect("wait"), Exit::Code(0));
-        assert_eq!(std::fs::read_to_string(&out).expect("read").trim(), "x y");
+        assert_eq!(std::fs::read_to_string(&out).expect("read"), "x y\non-stderr\n");
         assert!(
-            spawn(Path::new("/nonexistent/x"), &[], &[], false).is_err(),
+            spawn(Path::new("/nonexistent/x"), &[], &[], false, None).is_err(),
             "a missing program is an error"
         );
     }

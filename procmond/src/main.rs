@@ -96,6 +96,12 @@ struct Cli {
     /// Stay in the terminal: log to stderr and print each event on stdout.
     #[arg(long)]
     foreground: bool,
+    /// Check the command line and the config file, print the settings and
+    /// exit (0 valid, 1 invalid, 2 bad usage) without creating, locking or
+    /// starting anything. The agent runs it for every configured collector
+    /// before it starts one (and for --check-config).
+    #[arg(long)]
+    check_args: bool,
     /// How --foreground prints events.
     #[arg(long, value_enum, default_value_t = Format::Human)]
     format: Format,
@@ -137,6 +143,27 @@ fn parse_interval(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check_args {
+        return match configure(&cli) {
+            Ok(cfg) => {
+                println!(
+                    "procmond: arguments ok: collector id {:?}, data dir {}, interval {:?}, events {:?}, \
+                     max processes {}, hashes {}",
+                    cfg.collector_id,
+                    cfg.data_dir.display(),
+                    cfg.interval,
+                    cfg.events,
+                    cfg.max_processes,
+                    cfg.compute_hashes
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("procmond: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     env_logger::Builder::new()
         .filter_level(cli.log_level)
         .format_timestamp_millis()
@@ -144,9 +171,9 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The logger writes to stderr: once is enough.
         Err(e) => {
             log::error!("{e:#}");
-            eprintln!("procmond: error: {e:#}");
             ExitCode::FAILURE
         }
     }

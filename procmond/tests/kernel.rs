@@ -596,7 +596,7 @@ fn without_cap_net_admin_auto_falls_back_to_polling_and_kernel_refuses_to_start(
     assert_eq!(status.code(), Some(1), "{}", pm.log());
     assert!(
         pm.log().contains(
-            "procmond: error: --events kernel: kernel process events are not available: needs CAP_NET_ADMIN"
+            "ERROR procmond] --events kernel: kernel process events are not available: needs CAP_NET_ADMIN"
         ),
         "{}",
         pm.log()

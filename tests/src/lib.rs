@@ -154,7 +154,7 @@ pub struct System {
     pub dir: tempfile::TempDir,
     /// The agent, when running.
     pub agent: Option<Child>,
-    /// The agent's stderr (its log and its collectors').
+    /// The agent's stdout and stderr (its log; the collectors' are in their data dirs).
     pub log: PathBuf,
     /// Client id counter for status requests.
     asked: u32,
@@ -266,9 +266,29 @@ impl System {
         self.agent.as_ref().expect("agent running").id()
     }
 
-    /// The log so far.
+    /// The agent's log so far, then each collector's own log.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let mut all = std::fs::read_to_string(&self.log).unwrap_or_default();
+        for (id, text) in self.collector_logs() {
+            all.push_str(&format!("--- collector {id}: collector.log ---\n{text}"));
+        }
+        all
+    }
+
+    /// Each collector's log (`<data dir>/collectors/<id>/collector.log`,
+    /// where the agent sends its stdout and stderr), by id.
+    pub fn collector_logs(&self) -> Vec<(String, String)> {
+        let mut logs: Vec<(String, String)> = std::fs::read_dir(self.data_dir().join("collectors"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let text = std::fs::read_to_string(e.path().join("collector.log")).ok()?;
+                Some((e.file_name().to_string_lossy().into_owned(), text))
+            })
+            .collect();
+        logs.sort();
+        logs
     }
 
     /// Asks the agent for its status over the bus (as a CLI would).
@@ -308,11 +328,18 @@ impl System {
         last.expect("status")
     }
 
-    /// The last 150 lines of the log.
+    /// The last 120 lines of the agent's log and the last 40 of each
+    /// collector's.
     pub fn tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(150)..].join("\n")
+        fn last(text: &str, n: usize) -> String {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        let mut out = last(&std::fs::read_to_string(&self.log).unwrap_or_default(), 120);
+        for (id, text) in self.collector_logs() {
+            out.push_str(&format!("\n--- collector {id}: collector.log ---\n{}", last(&text, 40)));
+        }
+        out
     }
 
     /// SIGTERM to the agent; waits for its exit and returns the status.
@@ -479,6 +506,15 @@ pub fn write_script(path: &Path, body: &str) {
         .status()
         .expect("run sh");
     assert!(st.success(), "write {}: {st}", path.display());
+}
+
+/// A stand-in collector, a shell script: `--check-args` (the agent's
+/// check before it starts anything) goes to procmond, which checks the
+/// agent's arguments; anything else runs `body`.
+pub fn write_collector_script(path: &Path, body: &str) {
+    let check =
+        format!("case \" $* \" in *\" --check-args \"*) exec {} \"$@\";; esac", bin("procmond").display());
+    write_script(path, &format!("{check}\n{body}"));
 }
 
 /// The path of a program on PATH.

@@ -311,7 +311,7 @@ fn the_store_cut_as_a_slow_consumer_loses_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let go = tmp.path().join("go");
     let late = tmp.path().join("late-procmond");
-    daemoneye_tests::write_script(
+    daemoneye_tests::write_collector_script(
         &late,
         &format!(
             "while [ ! -e {} ]; do sleep 0.1; done\nexec {} \"$@\"",

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use daemoneye_agent::api::{AgentState, CollectorPhase};
-use daemoneye_tests::{CollectorDef, System, alive, bin, signal, wait_until, write_script};
+use daemoneye_tests::{CollectorDef, System, alive, bin, signal, wait_until, write_collector_script};
 use nix::sys::signal::Signal;
 
 #[test]
@@ -54,7 +54,7 @@ fn a_cold_start_names_the_collector_it_waits_for_and_fails_at_its_startup_timeou
     let tmp = tempfile::tempdir().expect("tempdir");
     // Stops itself before it becomes procmond: it never registers.
     let hang = tmp.path().join("hanging-procmond");
-    write_script(&hang, &format!("kill -STOP $$\nexec {} \"$@\"", bin("procmond").display()));
+    write_collector_script(&hang, &format!("kill -STOP $$\nexec {} \"$@\"", bin("procmond").display()));
     let mut stuck = CollectorDef::with_binary("pm-hang", hang);
     stuck.startup_timeout_secs = 8;
     let mut sys = System::start(&[stuck, CollectorDef::procmond("pm-ok")], "");

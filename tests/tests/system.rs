@@ -9,7 +9,7 @@ use std::time::Duration;
 use daemoneye_agent::api::{AgentState, CollectorPhase};
 use daemoneye_tests::{
     CYCLE, CollectorDef, System, alive, assert_exactly_once, bin, copy_executable, signal, store_summary,
-    wait_until, which, write_script,
+    wait_until, which, write_collector_script,
 };
 use nix::sys::signal::Signal;
 
@@ -18,7 +18,7 @@ fn two_collectors_register_before_begin_monitoring_and_both_store_events() {
     // pm-b registers two seconds late: the agent must wait for it.
     let tmp = tempfile::tempdir().expect("tempdir");
     let slow = tmp.path().join("slow-procmond");
-    write_script(&slow, &format!("sleep 2\nexec {} \"$@\"", bin("procmond").display()));
+    write_collector_script(&slow, &format!("sleep 2\nexec {} \"$@\"", bin("procmond").display()));
     let mut sys =
         System::start(&[CollectorDef::procmond("pm-a"), CollectorDef::with_binary("pm-b", slow)], "");
     let loading = sys.wait_status(Duration::from_secs(20), "pm-a registered", |s| {
@@ -230,6 +230,12 @@ fn bad_configurations_are_refused_with_the_field_named() {
             "heartbeat_interval_secs",
         ),
         (format!("collectors:\n  - {{id: a, binary: {p}, colour: red}}\n"), "colour"),
+        (format!("collectors:\n  - {{id: a, type: network-monitor, binary: {p}}}\n"), "collectors[0].type"),
+        // procmond itself refuses these (`--check-args`), in its words.
+        (
+            format!("collectors:\n  - {{id: a, binary: {p}, args: [--interval, \"1\"]}}\n"),
+            "collectors[0].args: ",
+        ),
         ("colour: red\n".into(), "colour"),
         (format!("collectors:\n  - {{id: a, binary: {p}, args: [--data-dir, /x]}}\n"), "collectors[0].args"),
         ("escalation: {kill_timeout_secs: 0}\n".into(), "escalation.kill_timeout_secs"),
@@ -298,7 +304,7 @@ fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
     // A "collector" that runs but never speaks on the bus.
     let tmp = tempfile::tempdir().expect("tempdir");
     let mute = tmp.path().join("mute-collector");
-    write_script(&mute, "exec sleep 120");
+    write_collector_script(&mute, "exec sleep 120");
     let mut sys = System::start(
         &[CollectorDef { startup_timeout_secs: 3, ..CollectorDef::with_binary("mute", mute) }],
         "",

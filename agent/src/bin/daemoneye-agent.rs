@@ -132,10 +132,24 @@ fn main() -> ExitCode {
     }
     let rules = cfg.active_rules();
     let checked = daemoneye_agent::rules::validate(&rules);
-    let bad: Vec<String> = checked
+    let mut bad: Vec<String> = checked
         .iter()
         .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{file}: rules: rule {name}: {e}")))
         .collect();
+    // Each collector checks its own command line (`--check-args`).
+    for (i, c) in cfg.collectors.iter().enumerate().filter(|(_, c)| c.enabled) {
+        let checked = daemoneye_agent::supervisor::check_args(c, &cfg.collector_data_dir(c));
+        match (&checked, cli.check_config.is_some()) {
+            (Ok(None), true) => println!("collector {}: ok", c.id),
+            (Ok(Some(note)), true) => println!("collector {}: not checked: {note}", c.id),
+            (Ok(Some(note)), false) => log::warn!("collector {}: {note}", c.id),
+            (Err(e), true) => println!("collector {}: ERROR: {e}", c.id),
+            _ => {}
+        }
+        if let Err(e) = checked {
+            bad.push(format!("{file}: collectors[{i}].args: {e}"));
+        }
+    }
     if cli.check_config.is_some() {
         for (name, r) in &checked {
             match r {

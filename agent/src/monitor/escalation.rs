@@ -147,7 +147,12 @@ impl State {
                         && !e.registered
                         && now >= self.started + Duration::from_secs(e.spec.startup_timeout_secs)
                 })
-                .map(|e| format!("{} ({} s)", e.spec.id, e.spec.startup_timeout_secs))
+                .map(|e| {
+                    // Why, when it exited on the way: its status and last words.
+                    let exit =
+                        e.last_exit.as_deref().map(|x| format!("; last exit: {x}")).unwrap_or_default();
+                    format!("{} ({} s{exit})", e.spec.id, e.spec.startup_timeout_secs)
+                })
                 .collect::<Vec<_>>()[..]
             {
                 let reason =
