@@ -28,7 +28,7 @@
 //! - Text from a process (names, paths, arguments) is carried as it was
 //!   collected (sanitized by the collector), JSON-escaped.
 //!
-//! README.md ("JSON output") lists every field of each document type with
+//! README.md ("Output", "JSON") lists every field of each document type with
 //! its type and when it is `null`; the tests below hold this module to it.
 
 use serde_json::{Map, Value};
