@@ -11,9 +11,11 @@ use daemoneye_contract::event::HashOutcome;
 use daemoneye_contract::render::printable;
 
 use crate::api::{
-    self, AgentTaskRequest, AgentTaskResponse, GatherOutcome, TASK_TOPIC, TASKS_CLIENT_ID, TaskOutcome,
+    self, AgentTaskRequest, AgentTaskResponse, CollectorAnswer, GatherOutcome, TASK_TOPIC, TASKS_CLIENT_ID,
+    TaskOutcome,
 };
-use crate::cli::{CliError, Table, format_utc};
+use crate::cli::CliError;
+use crate::cli_output::{Table, format_utc};
 use crate::config::TasksSpec;
 
 /// How long the CLI waits beyond the agent's own limits for an answer.
@@ -139,6 +141,23 @@ pub fn render_ps_table(g: &GatherOutcome) -> String {
         })
         .collect();
     Table::render(&PS_HEADERS, &rows)
+}
+
+/// `ps --json`: one document per process ([`daemoneye_contract::ecs::ps`]),
+/// by pid. Its time is when the first collector that listed it took its
+/// list (`now_ms` if none said).
+pub fn ps_json(g: &GatherOutcome, now_ms: u64) -> Vec<serde_json::Value> {
+    g.processes
+        .iter()
+        .map(|m| {
+            let by: Vec<&CollectorAnswer> =
+                m.seen_by.iter().filter_map(|&i| g.answered.get(usize::from(i))).collect();
+            let observed = by.iter().find_map(|a| a.observed_unix_ms).unwrap_or(now_ms);
+            let mut ids: Vec<&str> = by.iter().map(|a| a.collector_id.as_str()).collect();
+            ids.sort_unstable();
+            daemoneye_contract::ecs::ps(&m.process, observed, &ids)
+        })
+        .collect()
 }
 
 /// `ps --tree`: each process under its parent, children by pid. A process
@@ -272,7 +291,7 @@ pub fn render_hash(path: &str, h: &HashOutcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CollectorAnswer, MergedProcess, MissingCollector};
+    use crate::api::{MergedProcess, MissingCollector};
     use daemoneye_platform::{ProcessState, Unavailable};
 
     fn p(pid: u32, ppid: u32, name: &str) -> MergedProcess {
@@ -354,6 +373,19 @@ mod tests {
             gather_warnings(&g),
             ["warning: partial result: collector pm-c missing: no answer within 3 ms"]
         );
+    }
+
+    #[test]
+    fn ps_json_is_one_ecs_document_per_process() {
+        let g = outcome(vec![p(1, 0, "init"), p(2, 0, "kworker")]);
+        let docs = ps_json(&g, 99);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0]["process"]["pid"], 1);
+        assert_eq!(docs[0]["@timestamp"], "1970-01-01T00:00:00.001Z");
+        assert_eq!(docs[0]["daemoneye"]["seen_by"], serde_json::json!(["pm-a", "pm-b"]));
+        assert_eq!(docs[0]["daemoneye"]["missing"]["process.executable"], "not_permitted");
+        assert_eq!(docs[1]["daemoneye"]["missing"]["process.command_line"], "not_applicable");
+        assert!(!serde_json::Value::Array(docs).to_string().contains("\"Ok\""));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 /// The agent's status, task and alert messages live in the contract.
 pub use daemoneye_contract::api;
 pub mod cli;
+pub mod cli_output;
 pub mod cli_tasks;
 pub mod config;
 pub mod daemon;

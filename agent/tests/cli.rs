@@ -17,7 +17,8 @@ use daemoneye_agent::api::{
     STATUS_TOPIC, StoreStatus,
 };
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig};
-use daemoneye_contract::event::{EventEnvelope, EventKind};
+use daemoneye_contract::event::{EventEnvelope, EventKind, HashOutcome};
+use daemoneye_platform::{Argv, Unavailable};
 use daemoneye_store::EventStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_daemoneye-cli");
@@ -291,17 +292,22 @@ fn events_are_filtered_and_printed_like_procmond_foreground() {
     run.success();
     let all: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(all.len(), 4, "{}", run.describe());
-    assert!(all[0].starts_with("#1      started") && all[0].contains("name=\"sshd\""), "{}", run.describe());
-    assert!(all[3].starts_with("#4 "), "{}", run.describe());
+    assert!(all[0].contains(" #1 started ") && all[0].contains("name=\"sshd\""), "{}", run.describe());
+    assert!(all[3].contains(" #4 started ") && all[3].contains(" seq=4 "), "{}", run.describe());
 
     let seqs = |args: &[&str]| -> Vec<u64> {
         let mut full = vec!["--json", "events"];
         full.extend_from_slice(args);
         let run = cli(dir.path(), &full);
         run.success();
-        run.json_lines().iter().map(|v| v["seq"].as_u64().unwrap()).collect()
+        run.json_lines().iter().map(|v| v["daemoneye"]["seq"].as_u64().unwrap()).collect()
     };
     assert_eq!(seqs(&["--name", "bash"]), [2, 3]);
+    // Globs, as `ps --name` takes them.
+    assert_eq!(seqs(&["--name", "ba*"]), [2, 3]);
+    assert_eq!(seqs(&["--name", "*s*"]), [1, 2, 3]);
+    assert_eq!(seqs(&["--name", "?url"]), [4]);
+    assert_eq!(seqs(&["--name", "ssh"]), Vec::<u64>::new());
     assert_eq!(seqs(&["--pid", "10"]), [1]);
     assert_eq!(seqs(&["--kind", "stopped"]), [3]);
     assert_eq!(seqs(&["--kind", "started", "--name", "bash"]), [2]);
@@ -313,8 +319,70 @@ fn events_are_filtered_and_printed_like_procmond_foreground() {
 
     let run = cli(dir.path(), &["events", "--json", "--pid", "12"]);
     let json = run.json_lines();
-    assert_eq!(json[0]["collector_id"], "c1", "{}", run.describe());
-    assert_eq!(json[0]["event"]["process"]["name"], "curl", "{}", run.describe());
+    assert_eq!(json[0]["daemoneye"]["collector_id"], "c1", "{}", run.describe());
+    assert_eq!(json[0]["daemoneye"]["store_id"], 4, "{}", run.describe());
+    assert_eq!(json[0]["process"]["name"], "curl", "{}", run.describe());
+
+    let long = "*".repeat(257);
+    let run = cli(dir.path(), &["events", "--name", &long]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(run.stderr.contains("--name: name pattern longer than 256 characters"), "{}", run.describe());
+}
+
+/// An event of pid 20 observed at 2024-05-01T12:34:56.789Z, hashed, with
+/// arguments that hold spaces and quotes.
+fn detailed_event() -> EventEnvelope {
+    let mut env = envelope("c1", 5, EventKind::Started, 20, "sh");
+    env.event.observed_unix_ms = 1_714_566_896_789;
+    env.event.sha256 = Some(HashOutcome::Sha256("0123456789abcdef".repeat(4)));
+    let mut d = (*env.event.process.details).clone();
+    d.argv = Ok(Argv {
+        args: vec!["sh".into(), "-c".into(), "echo 'a b'".into(), String::new()],
+        truncated: false,
+    });
+    d.exe = Err(Unavailable::NotPermitted);
+    env.event.process.details = std::sync::Arc::new(d);
+    env
+}
+
+#[test]
+fn event_lines_show_local_time_the_store_id_the_whole_hash_and_each_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = filled_store(dir.path());
+    store.insert_batch(&[detailed_event()]).unwrap();
+    // +05:30 all year, as a POSIX rule.
+    let out = command(dir.path(), &["events", "--pid", "20"]).env("TZ", "IST-5:30").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().next().unwrap_or_default();
+    assert!(line.starts_with("2024-05-01T18:04:56.789+05:30 #5 started "), "{line}");
+    assert!(line.contains(&format!(" sha256={} ", "0123456789abcdef".repeat(4))), "{line}");
+    assert!(line.contains(" exe=-(not permitted) "), "{line}");
+    assert!(line.ends_with(r#" argv=sh -c 'echo '\''a b'\''' ''"#), "{line}");
+}
+
+#[test]
+fn event_json_is_flat_ecs_with_the_reason_for_each_missing_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = filled_store(dir.path());
+    store.insert_batch(&[detailed_event()]).unwrap();
+    let run = cli(dir.path(), &["events", "--json", "--pid", "20"]);
+    run.success();
+    for shape in ["\"Ok\"", "\"Err\"", "\"Sha256\"", "NotPermitted", "\"Started\""] {
+        assert!(!run.stdout.contains(shape), "{shape}: {}", run.describe());
+    }
+    let v = &run.json_lines()[0];
+    assert_eq!(v["@timestamp"], "2024-05-01T12:34:56.789Z", "{v}");
+    assert_eq!(v["event"]["action"], "started", "{v}");
+    assert_eq!(v["event"]["kind"], "event", "{v}");
+    assert_eq!(v["process"]["pid"], 20, "{v}");
+    assert_eq!(v["process"]["parent"]["pid"], 1, "{v}");
+    assert_eq!(v["process"]["args"], serde_json::json!(["sh", "-c", "echo 'a b'", ""]), "{v}");
+    assert_eq!(v["process"]["hash"]["sha256"], "0123456789abcdef".repeat(4), "{v}");
+    assert!(v["process"]["executable"].is_null(), "{v}");
+    assert_eq!(v["daemoneye"]["missing"]["process.executable"], "not_permitted", "{v}");
+    assert_eq!(v["user"]["id"], "1000", "{v}");
+    assert_eq!(v["daemoneye"]["store_id"], 5, "{v}");
 }
 
 #[test]
@@ -345,7 +413,7 @@ fn events_follow_prints_new_events_from_the_bus_once() {
     // The stored event. The CLI subscribes before it reads the store, so
     // from here on it sees what is published.
     let first: serde_json::Value = serde_json::from_str(&next_line(&stdout, "stored event")).unwrap();
-    assert_eq!(first["seq"], 1);
+    assert_eq!(first["daemoneye"]["seq"], 1);
 
     let collector = Client::connect(ClientConfig::new(socket(dir.path()), "c1")).unwrap();
     assert!(collector.wait_connected(WAIT));
@@ -359,8 +427,9 @@ fn events_follow_prints_new_events_from_the_bus_once() {
     publish(&envelope("c2", 5, EventKind::Started, 10, "sshd"));
     publish(&envelope("c1", 3, EventKind::Stopped, 10, "sshd"));
     let next: serde_json::Value = serde_json::from_str(&next_line(&stdout, "followed event")).unwrap();
-    assert_eq!((next["collector_id"].as_str(), next["seq"].as_u64()), (Some("c1"), Some(3)), "{next}");
-    assert_eq!(next["event"]["kind"], "Stopped");
+    let at = &next["daemoneye"];
+    assert_eq!((at["collector_id"].as_str(), at["seq"].as_u64()), (Some("c1"), Some(3)), "{next}");
+    assert_eq!(next["event"]["action"], "stopped");
 
     // The agent goes away: the CLI says so once and keeps waiting.
     collector.close();
@@ -370,6 +439,46 @@ fn events_follow_prints_new_events_from_the_bus_once() {
         said.push(stderr.recv_timeout(WAIT).unwrap_or_else(|_| panic!("no \"agent gone\" in {said:?}")));
     }
     assert!(stdout.try_recv().is_err());
+}
+
+#[test]
+fn events_follow_before_the_agent_shows_what_is_stored_and_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(&dir.path().join("events.db")).unwrap();
+    store.insert_batch(&[envelope("c1", 1, EventKind::Started, 10, "sshd")]).unwrap();
+
+    // No agent: no socket yet.
+    let mut child = command(dir.path(), &["events", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (stdout, _out_thread) = lines(child.stdout.take().unwrap(), "cli-stdout");
+    let (stderr, _err_thread) = lines(child.stderr.take().unwrap(), "cli-stderr");
+    let mut child = KillOnDrop(child);
+    let first: serde_json::Value = serde_json::from_str(&next_line(&stdout, "stored event")).unwrap();
+    assert_eq!(first["daemoneye"]["seq"], 1);
+    let said = next_line(&stderr, "the wait");
+    assert!(said.contains("agent not running at") && said.contains("waiting for the agent"), "{said}");
+    assert!(child.0.try_wait().unwrap().is_none(), "it must wait, not exit");
+
+    // Stored while nobody listened (the agent starting, collectors
+    // replaying), then the agent comes up and a new event is published.
+    store.insert_batch(&[envelope("c1", 2, EventKind::Started, 11, "bash")]).unwrap();
+    let broker = Broker::start(BrokerConfig::new(socket(dir.path()))).unwrap();
+    let up = next_line(&stderr, "agent up");
+    assert!(up.contains("agent up at"), "{up}");
+    let caught_up: serde_json::Value = serde_json::from_str(&next_line(&stdout, "caught-up event")).unwrap();
+    assert_eq!(caught_up["daemoneye"]["seq"], 2, "{caught_up}");
+    assert_eq!(caught_up["daemoneye"]["store_id"], 2, "{caught_up}");
+    let collector = Client::connect(ClientConfig::new(socket(dir.path()), "c1")).unwrap();
+    assert!(collector.wait_connected(WAIT));
+    let env = envelope("c1", 3, EventKind::Stopped, 11, "bash");
+    collector.publish_confirmed(env.event.kind.topic(), &env.encode()).unwrap();
+    let live: serde_json::Value = serde_json::from_str(&next_line(&stdout, "live event")).unwrap();
+    assert_eq!(live["daemoneye"]["seq"], 3, "{live}");
+    collector.close();
+    broker.shutdown();
 }
 
 #[test]

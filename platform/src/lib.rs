@@ -57,6 +57,13 @@ pub use crate::record::{
     ProcessState, Unavailable,
 };
 
+/// This host's name, as the OS gives it (`gethostname` on Unix), read
+/// once; `None` when the OS does not say.
+pub fn hostname() -> Option<&'static str> {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| sysinfo::System::host_name().ok()).as_deref()
+}
+
 /// Errors of the platform layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

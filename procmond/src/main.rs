@@ -110,7 +110,7 @@ struct Cli {
 const AFTER_HELP: &str = "\
 Examples:
   procmond --foreground                 watch processes in this terminal (standalone)
-  procmond --foreground --format json   the same, as JSON lines
+  procmond --foreground --format json   the same, as JSON lines (ECS field names)
   procmond --interval 10 --compute-hashes --database /var/lib/daemoneye/events.db
 
 Exit status: 0 after a graceful shutdown (SIGTERM, SIGINT or the GracefulShutdown
@@ -118,9 +118,11 @@ RPC), 1 on errors, 2 on bad usage, 128+N when a second signal N forces the exit.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Format {
-    /// One readable line per event.
+    /// One readable line per event (local time, then the event; the
+    /// format of `daemoneye-cli events`).
     Human,
-    /// One JSON object per line.
+    /// One JSON object per line, in Elastic Common Schema names (README.md,
+    /// "JSON"; the format of `daemoneye-cli events --json`).
     Json,
 }
 
@@ -240,10 +242,11 @@ fn take_lock(cfg: &CollectorConfig) -> anyhow::Result<PidLock> {
 
 /// Prints every durable event on stdout (`--foreground`).
 fn printer(format: Format) -> EventObserver {
+    let tz = daemoneye_contract::render::local_zone();
     Box::new(move |env| {
         let line = match format {
-            Format::Human => daemoneye_contract::render::human_line(env),
-            Format::Json => daemoneye_contract::render::json_line(env),
+            Format::Human => daemoneye_contract::render::human_line(env, None, &tz),
+            Format::Json => daemoneye_contract::render::json_line(env, None),
         };
         // A closed stdout (`procmond --foreground | head`) must not stop
         // collection.

@@ -371,9 +371,9 @@ fn foreground_prints_one_readable_line_or_json_object_per_event() {
             assert!(line.contains("name=\"sleep\""), "{line}");
         } else {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert_eq!(v["event"]["kind"], "Started");
-            assert_eq!(v["event"]["process"]["pid"], pid);
-            assert_eq!(v["collector_id"], "json");
+            assert_eq!(v["event"]["action"], "started");
+            assert_eq!(v["process"]["pid"], pid);
+            assert_eq!(v["daemoneye"]["collector_id"], "json");
             // Every line is one JSON object.
             for l in out.lines() {
                 serde_json::from_str::<serde_json::Value>(l).unwrap();
@@ -414,9 +414,9 @@ fn a_command_line_cut_at_32_kib_keeps_no_part_of_the_secret_it_cut() {
     let line = out.lines().find(|l| l.contains(&token)).unwrap();
     assert!(!line.contains("s3c") && !line.contains("alice:"), "a prefix of the password leaked");
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    let argv = &v["event"]["process"]["details"]["argv"]["Ok"];
-    assert_eq!(argv["truncated"], true, "{argv}");
-    let args: Vec<&str> = argv["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(v["daemoneye"]["process"]["args_truncated"], true, "{v}");
+    let args: Vec<&str> =
+        v["process"]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(args, ["sh", "-c", script, filler.as_str(), procmond::sanitize::REDACTED]);
 }
 

@@ -141,9 +141,12 @@ impl Events {
         while let Some(nl) = self.partial[used..].iter().position(|&b| b == b'\n') {
             let line = &self.partial[used..used + nl];
             used += nl + 1;
-            let env: EventEnvelope = serde_json::from_slice(line).unwrap_or_else(|e| {
-                panic!("a stdout line is not an event envelope ({e}): {}", String::from_utf8_lossy(line))
-            });
+            let env = serde_json::from_slice(line)
+                .map_err(|e| e.to_string())
+                .and_then(|v| daemoneye_contract::ecs::parse_event(&v))
+                .unwrap_or_else(|e| {
+                    panic!("a stdout line is not an event document ({e}): {}", String::from_utf8_lossy(line))
+                });
             self.all.push(env);
         }
         self.partial.drain(..used);

@@ -224,8 +224,17 @@ fn a_gathered_snapshot_merges_the_lists_and_names_the_stopped_collector() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("PID") && stdout.contains("pm-a,pm-b"), "{stdout}");
     let json = sys.cli(&["ps", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
-    assert_eq!(v["missing"][0]["collector_id"], "pm-c");
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    assert!(stderr.contains("partial result: collector pm-c missing"), "{stderr}");
+    // One document per process, each naming who listed it.
+    let docs: Vec<serde_json::Value> = json
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("json"))
+        .collect();
+    assert!(docs.len() > 1, "{}", String::from_utf8_lossy(&json.stdout));
+    assert!(docs.iter().all(|d| d["daemoneye"]["seen_by"].as_array().is_some_and(|s| !s.is_empty())));
     signal(stopped, Signal::SIGCONT);
 }
 
@@ -315,13 +324,13 @@ fn ps_tree_shows_a_spawned_tree_under_its_parents() {
     assert!(!text.contains('\u{1b}'), "{text}");
     // The name filter reaches the collectors.
     let json = sys.cli(&["ps", "--name", "e2e-tree-*", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
-    let mut names: Vec<&str> = v["processes"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .map(|p| p["process"]["name"].as_str().unwrap())
+    let docs: Vec<serde_json::Value> = json
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("json"))
         .collect();
+    let mut names: Vec<&str> = docs.iter().map(|p| p["process"]["name"].as_str().unwrap()).collect();
     names.sort_unstable();
     assert_eq!(names, ["e2e-tree-mid", "e2e-tree-root"]);
     drop(tree);

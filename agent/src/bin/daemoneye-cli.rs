@@ -21,14 +21,16 @@ use crossbeam_channel::{select, tick};
 use daemoneye_agent::api::{
     self, ALERT_TOPIC, AgentTaskRequest, AgentTaskResponse, Alert, STORE_CLIENT_ID, now_unix_ms,
 };
-use daemoneye_agent::cli::{self, CliError, SeenStreams, Table};
+use daemoneye_agent::cli::{self, CliError, SeenStreams};
+use daemoneye_agent::cli_output::{self, Table};
 use daemoneye_agent::cli_tasks;
 use daemoneye_agent::config::{AgentConfig, Severity};
 use daemoneye_agent::rules::{self, AlertQuery};
 use daemoneye_bus::{Client, ConnectionState, Message, Overflow, Subscription};
-use daemoneye_contract::control::{SnapshotFilter, TaskRequest, TaskResult};
+use daemoneye_contract::control::{SnapshotFilter, TaskRequest, TaskResult, TaskStatus};
+use daemoneye_contract::ecs;
 use daemoneye_contract::event::{EVENTS_PATTERN, EventEnvelope, EventKind, GAP_TOPIC};
-use daemoneye_contract::render::printable;
+use daemoneye_contract::render::{self, TimeZone, printable};
 use daemoneye_store::EventQuery;
 
 /// DaemonEye's command-line tool.
@@ -56,7 +58,8 @@ struct Cli {
     /// ~/.local/share/daemoneye].
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Machine output: one JSON object per line.
+    /// Machine output: one JSON object per line, in Elastic Common Schema
+    /// names for events and processes (README.md, "JSON").
     #[arg(long, global = true, help_heading = GLOBAL)]
     json: bool,
     /// Log level on stderr: error, warn, info, debug, trace or off.
@@ -159,12 +162,13 @@ Examples:
   daemoneye-cli ps
   daemoneye-cli ps --tree
   daemoneye-cli ps --user root --name 'ssh*'
-  daemoneye-cli ps --json | jq '.processes | length'
+  daemoneye-cli ps --json | jq -s length
 
 SEEN BY lists the collectors that reported the process. With --tree a
 process whose parent is not listed (filtered out, or pid 0) starts its own
-tree. Exit status 0 also for a partial result; --json's \"missing\" names
-the collectors that gave no list, and why.";
+tree. --json prints one document per process and line (NDJSON). Exit
+status 0 also for a partial result; the collectors that gave no list, and
+why, are named on stderr.";
 
 #[derive(Args, Debug)]
 struct PsArgs {
@@ -197,12 +201,18 @@ Examples:
   daemoneye-cli events                        the last 50 events
   daemoneye-cli events --since 2h --pid 4242
   daemoneye-cli events --kind stopped --limit 0   every stopped process stored
-  daemoneye-cli events --follow --name bash --json
+  daemoneye-cli events --follow --name 'ba*' --json
+
+Each line starts with when the event was seen, in local time (TZ, else
+/etc/localtime), then #<id> (its id in the store); seq=<n> is its number
+in its collector's stream, and argv=... comes last, one shell word per
+argument.
 
 --follow prints the events stored so far, then every new event that passes
-the same filters, as collectors publish it. If the agent goes away it says
-so once and keeps waiting for it to come back (collectors replay what the
-agent missed). It runs until interrupted (Ctrl-C).";
+the same filters, as collectors publish it. If the agent is not up yet, or
+goes away, it says so on stderr and waits for it (collectors replay what
+the agent missed; what was stored meanwhile is printed when it is back).
+It runs until interrupted (Ctrl-C).";
 
 const ALERTS_HELP: &str = "\
 Examples:
@@ -219,8 +229,9 @@ struct EventsArgs {
     /// Only this process id.
     #[arg(long, value_name = "N")]
     pid: Option<u32>,
-    /// Only processes with exactly this name.
-    #[arg(long, value_name = "NAME")]
+    /// Only processes whose name or executable's file name matches this
+    /// glob (`*` and `?`), as `ps --name`.
+    #[arg(long, value_name = "PATTERN")]
     name: Option<String>,
     /// Only this kind of event.
     #[arg(long, value_enum)]
@@ -344,6 +355,8 @@ fn main() -> ExitCode {
 struct Ctx {
     cfg: AgentConfig,
     json: bool,
+    /// The local time zone, for event lines.
+    tz: TimeZone,
 }
 
 impl Ctx {
@@ -366,7 +379,7 @@ fn run(args: Cli) -> anyhow::Result<ExitCode> {
     if let Some(socket) = args.socket {
         cfg.broker_socket = Some(socket);
     }
-    let ctx = Ctx { cfg, json: args.json };
+    let ctx = Ctx { cfg, json: args.json, tz: render::local_zone() };
     log::debug!("socket {}, store {}", ctx.socket().display(), ctx.database().display());
     match args.command {
         Command::Status => status(&ctx),
@@ -405,7 +418,7 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
         AgentTaskResponse::Refused(why) => return Err(CliError::TaskRefused(why).into()),
         AgentTaskResponse::One(_) => return Err(CliError::BadReply("a single answer to ps".into()).into()),
     };
-    if g.answered.iter().all(|a| a.status != daemoneye_contract::control::TaskStatus::Ok) {
+    if g.answered.iter().all(|a| a.status != TaskStatus::Ok) {
         let why: Vec<String> =
             g.missing.iter().map(|m| format!("  {}: {}", m.collector_id, printable(&m.reason))).collect();
         let why = if why.is_empty() {
@@ -415,12 +428,14 @@ fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
         };
         return Err(CliError::NoCollector(format!("no collector gave a process list:\n{why}")).into());
     }
+    for w in cli_tasks::gather_warnings(&g) {
+        eprintln!("{w}");
+    }
     if ctx.json {
-        json_line(&g)?;
-    } else {
-        for w in cli_tasks::gather_warnings(&g) {
-            eprintln!("{w}");
+        for doc in cli_tasks::ps_json(&g, now_unix_ms()) {
+            out(&doc.to_string())?;
         }
+    } else {
         let text = if args.tree { cli_tasks::render_ps_tree(&g) } else { cli_tasks::render_ps_table(&g) };
         io::stdout().lock().write_all(text.as_bytes())?;
     }
@@ -435,17 +450,17 @@ fn one_task(ctx: &Ctx, req: AgentTaskRequest) -> anyhow::Result<ExitCode> {
         AgentTaskRequest::All { .. } => return Err(CliError::BadReply("not a single task".into()).into()),
     };
     // The answer must be about what was asked.
-    let text = match (asked, result) {
+    let (text, doc) = match (asked, result) {
         (TaskRequest::Inspect { pid }, TaskResult::Inspect(d)) if d.process.pid == *pid => {
-            cli_tasks::render_inspect(&d, &outcome)
+            (cli_tasks::render_inspect(&d, &outcome), ecs::inspect(&d, outcome.served_by.as_deref()))
         }
         (TaskRequest::Hash { path }, TaskResult::Hash(h)) if h.path == *path => {
-            cli_tasks::render_hash(path, &h.sha256)
+            (cli_tasks::render_hash(path, &h.sha256), ecs::file_hash(path, Some(h.size), &h.sha256))
         }
         _ => return Err(CliError::BadReply("the answer is not about what was asked".into()).into()),
     };
     if ctx.json {
-        json_line(&outcome)?;
+        out(&doc.to_string())?;
     } else {
         io::stdout().lock().write_all(text.as_bytes())?;
     }
@@ -469,7 +484,7 @@ fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     if ctx.json {
         json_line(&status)?;
     } else {
-        io::stdout().lock().write_all(cli::render_status(&status, now_unix_ms()).as_bytes())?;
+        io::stdout().lock().write_all(cli_output::render_status(&status, now_unix_ms()).as_bytes())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -477,42 +492,78 @@ fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
 /// Subscribes before anything is read from the store, so nothing committed
 /// in between is missed (what arrives twice is dropped by the caller).
 /// `DropOldest`: a slow terminal loses lines instead of pushing back on
-/// the collectors.
-fn subscribe(ctx: &Ctx, pattern: &str) -> anyhow::Result<(Client, Subscription)> {
-    let client = cli::connect(&ctx.socket(), ctx.cfg.run_as.as_deref())?;
+/// the collectors. An agent that is not up yet is waited for (said on
+/// stderr): the client connects when it comes.
+fn subscribe(ctx: &Ctx, pattern: &str, what: &str) -> anyhow::Result<(Client, Subscription)> {
+    let socket = ctx.socket();
+    let run_as = ctx.cfg.run_as.as_deref();
+    let client = match cli::connect(&socket, run_as) {
+        Ok(client) => client,
+        Err(e) if cli::agent_not_up(&e) => {
+            eprintln!("daemoneye-cli: {e}; showing the stored {what}, then waiting for the agent...");
+            cli::client(&socket, run_as)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let sub = client.subscribe_with(pattern, None, Overflow::DropOldest).map_err(CliError::Bus)?;
-    // The broker handles one connection's frames in order: once it answers
-    // this request, the subscription is in place.
-    if let Err(e) = client.broker_stats(cli::AGENT_TIMEOUT) {
-        log::debug!("broker stats (subscription barrier): {e}");
+    if client.state() == ConnectionState::Connected {
+        barrier(&client);
     }
     Ok((client, sub))
 }
 
+/// The broker handles one connection's frames in order: once it answers
+/// this request, the subscriptions sent before it are in place.
+fn barrier(client: &Client) {
+    if let Err(e) = client.broker_stats(cli::AGENT_TIMEOUT) {
+        log::debug!("broker stats (subscription barrier): {e}");
+    }
+}
+
+/// What [`follow`] hands its handler.
+enum Followed {
+    /// A message on the subscription.
+    Message(Message),
+    /// The client (re)connected and its subscription is in place: what
+    /// the store committed meanwhile can be read now without a gap.
+    Connected,
+}
+
 /// Hands every message to `handle` until the client fails. When the agent
 /// goes away it says so once and keeps waiting: the client reconnects and
-/// re-subscribes by itself.
+/// re-subscribes by itself. Each (re)connection is handed over too.
 fn follow(
     client: &Client,
     sub: &Subscription,
     socket: &Path,
-    mut handle: impl FnMut(Message) -> anyhow::Result<()>,
+    mut handle: impl FnMut(Followed) -> anyhow::Result<()>,
 ) -> anyhow::Result<ExitCode> {
     let check = tick(Duration::from_millis(250));
-    let mut gone = false;
+    // Not connected yet: `subscribe` said it waits.
+    let mut gone = client.state() != ConnectionState::Connected;
     let mut dropped = 0;
     loop {
+        // Back: what was stored meanwhile goes first, before the messages
+        // of the new connection (each stream is printed in order).
+        let mut came_back = |gone: &mut bool| -> anyhow::Result<()> {
+            *gone = false;
+            eprintln!("daemoneye-cli: agent up at {}, following", socket.display());
+            barrier(client);
+            handle(Followed::Connected)
+        };
         select! {
             recv(sub.messages()) -> msg => match msg {
-                Ok(msg) => handle(msg)?,
+                Ok(msg) => {
+                    if gone && client.state() == ConnectionState::Connected {
+                        came_back(&mut gone)?;
+                    }
+                    handle(Followed::Message(msg))?
+                }
                 Err(_) => return Err(CliError::Bus(daemoneye_bus::ClientError::Closed).into()),
             },
             recv(check) -> _ => {
                 match client.state() {
-                    ConnectionState::Connected if gone => {
-                        gone = false;
-                        eprintln!("daemoneye-cli: agent back at {}, following", socket.display());
-                    }
+                    ConnectionState::Connected if gone => came_back(&mut gone)?,
                     ConnectionState::Connected => {}
                     ConnectionState::Disconnected if !gone => {
                         gone = true;
@@ -537,15 +588,54 @@ fn follow(
     }
 }
 
-fn print_event(ctx: &Ctx, env: &EventEnvelope) -> io::Result<()> {
+/// One event, with its row id when it was read from the store.
+fn print_event(ctx: &Ctx, env: &EventEnvelope, store_id: Option<i64>) -> io::Result<()> {
     if ctx.json {
-        out(&daemoneye_contract::render::json_line(env))
+        out(&render::json_line(env, store_id))
     } else {
-        out(&daemoneye_contract::render::human_line(env))
+        out(&render::human_line(env, store_id, &ctx.tz))
     }
 }
 
+/// The stored events of `q` after `after_id` (the newest `limit`; 0: all),
+/// printed unless already seen; returns the last id read. Without a store
+/// yet (no agent has run) and `waiting`, nothing, said once.
+fn print_stored(
+    ctx: &Ctx,
+    q: &EventQuery,
+    limit: usize,
+    seen: &mut SeenStreams,
+    after_id: Option<i64>,
+    waiting: bool,
+) -> anyhow::Result<Option<i64>> {
+    let store = match cli::open_store(&ctx.database()) {
+        Ok(store) => store,
+        Err(CliError::NoStore(path)) if waiting => {
+            if after_id.is_none() {
+                eprintln!("daemoneye-cli: no events stored yet at {}", path.display());
+            }
+            return Ok(after_id);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let q = EventQuery { after_id, ..q.clone() };
+    let mut last = after_id;
+    for stored in store.query_newest(&q, limit).map_err(CliError::Store)? {
+        let id = stored.id;
+        last = Some(id);
+        let env = cli::envelope(stored);
+        if seen.admit(&env) {
+            print_event(ctx, &env, Some(id))?;
+        }
+    }
+    Ok(last)
+}
+
 fn events(ctx: &Ctx, args: &EventsArgs) -> anyhow::Result<ExitCode> {
+    // The same check as `ps --name`'s.
+    SnapshotFilter { name_pattern: args.name.clone(), ..SnapshotFilter::default() }
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     let q = EventQuery {
         since_ms: args.since.map(|d| cli::since_ms(now_unix_ms(), d)),
         pid: args.pid,
@@ -554,19 +644,20 @@ fn events(ctx: &Ctx, args: &EventsArgs) -> anyhow::Result<ExitCode> {
         collector_id: args.collector.clone(),
         ..EventQuery::default()
     };
-    let following = if args.follow { Some(subscribe(ctx, EVENTS_PATTERN)?) } else { None };
-    let db = ctx.database();
+    let following = if args.follow { Some(subscribe(ctx, EVENTS_PATTERN, "events")?) } else { None };
     let mut seen = SeenStreams::default();
-    {
-        let store = cli::open_store(&db)?;
-        let stored = store.query_newest(&q, args.limit).map_err(CliError::Store)?;
-        for env in stored.into_iter().map(cli::envelope) {
-            seen.admit(&env);
-            print_event(ctx, &env)?;
-        }
-    }
+    let mut last_id = print_stored(ctx, &q, args.limit, &mut seen, None, following.is_some())?;
     let Some((client, sub)) = following else { return Ok(ExitCode::SUCCESS) };
-    follow(&client, &sub, &ctx.socket(), |msg| {
+    follow(&client, &sub, &ctx.socket(), |followed| {
+        let msg = match followed {
+            Followed::Message(msg) => msg,
+            // What was committed while nobody listened (the agent starting,
+            // collectors replaying): from the store, each event once.
+            Followed::Connected => {
+                last_id = print_stored(ctx, &q, 0, &mut seen, last_id.or(Some(0)), true)?;
+                return Ok(());
+            }
+        };
         if msg.topic == GAP_TOPIC {
             return Ok(());
         }
@@ -584,7 +675,7 @@ fn events(ctx: &Ctx, args: &EventsArgs) -> anyhow::Result<ExitCode> {
             return Ok(());
         }
         if cli::event_matches(&q, &env) && seen.admit(&env) {
-            print_event(ctx, &env)?;
+            print_event(ctx, &env, None)?;
         }
         Ok(())
     })
@@ -598,14 +689,10 @@ fn alerts(ctx: &Ctx, args: &AlertsArgs) -> anyhow::Result<ExitCode> {
         after_id: None,
         limit: args.limit,
     };
-    let following = if args.follow { Some(subscribe(ctx, ALERT_TOPIC)?) } else { None };
-    let db = ctx.database();
-    let stored = {
-        let store = cli::open_store(&db)?;
-        rules::query_alerts(store.connection(), &q).map_err(|source| CliError::Alerts { path: db, source })?
-    };
-    let mut table = Table::new(&cli::ALERT_HEADERS);
-    let rows: Vec<Vec<String>> = stored.iter().map(cli::alert_row).collect();
+    let following = if args.follow { Some(subscribe(ctx, ALERT_TOPIC, "alerts")?) } else { None };
+    let stored = stored_alerts(ctx, &q, following.is_some())?;
+    let mut table = Table::new(&cli_output::ALERT_HEADERS);
+    let rows: Vec<Vec<String>> = stored.iter().map(cli_output::alert_row).collect();
     for row in &rows {
         table.fit(row);
     }
@@ -614,7 +701,7 @@ fn alerts(ctx: &Ctx, args: &AlertsArgs) -> anyhow::Result<ExitCode> {
             json_line(a)?;
         }
     } else if !rows.is_empty() || following.is_some() {
-        out(&table.line(&cli::ALERT_HEADERS))?;
+        out(&table.line(&cli_output::ALERT_HEADERS))?;
         for row in &rows {
             out(&table.line(row))?;
         }
@@ -622,7 +709,18 @@ fn alerts(ctx: &Ctx, args: &AlertsArgs) -> anyhow::Result<ExitCode> {
     let Some((client, sub)) = following else { return Ok(ExitCode::SUCCESS) };
     // Alert ids only grow: the stored ones are not printed again.
     q.after_id = Some(stored.last().map_or(0, |a| a.id));
-    follow(&client, &sub, &ctx.socket(), |msg| {
+    follow(&client, &sub, &ctx.socket(), |followed| {
+        let msg = match followed {
+            Followed::Message(msg) => msg,
+            // Alerts raised while nobody listened: from the store.
+            Followed::Connected => {
+                for alert in stored_alerts(ctx, &AlertQuery { limit: 0, ..q.clone() }, true)? {
+                    q.after_id = Some(alert.id);
+                    print_alert(ctx, &table, &alert)?;
+                }
+                return Ok(());
+            }
+        };
         if msg.from != STORE_CLIENT_ID {
             log::warn!("ignoring an alert published by {:?}, not the agent's store writer", msg.from);
             return Ok(());
@@ -636,25 +734,37 @@ fn alerts(ctx: &Ctx, args: &AlertsArgs) -> anyhow::Result<ExitCode> {
         };
         if cli::alert_matches(&q, &alert) {
             q.after_id = Some(alert.id);
-            if ctx.json {
-                json_line(&alert)?;
-            } else {
-                out(&table.line(&cli::alert_row(&alert)))?;
-            }
+            print_alert(ctx, &table, &alert)?;
         }
         Ok(())
     })
 }
 
+fn print_alert(ctx: &Ctx, table: &Table, alert: &Alert) -> anyhow::Result<()> {
+    if ctx.json { json_line(alert) } else { Ok(out(&table.line(&cli_output::alert_row(alert)))?) }
+}
+
+/// The stored alerts of `q`; none when there is no store yet and
+/// `waiting` (`--follow` before the agent's first start).
+fn stored_alerts(ctx: &Ctx, q: &AlertQuery, waiting: bool) -> anyhow::Result<Vec<Alert>> {
+    let db = ctx.database();
+    let store = match cli::open_store(&db) {
+        Ok(store) => store,
+        Err(CliError::NoStore(_)) if waiting => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(rules::query_alerts(store.connection(), q).map_err(|source| CliError::Alerts { path: db, source })?)
+}
+
 fn rules_list(ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let rows = cli::rule_rows(&ctx.cfg);
+    let rows = cli_output::rule_rows(&ctx.cfg);
     if ctx.json {
         for r in &rows {
             json_line(r)?;
         }
     } else {
-        let cells: Vec<Vec<String>> = rows.iter().map(cli::RuleRow::cells).collect();
-        out(&Table::render(&cli::RULE_HEADERS, &cells))?;
+        let cells: Vec<Vec<String>> = rows.iter().map(cli_output::RuleRow::cells).collect();
+        out(&Table::render(&cli_output::RULE_HEADERS, &cells))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -474,7 +474,9 @@ pub struct EventQuery {
     pub until_ms: Option<u64>,
     /// This process id.
     pub pid: Option<u32>,
-    /// This exact process name.
+    /// A glob (`*` any run of characters, `?` one, nothing else special,
+    /// case-sensitive) matched against the process name or the file name
+    /// of its executable, as `ps --name` (`control::glob_match`).
     pub name: Option<String>,
     /// This kind of event.
     pub kind: Option<EventKind>,
@@ -550,9 +552,15 @@ fn filters(q: &EventQuery) -> (Vec<&'static str>, Vec<Value>) {
         conditions.push("pid = ?");
         values.push(Value::Integer(i64::from(pid)));
     }
-    if let Some(name) = &q.name {
-        conditions.push("name = ?");
-        values.push(Value::Text(name.clone()));
+    if let Some(pattern) = &q.name {
+        // The glob of `ps --name` (`control::glob_match`: `*`, `?`, every
+        // other character itself) as SQLite's GLOB, whose `[` opens a
+        // class: `[[]` is a literal `[`. Against the name, or the file name
+        // of the executable (the text after its last `/`).
+        conditions.push("(name GLOB ? OR substr(exe, length(rtrim(exe, replace(exe, '/', ''))) + 1) GLOB ?)");
+        let glob = pattern.replace('[', "[[]");
+        values.push(Value::Text(glob.clone()));
+        values.push(Value::Text(glob));
     }
     if let Some(kind) = q.kind {
         conditions.push("kind = ?");

@@ -652,6 +652,16 @@ impl SnapshotMatcher<'_> {
     }
 }
 
+/// Whether a process with this name and executable path passes a name
+/// pattern ([`SnapshotFilter::name_pattern`]): the glob matches its name
+/// or its executable's file name. `ps --name` and `events --name` both
+/// match this way.
+pub fn name_matches(pattern: &str, name: &str, exe: Option<&Path>) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let exe_name = exe.and_then(|e| e.file_name()?.to_str());
+    glob_chars(&pattern, name) || exe_name.is_some_and(|n| glob_chars(&pattern, n))
+}
+
 /// Whether `text` matches the glob `pattern`: `*` matches any run of
 /// characters (none included), `?` exactly one, every other character
 /// itself.

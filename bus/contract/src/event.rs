@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use daemoneye_platform::{ExitStatus, Field, ProcessRecord, Unavailable};
+use daemoneye_platform::{ExitStatus, ProcessRecord, Unavailable};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Kind, Message, Version};
@@ -483,71 +483,6 @@ impl StreamGap {
     /// Decodes [`StreamGap::encode`]'s bytes, of any version.
     pub fn decode(bytes: &[u8]) -> Result<StreamGap, codec::Error> {
         codec::decode(bytes)
-    }
-}
-
-/// Formats a field as its value or `-(reason)`.
-fn field<T: fmt::Display>(f: &Field<T>) -> String {
-    match f {
-        Ok(v) => v.to_string(),
-        Err(why) => format!("-({why})"),
-    }
-}
-
-impl ProcessEvent {
-    /// One readable line for a terminal (`procmond --foreground`).
-    pub fn human_line(&self) -> String {
-        let p = &self.process;
-        let d = &p.details;
-        let mut what = self.kind.as_str().to_owned();
-        if self.snapshot {
-            what.push_str("(snapshot)");
-        }
-        if !self.changes.is_empty() {
-            let names: Vec<&str> = self.changes.iter().map(|c| c.as_str()).collect();
-            what.push_str(&format!("[{}]", names.join(",")));
-        }
-        let user = match (&d.user, &d.credentials) {
-            (Ok(u), _) => crate::render::printable(u).into_owned(),
-            (Err(_), Ok(c)) => c.euid.to_string(),
-            (Err(why), Err(_)) => format!("-({why})"),
-        };
-        let exe = match &d.exe {
-            Ok(path) => crate::render::printable(&path.to_string_lossy()).into_owned(),
-            Err(why) => format!("-({why})"),
-        };
-        let deleted = if d.exe_deleted == Ok(true) { " (deleted)" } else { "" };
-        let args = match &d.argv {
-            Ok(argv) if argv.args.is_empty() => String::new(),
-            Ok(argv) => format!(" args={:?}{}", argv.args.join(" "), if argv.truncated { "…" } else { "" }),
-            Err(why) => format!(" args=-({why})"),
-        };
-        let hash = match &self.sha256 {
-            Some(HashOutcome::Sha256(h)) => format!(" sha256={}", &h[..h.len().min(16)]),
-            Some(HashOutcome::TooLarge { size, .. }) => format!(" sha256=-(too large: {size} B)"),
-            Some(HashOutcome::Deferred) => " sha256=-(deferred)".to_owned(),
-            Some(HashOutcome::Unavailable(why)) => format!(" sha256=-({why})"),
-            None => String::new(),
-        };
-        let exit = match self.exit {
-            Some(ExitStatus::Code(code)) => format!(" exit={code}"),
-            Some(ExitStatus::Signal { signal, core_dumped }) => {
-                format!(" signal={signal}{}", if core_dumped { "(core)" } else { "" })
-            }
-            None => String::new(),
-        };
-        let late = match self.late {
-            Some(w) => format!(" late={}..{}", w.after_unix_ms, w.before_unix_ms),
-            None => String::new(),
-        };
-        format!(
-            "{what:<10} pid={} ppid={} user={user} name={:?} exe={exe}{deleted}{args}{hash} started={}{exit}{late} source={}",
-            p.pid,
-            p.ppid,
-            p.name,
-            field(&p.started_unix),
-            self.source.as_str(),
-        )
     }
 }
 

@@ -15,7 +15,10 @@
 //!   own layout, converted from and to `platform::ProcessRecord`).
 //! - [`api`]: the agent's status, task and alert messages.
 //! - [`ids`]: client ids and the collector type.
-//! - [`render`]: how an event is printed, and [`render::printable`].
+//! - [`ecs`]: the JSON shape of events and process states (Elastic Common
+//!   Schema names), for every JSON output.
+//! - [`render`]: how an event is printed for people, and
+//!   [`render::printable`].
 //! - [`topic`]: [`Topic<T>`] and [`Rpc<Q, A>`], each bus topic bound to
 //!   its payload type and publisher [`Role`], and the table of topics.
 //! - [`testing`]: plausible records and events for tests and benchmarks.
@@ -25,6 +28,7 @@
 pub mod api;
 pub mod codec;
 pub mod control;
+pub mod ecs;
 pub mod event;
 pub mod ids;
 pub mod record;
