@@ -21,6 +21,7 @@
 //! close. What a collector sent but the store did not acknowledge stays
 //! in that collector's WAL and is replayed on its next start.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,7 @@ use parking_lot::Mutex;
 use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 use crate::config::AgentConfig;
 use crate::monitor::{Monitor, MonitorParts, Outcome};
+use crate::own::OwnBinaries;
 use crate::supervisor::Supervisor;
 use crate::tasks::{TaskCoordinator, TaskStats};
 use crate::writer::{StoreWriter, WriterConfig};
@@ -228,7 +230,12 @@ pub fn run(
     let writer = Arc::new(
         StoreWriter::start(
             store_client.clone(),
-            WriterConfig { database: cfg.database(), store: cfg.store.clone(), rules: cfg.active_rules() },
+            WriterConfig {
+                database: cfg.database(),
+                store: cfg.store.clone(),
+                rules: cfg.active_rules(),
+                own: own_binaries(&cfg),
+            },
         )
         .context("cannot start the event store")?,
     );
@@ -382,4 +389,27 @@ pub fn run(
             1
         }
     })
+}
+
+/// DaemonEye's executables, which the built-in rules leave out: this one,
+/// the tools installed beside it and every configured collector's binary.
+/// They are hashed on a short thread of their own (`agent-own-hash`, ended
+/// when done: a debug build is 80 MB); until then an event without a hash
+/// of its own is matched by the file's identity (`daemoneye_store::own`).
+fn own_binaries(cfg: &AgentConfig) -> Arc<OwnBinaries> {
+    let me = std::env::current_exe().ok();
+    let beside = me.as_deref().and_then(Path::parent).map(|dir| {
+        ["daemoneye-agent", "daemoneye-cli", "daemoneye-wal", "procmond"].map(|name| dir.join(name))
+    });
+    let collectors = cfg.collectors.iter().map(|c| c.binary.clone());
+    let own =
+        Arc::new(OwnBinaries::new(me.into_iter().chain(beside.into_iter().flatten()).chain(collectors)));
+    log::debug!("DaemonEye's own executables: {}", own.paths().join(", "));
+    let hashing = own.clone();
+    if let Err(e) =
+        std::thread::Builder::new().name("agent-own-hash".into()).spawn(move || hashing.hash_all())
+    {
+        log::warn!("cannot start the thread that hashes DaemonEye's executables: {e}");
+    }
+    own
 }

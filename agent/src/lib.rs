@@ -15,7 +15,7 @@ pub mod daemon;
 pub mod monitor;
 pub mod privsep;
 /// Detection rules live with the event store.
-pub use daemoneye_store::rules;
+pub use daemoneye_store::{own, rules};
 pub mod supervisor;
 pub mod tasks;
 pub mod writer;

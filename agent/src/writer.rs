@@ -65,6 +65,7 @@ use daemoneye_contract::control::StoreAck;
 use daemoneye_contract::event::{EventEnvelope, StreamGap};
 use daemoneye_contract::render::printable;
 use daemoneye_contract::topic;
+use daemoneye_store::own::OwnBinaries;
 use daemoneye_store::{BatchOutcome, EventStore, Pruning, Retention, StoreError, StreamWatermark};
 use parking_lot::Mutex;
 
@@ -120,6 +121,9 @@ pub struct WriterConfig {
     pub store: StoreSpec,
     /// The rules to run (enabled ones; disabled ones are skipped).
     pub rules: Vec<RuleSpec>,
+    /// DaemonEye's own executables, which the built-in rules leave out
+    /// (`daemoneye_self`).
+    pub own: Arc<OwnBinaries>,
 }
 
 /// Why the store writer did not start.
@@ -183,6 +187,7 @@ impl StoreWriter {
         let store = EventStore::open(&cfg.database)?;
         let rules = RuleEngine::compile(store.connection(), &cfg.rules)?.with_budget(cfg.store.rule_budget());
         let sqlite = |source| WriterError::Sqlite { path: cfg.database.clone(), source };
+        daemoneye_store::own::register(store.connection(), cfg.own.clone()).map_err(sqlite)?;
         let rule_cursor = RuleEngine::cursor(store.connection()).map_err(sqlite)?;
         let max_id = max_id(store.connection()).map_err(sqlite)?;
         let sub = client

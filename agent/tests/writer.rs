@@ -48,7 +48,7 @@ impl Harness {
     /// in place.
     fn writer(&self, store: StoreSpec, rules: Vec<RuleSpec>) -> (Arc<Client>, StoreWriter) {
         let client = self.client(api::AGENT_CLIENT_ID);
-        let cfg = WriterConfig { database: self.db(), store, rules };
+        let cfg = WriterConfig { database: self.db(), store, rules, own: Arc::default() };
         let writer = StoreWriter::start(client.clone(), cfg).expect("writer starts");
         // A confirmed publish proves the subscriptions before it are in place.
         client.publish_confirmed("sync.writer", b"").unwrap();
@@ -347,7 +347,7 @@ fn a_bad_rule_stops_the_writer_from_starting() {
         sql: "SELECT id FROM new_events WHERE nope = 1".into(),
         enabled: true,
     };
-    let cfg = WriterConfig { database: h.db(), store: quick(), rules: vec![bad] };
+    let cfg = WriterConfig { database: h.db(), store: quick(), rules: vec![bad], own: Arc::default() };
     let e = StoreWriter::start(client, cfg).err().expect("refused");
     let text = e.to_string();
     assert!(text.contains("rule broken") && text.contains("no such column: nope"), "{text}");

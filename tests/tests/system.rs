@@ -394,3 +394,66 @@ fn a_walk_cut_by_max_processes_shows_in_the_status_and_raises_an_alert() {
     assert!(sys.log().contains("walk truncated"), "{}", sys.tail());
     assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0), "{}", sys.tail());
 }
+
+#[test]
+fn a_checkout_built_under_tmp_does_not_alert_on_itself() {
+    // The quick start from a checkout in /tmp: the agent, procmond and the
+    // CLI all run from a temporary directory.
+    let bins = tempfile::Builder::new().prefix("daemoneye-checkout").tempdir_in("/tmp").expect("tempdir");
+    for name in ["daemoneye-agent", "procmond", "daemoneye-cli"] {
+        copy_executable(&bin(name), &bins.path().join(name));
+    }
+    // The control: another program from the same directory is alerted on.
+    let other = bins.path().join("other-program");
+    copy_executable(&which("sleep"), &other);
+    let mut sys = System::create(&[CollectorDef::with_binary("pm-q", bins.path().join("procmond"))], "");
+    let mut agent = Command::new(bins.path().join("daemoneye-agent"));
+    agent.arg("--config").arg(sys.dir.path().join("agent.yaml"));
+    sys.spawn_agent(agent);
+    sys.wait_status(Duration::from_secs(20), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let mut cli = Command::new(bins.path().join("daemoneye-cli"))
+        .arg("--config")
+        .arg(sys.dir.path().join("agent.yaml"))
+        .args(["events", "--follow"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cli");
+    let mut control = Command::new(&other).arg("30").spawn().expect("control");
+    let canonical = std::fs::canonicalize(bins.path()).expect("canonical");
+    let exe = |name: &str| canonical.join(name).display().to_string();
+    let db = sys.database();
+    let query = |sql: &str, exe: &str| -> i64 {
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row(sql, [exe], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    let alerted = wait_until(2 * CYCLE, || {
+        query(
+            "SELECT count(*) FROM alerts WHERE rule = 'exe-in-temp-dir' AND exe = ?1",
+            &exe("other-program"),
+        ) > 0
+            && ["daemoneye-agent", "procmond", "daemoneye-cli"].iter().all(|name| {
+                query("SELECT count(*) FROM process_events WHERE kind = 'started' AND exe = ?1", &exe(name))
+                    > 0
+            })
+    });
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let _ = control.kill();
+    let _ = control.wait();
+    assert!(alerted, "the control is alerted on, and our three programs were seen\n{}", sys.tail());
+    // Let the batch with our own programs' events go through the rules.
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
+    let ours: i64 = rusqlite::Connection::open(&db)
+        .and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM alerts WHERE exe GLOB ?1 || '/*' AND exe != ?2",
+                [canonical.display().to_string(), exe("other-program")],
+                |r| r.get(0),
+            )
+        })
+        .expect("alerts");
+    assert_eq!(ours, 0, "no alert about DaemonEye's own programs\n{}", sys.tail());
+}

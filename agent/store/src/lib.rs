@@ -196,6 +196,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod own;
 pub mod rules;
 
 use std::collections::HashMap;

@@ -9,6 +9,8 @@
 //! table: `process_events` (the whole stored history), `stream_watermarks`,
 //! `stream_gaps`, `alerts`. The rows of the batch being evaluated are in the
 //! temporary view `new_events`, which has the columns of `process_events`.
+//! The function `daemoneye_self(exe, sha256)` says whether an executable is
+//! one of DaemonEye's own, by path and hash ([`crate::own`]).
 //!
 //! **The first column of its result is the matching event's row id**
 //! (`new_events.id`, which is its `process_events.id`); the other columns
@@ -116,7 +118,9 @@ pub struct BuiltinRule {
 // see a fork before its exec). Other `modified` events of the same process
 // (credentials, reparent) would raise the same alert again for each change.
 // Paths are matched with GLOB, which is case-sensitive like the file
-// system (LIKE is not: '/TMP/x' is not in /tmp).
+// system (LIKE is not: '/TMP/x' is not in /tmp). The rules about where an
+// executable lives leave out DaemonEye's own (`daemoneye_self`, by path
+// and hash: crate::own), which a checkout under /tmp would run from there.
 
 /// The built-in rules (`default_rules: true` in agent.yaml).
 pub const DEFAULT_RULES: &[BuiltinRule] = &[
@@ -126,7 +130,8 @@ pub const DEFAULT_RULES: &[BuiltinRule] = &[
         description: "a process runs an executable from /tmp, /var/tmp or /dev/shm",
         sql: "SELECT id FROM new_events \
               WHERE (kind = 'started' OR instr(',' || changes || ',', ',exec,') > 0) \
-              AND (exe GLOB '/tmp/*' OR exe GLOB '/var/tmp/*' OR exe GLOB '/dev/shm/*')",
+              AND (exe GLOB '/tmp/*' OR exe GLOB '/var/tmp/*' OR exe GLOB '/dev/shm/*') \
+              AND NOT daemoneye_self(exe, sha256)",
     },
     BuiltinRule {
         name: "deleted-exe-running",
@@ -165,7 +170,8 @@ pub const DEFAULT_RULES: &[BuiltinRule] = &[
                    OR instr(',' || changes || ',', ',exec,') > 0 \
                    OR instr(',' || changes || ',', ',credentials,') > 0) \
               AND (exe GLOB '/tmp/*' OR exe GLOB '/var/tmp/*' OR exe GLOB '/dev/shm/*' \
-                   OR exe GLOB '/home/*' OR exe GLOB '/run/user/*')",
+                   OR exe GLOB '/home/*' OR exe GLOB '/run/user/*') \
+              AND NOT daemoneye_self(exe, sha256)",
     },
 ];
 
@@ -648,6 +654,8 @@ pub fn validate(specs: &[RuleSpec]) -> Vec<(String, Result<(), String>)> {
 
 /// Creates what rules read and write.
 fn install(conn: &Connection) -> rusqlite::Result<()> {
+    // Nothing is ours until the writer says what is (`own::register`).
+    crate::own::register(conn, std::sync::Arc::default())?;
     conn.execute_batch(ALERTS_SCHEMA)?;
     conn.execute_batch(WINDOW_SCHEMA)
 }
@@ -908,6 +916,55 @@ mod tests {
         for (name, verdict) in validate(&default_rules()) {
             assert_eq!(verdict, Ok(()), "{name}");
         }
+    }
+
+    #[test]
+    fn daemoneyes_own_executables_are_left_out_of_the_built_in_rules_by_path_and_hash() {
+        use daemoneye_contract::event::HashOutcome;
+        // A checkout built under /tmp: our binary lives in a temp dir.
+        let dir = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+        let ours = dir.path().join("procmond");
+        std::fs::write(&ours, b"our program").unwrap();
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        std::fs::write(copy.join("procmond"), b"our program").unwrap();
+        let own = Arc::new(crate::own::OwnBinaries::new([ours.clone()]));
+        own.hash_all();
+        let path = std::fs::canonicalize(&ours).unwrap().display().to_string();
+        let elsewhere = std::fs::canonicalize(copy.join("procmond")).unwrap().display().to_string();
+        let hash = |hex: String| move |e: &mut ProcessEvent| e.sha256 = Some(HashOutcome::Sha256(hex));
+        let real = {
+            use sha2::Digest;
+            sha2::Sha256::digest(b"our program").iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let root = |e: &mut ProcessEvent| as_root(e);
+        let batch = vec![
+            // 1, 2: ours as root, without a hash and with its own: nothing.
+            with(event(1, 10, "procmond", &path), root),
+            with(with(event(2, 11, "procmond", &path), root), hash(real.clone())),
+            // 3: another program at our path: both rules.
+            with(with(event(3, 12, "procmond", &path), root), hash("0".repeat(64))),
+            // 4: our name and content, somewhere else: both rules.
+            with(with(event(4, 13, "procmond", &elsewhere), root), hash(real.clone())),
+        ];
+        let (_db, mut store) = store();
+        store.insert_batch(&batch).unwrap();
+        let id = ids(&store);
+        let conn = store.connection_mut();
+        let mut engine = RuleEngine::compile(conn, &default_rules()).unwrap();
+        crate::own::register(conn, own).unwrap();
+        let alerts = engine.run(conn, 0, max_id(conn), 99_000).unwrap();
+        let mut expected: Vec<(String, i64)> = [3, 4]
+            .into_iter()
+            .flat_map(|seq| {
+                [
+                    ("exe-in-temp-dir".to_owned(), id[&seq]),
+                    ("root-from-user-writable-dir".to_owned(), id[&seq]),
+                ]
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(pairs(&alerts), expected);
     }
 
     #[test]
