@@ -605,6 +605,9 @@ struct Conn {
     max_frame: u32,
     /// Its `Overflow::Block` is honoured (`BrokerConfig::block_allowed`).
     may_block: bool,
+    /// A configured peer (a `permissions` entry names it): its coming and
+    /// going is logged at INFO; others' (a CLI call each) at DEBUG.
+    known: bool,
     /// It has subscribed or published since its `Hello` (not idle).
     active: bool,
     /// When it was welcomed.
@@ -845,6 +848,7 @@ impl Reactor {
                         proven,
                         max_frame,
                         may_block: self.cfg.block_allowed.is_none(),
+                        known: false,
                         active: false,
                         welcomed_at: None,
                         partial_since: None,
@@ -1164,12 +1168,11 @@ impl Reactor {
                     .as_ref()
                     .is_none_or(|ids| ids.iter().any(|p| id_matches(p, &client_id)));
                 if let Some(c) = self.conns.get_mut(idx) {
-                    log::info!("bus: {client_id} connected (pid {:?}, uid {})", c.pid, c.uid);
-                    let acl = self
-                        .cfg
-                        .permissions
-                        .iter()
-                        .find(|p| p.applies_to(&client_id))
+                    let named = self.cfg.permissions.iter().find(|p| p.applies_to(&client_id));
+                    c.known = named.is_some();
+                    let level = if c.known { log::Level::Info } else { log::Level::Debug };
+                    log::log!(level, "bus: {client_id} connected (pid {:?}, uid {})", c.pid, c.uid);
+                    let acl = named
                         .map(|p| &p.permissions)
                         .or(self.cfg.default_permissions.as_ref())
                         .map(|p| p.resolve(&client_id));
@@ -1762,7 +1765,8 @@ impl Reactor {
         let mut c = self.conns.remove(idx);
         let _ = self.poll.registry().deregister(&mut c.stream);
         if let ConnState::Ready { client_id, .. } = &c.state {
-            log::info!("bus: {client_id} disconnected");
+            let level = if c.known { log::Level::Info } else { log::Level::Debug };
+            log::log!(level, "bus: {client_id} disconnected");
             // Its requesters need not wait out their timeouts; whether
             // someone else still holds the request decides if it may yet
             // be answered.

@@ -316,11 +316,11 @@ impl Connector {
         // Only whole sealed segments are deleted: segments of an eighth of
         // the cap let acknowledgements bring a full WAL back under it.
         let segment_size = (cfg.wal_max_bytes / 8).clamp(64 << 10, 16 << 20);
-        let (wal, report) = Wal::open(
+        // The WAL logs its own recovery report (once).
+        let (wal, _report) = Wal::open(
             wal_dir,
             WalOptions { durability: Durability::Always, segment_size, ..Default::default() },
         )?;
-        log::info!("WAL {}: {report}", wal_dir.display());
         // Invariant: a WAL that never assigned a number is a new stream.
         let fresh = wal.next_seq() == 1 && wal.watermark() == 0;
         let stream_id = stream_id(wal_dir, fresh)?;

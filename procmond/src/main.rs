@@ -173,9 +173,13 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        // The logger writes to stderr: once is enough.
-        Err(e) => {
+        // Once: the log is on stderr, unless it is off.
+        Err(e) if log::log_enabled!(log::Level::Error) => {
             log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("procmond: error: {e:#}");
             ExitCode::FAILURE
         }
     }

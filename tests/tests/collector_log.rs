@@ -155,3 +155,37 @@ fn an_adopted_collector_keeps_its_log_after_the_agent_is_killed() {
     assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
     assert!(wait_until(Duration::from_secs(10), || !alive(pid)), "the adopted collector stopped");
 }
+
+#[test]
+fn each_thing_is_logged_once_and_a_cli_call_only_at_debug() {
+    let mut sys = System::start(&[CollectorDef::procmond("pm-once")], "");
+    sys.wait_status(Duration::from_secs(20), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let out = sys.cli(&["status"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
+    let agent_log = std::fs::read_to_string(&sys.log).expect("agent log");
+    // A CLI call is a client of no configured name: its coming and going
+    // is for debugging; a collector's is news.
+    let cli_lines: Vec<&str> =
+        agent_log.lines().filter(|l| l.contains("-cli-") && l.contains("connected")).collect();
+    assert_eq!(cli_lines.len(), 2, "{agent_log}");
+    assert!(cli_lines.iter().all(|l| l.contains(" DEBUG ")), "{cli_lines:#?}");
+    assert!(
+        agent_log.lines().any(|l| l.contains(" INFO ") && l.contains("bus: pm-once connected")),
+        "{agent_log}"
+    );
+    // The WAL's recovery report, once per start.
+    let (_, own) = sys.collector_logs().into_iter().find(|(id, _)| id == "pm-once").expect("collector.log");
+    assert_eq!(own.matches(": recovered ").count(), 1, "{own}");
+
+    // A fatal error is said once (the log is on stderr).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("not-a-dir");
+    std::fs::write(&file, "").expect("write");
+    let data = file.join("data");
+    let out = Command::new(bin("daemoneye-agent")).arg("--data-dir").arg(&data).output().expect("agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let path = data.display().to_string();
+    assert_eq!(stderr.lines().filter(|l| l.contains(&path)).count(), 1, "{stderr}");
+}

@@ -229,8 +229,12 @@ fn exit(result: anyhow::Result<i32>) -> ExitCode {
     match result {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        Err(e) => {
+        // Once: the log is on stderr, unless it is off.
+        Err(e) if log::log_enabled!(log::Level::Error) => {
             log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
             eprintln!("daemoneye-agent: error: {e:#}");
             ExitCode::FAILURE
         }
