@@ -401,10 +401,10 @@ impl AgentConfig {
     /// Parses and validates YAML text; `file` names it in errors and
     /// `exe_dir` resolves relative binary paths.
     pub fn parse(text: &str, file: &str, exe_dir: &Path) -> Result<AgentConfig, ConfigError> {
-        let mut cfg: AgentConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
+        let mut cfg: AgentConfig = daemoneye_contract::yaml::from_str(text).map_err(|e| ConfigError {
             file: file.to_owned(),
-            field: e.location().map_or("(document)".to_owned(), |l| format!("line {}", l.line())),
-            reason: e.to_string(),
+            field: e.line.map_or("(document)".to_owned(), |line| format!("line {line}")),
+            reason: e.reason,
         })?;
         for c in &mut cfg.collectors {
             if c.binary.is_relative() {
@@ -698,7 +698,7 @@ mod tests {
         let long = format!("/{}", "d".repeat(120));
         let long_dir = format!("data_dir: {long}\n");
         let long_socket = format!("broker_socket: {long}/b.sock\n");
-        let cases: [(&str, &str, &str); 25] = [
+        let cases: [(&str, &str, &str); 26] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -717,6 +717,12 @@ mod tests {
                 "at least 1",
             ),
             ("collectors:\n  - {id: a, binary: procmond, colour: red}\n", "line", "colour"),
+            // A key indented too little: its own line is named.
+            (
+                "collectors:\n  - id: a\n  binary: procmond\n",
+                "line 3",
+                "`binary:` on line 3 is indented by 2",
+            ),
             (
                 "collectors:\n  - {id: a, type: network-monitor, binary: procmond}\n",
                 "collectors[0].type",

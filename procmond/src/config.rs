@@ -392,7 +392,8 @@ impl ConfigFile {
         if text.trim().is_empty() {
             return Ok(ConfigFile::default());
         }
-        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+        // The reason names the line (a key indented too little: its own).
+        daemoneye_contract::yaml::from_str(text).map_err(|e| e.reason)
     }
 
     /// Lays the file's values over `cfg`.

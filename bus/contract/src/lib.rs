@@ -35,6 +35,7 @@ pub mod record;
 pub mod render;
 pub mod testing;
 pub mod topic;
+pub mod yaml;
 
 pub use codec::{Error, Kind, Message, PeerVersion, Version};
 pub use topic::{Role, Rpc, Topic};
