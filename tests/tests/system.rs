@@ -324,7 +324,7 @@ fn a_collector_that_never_registers_fails_the_startup_and_is_stopped() {
         .split("collector mute: started ")
         .nth(1)
         .and_then(|rest| rest.split("as pid ").nth(1))
-        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|p| p.parse().ok())
         .expect("the collector's pid in the log");
     assert!(!alive(pid), "the mute collector was stopped");
