@@ -17,8 +17,8 @@
 //!   it is gone.
 //! - **Log.** A collector's stdout and stderr go to its own
 //!   `<data dir>/collector.log` (0600; rotated to `collector.log.1` past
-//!   8 MiB), which outlives the agent; an exit other than status 0 is
-//!   reported with the last line it wrote there.
+//!   8 MiB), which outlives the agent; an exit with a status other than 0
+//!   is reported with the last line it wrote there.
 //! - **Check.** [`check_args`] runs the collector with `--check-args`
 //!   before the agent starts (and for `--check-config`), so arguments it
 //!   refuses are refused as configuration errors, in its own words.
@@ -427,8 +427,10 @@ impl Inner {
             let s = &mut self.slots[i];
             if let Some(p) = &mut s.proc {
                 if let Some(mut status) = p.poll() {
-                    // Why, in its own words: the last line it wrote.
-                    if status != "exit status 0"
+                    // Why, in its own words: the last line it wrote (an
+                    // exit it chose; a signal's victim said nothing of it).
+                    if status.starts_with("exit status ")
+                        && status != "exit status 0"
                         && let Some(line) = last_line(&log_path(&s.data_dir))
                     {
                         status = format!("{status}; its last words: {line}");
