@@ -16,6 +16,27 @@
 //! The inbox is `bounded(100)`. Senders never block: a full inbox is a
 //! logged warning and an error (`ActorError::Busy`) to the caller. Requests
 //! carry a `bounded(1)` reply channel, waited on with a timeout.
+//!
+//! # Events and the cycle
+//!
+//! With `--events auto|kernel|poll` (default auto) and the kernel source on,
+//! Started, Stopped (with the exit status) and Modified come from
+//! `procmond-kernel` as they happen (source `kernel`), and every interval
+//! the cycle reconciles: barrier (apply what the kernel thread holds), walk,
+//! barrier (what happened during the walk is newer than it), compare.
+//! Processes that started at or after the first barrier (or the oldest fork
+//! still held) are the kernel path's; what the walk finds that the kernel
+//! path missed (an overrun) is reported with source `poll` and counted
+//! (`caught_by_poll`). An overrun or a dropped batch asks for an early walk
+//! (at most one per second). The first walk takes everything it lists.
+//! Health and heartbeats carry `EventSourceStatus` (source, fallback
+//! reason, kernel events, overruns, resyncs, caught by poll).
+//!
+//! A walk cut at `max_processes` counts in `errors` (health and heartbeat),
+//! makes the heartbeat `Degraded` while the last walk was cut
+//! (`HealthReport`, the actor's answer: `HealthData` of contract version 3
+//! has no field for it), and is logged (a WARN at most once a minute with
+//! the count since the last; INFO when the list fits again).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -3,6 +3,28 @@
 //! broker: `DAEMONEYE_BROKER_SOCKET` set) or standalone (events straight
 //! into SQLite). SIGTERM and SIGINT start a graceful shutdown; a second
 //! signal exits at once.
+//!
+//! Startup: main connects the client (it retries by itself), opens the WAL,
+//! subscribes to kernel events (before anything is enumerated) and starts
+//! the actor in `WaitingForAgent`; the registration thread subscribes to
+//! `control.collector.lifecycle`, then registers (retrying with backoff and
+//! jitter), and `BeginMonitoring` (broadcast, RPC, or `begin_monitoring` in
+//! the registration reply for a late collector) moves the actor to
+//! `Running`. Nothing is enumerated before. The task service joins its group
+//! at start (`Hash` needs no process list).
+//!
+//! Shutdown (SIGTERM, SIGINT or the RPC): RPCs are refused, the task
+//! service leaves its group (tasks already delivered are answered "shutting
+//! down"), the actor flushes (publishes what it can within 10 s; the rest
+//! stays in the WAL), deregistration, the RPC reply, exit 0. A second
+//! signal exits at once with 128+N. Standalone mode (no
+//! `DAEMONEYE_BROKER_SOCKET`) runs the same actor straight to `Running`
+//! with the store as its sink.
+//!
+//! The watchdog: every second main asks each long-lived thread whether it
+//! ended (`thread_ended`); one that did before a shutdown (a panic) exits
+//! procmond with status 1 and a log line naming it, for the agent to
+//! restart it.
 #![forbid(unsafe_code)]
 
 use std::io::Write;

@@ -28,6 +28,15 @@
 //!   it just before its exit) cannot start it again.
 //!
 //! Invariant: no identity gets two Started or two Stopped events.
+//!
+//! `max_processes` ([`Walk::max_processes`]): a longer list is cut to that
+//! many compared processes, those not reported yet first, newest first
+//! (start time, pid descending), then reported ones, so a fork flood cannot
+//! hide what starts after it; stops still come from the whole list (a
+//! reported process the cap left out is kept, not stopped, and not
+//! refreshed until there is room); `last_cut()` says how much was left out.
+//! The tracked set may then exceed the cap: the cap bounds per-walk work,
+//! not memory (the walk has listed everything anyway).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
