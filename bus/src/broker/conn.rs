@@ -1,6 +1,59 @@
 //! One connection's session I/O: its read and write buffers, the
 //! frames queued in them, flow control (pausing, `Block`, dropping the
 //! oldest), the memory limit, slow consumers and closing.
+//!
+//! # How the broker runs (the whole picture)
+//!
+//! `Broker::start(BrokerConfig)` binds the socket (directory 0700, socket
+//! 0600; a stale socket is replaced, a live broker refused with `InUse`)
+//! and runs the reactor on the `bus-broker` thread. Connections in a `Slab`
+//! (tokens: 0 listener, 1 waker, 2.. connections). Peer uid from
+//! `SO_PEERCRED`/`getpeereid` (via `platform`): the broker's own uid, root
+//! and `allowed_uids` only. Identities (protocol 5,
+//! `BrokerConfig::identities`; without them ids are first come, first
+//! served, as in the bus's own tests): an `own` id (the agent's
+//! `daemoneye-agent*`) is welcomed only from `host_pid`, a `vouched` id
+//! (every configured collector, enabled or not) only from the process in
+//! the `Vouchers` table (pid and start time,
+//! `platform::process_start_time`), else `Error { Unproven }`; any other id
+//! is replaced by `bus-<n>-<asked>`. Proven connections (the host's pid, a
+//! vouched pid) are outside the caps and get the full `max_frame`; the
+//! others get `unproven_max_frame`, are capped in total, per uid and per
+//! pid (a process holding none finds 4 more places), closed after
+//! `idle_timeout` without a subscribe or publish, not read while the
+//! buffers of all connections exceed `memory_limit_bytes` (the unproven one
+//! holding the most is then closed). A frame left half-sent for
+//! `frame_timeout` closes its connection. `Block` is honoured only for
+//! `block_allowed` subscribers (the agent: its store); anyone else's is
+//! `DropOldest`. Per connection: a read buffer capped at one maximal frame
+//! plus a chunk, a write buffer with the end offset of each queued frame
+//! (so queues count messages and bytes, and `DropOldest` drops whole unsent
+//! frames), write interest only while non-empty. Routing is inline: the
+//! trie yields broadcast subscriptions and queue groups (one trie entry per
+//! group; RoundRobin, LeastLoaded, Random); each `Deliver` is appended to
+//! the target's write buffer and every dirty connection is flushed once per
+//! poll iteration. Overflow per subscription: `Block` pauses reading from
+//! the publisher until the subscriber drains below half its limit;
+//! `DropOldest`, `DropNewest`, `Error` (an `Error` frame to the publisher
+//! per drop); drops are counted. A subscriber over its limit past
+//! `slow_consumer_deadline` is disconnected. Protocol errors (bad frame,
+//! oversize prefix, wrong version, frames before `Hello`) send an `Error`
+//! and close that connection only. Fairness: a connection gets at most 4
+//! read rounds per poll iteration and is resumed next iteration (the poll
+//! then does not wait). A connection that does not read what it is sent is
+//! not read either until it catches up, and its slow-consumer clock runs.
+//! The clock stops only below half the limit while publishers are blocked
+//! on it, so a blocked publisher is released either by the subscriber
+//! draining or by its disconnection. At most 1024 subscriptions per
+//! connection; a connection has 5 s to say `Hello`; a client id held by a
+//! live connection is refused (`Limit`, so the client retries); queue
+//! limits below 2 are refused at start. `DropOldest` drops down to half the
+//! limits in one pass, so a full queue pays one buffer move per many
+//! messages. Connection cap: a connection over a cap is refused with `Error
+//! { Limit }`; accepting stops at the hard ceiling (`max_connections` plus
+//! 64 for proven processes) and resumes below 90%. Shutdown: an
+//! `AtomicBool` plus the waker; the thread sends `ShuttingDown`, flushes
+//! once, removes the socket and is joined by `Broker::drop`.
 
 use super::*;
 

@@ -1,6 +1,41 @@
 //! Routing: subscriptions in the topic trie, queue groups and their
 //! strategies, permissions checks, delivery, and the tracking of requests
 //! until they are answered.
+//!
+//! # Topic rules
+//!
+//! Topic rules: a client may subscribe to its own inbox
+//! `direct.<client_id>` (and topics under it) and no other, and never to a
+//! pattern starting with a wildcard. `BrokerConfig::permissions` gives
+//! clients (by exact id or `prefix*`) publish and subscribe allow-lists of
+//! patterns, with `{client_id}` for their own topics; a subscription must
+//! be covered by an allowed pattern (`topic::covers`); inbox replies
+//! (`direct.…`) may always be published. A `reply_to`, on a `Publish` as on
+//! a `Request`, must lie in the publisher's own inbox; `bus.stats` obeys
+//! the publish permissions. Clients without an entry get
+//! `default_permissions` (none: unrestricted). Refusals are `Error {
+//! Forbidden }` frames and a counter; a refused publish gets no `PubAck`.
+//!
+//! # Requests the broker follows
+//!
+//! Requests the broker follows (protocol 4): a `Request` frame's `reply_to`
+//! must be in the requester's own inbox. Each connection a request is
+//! delivered to remembers its `reply_to` in an `awaiting` set (at most
+//! 4096) until that connection publishes to it; `LeastLoaded` picks the
+//! member with the least `awaiting + queued frames` (ties in turn from the
+//! last pick), so a member that holds a task it has not answered (stalled,
+//! stopped) is passed over. When a connection closes, each inbox in its
+//! `awaiting` set gets `NoReply { ResponderGone, responder }` (sent to the
+//! inbox's subscriber, found through the trie), so a caller fails over at
+//! once; while other connections still hold that inbox (a plain request
+//! reaches every subscriber; the reactor counts holders per inbox) the
+//! reason is `ResponderLeft` instead, which a plain request ignores and
+//! `request_all` reports as a departure; a request that matched nobody gets
+//! `NoReply { NoResponders }` at once, a refused one (permissions, an inbox
+//! as its topic) `NoReply { Refused }` besides the `Error`. A request may
+//! name its own strategy for the queue groups it reaches (the agent's
+//! per-task-type choice); without one the group's (its first member's)
+//! applies. `awaiting` is also in the stats (`QueueDepth::awaiting`).
 
 use super::*;
 
