@@ -210,7 +210,7 @@ fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
     let mut pm = Procmond::start(dir.path(), Some(&socket), &args);
     let before = agent.stored.load(Ordering::SeqCst);
     assert!(wait_until(T, || agent.stored.load(Ordering::SeqCst) > before), "snapshot stored: {}", pm.log());
-    let cycles = |pm: &Procmond| pm.log().matches("procmond::actor] cycle ").count();
+    let cycles = |pm: &Procmond| pm.log().matches("procmond::actor::cycle] cycle ").count();
     let cycles_before = cycles(&pm);
     the_broker.take().unwrap().shutdown();
     // One cycle (every 5 s) runs with the broker down.

@@ -37,7 +37,7 @@ const T: Duration = Duration::from_secs(20);
 /// The unprivileged user (`nobody`).
 const NOBODY: u32 = 65534;
 /// The marker of a completed walk in procmond's debug log.
-const CYCLE_LINE: &str = "procmond::actor] cycle ";
+const CYCLE_LINE: &str = "procmond::actor::cycle] cycle ";
 
 /// The storms run alone: every procmond of this file reads and records
 /// every process of the machine, and a storm needs both cores. The other
@@ -192,7 +192,7 @@ fn kernel_procmond() -> (RwLockReadGuard<'static, ()>, TempDir, Procmond, Events
 /// in Unix ms: the line's timestamp (UTC, ms) less the walk's duration,
 /// less 2 ms for the truncations and the time the line took to log.
 fn walk_began_unix_ms(line: &str) -> Option<u64> {
-    // `[2026-12-04T17:56:37.040Z DEBUG procmond::actor] cycle 3: 150 processes in 812 us, …`
+    // `[2026-12-04T17:56:37.040Z DEBUG procmond::actor::cycle] cycle 3: 150 processes in 812 us, …`
     let stamp = line.get(1..24)?;
     let num = |s: &str| s.parse::<i64>().ok();
     let (date, time) = stamp.split_once('T')?;
@@ -214,10 +214,10 @@ fn walk_began_unix_ms(line: &str) -> Option<u64> {
 
 #[test]
 fn the_walk_start_is_read_from_the_log_line() {
-    let line =
-        "[2026-12-04T17:56:37.040Z DEBUG procmond::actor] cycle 3: 150 processes in 12345 us, 150 tracked";
+    let line = "[2026-12-04T17:56:37.040Z DEBUG procmond::actor::cycle] cycle 3: 150 processes in 12345 us, 150 tracked";
     assert_eq!(walk_began_unix_ms(line), Some(1_796_406_997_040 - 12 - 2));
-    let leap = "[2024-02-29T00:00:00.000Z DEBUG procmond::actor] cycle 1: 1 processes in 0 us, 1 tracked";
+    let leap =
+        "[2024-02-29T00:00:00.000Z DEBUG procmond::actor::cycle] cycle 1: 1 processes in 0 us, 1 tracked";
     assert_eq!(walk_began_unix_ms(leap), Some(1_709_164_800_000 - 2));
     assert_eq!(walk_began_unix_ms("[garbage"), None);
 }
