@@ -1,15 +1,30 @@
 //! The blocking client: a handle whose methods block at most until their
 //! timeout, over a reactor thread (`bus-client`) that owns the socket.
 //!
-//! The handle sends commands on a bounded channel and wakes the reactor.
 //! The reactor connects, says `Hello`, and after `Welcome` subscribes
 //! everything the handle asked for (again after every reconnect). When the
 //! connection drops it reconnects with exponential backoff and full jitter
-//! (a fleet of collectors must not stampede a restarted broker). Publishes
-//! made while away wait in a bounded outbox (`BufferFull` past its limit,
-//! never unbounded memory); publishes made while connected go straight to
-//! the write buffer, and when the broker applies backpressure the reactor
-//! stops taking commands, so `publish` blocks up to its timeout.
+//! (a fleet of collectors must not stampede a restarted broker).
+//!
+//! Two paths lead to the socket. The fast path: the write buffer, with
+//! the confirmations awaited and the requests pending, sits behind one
+//! short lock shared by the handle and the reactor (`wire`); when the
+//! connection is live (welcomed, re-subscribed, the outbox handed over)
+//! and no command of the handle's is queued ahead, a `publish`,
+//! `publish_confirmed`, `sync` or `request` encodes its frame in place into
+//! the buffer and writes it from the calling thread (non-blocking; the
+//! reactor flushes the rest when the socket is writable). The reactor takes
+//! commands under the same lock, so a caller that finds the channel empty
+//! knows everything it sent before is already in the buffer: one caller's
+//! frames stay in order across the two paths. The slow path, a command on
+//! a bounded channel and a wake-up of the reactor, serves subscriptions
+//! and everything while disconnected. Publishes made while away wait in a
+//! bounded outbox (`BufferFull` past its limit, never unbounded memory).
+//! Backpressure: past `write_limit_bytes` unwritten, a caller waits for
+//! room (up to its timeout) and the reactor stops taking commands, so
+//! `publish` blocks up to its timeout either way. Replies and
+//! confirmations are still read by the reactor, which hands each straight
+//! to the caller waiting on it.
 //!
 //! Before saying `Hello` the client checks that the socket is served by
 //! an expected uid (the kernel's peer credentials of the listening
@@ -19,11 +34,13 @@
 //! ([`Client::id`]); the inbox and request topics use it.
 //!
 //! Layout: this module holds the handle ([`Client`], [`Subscription`]) and
-//! its configuration and errors; `reactor` the thread that owns the
-//! socket; `requests` the requests in flight until their replies.
+//! its configuration and errors; `wire` the shared write side and the fast
+//! path; `reactor` the thread that owns the socket's reading, connecting
+//! and flushing; `requests` the requests in flight until their replies.
 
 mod reactor;
 mod requests;
+mod wire;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -43,6 +60,7 @@ use crate::topic::{self, TopicError};
 
 use self::reactor::*;
 use self::requests::*;
+use self::wire::*;
 
 const STREAM: Token = Token(0);
 
@@ -275,6 +293,9 @@ impl Client {
             max_deliver: AtomicU32::new(frame::DEFAULT_MAX_FRAME),
             id: Mutex::new(cfg.client_id.clone()),
             closing: AtomicBool::new(false),
+            wire: Mutex::new(Wire::new(cfg.client_id.clone())),
+            room: Condvar::new(),
+            inbox_keys: std::collections::hash_map::RandomState::new(),
         });
         let mut reactor = ClientReactor {
             poll,
@@ -286,15 +307,8 @@ impl Client {
             rbuf: Vec::new(),
             rlen: 0,
             pending_read: false,
-            wbuf: Vec::new(),
-            wpos: 0,
             subs: HashMap::new(),
             outbox: VecDeque::new(),
-            acks: VecDeque::new(),
-            next_ack: 1,
-            requests: HashMap::new(),
-            next_req: 1,
-            inbox_keys: std::collections::hash_map::RandomState::new(),
             backoff: cfg.backoff_min,
             next_attempt: Instant::now(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()) ^ (cfg.client_id.len() as u64) << 32,
@@ -400,6 +414,9 @@ impl Client {
     pub fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), ClientError> {
         topic::validate_topic(topic)?;
         self.check_open(payload.len() + topic.len())?;
+        if self.try_fast(Out::Publish { topic, payload, confirm: None })?.is_ok() {
+            return Ok(());
+        }
         self.send(Cmd::Publish {
             topic: topic.to_owned(),
             payload: payload.to_vec(),
@@ -421,12 +438,16 @@ impl Client {
             return Err(ClientError::Disconnected);
         }
         let (tx, rx) = bounded(1);
-        self.send(Cmd::Publish {
-            topic: topic.to_owned(),
-            payload: payload.to_vec(),
-            reply_to: None,
-            confirm: Some(tx),
-        })?;
+        if let Err(Out::Publish { confirm: Some(tx), .. }) =
+            self.try_fast(Out::Publish { topic, payload, confirm: Some(tx) })?
+        {
+            self.send(Cmd::Publish {
+                topic: topic.to_owned(),
+                payload: payload.to_vec(),
+                reply_to: None,
+                confirm: Some(tx),
+            })?;
+        }
         rx.recv_timeout(self.cfg.timeout).map_err(|_| ClientError::Timeout(self.cfg.timeout))?
     }
 
@@ -440,7 +461,9 @@ impl Client {
             return Err(ClientError::Disconnected);
         }
         let (tx, rx) = bounded(1);
-        self.send(Cmd::Sync { confirm: tx })?;
+        if let Err(Out::Sync { confirm }) = self.try_fast(Out::Sync { confirm: tx })? {
+            self.send(Cmd::Sync { confirm })?;
+        }
         rx.recv_timeout(self.cfg.timeout).map_err(|_| ClientError::Timeout(self.cfg.timeout))?
     }
 
@@ -512,8 +535,12 @@ impl Client {
             return Err(ClientError::Disconnected);
         }
         let (tx, rx) = if many { bounded(MAX_REPLIES) } else { bounded(1) };
-        let payload = payload.to_vec();
-        self.send(Cmd::Request { topic: topic.to_owned(), payload, timeout, strategy, reply: tx, many })?;
+        let r = Req { topic, payload, timeout, strategy, reply: tx, many };
+        if let Err(Out::Request(r)) = self.try_fast(Out::Request(r))? {
+            let Req { reply, .. } = r;
+            let payload = payload.to_vec();
+            self.send(Cmd::Request { topic: topic.to_owned(), payload, timeout, strategy, reply, many })?;
+        }
         Ok(rx)
     }
 

@@ -1,7 +1,8 @@
-//! The reactor thread (`bus-client`): it owns the socket, connects and
-//! reconnects with backoff, says `Hello`, re-subscribes, takes the
-//! handle's commands, reads and dispatches frames, and flushes its write
-//! buffer.
+//! The reactor thread (`bus-client`): it connects and reconnects with
+//! backoff, says `Hello`, re-subscribes, takes the handle's commands, reads
+//! and dispatches frames (handing replies and confirmations to the callers
+//! waiting on them), and flushes the shared write buffer (`wire`) when the
+//! socket is writable.
 
 use super::*;
 
@@ -56,6 +57,15 @@ pub(super) struct Shared {
     /// Set by `close`/drop: the reactor stops even if its command queue is
     /// not being drained.
     pub(super) closing: AtomicBool,
+    /// The write side, shared with the callers' fast path.
+    pub(super) wire: Mutex<Wire>,
+    /// Notified when the write buffer has room again (or the connection
+    /// went): callers waiting for room look again.
+    pub(super) room: Condvar,
+    /// Keys (from the OS's randomness, via std's `RandomState`) that make
+    /// each request's inbox topic unguessable: a reply can be sent only by
+    /// whoever saw the request.
+    pub(super) inbox_keys: std::collections::hash_map::RandomState,
 }
 
 impl Shared {
@@ -82,7 +92,8 @@ pub(super) struct ClientReactor {
     pub(super) poll: Poll,
     pub(super) cmds: Receiver<Cmd>,
     pub(super) shared: Arc<Shared>,
-    pub(super) stream: Option<UnixStream>,
+    /// The socket while connected, also in [`Wire`] for writing.
+    pub(super) stream: Option<Arc<UnixStream>>,
     /// The id the broker welcomed this client as (asked for, until then).
     pub(super) id: String,
     pub(super) welcomed: bool,
@@ -91,24 +102,9 @@ pub(super) struct ClientReactor {
     pub(super) rlen: usize,
     /// Unread data may remain (a full Block subscription, or the cap).
     pub(super) pending_read: bool,
-    pub(super) wbuf: Vec<u8>,
-    pub(super) wpos: usize,
     pub(super) subs: HashMap<u64, SubEntry>,
     /// Encoded publishes made while away.
     pub(super) outbox: VecDeque<Vec<u8>>,
-    /// Confirmations awaited (publishes' `PubAck`s and syncs' `Pong`s,
-    /// numbered from one counter), in the order they were sent; the
-    /// broker answers in that order.
-    pub(super) acks: VecDeque<(u64, Sender<Result<(), ClientError>>)>,
-    pub(super) next_ack: u64,
-    /// Pending requests by number: the reply channel, the deadline and the
-    /// inbox token.
-    pub(super) requests: HashMap<u64, Pending>,
-    pub(super) next_req: u64,
-    /// Keys (from the OS's randomness, via std's `RandomState`) that make
-    /// each request's inbox topic unguessable: a reply can be sent only by
-    /// whoever saw the request.
-    pub(super) inbox_keys: std::collections::hash_map::RandomState,
     pub(super) backoff: Duration,
     pub(super) next_attempt: Instant,
     pub(super) rng: u64,
@@ -125,12 +121,16 @@ impl ClientReactor {
             if self.stream.is_none() {
                 timeout = timeout.min(self.next_attempt.saturating_duration_since(now));
             }
-            if let Some(d) = self.requests.values().map(|r| r.deadline).min() {
-                timeout = timeout.min(d.saturating_duration_since(now));
-            }
             if self.pending_read {
                 // Waiting for the application to make room: look again soon.
                 timeout = timeout.min(Duration::from_millis(1));
+            }
+            {
+                let mut w = self.shared.wire.lock();
+                if let Some(d) = w.requests.values().map(|r| r.deadline).min() {
+                    timeout = timeout.min(d.saturating_duration_since(now));
+                }
+                w.next_wake = Some(now + timeout);
             }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
@@ -158,10 +158,15 @@ impl ClientReactor {
             if self.stream.is_none() && Instant::now() >= self.next_attempt {
                 self.try_connect();
             }
-            self.expire_requests();
+            self.shared.wire.lock().expire_requests();
             self.flush();
         }
-        self.fail_pending(ClientError::Closed);
+        {
+            let mut w = self.shared.wire.lock();
+            w.reset(&ClientError::Closed);
+            self.shared.room.notify_all();
+        }
+        self.stream = None;
         self.shared.set(ConnectionState::Closed);
     }
 
@@ -207,17 +212,20 @@ impl ClientReactor {
                     log::error!("bus client {}: register: {e}", self.cfg.client_id);
                     return self.schedule_retry();
                 }
-                self.stream = Some(s);
+                let s = Arc::new(s);
+                self.stream = Some(s.clone());
                 self.welcomed = false;
                 self.rlen = 0;
-                self.wbuf.clear();
-                self.wpos = 0;
-                let hello = Frame::Hello {
+                let mut w = self.shared.wire.lock();
+                w.stream = Some(s);
+                w.live = false;
+                w.wbuf.clear();
+                w.wpos = 0;
+                w.encode(&Frame::Hello {
                     protocol_version: PROTOCOL_VERSION,
                     client_id: &self.cfg.client_id,
                     pid: std::process::id(),
-                };
-                let _ = frame::encode(&hello, &mut self.wbuf, u32::MAX);
+                });
             }
             Err(e) => {
                 log::debug!("bus client {}: connect {}: {e}", self.cfg.client_id, self.cfg.socket.display());
@@ -236,54 +244,48 @@ impl ClientReactor {
     }
 
     pub(super) fn disconnected(&mut self, why: &str) {
+        {
+            // What was written but not acknowledged cannot be confirmed
+            // now; callers waiting for room go the slow way (the outbox).
+            let mut w = self.shared.wire.lock();
+            w.reset(&ClientError::Disconnected);
+            self.shared.room.notify_all();
+        }
         if let Some(mut s) = self.stream.take() {
-            let _ = self.poll.registry().deregister(&mut s);
+            // The only reference left (callers use the wire's, under its
+            // lock, and it is gone).
+            if let Some(s) = Arc::get_mut(&mut s) {
+                let _ = self.poll.registry().deregister(s);
+            }
             log::warn!("bus client {}: disconnected ({why}); reconnecting", self.cfg.client_id);
         }
         self.welcomed = false;
-        self.wbuf.clear();
-        self.wpos = 0;
-        // What was written but not acknowledged cannot be confirmed now.
-        for (_, tx) in self.acks.drain(..) {
-            let _ = tx.send(Err(ClientError::Disconnected));
-        }
-        for (_, p) in self.requests.drain() {
-            let _ = p.reply.try_send(Err(ClientError::Disconnected));
-        }
         self.shared.set(ConnectionState::Disconnected);
         self.schedule_retry();
     }
 
     pub(super) fn take_commands(&mut self) {
+        // Under the wire's lock from taking a command to encoding it: a
+        // caller that finds the channel empty under it knows every earlier
+        // command is in the write buffer (its frames stay in order).
+        let shared = self.shared.clone();
+        let mut w = shared.wire.lock();
         // Stop taking publishes while the socket is backed up: the handle's
         // bounded channel then fills and `publish` waits (backpressure).
-        while self.wbuf.len() - self.wpos < self.cfg.write_limit_bytes {
+        while w.pending() < self.cfg.write_limit_bytes {
             let Ok(cmd) = self.cmds.try_recv() else { break };
-            self.command(cmd);
+            self.command(cmd, &mut w);
             if self.closing {
                 break;
             }
         }
     }
 
-    pub(super) fn command(&mut self, cmd: Cmd) {
+    pub(super) fn command(&mut self, cmd: Cmd, w: &mut Wire) {
         match cmd {
             Cmd::Publish { topic, payload, reply_to, confirm } => {
-                let ack_id = confirm.as_ref().map(|_| {
-                    self.next_ack += 1;
-                    self.next_ack
-                });
-                let f = Frame::Publish {
-                    topic: &topic,
-                    payload: &payload,
-                    reply_to: reply_to.as_deref(),
-                    ack_id,
-                };
                 if self.welcomed {
-                    if let (Some(id), Some(tx)) = (ack_id, confirm) {
-                        self.acks.push_back((id, tx));
-                    }
-                    let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
+                    w.publish(&topic, &payload, reply_to.as_deref(), confirm);
                 } else {
                     if let Some(tx) = confirm {
                         // Not sent: the caller hears so and may retry.
@@ -305,13 +307,13 @@ impl ClientReactor {
             Cmd::Subscribe { sid, pattern, group, overflow, tx } => {
                 let entry = SubEntry { pattern, group, overflow, tx, parked: VecDeque::new() };
                 if self.welcomed {
-                    self.send_subscribe(sid, &entry);
+                    send_subscribe(w, sid, &entry);
                 }
                 self.subs.insert(sid, entry);
             }
             Cmd::Unsubscribe { sid } => {
                 if self.subs.remove(&sid).is_some() && self.welcomed {
-                    let _ = frame::encode(&Frame::Unsubscribe { sid }, &mut self.wbuf, u32::MAX);
+                    w.encode(&Frame::Unsubscribe { sid });
                 }
             }
             Cmd::Sync { confirm } => {
@@ -319,39 +321,18 @@ impl ClientReactor {
                     let _ = confirm.send(Err(ClientError::Disconnected));
                     return;
                 }
-                self.next_ack += 1;
-                self.acks.push_back((self.next_ack, confirm));
-                let _ = frame::encode(&Frame::Ping(self.next_ack), &mut self.wbuf, u32::MAX);
+                w.sync(confirm);
             }
             Cmd::Request { topic, payload, timeout, strategy, reply, many } => {
                 if !self.welcomed {
                     let _ = reply.send(Err(ClientError::Disconnected));
                     return;
                 }
-                let n = self.next_req;
-                self.next_req += 1;
-                let token = std::hash::BuildHasher::hash_one(&self.inbox_keys, n);
-                let inbox = format!("direct.{}.r{n}x{token:016x}", self.id);
-                let f = Frame::Request { topic: &topic, payload: &payload, reply_to: &inbox, strategy };
-                let _ = frame::encode(&f, &mut self.wbuf, u32::MAX);
-                let deadline = Instant::now() + timeout;
-                let answered = HashSet::new();
-                self.requests.insert(n, Pending { reply, deadline, token, topic, many, answered });
+                let r = Req { topic: &topic, payload: &payload, timeout, strategy, reply, many };
+                w.request(&self.shared.inbox_keys, r);
             }
             Cmd::Close => self.closing = true,
         }
-    }
-
-    pub(super) fn send_subscribe(&mut self, sid: u64, e: &SubEntry) {
-        let mode = match &e.group {
-            None => Mode::Broadcast,
-            Some((g, strategy)) => Mode::Queue { group: g, strategy: *strategy },
-        };
-        let _ = frame::encode(
-            &Frame::Subscribe { sid, pattern: &e.pattern, mode, overflow: e.overflow },
-            &mut self.wbuf,
-            u32::MAX,
-        );
     }
 
     /// Reads and handles what the broker sent. Stops early, leaving the
@@ -365,7 +346,8 @@ impl ClientReactor {
         let cap = READ_CAP.max(self.shared.max_deliver.load(Ordering::Acquire) as usize + 4 + READ_CHUNK);
         if parked_full || !self.process_rbuf(&mut closed) {
             self.pending_read = true;
-        } else if let Some(s) = self.stream.as_mut() {
+        } else if let Some(s) = self.stream.as_deref() {
+            let mut s: &UnixStream = s;
             loop {
                 if self.rlen >= cap {
                     self.pending_read = true;
@@ -470,36 +452,35 @@ impl ClientReactor {
                 *self.shared.id.lock() = client_id.to_owned();
                 self.backoff = self.cfg.backoff_min;
                 let inbox = format!("direct.{}.#", self.id);
-                let _ = frame::encode(
-                    &Frame::Subscribe {
-                        sid: INBOX_SID,
-                        pattern: &inbox,
-                        mode: Mode::Broadcast,
-                        overflow: Overflow::Block,
-                    },
-                    &mut self.wbuf,
-                    u32::MAX,
-                );
-                let sids: Vec<u64> = self.subs.keys().copied().collect();
-                for sid in sids {
-                    if let Some(e) = self.subs.remove(&sid) {
-                        self.send_subscribe(sid, &e);
-                        self.subs.insert(sid, e);
-                    }
+                // Live (callers may write) only once the subscriptions
+                // and the outbox are ahead of them in the buffer.
+                let mut w = self.shared.wire.lock();
+                w.id = client_id.to_owned();
+                w.encode(&Frame::Subscribe {
+                    sid: INBOX_SID,
+                    pattern: &inbox,
+                    mode: Mode::Broadcast,
+                    overflow: Overflow::Block,
+                });
+                for (sid, e) in &self.subs {
+                    send_subscribe(&mut w, *sid, e);
                 }
                 for buf in self.outbox.drain(..) {
                     self.shared.outbox_bytes.fetch_sub(buf.len(), Ordering::AcqRel);
-                    self.wbuf.extend_from_slice(&buf);
+                    w.wbuf.extend_from_slice(&buf);
                 }
+                w.live = true;
+                drop(w);
                 log::info!("bus client {}: connected to {}", self.cfg.client_id, self.cfg.socket.display());
                 self.shared.connects.fetch_add(1, Ordering::AcqRel);
                 self.shared.set(ConnectionState::Connected);
             }
             Frame::Deliver { sid: INBOX_SID, topic, payload, reply_to, from } => {
-                let Some(n) = self.pending_for(topic, from) else { return };
+                let mut w = self.shared.wire.lock();
+                let Some(n) = w.pending_for(topic, from, &self.cfg.client_id) else { return };
                 // A `request_all` hands over one answer per responder: a
                 // responder that floods the inbox costs it nothing more.
-                if let Some(p) = self.requests.get_mut(&n)
+                if let Some(p) = w.requests.get_mut(&n)
                     && p.many
                     && !p.answered.insert(from.to_owned())
                 {
@@ -512,14 +493,15 @@ impl ClientReactor {
                     reply_to: reply_to.map(str::to_owned),
                     from: from.to_owned(),
                 };
-                self.answer(n, Ok(msg), false);
+                w.answer(n, Ok(msg), false, &self.cfg.client_id);
             }
             Frame::NoReply { reply_to, reason, responder } => {
-                let Some(n) = self.pending_for(reply_to, "bus") else { return };
-                let many = self.requests.get(&n).is_some_and(|p| p.many);
+                let mut w = self.shared.wire.lock();
+                let Some(n) = w.pending_for(reply_to, "bus", &self.cfg.client_id) else { return };
+                let many = w.requests.get(&n).is_some_and(|p| p.many);
                 let e = match reason {
                     NoReplyReason::NoResponders => {
-                        let topic = self.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
+                        let topic = w.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
                         ClientError::NoResponders { topic }
                     }
                     // A `request_all` hears of every departure; a request
@@ -529,13 +511,13 @@ impl ClientReactor {
                         ClientError::ResponderGone { responder: responder.to_owned() }
                     }
                     NoReplyReason::Refused => {
-                        let topic = self.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
+                        let topic = w.requests.get(&n).map(|p| p.topic.clone()).unwrap_or_default();
                         let message = format!("request on {topic} refused (see the broker's error)");
                         ClientError::Refused { code: ErrorCode::Forbidden, message }
                     }
                 };
                 let last = !matches!(reason, NoReplyReason::ResponderGone | NoReplyReason::ResponderLeft);
-                self.answer(n, Err(e), last);
+                w.answer(n, Err(e), last, &self.cfg.client_id);
             }
             Frame::Deliver { sid, topic, payload, reply_to, from } => {
                 let Some(e) = self.subs.get_mut(&sid) else { return };
@@ -569,7 +551,8 @@ impl ClientReactor {
                 }
             }
             Frame::PubAck { ack_id } | Frame::Pong(ack_id) => {
-                while let Some((id, tx)) = self.acks.pop_front() {
+                let mut w = self.shared.wire.lock();
+                while let Some((id, tx)) = w.acks.pop_front() {
                     if id == ack_id {
                         let _ = tx.send(Ok(()));
                         break;
@@ -579,12 +562,14 @@ impl ClientReactor {
             }
             Frame::Error { code, message, ack_id } => {
                 log::warn!("bus client {}: broker error {code:?}: {message}", self.cfg.client_id);
+                let mut w = self.shared.wire.lock();
                 if let Some(id) = ack_id
-                    && let Some(pos) = self.acks.iter().position(|(a, _)| *a == id)
-                    && let Some((_, tx)) = self.acks.remove(pos)
+                    && let Some(pos) = w.acks.iter().position(|(a, _)| *a == id)
+                    && let Some((_, tx)) = w.acks.remove(pos)
                 {
                     let _ = tx.send(Err(ClientError::Refused { code, message: message.to_owned() }));
                 }
+                drop(w);
                 if !self.welcomed
                     && matches!(code, ErrorCode::Forbidden | ErrorCode::Version | ErrorCode::BadTopic)
                 {
@@ -593,37 +578,31 @@ impl ClientReactor {
                     self.closing = true;
                 }
             }
-            Frame::Ping(n) => {
-                let _ = frame::encode(&Frame::Pong(n), &mut self.wbuf, u32::MAX);
-            }
+            Frame::Ping(n) => self.shared.wire.lock().encode(&Frame::Pong(n)),
             _ => {}
         }
     }
 
     pub(super) fn flush(&mut self) {
-        let Some(s) = self.stream.as_mut() else { return };
-        let mut failed = None;
-        while self.wpos < self.wbuf.len() {
-            match s.write(&self.wbuf[self.wpos..]) {
-                Ok(0) => {
-                    failed = Some("write returned 0".to_owned());
-                    break;
-                }
-                Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
-                }
+        let res = {
+            let mut w = self.shared.wire.lock();
+            let before = w.pending();
+            let res = w.write_out();
+            if w.pending() < before {
+                self.shared.room.notify_all();
             }
-        }
-        if self.wpos == self.wbuf.len() {
-            self.wbuf.clear();
-            self.wpos = 0;
-        }
-        if let Some(why) = failed {
+            res
+        };
+        if let Err(why) = res {
             self.disconnected(&why);
         }
     }
+}
+
+fn send_subscribe(w: &mut Wire, sid: u64, e: &SubEntry) {
+    let mode = match &e.group {
+        None => Mode::Broadcast,
+        Some((g, strategy)) => Mode::Queue { group: g, strategy: *strategy },
+    };
+    w.encode(&Frame::Subscribe { sid, pattern: &e.pattern, mode, overflow: e.overflow });
 }

@@ -1,5 +1,7 @@
-//! Requests in flight: each waits in the reactor for its replies (or the
-//! broker's `NoReply`) until its deadline, on an unguessable inbox topic.
+//! Requests in flight: each is registered in the shared `Wire` (under its
+//! lock, before its frame can go out) and waits there for its replies (or
+//! the broker's `NoReply`), which the reactor matches and hands to the
+//! caller, until its deadline, on an unguessable inbox topic.
 
 use super::*;
 
@@ -17,11 +19,11 @@ pub(super) struct Pending {
     pub(super) answered: HashSet<String>,
 }
 
-impl ClientReactor {
+impl Wire {
     /// The pending request an inbox topic `...r<n>x<token>` belongs to. A
     /// reply whose token does not match its request (a guess) is dropped,
     /// and the request still waits.
-    pub(super) fn pending_for(&self, topic: &str, from: &str) -> Option<u64> {
+    pub(super) fn pending_for(&self, topic: &str, from: &str, client_id: &str) -> Option<u64> {
         let parsed = topic
             .rsplit('.')
             .next()
@@ -32,7 +34,7 @@ impl ClientReactor {
         if parsed.is_some() && matching.is_none() {
             log::debug!(
                 "bus client {}: dropped a reply from {from} to an unknown or finished request {topic}",
-                self.cfg.client_id
+                client_id
             );
         }
         matching.map(|(n, _)| n)
@@ -40,7 +42,7 @@ impl ClientReactor {
 
     /// Hands a reply (or news of one that will not come) to request `n`; a
     /// single request ends with it, a `request_all` only when `last`.
-    pub(super) fn answer(&mut self, n: u64, r: Result<Message, ClientError>, last: bool) {
+    pub(super) fn answer(&mut self, n: u64, r: Result<Message, ClientError>, last: bool, client_id: &str) {
         let Some(p) = self.requests.get(&n) else { return };
         if !p.many || last {
             if let Some(p) = self.requests.remove(&n) {
@@ -51,7 +53,7 @@ impl ClientReactor {
         if p.reply.try_send(r).is_err() {
             log::warn!(
                 "bus client {}: more than {MAX_REPLIES} replies to one request, or nobody reading; dropped",
-                self.cfg.client_id
+                client_id
             );
         }
     }
@@ -67,15 +69,6 @@ impl ClientReactor {
                 // A `request_all` ends by its channel closing.
                 let _ = p.reply.try_send(Err(ClientError::Timeout(Duration::ZERO)));
             }
-        }
-    }
-
-    pub(super) fn fail_pending(&mut self, e: ClientError) {
-        for (_, tx) in self.acks.drain(..) {
-            let _ = tx.send(Err(e.clone()));
-        }
-        for (_, p) in self.requests.drain() {
-            let _ = p.reply.try_send(Err(e.clone()));
         }
     }
 }
