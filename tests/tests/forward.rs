@@ -29,11 +29,6 @@ impl Rsyslog {
     /// `app-name msgid severity msg`, processed as it is read (a direct
     /// queue), so what it had read when killed is at most one read's worth.
     fn start(dir: &Path, port: u16) -> Rsyslog {
-        let rsyslogd = ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .expect("rsyslogd is not installed (Debian package rsyslog; .ci/run installs it)");
         let work = dir.join("work");
         std::fs::create_dir_all(&work).unwrap();
         let conf = format!(
@@ -47,10 +42,16 @@ impl Rsyslog {
             work = work.display(),
             out = dir.join("out.log").display(),
         );
+        Rsyslog::start_with(dir, port, &conf)
+    }
+
+    /// Starts rsyslogd in the foreground with `conf` (listening on
+    /// `port`), its pid file and output in `dir`.
+    fn start_with(dir: &Path, port: u16, conf: &str) -> Rsyslog {
         std::fs::write(dir.join("rsyslog.conf"), conf).unwrap();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("rsyslogd.log")).unwrap();
-        let child = Command::new(rsyslogd)
+        let child = Command::new(rsyslogd())
             .arg("-n")
             .arg("-f")
             .arg(dir.join("rsyslog.conf"))
@@ -83,6 +84,14 @@ impl Drop for Rsyslog {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn rsyslogd() -> PathBuf {
+    ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("rsyslogd is not installed (Debian package rsyslog; .ci/run installs it)")
 }
 
 /// A free loopback port (bound and released: another process may take it
@@ -329,4 +338,44 @@ fn a_dead_output_thread_stops_the_agent_with_a_failure_naming_it() {
     assert!(ended, "the agent kept running with a dead output thread\n{}", sys.tail());
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", sys.tail());
     assert!(sys.log().contains("thread agent-output-doomed ended unexpectedly"), "{}", sys.tail());
+}
+
+/// The fenced block of README.md that starts with `first_line`.
+fn readme_block(first_line: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find(first_line).unwrap_or_else(|| panic!("README.md has no block {first_line:?}"));
+    let end = start + readme[start..].find("```").unwrap();
+    readme[start..end].to_owned()
+}
+
+#[test]
+fn the_readmes_rsyslog_example_works_as_pasted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = tmp.path().join("daemoneye.ndjson");
+    // Only the port and the file are the test's own.
+    let conf = readme_block("# /etc/rsyslog.d/daemoneye.conf")
+        .replace("port=\"1514\"", &format!("port=\"{port}\""))
+        .replace("/var/log/daemoneye.ndjson", &out.display().to_string());
+    std::fs::write(tmp.path().join("check.conf"), &conf).unwrap();
+    let check =
+        Command::new(rsyslogd()).arg("-N1").arg("-f").arg(tmp.path().join("check.conf")).output().unwrap();
+    assert!(check.status.success(), "rsyslogd -N1: {}", String::from_utf8_lossy(&check.stderr));
+    let _rsyslog = Rsyslog::start_with(tmp.path(), port, &conf);
+    let yaml = readme_block("# agent.yaml\noutputs:").replace("127.0.0.1:1514", &format!("127.0.0.1:{port}"));
+    let mut sys = System::start(&[CollectorDef::procmond("pm-r")], &yaml);
+    let _churn = Churn::start();
+    let lines = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    };
+    assert!(wait_until(CYCLE, || lines().len() >= 20), "README's rsyslog got nothing\n{}", sys.tail());
+    for doc in lines() {
+        let id = doc["event"]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| doc["id"].as_i64().map(|i| i.to_string()));
+        assert!(id.is_some(), "a document without its id: {doc}");
+    }
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
 }
