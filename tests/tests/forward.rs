@@ -274,8 +274,10 @@ fn a_sigkilled_agent_resumes_its_file_output_at_the_cursor_and_loses_nothing() {
     let path = tmp.path().join("events.ndjson");
     let extra = format!(
         "outputs:\n  - name: file\n    type: file\n    send: events\n    batch_max: 20\n    poll_ms: 50\n    \
-         file: {{path: {}}}\n",
-        path.display()
+         file: {{path: {}}}\n  - name: down\n    type: syslog\n    retry_max_ms: 500\n    \
+         syslog: {{address: \"127.0.0.1:{}\", timeout_ms: 1000}}\n",
+        path.display(),
+        free_port()
     );
     let mut sys = System::start(&[CollectorDef::procmond("pm-f")], &extra);
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
@@ -312,6 +314,14 @@ fn a_sigkilled_agent_resumes_its_file_output_at_the_cursor_and_loses_nothing() {
     let unique: HashSet<&String> = ids.iter().collect();
     // A batch written before the kill and not yet marked: at most one.
     assert!(ids.len() - unique.len() <= 20, "{} duplicates", ids.len() - unique.len());
+    // The other output's receiver was never there: it retries, holding
+    // nothing of the file output's, and says why.
+    let down = stored(&db, "down").1.unwrap();
+    assert_eq!((down.events_through, down.sent, down.state.as_str()), (0, 0, "retrying"), "{down:?}");
+    assert!(
+        down.retried > 0 && down.last_error.as_deref().is_some_and(|e| e.contains("connect")),
+        "{down:?}"
+    );
     assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
 }
 

@@ -275,4 +275,52 @@ mod tests {
         accepted.push(100);
         assert_eq!(ns, accepted);
     }
+
+    #[test]
+    fn a_receiver_that_never_reads_fails_the_batch_within_the_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let text = format!(
+            "outputs:\n  - {{name: s, type: syslog, syslog: {{address: \"{address}\", timeout_ms: 300}}}}\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::config::AgentConfig::parse(&text, "t", dir.path()).unwrap().outputs.remove(0);
+        let mut sink = SyslogSink::new(&spec);
+        let big = Item { json: format!("\"{}\"", "x".repeat(1 << 20)), ..item(0) };
+        // Accepted, never read: the kernel's buffers fill, then a write
+        // times out (at most 256 MiB written; loopback buffers hold a few).
+        let (_held, _) = {
+            sink.deliver(std::slice::from_ref(&big)).unwrap();
+            listener.accept().unwrap()
+        };
+        let failure = (0..256).find_map(|_| sink.deliver(std::slice::from_ref(&big)).err());
+        let e = failure.expect("a receiver that never reads never failed a batch");
+        assert!(e.contains(&address) && e.contains("write"), "{e}");
+    }
+
+    #[test]
+    fn bytes_from_the_receiver_are_dropped_and_the_batch_still_delivered() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut sink = SyslogSink::new(&spec(listener.local_addr().unwrap().to_string()));
+        let garbage = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.write_all(b"\x00\xffgarbage\n").unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while unframe(&got).len() < 3 {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            unframe(&got).len()
+        });
+        sink.deliver(&[item(1)]).unwrap();
+        // The garbage is there to be read by now or soon; each delivery
+        // reads and drops what came.
+        sink.deliver(&[item(2)]).unwrap();
+        sink.deliver(&[item(3)]).unwrap();
+        assert_eq!(garbage.join().unwrap(), 3);
+    }
 }
