@@ -538,7 +538,8 @@ mod tests {
         outputs.shutdown();
         let ids: Vec<String> = got.lock().unwrap().iter().map(|i| i.id.clone()).collect();
         let host = daemoneye_platform::hostname().unwrap_or("-");
-        let want: Vec<String> = (1..=10u64).filter(|s| s.is_multiple_of(2)).map(|s| format!("{host}/c1/7/{s}")).collect();
+        let want: Vec<String> =
+            (1..=10u64).filter(|s| s.is_multiple_of(2)).map(|s| format!("{host}/c1/7/{s}")).collect();
         assert_eq!(ids, want);
         assert!(
             got.lock().unwrap().iter().all(|i| i.kind == "process-started" && i.json.contains("\"event\""))
