@@ -287,6 +287,77 @@ pub fn render_status(s: &AgentStatus, now_ms: u64) -> String {
     out
 }
 
+/// One output's line in `status`: its row in the store and its lag.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutputStatus {
+    /// The output's name.
+    pub name: String,
+    /// `ok`, `retrying` or `stopped`.
+    pub state: String,
+    /// Stored events it has not passed yet.
+    pub lag_events: u64,
+    /// How old the oldest of them is, seconds (0 when none).
+    pub lag_secs: u64,
+    /// Events and alerts its receiver accepted (all time).
+    pub sent: u64,
+    /// Failed attempts (all time).
+    pub retried: u64,
+    /// Events retention deleted before it sent them.
+    pub lost: u64,
+    /// The last failure since the last success.
+    pub last_error: Option<String>,
+    /// The highest event and alert row ids it is done with.
+    pub events_through: i64,
+    /// The highest alert row id it is done with.
+    pub alerts_through: i64,
+}
+
+impl OutputStatus {
+    /// From the store's row and lag ([`daemoneye_store::outputs`]).
+    pub fn new(
+        c: daemoneye_store::outputs::OutputCursor,
+        lag: (u64, Option<u64>),
+        now_ms: u64,
+    ) -> OutputStatus {
+        OutputStatus {
+            state: c.state,
+            lag_events: lag.0,
+            lag_secs: lag.1.map_or(0, |t| now_ms.saturating_sub(t) / 1000),
+            sent: c.sent,
+            retried: c.retried,
+            lost: c.lost,
+            last_error: c.last_error,
+            events_through: c.events_through,
+            alerts_through: c.alerts_through,
+            name: c.name,
+        }
+    }
+}
+
+/// The outputs' table in `status` (empty without outputs).
+pub fn render_outputs(outputs: &[OutputStatus]) -> String {
+    if outputs.is_empty() {
+        return String::new();
+    }
+    let headers = ["OUTPUT", "STATE", "LAG (EVENTS)", "LAG (S)", "SENT", "RETRIED", "LOST", "LAST ERROR"];
+    let rows: Vec<Vec<String>> = outputs
+        .iter()
+        .map(|o| {
+            vec![
+                o.name.clone(),
+                o.state.clone(),
+                o.lag_events.to_string(),
+                o.lag_secs.to_string(),
+                o.sent.to_string(),
+                o.retried.to_string(),
+                o.lost.to_string(),
+                o.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    format!("\n{}", Table::render(&headers, &rows))
+}
+
 /// The alert table's headers.
 pub const ALERT_HEADERS: [&str; 7] = ["TIME (UTC)", "SEVERITY", "RULE", "PID", "NAME", "EXE", "COLLECTOR"];
 

@@ -14,6 +14,9 @@ use serde::Deserialize;
 pub use daemoneye_contract::api::{Balance, BalanceSpec, Severity};
 pub use daemoneye_store::rules::RuleSpec;
 
+pub mod outputs;
+pub use outputs::OutputSpec;
+
 /// A refused configuration: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {field}: {reason}")]
@@ -360,6 +363,9 @@ pub struct AgentConfig {
     /// Delivery liveness.
     #[serde(default)]
     pub delivery: DeliverySpec,
+    /// Where events and alerts are forwarded (`crate::forward`).
+    #[serde(default)]
+    pub outputs: Vec<OutputSpec>,
 }
 
 /// Delivery liveness: when a collector's unacknowledged events count as a
@@ -585,6 +591,8 @@ impl AgentConfig {
         {
             return Err(err("run_as".into(), "must name a user".into()));
         }
+        let collectors: Vec<String> = self.collectors.iter().map(|c| c.id.clone()).collect();
+        outputs::validate(&self.outputs, &collectors).map_err(|(field, reason)| err(field, reason))?;
         Ok(())
     }
 

@@ -37,6 +37,7 @@ use parking_lot::Mutex;
 
 use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 use crate::config::AgentConfig;
+use crate::forward::{AlertFn, Outputs};
 use crate::monitor::{Monitor, MonitorParts, Outcome};
 use crate::own::OwnBinaries;
 use crate::supervisor::Supervisor;
@@ -239,6 +240,15 @@ pub fn run(
         )
         .context("cannot start the event store")?,
     );
+    let outputs = {
+        let w = Arc::downgrade(&writer);
+        let alert: AlertFn = Arc::new(move |rule: &str, name: &str, description: &str| {
+            if let Some(w) = w.upgrade() {
+                w.agent_alert(rule, name, description);
+            }
+        });
+        Outputs::start(&cfg.database(), &cfg.outputs, alert).context("cannot start the outputs")?
+    };
     let (sup_tx, sup_rx) = bounded(256);
     let supervisor = Arc::new(match collectors {
         Collectors::Spawn => {
@@ -296,7 +306,7 @@ pub fn run(
                 Err(_) => Some("the monitor thread stopped unexpectedly".to_owned()),
             },
             recv(watchdog) -> _ => {
-                let threads: [(&str, bool); 8] = [
+                let mut threads: Vec<(&str, bool)> = vec![
                     ("bus-broker", broker.thread_ended()),
                     ("the agent's bus client", client.thread_ended()),
                     ("the store writer's bus client", store_client.thread_ended()),
@@ -306,6 +316,7 @@ pub fn run(
                     ("agent-monitor", monitor.thread_ended()),
                     ("agent-tasks", coordinator.thread_ended()),
                 ];
+                threads.extend(outputs.threads());
                 if let Some(why) = first_ended(&threads) {
                     log::error!("{why}: stopping the agent");
                     break Some(why);
@@ -363,6 +374,8 @@ pub fn run(
     supervisor.shutdown(asked, grace, kill_wait);
     let outcome = monitor.stop();
     drop(supervisor);
+    // Before the writer: they stop between two deliveries.
+    outputs.shutdown();
     match Arc::try_unwrap(writer) {
         Ok(w) => w.shutdown(),
         Err(_) => log::error!("store writer still shared at shutdown"),

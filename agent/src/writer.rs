@@ -266,6 +266,20 @@ impl StoreWriter {
         }
     }
 
+    /// Raises an alert about the agent itself (rule `rule`, severity
+    /// high, named `name`: an output, say), as [`StoreWriter::system_alert`].
+    pub fn agent_alert(&self, rule: &str, name: &str, description: &str) {
+        let alert = SystemAlert {
+            collector_id: api::AGENT_CLIENT_ID.to_owned(),
+            rule: rule.to_owned(),
+            name: name.to_owned(),
+            description: description.to_owned(),
+        };
+        if self.alerts.try_send(alert).is_err() {
+            log::error!("alert {rule} for {name} not stored (the store writer is busy): {description}");
+        }
+    }
+
     /// Events of `collector_id` committed since start.
     pub fn events_stored(&self, collector_id: &str) -> u64 {
         self.counters.lock().per_collector.get(collector_id).copied().unwrap_or(0)

@@ -481,12 +481,44 @@ fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let client = cli::connect(&ctx.socket(), ctx.cfg.run_as.as_deref())?;
     let status = cli::fetch_status(&client)?;
     client.close();
+    let outputs = output_status(ctx);
     if ctx.json {
-        json_line(&status)?;
+        let mut doc = serde_json::to_value(&status)?;
+        if let Some(map) = doc.as_object_mut() {
+            map.insert("outputs".to_owned(), serde_json::to_value(&outputs)?);
+        }
+        json_line(&doc)?;
     } else {
-        io::stdout().lock().write_all(cli_output::render_status(&status, now_unix_ms()).as_bytes())?;
+        let mut text = cli_output::render_status(&status, now_unix_ms());
+        text.push_str(&cli_output::render_outputs(&outputs));
+        io::stdout().lock().write_all(text.as_bytes())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each configured output's cursor, counters and lag, read from the store
+/// (none when it cannot be read: logged, the rest of the status stands).
+fn output_status(ctx: &Ctx) -> Vec<cli_output::OutputStatus> {
+    if ctx.cfg.outputs.is_empty() {
+        return Vec::new();
+    }
+    let read = || -> anyhow::Result<Vec<cli_output::OutputStatus>> {
+        let store = cli::open_store(&ctx.database())?;
+        let conn = store.connection();
+        let now = now_unix_ms();
+        let mut out = Vec::new();
+        for c in daemoneye_store::outputs::read(conn, None)? {
+            if ctx.cfg.outputs.iter().any(|o| o.name == c.name) {
+                let lag = daemoneye_store::outputs::event_lag(conn, c.events_through)?;
+                out.push(cli_output::OutputStatus::new(c, lag, now));
+            }
+        }
+        Ok(out)
+    };
+    read().unwrap_or_else(|e| {
+        log::warn!("outputs: cannot read their state from the store: {e:#}");
+        Vec::new()
+    })
 }
 
 /// Subscribes before anything is read from the store, so nothing committed

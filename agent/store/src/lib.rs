@@ -196,6 +196,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod outputs;
 pub mod own;
 pub mod rules;
 
@@ -602,6 +603,8 @@ impl EventStore {
         let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
         configure(&conn).map_err(|e| open_error(path, e))?;
         init_schema(&mut conn, path)?;
+        // Outside the versioned schema (the rules do not read it).
+        conn.execute_batch(outputs::SCHEMA).map_err(|e| open_error(path, e))?;
         Ok(EventStore { conn, path: path.to_owned() })
     }
 
@@ -617,6 +620,7 @@ impl EventStore {
             .map_err(|e| open_error(path, e))?;
         let tx = conn.transaction().map_err(|e| open_error(path, e))?;
         tx.execute_batch(SCHEMA).map_err(|e| open_error(path, e))?;
+        tx.execute_batch(outputs::SCHEMA).map_err(|e| open_error(path, e))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
         tx.commit().map_err(|e| open_error(path, e))?;
         Ok(EventStore { conn, path: path.to_owned() })
@@ -1040,9 +1044,9 @@ impl EventStore {
                 // Through the observed_ms index: a chunk reads what it
                 // deletes, not the table.
                 let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let n = tx.execute(
-                    "DELETE FROM process_events WHERE id IN \
-                     (SELECT id FROM process_events WHERE observed_ms < ?1 LIMIT ?2)",
+                let n = delete_counted(
+                    &tx,
+                    "SELECT id FROM process_events WHERE observed_ms < ?1 LIMIT ?2",
                     params![cutoff, chunk],
                 )?;
                 tx.commit()?;
@@ -1077,9 +1081,9 @@ impl EventStore {
                         b
                     }
                 };
-                let n = tx.execute(
-                    "DELETE FROM process_events WHERE id IN \
-                     (SELECT id FROM process_events WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                let n = delete_counted(
+                    &tx,
+                    "SELECT id FROM process_events WHERE id <= ?1 ORDER BY id LIMIT ?2",
                     params![boundary, chunk],
                 )?;
                 tx.commit()?;
@@ -1093,6 +1097,21 @@ impl EventStore {
         pruning.deleted = pruning.deleted.saturating_add(n);
         Ok(n)
     }
+}
+
+/// Deletes the rows `select` names (one column of ids) inside `tx`, after
+/// adding the ones each output has not sent to its `lost`
+/// ([`outputs`]): the ids go through `temp.prune_ids`, so the count and
+/// the delete see the same rows.
+fn delete_counted(tx: &Connection, select: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS prune_ids (id INTEGER PRIMARY KEY); DELETE FROM temp.prune_ids;",
+    )?;
+    tx.execute(&format!("INSERT INTO temp.prune_ids {select}"), params)?;
+    outputs::count_lost(tx)?;
+    let n = tx.execute("DELETE FROM process_events WHERE id IN (SELECT id FROM temp.prune_ids)", [])?;
+    tx.execute("DELETE FROM temp.prune_ids", [])?;
+    Ok(n)
 }
 
 /// Rows [`EventStore::prune`] deletes per transaction.
@@ -2085,6 +2104,35 @@ mod tests {
         // Ids are never reused, even after the table was emptied.
         store.insert_batch(&envs("c1", 0, &[6])).unwrap();
         assert!(all(&store)[0].id > 5);
+    }
+
+    #[test]
+    fn retention_counts_what_each_output_had_not_sent() {
+        let (_dir, mut store) = temp_store();
+        store.insert_batch(&envs("c1", 0, &[1, 2, 3, 4, 5, 6])).unwrap();
+        let conn = store.connection();
+        let mut behind = outputs::open_cursor(conn, "behind").unwrap();
+        let mut ahead = outputs::open_cursor(conn, "ahead").unwrap();
+        let ids: Vec<i64> = all(&store).iter().map(|e| e.id).collect();
+        behind.events_through = ids[1];
+        ahead.events_through = ids[5];
+        outputs::write(conn, &behind).unwrap();
+        outputs::write(conn, &ahead).unwrap();
+        // The 4 oldest go: 2 of them the lagging output had not sent.
+        let keep = Retention { max_age: None, max_events: Some(2) };
+        assert_eq!(store.prune(&keep).unwrap(), 4);
+        let rows = outputs::read(store.connection(), None).unwrap();
+        let lost: Vec<(&str, u64)> = rows.iter().map(|r| (r.name.as_str(), r.lost)).collect();
+        assert_eq!(lost, [("ahead", 0), ("behind", 2)]);
+        // A cursor never moves back.
+        behind.events_through = 0;
+        outputs::write(store.connection(), &behind).unwrap();
+        assert_eq!(outputs::read(store.connection(), Some("behind")).unwrap()[0].events_through, ids[1]);
+        // The lag: rows above the cursor and the oldest one's time.
+        let (n, oldest) = outputs::event_lag(store.connection(), ids[1]).unwrap();
+        assert_eq!(n, 2);
+        assert!(oldest.is_some());
+        assert_eq!(outputs::event_lag(store.connection(), ids[5]).unwrap(), (0, None));
     }
 
     #[test]

@@ -264,30 +264,59 @@ pub fn query_alerts(conn: &rusqlite::Connection, q: &AlertQuery) -> rusqlite::Re
     let limit = if q.limit == 0 { -1 } else { i64::try_from(q.limit).unwrap_or(i64::MAX) };
     let sev_json = serde_json::to_string(&severities).unwrap_or_else(|_| "[]".into());
     let since = q.since_ms.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
-    let rows =
-        stmt.query_map(rusqlite::params![since, q.rule, q.after_id.unwrap_or(0), sev_json, limit], |r| {
-            let severity: String = r.get(2)?;
-            Ok(Alert {
-                id: r.get(0)?,
-                rule: r.get(1)?,
-                severity: match severity.as_str() {
-                    "critical" => Severity::Critical,
-                    "high" => Severity::High,
-                    "medium" => Severity::Medium,
-                    _ => Severity::Low,
-                },
-                description: r.get(3)?,
-                event_id: r.get(4)?,
-                collector_id: r.get(5)?,
-                pid: r.get(6)?,
-                name: r.get(7)?,
-                exe: r.get(8)?,
-                command_line: r.get(9)?,
-                observed_unix_ms: r.get::<_, i64>(10)?.max(0).cast_unsigned(),
-                raised_unix_ms: r.get::<_, i64>(11)?.max(0).cast_unsigned(),
-            })
-        })?;
+    let rows = stmt
+        .query_map(rusqlite::params![since, q.rule, q.after_id.unwrap_or(0), sev_json, limit], alert_row)?;
     rows.collect()
+}
+
+/// The alerts with an id above `after_id`, the lowest first, at most
+/// `limit` (an output's cursor: [`query_alerts`] keeps the newest). A
+/// database without the alert tables has none.
+pub fn alerts_after(
+    conn: &rusqlite::Connection,
+    after_id: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Alert>> {
+    let exists: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alerts'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, rule, severity, description, event_id, collector_id, pid, name, exe,
+                command_line, observed_ms, raised_ms
+         FROM alerts WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(rusqlite::params![after_id, limit], alert_row)?;
+    rows.collect()
+}
+
+/// One row of the columns [`query_alerts`] selects.
+fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
+    let severity: String = r.get(2)?;
+    Ok(Alert {
+        id: r.get(0)?,
+        rule: r.get(1)?,
+        severity: match severity.as_str() {
+            "critical" => Severity::Critical,
+            "high" => Severity::High,
+            "medium" => Severity::Medium,
+            _ => Severity::Low,
+        },
+        description: r.get(3)?,
+        event_id: r.get(4)?,
+        collector_id: r.get(5)?,
+        pid: r.get(6)?,
+        name: r.get(7)?,
+        exe: r.get(8)?,
+        command_line: r.get(9)?,
+        observed_unix_ms: r.get::<_, i64>(10)?.max(0).cast_unsigned(),
+        raised_unix_ms: r.get::<_, i64>(11)?.max(0).cast_unsigned(),
+    })
 }
 
 /// The temporary objects rules read, on the connection they run on:

@@ -1,0 +1,391 @@
+//! Forwarding into real receivers: an rsyslog started by the test on a
+//! loopback port (imtcp, a file action, in a temp dir), fed by a real
+//! agent with a real procmond; rsyslog SIGKILLed and restarted while
+//! events flow. The file output, through a real agent SIGKILLed while its
+//! output has unsent events.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use daemoneye_agent::api::AgentState;
+use daemoneye_store::outputs::OutputCursor;
+use daemoneye_store::{EventQuery, EventStore};
+use daemoneye_tests::{CYCLE, CollectorDef, System, signal, wait_until};
+use nix::sys::signal::Signal;
+
+/// An rsyslogd this test started (killed on drop, by its own pid).
+struct Rsyslog {
+    child: Child,
+}
+
+impl Rsyslog {
+    /// Starts rsyslogd in the foreground with `dir/rsyslog.conf`: imtcp on
+    /// 127.0.0.1:`port`, every message to `dir/out.log` as
+    /// `app-name msgid severity msg`, processed as it is read (a direct
+    /// queue), so what it had read when killed is at most one read's worth.
+    fn start(dir: &Path, port: u16) -> Rsyslog {
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let conf = format!(
+            "global(workDirectory=\"{work}\" maxMessageSize=\"256k\")\n\
+             module(load=\"imtcp\")\n\
+             main_queue(queue.type=\"Direct\")\n\
+             template(name=\"t\" type=\"string\" string=\"%app-name% %msgid% %syslogseverity% %msg%\\n\")\n\
+             ruleset(name=\"r\") {{ action(type=\"omfile\" file=\"{out}\" template=\"t\" \
+             flushOnTXEnd=\"on\" asyncWriting=\"off\") }}\n\
+             input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\" ruleset=\"r\")\n",
+            work = work.display(),
+            out = dir.join("out.log").display(),
+        );
+        Rsyslog::start_with(dir, port, &conf)
+    }
+
+    /// Starts rsyslogd in the foreground with `conf` (listening on
+    /// `port`), its pid file and output in `dir`.
+    fn start_with(dir: &Path, port: u16, conf: &str) -> Rsyslog {
+        std::fs::write(dir.join("rsyslog.conf"), conf).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("rsyslogd.log")).unwrap();
+        let child = Command::new(rsyslogd())
+            .arg("-n")
+            .arg("-f")
+            .arg(dir.join("rsyslog.conf"))
+            .arg("-i")
+            .arg(dir.join("rsyslogd.pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("rsyslogd starts");
+        let r = Rsyslog { child };
+        let listening =
+            wait_until(Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(
+            listening,
+            "rsyslogd does not listen on {port}: {}",
+            std::fs::read_to_string(dir.join("rsyslogd.log")).unwrap_or_default()
+        );
+        r
+    }
+
+    fn kill(mut self) {
+        signal(self.child.id(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rsyslogd() -> PathBuf {
+    ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("rsyslogd is not installed (Debian package rsyslog; .ci/run installs it)")
+}
+
+/// A free loopback port (bound and released: another process may take it
+/// in between, unlikely in the few milliseconds before rsyslog binds it).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts short-lived processes until dropped, so events keep flowing.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Churn {
+    fn start() -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut children: Vec<Child> = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(c) = Command::new("sleep").arg("0.3").stdin(Stdio::null()).spawn() {
+                    children.push(c);
+                }
+                children.retain_mut(|c| c.try_wait().ok().flatten().is_none());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            for mut c in children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        });
+        Churn { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The stored events' stable ids by row id, and the output's row.
+fn stored(db: &Path, output: &str) -> (Vec<(i64, String)>, Option<OutputCursor>) {
+    let Ok(store) = EventStore::open_read_only(db) else { return (Vec::new(), None) };
+    let host = daemoneye_platform::hostname().unwrap_or("-");
+    let events = store
+        .query(&EventQuery::default())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.id, format!("{host}/{}/{}/{}", e.collector_id, e.stream_id, e.seq)))
+        .collect();
+    let cursor =
+        daemoneye_store::outputs::read(store.connection(), Some(output)).ok().and_then(|mut r| r.pop());
+    (events, cursor)
+}
+
+/// rsyslog's file: `(app-name, msgid, severity, json)` per line; a line
+/// that is not that (a framing error would split or join messages) fails.
+fn received(path: &Path) -> Vec<(String, String, String, serde_json::Value)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let mut parts = l.splitn(4, ' ');
+            let mut next = || parts.next().unwrap_or_default().to_owned();
+            let (app, msgid, sev, msg) = (next(), next(), next(), next());
+            let json = serde_json::from_str(msg.trim())
+                .unwrap_or_else(|e| panic!("a message that is not one JSON document ({e}): {l}"));
+            (app, msgid, sev, json)
+        })
+        .collect()
+}
+
+fn event_ids(lines: &[(String, String, String, serde_json::Value)]) -> Vec<String> {
+    lines.iter().filter_map(|(_, _, _, j)| j["event"]["id"].as_str().map(str::to_owned)).collect()
+}
+
+#[test]
+fn every_event_reaches_rsyslog_framed_even_across_a_sigkilled_rsyslog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let rsyslog = Rsyslog::start(tmp.path(), port);
+    let batch_max = 50;
+    let extra = format!(
+        "outputs:\n  - name: siem\n    type: syslog\n    batch_max: {batch_max}\n    retry_min_ms: 50\n    \
+         retry_max_ms: 500\n    poll_ms: 50\n    syslog: {{address: \"127.0.0.1:{port}\", timeout_ms: 5000}}\n"
+    );
+    let mut sys = System::start(&[CollectorDef::procmond("pm-s")], &extra);
+    sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let out = tmp.path().join("out.log");
+    let churn = Churn::start();
+
+    // The first events arrive; then rsyslog is killed while they flow.
+    assert!(
+        wait_until(CYCLE, || event_ids(&received(&out)).len() >= 20),
+        "nothing reached rsyslog\n{}",
+        sys.tail()
+    );
+    rsyslog.kill();
+    let db = sys.database();
+    // The output notices and retries (events go on being stored).
+    let retrying = wait_until(CYCLE, || stored(&db, "siem").1.is_some_and(|c| c.retried > 0));
+    assert!(retrying, "the output never failed while rsyslog was down\n{}", sys.tail());
+    let status = sys.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("OUTPUT") && text.contains("siem"), "{text}");
+    std::thread::sleep(Duration::from_secs(1));
+    let _rsyslog = Rsyslog::start(tmp.path(), port);
+    std::thread::sleep(Duration::from_secs(2));
+    drop(churn);
+
+    // Every event stored up to now arrives, once the output caught up.
+    let target = stored(&db, "siem").0.last().map(|e| e.0).unwrap();
+    let caught_up = wait_until(CYCLE, || {
+        let (events, cursor) = stored(&db, "siem");
+        let got: HashSet<String> = event_ids(&received(&out)).into_iter().collect();
+        cursor.is_some_and(|c| c.events_through >= target)
+            && events.iter().filter(|(id, _)| *id <= target).all(|(_, e)| got.contains(e))
+    });
+    let (events, cursor) = stored(&db, "siem");
+    let lines = received(&out);
+    let ids = event_ids(&lines);
+    let got: HashSet<&String> = ids.iter().collect();
+    let missing: Vec<&String> =
+        events.iter().filter(|(id, _)| *id <= target).map(|(_, e)| e).filter(|e| !got.contains(e)).collect();
+    assert!(
+        caught_up,
+        "{} of {} events missing after the restart (first {:?}); cursor {cursor:?}\n{}",
+        missing.len(),
+        events.len(),
+        missing.first(),
+        sys.tail()
+    );
+    // Framed and labelled right: each line one message of ours.
+    for (app, msgid, sev, json) in &lines {
+        assert_eq!(app, "daemoneye");
+        if msgid == "alert" {
+            // A built-in rule's: severity from the alert's.
+            let want = match json["severity"].as_str().unwrap() {
+                "critical" => "2",
+                "high" => "3",
+                "medium" => "4",
+                _ => "5",
+            };
+            assert_eq!(sev, want, "{json}");
+        } else {
+            assert_eq!(sev, "6", "events are informational");
+            let action = json["event"]["action"].as_str().unwrap();
+            assert_eq!(msgid, &format!("process-{action}"));
+        }
+    }
+    // Duplicates: at most one batch, the one written again after the
+    // reconnect.
+    let mut seen: HashMap<&String, usize> = HashMap::new();
+    for id in &ids {
+        *seen.entry(id).or_default() += 1;
+    }
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    assert!(duplicates <= batch_max, "{duplicates} duplicates (more than one batch of {batch_max})");
+    let c = cursor.unwrap();
+    assert!(c.sent >= events.iter().filter(|(id, _)| *id <= target).count() as u64);
+    assert_eq!(c.lost, 0);
+    assert!(sys.log().contains("output siem: delivering again after"), "{}", sys.tail());
+
+    // status shows the output, caught up.
+    let status = sys.cli(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let o = &doc["outputs"][0];
+    assert_eq!((o["name"].as_str(), o["state"].as_str()), (Some("siem"), Some("ok")), "{doc}");
+    assert!(o["retried"].as_u64().unwrap() > 0 && o["sent"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn a_sigkilled_agent_resumes_its_file_output_at_the_cursor_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("events.ndjson");
+    let extra = format!(
+        "outputs:\n  - name: file\n    type: file\n    send: events\n    batch_max: 20\n    poll_ms: 50\n    \
+         file: {{path: {}}}\n  - name: down\n    type: syslog\n    retry_max_ms: 500\n    \
+         syslog: {{address: \"127.0.0.1:{}\", timeout_ms: 1000}}\n",
+        path.display(),
+        free_port()
+    );
+    let mut sys = System::start(&[CollectorDef::procmond("pm-f")], &extra);
+    sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let churn = Churn::start();
+    let db = sys.database();
+    // The event ids in the file (100 MiB before a rotation: none here;
+    // rotation has its unit test).
+    let written = |dir: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("events.ndjson")).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+                v["event"]["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    assert!(wait_until(CYCLE, || written(tmp.path()).len() >= 20), "nothing written\n{}", sys.tail());
+    sys.kill_agent();
+    drop(churn);
+    // Its collector goes on; the restarted agent adopts it, and the
+    // output resumes at its cursor.
+    sys.start_agent();
+    sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    std::thread::sleep(Duration::from_secs(1));
+    let target = stored(&db, "file").0.last().map(|e| e.0).unwrap();
+    let done = wait_until(CYCLE, || {
+        let (events, cursor) = stored(&db, "file");
+        let got: HashSet<String> = written(tmp.path()).into_iter().collect();
+        cursor.is_some_and(|c| c.events_through >= target)
+            && events.iter().filter(|(id, _)| *id <= target).all(|(_, e)| got.contains(e))
+    });
+    assert!(done, "events missing from the file after the agent's restart\n{}", sys.tail());
+    let ids = written(tmp.path());
+    let unique: HashSet<&String> = ids.iter().collect();
+    // A batch written before the kill and not yet marked: at most one.
+    assert!(ids.len() - unique.len() <= 20, "{} duplicates", ids.len() - unique.len());
+    // The other output's receiver was never there: it retries, holding
+    // nothing of the file output's, and says why.
+    let down = stored(&db, "down").1.unwrap();
+    assert_eq!((down.events_through, down.sent, down.state.as_str()), (0, 0, "retrying"), "{down:?}");
+    assert!(
+        down.retried > 0 && down.last_error.as_deref().is_some_and(|e| e.contains("connect")),
+        "{down:?}"
+    );
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn a_dead_output_thread_stops_the_agent_with_a_failure_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "outputs:\n  - name: doomed\n    type: file\n    file: {{path: {}}}\n",
+        tmp.path().join("x.ndjson").display()
+    );
+    let mut sys = System::create(&[CollectorDef::procmond("pm-o")], &extra);
+    let mut agent = Command::new(daemoneye_tests::bin("daemoneye-agent"));
+    agent
+        .arg("--config")
+        .arg(sys.dir.path().join("agent.yaml"))
+        .env("DAEMONEYE_TEST_PANIC", "agent-output-doomed");
+    sys.spawn_agent(agent);
+    let mut child = sys.agent.take().expect("agent");
+    let mut status = None;
+    let ended = wait_until(Duration::from_secs(30), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    assert!(ended, "the agent kept running with a dead output thread\n{}", sys.tail());
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", sys.tail());
+    assert!(sys.log().contains("thread agent-output-doomed ended unexpectedly"), "{}", sys.tail());
+}
+
+/// The fenced block of README.md that starts with `first_line`.
+fn readme_block(first_line: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find(first_line).unwrap_or_else(|| panic!("README.md has no block {first_line:?}"));
+    let end = start + readme[start..].find("```").unwrap();
+    readme[start..end].to_owned()
+}
+
+#[test]
+fn the_readmes_rsyslog_example_works_as_pasted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = tmp.path().join("daemoneye.ndjson");
+    // Only the port and the file are the test's own.
+    let conf = readme_block("# /etc/rsyslog.d/daemoneye.conf")
+        .replace("port=\"1514\"", &format!("port=\"{port}\""))
+        .replace("/var/log/daemoneye.ndjson", &out.display().to_string());
+    std::fs::write(tmp.path().join("check.conf"), &conf).unwrap();
+    let check =
+        Command::new(rsyslogd()).arg("-N1").arg("-f").arg(tmp.path().join("check.conf")).output().unwrap();
+    assert!(check.status.success(), "rsyslogd -N1: {}", String::from_utf8_lossy(&check.stderr));
+    let _rsyslog = Rsyslog::start_with(tmp.path(), port, &conf);
+    let yaml = readme_block("# agent.yaml\noutputs:").replace("127.0.0.1:1514", &format!("127.0.0.1:{port}"));
+    let mut sys = System::start(&[CollectorDef::procmond("pm-r")], &yaml);
+    let _churn = Churn::start();
+    let lines = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    };
+    assert!(wait_until(CYCLE, || lines().len() >= 20), "README's rsyslog got nothing\n{}", sys.tail());
+    for doc in lines() {
+        let id = doc["event"]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| doc["id"].as_i64().map(|i| i.to_string()));
+        assert!(id.is_some(), "a document without its id: {doc}");
+    }
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
+}
