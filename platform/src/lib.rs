@@ -24,6 +24,9 @@ pub mod clock;
 mod cnproc;
 pub mod files;
 pub mod kernel;
+// Read on FreeBSD; parsed (and tested) everywhere.
+#[cfg_attr(not(target_os = "freebsd"), allow(dead_code))]
+mod kinfo;
 pub mod paths;
 // Unix sockets and user ids: the bus's side of the platform.
 #[cfg(unix)]
