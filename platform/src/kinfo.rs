@@ -8,11 +8,11 @@
 //!   effective one; the kernel's effective gid is `ki_groups[0]`.
 //!
 //! The record is bytes: each field is read at its offset in `libc`'s
-//! definition of the struct (`offset_of!`, no `unsafe`), and only when the
+//! definition of the struct (`offset_of!`, safe code), and only when the
 //! kernel's `ki_structsize` equals that definition's size, so a kernel
 //! whose layout libc does not describe yields nothing rather than
 //! misread fields. The sysctl itself goes through the `sysctl` crate
-//! (the call takes `unsafe`, which stays out of this crate).
+//! (the raw call needs code this crate forbids, so it stays in that one).
 //!
 //! Not here: kernel processes (`P_SYSTEM`, which sysinfo drops). Listing
 //! them takes the whole table (`kern.proc.proc`), whose size the kernel
