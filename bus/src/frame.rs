@@ -16,6 +16,22 @@ pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
 
+/// A message delivered to a subscription: what a `Deliver` frame carries,
+/// owned. Here rather than beside the client (Unix only) so the contract
+/// decodes deliveries on every OS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Where a reply goes, for requests.
+    pub reply_to: Option<String>,
+    /// The publisher's client id, vouched for by the broker (see
+    /// [`Frame::Deliver`]).
+    pub from: String,
+}
+
 /// How a subscription shares the messages it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Strategy {

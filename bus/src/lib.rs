@@ -96,12 +96,10 @@ pub use crate::broker::{
     STATS_TOPIC, Vouchers,
 };
 #[cfg(unix)]
-pub use crate::client::{
-    BROKER_UID_ENV, Client, ClientConfig, ClientError, ConnectionState, Message, Subscription,
-};
+pub use crate::client::{BROKER_UID_ENV, Client, ClientConfig, ClientError, ConnectionState, Subscription};
 
 pub use crate::frame::{
-    DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION,
-    Strategy, decode, encode,
+    DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameError, Message, Mode, NoReplyReason, Overflow,
+    PROTOCOL_VERSION, Strategy, decode, encode,
 };
 pub use crate::topic::{TopicError, TopicTrie, validate_pattern, validate_topic};

@@ -24,7 +24,9 @@ pub mod clock;
 mod cnproc;
 pub mod files;
 pub mod kernel;
-#[cfg(unix)]
+// Read on FreeBSD; parsed (and tested) everywhere.
+#[cfg_attr(not(target_os = "freebsd"), allow(dead_code))]
+mod kinfo;
 pub mod paths;
 // Unix sockets and user ids: the bus's side of the platform.
 #[cfg(unix)]
@@ -34,7 +36,6 @@ pub mod privilege;
 #[cfg(target_os = "linux")]
 mod procfs;
 mod record;
-#[cfg(unix)]
 pub mod signals;
 #[cfg(unix)]
 pub mod spawn;

@@ -8,6 +8,14 @@
 //! user only when not set yet (`OnlyIfNotSet`), and again after an exec;
 //! tasks not listed (`without_tasks`). Userland threads that sysinfo still
 //! reports are filtered out; kernel threads are processes.
+//!
+//! The identity's start time is sysinfo's (whole seconds since the epoch),
+//! except on FreeBSD: microseconds since the epoch from the kernel's
+//! record ([`crate::kinfo`]), which also gives the real and effective gids
+//! that sysinfo gets wrong. A process whose record is gone, or names
+//! another start second, exited (or its pid was reused) after sysinfo
+//! listed it and is left out of the cycle. Where the record cannot be
+//! read at all, the seconds are used, times 1,000,000 (the same unit).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +23,7 @@ use std::sync::Arc;
 
 use sysinfo::{ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, ThreadKind, UpdateKind, Users};
 
+use crate::kinfo::Kinfo;
 use crate::record::{
     Argv, Credentials, Field, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
 };
@@ -35,6 +44,16 @@ pub struct SysinfoSource {
     known: HashMap<ProcessKey, Known>,
     stats: CycleStats,
     privileged: bool,
+    /// Whether a failed read of the kernel's record was logged (once).
+    kinfo_warned: bool,
+}
+
+/// A listed process's identity start time, and the kernel's record where
+/// one was read (FreeBSD).
+#[derive(Debug, Clone, Copy)]
+struct Ident {
+    start_time: u64,
+    kinfo: Option<Kinfo>,
 }
 
 impl SysinfoSource {
@@ -47,8 +66,35 @@ impl SysinfoSource {
             known: HashMap::new(),
             stats: CycleStats::default(),
             privileged: crate::privilege::is_privileged(),
+            kinfo_warned: false,
         })
     }
+}
+
+/// The identity of a listed process; `None` when it is gone since.
+/// `warned`: whether a failed read was logged already.
+#[cfg(target_os = "freebsd")]
+fn ident(warned: &mut bool, pid: u32, p: &sysinfo::Process) -> Option<Ident> {
+    match crate::kinfo::read(pid) {
+        Ok(k) if k.start_secs == p.start_time() => Some(Ident { start_time: k.start_us, kinfo: Some(k) }),
+        // Exited, or the pid is another process's by now.
+        Ok(_) | Err(crate::kinfo::ReadError::Gone) => None,
+        Err(crate::kinfo::ReadError::Other(why)) => {
+            if !*warned {
+                *warned = true;
+                log::warn!(
+                    "{why}: start times in whole seconds (a pid reused within one second keeps its identity) and sysinfo's gids"
+                );
+            }
+            Some(Ident { start_time: p.start_time().saturating_mul(1_000_000), kinfo: None })
+        }
+    }
+}
+
+/// The identity of a listed process: sysinfo's start time.
+#[cfg(not(target_os = "freebsd"))]
+fn ident(_warned: &mut bool, _pid: u32, p: &sysinfo::Process) -> Option<Ident> {
+    Some(Ident { start_time: p.start_time(), kinfo: None })
 }
 
 fn user_name(users: &mut Users, uid: &sysinfo::Uid) -> Field<String> {
@@ -58,8 +104,14 @@ fn user_name(users: &mut Users, uid: &sysinfo::Uid) -> Field<String> {
     users.get_user_by_id(uid).map(|u| u.name().to_owned()).ok_or(Unavailable::NotApplicable)
 }
 
-/// Reads the exec-time details of one process.
-fn details(users: &mut Users, privileged: bool, p: &sysinfo::Process) -> ProcessDetails {
+/// Reads the exec-time details of one process (`kinfo`: the kernel's
+/// record, where read).
+fn details(
+    users: &mut Users,
+    privileged: bool,
+    p: &sysinfo::Process,
+    kinfo: Option<&Kinfo>,
+) -> ProcessDetails {
     // An empty answer from sysinfo means it could not read the field;
     // unprivileged that is a refusal, privileged it is genuinely absent.
     let absent = if privileged { Unavailable::NotApplicable } else { Unavailable::NotPermitted };
@@ -83,7 +135,7 @@ fn details(users: &mut Users, privileged: bool, p: &sysinfo::Process) -> Process
         })
     };
     let cwd = p.cwd().map(Path::to_path_buf).ok_or(absent);
-    let credentials = credentials(p);
+    let credentials = credentials(p, kinfo);
     let user = match p.user_id() {
         Some(uid) => user_name(users, uid),
         None => Err(absent),
@@ -91,16 +143,22 @@ fn details(users: &mut Users, privileged: bool, p: &sysinfo::Process) -> Process
     ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
 }
 
+/// sysinfo's ids, with the kernel record's gids where there is one
+/// (FreeBSD: sysinfo's effective gid is the saved gid).
 #[cfg(unix)]
-fn credentials(p: &sysinfo::Process) -> Field<Credentials> {
+fn credentials(p: &sysinfo::Process, kinfo: Option<&Kinfo>) -> Field<Credentials> {
     let (Some(uid), Some(gid)) = (p.user_id(), p.group_id()) else { return Err(Unavailable::NotPermitted) };
     let euid = p.effective_user_id().map_or(**uid, |u| **u);
     let egid = p.effective_group_id().map_or(*gid, |g| *g);
-    Ok(Credentials { uid: **uid, euid, gid: *gid, egid })
+    let (gid, egid) = match kinfo {
+        Some(k) => (k.rgid, k.egid.unwrap_or(egid)),
+        None => (*gid, egid),
+    };
+    Ok(Credentials { uid: **uid, euid, gid, egid })
 }
 
 #[cfg(not(unix))]
-fn credentials(_: &sysinfo::Process) -> Field<Credentials> {
+fn credentials(_: &sysinfo::Process, _: Option<&Kinfo>) -> Field<Credentials> {
     // Windows identities are SIDs, not numeric ids.
     Err(Unavailable::NotSupported)
 }
@@ -144,13 +202,22 @@ impl ProcessSource for SysinfoSource {
             .with_user(UpdateKind::OnlyIfNotSet)
             .without_tasks();
         self.sys.refresh_processes_specifics(ProcessesToUpdate::All, true, kind);
+        let warned = &mut self.kinfo_warned;
+        let idents: HashMap<sysinfo::Pid, Ident> = self
+            .sys
+            .processes()
+            .iter()
+            .filter_map(|(pid, p)| Some((*pid, ident(warned, pid.as_u32(), p)?)))
+            .collect();
         let execd: Vec<sysinfo::Pid> = self
             .sys
             .processes()
             .iter()
             .filter(|(pid, p)| {
-                let key = ProcessKey { pid: pid.as_u32(), start_time: p.start_time() };
-                self.known.get(&key).is_some_and(|k| k.exe.as_deref() != p.exe())
+                idents.get(*pid).is_some_and(|i| {
+                    let key = ProcessKey { pid: pid.as_u32(), start_time: i.start_time };
+                    self.known.get(&key).is_some_and(|k| k.exe.as_deref() != p.exe())
+                })
             })
             .map(|(pid, _)| *pid)
             .collect();
@@ -172,8 +239,10 @@ impl ProcessSource for SysinfoSource {
                 Some(ThreadKind::Kernel) => true,
                 None => false,
             };
+            // Gone since sysinfo listed it.
+            let Some(ident) = idents.get(pid) else { continue };
             let pid = pid.as_u32();
-            let key = ProcessKey { pid, start_time: p.start_time() };
+            let key = ProcessKey { pid, start_time: ident.start_time };
             let known = match self.known.remove(&key) {
                 Some(k) if k.exe.as_deref() == p.exe() => k,
                 previous => {
@@ -187,14 +256,14 @@ impl ProcessSource for SysinfoSource {
                     Known {
                         exe: p.exe().map(Path::to_path_buf),
                         name,
-                        details: Arc::new(details(&mut self.users, self.privileged, p)),
+                        details: Arc::new(details(&mut self.users, self.privileged, p, ident.kinfo.as_ref())),
                     }
                 }
             };
             out.push(ProcessRecord {
                 pid,
                 ppid: p.parent().map_or(0, |pp| pp.as_u32()),
-                start_time: p.start_time(),
+                start_time: ident.start_time,
                 started_unix: started_unix(p.start_time()),
                 name: known.name.clone(),
                 state: state(p.status()),

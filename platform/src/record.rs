@@ -234,7 +234,8 @@ pub struct ProcessRecord {
     pub ppid: u32,
     /// Start time, the identity half that survives pid reuse. Linux `/proc`
     /// backend: clock ticks since boot. sysinfo backend: seconds since the
-    /// epoch. Compare start times only within one backend.
+    /// epoch; on FreeBSD microseconds (the kernel's `ki_start`). Compare
+    /// start times only within one backend.
     pub start_time: u64,
     /// Start time in seconds since the epoch, for people.
     pub started_unix: Field<u64>,

@@ -647,6 +647,7 @@ mod tests {
     /// The recorded path swapped for a link (even to the very file the
     /// record describes), a FIFO or a device: refused, never followed or
     /// waited on.
+    #[cfg(unix)]
     #[test]
     fn a_link_fifo_or_device_in_an_executables_place_is_not_opened() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -30,26 +30,20 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use crossbeam_channel::{bounded, select, tick};
-use daemoneye_bus::{Client, ClientConfig};
-use daemoneye_contract::control::{self, RpcResponse};
 use daemoneye_platform::files::{self, ensure_private_dir};
 use daemoneye_platform::paths::{PidLock, PidLockError};
 use daemoneye_platform::signals;
 use daemoneye_platform::{KernelEventSource, KernelSourceConfig};
-use procmond::actor::{ActorHandle, ActorOptions, EventObserver, RegistrationCell};
+use procmond::actor::{ActorHandle, ActorOptions, EventObserver};
 use procmond::config::{CollectorConfig, ConfigFile, EventsMode, INTERVAL_RANGE_SECS};
-use procmond::connector::{Connector, ConnectorConfig};
 use procmond::kernel::{KernelConfig, KernelHandle};
-use procmond::registration::{Registration, RegistrationConfig};
-use procmond::rpc::{RpcService, ShutdownRequest};
+use procmond::shutdown::ShutdownRequest;
 use procmond::standalone::StoreSink;
-use procmond::task::{TaskCounters, TaskService, TaskServiceConfig};
 
 /// The environment variable that selects actor mode.
 const BROKER_ENV: &str = "DAEMONEYE_BROKER_SOCKET";
@@ -349,16 +343,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ("procmond-kernel", kernel.as_ref().is_some_and(KernelHandle::thread_ended)),
             ]);
         };
-        let request = wait_for_shutdown(&shutdown_rx, threads, None)?;
+        let request = wait_for_shutdown(&shutdown_rx, threads, || false)?;
         log::info!("shutting down: {}", request.reason);
         stop_actor(&actor_tx, actor)?;
         log::info!("stopped");
         return Ok(());
     };
 
-    let socket = PathBuf::from(socket);
+    run_on_bus(
+        &PathBuf::from(socket),
+        Mode { cfg, source, inbox, opts, report: &report, shutdown_tx, shutdown_rx, signals, kernel },
+    )
+}
+
+/// What `run` hands to actor mode.
+#[cfg_attr(not(unix), expect(dead_code, reason = "no actor mode without the bus"))]
+struct Mode<'a> {
+    cfg: CollectorConfig,
+    source: Box<dyn daemoneye_platform::ProcessSource>,
+    inbox: (procmond::actor::ActorSender, crossbeam_channel::Receiver<procmond::actor::ActorMessage>),
+    opts: ActorOptions,
+    report: &'a daemoneye_platform::PlatformReport,
+    shutdown_tx: crossbeam_channel::Sender<ShutdownRequest>,
+    shutdown_rx: crossbeam_channel::Receiver<ShutdownRequest>,
+    signals: signals::ShutdownSignals,
+    kernel: Option<KernelHandle>,
+}
+
+/// Without the bus (its transport is Unix sockets), actor mode cannot run.
+#[cfg(not(unix))]
+fn run_on_bus(socket: &std::path::Path, _: Mode<'_>) -> anyhow::Result<()> {
+    bail!(
+        "{BROKER_ENV} is set ({}), but the bus is not available on this OS yet: unset it to run standalone",
+        socket.display()
+    )
+}
+
+/// Actor mode: the WAL, the connector, registration, the RPC and task
+/// services, on the broker at `socket`.
+#[cfg(unix)]
+fn run_on_bus(socket: &std::path::Path, mode: Mode<'_>) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use daemoneye_bus::{Client, ClientConfig};
+    use daemoneye_contract::control::{self, RpcResponse};
+    use procmond::actor::RegistrationCell;
+    use procmond::connector::{Connector, ConnectorConfig};
+    use procmond::registration::{Registration, RegistrationConfig};
+    use procmond::rpc::RpcService;
+    use procmond::task::{TaskCounters, TaskService, TaskServiceConfig};
+
+    let Mode { cfg, source, inbox, mut opts, report, shutdown_tx, shutdown_rx, signals, kernel } = mode;
+    let actor_tx = inbox.0.clone();
     log::info!("actor mode: broker at {}", socket.display());
-    let mut client_cfg = ClientConfig::new(&socket, &cfg.collector_id);
+    let mut client_cfg = ClientConfig::new(socket, &cfg.collector_id);
     // Publishing waits at most this long on a backed-up socket, so the
     // flush thread stays responsive; what is not sent stays in the WAL.
     client_cfg.timeout = Duration::from_millis(250);
@@ -432,7 +470,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ("the bus client", client.thread_ended()),
         ]);
     };
-    let request = wait_for_shutdown(&shutdown_rx, threads, Some(&client))?;
+    let request = wait_for_shutdown(&shutdown_rx, threads, || {
+        client.state() == daemoneye_bus::ConnectionState::Refused
+    })?;
     log::info!("shutting down: {}", request.reason);
     rpc.refuse_new_requests();
     // Leave the task group first, so the agent's tasks go to the other
@@ -552,11 +592,12 @@ fn stop_actor(actor_tx: &procmond::actor::ActorSender, actor: ActorHandle) -> an
 /// second, `threads` lists each long-lived thread and whether it ended;
 /// one that ended (a panic: nothing else ends them before a shutdown) is
 /// an error, so procmond exits non-zero and the agent or the service
-/// manager restarts it rather than leave it half alive.
+/// manager restarts it rather than leave it half alive. `refused` says
+/// whether the broker refused this collector (actor mode), also an error.
 fn wait_for_shutdown(
     requests: &crossbeam_channel::Receiver<ShutdownRequest>,
     threads: impl Fn(&mut Vec<(&str, bool)>),
-    client: Option<&Client>,
+    refused: impl Fn() -> bool,
 ) -> anyhow::Result<ShutdownRequest> {
     let check = tick(Duration::from_secs(1));
     let mut listed = Vec::new();
@@ -569,7 +610,7 @@ fn wait_for_shutdown(
                 if let Some(why) = daemoneye_platform::threads::first_ended(&listed) {
                     bail!("{why}; exiting so a restart can recover");
                 }
-                if client.is_some_and(|c| c.state() == daemoneye_bus::ConnectionState::Refused) {
+                if refused() {
                     bail!("the broker refused this collector (uid, protocol version or id); see the log above");
                 }
             }

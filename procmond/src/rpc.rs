@@ -19,20 +19,12 @@ use crossbeam_channel::{Receiver, Sender, bounded, select};
 use daemoneye_bus::{Client, ClientError, Message};
 
 use crate::actor::{ActorError, ActorSender};
+use crate::shutdown::ShutdownRequest;
 use daemoneye_contract::control::{self, RpcRequest, RpcResponse, RpcStatus};
 use daemoneye_contract::{Version, topic};
 
 /// How long the service waits for the actor.
 pub const ACTOR_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A request to shut the daemon down, for its main thread.
-#[derive(Debug)]
-pub struct ShutdownRequest {
-    /// Why (for the log).
-    pub reason: String,
-    /// The RPC to answer once done, if it came over the bus.
-    pub rpc: Option<Message>,
-}
 
 /// The RPC service thread's handle; dropping it stops and joins the thread.
 pub struct RpcService {

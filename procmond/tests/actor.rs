@@ -2,6 +2,8 @@
 //! their cycle boundary, startup gating on BeginMonitoring, a full inbox,
 //! and backpressure through a real EventBusConnector, WAL and broker with
 //! a stalled consumer.
+// The harness (support/) runs a broker, whose transport is Unix sockets.
+#![cfg(unix)]
 
 mod support;
 

@@ -1,6 +1,8 @@
 //! The EventBusConnector against a real broker and a fake agent: events
 //! appended while the consumer is stalled overflow the in-memory buffer
 //! into the WAL and are re-read from it in order, once each.
+// The harness (support/) runs a broker, whose transport is Unix sockets.
+#![cfg(unix)]
 
 mod support;
 

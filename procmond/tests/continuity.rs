@@ -3,6 +3,8 @@
 //! get late Started and Stopped events while nothing it reported before is
 //! sent again — through the WAL and the agent (actor mode) and through its
 //! own SQLite store (standalone).
+// The harness (support/) runs a broker, whose transport is Unix sockets.
+#![cfg(unix)]
 
 mod support;
 

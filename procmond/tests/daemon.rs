@@ -3,6 +3,8 @@
 //! graceful shutdown), SIGKILL at random moments with nothing lost or
 //! doubled (also across a broker outage), standalone mode into SQLite, and
 //! the command line's refusals.
+// The harness (support/) runs a broker, whose transport is Unix sockets.
+#![cfg(unix)]
 
 mod support;
 

@@ -2,6 +2,8 @@
 //! list behind a `procmond-tasks` service (snapshots and their filters,
 //! inspect, hash and the hash cache, malformed payloads, a busy or silent
 //! actor), and two procmond binaries in one queue group splitting tasks.
+// The harness (support/) runs a broker, whose transport is Unix sockets.
+#![cfg(unix)]
 
 mod support;
 

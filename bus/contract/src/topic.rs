@@ -32,8 +32,6 @@
 
 use std::marker::PhantomData;
 
-use daemoneye_bus::{Client, ClientError};
-
 use crate::api::{AgentStatus, AgentTaskRequest, AgentTaskResponse, Alert, StatusRequest};
 use crate::codec::{self, Error, Message, Version};
 use crate::control::{
@@ -129,11 +127,6 @@ impl<T: Message> Topic<T> {
         codec::encode_as(version, value)
     }
 
-    /// Publishes `value` on `topic` (this topic, or one of [`Topic::at`]'s).
-    pub fn publish(&self, client: &Client, topic: &str, value: &T) -> Result<(), ClientError> {
-        client.publish(topic, &self.encode(value))
-    }
-
     /// Checks the publisher of a delivery, then decodes its payload.
     pub fn decode(&self, msg: &daemoneye_bus::Message) -> Result<T, Error> {
         self.decode_versioned(msg).map(|(v, _)| v)
@@ -201,17 +194,35 @@ impl<Q: Message, A: Message> Rpc<Q, A> {
         check_publisher(self.request.pattern, self.responder, msg)?;
         codec::decode_versioned(&msg.payload)
     }
+}
 
-    /// Sends a request on `topic` and decodes the answer.
-    pub fn call(
-        &self,
-        client: &Client,
-        topic: &str,
-        value: &Q,
-        timeout: std::time::Duration,
-    ) -> Result<Result<A, Error>, ClientError> {
-        let reply = client.request(topic, &self.encode_request(value), timeout)?;
-        Ok(self.decode_answer(&reply).map(|(a, _)| a))
+/// Sending through the bus's client, whose transport (Unix sockets) exists
+/// on Unix only; encoding and decoding are everywhere.
+#[cfg(unix)]
+mod transport {
+    use daemoneye_bus::{Client, ClientError};
+
+    use super::{Error, Message, Rpc, Topic};
+
+    impl<T: Message> Topic<T> {
+        /// Publishes `value` on `topic` (this topic, or one of [`Topic::at`]'s).
+        pub fn publish(&self, client: &Client, topic: &str, value: &T) -> Result<(), ClientError> {
+            client.publish(topic, &self.encode(value))
+        }
+    }
+
+    impl<Q: Message, A: Message> Rpc<Q, A> {
+        /// Sends a request on `topic` and decodes the answer.
+        pub fn call(
+            &self,
+            client: &Client,
+            topic: &str,
+            value: &Q,
+            timeout: std::time::Duration,
+        ) -> Result<Result<A, Error>, ClientError> {
+            let reply = client.request(topic, &self.encode_request(value), timeout)?;
+            Ok(self.decode_answer(&reply).map(|(a, _)| a))
+        }
     }
 }
 

@@ -55,6 +55,7 @@ use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::{Condvar, Mutex};
 
+pub use crate::frame::Message;
 use crate::frame::{self, ErrorCode, Frame, Mode, NoReplyReason, Overflow, PROTOCOL_VERSION, Strategy};
 use crate::topic::{self, TopicError};
 
@@ -156,20 +157,6 @@ pub enum ConnectionState {
     Refused,
     /// `close` was called.
     Closed,
-}
-
-/// A message delivered to a subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// The topic it was published on.
-    pub topic: String,
-    /// The payload.
-    pub payload: Vec<u8>,
-    /// Where a reply goes, for requests.
-    pub reply_to: Option<String>,
-    /// The publisher's client id, vouched for by the broker (see
-    /// [`Frame::Deliver`]).
-    pub from: String,
 }
 
 /// Errors of client calls.
