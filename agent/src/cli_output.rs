@@ -332,6 +332,23 @@ impl OutputStatus {
             name: c.name,
         }
     }
+
+    /// The status of each output `cfg` configures that has a row in the
+    /// store (an output that never ran has none), in the store's order.
+    pub fn read_all(
+        conn: &rusqlite::Connection,
+        cfg: &AgentConfig,
+        now_ms: u64,
+    ) -> rusqlite::Result<Vec<OutputStatus>> {
+        let mut out = Vec::new();
+        for c in daemoneye_store::outputs::read(conn, None)? {
+            if cfg.outputs.iter().any(|o| o.name == c.name) {
+                let lag = daemoneye_store::outputs::event_lag(conn, c.events_through)?;
+                out.push(OutputStatus::new(c, lag, now_ms));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The outputs' table in `status` (empty without outputs).

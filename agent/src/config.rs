@@ -366,6 +366,27 @@ pub struct AgentConfig {
     /// Where events and alerts are forwarded (`crate::forward`).
     #[serde(default)]
     pub outputs: Vec<OutputSpec>,
+    /// A Prometheus text-format metrics file (`crate::metrics`) [default:
+    /// none].
+    #[serde(default)]
+    pub metrics: Option<MetricsSpec>,
+}
+
+/// `metrics:` in agent.yaml: the agent's counters in Prometheus text
+/// format, in a file that node_exporter's textfile collector reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// The file: an absolute path ending in `.prom`, in an existing
+    /// directory (node_exporter's `--collector.textfile.directory`).
+    pub file: PathBuf,
+    /// How often it is rewritten, seconds.
+    #[serde(default = "default_metrics_interval")]
+    pub interval_secs: u64,
+}
+
+fn default_metrics_interval() -> u64 {
+    15
 }
 
 /// Delivery liveness: when a collector's unacknowledged events count as a
@@ -593,6 +614,11 @@ impl AgentConfig {
         }
         let collectors: Vec<String> = self.collectors.iter().map(|c| c.id.clone()).collect();
         outputs::validate(&self.outputs, &collectors).map_err(|(field, reason)| err(field, reason))?;
+        if let Some(m) = &self.metrics {
+            check_range(m.interval_secs, 3600)
+                .map_err(|reason| err("metrics.interval_secs".into(), reason))?;
+            check_metrics_file(&m.file).map_err(|reason| err("metrics.file".into(), reason))?;
+        }
         Ok(())
     }
 
@@ -643,6 +669,26 @@ const RESERVED_IDS: [&str; 8] =
     ["daemoneye-agent*", "bus", "bus-*", "cli-*", "registration", "lifecycle", "config", "task"];
 
 /// A duration setting: at least 1, at most `max`.
+/// The metrics file's path: absolute, a `.prom` name (the only files the
+/// textfile collector reads), in a directory that exists.
+fn check_metrics_file(file: &Path) -> Result<(), String> {
+    if !file.is_absolute() {
+        return Err(format!("{} is not an absolute path", file.display()));
+    }
+    if file.extension().is_none_or(|e| e != "prom") || file.file_stem().is_none_or(|s| s.is_empty()) {
+        return Err(format!(
+            "{} does not end in .prom: node_exporter's textfile collector reads only *.prom files",
+            file.display()
+        ));
+    }
+    match file.parent().map(std::fs::metadata) {
+        Some(Ok(m)) if m.is_dir() => Ok(()),
+        Some(Ok(_)) => Err(format!("{}: its parent is not a directory", file.display())),
+        Some(Err(e)) => Err(format!("{}: its directory: {e}", file.display())),
+        None => Err(format!("{} has no directory", file.display())),
+    }
+}
+
 fn check_range(v: u64, max: u64) -> Result<(), String> {
     match v {
         0 => Err("must be at least 1".into()),
@@ -706,7 +752,11 @@ mod tests {
         let long = format!("/{}", "d".repeat(120));
         let long_dir = format!("data_dir: {long}\n");
         let long_socket = format!("broker_socket: {long}/b.sock\n");
-        let cases: [(&str, &str, &str); 26] = [
+        let metrics_in = |file: &str| format!("metrics: {{file: {}/{file}}}\n", dir.path().display());
+        let (no_prom, no_dir, plain_parent) =
+            (metrics_in("daemoneye.txt"), metrics_in("missing/daemoneye.prom"), metrics_in("plain/x.prom"));
+        let no_interval = format!("metrics: {{file: {}/d.prom, interval_secs: 0}}\n", dir.path().display());
+        let cases: [(&str, &str, &str); 31] = [
             (
                 "collectors:\n  - {id: a, binary: procmond}\n  - {id: a, binary: procmond}\n",
                 "collectors[1].id",
@@ -762,6 +812,11 @@ mod tests {
             ("store: {rule_budget_ms: 60001}\n", "store.rule_budget_ms", "maximum of 60000"),
             (&long_dir, "data_dir", "this OS allows at most"),
             (&long_socket, "broker_socket", "this OS allows at most"),
+            ("metrics: {file: daemoneye.prom}\n", "metrics.file", "not an absolute path"),
+            (&no_prom, "metrics.file", "reads only *.prom files"),
+            (&no_dir, "metrics.file", "its directory: No such file"),
+            (&plain_parent, "metrics.file", "its parent is not a directory"),
+            (&no_interval, "metrics.interval_secs", "at least 1"),
         ];
         for (text, field, reason) in cases {
             let e = AgentConfig::parse(text, "agent.yaml", dir.path()).unwrap_err();

@@ -8,7 +8,8 @@
 //! collectors) → the store writer (subscribed before any collector starts)
 //! → the supervisor (spawns or adopts the collectors) → the monitor
 //! (loading state machine, heartbeats, status) → the task coordinator
-//! (`daemoneye-cli ps/inspect/hash`) → the broker opens to everyone: until
+//! (`daemoneye-cli ps/inspect/hash`) → the metrics file's thread, when
+//! configured → the broker opens to everyone: until
 //! then only the agent's three clients are welcomed, so nobody else can
 //! take their ids.
 //!
@@ -38,6 +39,7 @@ use parking_lot::Mutex;
 use crate::api::{self, AGENT_CLIENT_ID, STORE_CLIENT_ID, TASKS_CLIENT_ID};
 use crate::config::AgentConfig;
 use crate::forward::{AlertFn, Outputs};
+use crate::metrics::MetricsFile;
 use crate::monitor::{Monitor, MonitorParts, Outcome};
 use crate::own::OwnBinaries;
 use crate::supervisor::Supervisor;
@@ -282,6 +284,7 @@ pub fn run(
         collector_version.clone(),
     )
     .context("cannot start the task coordinator")?;
+    let metrics = MetricsFile::start(&cfg, monitor.probe()).context("cannot start the metrics file")?;
     broker.open();
 
     // The watchdog: a long-lived thread that ends before the shutdown (a
@@ -317,6 +320,7 @@ pub fn run(
                     ("agent-tasks", coordinator.thread_ended()),
                 ];
                 threads.extend(outputs.threads());
+                threads.extend(metrics.as_ref().map(MetricsFile::thread));
                 if let Some(why) = first_ended(&threads) {
                     log::error!("{why}: stopping the agent");
                     break Some(why);
@@ -325,6 +329,9 @@ pub fn run(
         }
     };
     drop(coordinator);
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     let registered = monitor.begin_shutdown();
     supervisor.begin_shutdown();
     log::info!("shutting down: {}", reason.as_deref().unwrap_or("signal"));

@@ -13,6 +13,7 @@ pub mod cli_tasks;
 pub mod config;
 pub mod daemon;
 pub mod forward;
+pub mod metrics;
 pub mod monitor;
 pub mod privsep;
 /// Detection rules live with the event store.

@@ -147,6 +147,8 @@ impl Entry {
 
 /// Requests to the monitor thread.
 enum Control {
+    /// A status snapshot, for the metrics file.
+    Status(Sender<AgentStatus>),
     /// State ShuttingDown: keep answering, start no escalation; replies
     /// with the ids of the registered collectors.
     BeginShutdown(Sender<Vec<String>>),
@@ -191,6 +193,23 @@ fn gone<T>(what: &str) -> Receiver<T> {
     crossbeam_channel::never()
 }
 
+/// Asks the monitor thread for what `agent.status` would answer.
+#[derive(Clone)]
+pub struct StatusProbe {
+    tx: Sender<Control>,
+}
+
+impl StatusProbe {
+    /// The status, or `None` when the monitor did not answer within
+    /// `timeout` (busy, or gone). Never blocks the monitor: a full
+    /// control channel is `None` at once.
+    pub fn status(&self, timeout: Duration) -> Option<AgentStatus> {
+        let (reply, answer) = bounded(1);
+        self.tx.try_send(Control::Status(reply)).ok()?;
+        answer.recv_timeout(timeout).ok()
+    }
+}
+
 /// Handle to the monitor thread.
 pub struct Monitor {
     stop: Sender<Control>,
@@ -205,7 +224,9 @@ impl Monitor {
         let regs = client.subscribe(topic::REGISTRATION.pattern())?;
         let hbs = client.subscribe(topic::HEARTBEATS.pattern())?;
         let status = client.subscribe(api::STATUS_TOPIC)?;
-        let (stop, stop_rx) = bounded(2);
+        // Room for a stop beside a status request (`StatusProbe` has
+        // at most one queued).
+        let (stop, stop_rx) = bounded(4);
         let thread = std::thread::Builder::new().name("agent-monitor".into()).spawn(move || {
             let mut m = State::new(parts);
             let (steps_tx, steps_rx) = bounded::<StepReport>(64);
@@ -224,6 +245,9 @@ impl Monitor {
                             m.set_state(AgentState::ShuttingDown);
                             let ids = m.entries.iter().filter(|e| e.registered).map(|e| e.spec.id.clone());
                             let _ = reply.try_send(ids.collect());
+                        }
+                        Ok(Control::Status(reply)) => {
+                            let _ = reply.try_send(m.status());
                         }
                         _ => break Outcome::Shutdown,
                     },
@@ -276,6 +300,11 @@ impl Monitor {
             return Vec::new();
         }
         rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+    }
+
+    /// A handle that asks the monitor for status snapshots.
+    pub fn probe(&self) -> StatusProbe {
+        StatusProbe { tx: self.stop.clone() }
     }
 
     /// Whether the monitor thread has ended before being told to.
@@ -673,9 +702,18 @@ impl State {
         if msg.reply_to.is_none() {
             return;
         }
+        let status = self.status();
+        let version = Version::of(&msg.payload);
+        if let Err(e) = self.parts.client.reply(msg, &topic::STATUS.encode_answer(version, &status)) {
+            log::debug!("cannot answer a status request: {e}");
+        }
+    }
+
+    /// What `agent.status` answers.
+    fn status(&self) -> AgentStatus {
         let b = self.parts.broker.stats();
         let writer = &self.parts.writer;
-        let status = AgentStatus {
+        AgentStatus {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             state: self.state.clone(),
@@ -725,10 +763,6 @@ impl State {
                     })
                 })
                 .collect(),
-        };
-        let version = Version::of(&msg.payload);
-        if let Err(e) = self.parts.client.reply(msg, &topic::STATUS.encode_answer(version, &status)) {
-            log::debug!("cannot answer a status request: {e}");
         }
     }
 }

@@ -403,29 +403,51 @@ fn open_private(path: &Path, append: bool) -> io::Result<File> {
 /// (`AlreadyExists`), never reused; mode 0600 whatever the umask (Unix).
 /// For temporary files that are renamed into place.
 pub fn create_private_file(path: &Path) -> io::Result<File> {
+    create_new_file(path, PRIVATE_FILE_MODE)
+}
+
+/// Mode of a file other users are meant to read (the metrics file, for a
+/// node_exporter that runs as its own user).
+pub const READABLE_FILE_MODE: u32 = 0o644;
+
+/// [`create_private_file`], but mode 0644 whatever the umask: for a file
+/// another service reads, renamed into place once written.
+pub fn create_readable_file(path: &Path) -> io::Result<File> {
+    create_new_file(path, READABLE_FILE_MODE)
+}
+
+fn create_new_file(path: &Path, mode: u32) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(true).create_new(true);
     #[cfg(unix)]
     {
         use nix::fcntl::OFlag;
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(PRIVATE_FILE_MODE).custom_flags(OFlag::O_NOFOLLOW.bits());
+        opts.mode(mode).custom_flags(OFlag::O_NOFOLLOW.bits());
     }
     let file = opts.open(path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        tighten(&file, file.metadata()?.mode())?;
+        set_mode(&file, file.metadata()?.mode(), mode)?;
     }
+    #[cfg(not(unix))]
+    let _ = mode;
     Ok(file)
 }
 
 /// Sets an open file's mode to exactly 0600 when it is anything else.
 #[cfg(unix)]
 fn tighten(file: &File, mode: u32) -> io::Result<()> {
+    set_mode(file, mode, PRIVATE_FILE_MODE)
+}
+
+/// Sets an open file's mode (now `mode`) to exactly `wanted`.
+#[cfg(unix)]
+fn set_mode(file: &File, mode: u32, wanted: u32) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    if mode & 0o7777 != PRIVATE_FILE_MODE {
-        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    if mode & 0o7777 != wanted {
+        file.set_permissions(std::fs::Permissions::from_mode(wanted))?;
     }
     Ok(())
 }

@@ -504,16 +504,7 @@ fn output_status(ctx: &Ctx) -> Vec<cli_output::OutputStatus> {
     }
     let read = || -> anyhow::Result<Vec<cli_output::OutputStatus>> {
         let store = cli::open_store(&ctx.database())?;
-        let conn = store.connection();
-        let now = now_unix_ms();
-        let mut out = Vec::new();
-        for c in daemoneye_store::outputs::read(conn, None)? {
-            if ctx.cfg.outputs.iter().any(|o| o.name == c.name) {
-                let lag = daemoneye_store::outputs::event_lag(conn, c.events_through)?;
-                out.push(cli_output::OutputStatus::new(c, lag, now));
-            }
-        }
-        Ok(out)
+        Ok(cli_output::OutputStatus::read_all(store.connection(), &ctx.cfg, now_unix_ms())?)
     };
     read().unwrap_or_else(|e| {
         log::warn!("outputs: cannot read their state from the store: {e:#}");
