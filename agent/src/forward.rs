@@ -1,14 +1,16 @@
 //! Forwarding: each output of agent.yaml (`outputs:`) is one thread,
 //! `agent-output-<name>`, that reads events and alerts from the store,
 //! behind the store writer, and delivers them in batches to its receiver
-//! (a syslog server, [`syslog`]; a file, [`file`]).
+//! (a syslog server, [`syslog`]; a file, [`file`]; an HTTP endpoint or
+//! Elasticsearch, [`http`]).
 //!
 //! # Guarantees
 //!
 //! - At least once. An output's cursor (`daemoneye_store::outputs`) moves
 //!   only after its receiver accepted a whole batch (the file written and
 //!   synced; the TCP write completed on a connection the receiver had not
-//!   closed); a crash or a failure resends from the cursor. Every
+//!   closed; a 2xx answer, with every `_bulk` item created or already
+//!   there); a crash or a failure resends from the cursor. Every
 //!   document carries a stable id for receivers to drop repeats: an
 //!   event's `event.id` is `<host>/<collector>/<stream>/<seq>`, an
 //!   alert's `id` is its row id.
@@ -29,6 +31,7 @@
 //!   delivery under way ends within its timeout); the handle joins it.
 
 pub mod file;
+pub mod http;
 pub mod syslog;
 
 use std::path::{Path, PathBuf};
@@ -119,6 +122,7 @@ impl Outputs {
             let sink: Box<dyn Sink> = match spec.output_type {
                 OutputType::Syslog => Box::new(syslog::SyslogSink::new(spec)),
                 OutputType::File => Box::new(file::FileSink::new(spec)),
+                OutputType::Http => Box::new(http::HttpSink::new(spec)),
             };
             handles.push(OutputHandle::start(database, spec.clone(), sink, alert.clone())?);
         }

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod forwarding;
 pub mod frozen_v1;
 
 use std::path::{Path, PathBuf};

@@ -5,16 +5,13 @@
 //! output has unsent events.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use daemoneye_agent::api::AgentState;
-use daemoneye_store::outputs::OutputCursor;
-use daemoneye_store::{EventQuery, EventStore};
+use daemoneye_tests::forwarding::{Churn, free_port, stored};
 use daemoneye_tests::{CYCLE, CollectorDef, System, signal, wait_until};
 use nix::sys::signal::Signal;
 
@@ -92,64 +89,6 @@ fn rsyslogd() -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.exists())
         .expect("rsyslogd is not installed (Debian package rsyslog; .ci/run installs it)")
-}
-
-/// A free loopback port (bound and released: another process may take it
-/// in between, unlikely in the few milliseconds before rsyslog binds it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Starts short-lived processes until dropped, so events keep flowing.
-struct Churn {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Churn {
-    fn start() -> Churn {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut children: Vec<Child> = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok(c) = Command::new("sleep").arg("0.3").stdin(Stdio::null()).spawn() {
-                    children.push(c);
-                }
-                children.retain_mut(|c| c.try_wait().ok().flatten().is_none());
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            for mut c in children {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        });
-        Churn { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for Churn {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The stored events' stable ids by row id, and the output's row.
-fn stored(db: &Path, output: &str) -> (Vec<(i64, String)>, Option<OutputCursor>) {
-    let Ok(store) = EventStore::open_read_only(db) else { return (Vec::new(), None) };
-    let host = daemoneye_platform::hostname().unwrap_or("-");
-    let events = store
-        .query(&EventQuery::default())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| (e.id, format!("{host}/{}/{}/{}", e.collector_id, e.stream_id, e.seq)))
-        .collect();
-    let cursor =
-        daemoneye_store::outputs::read(store.connection(), Some(output)).ok().and_then(|mut r| r.pop());
-    (events, cursor)
 }
 
 /// rsyslog's file: `(app-name, msgid, severity, json)` per line; a line

@@ -51,6 +51,9 @@ pub struct OutputSpec {
     /// Settings of a `file` output.
     #[serde(default)]
     pub file: Option<FileSpec>,
+    /// Settings of an `http` output.
+    #[serde(default)]
+    pub http: Option<HttpSpec>,
 }
 
 /// An output's type.
@@ -61,6 +64,8 @@ pub enum OutputType {
     Syslog,
     /// NDJSON to a file, rotated by size.
     File,
+    /// Batches POSTed over HTTP: NDJSON, or Elasticsearch `_bulk`.
+    Http,
 }
 
 /// What an output sends.
@@ -138,6 +143,50 @@ pub struct FileSpec {
     /// Rotated files kept (0: none, the file is truncated instead).
     #[serde(default = "default_keep")]
     pub keep: u32,
+}
+
+/// An `http` output's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// The receiver, `http://host:port/path` (no TLS yet: `https` is
+    /// refused). With `format: elasticsearch`, the cluster's URL: batches
+    /// go to `<url>/_bulk`.
+    pub url: String,
+    /// `ndjson` (one document per line, any HTTP input) or
+    /// `elasticsearch` (the `_bulk` API, `_id` = the document's id).
+    #[serde(default)]
+    pub format: HttpFormat,
+    /// The index (or data stream) of `format: elasticsearch`.
+    #[serde(default = "default_index")]
+    pub index: String,
+    /// A file whose content (trimmed) is sent as `Authorization: Bearer`.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// A file holding `user:password` for basic authentication.
+    #[serde(default)]
+    pub basic_auth_file: Option<PathBuf>,
+    /// Compress request bodies (`Content-Encoding: gzip`).
+    #[serde(default)]
+    pub gzip: bool,
+    /// One request (connect, send, answer) may take this long, ms.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// What an `http` output POSTs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpFormat {
+    /// `application/x-ndjson`, one document per line.
+    #[default]
+    Ndjson,
+    /// Elasticsearch / OpenSearch `_bulk` with `create` actions.
+    Elasticsearch,
+}
+
+fn default_index() -> String {
+    "daemoneye".to_owned()
 }
 
 fn low() -> Severity {
@@ -228,11 +277,13 @@ pub fn validate(outputs: &[OutputSpec], collectors: &[String]) -> Result<(), (St
         if let Some(c) = o.collectors.iter().find(|c| !collectors.contains(c)) {
             return Err((at("collectors"), format!("{c:?} is not a configured collector")));
         }
-        let (wanted, other) = match o.output_type {
-            OutputType::Syslog => ("syslog", o.file.is_some().then_some("file")),
-            OutputType::File => ("file", o.syslog.is_some().then_some("syslog")),
+        let wanted = match o.output_type {
+            OutputType::Syslog => "syslog",
+            OutputType::File => "file",
+            OutputType::Http => "http",
         };
-        if let Some(other) = other {
+        let set = [("syslog", o.syslog.is_some()), ("file", o.file.is_some()), ("http", o.http.is_some())];
+        if let Some((other, _)) = set.iter().find(|(n, present)| *present && *n != wanted) {
             return Err((at(other), format!("belongs to a {other} output; this one is type {wanted}")));
         }
         match o.output_type {
@@ -278,7 +329,79 @@ pub fn validate(outputs: &[OutputSpec], collectors: &[String]) -> Result<(), (St
                     return Err((at("file.keep"), format!("{} is over the maximum of 1000", f.keep)));
                 }
             }
+            OutputType::Http => {
+                let Some(h) = &o.http else {
+                    return Err((
+                        at("http"),
+                        "an http output needs `http: {url: http://host:port/path}`".into(),
+                    ));
+                };
+                check_http(h).map_err(|(field, reason)| (at(&format!("http.{field}")), reason))?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// An `http` output's settings: `Err((field, reason))`.
+fn check_http(h: &HttpSpec) -> Result<(), (&'static str, String)> {
+    if h.url.starts_with("https://") {
+        return Err((
+            "url",
+            format!(
+                "{}: https is not built yet; send to a local relay (Vector, Fluent Bit) or a \
+                 TLS-terminating proxy over http://",
+                h.url
+            ),
+        ));
+    }
+    let Some(rest) = h.url.strip_prefix("http://") else {
+        return Err(("url", format!("{:?}: expected http://host:port/path", h.url)));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(("url", "credentials in the URL would be logged: use basic_auth_file".into()));
+    }
+    let has_port = match authority.rfind(']') {
+        Some(i) => authority[i + 1..].starts_with(':'),
+        None => authority.contains(':'),
+    };
+    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    check_address(&with_port).map_err(|r| ("url", format!("{}: {r}", h.url)))?;
+    if h.format == HttpFormat::Elasticsearch {
+        let bad = h.index.is_empty()
+            || h.index.len() > 255
+            || h.index.starts_with(['-', '_', '+'])
+            || h.index.chars().any(|c| c.is_ascii_uppercase() || "\\/*?\"<>|, #:".contains(c));
+        if bad {
+            return Err((
+                "index",
+                format!(
+                    "{:?}: an index name is lowercase, without \\ / * ? \" < > | , # : or spaces, \
+                     and does not start with - _ +",
+                    h.index
+                ),
+            ));
+        }
+    }
+    if h.bearer_token_file.is_some() && h.basic_auth_file.is_some() {
+        return Err(("basic_auth_file", "set one of bearer_token_file and basic_auth_file".into()));
+    }
+    for (field, file) in
+        [("bearer_token_file", &h.bearer_token_file), ("basic_auth_file", &h.basic_auth_file)]
+    {
+        if let Some(f) = file {
+            let text = std::fs::read_to_string(f).map_err(|e| (field, format!("{}: {e}", f.display())))?;
+            if text.trim().is_empty() {
+                return Err((field, format!("{} is empty", f.display())));
+            }
+            if field == "basic_auth_file" && !text.trim().contains(':') {
+                return Err((field, format!("{}: expected user:password", f.display())));
+            }
+        }
+    }
+    if !(1..=600_000).contains(&h.timeout_ms) {
+        return Err(("timeout_ms", format!("{} is not within 1-600000", h.timeout_ms)));
     }
     Ok(())
 }
@@ -344,6 +467,13 @@ mod tests {
             "path",
             "max_bytes",
             "keep",
+            "http:",
+            "url",
+            "format",
+            "index",
+            "bearer_token_file",
+            "basic_auth_file",
+            "gzip",
         ] {
             let documented = section.lines().any(|l| {
                 l.strip_prefix('#').is_some_and(|l| l.trim_start().starts_with(key) && l.starts_with("   "))
@@ -357,8 +487,35 @@ mod tests {
             .map(|l| format!("{}\n", &l[2..]))
             .collect();
         let cfg = AgentConfig::parse(&example, "example", dir.path()).unwrap();
-        assert_eq!(cfg.outputs.len(), 2);
+        assert_eq!(cfg.outputs.len(), 3);
         assert_eq!(cfg.outputs[1].min_severity, crate::config::Severity::Medium);
+        assert!(cfg.outputs[2].http.as_ref().is_some_and(|h| h.gzip));
+    }
+
+    #[test]
+    fn an_http_output_accepts_a_port_less_or_ipv6_url_and_its_secrets_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "user:pass\n").unwrap();
+        for settings in [
+            "url: \"http://vector.local/ingest\"".to_owned(),
+            "url: \"http://[::1]:8686\"".to_owned(),
+            "url: \"http://[::1]\"".to_owned(),
+            format!(
+                "url: \"http://es:9200/\", format: elasticsearch, gzip: true, basic_auth_file: {}",
+                token.display()
+            ),
+            format!("url: \"http://h:1/x?y=1\", bearer_token_file: {}", token.display()),
+        ] {
+            let text = format!("outputs:\n  - {{name: h, type: http, http: {{{settings}}}}}\n");
+            let cfg =
+                AgentConfig::parse(&text, "agent.yaml", dir.path()).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let h = cfg.outputs[0].http.as_ref().unwrap();
+            assert_eq!(h.timeout_ms, 10_000);
+            if h.format == super::HttpFormat::Elasticsearch {
+                assert_eq!(h.index, "daemoneye");
+            }
+        }
     }
 
     #[test]
@@ -366,6 +523,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let o = |rest: &str| format!("outputs:\n  - {{name: a, {rest}}}\n");
         let sys = |extra: &str| o(&format!("type: syslog, syslog: {{address: \"h:514\"{extra}}}"));
+        let http = |settings: &str| o(&format!("type: http, http: {{{settings}}}"));
+        let (empty, token) = (dir.path().join("empty"), dir.path().join("token"));
+        std::fs::write(&empty, "\n").unwrap();
+        std::fs::write(&token, "s3cret\n").unwrap();
         let cases: Vec<(String, &str, &str)> = vec![
             (sys(", facility: local9"), "outputs[0].syslog.facility", "\"local9\" is not one of"),
             (sys(", timeout_ms: 0"), "outputs[0].syslog.timeout_ms", "not within"),
@@ -382,7 +543,44 @@ mod tests {
                 "outputs[0].syslog",
                 "belongs to a syslog output",
             ),
-            (o("type: http"), "line", "unknown variant `http`"),
+            (o("type: kafka"), "line", "unknown variant `kafka`"),
+            (o("type: http"), "outputs[0].http", "needs `http:"),
+            (http("url: \"https://es:9200\""), "outputs[0].http.url", "https is not built yet"),
+            (http("url: \"ftp://x\""), "outputs[0].http.url", "expected http://host:port/path"),
+            (http("url: \"http://u:p@h/\""), "outputs[0].http.url", "use basic_auth_file"),
+            (http("url: \"http://h:0/x\""), "outputs[0].http.url", "is not a port"),
+            (http("url: \"http:///x\""), "outputs[0].http.url", "the host is empty"),
+            (
+                http("url: \"http://es:9200\", format: elasticsearch, index: Events"),
+                "outputs[0].http.index",
+                "lowercase",
+            ),
+            (http("url: \"http://h\", format: splunk"), "line", "unknown variant `splunk`"),
+            (http("url: \"http://h\", timeout_ms: 0"), "outputs[0].http.timeout_ms", "not within"),
+            (
+                http(&format!("url: \"http://h\", bearer_token_file: {}/missing", dir.path().display())),
+                "outputs[0].http.bearer_token_file",
+                "No such file",
+            ),
+            (
+                http(&format!("url: \"http://h\", basic_auth_file: {}", empty.display())),
+                "outputs[0].http.basic_auth_file",
+                "is empty",
+            ),
+            (
+                http(&format!("url: \"http://h\", basic_auth_file: {}", token.display())),
+                "outputs[0].http.basic_auth_file",
+                "expected user:password",
+            ),
+            (
+                http(&format!(
+                    "url: \"http://h\", bearer_token_file: {0}, basic_auth_file: {0}",
+                    token.display()
+                )),
+                "outputs[0].http.basic_auth_file",
+                "set one of",
+            ),
+            (o("type: http, http: {url: \"http://h\"}, file: {path: /x}"), "outputs[0].file", "belongs to a file"),
             (o("type: file, file: {path: /x, colour: red}"), "line", "colour"),
             (o("type: file, send: everything, file: {path: /x}"), "line", "unknown variant `everything`"),
             (o("type: file, kinds: [exploded], file: {path: /x}"), "line", "unknown variant `exploded`"),
