@@ -4,6 +4,7 @@ use daemoneye_contract::api::{
     BrokerStatus, CollectorDelivery, CollectorStatus, StoreStatus, TaskCounts, TasksStatus,
 };
 use daemoneye_contract::control::DeliveryStatus;
+use nix::sys::stat::{Mode, umask};
 
 use super::*;
 
@@ -200,9 +201,9 @@ fn the_file_is_replaced_whole_readable_by_others_and_never_through_a_link() {
     std::fs::write(&target, "keep").unwrap();
     std::os::unix::fs::symlink(&target, &tmp).unwrap();
     std::os::unix::fs::symlink(&target, &path).unwrap();
-    let old = set_umask(0o077);
+    let old = umask(Mode::from_bits_truncate(0o077));
     let result = replace_readable(&path, b"a 1\n");
-    set_umask(old);
+    umask(old);
     result.unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 1\n");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
@@ -212,10 +213,4 @@ fn the_file_is_replaced_whole_readable_by_others_and_never_through_a_link() {
     assert!(!tmp.exists() && std::fs::symlink_metadata(&tmp).is_err(), "no temporary file left");
     replace_readable(&path, b"a 2\n").unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 2\n");
-}
-
-/// Sets the process umask, returning the old one.
-fn set_umask(mask: u32) -> u32 {
-    use nix::sys::stat::{Mode, umask};
-    umask(Mode::from_bits_truncate(mask)).bits()
 }
