@@ -281,3 +281,78 @@ fn ndjson_reaches_the_endpoint_whole_with_its_bearer_token() {
     assert!(!sys.log().contains("t0ken"));
     assert!(sys.stop(Duration::from_secs(30)).success(), "{}", sys.tail());
 }
+
+/// The agent's resident memory, KiB (Linux).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hostile_receivers_hold_only_their_own_output() {
+    // One that accepts and never reads; one that answers HTTP with garbage.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in mute.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let liar = TcpListener::bind("127.0.0.1:0").unwrap();
+    let liar_port = liar.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in liar.incoming().flatten() {
+            let mut buf = [0u8; 65536];
+            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"\x00\xffHTTP/9 banana\r\n\x01\x02\r\n\r\n\xfe garbage");
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("events.ndjson");
+    let extra = format!(
+        "outputs:\n  - name: mute\n    type: syslog\n    send: events\n    retry_max_ms: 300\n    \
+         syslog: {{address: \"127.0.0.1:{mute_port}\", timeout_ms: 500}}\n  - name: liar\n    type: http\n    \
+         send: events\n    retry_max_ms: 300\n    http: {{url: \"http://127.0.0.1:{liar_port}/in\", timeout_ms: 500}}\n  \
+         - name: file\n    type: file\n    send: events\n    poll_ms: 50\n    file: {{path: {}}}\n",
+        file.display()
+    );
+    let mut sys = System::start(&[CollectorDef::procmond("pm-x")], &extra);
+    sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let rss_before = rss_kib(sys.agent_pid());
+    let churn = Churn::start();
+    std::thread::sleep(Duration::from_secs(6));
+    drop(churn);
+    let db = sys.database();
+    let target = stored(&db, "file").0.last().map(|e| e.0).expect("events stored");
+    // The file output is not held up: everything stored reaches it.
+    let ids_in_file = || -> std::collections::HashSet<String> {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["event"]["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let complete = wait_until(CYCLE, || {
+        let (events, cursor) = stored(&db, "file");
+        let got = ids_in_file();
+        cursor.is_some_and(|c| c.events_through >= target)
+            && events.iter().filter(|(id, _)| *id <= target).all(|(_, e)| got.contains(e))
+    });
+    assert!(complete, "the file output was held up by the hostile receivers\n{}", sys.tail());
+    // The liar's answers are failures with a reason, never a delivery.
+    let liar = stored(&db, "liar").1.expect("the liar output's row");
+    assert_eq!(liar.events_through, 0, "nothing counts as delivered to a receiver that answers garbage");
+    assert!(liar.retried > 0 && liar.last_error.is_some(), "{liar:?}");
+    // The agent stays responsive and its memory bounded (generously: a
+    // leak per attempt or per batch held would pass this in minutes).
+    assert!(sys.status().is_some_and(|s| s.state == AgentState::SteadyState), "{}", sys.tail());
+    let grown = rss_kib(sys.agent_pid()).saturating_sub(rss_before);
+    assert!(grown < 32 * 1024, "the agent grew by {grown} KiB");
+    assert!(sys.stop(Duration::from_secs(30)).success(), "{}", sys.tail());
+}
