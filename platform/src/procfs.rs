@@ -380,12 +380,12 @@ impl Config {
         };
         // The details reads below use `s.buf`, never `s.stat`.
         let stat = std::mem::take(&mut s.stat);
-        let out = self.from_stat(s, pid, dir, &stat[..n], known, generation);
+        let out = self.after_stat(s, pid, dir, &stat[..n], known, generation);
         s.stat = stat;
         out
     }
 
-    fn from_stat(
+    fn after_stat(
         &self,
         s: &mut Scratch,
         pid: u32,
@@ -955,7 +955,7 @@ mod tests {
         // Its `stat` was read; it is reaped before its details are.
         child.0.kill().expect("kill");
         child.0.wait().expect("reap");
-        let read = procfs.cfg.from_stat(&mut procfs.scratch, pid, &dir, &stat[..n], None, 1);
+        let read = procfs.cfg.after_stat(&mut procfs.scratch, pid, &dir, &stat[..n], None, 1);
         assert!(read.is_none(), "reported as gone, not as a record of missing fields");
         assert_eq!(
             procfs.scratch.stats,
