@@ -16,11 +16,11 @@
 //! (`ENOENT`, `ESRCH`) even if the pid is reused meanwhile, so every field
 //! belongs to the identity whose `stat` was read, with no second `stat`
 //! read to guard against pid reuse (the kernel accepts such a descriptor
-//! as a pidfd for that reason, see `pidfd_send_signal(2)`). When a detail
-//! read fails, a last `stat` read through the directory tells a process
-//! reaped meanwhile (skipped, as before) from one that lives on. A first
-//! snapshot of many processes (nothing known yet) is split across two
-//! threads.
+//! as a pidfd for that reason, see `pidfd_send_signal(2)`). When the last
+//! detail read (`cwd`) fails other than by a refusal, a last `stat` read
+//! through the directory tells a process reaped meanwhile (skipped, as
+//! before) from one that lives on. A first snapshot of many processes
+//! (nothing known yet) is split across two threads.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -178,15 +178,12 @@ fn readlink_at(dir: &OwnedFd, name: &str) -> std::io::Result<OsString> {
     Ok(nix::fcntl::readlinkat(dir, name)?)
 }
 
-/// Whether every detail that was asked for came back: then the last read
-/// (`cwd`, or `status` when `cwd` is not collected) found the process
-/// alive.
-fn complete(d: &ProcessDetails) -> bool {
-    d.argv.is_ok()
-        && d.exe.is_ok()
-        && d.exe_file.is_ok()
-        && d.credentials.is_ok()
-        && matches!(d.cwd, Ok(_) | Err(Unavailable::NotCollected))
+/// Whether the last detail read (`cwd`, or `status` when `cwd` is not
+/// collected) found the process alive: it answered, or refused (another
+/// user's process, unprivileged), where a reaped process answers `ENOENT`
+/// or `ESRCH`.
+fn found_alive<T>(last: &Field<T>) -> bool {
+    matches!(last, Ok(_) | Err(Unavailable::NotPermitted))
 }
 
 /// What the readers share: fixed for the source's life.
@@ -415,7 +412,7 @@ impl Config {
             return Some((self.record(pid, &st, k.details.clone()), Remember::Same));
         }
         let exec = known.is_none_or(|k| !same_program(k));
-        let (details, complete) = match known {
+        let (details, alive) = match known {
             // Same program, new owner: only the credentials moved.
             Some(prev) if !exec => {
                 let credentials = s.read_credentials(dir);
@@ -423,20 +420,21 @@ impl Config {
                     Ok(c) => s.user_name(c.uid),
                     Err(e) => Err(e),
                 };
-                let complete = credentials.is_ok();
-                (ProcessDetails { credentials, user, ..(*prev.details).clone() }, complete)
+                let alive = found_alive(&credentials);
+                (ProcessDetails { credentials, user, ..(*prev.details).clone() }, alive)
             }
             _ => {
                 s.stats.detail_reads += 1;
                 let details = self.read_details(s, dir, kthread, zombie);
-                let complete = complete(&details);
-                (details, complete)
+                let alive =
+                    if self.read_cwd { found_alive(&details.cwd) } else { found_alive(&details.credentials) };
+                (details, alive)
             }
         };
         // Every read went through `dir`, so nothing of another process
-        // came back; but a failed read may mean this one was reaped
-        // meanwhile: then it is skipped, as a process gone.
-        if !complete && s.start_time_at(dir) != Some(st.start_time) {
+        // came back; but when the last one failed, this one may have been
+        // reaped meanwhile: then it is skipped, as a process gone.
+        if !alive && s.start_time_at(dir) != Some(st.start_time) {
             s.stats.vanished += 1;
             return None;
         }
@@ -986,6 +984,20 @@ mod tests {
         // What the threads read is remembered: the next cycle reads no details.
         assert_eq!(two.refresh().expect("warm"), b);
         assert_eq!(two.last_cycle().detail_reads, 0);
+    }
+
+    #[test]
+    fn only_an_answer_or_a_refusal_proves_a_process_alive() {
+        assert!(found_alive(&Ok(1)));
+        assert!(found_alive::<u8>(&Err(Unavailable::NotPermitted)));
+        for why in [
+            Unavailable::Vanished,
+            Unavailable::Failed,
+            Unavailable::NotApplicable,
+            Unavailable::NotCollected,
+        ] {
+            assert!(!found_alive::<u8>(&Err(why)), "{why:?}");
+        }
     }
 
     #[test]
