@@ -1,9 +1,9 @@
 //! Process enumeration benchmark: spawns N sleeping children (N = 1,000
 //! and 10,000 by default; `DAEMONEYE_BENCH_PROCS=1000,10000` to choose),
 //! then measures in the same run a steady (warm) cycle and a first full
-//! snapshot (cold) of each backend, a bare stat-only `/proc` walk (the
-//! limit), `ps -e -o pid,ppid,uid,comm,args`, and the RSS added by the
-//! enumeration state. Every child is killed by its own pid at the end.
+//! snapshot (cold; for procfs also kept on one thread) of each backend, a
+//! bare stat-only `/proc` walk (the limit), `ps -e -o pid,ppid,uid,comm,args`,
+//! and the RSS added by the enumeration state. Every child is killed by its own pid at the end.
 //!
 //! Run: `cargo bench -p daemoneye-benches --bench platform`.
 #![forbid(unsafe_code)]
@@ -70,6 +70,18 @@ fn bench_n(n: usize) {
     let (swarm, swarm_min, seen) = measure(runs, || sys.refresh().expect("refresh").len());
     row("sysinfo backend, warm", swarm, swarm_min, seen);
     let rss_sys = rss_kib().saturating_sub(rss1);
+
+    // procfs's first snapshot kept on one thread (it splits a large one
+    // across two), outside the RSS windows above.
+    #[cfg(target_os = "linux")]
+    {
+        let (cold1, cold1_min, seen) = measure(runs.min(5), || {
+            let mut s = daemoneye_platform::ProcFs::new().expect("procfs");
+            s.set_parallel_snapshot(false);
+            s.refresh().expect("refresh").len()
+        });
+        row("linux-procfs backend, cold, one thread", cold1, cold1_min, seen);
+    }
 
     let (ps, ps_min, seen) = measure(runs.min(5), || {
         Command::new("ps")

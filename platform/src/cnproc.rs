@@ -27,8 +27,7 @@
 //! - Only the kernel (netlink port 0) is believed: a datagram from any other
 //!   sender is counted as foreign and dropped.
 
-use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -449,34 +448,6 @@ impl AsFd for Connector {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.socket.as_fd()
     }
-}
-
-/// Reads a whole small proc file opened relative to a directory
-/// descriptor, at most `cap` bytes, into `buf`.
-///
-/// One `read` into a buffer of `cap` bytes: a proc file generates its
-/// whole text (up to what the buffer holds) on the first read, so a short
-/// read is its end and the usual second read that returns 0 is skipped.
-/// On the kernel event path this saves a system call per file per exec.
-pub(crate) fn read_at(dir: &OwnedFd, name: &str, cap: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    use nix::fcntl::{OFlag, openat};
-    use nix::sys::stat::Mode;
-    let fd = openat(dir, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
-    buf.clear();
-    buf.resize(cap, 0);
-    let n = loop {
-        match nix::unistd::read(&fd, buf) {
-            Err(Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
-    buf.truncate(*n.as_ref().unwrap_or(&0));
-    n.map(drop).map_err(std::io::Error::from)
-}
-
-/// Reads a symbolic link relative to a directory descriptor.
-pub(crate) fn readlink_at(dir: &OwnedFd, name: &str) -> std::io::Result<OsString> {
-    Ok(nix::fcntl::readlinkat(dir, name)?)
 }
 
 #[cfg(test)]

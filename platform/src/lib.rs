@@ -7,7 +7,8 @@
 //!
 //! - [`ProcFs`] (Linux): a direct `/proc` walk that reads only `stat` (and
 //!   stats the pid directory) for known processes, and `status`, `cmdline`,
-//!   `exe` and `cwd` once per new or exec'd identity.
+//!   `exe` and `cwd` once per new or exec'd identity, through its opened
+//!   `/proc/<pid>` directory (a first snapshot on two threads).
 //! - [`SysinfoSource`]: the portable backend (macOS, Windows, FreeBSD, and
 //!   a fallback on Linux).
 //!

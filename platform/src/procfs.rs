@@ -1,28 +1,41 @@
 //! The Linux backend: a direct walk over `/proc`.
 //!
-//! Each cycle reads `/proc/<pid>/stat` for every process and stats the
-//! `/proc/<pid>` directory (its owner is the process's effective uid and
-//! gid, a cheap credential-change signal). `status`, `cmdline`, `exe` and
-//! `cwd` are read only for an identity not seen before, or when the name
-//! (an exec) or the owner (a credential change) moved. `/proc` lists thread
-//! group leaders only, so threads are never processes. A process that exits
-//! mid-walk is skipped, not an error.
+//! Each cycle lists `/proc` and, for a pid seen last cycle, reads
+//! `/proc/<pid>/stat` and stats the `/proc/<pid>` directory (its owner is
+//! the process's effective uid and gid, a cheap credential-change signal):
+//! four system calls. `status`, `cmdline`, `exe` and `cwd` are read only
+//! for an identity not seen before, or when the name (an exec) or the owner
+//! (a credential change) moved. `/proc` lists thread group leaders only, so
+//! threads are never processes. A process that exits mid-walk is skipped,
+//! not an error.
+//!
+//! A new pid is read through its opened `/proc/<pid>` directory: `stat`
+//! and every detail with `openat`/`readlinkat`/`fstatat` relative to it,
+//! its owner with `fstat`. The directory descriptor pins the process, not
+//! the pid number: once that process is reaped, lookups through it fail
+//! (`ENOENT`, `ESRCH`) even if the pid is reused meanwhile, so every field
+//! belongs to the identity whose `stat` was read, with no second `stat`
+//! read to guard against pid reuse (the kernel accepts such a descriptor
+//! as a pidfd for that reason, see `pidfd_send_signal(2)`). When the last
+//! detail read (`cwd`) fails other than by a refusal, a last `stat` read
+//! through the directory tells a process reaped meanwhile (skipped, as
+//! before) from one that lives on. A first snapshot of many processes
+//! (nothing known yet) is split across two threads.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::Read;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use crate::cnproc::{read_at, readlink_at};
-use crate::record::{
-    Argv, Credentials, Field, ProcessDetails, ProcessKey, ProcessRecord, ProcessState, Unavailable,
-};
+use crate::record::{Argv, Credentials, Field, ProcessDetails, ProcessRecord, ProcessState, Unavailable};
 use crate::{CycleStats, Error, ProcessSource};
 
 /// `PF_KTHREAD` in the `flags` field of `/proc/<pid>/stat`.
@@ -33,9 +46,20 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 const PF_EXITING: u64 = 0x0000_0004;
 /// Default cap on command-line bytes read per process.
 pub const DEFAULT_MAX_ARGV_BYTES: usize = 32 * 1024;
+/// Bytes read of `stat` (a line of about 300).
+const STAT_CAP: usize = 1024;
+/// Bytes read of `status` (about 1.5 KiB).
+const STATUS_CAP: usize = 16 * 1024;
+/// A first snapshot of at least this many processes is split across two
+/// threads (below it, starting a thread costs more than it saves).
+const PARALLEL_MIN: usize = 256;
+/// Pids a snapshot thread takes at a time.
+const CHUNK: usize = 64;
 
-/// What the backend remembers of an identity between cycles.
+/// What the backend remembers of a pid between cycles.
 struct Known {
+    /// The identity it was read as (with the pid, the key).
+    start_time: u64,
     /// The raw name bytes (a name cut mid-character must still compare
     /// equal to itself).
     comm: Box<[u8]>,
@@ -99,15 +123,17 @@ fn parse_stat(buf: &[u8]) -> Option<Stat<'_>> {
     })
 }
 
-/// Parses the `Uid:` and `Gid:` lines of `/proc/<pid>/status`.
-fn parse_status_credentials(status: &str) -> Option<Credentials> {
-    let ids = |key: &str| -> Option<(u32, u32)> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        let mut it = line[key.len()..].split_whitespace().map(|v| v.parse::<u32>());
+/// Parses the `Uid:` and `Gid:` lines of `/proc/<pid>/status` (bytes: the
+/// `Name:` line above them may hold anything).
+fn parse_status_credentials(status: &[u8]) -> Option<Credentials> {
+    let ids = |key: &[u8]| -> Option<(u32, u32)> {
+        let line = status.split(|&b| b == b'\n').find(|l| l.starts_with(key))?;
+        let rest = std::str::from_utf8(&line[key.len()..]).ok()?;
+        let mut it = rest.split_whitespace().map(|v| v.parse::<u32>());
         Some((it.next()?.ok()?, it.next()?.ok()?))
     };
-    let (uid, euid) = ids("Uid:")?;
-    let (gid, egid) = ids("Gid:")?;
+    let (uid, euid) = ids(b"Uid:")?;
+    let (gid, egid) = ids(b"Gid:")?;
     Some(Credentials { uid, euid, gid, egid })
 }
 
@@ -124,80 +150,76 @@ fn parse_cmdline(raw: &[u8], max: usize) -> Argv {
     Argv { args, truncated }
 }
 
-/// The Linux `/proc` process source.
-pub struct ProcFs {
+/// One `read` of at most `cap` bytes into `buf` (grown and zeroed once,
+/// then reused as is): a proc file generates its whole text, up to what
+/// the buffer holds, on the first read, so the usual second read that
+/// returns 0 is skipped. Returns the bytes read.
+fn read_fd(fd: &OwnedFd, cap: usize, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    if buf.len() < cap {
+        buf.resize(cap, 0);
+    }
+    loop {
+        match nix::unistd::read(fd, &mut buf[..cap]) {
+            Err(Errno::EINTR) => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Reads a small proc file opened relative to a directory descriptor (see
+/// [`read_fd`]).
+fn read_at(dir: &OwnedFd, name: &str, cap: usize, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let fd = nix::fcntl::openat(dir, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    read_fd(&fd, cap, buf)
+}
+
+/// Reads a symbolic link relative to a directory descriptor.
+fn readlink_at(dir: &OwnedFd, name: &str) -> std::io::Result<OsString> {
+    Ok(nix::fcntl::readlinkat(dir, name)?)
+}
+
+/// Whether the last detail read (`cwd`, or `status` when `cwd` is not
+/// collected) found the process alive: it answered, or refused (another
+/// user's process, unprivileged), where a reaped process answers `ENOENT`
+/// or `ESRCH`.
+fn found_alive<T>(last: &Field<T>) -> bool {
+    matches!(last, Ok(_) | Err(Unavailable::NotPermitted))
+}
+
+/// What the readers share: fixed for the source's life.
+struct Config {
     root: PathBuf,
+    /// `root` as text, for the paths built per process.
+    root_text: String,
     clk_tck: u64,
     page_size: u64,
     boot_time: Option<u64>,
     max_argv_bytes: usize,
     /// Whether `cwd` is read (it is left out, `NotCollected`, otherwise).
     read_cwd: bool,
-    known: HashMap<ProcessKey, Known>,
-    generation: u64,
-    users: HashMap<u32, String>,
-    stats: CycleStats,
-    /// Reused read buffer and path buffer: a steady cycle allocates only the
-    /// output records.
-    buf: Vec<u8>,
-    path: String,
 }
 
-impl ProcFs {
-    /// A source over `/proc`.
-    pub fn new() -> Result<ProcFs, Error> {
-        ProcFs::with_root("/proc")
-    }
+/// A reader's own state, one per thread: reused buffers (a steady cycle
+/// allocates only the output records), the user-name cache and the
+/// cycle's counts.
+#[derive(Default)]
+struct Scratch {
+    /// The `stat` line being used.
+    stat: Vec<u8>,
+    /// Every other file.
+    buf: Vec<u8>,
+    path: String,
+    users: HashMap<u32, String>,
+    stats: CycleStats,
+}
 
-    /// A source over another procfs mount (for tests and containers).
-    pub fn with_root(root: impl Into<PathBuf>) -> Result<ProcFs, Error> {
-        let root = root.into();
-        if !root.join("self").exists() {
-            return Err(Error::NotSupported { what: format!("{} is not a mounted procfs", root.display()) });
+impl Scratch {
+    /// Counts a process whose `stat` (or directory) could not be read.
+    fn count_unreadable(&mut self, e: &std::io::Error) {
+        match Unavailable::from_io(e) {
+            Unavailable::Vanished => self.stats.vanished += 1,
+            _ => self.stats.unreadable += 1,
         }
-        let sysconf = |v| nix::unistd::sysconf(v).ok().flatten().filter(|&n| n > 0).map(|n| n as u64);
-        let boot_time = fs::read_to_string(root.join("stat"))
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok()));
-        Ok(ProcFs {
-            root,
-            clk_tck: sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100),
-            page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
-            boot_time,
-            max_argv_bytes: DEFAULT_MAX_ARGV_BYTES,
-            read_cwd: true,
-            known: HashMap::new(),
-            generation: 0,
-            users: HashMap::new(),
-            stats: CycleStats::default(),
-            buf: Vec::with_capacity(1024),
-            path: String::with_capacity(64),
-        })
-    }
-
-    /// Caps the command-line bytes read per process (longer ones are marked
-    /// truncated).
-    pub fn set_max_argv_bytes(&mut self, max: usize) {
-        self.max_argv_bytes = max;
-    }
-
-    /// Whether to read each process's working directory (on by default;
-    /// `NotCollected` when off).
-    pub fn set_read_cwd(&mut self, on: bool) {
-        self.read_cwd = on;
-    }
-
-    fn set_path(&mut self, pid: u32, file: &str) {
-        self.path.clear();
-        let _ = write!(self.path, "{}/{pid}/{file}", self.root.display());
-    }
-
-    /// Reads a small proc file into `self.buf`, up to `cap` bytes.
-    fn read_file(&mut self, pid: u32, file: &str, cap: usize) -> std::io::Result<()> {
-        self.set_path(pid, file);
-        self.buf.clear();
-        File::open(&self.path)?.take(cap as u64).read_to_end(&mut self.buf)?;
-        Ok(())
     }
 
     fn user_name(&mut self, uid: u32) -> Field<String> {
@@ -216,28 +238,18 @@ impl ProcFs {
         }
     }
 
-    /// Opens `/proc/<pid>` as a directory: files read through it belong to
-    /// that process, or fail with `ESRCH` once it is gone, even if the pid
-    /// is reused meanwhile.
-    fn open_dir(&mut self, pid: u32) -> std::io::Result<OwnedFd> {
-        use nix::fcntl::{OFlag, open};
-        self.set_path(pid, "");
-        Ok(open(self.path.as_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?)
-    }
-
     fn read_credentials(&mut self, dir: &OwnedFd) -> Field<Credentials> {
-        match read_at(dir, "status", 16 * 1024, &mut self.buf) {
-            Ok(()) => {
-                parse_status_credentials(&String::from_utf8_lossy(&self.buf)).ok_or(Unavailable::Failed)
-            }
+        match read_at(dir, "status", STATUS_CAP, &mut self.buf) {
+            Ok(n) => parse_status_credentials(&self.buf[..n]).ok_or(Unavailable::Failed),
             Err(e) => Err(Unavailable::from_io(&e)),
         }
     }
 
-    /// The start time in the process's `stat`, read through `dir`.
+    /// The start time in the process's `stat`, read through `dir`: `None`
+    /// once the process is reaped.
     fn start_time_at(&mut self, dir: &OwnedFd) -> Option<u64> {
-        read_at(dir, "stat", 1024, &mut self.buf).ok()?;
-        parse_stat(&self.buf).map(|s| s.start_time)
+        let n = read_at(dir, "stat", STAT_CAP, &mut self.buf).ok()?;
+        parse_stat(&self.buf[..n]).map(|s| s.start_time)
     }
 
     /// Why a live process's command line read empty: it is exiting (or
@@ -246,8 +258,8 @@ impl ProcFs {
         if zombie {
             return Unavailable::NotApplicable;
         }
-        match read_at(dir, "stat", 1024, &mut self.buf) {
-            Ok(()) => match parse_stat(&self.buf) {
+        match read_at(dir, "stat", STAT_CAP, &mut self.buf) {
+            Ok(n) => match parse_stat(&self.buf[..n]) {
                 Some(st) if st.state != 'Z' && st.state != 'X' && st.flags & PF_EXITING == 0 => {
                     Unavailable::NotApplicable
                 }
@@ -256,10 +268,186 @@ impl ProcFs {
             Err(_) => Unavailable::Vanished,
         }
     }
+}
+
+/// What a read through a directory leaves the backend to remember.
+enum Remember {
+    /// The known entry still holds: it was seen this cycle.
+    Same,
+    /// A new identity, or new details for the known one.
+    New(Known),
+}
+
+impl Config {
+    fn set_path(&self, s: &mut Scratch, pid: u32, file: &str) {
+        s.path.clear();
+        let _ = write!(s.path, "{}/{pid}/{file}", self.root_text);
+    }
+
+    /// Opens `/proc/<pid>` as a directory: files read through it belong to
+    /// that process, or fail with `ENOENT`/`ESRCH` once it is gone, even if
+    /// the pid is reused meanwhile.
+    fn open_dir(&self, s: &mut Scratch, pid: u32) -> std::io::Result<OwnedFd> {
+        self.set_path(s, pid, "");
+        Ok(nix::fcntl::open(
+            s.path.as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?)
+    }
+
+    /// Reads `/proc/<pid>/<file>` by path into `s.stat`.
+    fn read_path(&self, s: &mut Scratch, pid: u32, file: &str) -> std::io::Result<usize> {
+        self.set_path(s, pid, file);
+        let fd = nix::fcntl::open(s.path.as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+        read_fd(&fd, STAT_CAP, &mut s.stat)
+    }
+
+    /// A steady cycle's read of a known pid: its `stat` by path and the
+    /// owner of its directory. `Ok(record)` when it is still the identity
+    /// known, with the same program and owner; `Err(true)` when it is gone
+    /// or unreadable (counted); `Err(false)` when it changed (the caller
+    /// reads it through its directory).
+    fn read_known(
+        &self,
+        s: &mut Scratch,
+        pid: u32,
+        k: &mut Known,
+        generation: u64,
+    ) -> Result<ProcessRecord, bool> {
+        let n = self.read_path(s, pid, "stat").map_err(|e| {
+            s.count_unreadable(&e);
+            true
+        })?;
+        let stat = std::mem::take(&mut s.stat);
+        let out = self.known_from_stat(s, pid, &stat[..n], k, generation);
+        s.stat = stat;
+        out
+    }
+
+    fn known_from_stat(
+        &self,
+        s: &mut Scratch,
+        pid: u32,
+        buf: &[u8],
+        k: &mut Known,
+        generation: u64,
+    ) -> Result<ProcessRecord, bool> {
+        let Some(st) = parse_stat(buf) else {
+            log::warn!("unparsable {}/{pid}/stat", self.root.display());
+            s.stats.unreadable += 1;
+            return Err(true);
+        };
+        self.set_path(s, pid, "");
+        let owner = match nix::sys::stat::stat(s.path.as_str()) {
+            Ok(m) => (m.st_uid, m.st_gid),
+            Err(_) => {
+                s.stats.vanished += 1;
+                return Err(true);
+            }
+        };
+        let kthread = st.flags & PF_KTHREAD != 0;
+        // An exec shows as a new name or a new memory image. Kernel threads
+        // never exec, but their names follow their current work queue.
+        let same_program = kthread || (*k.comm == *st.comm && k.image == (st.startcode, st.startstack));
+        if k.start_time != st.start_time || !same_program || k.owner != owner {
+            return Err(false);
+        }
+        k.generation = generation;
+        Ok(self.record(pid, &st, k.details.clone()))
+    }
+
+    /// Reads a process through its opened directory: `stat`, the owner,
+    /// and the details unless `known` (what the backend remembers of this
+    /// pid) still holds. `None` when it is gone or unreadable (counted).
+    fn read_via_dir(
+        &self,
+        s: &mut Scratch,
+        pid: u32,
+        dir: &OwnedFd,
+        known: Option<&Known>,
+        generation: u64,
+    ) -> Option<(ProcessRecord, Remember)> {
+        let n = match read_at(dir, "stat", STAT_CAP, &mut s.stat) {
+            Ok(n) => n,
+            Err(e) => {
+                s.count_unreadable(&e);
+                return None;
+            }
+        };
+        // The details reads below use `s.buf`, never `s.stat`.
+        let stat = std::mem::take(&mut s.stat);
+        let out = self.after_stat(s, pid, dir, &stat[..n], known, generation);
+        s.stat = stat;
+        out
+    }
+
+    fn after_stat(
+        &self,
+        s: &mut Scratch,
+        pid: u32,
+        dir: &OwnedFd,
+        buf: &[u8],
+        known: Option<&Known>,
+        generation: u64,
+    ) -> Option<(ProcessRecord, Remember)> {
+        let Some(st) = parse_stat(buf) else {
+            log::warn!("unparsable {}/{pid}/stat", self.root.display());
+            s.stats.unreadable += 1;
+            return None;
+        };
+        let owner = match nix::sys::stat::fstat(dir.as_fd()) {
+            Ok(m) => (m.st_uid, m.st_gid),
+            Err(_) => {
+                s.stats.vanished += 1;
+                return None;
+            }
+        };
+        let kthread = st.flags & PF_KTHREAD != 0;
+        let zombie = st.state == 'Z';
+        let image = (st.startcode, st.startstack);
+        let same_program = |k: &Known| kthread || (*k.comm == *st.comm && k.image == image);
+        let known = known.filter(|k| k.start_time == st.start_time);
+        if let Some(k) = known.filter(|k| same_program(k) && k.owner == owner) {
+            return Some((self.record(pid, &st, k.details.clone()), Remember::Same));
+        }
+        let exec = known.is_none_or(|k| !same_program(k));
+        let (details, alive) = match known {
+            // Same program, new owner: only the credentials moved.
+            Some(prev) if !exec => {
+                let credentials = s.read_credentials(dir);
+                let user = match credentials {
+                    Ok(c) => s.user_name(c.uid),
+                    Err(e) => Err(e),
+                };
+                let alive = found_alive(&credentials);
+                (ProcessDetails { credentials, user, ..(*prev.details).clone() }, alive)
+            }
+            _ => {
+                s.stats.detail_reads += 1;
+                let details = self.read_details(s, dir, kthread, zombie);
+                let alive =
+                    if self.read_cwd { found_alive(&details.cwd) } else { found_alive(&details.credentials) };
+                (details, alive)
+            }
+        };
+        // Every read went through `dir`, so nothing of another process
+        // came back; but when the last one failed, this one may have been
+        // reaped meanwhile: then it is skipped, as a process gone.
+        if !alive && s.start_time_at(dir) != Some(st.start_time) {
+            s.stats.vanished += 1;
+            return None;
+        }
+        let details = Arc::new(details);
+        let comm: Box<[u8]> = st.comm.into();
+        let record = self.record(pid, &st, details.clone());
+        let k = Known { start_time: st.start_time, comm, image, owner, details, generation };
+        Some((record, Remember::New(k)))
+    }
 
     /// Reads everything that changes only on exec or a credential change,
     /// through the process's directory.
-    fn read_details(&mut self, dir: &OwnedFd, kthread: bool, zombie: bool) -> ProcessDetails {
+    fn read_details(&self, s: &mut Scratch, dir: &OwnedFd, kthread: bool, zombie: bool) -> ProcessDetails {
         // The command line and the executable go first: a process that
         // exits loses them at once (its memory is released before it is
         // reaped), and a short-lived one may be mid-exit already.
@@ -267,9 +455,9 @@ impl ProcFs {
             Err(Unavailable::NotApplicable)
         } else {
             let cap = self.max_argv_bytes;
-            match read_at(dir, "cmdline", cap.saturating_add(1), &mut self.buf) {
-                Ok(()) if self.buf.is_empty() => Err(self.empty_because(dir, zombie)),
-                Ok(()) => Ok(parse_cmdline(&self.buf, cap)),
+            match read_at(dir, "cmdline", cap.saturating_add(1), &mut s.buf) {
+                Ok(0) => Err(s.empty_because(dir, zombie)),
+                Ok(n) => Ok(parse_cmdline(&s.buf[..n], cap)),
                 Err(e) => Err(Unavailable::from_io(&e)),
             }
         };
@@ -298,9 +486,9 @@ impl ProcFs {
             _ => p,
         });
         let exe_file = meta.map(|m| m.identity);
-        let credentials = self.read_credentials(dir);
+        let credentials = s.read_credentials(dir);
         let user = match credentials {
-            Ok(c) => self.user_name(c.uid),
+            Ok(c) => s.user_name(c.uid),
             Err(e) => Err(e),
         };
         let cwd = if self.read_cwd {
@@ -309,86 +497,6 @@ impl ProcFs {
             Err(Unavailable::NotCollected)
         };
         ProcessDetails { exe, exe_file, exe_deleted, argv, cwd, credentials, user }
-    }
-
-    /// Reads one process; `None` when it vanished or cannot be seen.
-    fn read_one(&mut self, pid: u32) -> Option<ProcessRecord> {
-        if let Err(e) = self.read_file(pid, "stat", 1024) {
-            match Unavailable::from_io(&e) {
-                Unavailable::Vanished => self.stats.vanished += 1,
-                _ => self.stats.unreadable += 1,
-            }
-            return None;
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let rec = self.record_from_stat(pid, &buf);
-        self.buf = buf;
-        rec
-    }
-
-    fn record_from_stat(&mut self, pid: u32, buf: &[u8]) -> Option<ProcessRecord> {
-        let Some(st) = parse_stat(buf) else {
-            log::warn!("unparsable {}/{pid}/stat", self.root.display());
-            self.stats.unreadable += 1;
-            return None;
-        };
-        let key = ProcessKey { pid, start_time: st.start_time };
-        self.set_path(pid, "");
-        let owner = match fs::metadata(&self.path) {
-            Ok(m) => (m.uid(), m.gid()),
-            Err(_) => {
-                self.stats.vanished += 1;
-                return None;
-            }
-        };
-        let kthread = st.flags & PF_KTHREAD != 0;
-        let zombie = st.state == 'Z';
-        let generation = self.generation;
-        let image = (st.startcode, st.startstack);
-        // An exec shows as a new name or a new memory image. Kernel threads
-        // never exec, but their names follow their current work queue.
-        let same_program = |k: &Known| kthread || (*k.comm == *st.comm && k.image == image);
-        let details = match self.known.get_mut(&key) {
-            Some(k) if same_program(k) && k.owner == owner => {
-                k.generation = generation;
-                k.details.clone()
-            }
-            known => {
-                let exec = known.as_ref().is_none_or(|k| !same_program(k));
-                let previous = known.map(|k| k.details.clone());
-                let Ok(dir) = self.open_dir(pid) else {
-                    self.stats.vanished += 1;
-                    return None;
-                };
-                let details = match previous {
-                    // Same program, new owner: only the credentials moved.
-                    Some(prev) if !exec => {
-                        let credentials = self.read_credentials(&dir);
-                        let user = match credentials {
-                            Ok(c) => self.user_name(c.uid),
-                            Err(e) => Err(e),
-                        };
-                        ProcessDetails { credentials, user, ..(*prev).clone() }
-                    }
-                    _ => {
-                        self.stats.detail_reads += 1;
-                        self.read_details(&dir, kthread, zombie)
-                    }
-                };
-                // The pid may have been reused before the directory was
-                // opened: keep the details only if the identity is the one
-                // whose `stat` was read.
-                if self.start_time_at(&dir) != Some(st.start_time) {
-                    self.stats.vanished += 1;
-                    return None;
-                }
-                let details = Arc::new(details);
-                let comm: Box<[u8]> = st.comm.into();
-                self.known.insert(key, Known { comm, image, owner, details: details.clone(), generation });
-                details
-            }
-        };
-        Some(self.record(pid, &st, details))
     }
 
     /// A record from a parsed `stat` and the details.
@@ -414,36 +522,199 @@ impl ProcFs {
         }
     }
 
+    /// Reads new pids (nothing known of them) in chunks of [`CHUNK`], the
+    /// next chunk taken from `next`: one snapshot thread's share.
+    fn read_new_chunks(
+        &self,
+        s: &mut Scratch,
+        pids: &[u32],
+        next: &AtomicUsize,
+        generation: u64,
+    ) -> Vec<(usize, Vec<(ProcessRecord, Known)>)> {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = pids.get(i * CHUNK..pids.len().min((i + 1) * CHUNK)).filter(|c| !c.is_empty())
+            else {
+                return done;
+            };
+            let mut out = Vec::with_capacity(chunk.len());
+            for &pid in chunk {
+                let dir = match self.open_dir(s, pid) {
+                    Ok(dir) => dir,
+                    Err(e) => {
+                        s.count_unreadable(&e);
+                        continue;
+                    }
+                };
+                if let Some((rec, Remember::New(k))) = self.read_via_dir(s, pid, &dir, None, generation) {
+                    out.push((rec, k));
+                }
+            }
+            done.push((i, out));
+        }
+    }
+}
+
+/// The Linux `/proc` process source.
+pub struct ProcFs {
+    cfg: Config,
+    known: HashMap<u32, Known>,
+    generation: u64,
+    scratch: Scratch,
+    /// The pids listed this cycle (reused).
+    pids: Vec<u32>,
+    /// Whether a first snapshot may use a second thread.
+    parallel: bool,
+}
+
+impl ProcFs {
+    /// A source over `/proc`.
+    pub fn new() -> Result<ProcFs, Error> {
+        ProcFs::with_root("/proc")
+    }
+
+    /// A source over another procfs mount (for tests and containers).
+    pub fn with_root(root: impl Into<PathBuf>) -> Result<ProcFs, Error> {
+        let root = root.into();
+        if !root.join("self").exists() {
+            return Err(Error::NotSupported { what: format!("{} is not a mounted procfs", root.display()) });
+        }
+        let sysconf = |v| nix::unistd::sysconf(v).ok().flatten().filter(|&n| n > 0).map(|n| n as u64);
+        let boot_time = fs::read_to_string(root.join("stat"))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok()));
+        let parallel = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        Ok(ProcFs {
+            cfg: Config {
+                root_text: root.display().to_string(),
+                root,
+                clk_tck: sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100),
+                page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
+                boot_time,
+                max_argv_bytes: DEFAULT_MAX_ARGV_BYTES,
+                read_cwd: true,
+            },
+            known: HashMap::new(),
+            generation: 0,
+            scratch: Scratch::default(),
+            pids: Vec::new(),
+            parallel,
+        })
+    }
+
+    /// Caps the command-line bytes read per process (longer ones are marked
+    /// truncated).
+    pub fn set_max_argv_bytes(&mut self, max: usize) {
+        self.cfg.max_argv_bytes = max;
+    }
+
+    /// Whether to read each process's working directory (on by default;
+    /// `NotCollected` when off).
+    pub fn set_read_cwd(&mut self, on: bool) {
+        self.cfg.read_cwd = on;
+    }
+
+    /// Whether a first snapshot of many processes may be split across two
+    /// threads (on by default where the machine has two cores or more).
+    pub fn set_parallel_snapshot(&mut self, on: bool) {
+        self.parallel = on && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    }
+
+    /// Reads one listed process; `None` when it vanished or cannot be seen.
+    fn read_one(&mut self, pid: u32) -> Option<ProcessRecord> {
+        let (cfg, s, generation) = (&self.cfg, &mut self.scratch, self.generation);
+        if let Some(k) = self.known.get_mut(&pid) {
+            match cfg.read_known(s, pid, k, generation) {
+                Ok(rec) => return Some(rec),
+                Err(true) => return None,
+                Err(false) => {}
+            }
+        }
+        let dir = match cfg.open_dir(s, pid) {
+            Ok(dir) => dir,
+            Err(e) => {
+                s.count_unreadable(&e);
+                return None;
+            }
+        };
+        let (rec, remember) = cfg.read_via_dir(s, pid, &dir, self.known.get(&pid), generation)?;
+        match remember {
+            Remember::Same => {
+                if let Some(k) = self.known.get_mut(&pid) {
+                    k.generation = generation;
+                }
+            }
+            Remember::New(k) => {
+                self.known.insert(pid, k);
+            }
+        }
+        Some(rec)
+    }
+
+    /// A first snapshot split across this thread and one more: each takes
+    /// chunks of pids in turn; the records keep the listing's order.
+    fn first_snapshot_parallel(&mut self, pids: &[u32]) -> Vec<ProcessRecord> {
+        let (cfg, generation, next) = (&self.cfg, self.generation, AtomicUsize::new(0));
+        let mut other = Scratch { users: self.scratch.users.clone(), ..Scratch::default() };
+        let mut chunks = std::thread::scope(|scope| {
+            let helper = std::thread::Builder::new()
+                .name("procfs-snapshot".into())
+                .spawn_scoped(scope, || cfg.read_new_chunks(&mut other, pids, &next, generation));
+            let mut mine = cfg.read_new_chunks(&mut self.scratch, pids, &next, generation);
+            match helper {
+                Ok(h) => mine.extend(h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
+                // No thread to be had: this one reads what is left.
+                Err(_) => mine.extend(cfg.read_new_chunks(&mut self.scratch, pids, &next, generation)),
+            }
+            mine
+        });
+        let theirs = other.stats;
+        let stats = &mut self.scratch.stats;
+        stats.vanished += theirs.vanished;
+        stats.unreadable += theirs.unreadable;
+        stats.detail_reads += theirs.detail_reads;
+        self.scratch.users.extend(other.users);
+        chunks.sort_unstable_by_key(|(i, _)| *i);
+        let mut out = Vec::with_capacity(pids.len());
+        for (_, chunk) in chunks {
+            for (rec, k) in chunk {
+                self.known.insert(rec.pid, k);
+                out.push(rec);
+            }
+        }
+        out
+    }
+
     /// Reads process `pid` now, details included, through one opened
     /// `/proc/<pid>` directory, without the cache of [`ProcessSource::refresh`]:
     /// for the kernel event path, right after an exec. `Vanished` when the
     /// process is gone or the pid was reused between the reads.
     pub(crate) fn read_fresh(&mut self, pid: u32) -> Result<ProcessRecord, Unavailable> {
-        let dir = self.open_dir(pid).map_err(|e| Unavailable::from_io(&e))?;
-        read_at(&dir, "stat", 1024, &mut self.buf).map_err(|e| Unavailable::from_io(&e))?;
-        let buf = std::mem::take(&mut self.buf);
-        let result = match parse_stat(&buf) {
+        let (cfg, s) = (&self.cfg, &mut self.scratch);
+        let dir = cfg.open_dir(s, pid).map_err(|e| Unavailable::from_io(&e))?;
+        let n = read_at(&dir, "stat", STAT_CAP, &mut s.stat).map_err(|e| Unavailable::from_io(&e))?;
+        let buf = std::mem::take(&mut s.stat);
+        let result = match parse_stat(&buf[..n]) {
             None => Err(Unavailable::Failed),
             // Every file is read through the directory the `stat` came
             // from: should the process exit and its pid be reused, they
             // answer ESRCH (a field `Vanished`), never the new process's.
             Some(st) => {
-                let details = self.read_details(&dir, st.flags & PF_KTHREAD != 0, st.state == 'Z');
-                Ok(self.record(pid, &st, Arc::new(details)))
+                let details = cfg.read_details(s, &dir, st.flags & PF_KTHREAD != 0, st.state == 'Z');
+                Ok(cfg.record(pid, &st, Arc::new(details)))
             }
         };
-        self.buf = buf;
+        s.stat = buf;
         result
     }
 
     /// Reads only `stat` of `pid` (a zombie still has one); every detail
     /// is `Vanished`.
     pub(crate) fn read_brief(&mut self, pid: u32) -> Option<ProcessRecord> {
-        self.read_file(pid, "stat", 1024).ok()?;
-        let buf = std::mem::take(&mut self.buf);
-        let rec = parse_stat(&buf).map(|st| self.record(pid, &st, Arc::new(ProcessDetails::vanished())));
-        self.buf = buf;
-        rec
+        let (cfg, s) = (&self.cfg, &mut self.scratch);
+        let n = cfg.read_path(s, pid, "stat").ok()?;
+        parse_stat(&s.stat[..n]).map(|st| cfg.record(pid, &st, Arc::new(ProcessDetails::vanished())))
     }
 
     /// The `start_time` (clock ticks since boot) of a process created at
@@ -452,7 +723,7 @@ impl ProcFs {
     /// time spent suspended.
     pub(crate) fn start_time_at_monotonic(&self, at_ns: u64) -> u64 {
         let boot_ns = at_ns.saturating_add(crate::clock::boottime_minus_monotonic_ns());
-        ((boot_ns as u128 * self.clk_tck as u128) / 1_000_000_000) as u64
+        ((boot_ns as u128 * self.cfg.clk_tck as u128) / 1_000_000_000) as u64
     }
 }
 
@@ -463,34 +734,36 @@ impl ProcessSource for ProcFs {
 
     fn refresh(&mut self) -> Result<Vec<ProcessRecord>, Error> {
         self.generation += 1;
-        self.stats = CycleStats::default();
-        let rd = fs::read_dir(&self.root).map_err(|source| Error::Io {
+        self.scratch.stats = CycleStats::default();
+        let rd = fs::read_dir(&self.cfg.root).map_err(|source| Error::Io {
             op: "read directory",
-            path: self.root.clone(),
+            path: self.cfg.root.clone(),
             source,
         })?;
-        let mut out = Vec::with_capacity(self.known.len() + 64);
-        for entry in rd {
-            let Ok(entry) = entry else { continue };
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            self.stats.listed += 1;
-            if let Some(rec) = self.read_one(pid) {
-                out.push(rec);
-            }
-        }
+        let mut pids = std::mem::take(&mut self.pids);
+        pids.clear();
+        pids.extend(rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()));
+        self.scratch.stats.listed = pids.len() as u32;
+        let out = if self.parallel && self.known.is_empty() && pids.len() >= PARALLEL_MIN {
+            self.first_snapshot_parallel(&pids)
+        } else {
+            let mut out = Vec::with_capacity(self.known.len() + 64);
+            out.extend(pids.iter().filter_map(|&pid| self.read_one(pid)));
+            out
+        };
+        self.pids = pids;
         let generation = self.generation;
         self.known.retain(|_, k| k.generation == generation);
         Ok(out)
     }
 
     fn last_cycle(&self) -> CycleStats {
-        self.stats
+        self.scratch.stats
     }
 
     fn start_time_now(&self) -> Option<u64> {
         let now = crate::clock::boottime_ns()?;
-        Some(((now as u128 * self.clk_tck as u128) / 1_000_000_000) as u64)
+        Some(((now as u128 * self.cfg.clk_tck as u128) / 1_000_000_000) as u64)
     }
 }
 
@@ -553,10 +826,10 @@ mod tests {
     fn status_credentials_and_cmdline() {
         let st = "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t100\t101\t101\t101\n";
         assert_eq!(
-            parse_status_credentials(st),
+            parse_status_credentials(st.as_bytes()),
             Some(Credentials { uid: 1000, euid: 0, gid: 100, egid: 101 })
         );
-        assert_eq!(parse_status_credentials("Uid:\tx\n"), None);
+        assert_eq!(parse_status_credentials(b"Uid:\tx\n"), None);
         let a = parse_cmdline(b"ls\0-l\0/tmp\0", 100);
         assert_eq!((a.args, a.truncated), (vec!["ls".into(), "-l".into(), "/tmp".into()], false));
         let a = parse_cmdline(b"ls\0-l\0/tmp\0", 5);
@@ -580,8 +853,150 @@ mod tests {
                 "42 (sleep) {state} 1 42 42 0 -1 {flags} 10 0 0 0 7 3 0 0 20 0 1 0 123456 1000000 250 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"
             );
             fs::write(root.path().join("42/stat"), stat).expect("stat");
-            let dir = procfs.open_dir(42).expect("open");
-            assert_eq!(procfs.empty_because(&dir, false), why, "state {state}, flags {flags:#x}");
+            let dir = procfs.cfg.open_dir(&mut procfs.scratch, 42).expect("open");
+            assert_eq!(procfs.scratch.empty_because(&dir, false), why, "state {state}, flags {flags:#x}");
+        }
+    }
+
+    /// A fake `<root>/<pid>` process directory: `stat` with this name and
+    /// start time, `cmdline`, `status`, `exe` (a link to `exe`), and `cwd`
+    /// when given.
+    fn fake_process(root: &Path, pid: u32, name: &str, start: u64, exe: &Path, cwd: Option<&Path>) {
+        let dir = root.join(pid.to_string());
+        fs::create_dir(&dir).expect("pid dir");
+        let stat = format!(
+            "{pid} ({name}) S 1 {pid} {pid} 0 -1 4194560 10 0 0 0 7 3 0 0 20 0 1 0 {start} 1000000 250 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"
+        );
+        fs::write(dir.join("stat"), stat).expect("stat");
+        fs::write(dir.join("cmdline"), format!("{name}\0--flag\0")).expect("cmdline");
+        fs::write(
+            dir.join("status"),
+            format!("Name:\t{name}\nUid:\t1000\t1000\t1000\t1000\nGid:\t100\t100\t100\t100\n"),
+        )
+        .expect("status");
+        std::os::unix::fs::symlink(exe, dir.join("exe")).expect("exe");
+        if let Some(cwd) = cwd {
+            std::os::unix::fs::symlink(cwd, dir.join("cwd")).expect("cwd");
+        }
+    }
+
+    fn fake_root() -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(root.path().join("self")).expect("self");
+        let exe = root.path().join("program");
+        fs::write(&exe, b"\x7fELF").expect("program");
+        (root, exe)
+    }
+
+    #[test]
+    fn every_field_comes_from_the_directory_opened() {
+        let (root, exe) = fake_root();
+        fake_process(root.path(), 42, "old", 1000, &exe, None);
+        let mut procfs = ProcFs::with_root(root.path()).expect("a procfs tree");
+        let dir = procfs.cfg.open_dir(&mut procfs.scratch, 42).expect("open");
+        // The process goes and its pid is reused by another one, between
+        // the opening of its directory and the reads.
+        fs::rename(root.path().join("42"), root.path().join("gone")).expect("rename");
+        fake_process(root.path(), 42, "new", 2000, &exe, Some(root.path()));
+        let (rec, remember) = procfs
+            .cfg
+            .read_via_dir(&mut procfs.scratch, 42, &dir, None, 1)
+            .expect("the directory still answers");
+        assert!(matches!(remember, Remember::New(ref k) if k.start_time == 1000));
+        assert_eq!((rec.name.as_str(), rec.start_time), ("old", 1000));
+        assert_eq!(
+            rec.details.argv.as_ref().map(|a| a.args.clone()),
+            Ok(vec!["old".into(), "--flag".into()])
+        );
+        assert_eq!(rec.details.exe.as_deref(), Ok(exe.as_path()));
+        // A detail missing while `stat` still reads: the process lives on,
+        // the field says why it is missing.
+        assert_eq!(rec.details.cwd, Err(Unavailable::Vanished));
+        assert_eq!(procfs.scratch.stats, CycleStats { detail_reads: 1, ..CycleStats::default() });
+        // A walk now finds the new process, with its own details.
+        let recs = procfs.refresh().expect("refresh");
+        assert_eq!(recs.len(), 1);
+        assert_eq!((recs[0].name.as_str(), recs[0].start_time), ("new", 2000));
+        assert_eq!(recs[0].details.cwd.as_deref(), Ok(root.path()));
+    }
+
+    /// A child `sleep`, reaped (never left a zombie) on drop.
+    struct Sleeper(std::process::Child);
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_process_reaped_after_its_directory_opened_is_gone() {
+        let mut procfs = ProcFs::new().expect("/proc");
+        let mut child = Sleeper(std::process::Command::new("sleep").arg("100").spawn().expect("sleep"));
+        let pid = child.0.id();
+        let dir = procfs.cfg.open_dir(&mut procfs.scratch, pid).expect("open");
+        child.0.kill().expect("kill");
+        child.0.wait().expect("reap");
+        assert!(procfs.cfg.read_via_dir(&mut procfs.scratch, pid, &dir, None, 1).is_none());
+        assert_eq!(procfs.scratch.stats, CycleStats { vanished: 1, ..CycleStats::default() });
+    }
+
+    #[test]
+    fn a_process_reaped_while_its_details_are_read_is_gone() {
+        let mut procfs = ProcFs::new().expect("/proc");
+        let mut child = Sleeper(std::process::Command::new("sleep").arg("100").spawn().expect("sleep"));
+        let pid = child.0.id();
+        let dir = procfs.cfg.open_dir(&mut procfs.scratch, pid).expect("open");
+        let mut stat = Vec::new();
+        let n = read_at(&dir, "stat", STAT_CAP, &mut stat).expect("stat");
+        // Its `stat` was read; it is reaped before its details are.
+        child.0.kill().expect("kill");
+        child.0.wait().expect("reap");
+        let read = procfs.cfg.after_stat(&mut procfs.scratch, pid, &dir, &stat[..n], None, 1);
+        assert!(read.is_none(), "reported as gone, not as a record of missing fields");
+        assert_eq!(
+            procfs.scratch.stats,
+            CycleStats { vanished: 1, detail_reads: 1, ..CycleStats::default() }
+        );
+    }
+
+    #[test]
+    fn a_first_snapshot_on_two_threads_equals_one_on_one() {
+        let (root, exe) = fake_root();
+        let n = PARALLEL_MIN as u32 + 3 * CHUNK as u32 + 5;
+        for pid in 1..=n {
+            fake_process(root.path(), pid, &format!("p{pid}"), u64::from(pid) * 10, &exe, Some(root.path()));
+        }
+        // One unreadable: no `stat`.
+        fs::create_dir(root.path().join(format!("{}", n + 1))).expect("dir");
+        let mut one = ProcFs::with_root(root.path()).expect("tree");
+        one.set_parallel_snapshot(false);
+        let mut two = ProcFs::with_root(root.path()).expect("tree");
+        two.set_parallel_snapshot(true);
+        let a = one.refresh().expect("one");
+        let b = two.refresh().expect("two");
+        assert_eq!(a.len(), n as usize);
+        assert_eq!(a, b, "same records in the same order");
+        assert_eq!(one.last_cycle(), two.last_cycle());
+        assert_eq!(two.last_cycle().detail_reads, n);
+        assert_eq!(two.last_cycle().vanished, 1);
+        // What the threads read is remembered: the next cycle reads no details.
+        assert_eq!(two.refresh().expect("warm"), b);
+        assert_eq!(two.last_cycle().detail_reads, 0);
+    }
+
+    #[test]
+    fn only_an_answer_or_a_refusal_proves_a_process_alive() {
+        assert!(found_alive(&Ok(1)));
+        assert!(found_alive::<u8>(&Err(Unavailable::NotPermitted)));
+        for why in [
+            Unavailable::Vanished,
+            Unavailable::Failed,
+            Unavailable::NotApplicable,
+            Unavailable::NotCollected,
+        ] {
+            assert!(!found_alive::<u8>(&Err(why)), "{why:?}");
         }
     }
 
