@@ -176,3 +176,6 @@ pub(super) fn init_schema(conn: &mut Connection, path: &Path) -> Result<(), Stor
         found => Err(StoreError::SchemaVersion { found, supported: SCHEMA_VERSION }),
     }
 }
+
+#[cfg(test)]
+mod tests;

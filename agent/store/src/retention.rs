@@ -214,3 +214,6 @@ impl Pruning {
         self.transactions
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,11 +7,10 @@ use daemoneye_platform::{
     Argv, Credentials, FileIdentity, ProcessDetails, ProcessRecord, ProcessState, Unavailable,
 };
 
-use super::retention::PrunePhase;
 use super::*;
 use daemoneye_contract::event::{Change, EventSource, LateWindow};
 
-fn record(pid: u32, name: &str) -> ProcessRecord {
+pub(super) fn record(pid: u32, name: &str) -> ProcessRecord {
     ProcessRecord {
         pid,
         ppid: 1,
@@ -37,7 +36,7 @@ fn record(pid: u32, name: &str) -> ProcessRecord {
     }
 }
 
-fn event(kind: EventKind, pid: u32, name: &str, observed_ms: u64) -> ProcessEvent {
+pub(super) fn event(kind: EventKind, pid: u32, name: &str, observed_ms: u64) -> ProcessEvent {
     ProcessEvent {
         kind,
         snapshot: false,
@@ -51,7 +50,7 @@ fn event(kind: EventKind, pid: u32, name: &str, observed_ms: u64) -> ProcessEven
     }
 }
 
-fn env(collector: &str, stream: u64, seq: u64) -> EventEnvelope {
+pub(super) fn env(collector: &str, stream: u64, seq: u64) -> EventEnvelope {
     EventEnvelope {
         collector_id: collector.to_owned(),
         stream_id: stream,
@@ -160,25 +159,25 @@ fn settled_numbers_unblock_a_stream() {
     assert_eq!(gaps.iter().map(|g| g.2.as_str()).collect::<Vec<_>>(), ["undecodable", "refused"]);
 }
 
-fn envs(collector: &str, stream: u64, seqs: &[u64]) -> Vec<EventEnvelope> {
+pub(super) fn envs(collector: &str, stream: u64, seqs: &[u64]) -> Vec<EventEnvelope> {
     seqs.iter().map(|&s| env(collector, stream, s)).collect()
 }
 
-fn temp_store() -> (tempfile::TempDir, EventStore) {
+pub(super) fn temp_store() -> (tempfile::TempDir, EventStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = EventStore::open(&dir.path().join("events.db")).unwrap();
     (dir, store)
 }
 
-fn all(store: &EventStore) -> Vec<StoredEvent> {
+pub(super) fn all(store: &EventStore) -> Vec<StoredEvent> {
     store.query(&EventQuery::default()).unwrap()
 }
 
-fn seqs(events: &[StoredEvent]) -> Vec<u64> {
+pub(super) fn seqs(events: &[StoredEvent]) -> Vec<u64> {
     events.iter().map(|e| e.seq).collect()
 }
 
-fn wm(collector: &str, stream: u64, through: u64) -> StreamWatermark {
+pub(super) fn wm(collector: &str, stream: u64, through: u64) -> StreamWatermark {
     StreamWatermark { collector_id: collector.to_owned(), stream_id: stream, through }
 }
 
@@ -482,418 +481,6 @@ fn query_filters_combine() {
 }
 
 #[test]
-fn prune_by_age_deletes_old_events_and_keeps_watermarks() {
-    let (_dir, mut store) = temp_store();
-    store.insert_batch(&envs("c1", 0, &[1, 2, 3, 4, 5])).unwrap();
-    // Observed at 1 s .. 5 s; now is 10 s; keep the last 7 s.
-    let retention = Retention { max_age: Some(Duration::from_secs(7)), max_events: None };
-    assert_eq!(store.prune_at(&retention, 10_000).unwrap(), 2);
-    assert_eq!(seqs(&all(&store)), vec![3, 4, 5]);
-    assert_eq!(store.watermark("c1", 0).unwrap(), Some(5));
-    assert_eq!(store.prune_at(&retention, 10_000).unwrap(), 0);
-
-    // The real clock: these events are from 1970.
-    assert_eq!(store.prune(&retention).unwrap(), 3);
-    assert_eq!(store.count().unwrap(), 0);
-    assert_eq!(store.prune(&Retention::default()).unwrap(), 0);
-}
-
-#[test]
-fn prune_by_count_keeps_the_newest() {
-    let (_dir, mut store) = temp_store();
-    store.insert_batch(&envs("c1", 0, &[1, 2, 3, 4, 5])).unwrap();
-    let keep = |n| Retention { max_age: None, max_events: Some(n) };
-    assert_eq!(store.prune(&keep(10)).unwrap(), 0);
-    assert_eq!(store.prune(&keep(2)).unwrap(), 3);
-    assert_eq!(seqs(&all(&store)), vec![4, 5]);
-    assert_eq!(store.prune(&keep(0)).unwrap(), 2);
-    assert_eq!(store.count().unwrap(), 0);
-
-    // Ids are never reused, even after the table was emptied.
-    store.insert_batch(&envs("c1", 0, &[6])).unwrap();
-    assert!(all(&store)[0].id > 5);
-}
-
-#[test]
-fn retention_counts_what_each_output_had_not_sent() {
-    let (_dir, mut store) = temp_store();
-    store.insert_batch(&envs("c1", 0, &[1, 2, 3, 4, 5, 6])).unwrap();
-    let conn = store.connection();
-    let mut behind = outputs::open_cursor(conn, "behind").unwrap();
-    let mut ahead = outputs::open_cursor(conn, "ahead").unwrap();
-    let ids: Vec<i64> = all(&store).iter().map(|e| e.id).collect();
-    behind.events_through = ids[1];
-    ahead.events_through = ids[5];
-    outputs::write(conn, &behind).unwrap();
-    outputs::write(conn, &ahead).unwrap();
-    // The 4 oldest go: 2 of them the lagging output had not sent.
-    let keep = Retention { max_age: None, max_events: Some(2) };
-    assert_eq!(store.prune(&keep).unwrap(), 4);
-    let rows = outputs::read(store.connection(), None).unwrap();
-    let lost: Vec<(&str, u64)> = rows.iter().map(|r| (r.name.as_str(), r.lost)).collect();
-    assert_eq!(lost, [("ahead", 0), ("behind", 2)]);
-    // A cursor never moves back.
-    behind.events_through = 0;
-    outputs::write(store.connection(), &behind).unwrap();
-    assert_eq!(outputs::read(store.connection(), Some("behind")).unwrap()[0].events_through, ids[1]);
-    // The lag: rows above the cursor and the oldest one's time.
-    let (n, oldest) = outputs::event_lag(store.connection(), ids[1]).unwrap();
-    assert_eq!(n, 2);
-    assert!(oldest.is_some());
-    assert_eq!(outputs::event_lag(store.connection(), ids[5]).unwrap(), (0, None));
-}
-
-#[test]
-fn a_prune_larger_than_a_chunk_deletes_exactly_its_rows_in_several_transactions() {
-    let (_dir, mut store) = temp_store();
-    let total = 25_000u64;
-    let seqs_all: Vec<u64> = (1..=total).collect();
-    for batch in seqs_all.chunks(5_000) {
-        store.insert_batch(&envs("c1", 0, batch)).unwrap();
-    }
-    let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = commits.clone();
-    store
-        .connection_mut()
-        .commit_hook(Some(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            false
-        }))
-        .unwrap();
-    // Observed at seq seconds; now is 20 s past the last: the age
-    // phase deletes seqs 1..=12_345 (two chunks), the count phase the
-    // oldest beyond 1_000 of what is left (11_655 rows: two chunks).
-    let retention =
-        Retention { max_age: Some(Duration::from_secs(total - 12_345 + 20)), max_events: Some(1_000) };
-    let now_ms = (total + 20) * 1_000;
-    assert_eq!(store.prune_at(&retention, now_ms).unwrap(), total - 1_000);
-    assert_eq!(commits.load(std::sync::atomic::Ordering::Relaxed), 4);
-    assert_eq!(seqs(&all(&store)), (total - 999..=total).collect::<Vec<_>>());
-    assert_eq!(store.watermark("c1", 0).unwrap(), Some(total));
-
-    // Step by step: no chunk over PRUNE_CHUNK, each its own transaction.
-    store.connection_mut().commit_hook(None::<fn() -> bool>).unwrap();
-    let mut pruning = Pruning::at(&Retention { max_age: None, max_events: Some(0) }, now_ms);
-    let mut steps = Vec::new();
-    while !pruning.is_done() {
-        steps.push(store.prune_step(&mut pruning).unwrap());
-    }
-    assert_eq!(steps, [1_000]);
-    assert_eq!((pruning.deleted(), pruning.transactions()), (1_000, 1));
-    assert_eq!(store.count().unwrap(), 0);
-}
-
-#[test]
-fn chunked_pruning_keeps_the_semantics_of_one_delete() {
-    let (_dir, mut store) = temp_store();
-    // Observed out of id order (late events, several collectors).
-    let observed = |seq: u64| (seq * 7_919 % 50) * 1_000;
-    let batch: Vec<EventEnvelope> = (1..=40)
-        .map(|seq| {
-            let mut e = env("c1", 0, seq);
-            e.event.observed_unix_ms = observed(seq);
-            e
-        })
-        .collect();
-    store.insert_batch(&batch).unwrap();
-    let ids: Vec<(i64, u64)> = all(&store).iter().map(|e| (e.id, e.seq)).collect();
-    // Now 30 s, keep 10 s: observed before 20 s goes, then all but
-    // the newest 9 ids of what is left.
-    let retention = Retention { max_age: Some(Duration::from_secs(10)), max_events: Some(9) };
-    let young: Vec<(i64, u64)> = ids.iter().copied().filter(|(_, seq)| observed(*seq) >= 20_000).collect();
-    let expected: Vec<u64> = young[young.len() - 9..].iter().map(|(_, seq)| *seq).collect();
-
-    let mut pruning = Pruning::at(&retention, 30_000);
-    pruning.chunk = 3;
-    let mut steps = Vec::new();
-    let mut later = 41;
-    while !pruning.is_done() {
-        steps.push(store.prune_step(&mut pruning).unwrap());
-        // The writer commits between chunks: rows committed during the
-        // count phase are newer than its boundary and stay.
-        if matches!(pruning.phase, PrunePhase::Count(Some(_))) && later < 43 {
-            let mut e = env("c1", 0, later);
-            e.event.observed_unix_ms = 25_000;
-            store.insert_batch(&[e]).unwrap();
-            later += 1;
-        }
-    }
-    assert!(steps.iter().all(|n| *n <= 3), "{steps:?}");
-    assert!(steps.len() > 5, "{steps:?}");
-    assert_eq!(pruning.deleted(), 40 - 9);
-    assert_eq!(pruning.deleted(), steps.iter().sum::<u64>());
-    let mut kept = expected.clone();
-    kept.extend([41, 42]);
-    assert_eq!(seqs(&all(&store)), kept);
-
-    // The same rows as one delete (a single chunk) would keep.
-    let (_dir2, mut other) = temp_store();
-    other.insert_batch(&batch).unwrap();
-    let mut pruning = Pruning::at(&retention, 30_000);
-    pruning.chunk = usize::MAX / 2;
-    other.prune_step(&mut pruning).unwrap();
-    other.prune_step(&mut pruning).unwrap();
-    assert!(pruning.is_done());
-    assert_eq!(pruning.transactions(), 2);
-    assert_eq!(seqs(&all(&other)), expected);
-}
-
-#[test]
-fn pruned_events_at_or_below_the_watermark_are_still_duplicates() {
-    let (_dir, mut store) = temp_store();
-    store.insert_batch(&envs("c1", 0, &[1, 2, 3])).unwrap();
-    store.prune(&Retention { max_age: None, max_events: Some(0) }).unwrap();
-    assert_eq!(store.count().unwrap(), 0);
-    assert_eq!(store.max_seq("c1", 0).unwrap(), None);
-
-    let outcome = store.insert_batch(&envs("c1", 0, &[2, 3, 4])).unwrap();
-    assert_eq!((outcome.inserted, outcome.duplicates), (1, 2));
-    assert_eq!(outcome.watermarks, vec![wm("c1", 0, 4)]);
-    assert_eq!(seqs(&all(&store)), vec![4]);
-}
-
-#[test]
-fn open_read_only_reads_and_refuses_what_it_cannot() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    match EventStore::open_read_only(&path) {
-        Err(StoreError::NotFound { path: p }) => assert_eq!(p, path),
-        other => panic!("expected NotFound, got {other:?}"),
-    }
-    assert!(!path.exists());
-
-    let mut store = EventStore::open(&path).unwrap();
-    store.insert_batch(&envs("c1", 0, &[1, 2])).unwrap();
-    let mut reader = EventStore::open_read_only(&path).unwrap();
-    assert_eq!(seqs(&all(&reader)), vec![1, 2]);
-    // A reader sees later commits of the writer.
-    store.insert_batch(&envs("c1", 0, &[3])).unwrap();
-    assert_eq!(reader.count().unwrap(), 3);
-    assert!(matches!(reader.insert_batch(&envs("c1", 0, &[4])), Err(StoreError::Sqlite(_))));
-    drop(store);
-
-    let empty = dir.path().join("empty.db");
-    std::fs::write(&empty, b"").unwrap();
-    assert!(matches!(
-        EventStore::open_read_only(&empty),
-        Err(StoreError::SchemaVersion { found: 0, supported: SCHEMA_VERSION })
-    ));
-}
-
-#[test]
-fn the_database_runs_in_wal_mode_with_full_sync() {
-    let (_dir, store) = temp_store();
-    let conn = store.connection();
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
-    assert_eq!(mode, "wal");
-    // 2 is FULL.
-    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
-    assert_eq!(sync, 2);
-    let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
-    assert_eq!(fk, 1);
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, i64::from(SCHEMA_VERSION));
-}
-
-/// The version 1 schema, as the previous release created it
-/// (`git show d1c5f64:procmond/src/store.rs`).
-const SCHEMA_V1: &str = "
-CREATE TABLE process_events (
-id             INTEGER PRIMARY KEY AUTOINCREMENT,
-collector_id   TEXT    NOT NULL,
-stream_id      INTEGER NOT NULL,
-seq            INTEGER NOT NULL,
-kind           TEXT    NOT NULL CHECK (kind IN ('started', 'stopped', 'modified')),
-snapshot       INTEGER NOT NULL,
-changes        TEXT    NOT NULL,
-observed_ms    INTEGER NOT NULL,
-pid            INTEGER NOT NULL,
-ppid           INTEGER NOT NULL,
-start_time     INTEGER NOT NULL,
-started_unix   INTEGER,
-name           TEXT    NOT NULL,
-exe            TEXT,
-exe_deleted    INTEGER,
-argv           TEXT,
-argv_truncated INTEGER NOT NULL,
-cwd            TEXT,
-uid            INTEGER,
-euid           INTEGER,
-gid            INTEGER,
-egid           INTEGER,
-user           TEXT,
-state          TEXT    NOT NULL,
-rss_bytes      INTEGER NOT NULL,
-sha256         TEXT,
-record         BLOB    NOT NULL,
-UNIQUE (collector_id, stream_id, seq)
-);
-CREATE INDEX process_events_observed_ms ON process_events (observed_ms);
-CREATE INDEX process_events_pid ON process_events (pid);
-CREATE INDEX process_events_name ON process_events (name);
-CREATE INDEX process_events_kind ON process_events (kind);
-CREATE TABLE stream_watermarks (
-collector_id TEXT    NOT NULL,
-stream_id    INTEGER NOT NULL,
-through      INTEGER NOT NULL,
-PRIMARY KEY (collector_id, stream_id)
-) WITHOUT ROWID;
-CREATE TABLE stream_gaps (
-collector_id TEXT    NOT NULL,
-stream_id    INTEGER NOT NULL,
-from_seq     INTEGER NOT NULL,
-to_seq       INTEGER NOT NULL,
-reason       TEXT    NOT NULL,
-observed_ms  INTEGER NOT NULL,
-PRIMARY KEY (collector_id, stream_id, from_seq)
-) WITHOUT ROWID;
-";
-
-/// The SQL of the `sql` block in the module docs, comments dropped and
-/// whitespace collapsed.
-fn normalized(sql: &str) -> String {
-    let code: Vec<&str> = sql.lines().map(|l| l.split_once("--").map_or(l, |(code, _)| code)).collect();
-    code.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-#[test]
-fn the_documented_schema_is_the_one_created() {
-    let source = include_str!("lib.rs");
-    let docs: Vec<&str> = source
-        .lines()
-        .map_while(|l| l.strip_prefix("//!"))
-        .skip_while(|l| l.trim() != "```sql")
-        .skip(1)
-        .take_while(|l| l.trim() != "```")
-        .collect();
-    assert!(docs.len() > 40, "the sql block of the module docs was not found");
-    assert_eq!(normalized(&docs.join("\n")), normalized(SCHEMA));
-}
-
-/// `(name, type, notnull, default, pk)` of every column, in order.
-type Columns = Vec<(String, String, bool, Option<String>, bool)>;
-
-fn columns(conn: &Connection) -> Columns {
-    let mut stmt = conn.prepare("PRAGMA table_info(process_events)").unwrap();
-    stmt.query_map([], |r| Ok((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
-/// An event row as version 1 wrote it: its record in the version 1
-/// layout (the fields before `source`).
-fn insert_v1_row(conn: &Connection, seq: u64, kind: EventKind, pid: u32) {
-    let e = event(kind, pid, "old", 1_000 * seq);
-    let record =
-        postcard::to_stdvec(&(e.kind, e.snapshot, &e.changes, e.observed_unix_ms, &e.process, &e.sha256))
-            .unwrap();
-    conn.execute(
-        "INSERT INTO process_events (collector_id, stream_id, seq, kind, snapshot, changes, \
-         observed_ms, pid, ppid, start_time, name, argv_truncated, state, rss_bytes, record) \
-         VALUES ('c1', 0, ?1, ?2, 0, '', ?3, ?4, 1, 7, 'old', 0, 'sleeping', 4096, ?5)",
-        params![seq as i64, kind.as_str(), (1_000 * seq) as i64, pid, record],
-    )
-    .unwrap();
-}
-
-#[test]
-fn a_version_1_database_is_migrated_and_keeps_its_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    {
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        insert_v1_row(&conn, 1, EventKind::Started, 500);
-        insert_v1_row(&conn, 2, EventKind::Stopped, 500);
-        conn.execute("INSERT INTO stream_watermarks VALUES ('c1', 0, 2)", []).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-    }
-    // A reader does not migrate.
-    assert!(matches!(
-        EventStore::open_read_only(&path),
-        Err(StoreError::SchemaVersion { found: 1, supported: SCHEMA_VERSION })
-    ));
-
-    let mut store = EventStore::open(&path).unwrap();
-    let conn = store.connection();
-    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
-    // The migrated table is the one a new database gets, column for
-    // column.
-    let (_fresh_dir, fresh) = temp_store();
-    assert_eq!(columns(conn), columns(fresh.connection()));
-    let check = conn.execute("UPDATE process_events SET source = 'ebpf' WHERE seq = 1", []);
-    assert!(check.unwrap_err().to_string().contains("CHECK"), "the migrated column keeps its CHECK");
-
-    // The old rows: decoded as poll events, not late, without an exit.
-    let old = all(&store);
-    assert_eq!(seqs(&old), vec![1, 2]);
-    for s in &old {
-        assert_eq!((s.event.source, s.event.late, s.event.exit), (EventSource::Poll, None, None));
-        assert_eq!(s.event.process.name, "old");
-    }
-    assert_eq!(old[1].event.kind, EventKind::Stopped);
-    let defaulted: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM process_events WHERE source = 'poll' AND late = 0 \
-             AND exit_code IS NULL AND exit_signal IS NULL \
-             AND late_after_ms IS NULL AND late_before_ms IS NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(defaulted, 2);
-
-    // New rows take the new columns; the stream goes on from its
-    // watermark.
-    let mut stopped = env("c1", 0, 3);
-    stopped.event.kind = EventKind::Stopped;
-    let outcome = store.insert_batch(&[env("c1", 0, 2), stopped]).unwrap();
-    assert_eq!((outcome.inserted, outcome.duplicates), (1, 1));
-    assert_eq!(outcome.watermarks, vec![wm("c1", 0, 3)]);
-    let (source, exit_code): (String, Option<i64>) = store
-        .connection()
-        .query_row("SELECT source, exit_code FROM process_events WHERE seq = 3", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    assert_eq!((source.as_str(), exit_code), ("kernel", Some(3)));
-    drop(store);
-
-    // Opened again, it is simply version 2; a reader now opens it.
-    let store = EventStore::open(&path).unwrap();
-    assert_eq!(store.count().unwrap(), 3);
-    let reader = EventStore::open_read_only(&path).unwrap();
-    assert_eq!(seqs(&all(&reader)), vec![1, 2, 3]);
-    assert_eq!(all(&reader)[2].event.exit, Some(ExitStatus::Code(3)));
-}
-
-#[test]
-fn a_failed_migration_leaves_version_1_intact() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    {
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        insert_v1_row(&conn, 1, EventKind::Started, 500);
-        // A column the migration adds is already there: its ALTER
-        // fails half way through the script.
-        conn.execute("ALTER TABLE process_events ADD COLUMN late_after_ms INTEGER", []).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-    }
-    match EventStore::open(&path) {
-        Err(e @ StoreError::Open { .. }) => assert!(e.to_string().contains("late_after_ms"), "{e}"),
-        other => panic!("expected Open, got {other:?}"),
-    }
-    let conn = Connection::open(&path).unwrap();
-    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 1);
-    let names: Vec<String> = columns(&conn).into_iter().map(|c| c.0).collect();
-    assert!(!names.iter().any(|n| n == "source" || n == "exit_code"), "{names:?}");
-}
-
-#[test]
 fn source_exit_status_and_late_window_fill_their_columns() {
     let (_dir, mut store) = temp_store();
     let mut batch = envs("c1", 0, &[1, 2, 3, 4, 5]);
@@ -963,23 +550,6 @@ fn source_exit_status_and_late_window_fill_their_columns() {
 }
 
 #[test]
-fn a_newer_schema_version_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = EventStore::open(&path).unwrap();
-    store.connection().pragma_update(None, "user_version", 99).unwrap();
-    drop(store);
-    for result in [EventStore::open(&path), EventStore::open_read_only(&path)] {
-        match result {
-            Err(e @ StoreError::SchemaVersion { found: 99, supported: SCHEMA_VERSION }) => {
-                assert!(e.to_string().contains("99"), "{e}");
-            }
-            other => panic!("expected SchemaVersion, got {other:?}"),
-        }
-    }
-}
-
-#[test]
 fn a_corrupt_record_is_an_error_naming_its_row() {
     let (_dir, mut store) = temp_store();
     store.insert_batch(&envs("c1", 0, &[1, 2])).unwrap();
@@ -1012,29 +582,4 @@ fn an_unstorable_seq_fails_the_whole_batch() {
     }
     assert_eq!(store.count().unwrap(), 0);
     assert_eq!(store.watermark("c1", 0).unwrap(), None);
-}
-
-#[cfg(unix)]
-#[test]
-fn open_creates_a_private_directory_and_file() {
-    use std::os::unix::fs::PermissionsExt;
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("a/b/events.db");
-    let _store = EventStore::open(&path).unwrap();
-    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&dir.path().join("a")), 0o700);
-    assert_eq!(mode(&dir.path().join("a/b")), 0o700);
-    assert_eq!(mode(&path), 0o600);
-}
-
-#[test]
-fn open_names_the_file_when_it_is_not_a_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    std::fs::write(&path, vec![0x5a; 4096]).unwrap();
-    match EventStore::open(&path) {
-        Err(e @ StoreError::Open { .. }) => assert!(e.to_string().contains("events.db"), "{e}"),
-        other => panic!("expected Open, got {other:?}"),
-    }
 }
