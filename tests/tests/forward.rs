@@ -140,6 +140,8 @@ fn every_event_reaches_rsyslog_framed_even_across_a_sigkilled_rsyslog() {
     let status = sys.cli(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("OUTPUT") && text.contains("siem"), "{text}");
+    // A second of outage while events keep coming, then two seconds of
+    // them flowing into the restarted rsyslog.
     std::thread::sleep(Duration::from_secs(1));
     let _rsyslog = Rsyslog::start(tmp.path(), port);
     std::thread::sleep(Duration::from_secs(2));
@@ -240,7 +242,6 @@ fn a_sigkilled_agent_resumes_its_file_output_at_the_cursor_and_loses_nothing() {
     // output resumes at its cursor.
     sys.start_agent();
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
-    std::thread::sleep(Duration::from_secs(1));
     let target = stored(&db, "file").0.last().map(|e| e.0).unwrap();
     let done = wait_until(CYCLE, || {
         let (events, cursor) = stored(&db, "file");

@@ -213,10 +213,10 @@ fn run(server: &Server, http: &str) -> (System, String) {
     );
     let mut sys = System::start(&[CollectorDef::procmond("pm-h")], &extra);
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    // Four seconds of process churn: events while the server misbehaves.
     let churn = Churn::start();
     std::thread::sleep(Duration::from_secs(4));
     drop(churn);
-    std::thread::sleep(Duration::from_secs(1));
     let db = sys.database();
     let target = stored(&db, "web").0.last().map(|e| e.0).expect("events stored");
     let mut missing = Vec::new();
@@ -326,6 +326,7 @@ fn hostile_receivers_hold_only_their_own_output() {
     let mut sys = System::start(&[CollectorDef::procmond("pm-x")], &extra);
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
     let rss_before = rss_kib(sys.agent_pid());
+    // Six seconds of process churn: events while the receivers misbehave.
     let churn = Churn::start();
     std::thread::sleep(Duration::from_secs(6));
     drop(churn);

@@ -144,6 +144,10 @@ fn a_metrics_file_it_cannot_write_is_logged_once_and_the_agent_goes_on() {
     let extra = format!("metrics: {{file: {}, interval_secs: 1}}\n", prom.display());
     let mut sys = System::start(&[CollectorDef::procmond("pm-n")], &extra);
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let warned = |sys: &System| sys.log().lines().filter(|l| l.contains("metrics: cannot write")).count();
+    assert!(wait_until(Duration::from_secs(10), || warned(&sys) >= 1), "no warning\n{}", sys.tail());
+    // Three more intervals fail the same way: that nothing more is logged
+    // can only be seen by letting them pass.
     std::thread::sleep(Duration::from_secs(3));
     let log = sys.log();
     let warnings = log.lines().filter(|l| l.contains("metrics: cannot write")).count();
