@@ -33,6 +33,7 @@
 pub mod file;
 pub mod http;
 pub mod syslog;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

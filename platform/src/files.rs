@@ -513,6 +513,23 @@ pub fn tighten_private_file(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Whether group or others may read `path` (links followed): a secret
+/// (a private key, a token) that should be 0600 or 0400. `false`
+/// elsewhere than Unix, where modes do not say it.
+pub fn readable_by_others(path: &Path) -> io::Result<bool> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        Ok(meta.permissions().mode() & 0o044 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Ok(false)
+    }
+}
+
 /// The program root may run for `binary`: its canonical path (links
 /// resolved), once that path is shown to be changeable by root alone.
 /// Exec the returned path, not `binary`: a link on the way, or a
@@ -582,6 +599,21 @@ mod tests {
 
     fn chmod(p: &Path, m: u32) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    #[test]
+    fn a_secret_others_may_read_is_told_apart_through_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("key.pem");
+        std::fs::write(&key, "k").unwrap();
+        let link = tmp.path().join("live.pem");
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        for (m, exposed) in [(0o600, false), (0o400, false), (0o640, true), (0o604, true), (0o644, true)] {
+            chmod(&key, m);
+            assert_eq!(readable_by_others(&key).unwrap(), exposed, "{m:o}");
+            assert_eq!(readable_by_others(&link).unwrap(), exposed, "{m:o} through a link");
+        }
+        assert_eq!(readable_by_others(&tmp.path().join("none")).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

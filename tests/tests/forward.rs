@@ -1,7 +1,8 @@
 //! Forwarding into real receivers: an rsyslog started by the test on a
 //! loopback port (imtcp, a file action, in a temp dir), fed by a real
 //! agent with a real procmond; rsyslog SIGKILLed and restarted while
-//! events flow. The file output, through a real agent SIGKILLed while its
+//! events flow, over plain TCP and over TLS (rsyslog's OpenSSL driver,
+//! client certificates required); TLS receivers the agent must refuse. The file output, through a real agent SIGKILLed while its
 //! output has unsent events.
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use daemoneye_agent::api::AgentState;
-use daemoneye_tests::forwarding::{Churn, free_port, stored};
+use daemoneye_tests::forwarding::{Churn, Pki, TlsTerminator, free_port, stored};
 use daemoneye_tests::{CYCLE, CollectorDef, System, signal, wait_until};
 use nix::sys::signal::Signal;
 
@@ -25,12 +26,28 @@ impl Rsyslog {
     /// 127.0.0.1:`port`, every message to `dir/out.log` as
     /// `app-name msgid severity msg`, processed as it is read (a direct
     /// queue), so what it had read when killed is at most one read's worth.
-    fn start(dir: &Path, port: u16) -> Rsyslog {
+    /// With `tls`: TLS only (rsyslog's `ossl` driver, the PKI's server
+    /// certificate), and clients must show a certificate of its CA.
+    fn start(dir: &Path, port: u16, tls: Option<&Pki>) -> Rsyslog {
         let work = dir.join("work");
         std::fs::create_dir_all(&work).unwrap();
+        let (driver, imtcp) = match tls {
+            None => (String::new(), String::new()),
+            Some(pki) => (
+                format!(
+                    " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{}\" \
+                     DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\"",
+                    pki.file("ca.pem"),
+                    pki.file("server.pem"),
+                    pki.file("server.key")
+                ),
+                " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"x509/certvalid\""
+                    .to_owned(),
+            ),
+        };
         let conf = format!(
-            "global(workDirectory=\"{work}\" maxMessageSize=\"256k\")\n\
-             module(load=\"imtcp\")\n\
+            "global(workDirectory=\"{work}\" maxMessageSize=\"256k\"{driver})\n\
+             module(load=\"imtcp\"{imtcp})\n\
              main_queue(queue.type=\"Direct\")\n\
              template(name=\"t\" type=\"string\" string=\"%app-name% %msgid% %syslogseverity% %msg%\\n\")\n\
              ruleset(name=\"r\") {{ action(type=\"omfile\" file=\"{out}\" template=\"t\" \
@@ -113,13 +130,33 @@ fn event_ids(lines: &[(String, String, String, serde_json::Value)]) -> Vec<Strin
 
 #[test]
 fn every_event_reaches_rsyslog_framed_even_across_a_sigkilled_rsyslog() {
+    every_event_reaches_rsyslog_across_a_sigkill(false);
+}
+
+#[test]
+fn every_event_reaches_rsyslog_over_tls_with_a_client_certificate_across_a_sigkill() {
+    every_event_reaches_rsyslog_across_a_sigkill(true);
+}
+
+fn every_event_reaches_rsyslog_across_a_sigkill(tls: bool) {
     let tmp = tempfile::tempdir().unwrap();
+    let pki = tls.then(|| Pki::make(&tmp.path().join("pki")));
     let port = free_port();
-    let rsyslog = Rsyslog::start(tmp.path(), port);
+    let rsyslog = Rsyslog::start(tmp.path(), port, pki.as_ref());
     let batch_max = 50;
+    let tls_settings = match &pki {
+        Some(pki) => format!(
+            ", tls: {{ca_file: {}, cert_file: {}, key_file: {}}}",
+            pki.file("ca.pem"),
+            pki.file("client.pem"),
+            pki.file("client.key")
+        ),
+        None => String::new(),
+    };
     let extra = format!(
         "outputs:\n  - name: siem\n    type: syslog\n    batch_max: {batch_max}\n    retry_min_ms: 50\n    \
-         retry_max_ms: 500\n    poll_ms: 50\n    syslog: {{address: \"127.0.0.1:{port}\", timeout_ms: 5000}}\n"
+         retry_max_ms: 500\n    poll_ms: 50\n    \
+         syslog: {{address: \"127.0.0.1:{port}\", timeout_ms: 5000{tls_settings}}}\n"
     );
     let mut sys = System::start(&[CollectorDef::procmond("pm-s")], &extra);
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
@@ -143,7 +180,7 @@ fn every_event_reaches_rsyslog_framed_even_across_a_sigkilled_rsyslog() {
     // A second of outage while events keep coming, then two seconds of
     // them flowing into the restarted rsyslog.
     std::thread::sleep(Duration::from_secs(1));
-    let _rsyslog = Rsyslog::start(tmp.path(), port);
+    let _rsyslog = Rsyslog::start(tmp.path(), port, pki.as_ref());
     std::thread::sleep(Duration::from_secs(2));
     drop(churn);
 
@@ -206,6 +243,67 @@ fn every_event_reaches_rsyslog_framed_even_across_a_sigkilled_rsyslog() {
     let o = &doc["outputs"][0];
     assert_eq!((o["name"].as_str(), o["state"].as_str()), (Some("siem"), Some("ok")), "{doc}");
     assert!(o["retried"].as_u64().unwrap() > 0 && o["sent"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn tls_receivers_the_agent_cannot_trust_or_that_refuse_it_get_nothing_and_the_status_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::make(&tmp.path().join("pki"));
+    let port = free_port();
+    let _rsyslog = Rsyslog::start(tmp.path(), port, Some(&pki));
+    // An https receiver: socat's TLS in front of a port where nothing
+    // listens (the handshake fails before socat would connect to it).
+    let https = TlsTerminator::start(&pki, free_port());
+    let (ca, other, cert, key) =
+        (pki.file("ca.pem"), pki.file("other-ca.pem"), pki.file("client.pem"), pki.file("client.key"));
+    let common = "retry_min_ms: 50\n    retry_max_ms: 300\n    poll_ms: 50";
+    let extra = format!(
+        "outputs:\n\
+         \x20 - name: unknown-ca\n    type: syslog\n    {common}\n    \
+         syslog: {{address: \"127.0.0.1:{port}\", tls: {{ca_file: {other}, cert_file: {cert}, key_file: {key}}}}}\n\
+         \x20 - name: wrong-name\n    type: syslog\n    {common}\n    \
+         syslog: {{address: \"127.0.0.1:{port}\", tls: {{ca_file: {ca}, cert_file: {cert}, key_file: {key}, \
+         server_name: siem.example}}}}\n\
+         \x20 - name: no-client-cert\n    type: syslog\n    {common}\n    \
+         syslog: {{address: \"127.0.0.1:{port}\", tls: {{ca_file: {ca}}}}}\n\
+         \x20 - name: https-unknown-ca\n    type: http\n    {common}\n    \
+         http: {{url: \"https://127.0.0.1:{}/\", tls: {{ca_file: {other}, cert_file: {cert}, key_file: {key}}}}}\n",
+        https.port
+    );
+    let mut sys = System::start(&[CollectorDef::procmond("pm-t")], &extra);
+    sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
+    let _churn = Churn::start();
+    let db = sys.database();
+    let outputs = [
+        ("unknown-ca", "TLS handshake: invalid peer certificate: UnknownIssuer"),
+        (
+            "wrong-name",
+            "TLS handshake: invalid peer certificate: certificate not valid for name \"siem.example\"",
+        ),
+        // Refused after the handshake (TLS 1.3), before anything counted.
+        ("no-client-cert", "TLS handshake: refused by the receiver"),
+        ("https-unknown-ca", "invalid peer certificate: UnknownIssuer"),
+    ];
+    // Each has failed a few times (events were there to send).
+    let failed = wait_until(CYCLE, || {
+        outputs.iter().all(|(name, _)| stored(&db, name).1.is_some_and(|c| c.retried >= 3))
+    });
+    assert!(failed, "an output did not fail 3 times\n{}", sys.tail());
+    for (name, reason) in outputs {
+        let c = stored(&db, name).1.unwrap();
+        assert_eq!((c.events_through, c.sent, c.state.as_str()), (0, 0, "retrying"), "{name}: {c:?}");
+        let error = c.last_error.clone().unwrap_or_default();
+        assert!(error.contains(reason), "{name}: {error}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("out.log")).unwrap_or_default(),
+        "",
+        "rsyslog got messages"
+    );
+    // The refusals are in the status, as the operator sees them.
+    let status = String::from_utf8_lossy(&sys.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("UnknownIssuer"), "{status}");
     assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
 }
 
@@ -300,19 +398,51 @@ fn readme_block(first_line: &str) -> String {
 
 #[test]
 fn the_readmes_rsyslog_example_works_as_pasted() {
+    readme_example_works("# /etc/rsyslog.d/daemoneye.conf", "# agent.yaml\noutputs:", "1514", None);
+}
+
+#[test]
+fn the_readmes_rsyslog_tls_example_works_as_pasted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::make(tmp.path());
+    readme_example_works(
+        "# /etc/rsyslog.d/daemoneye-tls.conf",
+        "# agent.yaml, over TLS\n",
+        "6514",
+        Some(&pki),
+    );
+}
+
+/// Runs README's rsyslog configuration starting `rsyslog_block` and its
+/// agent.yaml starting `yaml_block`; only the port, the output file and
+/// the certificates' paths are the test's own.
+fn readme_example_works(rsyslog_block: &str, yaml_block: &str, readme_port: &str, pki: Option<&Pki>) {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
     let out = tmp.path().join("daemoneye.ndjson");
-    // Only the port and the file are the test's own.
-    let conf = readme_block("# /etc/rsyslog.d/daemoneye.conf")
-        .replace("port=\"1514\"", &format!("port=\"{port}\""))
+    let mut conf = readme_block(rsyslog_block)
+        .replace(&format!("port=\"{readme_port}\""), &format!("port=\"{port}\""))
         .replace("/var/log/daemoneye.ndjson", &out.display().to_string());
+    let mut yaml =
+        readme_block(yaml_block).replace(&format!("127.0.0.1:{readme_port}"), &format!("127.0.0.1:{port}"));
+    if let Some(pki) = pki {
+        for (readme, ours) in
+            [("ca.pem", "ca.pem"), ("server.pem", "server.pem"), ("server.key", "server.key")]
+        {
+            conf = conf.replace(&format!("/etc/rsyslog.d/tls/{readme}"), &pki.file(ours));
+        }
+        for (readme, ours) in [("ca.pem", "ca.pem"), ("agent.pem", "client.pem"), ("agent.key", "client.key")]
+        {
+            yaml = yaml.replace(&format!("/etc/daemoneye/tls/{readme}"), &pki.file(ours));
+        }
+        let stray = |text: &str| text.lines().any(|l| !l.starts_with('#') && l.contains("/etc/"));
+        assert!(!stray(&conf) && !stray(&yaml), "a path not replaced:\n{conf}\n{yaml}");
+    }
     std::fs::write(tmp.path().join("check.conf"), &conf).unwrap();
     let check =
         Command::new(rsyslogd()).arg("-N1").arg("-f").arg(tmp.path().join("check.conf")).output().unwrap();
     assert!(check.status.success(), "rsyslogd -N1: {}", String::from_utf8_lossy(&check.stderr));
     let _rsyslog = Rsyslog::start_with(tmp.path(), port, &conf);
-    let yaml = readme_block("# agent.yaml\noutputs:").replace("127.0.0.1:1514", &format!("127.0.0.1:{port}"));
     let mut sys = System::start(&[CollectorDef::procmond("pm-r")], &yaml);
     let _churn = Churn::start();
     let lines = || -> Vec<serde_json::Value> {

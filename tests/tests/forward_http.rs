@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use daemoneye_agent::api::AgentState;
-use daemoneye_tests::forwarding::{Churn, stored};
+use daemoneye_tests::forwarding::{Churn, Pki, TlsTerminator, stored};
 use daemoneye_tests::{CYCLE, CollectorDef, System, wait_until};
 
 /// What the server received and kept.
@@ -205,11 +205,14 @@ fn keep_ndjson(r: &mut Received, text: &str) -> String {
 /// Runs a procmond with churn until every stored event (up to a point
 /// reached after the churn) is at the server and the cursor passed it.
 fn run(server: &Server, http: &str) -> (System, String) {
+    run_at(server, &format!("http://127.0.0.1:{}", server.port), http)
+}
+
+/// [`run`] with the server reached at `url` (through a TLS terminator).
+fn run_at(server: &Server, url: &str, http: &str) -> (System, String) {
     let extra = format!(
         "outputs:\n  - name: web\n    type: http\n    send: events\n    batch_max: 500\n    poll_ms: 50\n    \
-         retry_min_ms: 20\n    retry_max_ms: 200\n    http: {{url: \"http://127.0.0.1:{}\", {http}, \
-         timeout_ms: 700}}\n",
-        server.port
+         retry_min_ms: 20\n    retry_max_ms: 200\n    http: {{url: \"{url}\", {http}, timeout_ms: 700}}\n"
     );
     let mut sys = System::start(&[CollectorDef::procmond("pm-h")], &extra);
     sys.wait_status(Duration::from_secs(30), "SteadyState", |s| s.state == AgentState::SteadyState);
@@ -280,6 +283,29 @@ fn ndjson_reaches_the_endpoint_whole_with_its_bearer_token() {
     drop(r);
     // The secret never reaches the log.
     assert!(!sys.log().contains("t0ken"));
+    assert!(sys.stop(Duration::from_secs(30)).success(), "{}", sys.tail());
+}
+
+#[test]
+fn ndjson_over_https_with_a_client_certificate_reaches_the_endpoint_whole() {
+    // The same misbehaving server, behind socat's TLS (OpenSSL), which
+    // requires a client certificate of the test CA.
+    let server = Server::start(false, 1_500);
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::make(dir.path());
+    let tls = TlsTerminator::start(&pki, server.port);
+    let http = format!(
+        "gzip: true, tls: {{ca_file: {}, cert_file: {}, key_file: {}}}",
+        pki.file("ca.pem"),
+        pki.file("client.pem"),
+        pki.file("client.key")
+    );
+    // `localhost`: the name in the server's certificate.
+    let (mut sys, _) = run_at(&server, &format!("https://localhost:{}/ingest", tls.port), &http);
+    let r = server.received.lock().unwrap();
+    assert!(r.tricks.get("500").is_some_and(|&n| n > 0), "{:?}", r.tricks);
+    assert!(r.headers.iter().all(|(_, e)| e.as_deref() == Some("gzip")));
+    drop(r);
     assert!(sys.stop(Duration::from_secs(30)).success(), "{}", sys.tail());
 }
 

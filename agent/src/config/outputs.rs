@@ -128,6 +128,30 @@ pub struct SyslogSpec {
     /// fails, ms.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// TLS (RFC 5425; port 6514 by convention); absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS settings of a `syslog` or `http` output (`crate::forward::tls`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// PEM file of the CA certificates the receiver's certificate must
+    /// chain to [default: the Mozilla roots compiled in].
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the agent's certificate (and its chain), for receivers
+    /// that authenticate clients; needs `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the receiver's certificate must carry (syslog only; http
+    /// checks the URL's host) [default: the address's host].
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// A `file` output's settings.
@@ -149,9 +173,9 @@ pub struct FileSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
-    /// The receiver, `http://host:port/path` (no TLS yet: `https` is
-    /// refused). With `format: elasticsearch`, the cluster's URL: batches
-    /// go to `<url>/_bulk`.
+    /// The receiver, `http://host:port/path` or `https://...`. With
+    /// `format: elasticsearch`, the cluster's URL: batches go to
+    /// `<url>/_bulk`.
     pub url: String,
     /// `ndjson` (one document per line, any HTTP input) or
     /// `elasticsearch` (the `_bulk` API, `_id` = the document's id).
@@ -172,6 +196,10 @@ pub struct HttpSpec {
     /// One request (connect, send, answer) may take this long, ms.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// TLS settings of an `https://` URL [default: the Mozilla roots, no
+    /// client certificate].
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
 }
 
 /// What an `http` output POSTs.
@@ -308,6 +336,10 @@ pub fn validate(outputs: &[OutputSpec], collectors: &[String]) -> Result<(), (St
                         format!("{} is not within 1-600000", s.timeout_ms),
                     ));
                 }
+                if let Some(tls) = &s.tls {
+                    crate::forward::tls::check(tls)
+                        .map_err(|(field, r)| (at(&format!("syslog.{}", tls_field(field))), r))?;
+                }
             }
             OutputType::File => {
                 let Some(f) = &o.file else {
@@ -337,6 +369,7 @@ pub fn validate(outputs: &[OutputSpec], collectors: &[String]) -> Result<(), (St
                     ));
                 };
                 check_http(h).map_err(|(field, reason)| (at(&format!("http.{field}")), reason))?;
+                check_http_tls(h).map_err(|(field, reason)| (at(&format!("http.{field}")), reason))?;
             }
         }
     }
@@ -345,18 +378,10 @@ pub fn validate(outputs: &[OutputSpec], collectors: &[String]) -> Result<(), (St
 
 /// An `http` output's settings: `Err((field, reason))`.
 fn check_http(h: &HttpSpec) -> Result<(), (&'static str, String)> {
-    if h.url.starts_with("https://") {
-        return Err((
-            "url",
-            format!(
-                "{}: https is not built yet; send to a local relay (Vector, Fluent Bit) or a \
-                 TLS-terminating proxy over http://",
-                h.url
-            ),
-        ));
-    }
-    let Some(rest) = h.url.strip_prefix("http://") else {
-        return Err(("url", format!("{:?}: expected http://host:port/path", h.url)));
+    let (rest, default_port) = match (h.url.strip_prefix("http://"), h.url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, 80),
+        (_, Some(rest)) => (rest, 443),
+        _ => return Err(("url", format!("{:?}: expected http://host:port/path or https://...", h.url))),
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
@@ -366,7 +391,7 @@ fn check_http(h: &HttpSpec) -> Result<(), (&'static str, String)> {
         Some(i) => authority[i + 1..].starts_with(':'),
         None => authority.contains(':'),
     };
-    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:{default_port}") };
     check_address(&with_port).map_err(|r| ("url", format!("{}: {r}", h.url)))?;
     if h.format == HttpFormat::Elasticsearch {
         let bad = h.index.is_empty()
@@ -404,6 +429,27 @@ fn check_http(h: &HttpSpec) -> Result<(), (&'static str, String)> {
         return Err(("timeout_ms", format!("{} is not within 1-600000", h.timeout_ms)));
     }
     Ok(())
+}
+
+/// A `tls` block's field as agent.yaml names it under its output's type.
+fn tls_field(field: &str) -> String {
+    if field == "tls" { field.to_owned() } else { format!("tls.{field}") }
+}
+
+/// An `http` output's TLS: `Err((field, reason))`, the field under
+/// `http`.
+fn check_http_tls(h: &HttpSpec) -> Result<(), (String, String)> {
+    let https = h.url.starts_with("https://");
+    match &h.tls {
+        Some(_) if !https => Err(("tls".into(), format!("{}: TLS settings need an https:// URL", h.url))),
+        Some(tls) if tls.server_name.is_some() => {
+            Err(("tls.server_name".into(), "an http output checks the URL's host; remove it".into()))
+        }
+        Some(tls) => crate::forward::tls::check(tls).map_err(|(field, r)| (tls_field(field), r)),
+        None if https => crate::forward::tls::check(&TlsSpec::default())
+            .map_err(|(_, r)| ("url".into(), format!("{}: {r}", h.url))),
+        None => Ok(()),
+    }
 }
 
 /// `host:port` with a port of 1-65535 (the host is resolved at each
@@ -463,6 +509,11 @@ mod tests {
             "address",
             "facility",
             "timeout_ms",
+            "tls",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "server_name",
             "file:",
             "path",
             "max_bytes",
@@ -487,9 +538,10 @@ mod tests {
             .map(|l| format!("{}\n", &l[2..]))
             .collect();
         let cfg = AgentConfig::parse(&example, "example", dir.path()).unwrap();
-        assert_eq!(cfg.outputs.len(), 3);
-        assert_eq!(cfg.outputs[1].min_severity, crate::config::Severity::Medium);
-        assert!(cfg.outputs[2].http.as_ref().is_some_and(|h| h.gzip));
+        assert_eq!(cfg.outputs.len(), 4);
+        assert!(cfg.outputs[1].syslog.as_ref().is_some_and(|s| s.tls == Some(super::TlsSpec::default())));
+        assert_eq!(cfg.outputs[2].min_severity, crate::config::Severity::Medium);
+        assert!(cfg.outputs[3].http.as_ref().is_some_and(|h| h.gzip));
     }
 
     #[test]
@@ -545,7 +597,6 @@ mod tests {
             ),
             (o("type: kafka"), "line", "unknown variant `kafka`"),
             (o("type: http"), "outputs[0].http", "needs `http:"),
-            (http("url: \"https://es:9200\""), "outputs[0].http.url", "https is not built yet"),
             (http("url: \"ftp://x\""), "outputs[0].http.url", "expected http://host:port/path"),
             (http("url: \"http://u:p@h/\""), "outputs[0].http.url", "use basic_auth_file"),
             (http("url: \"http://h:0/x\""), "outputs[0].http.url", "is not a port"),
@@ -604,6 +655,80 @@ mod tests {
         for (text, field, reason) in cases {
             let e = AgentConfig::parse(&text, "agent.yaml", dir.path()).unwrap_err();
             assert_eq!(e.file, "agent.yaml");
+            assert!(e.field.starts_with(field), "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
+    }
+
+    /// A self-signed certificate and its key, made with `openssl`.
+    fn certificate(dir: &std::path::Path) -> (String, String) {
+        let (cert, key) = (dir.join("c.pem"), dir.join("c.key"));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-days", "1", "-subj", "/CN=t", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (cert.display().to_string(), key.display().to_string())
+    }
+
+    #[test]
+    fn tls_settings_are_read_and_checked_with_the_field_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path());
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let junk = junk.display().to_string();
+        let sys = |tls: &str| {
+            format!("outputs:\n  - {{name: s, type: syslog, syslog: {{address: \"h:6514\", tls: {tls}}}}}\n")
+        };
+        let http = |url: &str, tls: &str| {
+            format!("outputs:\n  - {{name: h, type: http, http: {{url: \"{url}\"{tls}}}}}\n")
+        };
+        for good in [
+            sys("{}"),
+            sys(&format!(
+                "{{ca_file: {cert}, cert_file: {cert}, key_file: {key}, server_name: siem.example}}"
+            )),
+            sys("{server_name: \"10.0.0.1\"}"),
+            http("https://es:9200", ""),
+            http("https://es", &format!(", tls: {{ca_file: {cert}, cert_file: {cert}, key_file: {key}}}")),
+        ] {
+            let cfg =
+                AgentConfig::parse(&good, "agent.yaml", dir.path()).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(cfg.outputs.len(), 1);
+        }
+        let cases = [
+            (sys("{ca_file: /nonexistent.pem}"), "outputs[0].syslog.tls.ca_file", "No such file"),
+            (sys(&format!("{{ca_file: {junk}}}")), "outputs[0].syslog.tls.ca_file", "no certificate"),
+            (sys(&format!("{{ca_file: {key}}}")), "outputs[0].syslog.tls.ca_file", "no certificate"),
+            (sys(&format!("{{cert_file: {cert}}}")), "outputs[0].syslog.tls.key_file", "needs its key_file"),
+            (sys(&format!("{{key_file: {key}}}")), "outputs[0].syslog.tls.cert_file", "needs its cert_file"),
+            (
+                sys(&format!("{{cert_file: {cert}, key_file: {cert}}}")),
+                "outputs[0].syslog.tls.key_file",
+                "no private key",
+            ),
+            (sys("{server_name: \"bad name!\"}"), "outputs[0].syslog.tls.server_name", "not a DNS name"),
+            (sys("{verify: false}"), "line", "unknown field `verify`"),
+            (
+                http("http://es", &format!(", tls: {{ca_file: {cert}}}")),
+                "outputs[0].http.tls",
+                "need an https:// URL",
+            ),
+            (http("https://es", ", tls: {server_name: es}"), "outputs[0].http.tls.server_name", "URL's host"),
+            (
+                http("https://es", &format!(", tls: {{ca_file: {junk}}}")),
+                "outputs[0].http.tls.ca_file",
+                "no certificate",
+            ),
+            (http("https://:9200", ""), "outputs[0].http.url", "the host is empty"),
+        ];
+        for (text, field, reason) in cases {
+            let e = AgentConfig::parse(&text, "agent.yaml", dir.path()).unwrap_err();
             assert!(e.field.starts_with(field), "{text}: {e}");
             assert!(e.reason.contains(reason), "{text}: {e}");
         }

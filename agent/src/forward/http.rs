@@ -12,6 +12,12 @@
 //!   the answer is 2xx and every item is 2xx or 409; otherwise the whole
 //!   batch is sent again later (what was created answers 409 then).
 //!
+//! An `https://` URL goes over TLS ([`super::tls`]: the CA of `tls.ca_file`
+//! or the Mozilla roots, a client certificate with `tls.cert_file`); the
+//! TLS files are read when the client is made, at the first delivery and
+//! again after any delivery that failed before an answer (so a renewed
+//! certificate is picked up).
+//!
 //! A bearer token or `user:password` is read from its file at the first
 //! delivery (and again after an authentication failure, so a rotated
 //! secret is picked up); it is never logged. With `gzip: true` the body is
@@ -26,7 +32,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::{Item, Sink};
-use crate::config::outputs::{HttpFormat, OutputSpec};
+use crate::config::outputs::{HttpFormat, OutputSpec, TlsSpec};
 
 /// The longest answer read.
 const MAX_ANSWER: u64 = 16 << 20;
@@ -41,7 +47,11 @@ pub struct HttpSink {
     /// The `Authorization` header, once read from the secret's file.
     authorization: Option<String>,
     gzip: bool,
-    agent: ureq::Agent,
+    timeout: Duration,
+    tls: Option<TlsSpec>,
+    /// The client (its connection kept alive), made at the first delivery
+    /// and again after a failed one.
+    agent: Option<ureq::Agent>,
 }
 
 /// Where the credentials come from.
@@ -63,12 +73,7 @@ impl HttpSink {
             (None, Some(f)) => Some(Secret::Basic(f)),
             (None, None) => None,
         };
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(h.timeout_ms)))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .user_agent(concat!("daemoneye-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
+        let https = h.url.starts_with("https://");
         HttpSink {
             name: spec.name.clone(),
             endpoint,
@@ -77,8 +82,37 @@ impl HttpSink {
             secret,
             authorization: None,
             gzip: h.gzip,
-            agent: config.into(),
+            timeout: Duration::from_millis(h.timeout_ms),
+            tls: if https { Some(h.tls.unwrap_or_default()) } else { None },
+            agent: None,
         }
+    }
+
+    /// The client, made now if there is none (TLS files read).
+    fn agent(&mut self) -> Result<ureq::Agent, String> {
+        if let Some(agent) = &self.agent {
+            return Ok(agent.clone());
+        }
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut config = ureq::Agent::config_builder()
+            .timeout_global(Some(self.timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("daemoneye-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = &self.tls {
+            #[cfg(feature = "tls")]
+            {
+                config = config.tls_config(super::tls::ureq_config(tls)?);
+            }
+            #[cfg(not(feature = "tls"))]
+            {
+                let _ = tls;
+                return Err("this agent was built without TLS".to_owned());
+            }
+        }
+        let agent: ureq::Agent = config.build().into();
+        self.agent = Some(agent.clone());
+        Ok(agent)
     }
 
     /// The `Authorization` header's value, read from its file once.
@@ -124,14 +158,19 @@ impl Sink for HttpSink {
             body = z.write_all(&body).and_then(|()| z.finish()).map_err(|e| format!("gzip: {e}"))?;
         }
         let authorization = self.authorization()?.map(str::to_owned);
-        let mut request = self.agent.post(&self.endpoint).header("Content-Type", "application/x-ndjson");
+        let agent = self.agent()?;
+        let mut request = agent.post(&self.endpoint).header("Content-Type", "application/x-ndjson");
         if self.gzip {
             request = request.header("Content-Encoding", "gzip");
         }
         if let Some(a) = &authorization {
             request = request.header("Authorization", a);
         }
-        let mut answer = request.send(&body[..]).map_err(|e| format!("POST {}: {e}", self.endpoint))?;
+        let mut answer = request.send(&body[..]).map_err(|e| {
+            // A new client next time: a new connection, TLS files read again.
+            self.agent = None;
+            format!("POST {}: {e}", self.endpoint)
+        })?;
         let status = answer.status().as_u16();
         let text = answer
             .body_mut()

@@ -1,5 +1,6 @@
 //! The `syslog` output: RFC 5424 messages over TCP, framed by octet
-//! counting (RFC 6587 section 3.4.1), over `std::net::TcpStream`.
+//! counting (RFC 6587 section 3.4.1), over `std::net::TcpStream`, or over
+//! TLS (RFC 5425, with `tls:`; [`super::tls`]) with the same framing.
 //!
 //! # Format
 //!
@@ -22,7 +23,11 @@
 //!
 //! A batch is accepted when its frames were written whole and the
 //! connection was still open afterwards (a receiver that closed it, or
-//! sends anything, is noticed by a non-blocking peek). Plain TCP syslog
+//! sends anything, is noticed by a non-blocking read; over TLS, what it
+//! reads goes through the TLS session: session tickets are not garbage,
+//! a close_notify is a close). A TLS handshake that fails (an unknown CA,
+//! a wrong name, no client certificate where one is required) fails the
+//! batch with rustls's reason; nothing of it counts as sent. Plain TCP syslog
 //! has no application acknowledgement: a receiver that dies can lose what
 //! it had read but not yet written. So after a reconnect the previous
 //! batch of the failed connection is written again before the next:
@@ -34,20 +39,27 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use super::{Item, Sink};
-use crate::config::outputs::{OutputSpec, facility_code};
+use crate::config::outputs::{OutputSpec, TlsSpec, facility_code};
+
+/// How long, at most, a new TLS 1.3 connection waits for the receiver's
+/// verdict on the client certificate it asked for
+/// ([`super::tls::TlsStream::handshake`]).
+#[cfg(feature = "tls")]
+const TLS_VERDICT: Duration = Duration::from_secs(2);
 
 /// The APP-NAME of every message.
 pub const APP_NAME: &str = "daemoneye";
 
-/// A syslog receiver over TCP.
+/// A syslog receiver over TCP or TLS.
 pub struct SyslogSink {
     name: String,
     address: String,
     facility: u8,
     timeout: Duration,
+    tls: Option<TlsSpec>,
     hostname: String,
     procid: String,
-    stream: Option<TcpStream>,
+    stream: Option<Conn>,
     /// The frames of the last batch accepted on the current connection,
     /// written again first on the next connection.
     last: Vec<u8>,
@@ -55,19 +67,52 @@ pub struct SyslogSink {
     resent_bytes: u64,
 }
 
+/// One connection to the receiver.
+enum Conn {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<super::tls::TlsStream>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => &s.stream.sock,
+        }
+    }
+
+    /// Writes `frames` whole, then checks the receiver kept the
+    /// connection open.
+    fn write(&mut self, frames: &[u8]) -> Result<(), String> {
+        let written = match self {
+            Conn::Plain(s) => s.write_all(frames).and_then(|()| s.flush()),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.stream.write_all(frames).and_then(|()| s.stream.flush()),
+        };
+        written.map_err(|e| format!("write: {e}"))?;
+        self.tcp().set_nonblocking(true).map_err(|e| e.to_string())?;
+        let verdict = match self {
+            Conn::Plain(s) => check_open(s),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => check_open(&mut s.stream),
+        };
+        self.tcp().set_nonblocking(false).map_err(|e| e.to_string())?;
+        verdict
+    }
+}
+
 impl SyslogSink {
     /// A sink for `spec` (a syslog output); connects at the first batch.
     pub fn new(spec: &OutputSpec) -> SyslogSink {
-        let s = spec.syslog.clone().unwrap_or_else(|| crate::config::outputs::SyslogSpec {
-            address: String::new(),
-            facility: "local0".into(),
-            timeout_ms: 10_000,
-        });
+        let s = spec.syslog.clone().expect("a syslog output has syslog settings (validated)");
         SyslogSink {
             name: spec.name.clone(),
             facility: facility_code(&s.facility).unwrap_or(16),
             address: s.address,
             timeout: Duration::from_millis(s.timeout_ms),
+            tls: s.tls,
             hostname: header_field(daemoneye_platform::hostname().unwrap_or("-"), 255),
             procid: std::process::id().to_string(),
             stream: None,
@@ -76,15 +121,17 @@ impl SyslogSink {
         }
     }
 
-    fn connect(&self) -> Result<TcpStream, String> {
+    fn connect(&self) -> Result<Conn, String> {
         let addrs = self.address.to_socket_addrs().map_err(|e| format!("{}: {e}", self.address))?;
         let mut last = format!("{}: resolves to no address", self.address);
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, self.timeout) {
                 Ok(s) => {
+                    // Reads too: a TLS handshake waits for the receiver.
                     s.set_write_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
                     s.set_nodelay(true).map_err(|e| e.to_string())?;
-                    return Ok(s);
+                    return self.secure(s).map_err(|e| format!("{}: {e}", self.address));
                 }
                 Err(e) => last = format!("connect to {addr}: {e}"),
             }
@@ -92,12 +139,25 @@ impl SyslogSink {
         Err(last)
     }
 
-    /// Writes `frames` whole, then checks the receiver kept the
-    /// connection open.
-    fn write(stream: &mut TcpStream, frames: &[u8]) -> Result<(), String> {
-        stream.write_all(frames).map_err(|e| format!("write: {e}"))?;
-        stream.flush().map_err(|e| format!("write: {e}"))?;
-        check_open(stream)
+    /// `tcp` as it is, or wrapped in TLS when the output has `tls:` (its
+    /// files read again: a renewed certificate is used from now on).
+    fn secure(&self, tcp: TcpStream) -> Result<Conn, String> {
+        let Some(tls) = &self.tls else { return Ok(Conn::Plain(tcp)) };
+        #[cfg(feature = "tls")]
+        {
+            let host = match &tls.server_name {
+                Some(name) => name.as_str(),
+                None => self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h),
+            };
+            let mut stream = super::tls::TlsStream::new(tls, host, tcp)?;
+            stream.handshake(self.timeout.min(TLS_VERDICT))?;
+            Ok(Conn::Tls(Box::new(stream)))
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = (tls, tcp);
+            Err("this agent was built without TLS".to_owned())
+        }
     }
 
     fn frame_into(&self, item: &Item, out: &mut Vec<u8>) {
@@ -126,7 +186,7 @@ impl Sink for SyslogSink {
                 let mut s = self.connect()?;
                 if !self.last.is_empty() {
                     // What the failed connection may have dropped.
-                    Self::write(&mut s, &self.last)?;
+                    s.write(&self.last).map_err(|e| format!("{}: {e}", self.address))?;
                     self.resent_bytes += self.last.len() as u64;
                     log::info!(
                         "output {}: connected to {}; the previous batch ({} bytes) written again",
@@ -138,14 +198,14 @@ impl Sink for SyslogSink {
                 s
             }
         };
-        match Self::write(&mut stream, &frames) {
+        match stream.write(&frames) {
             Ok(()) => {
                 self.stream = Some(stream);
                 self.last = frames;
                 Ok(())
             }
             Err(e) => {
-                let _ = stream.shutdown(Shutdown::Both);
+                let _ = stream.tcp().shutdown(Shutdown::Both);
                 Err(format!("{}: {e}", self.address))
             }
         }
@@ -168,23 +228,23 @@ fn header_field(s: &str, max: usize) -> String {
 
 /// A syslog receiver sends nothing: end of stream or an error means it
 /// closed the connection (what it had not processed may be lost), and
-/// bytes are garbage, read and dropped (with a warning).
-fn check_open(stream: &mut TcpStream) -> Result<(), String> {
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+/// bytes are garbage, read and dropped (with a warning). `stream` is
+/// non-blocking; over TLS it is the session, which takes in the
+/// receiver's protocol messages (tickets, key updates) and yields only
+/// data.
+fn check_open(stream: &mut impl Read) -> Result<(), String> {
     let mut buf = [0u8; 4096];
-    let verdict = loop {
+    loop {
         match stream.read(&mut buf) {
-            Ok(0) => break Err("the receiver closed the connection".to_owned()),
+            Ok(0) => return Err("the receiver closed the connection".to_owned()),
             Ok(n) => {
                 log::warn!("syslog receiver sent {n} unexpected bytes; ignored");
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => break Err(format!("connection: {e}")),
+            Err(e) => return Err(format!("connection: {e}")),
         }
-    };
-    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    verdict
+    }
 }
 
 #[cfg(test)]
