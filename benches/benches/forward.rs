@@ -9,7 +9,9 @@
 //! commit to the line in the output's file). `-- down` instead measures
 //! this process's RSS while an output's receiver is down for
 //! `DAEMONEYE_BENCH_DOWN_SECS` (default 600) at 1,000 events/s. Owns
-//! `main`; rsyslog's case needs rsyslogd (package rsyslog).
+//! `main`; rsyslog's cases need rsyslogd (package rsyslog), its TLS case
+//! rsyslog-openssl and the openssl command (and the `tls` feature, on by
+//! default).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -25,6 +27,7 @@ use daemoneye_benches::{cpu_of, rss_kib};
 use daemoneye_contract::event::EventKind;
 use daemoneye_contract::testing::{envelope, record};
 use daemoneye_store::EventStore;
+use daemoneye_tests::forwarding::Pki;
 
 const EVENTS: u64 = 100_000;
 
@@ -112,29 +115,57 @@ fn main() {
 
     lag(dir.path());
 
-    // rsyslog over TCP.
+    // rsyslog over TCP, then over TLS (its OpenSSL driver).
     let Some(rsyslogd) = ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"].into_iter().find(|p| Path::new(p).exists())
     else {
         println!("rsyslog: skipped (rsyslogd is not installed: apt-get install rsyslog)");
         return;
     };
+    rsyslog(dir.path(), &db, rsyslogd, None);
+    if cfg!(feature = "tls") {
+        let pki = Pki::make(&dir.path().join("pki"));
+        rsyslog(dir.path(), &db, rsyslogd, Some(&pki));
+    }
+}
+
+/// Delivers the store into a real rsyslogd on a loopback port; with
+/// `tls`, over TLS (the PKI's server certificate, no client certificate
+/// asked for).
+fn rsyslog(dir: &Path, db: &Path, rsyslogd: &str, tls: Option<&Pki>) {
     let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let out = dir.path().join("rsyslog.out");
-    std::fs::create_dir_all(dir.path().join("work")).expect("work dir");
+    let name = if tls.is_some() { "tls" } else { "tcp" };
+    let out = dir.join(format!("rsyslog-{name}.out"));
+    let work = dir.join(format!("work-{name}"));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let (driver, imtcp, settings) = match tls {
+        None => (String::new(), String::new(), String::new()),
+        Some(pki) => (
+            format!(
+                " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{}\" \
+                 DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\"",
+                pki.file("ca.pem"),
+                pki.file("server.pem"),
+                pki.file("server.key")
+            ),
+            " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\"".to_owned(),
+            format!(", tls: {{ca_file: {}}}", pki.file("ca.pem")),
+        ),
+    };
     let conf = format!(
-        "global(workDirectory=\"{}\" maxMessageSize=\"256k\")\nmodule(load=\"imtcp\")\n\
+        "global(workDirectory=\"{}\" maxMessageSize=\"256k\"{driver})\nmodule(load=\"imtcp\"{imtcp})\n\
          template(name=\"t\" type=\"string\" string=\"%msg%\\n\")\n\
          ruleset(name=\"r\") {{ action(type=\"omfile\" file=\"{}\" template=\"t\") }}\n\
          input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\" ruleset=\"r\")\n",
-        dir.path().join("work").display(),
+        work.display(),
         out.display()
     );
-    std::fs::write(dir.path().join("rsyslog.conf"), conf).expect("conf");
+    let conf_path = dir.join(format!("rsyslog-{name}.conf"));
+    std::fs::write(&conf_path, conf).expect("conf");
     let mut child = Command::new(rsyslogd)
         .args(["-n", "-f"])
-        .arg(dir.path().join("rsyslog.conf"))
+        .arg(&conf_path)
         .arg("-i")
-        .arg(dir.path().join("rsyslog.pid"))
+        .arg(dir.join(format!("rsyslog-{name}.pid")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -147,9 +178,10 @@ fn main() {
     }
     let rs_cpu0 = cpu_of(child.id());
     let yaml = format!(
-        "outputs:\n  - {{name: siem, type: syslog, batch_max: 1000, syslog: {{address: \"127.0.0.1:{port}\"}}}}\n"
+        "outputs:\n  - {{name: siem-{name}, type: syslog, batch_max: 1000, \
+         syslog: {{address: \"127.0.0.1:{port}\"{settings}}}}}\n"
     );
-    let (secs, cpu) = run(&db, &yaml);
+    let (secs, cpu) = run(db, &yaml);
     let t = Instant::now();
     while (lines(&out) as u64) < EVENTS && t.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(50));
@@ -157,7 +189,7 @@ fn main() {
     let rs_cpu = cpu_of(child.id()).ms_since(&rs_cpu0, 100);
     let _ = child.kill();
     let _ = child.wait();
-    report("rsyslog (TCP, loopback)", secs, cpu);
+    report(if tls.is_some() { "rsyslog (TLS, loopback)" } else { "rsyslog (TCP, loopback)" }, secs, cpu);
     println!(
         "  rsyslog wrote {} of {EVENTS} messages; its CPU {:.0} ms per 1,000 events",
         lines(&out),
