@@ -137,20 +137,8 @@ fn rsyslog(dir: &Path, db: &Path, rsyslogd: &str, tls: Option<&Pki>) {
     let out = dir.join(format!("rsyslog-{name}.out"));
     let work = dir.join(format!("work-{name}"));
     std::fs::create_dir_all(&work).expect("work dir");
-    let (driver, imtcp, settings) = match tls {
-        None => (String::new(), String::new(), String::new()),
-        Some(pki) => (
-            format!(
-                " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{}\" \
-                 DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\"",
-                pki.file("ca.pem"),
-                pki.file("server.pem"),
-                pki.file("server.key")
-            ),
-            " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\"".to_owned(),
-            format!(", tls: {{ca_file: {}}}", pki.file("ca.pem")),
-        ),
-    };
+    let (driver, imtcp) = tls.map(|pki| pki.rsyslog_params("anon")).unwrap_or_default();
+    let settings = tls.map(|pki| format!(", tls: {{ca_file: {}}}", pki.file("ca.pem"))).unwrap_or_default();
     let conf = format!(
         "global(workDirectory=\"{}\" maxMessageSize=\"256k\"{driver})\nmodule(load=\"imtcp\"{imtcp})\n\
          template(name=\"t\" type=\"string\" string=\"%msg%\\n\")\n\

@@ -345,8 +345,10 @@ fn bench_n(bin: &Path, n: usize, steady: usize) -> Result<(), String> {
     let snap_events = first.events;
     let snap_procs = first.processes;
 
-    // 2. Its events delivered and acknowledged (the WAL emptied).
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // 2. Its events delivered and acknowledged (the WAL emptied); with
+    // long intervals, a few cycles' worth more time.
+    let wait = Duration::from_secs(120 + 4 * interval_secs());
+    let deadline = Instant::now() + wait;
     let mut h = loop {
         let h = agent.health(Duration::from_secs(5))?;
         if agent.counts.events.load(Ordering::Relaxed) >= h.events && h.unacknowledged_events == 0 {
@@ -354,7 +356,8 @@ fn bench_n(bin: &Path, n: usize, steady: usize) -> Result<(), String> {
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "events not delivered within 120 s: produced {}, received {}, unacknowledged {}",
+                "events not delivered within {} s: produced {}, received {}, unacknowledged {}",
+                wait.as_secs(),
                 h.events,
                 agent.counts.events.load(Ordering::Relaxed),
                 h.unacknowledged_events

@@ -147,6 +147,26 @@ impl Pki {
     pub fn file(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
+
+    /// rsyslog's TLS settings with this PKI's server certificate (its
+    /// `ossl` driver): the parameters to add to `global(...)` and to
+    /// `module(load="imtcp" ...)`. `auth_mode`: `anon` (no client
+    /// certificate asked for) or `x509/certvalid` (one of this CA's
+    /// required).
+    pub fn rsyslog_params(&self, auth_mode: &str) -> (String, String) {
+        (
+            format!(
+                " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{}\" \
+                 DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\"",
+                self.file("ca.pem"),
+                self.file("server.pem"),
+                self.file("server.key")
+            ),
+            format!(
+                " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"{auth_mode}\""
+            ),
+        )
+    }
 }
 
 /// A `socat` this test started that takes TLS on a loopback port (the

@@ -31,20 +31,7 @@ impl Rsyslog {
     fn start(dir: &Path, port: u16, tls: Option<&Pki>) -> Rsyslog {
         let work = dir.join("work");
         std::fs::create_dir_all(&work).unwrap();
-        let (driver, imtcp) = match tls {
-            None => (String::new(), String::new()),
-            Some(pki) => (
-                format!(
-                    " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{}\" \
-                     DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\"",
-                    pki.file("ca.pem"),
-                    pki.file("server.pem"),
-                    pki.file("server.key")
-                ),
-                " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"x509/certvalid\""
-                    .to_owned(),
-            ),
-        };
+        let (driver, imtcp) = tls.map(|pki| pki.rsyslog_params("x509/certvalid")).unwrap_or_default();
         let conf = format!(
             "global(workDirectory=\"{work}\" maxMessageSize=\"256k\"{driver})\n\
              module(load=\"imtcp\"{imtcp})\n\
