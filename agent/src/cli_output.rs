@@ -302,6 +302,8 @@ pub struct OutputStatus {
     pub sent: u64,
     /// Failed attempts (all time).
     pub retried: u64,
+    /// Documents sent again (a bound on the duplicates at the receiver).
+    pub resent: u64,
     /// Events retention deleted before it sent them.
     pub lost: u64,
     /// The last failure since the last success.
@@ -325,6 +327,7 @@ impl OutputStatus {
             lag_secs: lag.1.map_or(0, |t| now_ms.saturating_sub(t) / 1000),
             sent: c.sent,
             retried: c.retried,
+            resent: c.resent,
             lost: c.lost,
             last_error: c.last_error,
             events_through: c.events_through,
@@ -356,7 +359,8 @@ pub fn render_outputs(outputs: &[OutputStatus]) -> String {
     if outputs.is_empty() {
         return String::new();
     }
-    let headers = ["OUTPUT", "STATE", "LAG (EVENTS)", "LAG (S)", "SENT", "RETRIED", "LOST", "LAST ERROR"];
+    let headers =
+        ["OUTPUT", "STATE", "LAG (EVENTS)", "LAG (S)", "SENT", "RETRIED", "RESENT", "LOST", "LAST ERROR"];
     let rows: Vec<Vec<String>> = outputs
         .iter()
         .map(|o| {
@@ -367,6 +371,7 @@ pub fn render_outputs(outputs: &[OutputStatus]) -> String {
                 o.lag_secs.to_string(),
                 o.sent.to_string(),
                 o.retried.to_string(),
+                o.resent.to_string(),
                 o.lost.to_string(),
                 o.last_error.clone().unwrap_or_else(|| "-".to_owned()),
             ]

@@ -20,7 +20,11 @@
 //!   reads holds neither the store writer nor the collectors nor the other
 //!   outputs. A failed delivery is retried, the same rows again, after a
 //!   wait of exponential backoff with full jitter (a random time between 0
-//!   and `retry_min_ms * 2^failures`, capped at `retry_max_ms`).
+//!   and `retry_min_ms * 2^failures`, capped at `retry_max_ms`). What is
+//!   sent again (the failed batch, which may have partly arrived; the
+//!   syslog output's last batch after a reconnect) is counted in the
+//!   output's `resent`: an upper bound on the duplicates a receiver holds
+//!   (a crash of the agent aside: then at most one batch, uncounted).
 //! - Retention never deletes unsent rows silently: the store counts the
 //!   rows each chunk deleted above an output's cursor in its `lost`; the
 //!   output logs an error and raises the alert [`OUTPUT_LOST_RULE`] when
@@ -76,6 +80,13 @@ pub struct Item {
 pub trait Sink: std::marker::Send {
     /// Delivers `batch`; `Ok` only when the receiver accepted all of it.
     fn deliver(&mut self, batch: &[Item]) -> Result<(), String>;
+
+    /// Documents it wrote again on its own since the last call (syslog:
+    /// the last batch of a broken connection), which the receiver may
+    /// hold twice.
+    fn take_resent(&mut self) -> u64 {
+        0
+    }
 }
 
 /// Why forwarding did not start.
@@ -193,7 +204,17 @@ impl OutputHandle {
         );
         let thread_name = format!("agent-output-{}", spec.name);
         let (stop, stop_rx) = bounded(1);
-        let actor = OutputActor { cursor, spec, sink, reader, conn, alert, failures: 0, stop: stop_rx };
+        let actor = OutputActor {
+            cursor,
+            spec,
+            sink,
+            reader,
+            conn,
+            alert,
+            failures: 0,
+            failed_batch: 0,
+            stop: stop_rx,
+        };
         let thread = std::thread::Builder::new()
             .name(thread_name.clone())
             .spawn(move || actor.run())
@@ -224,6 +245,10 @@ struct OutputActor {
     alert: AlertFn,
     /// Consecutive failed attempts.
     failures: u32,
+    /// Documents of the last failed batch: sent again by the next
+    /// attempt, the receiver may have taken some (counted in `resent`
+    /// when it succeeds).
+    failed_batch: u64,
     stop: Receiver<()>,
 }
 
@@ -284,6 +309,8 @@ impl OutputActor {
             if let Err(e) = self.sink.deliver(&items) {
                 self.failures = self.failures.saturating_add(1);
                 self.cursor.retried += 1;
+                self.failed_batch = items.len() as u64;
+                self.cursor.resent += self.sink.take_resent();
                 if self.failures == 1 {
                     log::warn!("output {}: delivery failed (retrying with backoff): {e}", self.spec.name);
                 } else {
@@ -303,6 +330,7 @@ impl OutputActor {
             }
         }
         self.failures = 0;
+        self.cursor.resent += std::mem::take(&mut self.failed_batch) + self.sink.take_resent();
         self.cursor.sent += items.len() as u64;
         self.cursor.events_through = events_through;
         self.cursor.alerts_through = alerts_through;
@@ -551,6 +579,8 @@ mod tests {
         );
         let r = row(&store);
         assert_eq!((r.sent, r.state.as_str(), r.last_error), (5, "stopped", None));
+        // The batch that failed (4 rows, 2 of them started) went again.
+        assert_eq!(r.resent, 2);
         let max_id = store.query(&EventQuery::default()).unwrap().last().unwrap().id;
         assert_eq!(r.events_through, max_id);
 

@@ -11,7 +11,8 @@
 //! last heartbeat) unacknowledged events, their age and the WAL's size;
 //! the store's counters (events, duplicates, alerts, pruned, errors); the
 //! broker's (connections, published, delivered, dropped, refused); per
-//! output its state, lag in events and seconds, sent, retried and lost.
+//! output its state, lag in events and seconds, sent, retried, resent and
+//! lost.
 //! `daemoneye_metrics_timestamp_seconds` says when the file was written:
 //! alert on `time() - daemoneye_metrics_timestamp_seconds` to catch an
 //! agent that stopped writing it. Counters count since the agent started
@@ -309,7 +310,7 @@ pub fn render(s: &AgentStatus, outputs: &[OutputStatus], now_ms: u64) -> String 
         m.sample(&[], Value::N(v));
     }
 
-    let output_families: [Family<OutputStatus, u64>; 6] = [
+    let output_families: [Family<OutputStatus, u64>; 7] = [
         ("output_up", "gauge", "1 when the output's last delivery succeeded.", |o| {
             u64::from(o.state == "ok")
         }),
@@ -317,6 +318,7 @@ pub fn render(s: &AgentStatus, outputs: &[OutputStatus], now_ms: u64) -> String 
         ("output_lag_seconds", "gauge", "How old the oldest of them is.", |o| o.lag_secs),
         ("output_sent_total", "counter", "Events and alerts the output's receiver accepted.", |o| o.sent),
         ("output_retried_total", "counter", "Failed delivery attempts.", |o| o.retried),
+        ("output_resent_total", "counter", "Documents sent again (a bound on duplicates).", |o| o.resent),
         ("output_lost_total", "counter", "Events retention deleted before the output sent them.", |o| o.lost),
     ];
     if !outputs.is_empty() {

@@ -220,6 +220,8 @@ fn every_event_reaches_rsyslog_across_a_sigkill(tls: bool) {
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     assert!(duplicates <= batch_max, "{duplicates} duplicates (more than one batch of {batch_max})");
     let c = cursor.unwrap();
+    // And counted: what was sent again bounds what arrived twice.
+    assert!(c.resent >= duplicates as u64 && c.resent > 0, "resent {} for {duplicates} duplicates", c.resent);
     assert!(c.sent >= events.iter().filter(|(id, _)| *id <= target).count() as u64);
     assert_eq!(c.lost, 0);
     assert!(sys.log().contains("output siem: delivering again after"), "{}", sys.tail());
@@ -230,6 +232,7 @@ fn every_event_reaches_rsyslog_across_a_sigkill(tls: bool) {
     let o = &doc["outputs"][0];
     assert_eq!((o["name"].as_str(), o["state"].as_str()), (Some("siem"), Some("ok")), "{doc}");
     assert!(o["retried"].as_u64().unwrap() > 0 && o["sent"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(o["resent"].as_u64(), Some(c.resent), "{doc}");
     assert_eq!(sys.stop(Duration::from_secs(30)).code(), Some(0));
 }
 

@@ -215,7 +215,9 @@ fn forged_acks_gaps_and_replies_onto_control_topics_change_nothing() {
     // It may follow alerts: an answer forged onto events.alert would show.
     let (mut watcher, _) = Raw::welcomed(&socket, "watcher").expect("watcher");
     watcher.sub("events.alert", Overflow::DropNewest);
-    assert_eq!(watcher.sync(1), Vec::new());
+    assert!(
+        watcher.sync(1).iter().all(|g| matches!(g, Got::Deliver { from, .. } if from == STORE_CLIENT_ID))
+    );
 
     let stored_before = watermarks(&sys.database()).iter().find(|(c, _)| c == "pm-a").map_or(0, |w| w.1);
     let ack = control::encode(&StoreAck { stream_id: 1, through: 1 << 62 });
@@ -264,7 +266,14 @@ fn forged_acks_gaps_and_replies_onto_control_topics_change_nothing() {
     let refused = got.iter().filter(|g| matches!(g, Got::Error(ErrorCode::Forbidden, _))).count();
     assert_eq!(refused, 7, "{got:?}");
     assert!(!got.iter().any(|g| matches!(g, Got::PubAck(_))), "{got:?}");
-    assert_eq!(watcher.sync(2), Vec::new(), "nothing reached events.alert");
+    // The store's own alerts may come (built-in rules on a busy host):
+    // anything else there was forged.
+    let forged: Vec<Got> = watcher
+        .sync(2)
+        .into_iter()
+        .filter(|g| !matches!(g, Got::Deliver { from, .. } if from == STORE_CLIENT_ID))
+        .collect();
+    assert_eq!(forged, Vec::new(), "nothing but the store's alerts reached events.alert");
 
     // Good events go on, stored exactly once; the collector's WAL was
     // never truncated past what the store holds.

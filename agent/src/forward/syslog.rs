@@ -61,10 +61,12 @@ pub struct SyslogSink {
     procid: String,
     stream: Option<Conn>,
     /// The frames of the last batch accepted on the current connection,
-    /// written again first on the next connection.
+    /// written again first on the next connection, and how many
+    /// documents they hold.
     last: Vec<u8>,
-    /// Bytes written again after reconnects (duplicates at the receiver).
-    resent_bytes: u64,
+    last_items: u64,
+    /// Documents written again after reconnects, not yet taken.
+    resent: u64,
 }
 
 /// One connection to the receiver.
@@ -117,7 +119,8 @@ impl SyslogSink {
             procid: std::process::id().to_string(),
             stream: None,
             last: Vec::new(),
-            resent_bytes: 0,
+            last_items: 0,
+            resent: 0,
         }
     }
 
@@ -187,7 +190,7 @@ impl Sink for SyslogSink {
                 if !self.last.is_empty() {
                     // What the failed connection may have dropped.
                     s.write(&self.last).map_err(|e| format!("{}: {e}", self.address))?;
-                    self.resent_bytes += self.last.len() as u64;
+                    self.resent += self.last_items;
                     log::info!(
                         "output {}: connected to {}; the previous batch ({} bytes) written again",
                         self.name,
@@ -202,6 +205,7 @@ impl Sink for SyslogSink {
             Ok(()) => {
                 self.stream = Some(stream);
                 self.last = frames;
+                self.last_items = batch.len() as u64;
                 Ok(())
             }
             Err(e) => {
@@ -209,6 +213,10 @@ impl Sink for SyslogSink {
                 Err(format!("{}: {e}", self.address))
             }
         }
+    }
+
+    fn take_resent(&mut self) -> u64 {
+        std::mem::take(&mut self.resent)
     }
 }
 

@@ -75,6 +75,7 @@ fn output(name: &str, state: &str) -> OutputStatus {
         lag_secs: 3,
         sent: 500,
         retried: 6,
+        resent: 2,
         lost: 1,
         last_error: None,
         events_through: 0,
@@ -176,6 +177,7 @@ fn every_family_is_declared_once_and_each_sample_is_well_formed() {
     assert_eq!(v(r#"daemoneye_output_lag_events{output="archive"}"#), 11.0);
     assert_eq!(v(r#"daemoneye_output_lag_seconds{output="siem"}"#), 3.0);
     assert_eq!(v(r#"daemoneye_output_lost_total{output="siem"}"#), 1.0);
+    assert_eq!(v(r#"daemoneye_output_resent_total{output="siem"}"#), 2.0);
 }
 
 #[test]

@@ -540,7 +540,7 @@ impl EventStore {
         configure(&conn).map_err(|e| open_error(path, e))?;
         init_schema(&mut conn, path)?;
         // Outside the versioned schema (the rules do not read it).
-        conn.execute_batch(outputs::SCHEMA).map_err(|e| open_error(path, e))?;
+        outputs::create(&conn).map_err(|e| open_error(path, e))?;
         Ok(EventStore { conn, path: path.to_owned() })
     }
 
@@ -556,7 +556,7 @@ impl EventStore {
             .map_err(|e| open_error(path, e))?;
         let tx = conn.transaction().map_err(|e| open_error(path, e))?;
         tx.execute_batch(SCHEMA).map_err(|e| open_error(path, e))?;
-        tx.execute_batch(outputs::SCHEMA).map_err(|e| open_error(path, e))?;
+        outputs::create(&tx).map_err(|e| open_error(path, e))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open_error(path, e))?;
         tx.commit().map_err(|e| open_error(path, e))?;
         Ok(EventStore { conn, path: path.to_owned() })

@@ -23,14 +23,16 @@
 //!     lost_alerted   INTEGER NOT NULL,  -- `lost` when last alerted
 //!     sent           INTEGER NOT NULL,  -- events and alerts accepted
 //!     retried        INTEGER NOT NULL,  -- failed attempts
+//!     resent         INTEGER NOT NULL,  -- documents sent again (duplicates' bound)
 //!     state          TEXT    NOT NULL,  -- 'ok', 'retrying', 'stopped'
 //!     last_error     TEXT,
 //!     updated_ms     INTEGER NOT NULL   -- Unix milliseconds
 //! ) WITHOUT ROWID;
 //! ```
 //!
-//! The table is outside the rules' schema version: created if missing by
-//! every writable open, read by the CLI only when present.
+//! The table is outside the rules' schema version: created (or, from a
+//! release before `resent`, given that column) by every writable open
+//! ([`create`]), read by the CLI only when present.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -44,6 +46,7 @@ CREATE TABLE IF NOT EXISTS output_cursors (
     lost_alerted   INTEGER NOT NULL DEFAULT 0,
     sent           INTEGER NOT NULL DEFAULT 0,
     retried        INTEGER NOT NULL DEFAULT 0,
+    resent         INTEGER NOT NULL DEFAULT 0,
     state          TEXT    NOT NULL DEFAULT 'ok',
     last_error     TEXT,
     updated_ms     INTEGER NOT NULL DEFAULT 0
@@ -67,6 +70,10 @@ pub struct OutputCursor {
     pub sent: u64,
     /// Failed delivery attempts.
     pub retried: u64,
+    /// Documents sent again after a failure, or written again after a
+    /// reconnect: a receiver may hold these twice (an upper bound on
+    /// the duplicates, a crash of the agent's aside).
+    pub resent: u64,
     /// `ok`, `retrying` or `stopped`.
     pub state: String,
     /// The last failure, if any since the last success.
@@ -75,10 +82,30 @@ pub struct OutputCursor {
     pub updated_ms: u64,
 }
 
+/// Creates the table when missing, and adds the columns a table made by
+/// an earlier release lacks.
+pub fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    if !has_resent(conn)? {
+        conn.execute_batch("ALTER TABLE output_cursors ADD COLUMN resent INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
+
+/// Whether the table has `resent` (a release before it made it).
+fn has_resent(conn: &Connection) -> rusqlite::Result<bool> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('output_cursors') WHERE name = 'resent'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
 /// Reads `name`'s row, creating it at the start (both cursors 0: a new
 /// output sends what the store holds) when missing.
 pub fn open_cursor(conn: &Connection, name: &str) -> rusqlite::Result<OutputCursor> {
-    conn.execute_batch(SCHEMA)?;
+    create(conn)?;
     conn.execute(
         "INSERT INTO output_cursors (name, events_through, alerts_through) VALUES (?1, 0, 0) \
          ON CONFLICT (name) DO NOTHING",
@@ -99,11 +126,13 @@ pub fn read(conn: &Connection, name: Option<&str>) -> rusqlite::Result<Vec<Outpu
     if exists.is_none() {
         return Ok(Vec::new());
     }
-    let mut stmt = conn.prepare(
+    // A store an earlier release wrote, opened read-only: no `resent`.
+    let resent = if has_resent(conn)? { "resent" } else { "0" };
+    let mut stmt = conn.prepare(&format!(
         "SELECT name, events_through, alerts_through, lost, sent, retried, state, last_error, updated_ms, \
-         lost_alerted \
-         FROM output_cursors WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
-    )?;
+         lost_alerted, {resent} \
+         FROM output_cursors WHERE ?1 IS NULL OR name = ?1 ORDER BY name"
+    ))?;
     let u = |v: i64| u64::try_from(v).unwrap_or(0);
     let rows = stmt.query_map(params![name], |r| {
         Ok(OutputCursor {
@@ -117,6 +146,7 @@ pub fn read(conn: &Connection, name: Option<&str>) -> rusqlite::Result<Vec<Outpu
             last_error: r.get(7)?,
             updated_ms: u(r.get(8)?),
             lost_alerted: u(r.get(9)?),
+            resent: u(r.get(10)?),
         })
     })?;
     rows.collect()
@@ -129,7 +159,7 @@ pub fn write(conn: &Connection, c: &OutputCursor) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE output_cursors SET events_through = max(events_through, ?2), \
          alerts_through = max(alerts_through, ?3), sent = ?4, retried = ?5, state = ?6, last_error = ?7, \
-         updated_ms = ?8, lost_alerted = max(lost_alerted, ?9) WHERE name = ?1",
+         updated_ms = ?8, lost_alerted = max(lost_alerted, ?9), resent = ?10 WHERE name = ?1",
         params![
             c.name,
             c.events_through,
@@ -139,7 +169,8 @@ pub fn write(conn: &Connection, c: &OutputCursor) -> rusqlite::Result<()> {
             c.state,
             c.last_error,
             i(c.updated_ms),
-            i(c.lost_alerted)
+            i(c.lost_alerted),
+            i(c.resent)
         ],
     )?;
     Ok(())

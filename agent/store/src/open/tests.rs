@@ -288,3 +288,34 @@ fn open_names_the_file_when_it_is_not_a_database() {
         other => panic!("expected Open, got {other:?}"),
     }
 }
+
+#[test]
+fn an_output_table_from_before_resent_is_read_as_zero_and_gains_the_column_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    drop(EventStore::open(&path).unwrap());
+    {
+        // The table as the release before `resent` made it, with a row.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE output_cursors;
+             CREATE TABLE output_cursors (name TEXT PRIMARY KEY, events_through INTEGER NOT NULL,
+               alerts_through INTEGER NOT NULL, lost INTEGER NOT NULL DEFAULT 0,
+               lost_alerted INTEGER NOT NULL DEFAULT 0, sent INTEGER NOT NULL DEFAULT 0,
+               retried INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'ok', last_error TEXT,
+               updated_ms INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+             INSERT INTO output_cursors (name, events_through, alerts_through, sent) VALUES ('siem', 7, 2, 9);",
+        )
+        .unwrap();
+    }
+    // The CLI reads it as it is.
+    let old = outputs::read(EventStore::open_read_only(&path).unwrap().connection(), None).unwrap();
+    assert_eq!((old[0].events_through, old[0].sent, old[0].resent), (7, 9, 0));
+    // The agent's open adds the column; the row keeps its values.
+    let store = EventStore::open(&path).unwrap();
+    let mut c = outputs::open_cursor(store.connection(), "siem").unwrap();
+    assert_eq!((c.events_through, c.alerts_through, c.sent, c.resent), (7, 2, 9, 0));
+    c.resent = 5;
+    outputs::write(store.connection(), &c).unwrap();
+    assert_eq!(outputs::read(store.connection(), Some("siem")).unwrap()[0].resent, 5);
+}
