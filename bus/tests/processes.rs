@@ -271,8 +271,14 @@ fn refused_uid(dir: &Path) -> Result<Option<String>, String> {
     if line != "refused Forbidden" {
         return Err(format!("a uid-65534 peer got {line:?}"));
     }
-    if broker.stats().refused < 1 {
-        return Err("the refusal was not counted".into());
+    // The counters reach `stats()` when the reactor next publishes them,
+    // which may be after the refusal was written.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while broker.stats().refused < 1 {
+        if std::time::Instant::now() > deadline {
+            return Err("the refusal was not counted within 10 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(Some("a uid-65534 peer was refused with Forbidden".into()))
 }
