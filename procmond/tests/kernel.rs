@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use daemoneye_contract::control::{EventSourceStatus, RpcRequest};
 use daemoneye_contract::event::{Change, EventEnvelope, EventKind, EventSource, ProcessEvent};
-use daemoneye_platform::ExitStatus;
+
+use daemoneye_platform::{ExitStatus, Unavailable};
 use support::{FakeAgent, Procmond, broker, rand_u64, socket_path, wait_until};
 use tempfile::TempDir;
 
@@ -233,7 +234,9 @@ fn wait_for_a_later_walk(pm: &Procmond) {
     let later = || {
         pm.log().lines().filter(|l| l.contains(CYCLE_LINE)).filter_map(walk_began_unix_ms).any(|b| b > now)
     };
-    assert!(wait_until(Duration::from_secs(15), later), "a walk within 15 s: {}", pm.log());
+    // Six intervals: on a host with 10,000 processes and a build beside
+    // it a walk takes seconds and a cycle can slip.
+    assert!(wait_until(Duration::from_secs(30), later), "a walk within 30 s: {}", pm.log());
 }
 
 fn args(e: &ProcessEvent) -> &[String] {
@@ -437,7 +440,13 @@ fn check_storm(ev: &Events, storm: &Started, overruns: u64, uid: u32) -> StormFi
                     };
                     if let Some(x) = evs.iter().find(|x| full(x)) {
                         let d = &x.process.details;
-                        assert_eq!(d.credentials.map(|c| (c.uid, c.euid)), Ok((uid, uid)), "{tok}: {x:#?}");
+                        // A millisecond process may exit between the reads of
+                        // its files (on a loaded host): gone, never wrong.
+                        let creds = d.credentials.map(|c| (c.uid, c.euid));
+                        assert!(
+                            creds == Ok((uid, uid)) || creds == Err(Unavailable::Vanished),
+                            "{tok}: {x:#?}"
+                        );
                         f.full_argv += 1;
                     } else {
                         missed_at.push(i);
