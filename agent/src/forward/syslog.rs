@@ -370,6 +370,9 @@ mod tests {
     fn bytes_from_the_receiver_are_dropped_and_the_batch_still_delivered() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut sink = SyslogSink::new(&spec(listener.local_addr().unwrap().to_string()));
+        // The receiver keeps the connection until the last delivery is
+        // done (a close seen by its check would fail it).
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         let garbage = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             conn.write_all(b"\x00\xffgarbage\n").unwrap();
@@ -382,6 +385,7 @@ mod tests {
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
             }
+            let _ = done.recv_timeout(Duration::from_secs(10));
             unframe(&got).len()
         });
         sink.deliver(&[item(1)]).unwrap();
@@ -389,6 +393,7 @@ mod tests {
         // reads and drops what came.
         sink.deliver(&[item(2)]).unwrap();
         sink.deliver(&[item(3)]).unwrap();
+        done_tx.send(()).unwrap();
         assert_eq!(garbage.join().unwrap(), 3);
     }
 }
