@@ -210,6 +210,15 @@ impl Tracker {
         Some(self.for_event(newest.record.clone()))
     }
 
+    /// Bytes of the tracker's table, estimated for memory benchmarks
+    /// (hashbrown: buckets a power of two, one control byte each): the
+    /// records' inline part, not their heap (names, shared details).
+    pub fn table_bytes(&self) -> usize {
+        let cap = self.live.capacity();
+        let buckets = if cap == 0 { 0 } else { (cap * 8 / 7).next_power_of_two() };
+        buckets * (size_of::<(ProcessKey, Tracked)>() + 1)
+    }
+
     /// Command lines sanitized so far (a steady cycle adds none).
     pub fn sanitized_count(&self) -> u64 {
         self.sanitized
@@ -253,8 +262,9 @@ impl Tracker {
     }
 
     /// The processes reported as running (sanitized), for a checkpoint.
-    pub fn reported(&self) -> Vec<ProcessRecord> {
-        self.live.values().filter(|t| t.reported).map(|t| t.record.clone()).collect()
+    /// Borrowed: a checkpoint encodes them without copying any.
+    pub fn reported(&self) -> Vec<&ProcessRecord> {
+        self.live.values().filter(|t| t.reported).map(|t| &t.record).collect()
     }
 
     /// Takes the processes a previous run reported as running (from a

@@ -257,19 +257,21 @@ impl Actor {
             return;
         }
         let (stream_id, through_seq) = self.sink.position();
-        let cp = crate::checkpoint::Checkpoint {
-            boot_id: daemoneye_platform::boot_id().unwrap_or_default(),
-            backend: self.source.backend().to_owned(),
+        let boot_id = daemoneye_platform::boot_id().unwrap_or_default();
+        let header = crate::checkpoint::Header {
+            boot_id: &boot_id,
+            backend: self.source.backend(),
             stream_id,
             through_seq,
             written_unix_ms: unix_ms(),
-            processes: self.tracker.reported(),
         };
-        match crate::checkpoint::write(&path, &cp) {
+        // Borrowed: the tracker's records are encoded, never copied.
+        let processes = self.tracker.reported();
+        match crate::checkpoint::write_records(&path, header, &processes) {
             Ok(()) => {
                 self.checkpointed_at_events = Some(self.n.events);
                 self.sink.checkpointed(through_seq);
-                log::debug!("checkpoint: {} processes through seq {through_seq}", cp.processes.len());
+                log::debug!("checkpoint: {} processes through seq {through_seq}", processes.len());
             }
             Err(e) => {
                 self.n.errors += 1;
@@ -323,10 +325,13 @@ impl Actor {
     /// (one WAL append and fsync each), so a 10,000-process snapshot never
     /// has all its encoded copies in memory at once. What a chunk failure
     /// leaves is kept, in order, for the next cycle.
-    pub(super) fn submit(&mut self, mut events: Vec<ProcessEvent>) {
-        while !events.is_empty() {
-            let rest = events.split_off(events.len().min(SUBMIT_CHUNK));
-            let chunk = std::mem::replace(&mut events, rest);
+    pub(super) fn submit(&mut self, events: Vec<ProcessEvent>) {
+        // Chunks are taken off the front of one iterator: the rest is
+        // neither copied per chunk nor cloned (only the chunk in hand is,
+        // for a retry).
+        let mut events = events.into_iter();
+        while events.len() > 0 {
+            let chunk: Vec<ProcessEvent> = events.by_ref().take(SUBMIT_CHUNK).collect();
             let kept = chunk.clone();
             match self.sink.submit(chunk) {
                 Ok(envelopes) => {
@@ -350,7 +355,7 @@ impl Actor {
                         kept.len() + events.len()
                     );
                     let mut unsent = kept;
-                    unsent.append(&mut events);
+                    unsent.extend(events);
                     if unsent.len() > MAX_UNSENT {
                         let lost = unsent.len() - MAX_UNSENT;
                         log::error!("dropping the {lost} oldest undeliverable events (over {MAX_UNSENT})");
