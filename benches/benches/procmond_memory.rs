@@ -113,6 +113,11 @@ fn bench_n(n: usize, steady: usize) -> Result<(), String> {
     println!("| kept per process (estimate) | bytes |");
     println!("|---|---:|");
     println!("| `ProcessRecord` (inline) | {} |", size_of::<ProcessRecord>());
+    println!(
+        "| (an event in flight, inline: `ProcessEvent` {} B, `EventEnvelope` {} B) | |",
+        size_of::<daemoneye_contract::event::ProcessEvent>(),
+        size_of::<daemoneye_contract::event::EventEnvelope>()
+    );
     println!("| `ProcessDetails` (inline, in its `Arc`) | {} |", chunk(size_of::<ProcessDetails>() + 16));
     println!("| details' heap (exe, cwd, argv, user) | {:.0} |", per(heap));
     println!("| name (`String` heap) | {:.0} |", per(names));

@@ -790,6 +790,9 @@ impl ProcessSource for ProcFs {
         pids.clear();
         pids.extend(rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()));
         self.scratch.stats.listed = pids.len() as u32;
+        // Room for every pid listed at once (a first snapshot does not
+        // grow the table step by step).
+        self.known.reserve(pids.len().saturating_sub(self.known.len()));
         let out = if self.parallel && self.known.is_empty() && pids.len() >= PARALLEL_MIN {
             self.first_snapshot_parallel(&pids)
         } else {

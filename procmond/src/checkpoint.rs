@@ -31,7 +31,7 @@
 //! allocated for it.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use daemoneye_platform::ProcessRecord;
@@ -145,8 +145,8 @@ pub fn write(path: &Path, cp: &Checkpoint) -> Result<(), CheckpointError> {
 }
 
 /// Writes a checkpoint of borrowed records to `path` atomically (see the
-/// module docs): what [`write`] writes, encoded straight into the one
-/// buffer that is written (no copy of the records, no second buffer).
+/// module docs): what [`write`] writes, encoded straight into the file
+/// (no copy of the records, no buffer of the whole body).
 pub fn write_records<P: Serialize>(
     path: &Path,
     header: Header<'_>,
@@ -162,19 +162,44 @@ pub fn write_records<P: Serialize>(
         written_unix_ms: header.written_unix_ms,
         processes,
     };
-    // The header's place first, filled in once the body's length is known.
-    let mut bytes =
-        postcard::to_extend(&body, vec![0u8; HEADER]).map_err(|e| io("encode", std::io::Error::other(e)))?;
-    let len = (bytes.len() - HEADER) as u64;
-    let crc = crc32c::crc32c(&bytes[HEADER..]);
-    bytes[..8].copy_from_slice(MAGIC);
-    bytes[8..16].copy_from_slice(&len.to_le_bytes());
-    bytes[16..HEADER].copy_from_slice(&crc.to_le_bytes());
-    // `<name>.tmp` (mode 0600 whatever the umask, O_EXCL after removing a
-    // leftover, so a planted link is never written through), fsync,
-    // rename, directory fsync.
-    daemoneye_platform::files::replace_private_file(path, &bytes).map_err(|e| io("write", e))?;
-    Ok(())
+    // Streamed into the file through a small buffer, the body's length
+    // and checksum counted on the way; the header's place is written
+    // first and filled in last. No copy of the body is ever in memory.
+    daemoneye_platform::files::replace_private_file_with(path, |file| {
+        file.write_all(&[0u8; HEADER])?;
+        let mut out = Counted { inner: BufWriter::with_capacity(64 * 1024, &mut *file), len: 0, crc: 0 };
+        postcard::to_io(&body, &mut out).map_err(std::io::Error::other)?;
+        out.inner.flush()?;
+        let (len, crc) = (out.len, out.crc);
+        drop(out);
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&len.to_le_bytes());
+        header[16..].copy_from_slice(&crc.to_le_bytes());
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&header)
+    })
+    .map_err(|e| io("write", e))
+}
+
+/// A writer that counts the bytes through it and their CRC-32C.
+struct Counted<W> {
+    inner: W,
+    len: u64,
+    crc: u32,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.len += n as u64;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads the checkpoint at `path`: `None` when there is none.
