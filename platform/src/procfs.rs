@@ -589,7 +589,9 @@ impl Config {
 /// The Linux `/proc` process source.
 pub struct ProcFs {
     cfg: Config,
-    known: HashMap<u32, Known>,
+    /// Boxed: the table holds a pid and a pointer per bucket (up to twice
+    /// the pids it holds), not a whole entry.
+    known: HashMap<u32, Box<Known>>,
     generation: u64,
     scratch: Scratch,
     /// The pids listed this cycle (reused).
@@ -659,7 +661,8 @@ impl ProcFs {
         let buckets =
             if self.known.capacity() == 0 { 0 } else { (self.known.capacity() * 8 / 7).next_power_of_two() };
         let interned = self.scratch.details.len() * (size_of::<Arc<ProcessDetails>>() + 1) * 8 / 7;
-        buckets * (size_of::<(u32, Known)>() + 1) + interned
+        let entries = self.known.len() * (size_of::<Known>() + 8).div_ceil(16) * 16;
+        buckets * (size_of::<(u32, Box<Known>)>() + 1) + entries + interned
     }
 
     /// Reads one listed process; `None` when it vanished or cannot be seen.
@@ -679,7 +682,8 @@ impl ProcFs {
                 return None;
             }
         };
-        let (rec, remember) = cfg.read_via_dir(s, pid, &dir, self.known.get(&pid), generation)?;
+        let (rec, remember) =
+            cfg.read_via_dir(s, pid, &dir, self.known.get(&pid).map(|k| &**k), generation)?;
         match remember {
             Remember::Same => {
                 if let Some(k) = self.known.get_mut(&pid) {
@@ -687,7 +691,7 @@ impl ProcFs {
                 }
             }
             Remember::New(k) => {
-                self.known.insert(pid, k);
+                self.known.insert(pid, Box::new(k));
             }
         }
         Some(rec)
@@ -725,7 +729,7 @@ impl ProcFs {
             for (mut rec, mut k) in chunk {
                 k.details = interner.intern_arc(k.details);
                 rec.details = k.details.clone();
-                self.known.insert(rec.pid, k);
+                self.known.insert(rec.pid, Box::new(k));
                 out.push(rec);
             }
         }
