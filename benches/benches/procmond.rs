@@ -21,7 +21,8 @@
 //!
 //! Run: `cargo build --release -p procmond && cargo bench -p
 //! daemoneye-benches --bench procmond` (the bench runs the binary next to
-//! its own target directory: `<target>/release/procmond`).
+//! its own target directory: `<target>/release/procmond`, or the binary
+//! `DAEMONEYE_BENCH_PROCMOND` names).
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
@@ -92,6 +93,15 @@ impl FakeAgent {
         if !client.wait_connected(Duration::from_secs(10)) {
             return Err("the fake agent did not connect within 10 s".into());
         }
+        // Acknowledges as the store: procmond takes a `StoreAck` from the
+        // store's client id only.
+        let store = Arc::new(
+            Client::connect(ClientConfig::new(socket, daemoneye_contract::ids::STORE_CLIENT_ID))
+                .map_err(|e| format!("store connects: {e}"))?,
+        );
+        if !store.wait_connected(Duration::from_secs(10)) {
+            return Err("the fake store did not connect within 10 s".into());
+        }
         let regs = client.subscribe(control::REGISTRATION_TOPIC).map_err(|e| e.to_string())?;
         let events = client.subscribe(EVENTS_PATTERN).map_err(|e| e.to_string())?;
         let counts = Arc::new(AgentCounts::default());
@@ -110,7 +120,7 @@ impl FakeAgent {
                             },
                             recv(events.messages()) -> m => if let Ok(first) = m {
                                 let batch = std::iter::once(first).chain(events.messages().try_iter().take(4095));
-                                take_batch(&client, batch, &mut streams, &counts);
+                                take_batch(&store, batch, &mut streams, &counts);
                             },
                         }
                     }
@@ -226,8 +236,13 @@ impl Drop for Daemon {
     }
 }
 
-/// `<target>/<profile>/procmond`, next to this bench binary's `deps/`.
+/// `DAEMONEYE_BENCH_PROCMOND` (another build, to compare two binaries in
+/// the same conditions), else `<target>/<profile>/procmond`, next to this
+/// bench binary's `deps/`.
 fn procmond_binary() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("DAEMONEYE_BENCH_PROCMOND") {
+        return Some(PathBuf::from(bin));
+    }
     let exe = std::env::current_exe().ok()?;
     let profile_dir = exe.parent()?.parent()?;
     Some(profile_dir.join("procmond"))

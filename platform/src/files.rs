@@ -458,6 +458,16 @@ fn set_mode(file: &File, mode: u32, wanted: u32) -> io::Result<()> {
 /// renamed over `path`, and the directory fsynced. The result is mode
 /// 0600 (Unix); a reader sees the old contents or the new, never a part.
 pub fn replace_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    replace_private_file_with(path, |file| file.write_all(contents))
+}
+
+/// [`replace_private_file`] with contents that `write` writes into the
+/// temporary file (it may seek, e.g. to fill in a header last), so large
+/// contents need not be in memory whole.
+pub fn replace_private_file_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
@@ -468,7 +478,7 @@ pub fn replace_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     }
     {
         let mut file = create_private_file(&tmp)?;
-        file.write_all(contents)?;
+        write(&mut file)?;
         file.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

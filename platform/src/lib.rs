@@ -55,8 +55,8 @@ pub use crate::privilege::{PrivilegeReport, drop_privileges};
 #[cfg(target_os = "linux")]
 pub use crate::procfs::{DEFAULT_MAX_ARGV_BYTES, ProcFs};
 pub use crate::record::{
-    Argv, Credentials, ExitStatus, Field, FileIdentity, ProcessDetails, ProcessKey, ProcessRecord,
-    ProcessState, Unavailable,
+    Argv, Credentials, DetailsInterner, ExitStatus, Field, FileIdentity, ProcessDetails, ProcessKey,
+    ProcessRecord, ProcessState, Unavailable,
 };
 
 /// This host's name, as the OS gives it (`gethostname` on Unix), read
@@ -126,6 +126,13 @@ pub trait ProcessSource: Send {
     /// is at or after a value read before a walk began started during it.
     fn start_time_now(&self) -> Option<u64> {
         None
+    }
+    /// Whether to read each process's working directory (on by default).
+    /// Off, `cwd` is `NotCollected` and never read or kept: procmond
+    /// reports it only with enhanced metadata. A backend that cannot leave
+    /// it out ignores this.
+    fn set_read_cwd(&mut self, on: bool) {
+        let _ = on;
     }
 }
 

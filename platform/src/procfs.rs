@@ -35,7 +35,9 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use crate::record::{Argv, Credentials, Field, ProcessDetails, ProcessRecord, ProcessState, Unavailable};
+use crate::record::{
+    Argv, Credentials, DetailsInterner, Field, ProcessDetails, ProcessRecord, ProcessState, Unavailable,
+};
 use crate::{CycleStats, Error, ProcessSource};
 
 /// `PF_KTHREAD` in the `flags` field of `/proc/<pid>/stat`.
@@ -62,12 +64,36 @@ struct Known {
     start_time: u64,
     /// The raw name bytes (a name cut mid-character must still compare
     /// equal to itself).
-    comm: Box<[u8]>,
+    comm: Comm,
     /// `(startcode, startstack)` when the details were read.
     image: (u64, u64),
     owner: (u32, u32),
     details: Arc<ProcessDetails>,
     generation: u64,
+}
+
+/// A process's raw name as `stat` shows it, kept without an allocation: a
+/// program's name is at most 15 bytes (`TASK_COMM_LEN` 16 with its NUL),
+/// held whole. A longer name is a kernel thread's (never compared: their
+/// names follow their work queue): its first 16 bytes and its length.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Comm {
+    len: u16,
+    bytes: [u8; 16],
+}
+
+impl Comm {
+    fn new(raw: &[u8]) -> Comm {
+        let mut bytes = [0; 16];
+        let n = raw.len().min(16);
+        bytes[..n].copy_from_slice(&raw[..n]);
+        Comm { len: raw.len().min(u16::MAX as usize) as u16, bytes }
+    }
+
+    /// Whether `raw` is this name (up to 16 bytes: exactly).
+    fn is(&self, raw: &[u8]) -> bool {
+        *self == Comm::new(raw)
+    }
 }
 
 /// The fields of `/proc/<pid>/stat` this backend uses.
@@ -210,6 +236,8 @@ struct Scratch {
     buf: Vec<u8>,
     path: String,
     users: HashMap<u32, String>,
+    /// One copy of each distinct set of details this thread read.
+    details: DetailsInterner,
     stats: CycleStats,
 }
 
@@ -349,7 +377,7 @@ impl Config {
         let kthread = st.flags & PF_KTHREAD != 0;
         // An exec shows as a new name or a new memory image. Kernel threads
         // never exec, but their names follow their current work queue.
-        let same_program = kthread || (*k.comm == *st.comm && k.image == (st.startcode, st.startstack));
+        let same_program = kthread || (k.comm.is(st.comm) && k.image == (st.startcode, st.startstack));
         if k.start_time != st.start_time || !same_program || k.owner != owner {
             return Err(false);
         }
@@ -406,7 +434,7 @@ impl Config {
         let kthread = st.flags & PF_KTHREAD != 0;
         let zombie = st.state == 'Z';
         let image = (st.startcode, st.startstack);
-        let same_program = |k: &Known| kthread || (*k.comm == *st.comm && k.image == image);
+        let same_program = |k: &Known| kthread || (k.comm.is(st.comm) && k.image == image);
         let known = known.filter(|k| k.start_time == st.start_time);
         if let Some(k) = known.filter(|k| same_program(k) && k.owner == owner) {
             return Some((self.record(pid, &st, k.details.clone()), Remember::Same));
@@ -438,8 +466,10 @@ impl Config {
             s.stats.vanished += 1;
             return None;
         }
-        let details = Arc::new(details);
-        let comm: Box<[u8]> = st.comm.into();
+        // Identical details (the same program, arguments, directory and
+        // user) are kept once, shared by every process that has them.
+        let details = s.details.intern(details);
+        let comm = Comm::new(st.comm);
         let record = self.record(pid, &st, details.clone());
         let k = Known { start_time: st.start_time, comm, image, owner, details, generation };
         Some((record, Remember::New(k)))
@@ -559,7 +589,9 @@ impl Config {
 /// The Linux `/proc` process source.
 pub struct ProcFs {
     cfg: Config,
-    known: HashMap<u32, Known>,
+    /// Boxed: the table holds a pid and a pointer per bucket (up to twice
+    /// the pids it holds), not a whole entry.
+    known: HashMap<u32, Box<Known>>,
     generation: u64,
     scratch: Scratch,
     /// The pids listed this cycle (reused).
@@ -621,6 +653,18 @@ impl ProcFs {
         self.parallel = on && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     }
 
+    /// Bytes this backend keeps between cycles, estimated for memory
+    /// benchmarks: its table of known pids (hashbrown: buckets a power of
+    /// two, one control byte each) and its set of distinct details (the
+    /// details themselves are the records', shared).
+    pub fn state_bytes(&self) -> usize {
+        let buckets =
+            if self.known.capacity() == 0 { 0 } else { (self.known.capacity() * 8 / 7).next_power_of_two() };
+        let interned = self.scratch.details.len() * (size_of::<Arc<ProcessDetails>>() + 1) * 8 / 7;
+        let entries = self.known.len() * (size_of::<Known>() + 8).div_ceil(16) * 16;
+        buckets * (size_of::<(u32, Box<Known>)>() + 1) + entries + interned
+    }
+
     /// Reads one listed process; `None` when it vanished or cannot be seen.
     fn read_one(&mut self, pid: u32) -> Option<ProcessRecord> {
         let (cfg, s, generation) = (&self.cfg, &mut self.scratch, self.generation);
@@ -638,7 +682,8 @@ impl ProcFs {
                 return None;
             }
         };
-        let (rec, remember) = cfg.read_via_dir(s, pid, &dir, self.known.get(&pid), generation)?;
+        let (rec, remember) =
+            cfg.read_via_dir(s, pid, &dir, self.known.get(&pid).map(|k| &**k), generation)?;
         match remember {
             Remember::Same => {
                 if let Some(k) = self.known.get_mut(&pid) {
@@ -646,7 +691,7 @@ impl ProcFs {
                 }
             }
             Remember::New(k) => {
-                self.known.insert(pid, k);
+                self.known.insert(pid, Box::new(k));
             }
         }
         Some(rec)
@@ -677,9 +722,14 @@ impl ProcFs {
         self.scratch.users.extend(other.users);
         chunks.sort_unstable_by_key(|(i, _)| *i);
         let mut out = Vec::with_capacity(pids.len());
+        // The other thread's copies give way to this one's: each distinct
+        // set of details is kept once (its own copies go with `other`).
+        let interner = &mut self.scratch.details;
         for (_, chunk) in chunks {
-            for (rec, k) in chunk {
-                self.known.insert(rec.pid, k);
+            for (mut rec, mut k) in chunk {
+                k.details = interner.intern_arc(k.details);
+                rec.details = k.details.clone();
+                self.known.insert(rec.pid, Box::new(k));
                 out.push(rec);
             }
         }
@@ -744,6 +794,9 @@ impl ProcessSource for ProcFs {
         pids.clear();
         pids.extend(rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()));
         self.scratch.stats.listed = pids.len() as u32;
+        // Room for every pid listed at once (a first snapshot does not
+        // grow the table step by step).
+        self.known.reserve(pids.len().saturating_sub(self.known.len()));
         let out = if self.parallel && self.known.is_empty() && pids.len() >= PARALLEL_MIN {
             self.first_snapshot_parallel(&pids)
         } else {
@@ -754,6 +807,9 @@ impl ProcessSource for ProcFs {
         self.pids = pids;
         let generation = self.generation;
         self.known.retain(|_, k| k.generation == generation);
+        // Details of processes gone (held by none but the set) are let go;
+        // those the caller still holds for this cycle, at the next one.
+        self.scratch.details.prune();
         Ok(out)
     }
 
@@ -764,6 +820,10 @@ impl ProcessSource for ProcFs {
     fn start_time_now(&self) -> Option<u64> {
         let now = crate::clock::boottime_ns()?;
         Some(((now as u128 * self.cfg.clk_tck as u128) / 1_000_000_000) as u64)
+    }
+
+    fn set_read_cwd(&mut self, on: bool) {
+        self.cfg.read_cwd = on;
     }
 }
 

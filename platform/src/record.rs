@@ -85,7 +85,7 @@ pub struct FileIdentity {
 }
 
 /// A command line as the process set it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Argv {
     /// The arguments, program first; non-UTF-8 bytes replaced.
     pub args: Vec<String>,
@@ -136,7 +136,7 @@ impl ProcessState {
 }
 
 /// The credentials of a process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Credentials {
     /// Real user id.
     pub uid: u32,
@@ -150,8 +150,10 @@ pub struct Credentials {
 
 /// The parts of a process that change only on exec or a credential change.
 /// Backends read them once per identity and share them between cycles, so
-/// a steady cycle neither re-reads nor re-allocates them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// a steady cycle neither re-reads nor re-allocates them. Hashable, so a
+/// backend can keep one copy of identical details (see
+/// [`DetailsInterner`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProcessDetails {
     /// Path of the executable (without the " (deleted)" marker).
     pub exe: Field<PathBuf>,
@@ -186,6 +188,53 @@ impl ProcessDetails {
             credentials: Err(gone),
             user: Err(gone),
         }
+    }
+}
+
+/// One shared copy per distinct [`ProcessDetails`]: processes that run the
+/// same program with the same command line, directory and user (a pool of
+/// workers, a shell's children) hold one allocation between them instead
+/// of one each. Sharing is invisible but for [`Arc::ptr_eq`]: equal
+/// details are equal whichever copy a record holds.
+#[derive(Debug, Default)]
+pub struct DetailsInterner {
+    set: std::collections::HashSet<Arc<ProcessDetails>>,
+}
+
+impl DetailsInterner {
+    /// The shared copy of `details` (this one, when it is the first).
+    pub fn intern(&mut self, details: ProcessDetails) -> Arc<ProcessDetails> {
+        if let Some(shared) = self.set.get(&details) {
+            return shared.clone();
+        }
+        let shared = Arc::new(details);
+        self.set.insert(shared.clone());
+        shared
+    }
+
+    /// The shared copy of details already in an `Arc` (that one, when it
+    /// is the first).
+    pub fn intern_arc(&mut self, details: Arc<ProcessDetails>) -> Arc<ProcessDetails> {
+        if let Some(shared) = self.set.get(&details) {
+            return shared.clone();
+        }
+        self.set.insert(details.clone());
+        details
+    }
+
+    /// Forgets the details no one else holds any more.
+    pub fn prune(&mut self) {
+        self.set.retain(|d| Arc::strong_count(d) > 1);
+    }
+
+    /// Distinct details held.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
     }
 }
 
@@ -265,5 +314,48 @@ impl ProcessRecord {
     /// The identity of this process.
     pub fn key(&self) -> ProcessKey {
         ProcessKey { pid: self.pid, start_time: self.start_time }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn details(args: &[&str], user: &str) -> ProcessDetails {
+        ProcessDetails {
+            exe: Ok(PathBuf::from("/usr/bin/sleep")),
+            exe_file: Ok(FileIdentity { dev: 1, inode: 2, size: 3, mtime: 4, ctime: 5 }),
+            exe_deleted: Ok(false),
+            argv: Ok(Argv { args: args.iter().map(|a| a.to_string()).collect(), truncated: false }),
+            cwd: Err(Unavailable::NotCollected),
+            credentials: Ok(Credentials { uid: 0, euid: 0, gid: 0, egid: 0 }),
+            user: Ok(user.into()),
+        }
+    }
+
+    #[test]
+    fn equal_details_share_one_allocation_and_unheld_ones_are_let_go() {
+        let mut interner = DetailsInterner::default();
+        let a = interner.intern(details(&["sleep", "3600"], "root"));
+        let b = interner.intern(details(&["sleep", "3600"], "root"));
+        assert!(Arc::ptr_eq(&a, &b), "same values: one copy");
+        let other_user = interner.intern(details(&["sleep", "3600"], "daemon"));
+        let other_args = interner.intern(details(&["sleep", "36", "00"], "root"));
+        let empty = interner.intern(details(&[], "root"));
+        assert!(!Arc::ptr_eq(&a, &other_user) && !Arc::ptr_eq(&a, &other_args) && !Arc::ptr_eq(&a, &empty));
+        assert_eq!(interner.len(), 4);
+        // An Arc made elsewhere with the same values gives way to the
+        // shared one; a new value is taken as is.
+        let c = interner.intern_arc(Arc::new(details(&["sleep", "3600"], "root")));
+        assert!(Arc::ptr_eq(&a, &c));
+        let fresh = Arc::new(details(&["ls"], "root"));
+        assert!(Arc::ptr_eq(&interner.intern_arc(fresh.clone()), &fresh));
+        // Only what no one else holds is let go.
+        drop((other_user, other_args));
+        interner.prune();
+        assert_eq!(interner.len(), 3, "a (held thrice), empty, fresh");
+        drop((a, b, c, empty, fresh));
+        interner.prune();
+        assert!(interner.is_empty());
     }
 }

@@ -450,8 +450,11 @@ impl Actor {
         sink: Box<dyn EventSink>,
         opts: ActorOptions,
     ) -> Actor {
-        let tracker =
+        let mut tracker =
             Tracker::new(cfg.lifecycle.clone(), Sanitizer::new(&cfg.sanitize), cfg.enhanced_metadata);
+        // The snapshot's events are built a chunk at a time as they are
+        // submitted (see `cycle`), not all at once.
+        tracker.set_snapshot_in_chunks(true);
         let hasher = Hasher::new(&cfg.hash);
         let state =
             if opts.start_running { CollectorState::Running } else { CollectorState::WaitingForAgent };

@@ -31,7 +31,7 @@
 //! allocated for it.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use daemoneye_platform::ProcessRecord;
@@ -103,29 +103,103 @@ pub fn path(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join(format!("procmond-{id}.checkpoint"))
 }
 
+/// What a checkpoint holds besides its processes, for [`write_records`].
+#[derive(Debug, Clone, Copy)]
+pub struct Header<'a> {
+    /// The boot it was written in.
+    pub boot_id: &'a str,
+    /// The process source's backend.
+    pub backend: &'a str,
+    /// The event stream it belongs to.
+    pub stream_id: u64,
+    /// The last event of that stream it reflects.
+    pub through_seq: u64,
+    /// When it was written (Unix ms).
+    pub written_unix_ms: u64,
+}
+
+/// The body as written: the same postcard bytes as [`CheckpointBody`]
+/// (a `&str` encodes as a `String`, a slice as a `Vec`), from borrowed
+/// records, so a checkpoint of 10,000 processes copies none of them.
+#[derive(Serialize)]
+struct BodyRef<'a, P: Serialize> {
+    version: u32,
+    boot_id: &'a str,
+    backend: &'a str,
+    stream_id: u64,
+    through_seq: u64,
+    written_unix_ms: u64,
+    processes: &'a [P],
+}
+
 /// Writes `cp` to `path` atomically (see the module docs).
 pub fn write(path: &Path, cp: &Checkpoint) -> Result<(), CheckpointError> {
-    let io = |op, source| CheckpointError::Io { op, path: path.to_owned(), source };
-    let body = postcard::to_stdvec(&CheckpointBody {
-        version: VERSION,
-        boot_id: cp.boot_id.clone(),
-        backend: cp.backend.clone(),
+    let header = Header {
+        boot_id: &cp.boot_id,
+        backend: &cp.backend,
         stream_id: cp.stream_id,
         through_seq: cp.through_seq,
         written_unix_ms: cp.written_unix_ms,
-        processes: cp.processes.clone(),
+    };
+    write_records(path, header, &cp.processes)
+}
+
+/// Writes a checkpoint of borrowed records to `path` atomically (see the
+/// module docs): what [`write`] writes, encoded straight into the file
+/// (no copy of the records, no buffer of the whole body).
+pub fn write_records<P: Serialize>(
+    path: &Path,
+    header: Header<'_>,
+    processes: &[P],
+) -> Result<(), CheckpointError> {
+    let io = |op, source| CheckpointError::Io { op, path: path.to_owned(), source };
+    let body = BodyRef {
+        version: VERSION,
+        boot_id: header.boot_id,
+        backend: header.backend,
+        stream_id: header.stream_id,
+        through_seq: header.through_seq,
+        written_unix_ms: header.written_unix_ms,
+        processes,
+    };
+    // Streamed into the file through a small buffer, the body's length
+    // and checksum counted on the way; the header's place is written
+    // first and filled in last. No copy of the body is ever in memory.
+    daemoneye_platform::files::replace_private_file_with(path, |file| {
+        file.write_all(&[0u8; HEADER])?;
+        let mut out = Counted { inner: BufWriter::with_capacity(64 * 1024, &mut *file), len: 0, crc: 0 };
+        postcard::to_io(&body, &mut out).map_err(std::io::Error::other)?;
+        out.inner.flush()?;
+        let (len, crc) = (out.len, out.crc);
+        drop(out);
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&len.to_le_bytes());
+        header[16..].copy_from_slice(&crc.to_le_bytes());
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&header)
     })
-    .map_err(|e| io("encode", std::io::Error::other(e)))?;
-    let mut bytes = Vec::with_capacity(HEADER + body.len());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    bytes.extend_from_slice(&body);
-    // `<name>.tmp` (mode 0600 whatever the umask, O_EXCL after removing a
-    // leftover, so a planted link is never written through), fsync,
-    // rename, directory fsync.
-    daemoneye_platform::files::replace_private_file(path, &bytes).map_err(|e| io("write", e))?;
-    Ok(())
+    .map_err(|e| io("write", e))
+}
+
+/// A writer that counts the bytes through it and their CRC-32C.
+struct Counted<W> {
+    inner: W,
+    len: u64,
+    crc: u32,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.len += n as u64;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads the checkpoint at `path`: `None` when there is none.
@@ -204,6 +278,25 @@ mod tests {
             use std::os::unix::fs::MetadataExt;
             assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600, "private");
         }
+    }
+
+    #[test]
+    fn borrowed_records_write_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owned, borrowed) = (path(dir.path(), "a"), path(dir.path(), "b"));
+        let cp = sample();
+        write(&owned, &cp).unwrap();
+        let refs: Vec<&ProcessRecord> = cp.processes.iter().collect();
+        let header = Header {
+            boot_id: &cp.boot_id,
+            backend: &cp.backend,
+            stream_id: cp.stream_id,
+            through_seq: cp.through_seq,
+            written_unix_ms: cp.written_unix_ms,
+        };
+        write_records(&borrowed, header, &refs).unwrap();
+        assert_eq!(fs::read(&owned).unwrap(), fs::read(&borrowed).unwrap());
+        assert_eq!(read(&borrowed).unwrap(), Some(cp));
     }
 
     #[test]

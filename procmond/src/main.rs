@@ -286,7 +286,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         report.backend,
         report.privileges.summary
     );
-    let source = daemoneye_platform::default_source().context("cannot open the process table")?;
+    let mut source = daemoneye_platform::default_source().context("cannot open the process table")?;
+    // Events carry the working directory only with enhanced metadata
+    // (fixed for the daemon's life): without it, it is neither read nor
+    // kept per process.
+    source.set_read_cwd(cfg.enhanced_metadata);
     // Subscribed before anything is enumerated, so nothing falls between
     // the first walk and the first kernel event.
     let (kernel, kernel_link, kernel_fallback) = open_kernel_events(&cfg)?;

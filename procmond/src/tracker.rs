@@ -131,7 +131,10 @@ struct Tracked {
 
 /// The lifecycle tracker. Owned by the actor thread.
 pub struct Tracker {
-    live: HashMap<ProcessKey, Tracked>,
+    /// Boxed: the table holds a key and a pointer per bucket, not a whole
+    /// record (a table is at most 7/8 full, up to twice the processes it
+    /// holds, and the free buckets would each take a record's size).
+    live: HashMap<ProcessKey, Box<Tracked>>,
     cfg: LifecycleConfig,
     sanitizer: Sanitizer,
     enhanced: bool,
@@ -149,6 +152,13 @@ pub struct Tracker {
     restored_since: Option<u64>,
     /// How the last list was cut at `max_processes`.
     last_cut: Option<Cut>,
+    /// The snapshot's Started events are handed out in chunks
+    /// ([`Tracker::set_snapshot_in_chunks`]).
+    chunked_snapshot: bool,
+    /// The identities whose snapshot Started is still to hand out, last
+    /// first, and the snapshot's time.
+    pending: Vec<ProcessKey>,
+    pending_at: u64,
 }
 
 /// A process list longer than `max_processes`, and how much of it was
@@ -177,7 +187,44 @@ impl Tracker {
             caught_by_poll: 0,
             restored_since: None,
             last_cut: None,
+            chunked_snapshot: false,
+            pending: Vec::new(),
+            pending_at: 0,
         }
+    }
+
+    /// With `on`, the first list's (the snapshot's) Started events are not
+    /// returned by [`Tracker::reconcile`] but kept as identities and built
+    /// on demand, in the same order, by [`Tracker::next_snapshot_events`]:
+    /// a 10,000-process snapshot never has all its events in memory at
+    /// once. Take them all before the tracker is given anything else.
+    pub fn set_snapshot_in_chunks(&mut self, on: bool) {
+        self.chunked_snapshot = on;
+    }
+
+    /// The next at most `max` snapshot Started events (see
+    /// [`Tracker::set_snapshot_in_chunks`]); empty once all were taken.
+    pub fn next_snapshot_events(&mut self, max: usize) -> Vec<ProcessEvent> {
+        let n = self.pending.len().min(max);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(key) = self.pending.pop() else { break };
+            if let Some(t) = self.live.get(&key) {
+                let e = self.event(
+                    EventKind::Started,
+                    true,
+                    Vec::new(),
+                    t.record.clone(),
+                    self.pending_at,
+                    EventSource::Poll,
+                );
+                out.push(e);
+            }
+        }
+        if self.pending.is_empty() {
+            self.pending = Vec::new();
+        }
+        out
     }
 
     /// Replaces the lifecycle settings (hot reload, between cycles).
@@ -208,6 +255,17 @@ impl Tracker {
         let newest =
             self.live.values().filter(|t| t.record.pid == pid).max_by_key(|t| t.record.start_time)?;
         Some(self.for_event(newest.record.clone()))
+    }
+
+    /// Bytes of the tracker's table, estimated for memory benchmarks
+    /// (hashbrown: buckets a power of two, one control byte each) and of
+    /// its boxed entries (glibc chunks): the records' inline part, not
+    /// their heap (names, shared details).
+    pub fn table_bytes(&self) -> usize {
+        let cap = self.live.capacity();
+        let buckets = if cap == 0 { 0 } else { (cap * 8 / 7).next_power_of_two() };
+        buckets * (size_of::<(ProcessKey, Box<Tracked>)>() + 1)
+            + self.live.len() * (size_of::<Tracked>() + 8).div_ceil(16) * 16
     }
 
     /// Command lines sanitized so far (a steady cycle adds none).
@@ -253,8 +311,9 @@ impl Tracker {
     }
 
     /// The processes reported as running (sanitized), for a checkpoint.
-    pub fn reported(&self) -> Vec<ProcessRecord> {
-        self.live.values().filter(|t| t.reported).map(|t| t.record.clone()).collect()
+    /// Borrowed: a checkpoint encodes them without copying any.
+    pub fn reported(&self) -> Vec<&ProcessRecord> {
+        self.live.values().filter(|t| t.reported).map(|t| &t.record).collect()
     }
 
     /// Takes the processes a previous run reported as running (from a
@@ -266,7 +325,7 @@ impl Tracker {
     pub fn restore(&mut self, processes: Vec<ProcessRecord>, down_since_ms: u64) {
         for record in processes {
             let raw = record.details.clone();
-            let t = Tracked { record, raw, reported: true, exe_change_reported: false, touched: 0 };
+            let t = Box::new(Tracked { record, raw, reported: true, exe_change_reported: false, touched: 0 });
             self.live.insert(t.record.key(), t);
         }
         self.restored_since = Some(down_since_ms);
@@ -345,9 +404,15 @@ impl Tracker {
         let kernel = walk.kernel;
         let kernels = |key: &ProcessKey| walk.cutoff.is_some_and(|c| key.start_time >= c);
         let mut stopped = Vec::new();
-        let mut started = Vec::new();
+        // A snapshot starts nearly every process listed: its events get
+        // their room at once (no doubling, no copy on the way).
+        let chunked = first && self.chunked_snapshot;
+        let mut started = Vec::with_capacity(if first && !chunked { records.len() } else { 0 });
         let mut modified = Vec::new();
         let mut seen: HashSet<ProcessKey> = HashSet::with_capacity(records.len());
+        // Room for the whole list at once: a snapshot does not grow the
+        // table step by step (each step a new table and the old one freed).
+        self.live.reserve(records.len().saturating_sub(self.live.len()));
         // Each distinct executable path is checked once per cycle.
         let mut on_disk: HashMap<PathBuf, OnDisk> = HashMap::new();
         let event = |tracker: &Tracker, kind, snapshot, changes, process| {
@@ -373,19 +438,23 @@ impl Tracker {
                         if kernel && !first {
                             self.caught_by_poll += 1;
                         }
-                        started.push(event(self, EventKind::Started, first, Vec::new(), record.clone()));
+                        if chunked {
+                            self.pending.push(key);
+                        } else {
+                            started.push(event(self, EventKind::Started, first, Vec::new(), record.clone()));
+                        }
                     }
                     // Not yet old enough: reported later, if it lives.
                     let reported = report || (first && old_enough);
                     self.live.insert(
                         key,
-                        Tracked {
+                        Box::new(Tracked {
                             record,
                             raw: raw.details,
                             reported,
                             exe_change_reported: false,
                             touched: 0,
-                        },
+                        }),
                     );
                 }
                 // The kernel path saw it during the walk: its record is newer.
@@ -432,17 +501,29 @@ impl Tracker {
                 stopped.push(event(self, EventKind::Stopped, false, Vec::new(), t.record));
             }
         }
+        if chunked {
+            // Handed out by pid, as `started` would be: popped from the end.
+            self.pending.sort_unstable_by(|a, b| b.cmp(a));
+            self.pending_at = now_unix_ms;
+        }
         for list in [&mut stopped, &mut started, &mut modified] {
             list.sort_by_key(|e| (e.process.pid, e.process.start_time));
         }
-        stopped.extend(started);
-        stopped.extend(modified);
+        // Into the largest list when it comes first (a snapshot's Started):
+        // no second buffer of every event.
+        let mut all = if stopped.is_empty() {
+            started
+        } else {
+            stopped.extend(started);
+            stopped
+        };
+        all.extend(modified);
         if late.is_some() {
-            for e in &mut stopped {
+            for e in &mut all {
                 e.late = late;
             }
         }
-        stopped
+        all
     }
 
     /// Applies the kernel path's observations, in order. Events carry
@@ -493,13 +574,13 @@ impl Tracker {
                             }
                             self.live.insert(
                                 key,
-                                Tracked {
+                                Box::new(Tracked {
                                     record: rec,
                                     raw: record.details,
                                     reported: old_enough,
                                     exe_change_reported: false,
                                     touched: self.walk,
-                                },
+                                }),
                             );
                         }
                     }

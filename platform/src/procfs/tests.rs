@@ -190,3 +190,52 @@ fn hidepid_from_mounts() {
     fs::write(&m, "proc /proc proc rw,relatime 0 0\n").expect("write");
     assert_eq!(proc_hidepid(&m), None);
 }
+
+#[test]
+fn identical_details_are_kept_once_across_both_snapshot_threads() {
+    let (root, exe) = fake_root();
+    // Enough for two threads; every process a "worker" with the same
+    // command line, directory and user, bar one.
+    let n = PARALLEL_MIN as u32 + 2 * CHUNK as u32;
+    for pid in 1..=n {
+        let name = if pid == 7 { "other" } else { "worker" };
+        fake_process(root.path(), pid, name, u64::from(pid) * 10, &exe, Some(root.path()));
+    }
+    let mut procfs = ProcFs::with_root(root.path()).expect("tree");
+    procfs.set_parallel_snapshot(true);
+    let recs = procfs.refresh().expect("snapshot");
+    assert_eq!(recs.len(), n as usize);
+    let worker = recs.iter().find(|r| r.name == "worker").expect("a worker");
+    for r in &recs {
+        let shared = Arc::ptr_eq(&r.details, &worker.details);
+        assert_eq!(shared, r.name == "worker", "pid {}: shared {shared}", r.pid);
+        // What the backend remembers is that same copy.
+        assert!(Arc::ptr_eq(&procfs.known[&r.pid].details, &r.details));
+    }
+    assert_eq!(procfs.scratch.details.len(), 2, "two distinct sets of details");
+    // A warm cycle hands out the same copies.
+    let warm = procfs.refresh().expect("warm");
+    assert!(warm.iter().all(|r| r.name != "worker" || Arc::ptr_eq(&r.details, &worker.details)));
+    // The odd one goes: its details are let go once no record holds them.
+    drop((recs, warm));
+    fs::remove_dir_all(root.path().join("7")).expect("remove");
+    let after = procfs.refresh().expect("after");
+    assert_eq!(after.len(), n as usize - 1);
+    assert_eq!(procfs.scratch.details.len(), 1);
+}
+
+#[test]
+fn a_name_is_kept_inline_and_compared_exactly_up_to_16_bytes() {
+    let short = Comm::new(b"sleep");
+    assert!(short.is(b"sleep"));
+    assert!(!short.is(b"sleeps") && !short.is(b"sleep\0") && !short.is(b"sleeq") && !short.is(b""));
+    let full = Comm::new(b"fifteen-bytes!!");
+    assert!(full.is(b"fifteen-bytes!!") && !full.is(b"fifteen-bytes!?"));
+    // Cut mid-character: raw bytes, not text.
+    let cut = Comm::new(&[b'a', 0xc3]);
+    assert!(cut.is(&[b'a', 0xc3]) && !cut.is(b"a"));
+    // A kernel thread's longer name: its first 16 bytes and its length.
+    let long = Comm::new(b"kworker/u8:0-events_unbound");
+    assert!(long.is(b"kworker/u8:0-events_unbound"));
+    assert!(!long.is(b"kworker/u8:0-events_unboun"));
+}

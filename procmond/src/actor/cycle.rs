@@ -120,9 +120,30 @@ impl Actor {
         // processes first and still stops only what the whole list lacks.
         let walk = Walk { max_processes: self.cfg.max_processes, kernel: self.kernel.is_some(), cutoff };
         let during = if self.kernel.is_some() { self.kernel_sync().0 } else { Vec::new() };
+        let mut budget_started = false;
         if first {
-            // The snapshot first, then what happened during the walk.
+            // The snapshot first, then what happened during the walk. The
+            // snapshot's Started events are built and submitted a chunk at
+            // a time: never all of them in memory at once.
             events.extend(self.tracker.reconcile(records, unix_ms(), walk));
+            if self.cfg.compute_hashes {
+                self.hasher.start_cycle();
+            }
+            budget_started = true;
+            self.deliver_part(std::mem::take(&mut events), false);
+            loop {
+                let chunk = self.tracker.next_snapshot_events(SUBMIT_CHUNK);
+                if chunk.is_empty() || self.state == CollectorState::Stopped {
+                    break;
+                }
+                if self.unsent.is_empty() {
+                    self.deliver_part(chunk, false);
+                } else {
+                    // A submit failed this cycle: the rest waits with it
+                    // for the next cycle, as one list would have.
+                    self.hold(chunk);
+                }
+            }
             self.apply_kernel_now(during, &mut events);
         } else {
             self.apply_kernel_now(during, &mut events);
@@ -131,7 +152,7 @@ impl Actor {
         self.n.cycles += 1;
         self.n.processes = self.tracker.last_cut().map_or(records_len, |c| c.compared) as u64;
         self.note_cut();
-        self.deliver(events);
+        self.deliver_part(events, !budget_started);
         self.checkpoint();
         self.n.last_cycle_us = start.elapsed().as_micros() as u64;
         self.n.last_collection_unix_ms = Some(unix_ms());
@@ -257,19 +278,21 @@ impl Actor {
             return;
         }
         let (stream_id, through_seq) = self.sink.position();
-        let cp = crate::checkpoint::Checkpoint {
-            boot_id: daemoneye_platform::boot_id().unwrap_or_default(),
-            backend: self.source.backend().to_owned(),
+        let boot_id = daemoneye_platform::boot_id().unwrap_or_default();
+        let header = crate::checkpoint::Header {
+            boot_id: &boot_id,
+            backend: self.source.backend(),
             stream_id,
             through_seq,
             written_unix_ms: unix_ms(),
-            processes: self.tracker.reported(),
         };
-        match crate::checkpoint::write(&path, &cp) {
+        // Borrowed: the tracker's records are encoded, never copied.
+        let processes = self.tracker.reported();
+        match crate::checkpoint::write_records(&path, header, &processes) {
             Ok(()) => {
                 self.checkpointed_at_events = Some(self.n.events);
                 self.sink.checkpointed(through_seq);
-                log::debug!("checkpoint: {} processes through seq {through_seq}", cp.processes.len());
+                log::debug!("checkpoint: {} processes through seq {through_seq}", processes.len());
             }
             Err(e) => {
                 self.n.errors += 1;
@@ -296,17 +319,18 @@ impl Actor {
 
     /// Hashes what needs it, counts, and submits (with what a failed
     /// submit left).
-    pub(super) fn deliver(&mut self, mut events: Vec<ProcessEvent>) {
+    pub(super) fn deliver(&mut self, events: Vec<ProcessEvent>) {
+        self.deliver_part(events, true);
+    }
+
+    /// [`Actor::deliver`], starting the hash budget only with
+    /// `start_budget` (a cycle delivering in parts starts it once).
+    pub(super) fn deliver_part(&mut self, mut events: Vec<ProcessEvent>, start_budget: bool) {
         if self.cfg.compute_hashes && !events.is_empty() {
-            self.hasher.start_cycle();
-            for e in &mut events {
-                let wants = e.kind == EventKind::Started
-                    || (e.kind == EventKind::Modified && e.changes.contains(&Change::Exec));
-                if wants {
-                    let d = &e.process.details;
-                    e.sha256 = Some(self.hasher.hash(e.process.pid, &d.exe, &d.exe_file));
-                }
+            if start_budget {
+                self.hasher.start_cycle();
             }
+            self.hash_events(&mut events);
         }
         self.n.events += events.len() as u64;
         if !self.unsent.is_empty() {
@@ -319,14 +343,44 @@ impl Actor {
         }
     }
 
+    /// Hashes the executables of Started events and of execs.
+    fn hash_events(&mut self, events: &mut [ProcessEvent]) {
+        for e in events {
+            let wants = e.kind == EventKind::Started
+                || (e.kind == EventKind::Modified && e.changes.contains(&Change::Exec));
+            if wants {
+                let d = &e.process.details;
+                e.sha256 = Some(self.hasher.hash(e.process.pid, &d.exe, &d.exe_file));
+            }
+        }
+    }
+
+    /// Keeps events for the next cycle's retry behind those a failed
+    /// submit left (hashed and counted as [`Actor::deliver`] would).
+    pub(super) fn hold(&mut self, mut events: Vec<ProcessEvent>) {
+        if self.cfg.compute_hashes {
+            self.hash_events(&mut events);
+        }
+        self.n.events += events.len() as u64;
+        self.unsent.append(&mut events);
+        if self.unsent.len() > MAX_UNSENT {
+            let lost = self.unsent.len() - MAX_UNSENT;
+            log::error!("dropping the {lost} oldest undeliverable events (over {MAX_UNSENT})");
+            self.unsent.drain(..lost);
+        }
+    }
+
     /// Hands a cycle's events to the sink in chunks of [`SUBMIT_CHUNK`]
     /// (one WAL append and fsync each), so a 10,000-process snapshot never
     /// has all its encoded copies in memory at once. What a chunk failure
     /// leaves is kept, in order, for the next cycle.
-    pub(super) fn submit(&mut self, mut events: Vec<ProcessEvent>) {
-        while !events.is_empty() {
-            let rest = events.split_off(events.len().min(SUBMIT_CHUNK));
-            let chunk = std::mem::replace(&mut events, rest);
+    pub(super) fn submit(&mut self, events: Vec<ProcessEvent>) {
+        // Chunks are taken off the front of one iterator: the rest is
+        // neither copied per chunk nor cloned (only the chunk in hand is,
+        // for a retry).
+        let mut events = events.into_iter();
+        while events.len() > 0 {
+            let chunk: Vec<ProcessEvent> = events.by_ref().take(SUBMIT_CHUNK).collect();
             let kept = chunk.clone();
             match self.sink.submit(chunk) {
                 Ok(envelopes) => {
@@ -350,7 +404,7 @@ impl Actor {
                         kept.len() + events.len()
                     );
                     let mut unsent = kept;
-                    unsent.append(&mut events);
+                    unsent.extend(events);
                     if unsent.len() > MAX_UNSENT {
                         let lost = unsent.len() - MAX_UNSENT;
                         log::error!("dropping the {lost} oldest undeliverable events (over {MAX_UNSENT})");

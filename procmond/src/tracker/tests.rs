@@ -431,3 +431,45 @@ fn a_restored_state_reports_only_what_changed_while_down_marked_late() {
     let stops = t.stopped_late(vec![record(9, 9, "old")], window);
     assert_eq!((stops[0].kind, stops[0].late), (EventKind::Stopped, Some(window)));
 }
+
+#[test]
+fn a_snapshot_in_chunks_is_the_same_events_in_the_same_order() {
+    // Listed out of pid order, one pid twice (a reused pid), a duplicate
+    // line, and a secret to sanitize.
+    let mut secret = record(4, 40, "curl");
+    secret = with_details(secret, |d| {
+        d.argv =
+            Ok(Argv { args: vec!["curl".into(), "--password".into(), "hunter2".into()], truncated: false })
+    });
+    let list = vec![
+        record(9, 90, "nine"),
+        record(3, 30, "three"),
+        secret,
+        record(3, 31, "three-again"),
+        record(9, 90, "nine"),
+        record(1, 10, "init"),
+    ];
+    let mut whole = tracker(no_disk());
+    let expected = whole.update(list.clone(), 7);
+    let mut chunked = tracker(no_disk());
+    chunked.set_snapshot_in_chunks(true);
+    assert!(chunked.update(list.clone(), 7).is_empty(), "the snapshot waits to be taken");
+    let mut got = Vec::new();
+    loop {
+        let chunk = chunked.next_snapshot_events(2);
+        assert!(chunk.len() <= 2);
+        if chunk.is_empty() {
+            break;
+        }
+        got.extend(chunk);
+    }
+    assert_eq!(got.len(), 5);
+    assert_eq!(got, expected);
+    assert!(got.iter().all(|e| e.snapshot && e.observed_unix_ms == 7));
+    // Only the snapshot is chunked: later cycles return their events.
+    let mut next = list;
+    next.retain(|r| r.pid != 1);
+    let stops = chunked.update(next, 8);
+    assert_eq!(kinds(&stops), vec![(EventKind::Stopped, 1, vec![])]);
+    assert!(chunked.next_snapshot_events(10).is_empty());
+}
