@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, bounded, select};
 use daemoneye_benches::{
     clock_ticks_per_sec, count_procs, cpu_of, env_num, exited_with_log, host_busy_ticks, measure, mib,
-    modified_secs, ms, now_ms, sleepers_or_skip, stat_only_walk, status_kib,
+    modified_secs, ms, now_ms, procs_and_cycles, sleepers_or_skip, stat_only_walk, status_kib,
 };
 use daemoneye_bus::{Broker, BrokerConfig, Client, ClientConfig, Message};
 use daemoneye_contract::control::{
@@ -686,17 +686,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let (ns, steady): (Vec<usize>, usize) = if smoke {
-        (vec![20], 0)
-    } else {
-        let ns = std::env::var("DAEMONEYE_BENCH_PROCS")
-            .unwrap_or_else(|_| "1000,10000".into())
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect();
-        let steady = env_num("DAEMONEYE_BENCH_CYCLES", 6) as usize;
-        (ns, steady)
-    };
+    let (ns, steady): (Vec<usize>, usize) = if smoke { (vec![20], 0) } else { procs_and_cycles() };
     let modified = modified_secs(&bin);
     println!(
         "# procmond benchmark ({} cores; {}, modified at Unix {modified}; interval {} s)",

@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use daemoneye_benches::{env_num, mib, now_ms, sleepers_or_skip, status_kib};
+use daemoneye_benches::{mib, now_ms, procs_and_cycles, sleepers_or_skip, status_kib};
 use daemoneye_platform::{ProcFs, ProcessDetails, ProcessRecord, ProcessSource};
 use procmond::config::{LifecycleConfig, SanitizeConfig};
 use procmond::sanitize::Sanitizer;
@@ -134,16 +134,7 @@ fn bench_n(n: usize, steady: usize) -> Result<(), String> {
 fn main() -> ExitCode {
     // `cargo test --benches` runs it without `--bench`: a smoke run.
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let (ns, steady): (Vec<usize>, usize) = if smoke {
-        (vec![20], 1)
-    } else {
-        let ns = std::env::var("DAEMONEYE_BENCH_PROCS")
-            .unwrap_or_else(|_| "1000,10000".into())
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect();
-        (ns, env_num("DAEMONEYE_BENCH_CYCLES", 6) as usize)
-    };
+    let (ns, steady): (Vec<usize>, usize) = if smoke { (vec![20], 1) } else { procs_and_cycles() };
     println!("# procmond memory (in process: procfs backend + tracker, procmond's defaults)");
     for n in ns {
         if let Err(e) = bench_n(n, steady) {

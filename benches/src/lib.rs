@@ -212,6 +212,18 @@ pub fn exited_with_log(name: &str, status: std::process::ExitStatus, log: &std::
     )
 }
 
+/// The process counts (`DAEMONEYE_BENCH_PROCS`, default 1,000 and
+/// 10,000) and steady cycles (`DAEMONEYE_BENCH_CYCLES`, default 6) of a
+/// procmond bench.
+pub fn procs_and_cycles() -> (Vec<usize>, usize) {
+    let ns = std::env::var("DAEMONEYE_BENCH_PROCS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    (ns, env_num("DAEMONEYE_BENCH_CYCLES", 6) as usize)
+}
+
 /// A number from the environment variable `name`, else `default`.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(default)

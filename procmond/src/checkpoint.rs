@@ -134,14 +134,20 @@ struct BodyRef<'a, P: Serialize> {
 
 /// Writes `cp` to `path` atomically (see the module docs).
 pub fn write(path: &Path, cp: &Checkpoint) -> Result<(), CheckpointError> {
-    let header = Header {
-        boot_id: &cp.boot_id,
-        backend: &cp.backend,
-        stream_id: cp.stream_id,
-        through_seq: cp.through_seq,
-        written_unix_ms: cp.written_unix_ms,
-    };
-    write_records(path, header, &cp.processes)
+    write_records(path, Header::of(cp), &cp.processes)
+}
+
+impl<'a> Header<'a> {
+    /// The header of `cp`.
+    pub fn of(cp: &'a Checkpoint) -> Header<'a> {
+        Header {
+            boot_id: &cp.boot_id,
+            backend: &cp.backend,
+            stream_id: cp.stream_id,
+            through_seq: cp.through_seq,
+            written_unix_ms: cp.written_unix_ms,
+        }
+    }
 }
 
 /// Writes a checkpoint of borrowed records to `path` atomically (see the
@@ -287,14 +293,7 @@ mod tests {
         let cp = sample();
         write(&owned, &cp).unwrap();
         let refs: Vec<&ProcessRecord> = cp.processes.iter().collect();
-        let header = Header {
-            boot_id: &cp.boot_id,
-            backend: &cp.backend,
-            stream_id: cp.stream_id,
-            through_seq: cp.through_seq,
-            written_unix_ms: cp.written_unix_ms,
-        };
-        write_records(&borrowed, header, &refs).unwrap();
+        write_records(&borrowed, Header::of(&cp), &refs).unwrap();
         assert_eq!(fs::read(&owned).unwrap(), fs::read(&borrowed).unwrap());
         assert_eq!(read(&borrowed).unwrap(), Some(cp));
     }
