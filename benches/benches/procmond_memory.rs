@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use daemoneye_benches::{mib, now_ms, procs_and_cycles, sleepers_or_skip, status_kib};
-use daemoneye_platform::{ProcFs, ProcessDetails, ProcessRecord, ProcessSource};
+use daemoneye_platform::{ProcessDetails, ProcessRecord};
 use procmond::config::{LifecycleConfig, SanitizeConfig};
 use procmond::sanitize::Sanitizer;
 use procmond::tracker::Tracker;
@@ -64,7 +64,8 @@ fn line(what: &str, before: (u64, u64), after: (u64, u64), n: usize) {
 fn bench_n(n: usize, steady: usize) -> Result<(), String> {
     let Some((kids, took)) = sleepers_or_skip(&format!("N={n}"), n, 200) else { return Ok(()) };
     let r0 = rss();
-    let mut source = ProcFs::new().map_err(|e| e.to_string())?;
+    // procfs on Linux (what the figures below are about), sysinfo elsewhere.
+    let mut source = daemoneye_platform::default_source().map_err(|e| e.to_string())?;
     // procmond's default: no working directory without enhanced metadata.
     source.set_read_cwd(false);
     let mut tracker =
@@ -122,10 +123,13 @@ fn bench_n(n: usize, steady: usize) -> Result<(), String> {
     println!("| details' heap (exe, cwd, argv, user) | {:.0} |", per(heap));
     println!("| name (`String` heap) | {:.0} |", per(names));
     println!("| tracker: its table (key + `Tracked` per bucket) | {:.0} |", per(tracker.table_bytes()));
-    println!("| backend: table entry (pid + `Known`) + name bytes | {:.0} |", per(source.state_bytes()));
+    println!(
+        "| backend: table entry (pid + `Known`) + name bytes | {:.0} |",
+        per(source.state_bytes().unwrap_or(0))
+    );
     println!(
         "| total, details counted once | {:.0} |",
-        per(details + names + tracker.table_bytes() + source.state_bytes())
+        per(details + names + tracker.table_bytes() + source.state_bytes().unwrap_or(0))
     );
     drop(kids);
     Ok(())

@@ -134,6 +134,11 @@ pub trait ProcessSource: Send {
     fn set_read_cwd(&mut self, on: bool) {
         let _ = on;
     }
+    /// Bytes the backend keeps between refreshes, estimated (for memory
+    /// benchmarks); `None` where it does not say (sysinfo's).
+    fn state_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The best backend for this OS: `/proc` on Linux, sysinfo elsewhere.

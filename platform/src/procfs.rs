@@ -653,18 +653,6 @@ impl ProcFs {
         self.parallel = on && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     }
 
-    /// Bytes this backend keeps between cycles, estimated for memory
-    /// benchmarks: its table of known pids (hashbrown: buckets a power of
-    /// two, one control byte each) and its set of distinct details (the
-    /// details themselves are the records', shared).
-    pub fn state_bytes(&self) -> usize {
-        let buckets =
-            if self.known.capacity() == 0 { 0 } else { (self.known.capacity() * 8 / 7).next_power_of_two() };
-        let interned = self.scratch.details.len() * (size_of::<Arc<ProcessDetails>>() + 1) * 8 / 7;
-        let entries = self.known.len() * (size_of::<Known>() + 8).div_ceil(16) * 16;
-        buckets * (size_of::<(u32, Box<Known>)>() + 1) + entries + interned
-    }
-
     /// Reads one listed process; `None` when it vanished or cannot be seen.
     fn read_one(&mut self, pid: u32) -> Option<ProcessRecord> {
         let (cfg, s, generation) = (&self.cfg, &mut self.scratch, self.generation);
@@ -780,6 +768,18 @@ impl ProcFs {
 impl ProcessSource for ProcFs {
     fn backend(&self) -> &'static str {
         "linux-procfs"
+    }
+
+    /// Bytes this backend keeps between cycles, estimated for memory
+    /// benchmarks: its table of known pids (hashbrown: buckets a power of
+    /// two, one control byte each) and its set of distinct details (the
+    /// details themselves are the records', shared).
+    fn state_bytes(&self) -> Option<usize> {
+        let buckets =
+            if self.known.capacity() == 0 { 0 } else { (self.known.capacity() * 8 / 7).next_power_of_two() };
+        let interned = self.scratch.details.len() * (size_of::<Arc<ProcessDetails>>() + 1) * 8 / 7;
+        let entries = self.known.len() * (size_of::<Known>() + 8).div_ceil(16) * 16;
+        Some(buckets * (size_of::<(u32, Box<Known>)>() + 1) + entries + interned)
     }
 
     fn refresh(&mut self) -> Result<Vec<ProcessRecord>, Error> {
