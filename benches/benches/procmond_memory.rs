@@ -10,9 +10,10 @@
 //! after those events are dropped, and after `DAEMONEYE_BENCH_CYCLES` (6)
 //! steady cycles (refresh and update back to back). Then an estimate of
 //! the bytes each part keeps per process, from `size_of` and the heap
-//! lengths of the fields (no counting allocator: that needs `unsafe`),
-//! glibc's per-chunk overhead and rounding included (16-byte steps, 8
-//! bytes of header, 32 bytes at least).
+//! lengths of the fields (no counting allocator: implementing
+//! `GlobalAlloc` is code this project forbids), glibc's per-chunk
+//! overhead and rounding included (16-byte steps, 8 bytes of header, 32
+//! bytes at least).
 //!
 //! Run: `cargo bench -p daemoneye-benches --bench procmond_memory`. The
 //! whole daemon's RSS is measured by the `procmond` bench.
