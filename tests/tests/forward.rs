@@ -343,7 +343,9 @@ fn a_sigkilled_agent_resumes_its_file_output_at_the_cursor_and_loses_nothing() {
     // A batch written before the kill and not yet marked: at most one.
     assert!(ids.len() - unique.len() <= 20, "{} duplicates", ids.len() - unique.len());
     // The other output's receiver was never there: it retries, holding
-    // nothing of the file output's, and says why.
+    // nothing of the file output's, and says why. (Its thread may not
+    // have made its first attempt yet when the file output caught up.)
+    wait_until(CYCLE, || stored(&db, "down").1.is_some_and(|c| c.retried > 0));
     let down = stored(&db, "down").1.unwrap();
     assert_eq!((down.events_through, down.sent, down.state.as_str()), (0, 0, "retrying"), "{down:?}");
     assert!(
